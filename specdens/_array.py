@@ -1,0 +1,169 @@
+"""Array-library helpers: the small subset of the array API standard the engine uses.
+
+The engine never imports an ML framework. It reaches the array library of an
+operator through :func:`array_api_compat.array_namespace` and uses only:
+
+``asarray, zeros, astype, matmul, matrix_transpose, sum, sqrt, abs, max, maximum,
+where, stack, concat, isfinite, reshape`` plus slicing, broadcasting, the arithmetic
+operators and the ``float32``/``float64``/``bool`` dtypes. Writes into a preallocated
+array go through :func:`set_rows`, which falls back to ``x.at[...].set(...)`` for
+immutable arrays (JAX).
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
+"""Operator dtypes the engine accepts. Lanczos vectors are float32 or float64."""
+
+
+def namespace(*arrays: Any) -> Any:
+    """Array-API namespace of ``arrays``, with an error that names the libraries."""
+    try:
+        return array_api_compat.array_namespace(*arrays)
+    except TypeError as exc:
+        kinds = ", ".join(sorted({library_name(a) for a in arrays}))
+        raise TypeError(
+            f"cannot mix or use these array types together: {kinds} ({exc}). Pass arrays of one "
+            "array library (numpy, torch, jax, cupy or any array-API library)."
+        ) from None
+
+
+def library_name(x: Any) -> str:
+    """Short name of the library an array or namespace comes from (``numpy``, ``torch``...)."""
+    mod = getattr(x, "__name__", None) if _is_module(x) else type(x).__module__
+    mod = mod or ""
+    for prefix, name in (
+        ("array_api_compat.numpy", "numpy"),
+        ("array_api_compat.torch", "torch"),
+        ("array_api_compat.cupy", "cupy"),
+        ("array_api_compat.dask", "dask"),
+        ("array_api_strict", "array_api_strict"),
+        ("jax", "jax"),
+        ("jaxlib", "jax"),
+        ("torch", "torch"),
+        ("cupy", "cupy"),
+        ("tensorflow", "tensorflow"),
+        ("numpy", "numpy"),
+        ("scipy", "scipy"),
+    ):
+        if mod.startswith(prefix):
+            return name
+    return mod.split(".")[0] or type(x).__name__
+
+
+def _is_module(x: Any) -> bool:
+    return type(x).__name__ == "module" or hasattr(x, "__array_api_version__")
+
+
+def device_of(x: Any) -> Any:
+    """Device of an array (``"cpu"`` for numpy)."""
+    return array_api_compat.device(x)
+
+
+def is_numpy(x: Any) -> bool:
+    return isinstance(x, np.ndarray)
+
+
+def is_host_namespace(xp: Any) -> bool:
+    """True when arrays of ``xp`` live in host memory with no asynchronous execution.
+
+    Only numpy qualifies: reading a scalar back from it costs no synchronisation.
+    """
+    return library_name(xp) == "numpy"
+
+
+def dtype_name(dtype: Any) -> str:
+    """Canonical name of a dtype of any library: ``float32``, ``float64``, ``bfloat16``..."""
+    try:
+        return np.dtype(dtype).name
+    except TypeError:
+        pass
+    name = str(dtype)
+    for prefix in ("torch.", "tf.", "<dtype: '", "dtype("):
+        name = name.replace(prefix, "")
+    return name.strip("'\">)")
+
+
+def finfo_eps(dtype: Any) -> float:
+    """Machine epsilon of a floating dtype given by any library's dtype object or name."""
+    return {
+        "float16": 2.0**-10,
+        "bfloat16": 2.0**-7,
+        "float32": 2.0**-23,
+        "float64": 2.0**-52,
+    }[dtype_name(dtype)]
+
+
+def check_supported_dtype(dtype: Any, what: str = "operator") -> str:
+    """Return the dtype's name, or raise a TypeError that lists the supported dtypes."""
+    name = dtype_name(dtype)
+    if name.startswith("complex"):
+        raise TypeError(
+            f"{what} dtype {name} is complex; specdens handles real symmetric operators only. "
+            f"Supported dtypes: {', '.join(SUPPORTED_DTYPES)}."
+        )
+    if name not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"{what} dtype {name} is not supported. Supported dtypes: {', '.join(SUPPORTED_DTYPES)}"
+            " (integer matrices are converted to float64 by aslinearoperator)."
+        )
+    return name
+
+
+def xp_dtype(xp: Any, name: str) -> Any:
+    """The dtype object called ``name`` in namespace ``xp``."""
+    try:
+        return getattr(xp, name)
+    except AttributeError:
+        raise TypeError(f"array library {library_name(xp)} has no dtype {name}") from None
+
+
+def to_numpy(x: Any, dtype: Any = np.float64) -> np.ndarray:
+    """Copy an array of any supported library to a host numpy array of ``dtype``."""
+    if isinstance(x, np.ndarray):
+        return np.asarray(x, dtype=dtype)
+    lib = library_name(x)
+    if lib == "torch":
+        return x.detach().cpu().numpy().astype(dtype, copy=False)
+    if lib == "cupy":
+        return x.get().astype(dtype, copy=False)
+    if lib == "array_api_strict":
+        # array-api-strict supports the buffer protocol / __dlpack__ on the CPU device.
+        return np.asarray(np.from_dlpack(x), dtype=dtype)
+    if lib == "tensorflow":
+        return np.asarray(x.numpy(), dtype=dtype)
+    return np.asarray(x, dtype=dtype)
+
+
+def from_numpy(x: np.ndarray, xp: Any, device: Any, dtype: Any) -> Any:
+    """Move a host numpy array into namespace ``xp`` on ``device`` with ``dtype``."""
+    if library_name(xp) == "numpy":
+        return np.asarray(x, dtype=dtype)
+    host_dtype = np.float32 if dtype_name(dtype) in ("bfloat16", "float16") else dtype_name(dtype)
+    x = np.ascontiguousarray(x, dtype=host_dtype)
+    if device is None:
+        return xp.astype(xp.asarray(x), dtype)
+    try:
+        out = xp.asarray(x, device=device)
+    except (TypeError, ValueError):
+        out = xp.asarray(x)
+    return xp.astype(out, dtype)
+
+
+def set_rows(x: Any, index: Any, value: Any) -> Any:
+    """``x[index] = value``, returning the updated array (a new one for immutable arrays)."""
+    if hasattr(x, "at") and library_name(x) == "jax":
+        return x.at[index].set(value)
+    x[index] = value
+    return x
+
+
+def framework_loaded(name: str) -> bool:
+    """Whether a framework is already imported (never imports it)."""
+    return name in sys.modules

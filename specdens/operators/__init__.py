@@ -1,0 +1,33 @@
+"""Operators: the protocol, the base class, wrappers and compositions."""
+
+from .base import LinearOperatorBase
+from .compose import (
+    ProductOperator,
+    ScaledOperator,
+    ShiftedOperator,
+    SumOperator,
+    TransposedOperator,
+)
+from .protocol import LinearOperator
+from .wrappers import (
+    CallableOperator,
+    DenseOperator,
+    ScipyOperator,
+    SparseOperator,
+    aslinearoperator,
+)
+
+__all__ = [
+    "CallableOperator",
+    "DenseOperator",
+    "LinearOperator",
+    "LinearOperatorBase",
+    "ProductOperator",
+    "ScaledOperator",
+    "ScipyOperator",
+    "ShiftedOperator",
+    "SparseOperator",
+    "SumOperator",
+    "TransposedOperator",
+    "aslinearoperator",
+]

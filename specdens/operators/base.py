@@ -1,0 +1,218 @@
+"""``LinearOperatorBase``: arithmetic, dense and scipy views for any operator."""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import numpy as np
+
+from .. import _array
+
+
+class LinearOperatorBase:
+    """Base class giving operators ``@``, ``+``, ``-``, scalar ``*``, ``shift``, ``.T``,
+    ``to_dense`` and ``to_scipy``.
+
+    Subclasses set ``shape``, ``dtype``, ``xp`` (the array namespace of their vectors)
+    and ``device``, and implement ``_matvec`` or ``_matmat`` (or both). ``symmetric``
+    is ``True`` when the operator is known to be symmetric (``.T`` is then the operator
+    itself), ``False`` when it is not, ``None`` when unknown.
+    """
+
+    shape: tuple[int, int]
+    dtype: Any
+    xp: Any
+    device: Any = "cpu"
+    symmetric: bool | None = None
+
+    __array_ufunc__ = None  # numpy defers ``ndarray @ op`` and ``ndarray * op`` to us
+
+    def __init__(self, shape: tuple[int, int], dtype: Any, xp: Any, device: Any = "cpu"):
+        shape = tuple(int(s) for s in shape)
+        if len(shape) != 2:
+            raise ValueError(f"an operator's shape must be (n, n); got {shape}")
+        if shape[0] != shape[1]:
+            raise ValueError(
+                f"specdens needs a square operator; got shape {shape}. "
+                "For a rectangular J, wrap J^T J or J J^T."
+            )
+        self.shape = shape
+        self.dtype = dtype
+        self.xp = xp
+        self.device = device
+
+    # -- products ---------------------------------------------------------------
+    def _matvec(self, v: Any) -> Any:
+        return self._matmat(self.xp.reshape(v, (-1, 1)))[:, 0]
+
+    def _matmat(self, V: Any) -> Any:
+        cols = [self._matvec(V[:, i]) for i in range(V.shape[1])]
+        return self.xp.stack(cols, axis=1)
+
+    def matvec(self, v: Any) -> Any:
+        """``A @ v`` for ``v`` of shape ``(n,)`` (or ``(n, 1)``, kept as such)."""
+        n = self.shape[1]
+        self._check_input(v, "matvec")
+        if tuple(v.shape) == (n, 1):
+            return self.matmat(v)
+        if tuple(v.shape) != (n,):
+            raise ValueError(f"matvec: operator has shape {self.shape}, vector has shape "
+                             f"{tuple(v.shape)}; expected ({n},)")
+        return self._matvec(v)
+
+    def matmat(self, V: Any) -> Any:
+        """``A @ V`` for a block ``V`` of shape ``(n, k)``."""
+        self._check_input(V, "matmat")
+        if len(V.shape) != 2 or V.shape[0] != self.shape[1]:
+            raise ValueError(f"matmat: operator has shape {self.shape}, block has shape "
+                             f"{tuple(V.shape)}; expected ({self.shape[1]}, k)")
+        return self._matmat(V)
+
+    def _check_input(self, v: Any, what: str) -> None:
+        lib = _array.library_name(v)
+        if lib != self.array_library:
+            raise TypeError(
+                f"{what}: this operator works on {self.array_library} arrays on device "
+                f"{self.device}; got a {lib} array. Convert the vector, or use op.to_scipy() "
+                "for numpy float64 at the boundary."
+            )
+        dev = _array.device_of(v)
+        if str(dev) != str(self.device):
+            raise ValueError(
+                f"{what}: this operator's vectors live on device {self.device}; got one on {dev}"
+            )
+
+    def __matmul__(self, other: Any) -> Any:
+        if isinstance(other, LinearOperatorBase) or _looks_like_operator(other):
+            from .compose import ProductOperator
+
+            return ProductOperator(self, _as_base(other))
+        if len(getattr(other, "shape", ())) == 1:
+            return self.matvec(other)
+        if len(getattr(other, "shape", ())) == 2:
+            return self.matmat(other)
+        return NotImplemented
+
+    def __rmatmul__(self, other: Any) -> Any:
+        if _looks_like_operator(other):
+            from .compose import ProductOperator
+
+            return ProductOperator(_as_base(other), self)
+        return NotImplemented
+
+    # -- arithmetic -------------------------------------------------------------
+    def __add__(self, other: Any) -> LinearOperatorBase:
+        if isinstance(other, LinearOperatorBase) or _looks_like_operator(other):
+            from .compose import SumOperator
+
+            return SumOperator(self, _as_base(other))
+        return NotImplemented
+
+    def __radd__(self, other: Any) -> LinearOperatorBase:
+        if _looks_like_operator(other):
+            return _as_base(other) + self
+        return NotImplemented
+
+    def __neg__(self) -> LinearOperatorBase:
+        return self * -1.0
+
+    def __sub__(self, other: Any) -> LinearOperatorBase:
+        if isinstance(other, LinearOperatorBase) or _looks_like_operator(other):
+            return self + (-_as_base(other))
+        return NotImplemented
+
+    def __rsub__(self, other: Any) -> LinearOperatorBase:
+        if _looks_like_operator(other):
+            return _as_base(other) - self
+        return NotImplemented
+
+    def __mul__(self, scalar: Any) -> LinearOperatorBase:
+        if isinstance(scalar, numbers.Real) or (
+            isinstance(scalar, np.generic) and np.isrealobj(scalar)
+        ):
+            from .compose import ScaledOperator
+
+            return ScaledOperator(self, float(scalar))
+        return NotImplemented
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scalar: Any) -> LinearOperatorBase:
+        if isinstance(scalar, numbers.Real):
+            return self * (1.0 / float(scalar))
+        return NotImplemented
+
+    def shift(self, s: float) -> LinearOperatorBase:
+        """The operator ``A + s I``."""
+        from .compose import ShiftedOperator
+
+        return ShiftedOperator(self, float(s))
+
+    @property
+    def T(self) -> LinearOperatorBase:  # noqa: N802 (scipy's name)
+        """The transpose. The operator itself when it is known to be symmetric."""
+        if self.symmetric:
+            return self
+        return self._transpose()
+
+    def _transpose(self) -> LinearOperatorBase:
+        from .compose import TransposedOperator
+
+        if hasattr(self, "rmatvec") or hasattr(self, "_rmatvec"):
+            return TransposedOperator(self)
+        raise TypeError(
+            f"{type(self).__name__} does not know its transpose: give it an rmatvec, or declare "
+            "it symmetric (aslinearoperator(..., symmetric=True))."
+        )
+
+    # -- conversions ------------------------------------------------------------
+    def to_dense(self, *, block_size: int = 256) -> Any:
+        """The dense matrix, built from identity blocks through ``matmat``, in the
+        operator's own array library and dtype."""
+        xp, n = self.xp, self.shape[0]
+        dtype = self.dtype
+        cols = []
+        for start in range(0, n, block_size):
+            stop = min(start + block_size, n)
+            block = np.zeros((n, stop - start))
+            block[np.arange(start, stop), np.arange(stop - start)] = 1.0
+            cols.append(self.matmat(_array.from_numpy(block, xp, self.device, dtype)))
+        if not cols:
+            return _array.from_numpy(np.zeros((0, 0)), xp, self.device, dtype)
+        return xp.concat(cols, axis=1)
+
+    def to_scipy(self) -> Any:
+        """A ``scipy.sparse.linalg.LinearOperator`` with float64 numpy at its boundary.
+
+        Products run in the operator's own array library, dtype and device; only the
+        input and output vectors cross to the host. ``scipy.sparse.linalg.eigsh`` and
+        ``lobpcg`` accept it.
+        """
+        from .scipy_bridge import to_scipy
+
+        return to_scipy(self)
+
+    # -- description ------------------------------------------------------------
+    @property
+    def array_library(self) -> str:
+        return _array.library_name(self.xp)
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} shape={self.shape} dtype={_array.dtype_name(self.dtype)} "
+            f"device={self.device} library={self.array_library}>"
+        )
+
+
+def _looks_like_operator(obj: Any) -> bool:
+    """A specdens-compatible operator that is not an array: shape plus matvec."""
+    return hasattr(obj, "matvec") and hasattr(obj, "shape") and not hasattr(obj, "__array_namespace__")
+
+
+def _as_base(obj: Any) -> LinearOperatorBase:
+    if isinstance(obj, LinearOperatorBase):
+        return obj
+    from .wrappers import aslinearoperator
+
+    return aslinearoperator(obj)

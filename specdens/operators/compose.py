@@ -1,0 +1,125 @@
+"""Operators built from others: sums, products, scalings, shifts and transposes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import _array
+from .base import LinearOperatorBase
+
+
+def _check_compatible(a: LinearOperatorBase, b: LinearOperatorBase, what: str) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"cannot {what} operators of shapes {a.shape} and {b.shape}")
+    if a.array_library != b.array_library:
+        raise TypeError(
+            f"cannot {what} an operator on {a.array_library} arrays with one on "
+            f"{b.array_library} arrays; convert one of them first"
+        )
+    if str(a.device) != str(b.device):
+        raise ValueError(
+            f"cannot {what} an operator on device {a.device} with one on device {b.device}"
+        )
+
+
+def _result_dtype(a: LinearOperatorBase, b: LinearOperatorBase) -> Any:
+    xp = a.xp
+    try:
+        return xp.result_type(a.dtype, b.dtype)
+    except Exception:  # libraries without result_type for their dtype objects
+        return a.dtype
+
+
+class SumOperator(LinearOperatorBase):
+    """``A + B``."""
+
+    def __init__(self, a: LinearOperatorBase, b: LinearOperatorBase):
+        _check_compatible(a, b, "add")
+        super().__init__(a.shape, _result_dtype(a, b), a.xp, a.device)
+        self.a, self.b = a, b
+        self.symmetric = True if (a.symmetric and b.symmetric) else None
+
+    def _matmat(self, V: Any) -> Any:
+        return self.a.matmat(V) + self.b.matmat(V)
+
+    def _matvec(self, v: Any) -> Any:
+        return self.a.matvec(v) + self.b.matvec(v)
+
+    def _transpose(self) -> LinearOperatorBase:
+        return SumOperator(self.a.T, self.b.T)
+
+
+class ProductOperator(LinearOperatorBase):
+    """``A @ B``."""
+
+    def __init__(self, a: LinearOperatorBase, b: LinearOperatorBase):
+        _check_compatible(a, b, "multiply")
+        super().__init__(a.shape, _result_dtype(a, b), a.xp, a.device)
+        self.a, self.b = a, b
+
+    def _matmat(self, V: Any) -> Any:
+        return self.a.matmat(self.b.matmat(V))
+
+    def _matvec(self, v: Any) -> Any:
+        return self.a.matvec(self.b.matvec(v))
+
+    def _transpose(self) -> LinearOperatorBase:
+        return ProductOperator(self.b.T, self.a.T)
+
+
+class ScaledOperator(LinearOperatorBase):
+    """``c * A`` for a real scalar ``c``."""
+
+    def __init__(self, a: LinearOperatorBase, c: float):
+        super().__init__(a.shape, a.dtype, a.xp, a.device)
+        self.a, self.c = a, c
+        self.symmetric = a.symmetric
+
+    def _matmat(self, V: Any) -> Any:
+        return self.c * self.a.matmat(V)
+
+    def _matvec(self, v: Any) -> Any:
+        return self.c * self.a.matvec(v)
+
+    def _transpose(self) -> LinearOperatorBase:
+        return ScaledOperator(self.a.T, self.c)
+
+
+class ShiftedOperator(LinearOperatorBase):
+    """``A + s I``."""
+
+    def __init__(self, a: LinearOperatorBase, s: float):
+        super().__init__(a.shape, a.dtype, a.xp, a.device)
+        self.a, self.s = a, s
+        self.symmetric = a.symmetric
+
+    def _matmat(self, V: Any) -> Any:
+        return self.a.matmat(V) + self.s * V
+
+    def _matvec(self, v: Any) -> Any:
+        return self.a.matvec(v) + self.s * v
+
+    def _transpose(self) -> LinearOperatorBase:
+        return ShiftedOperator(self.a.T, self.s)
+
+
+class TransposedOperator(LinearOperatorBase):
+    """``A^T`` through the wrapped operator's ``rmatvec``/``rmatmat``."""
+
+    def __init__(self, a: LinearOperatorBase):
+        super().__init__(a.shape, a.dtype, a.xp, a.device)
+        self.a = a
+
+    def _matvec(self, v: Any) -> Any:
+        return self.a.rmatvec(v)
+
+    def _matmat(self, V: Any) -> Any:
+        if hasattr(self.a, "rmatmat"):
+            return self.a.rmatmat(V)
+        return self.xp.stack([self.a.rmatvec(V[:, i]) for i in range(V.shape[1])], axis=1)
+
+    def _transpose(self) -> LinearOperatorBase:
+        return self.a
+
+    def __repr__(self) -> str:
+        return f"<TransposedOperator of {self.a!r} dtype={_array.dtype_name(self.dtype)}>"

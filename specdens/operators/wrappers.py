@@ -1,0 +1,266 @@
+"""Wrappers that turn arrays, sparse matrices, scipy operators and callables into operators."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from .. import _array
+from .base import LinearOperatorBase
+
+
+def _resolve_namespace(xp: Any, dtype: Any) -> Any:
+    """Array namespace from an explicit ``xp`` (module or name) or a dtype's library."""
+    if xp is None:
+        module = type(dtype).__module__ if dtype is not None else "numpy"
+        if module.startswith("torch"):
+            xp = "torch"
+        elif module.startswith("tensorflow"):
+            xp = "tensorflow"
+        else:
+            xp = "numpy"
+    if isinstance(xp, str):
+        name = {"jax": "jax.numpy", "numpy": "array_api_compat.numpy",
+                "torch": "array_api_compat.torch", "cupy": "array_api_compat.cupy"}.get(xp, xp)
+        try:
+            return importlib.import_module(name)
+        except ImportError as exc:
+            raise ImportError(f"array library {xp!r} is not importable: {exc}") from None
+    return xp
+
+
+def _library_dtype(xp: Any, dtype: Any) -> Any:
+    """``dtype`` as the dtype object of namespace ``xp``."""
+    name = _array.check_supported_dtype(dtype)
+    return _array.xp_dtype(xp, name)
+
+
+class DenseOperator(LinearOperatorBase):
+    """An explicit matrix of any array-API library (numpy, torch, jax, cupy...)."""
+
+    def __init__(self, A: Any, *, symmetric: bool | None = None):
+        xp = _array.namespace(A)
+        if len(A.shape) != 2:
+            raise ValueError(f"a matrix operator needs a 2-D array; got shape {tuple(A.shape)}")
+        name = _array.dtype_name(A.dtype)
+        if name.startswith(("int", "uint", "bool")):
+            A = xp.astype(A, xp.float64)
+        _array.check_supported_dtype(A.dtype, "matrix")
+        super().__init__(tuple(A.shape), A.dtype, xp, _array.device_of(A))
+        self.A = A
+        self.symmetric = symmetric
+
+    def _matvec(self, v: Any) -> Any:
+        return self.A @ v
+
+    def _matmat(self, V: Any) -> Any:
+        return self.A @ V
+
+    def _transpose(self) -> LinearOperatorBase:
+        return DenseOperator(self.xp.matrix_transpose(self.A), symmetric=self.symmetric)
+
+    def to_dense(self, *, block_size: int = 256) -> Any:
+        return self.A
+
+
+class SparseOperator(LinearOperatorBase):
+    """A scipy sparse matrix or array; vectors are numpy arrays."""
+
+    def __init__(self, A: Any, *, symmetric: bool | None = None):
+        import array_api_compat.numpy as npx
+
+        if A.dtype.kind in "iub":
+            A = A.astype(np.float64)
+        _array.check_supported_dtype(A.dtype, "sparse matrix")
+        super().__init__(A.shape, A.dtype, npx, "cpu")
+        self.A = A.tocsr()
+        self.symmetric = symmetric
+
+    def _matvec(self, v: Any) -> Any:
+        return np.asarray(self.A @ v)
+
+    def _matmat(self, V: Any) -> Any:
+        return np.asarray(self.A @ V)
+
+    def _transpose(self) -> LinearOperatorBase:
+        return SparseOperator(self.A.T, symmetric=self.symmetric)
+
+
+class ScipyOperator(LinearOperatorBase):
+    """A ``scipy.sparse.linalg.LinearOperator``."""
+
+    def __init__(self, A: Any, *, symmetric: bool | None = None):
+        import array_api_compat.numpy as npx
+
+        dtype = A.dtype if A.dtype is not None else np.dtype(np.float64)
+        _array.check_supported_dtype(dtype, "scipy LinearOperator")
+        super().__init__(A.shape, np.dtype(dtype), npx, "cpu")
+        self.A = A
+        self.symmetric = symmetric
+
+    def _matvec(self, v: Any) -> Any:
+        return np.asarray(self.A.matvec(v)).reshape(-1)
+
+    def _matmat(self, V: Any) -> Any:
+        return np.asarray(self.A.matmat(V))
+
+    def rmatvec(self, v: Any) -> Any:
+        return np.asarray(self.A.rmatvec(v)).reshape(-1)
+
+    def rmatmat(self, V: Any) -> Any:
+        return np.asarray(self.A.rmatmat(V))
+
+
+class CallableOperator(LinearOperatorBase):
+    """An operator given by functions: ``matvec`` (and optionally ``matmat``, ``rmatvec``)."""
+
+    def __init__(
+        self,
+        matvec: Callable[[Any], Any],
+        shape: tuple[int, int],
+        dtype: Any,
+        *,
+        matmat: Callable[[Any], Any] | None = None,
+        rmatvec: Callable[[Any], Any] | None = None,
+        xp: Any = None,
+        device: Any = None,
+        symmetric: bool | None = None,
+    ):
+        xp = _resolve_namespace(xp, dtype)
+        super().__init__(shape, _library_dtype(xp, dtype), xp, "cpu" if device is None else device)
+        self._f = matvec
+        self._fm = matmat
+        self._rf = rmatvec
+        self.symmetric = symmetric
+        if rmatvec is not None:
+            self.rmatvec = rmatvec
+
+    def _matvec(self, v: Any) -> Any:
+        return self._f(v)
+
+    def _matmat(self, V: Any) -> Any:
+        if self._fm is not None:
+            return self._fm(V)
+        return super()._matmat(V)
+
+    def _transpose(self) -> LinearOperatorBase:
+        if self._rf is None:
+            return super()._transpose()
+        return CallableOperator(self._rf, self.shape, self.dtype, rmatvec=self._f, xp=self.xp,
+                                device=self.device)
+
+
+def aslinearoperator(
+    obj: Any,
+    *,
+    shape: tuple[int, int] | None = None,
+    dtype: Any = None,
+    xp: Any = None,
+    device: Any = None,
+    symmetric: bool | None = None,
+) -> LinearOperatorBase:
+    """Turn ``obj`` into a specdens operator (a :class:`LinearOperatorBase`).
+
+    Parameters
+    ----------
+    obj
+        A square 2-D array of numpy or any array-API library (torch, jax, cupy,
+        array-api-strict), a scipy sparse matrix or array, a
+        ``scipy.sparse.linalg.LinearOperator``, an object with ``shape``, ``dtype`` and
+        ``matvec`` (optionally ``matmat``, ``device``, ``xp``), or a callable computing
+        ``A @ v`` (then ``shape`` and ``dtype`` are required).
+    shape, dtype
+        Required for callables; for arrays, ``dtype`` converts and ``shape`` must match.
+    xp, device
+        Array namespace (module or name: ``"numpy"``, ``"torch"``, ``"jax"``) and device
+        of the vectors, for callables and protocol objects that do not say.
+    symmetric
+        Declares the operator symmetric (``.T`` is then the operator itself).
+
+    Returns
+    -------
+    LinearOperatorBase
+    """
+    if isinstance(obj, LinearOperatorBase):
+        op = obj
+    elif isinstance(obj, (list, tuple)):
+        raise TypeError(
+            f"aslinearoperator got a {type(obj).__name__}; pass an array (e.g. numpy.asarray(obj))"
+        )
+    elif _is_scipy_sparse(obj):
+        op = SparseOperator(obj if dtype is None else obj.astype(_np_dtype(dtype)),
+                            symmetric=symmetric)
+    elif _is_scipy_linear_operator(obj):
+        op = ScipyOperator(obj, symmetric=symmetric)
+    elif isinstance(obj, np.matrix):
+        return aslinearoperator(np.asarray(obj), shape=shape, dtype=dtype, symmetric=symmetric)
+    elif hasattr(obj, "__array_namespace__") or _is_array_api_obj(obj):
+        A = obj
+        if dtype is not None:
+            axp = _array.namespace(A)
+            A = axp.astype(A, _library_dtype(axp, dtype))
+        op = DenseOperator(A, symmetric=symmetric)
+    elif hasattr(obj, "matvec") and hasattr(obj, "shape"):
+        op = _from_protocol(obj, dtype=dtype, xp=xp, device=device, symmetric=symmetric)
+    elif callable(obj):
+        if shape is None or dtype is None:
+            raise TypeError(
+                "aslinearoperator(callable) needs shape= and dtype=, e.g. "
+                "aslinearoperator(f, shape=(n, n), dtype='float64')"
+            )
+        op = CallableOperator(obj, shape, dtype, xp=xp, device=device, symmetric=symmetric)
+    else:
+        raise TypeError(
+            f"cannot make an operator from {type(obj).__module__}.{type(obj).__name__}: pass an "
+            "array, a scipy sparse matrix or LinearOperator, an object with shape and matvec, "
+            "or a callable with shape= and dtype="
+        )
+    if shape is not None and tuple(shape) != tuple(op.shape):
+        raise ValueError(f"shape={tuple(shape)} was given but the operator has shape {op.shape}")
+    return op
+
+
+def _from_protocol(obj: Any, *, dtype: Any, xp: Any, device: Any,
+                   symmetric: bool | None) -> LinearOperatorBase:
+    shape = tuple(obj.shape)
+    dt = getattr(obj, "dtype", None) if dtype is None else dtype
+    if dt is None:
+        raise TypeError(f"{type(obj).__name__} has no dtype; pass aslinearoperator(obj, dtype=...)")
+    xp = xp if xp is not None else getattr(obj, "xp", None)
+    device = device if device is not None else getattr(obj, "device", None)
+    rm = getattr(obj, "rmatvec", None)
+    return CallableOperator(obj.matvec, shape, dt, matmat=getattr(obj, "matmat", None),
+                            rmatvec=rm, xp=xp, device=device,
+                            symmetric=symmetric if symmetric is not None
+                            else getattr(obj, "symmetric", None))
+
+
+def _np_dtype(dtype: Any) -> np.dtype:
+    return np.dtype(_array.check_supported_dtype(dtype))
+
+
+def _is_scipy_sparse(obj: Any) -> bool:
+    if not type(obj).__module__.startswith("scipy"):
+        return False
+    import scipy.sparse
+
+    return scipy.sparse.issparse(obj)
+
+
+def _is_scipy_linear_operator(obj: Any) -> bool:
+    if "scipy" not in type(obj).__module__ and not any(
+        c.__module__.startswith("scipy.sparse.linalg") for c in type(obj).__mro__
+    ):
+        return False
+    from scipy.sparse.linalg import LinearOperator
+
+    return isinstance(obj, LinearOperator)
+
+
+def _is_array_api_obj(obj: Any) -> bool:
+    import array_api_compat
+
+    return array_api_compat.is_array_api_obj(obj)
