@@ -66,6 +66,37 @@ def device_of(x: Any) -> Any:
     return array_api_compat.device(x)
 
 
+def same_device(a: Any, b: Any) -> bool:
+    """Whether two devices (objects or names) are the same; ``"cuda"`` matches ``"cuda:0"``."""
+    sa, sb = str(a), str(b)
+    if sa == sb:
+        return True
+    if ":" in sa and ":" not in sb:
+        return sa.split(":", 1)[0] == sb
+    if ":" in sb and ":" not in sa:
+        return sb.split(":", 1)[0] == sa
+    return False
+
+
+def canonical_device(xp: Any, device: Any = None) -> Any:
+    """The device object that arrays of ``xp`` report for ``device``.
+
+    ``None`` gives the library's default device (``"cpu"`` for numpy, ``CpuDevice(id=0)``
+    for jax, ``Device('CPU_DEVICE')`` for array-api-strict). A name the library does not
+    take as a device (``"cpu"`` for jax) maps to the default device when they match.
+    """
+    try:
+        default = device_of(xp.zeros((0,)))
+    except Exception:
+        return "cpu" if device is None else device
+    if device is None:
+        return default
+    try:
+        return device_of(xp.zeros((0,), device=device))
+    except Exception:
+        return default if same_device(default, device) else device
+
+
 def is_numpy(x: Any) -> bool:
     return isinstance(x, np.ndarray)
 
@@ -85,9 +116,10 @@ def dtype_name(dtype: Any) -> str:
     except TypeError:
         pass
     name = str(dtype)
-    for prefix in ("torch.", "tf.", "<dtype: '", "dtype("):
+    for prefix in ("<dtype: '", "dtype("):
         name = name.replace(prefix, "")
-    return name.strip("'\">)")
+    # Drop a library prefix: "torch.float32", "tf.float32", "array_api_strict.float64".
+    return name.strip("'\">)").rsplit(".", 1)[-1]
 
 
 def finfo_eps(dtype: Any) -> float:
@@ -162,6 +194,21 @@ def set_rows(x: Any, index: Any, value: Any) -> Any:
         return x.at[index].set(value)
     x[index] = value
     return x
+
+
+def supports_float64(xp: Any, device: Any) -> bool:
+    """Whether ``xp`` can hold float64 arrays on ``device`` right now.
+
+    False for JAX without ``jax_enable_x64`` and for PyTorch's MPS devices.
+    """
+    lib = library_name(xp)
+    if lib == "jax":
+        import jax
+
+        return bool(jax.config.read("jax_enable_x64"))
+    if lib == "torch":
+        return not str(device).startswith("mps")
+    return True
 
 
 def framework_loaded(name: str) -> bool:

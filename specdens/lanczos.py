@@ -154,7 +154,8 @@ def lanczos(
     window
         Window length for ``reorth="local"``.
     dtype, basis_dtype
-        Dtype of the Lanczos arithmetic (default float64) and of the stored basis
+        Dtype of the Lanczos arithmetic (default float64, or float32 where the array
+        library has no float64: JAX without ``jax_enable_x64``, MPS) and of the stored basis
         (default: ``dtype``); ``"float32"`` or ``"float64"``. The tridiagonal
         coefficients are always returned in float64.
     block_size
@@ -196,7 +197,13 @@ def lanczos(
     window = _positive_int(window, "window")
     xp, device = op.xp, op.device
     _array.check_supported_dtype(op.dtype)
-    work = _float_dtype_name(dtype, "dtype", default="float64")
+    has64 = _array.supports_float64(xp, device)
+    work = _float_dtype_name(dtype, "dtype", default="float64" if has64 else "float32")
+    if not has64 and "float64" in (work, _array.dtype_name(basis_dtype or work)):
+        raise TypeError(
+            f"float64 Lanczos arithmetic was asked for, but {op.array_library} on {device} has "
+            "no float64 now (for JAX, enable jax_enable_x64); use dtype='float32'"
+        )
     basis_name = _float_dtype_name(basis_dtype, "basis_dtype", default=work)
     wdt, bdt = _array.xp_dtype(xp, work), _array.xp_dtype(xp, basis_name)
     if breakdown_tol is None:
@@ -314,6 +321,9 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     elif mode == "local":
         Q = xp.zeros((k, win, n), dtype=bdt, device=_dev(op))
     same_basis = _array.dtype_name(wdt) == _array.dtype_name(bdt)
+    # Libraries that compile per array shape (JAX) project against the whole preallocated
+    # basis, whose unused rows are zero, so that every step has the same shapes.
+    fixed_shapes = _array.library_name(xp) == "jax"
     al, be, ac = [], [], []
     matvecs = 0
     steps_run = m
@@ -330,7 +340,7 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         alpha = _rowdot(xp, q, w)
         w = w - alpha[:, None] * q
         if Q is not None:
-            Qs = Q[:, : j + 1, :] if mode == "full" else Q
+            Qs = Q[:, : j + 1, :] if (mode == "full" and not fixed_shapes) else Q
             for sweep in range(2):
                 wb = w if same_basis else xp.astype(w, bdt)
                 h = xp.matmul(Qs, wb[:, :, None])[:, :, 0]
@@ -340,12 +350,17 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
                 alpha = alpha + hw[:, slot]
                 if sweep == 0:
                     older = xp.abs(hw)
-                    if mode == "full":
+                    if Qs.shape[1] == j + 1:
                         older = older[:, :j] if j > 0 else None
                     else:
                         older = xp.where(_slot_mask(xp, Qs.shape[1], slot, op), 0.0, older)
                     if older is not None:
-                        asym = xp.maximum(asym, xp.max(older, axis=1))
+                        # Near a breakdown (beta_prev << ||T||) the new vector carries
+                        # rounding noise of relative size eps ||T|| / beta_prev even for
+                        # symmetric operators: weigh the coupling by beta_prev / ||T||.
+                        safe_norm = xp.where(anorm > 0, anorm, xp.ones_like(anorm))
+                        fac = xp.minimum(beta_prev / safe_norm, xp.ones_like(anorm))
+                        asym = xp.maximum(asym, xp.max(older, axis=1) * fac)
         beta = xp.sqrt(xp.sum(w * w, axis=1))
         anorm = xp.maximum(anorm, xp.abs(alpha) + beta + beta_prev)
         active = active & (beta > tol * anorm)

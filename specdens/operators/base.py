@@ -59,7 +59,7 @@ class LinearOperatorBase:
         if tuple(v.shape) != (n,):
             raise ValueError(f"matvec: operator has shape {self.shape}, vector has shape "
                              f"{tuple(v.shape)}; expected ({n},)")
-        return self._matvec(v)
+        return self._product(self._matvec, v, "matvec")
 
     def matmat(self, V: Any) -> Any:
         """``A @ V`` for a block ``V`` of shape ``(n, k)``."""
@@ -67,7 +67,21 @@ class LinearOperatorBase:
         if len(V.shape) != 2 or V.shape[0] != self.shape[1]:
             raise ValueError(f"matmat: operator has shape {self.shape}, block has shape "
                              f"{tuple(V.shape)}; expected ({self.shape[1]}, k)")
-        return self._matmat(V)
+        return self._product(self._matmat, V, "matmat")
+
+    def _product(self, fn: Any, v: Any, what: str) -> Any:
+        """``fn(v)``; a failure with a vector of another dtype becomes an error naming both
+        dtypes (torch, for one, refuses to multiply float32 by float64)."""
+        try:
+            return fn(v)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            vdt, odt = _array.dtype_name(v.dtype), _array.dtype_name(self.dtype)
+            if vdt != odt:
+                raise TypeError(
+                    f"{what}: operator has dtype {odt}, the input has dtype {vdt} ({exc}). "
+                    "Cast the input to the operator's dtype."
+                ) from exc
+            raise
 
     def _check_input(self, v: Any, what: str) -> None:
         lib = _array.library_name(v)
@@ -75,10 +89,11 @@ class LinearOperatorBase:
             raise TypeError(
                 f"{what}: this operator works on {self.array_library} arrays on device "
                 f"{self.device}; got a {lib} array. Convert the vector, or use op.to_scipy() "
-                "for numpy float64 at the boundary."
+                "for numpy float64 at the boundary (for a callable or an object with matvec, "
+                "name its library: aslinearoperator(..., xp=...))."
             )
         dev = _array.device_of(v)
-        if str(dev) != str(self.device):
+        if not _array.same_device(dev, self.device):
             raise ValueError(
                 f"{what}: this operator's vectors live on device {self.device}; got one on {dev}"
             )
@@ -99,7 +114,15 @@ class LinearOperatorBase:
             from .compose import ProductOperator
 
             return ProductOperator(_as_base(other), self)
-        return NotImplemented
+        # ``x @ A`` for an array (numpy defers here through ``__array_ufunc__ = None``):
+        # ``A^T x`` for a vector, ``(A^T X^T)^T`` for a block of rows, as in scipy.
+        ndim = len(getattr(other, "shape", ()))
+        if ndim not in (1, 2):
+            return NotImplemented
+        self._check_input(other, "x @ op")
+        if ndim == 1:
+            return self.T.matvec(other)
+        return self.xp.matrix_transpose(self.T.matmat(self.xp.matrix_transpose(other)))
 
     # -- arithmetic -------------------------------------------------------------
     def __add__(self, other: Any) -> LinearOperatorBase:

@@ -16,7 +16,7 @@ def _check_compatible(a: LinearOperatorBase, b: LinearOperatorBase, what: str) -
             f"cannot {what} an operator on {a.array_library} arrays with one on "
             f"{b.array_library} arrays; convert one of them first"
         )
-    if str(a.device) != str(b.device):
+    if not _array.same_device(a.device, b.device):
         raise ValueError(
             f"cannot {what} an operator on device {a.device} with one on device {b.device}"
         )
@@ -30,6 +30,16 @@ def _result_dtype(a: LinearOperatorBase, b: LinearOperatorBase) -> Any:
         return a.dtype
 
 
+def _apply(parent: LinearOperatorBase, child: LinearOperatorBase, method: str, V: Any) -> Any:
+    """``child.method(V)``; in a mixed-dtype composition (a float32 term in a float64 sum)
+    the input is cast to the child's dtype and the output back to the parent's, since
+    torch will not multiply arrays of different dtypes."""
+    if _array.dtype_name(child.dtype) == _array.dtype_name(parent.dtype):
+        return getattr(child, method)(V)
+    xp = parent.xp
+    return xp.astype(getattr(child, method)(xp.astype(V, child.dtype)), parent.dtype)
+
+
 class SumOperator(LinearOperatorBase):
     """``A + B``."""
 
@@ -40,10 +50,10 @@ class SumOperator(LinearOperatorBase):
         self.symmetric = True if (a.symmetric and b.symmetric) else None
 
     def _matmat(self, V: Any) -> Any:
-        return self.a.matmat(V) + self.b.matmat(V)
+        return _apply(self, self.a, "matmat", V) + _apply(self, self.b, "matmat", V)
 
     def _matvec(self, v: Any) -> Any:
-        return self.a.matvec(v) + self.b.matvec(v)
+        return _apply(self, self.a, "matvec", v) + _apply(self, self.b, "matvec", v)
 
     def _transpose(self) -> LinearOperatorBase:
         return SumOperator(self.a.T, self.b.T)
@@ -58,10 +68,10 @@ class ProductOperator(LinearOperatorBase):
         self.a, self.b = a, b
 
     def _matmat(self, V: Any) -> Any:
-        return self.a.matmat(self.b.matmat(V))
+        return _apply(self, self.a, "matmat", _apply(self, self.b, "matmat", V))
 
     def _matvec(self, v: Any) -> Any:
-        return self.a.matvec(self.b.matvec(v))
+        return _apply(self, self.a, "matvec", _apply(self, self.b, "matvec", v))
 
     def _transpose(self) -> LinearOperatorBase:
         return ProductOperator(self.b.T, self.a.T)

@@ -18,6 +18,10 @@ def _resolve_namespace(xp: Any, dtype: Any) -> Any:
         module = type(dtype).__module__ if dtype is not None else "numpy"
         if module.startswith("torch"):
             xp = "torch"
+        elif module.startswith(("jax", "jaxlib")):
+            xp = "jax"
+        elif module.startswith("array_api_strict"):
+            xp = "array_api_strict"
         elif module.startswith("tensorflow"):
             xp = "tensorflow"
         else:
@@ -107,6 +111,15 @@ class ScipyOperator(LinearOperatorBase):
     def _matmat(self, V: Any) -> Any:
         return np.asarray(self.A.matmat(V))
 
+    def _transpose(self) -> LinearOperatorBase:
+        if not _scipy_has_adjoint(self.A):
+            raise TypeError(
+                f"the scipy LinearOperator {type(self.A).__name__} has no rmatvec, so its "
+                "transpose is unknown: give it rmatvec=, or declare it symmetric "
+                "(aslinearoperator(..., symmetric=True))."
+            )
+        return super()._transpose()
+
     def rmatvec(self, v: Any) -> Any:
         return np.asarray(self.A.rmatvec(v)).reshape(-1)
 
@@ -130,7 +143,7 @@ class CallableOperator(LinearOperatorBase):
         symmetric: bool | None = None,
     ):
         xp = _resolve_namespace(xp, dtype)
-        super().__init__(shape, _library_dtype(xp, dtype), xp, "cpu" if device is None else device)
+        super().__init__(shape, _library_dtype(xp, dtype), xp, _array.canonical_device(xp, device))
         self._f = matvec
         self._fm = matmat
         self._rf = rmatvec
@@ -258,6 +271,17 @@ def _is_scipy_linear_operator(obj: Any) -> bool:
     from scipy.sparse.linalg import LinearOperator
 
     return isinstance(obj, LinearOperator)
+
+
+def _scipy_has_adjoint(A: Any) -> bool:
+    """Whether a scipy LinearOperator defines ``rmatvec`` (scipy fails only on the call)."""
+    from scipy.sparse.linalg import LinearOperator
+
+    if getattr(A, "_CustomLinearOperator__rmatvec_impl", True) is None:
+        return False
+    cls = type(A)
+    return not (cls._rmatvec is LinearOperator._rmatvec
+                and cls._adjoint is LinearOperator._adjoint)
 
 
 def _is_array_api_obj(obj: Any) -> bool:

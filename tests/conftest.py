@@ -1,0 +1,31 @@
+"""Shared fixtures: operators with known spectra, built from random orthogonal bases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
+    Q, R = np.linalg.qr(rng.standard_normal((n, n)))
+    return Q * np.sign(np.diag(R))
+
+
+def sym_from_spectrum(lam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A dense symmetric matrix Q diag(lam) Q^T with a random orthogonal Q (float64)."""
+    lam = np.asarray(lam, dtype=np.float64)
+    Q = random_orthogonal(lam.size, rng)
+    A = (Q * lam) @ Q.T
+    return 0.5 * (A + A.T)
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(12345)
+
+
+@pytest.fixture
+def spectrum_matrix(rng):
+    """n = 200, indefinite spectrum with a few outliers: (A, eigenvalues)."""
+    lam = np.concatenate([np.linspace(-1.0, 2.0, 195), [5.0, 7.5, 10.0, 12.0, 20.0]])
+    return sym_from_spectrum(lam, rng), np.sort(lam)

@@ -1,0 +1,179 @@
+"""SpectralDensity: normalisation, CDF, functionals, bounds and the result file."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from conftest import sym_from_spectrum
+from scipy.integrate import quad
+
+import specdens
+from specdens import SpectralDensity
+
+
+@pytest.fixture
+def dens(spectrum_matrix):
+    A, lam = spectrum_matrix
+    return specdens.slq(A, num_steps=40, num_probes=4, seed=2), lam
+
+
+def test_weights_rows_sum_to_one(dens):
+    d, _ = dens
+    assert d.nodes.shape == d.weights.shape == (4, 40)
+    assert d.nodes.dtype == np.float64
+    np.testing.assert_allclose(d.weights.sum(axis=1), 1.0, rtol=0, atol=1e-14)
+    loc, mass = d.atoms()
+    assert mass.sum() == pytest.approx(1.0, abs=1e-14)
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "lorentzian"])
+def test_density_is_exactly_normalised(dens, kernel):
+    d, _ = dens
+    sigma = 0.05
+    loc, mass = d.atoms()
+    # The kernels are normalised on the real line: integrate the density exactly (quad on
+    # the closed form) instead of on a grid, and find 1 with no renormalisation.
+    f = lambda t: float(d.density(np.array([t]), sigma=sigma, kernel=kernel)[1][0])  # noqa: E731
+    pieces = np.linspace(loc.min() - 1, loc.max() + 1, 60)
+    inner = sum(quad(f, a, b, limit=200)[0] for a, b in zip(pieces[:-1], pieces[1:]))
+    tails = quad(f, -np.inf, pieces[0])[0] + quad(f, pieces[-1], np.inf)[0]
+    assert inner + tails == pytest.approx(1.0, abs=1e-6)
+
+
+def test_density_values_match_kernel_formula(dens):
+    d, _ = dens
+    loc, mass = d.atoms()
+    t = np.array([-0.5, 0.3, 19.9])
+    s = 0.1
+    g = (np.exp(-0.5 * ((t[:, None] - loc) / s) ** 2) / (s * np.sqrt(2 * np.pi))) @ mass
+    l_ = (s / np.pi / ((t[:, None] - loc) ** 2 + s * s)) @ mass
+    np.testing.assert_allclose(d.density(t, sigma=s)[1], g, rtol=1e-12)
+    np.testing.assert_allclose(d.density(t, sigma=s, kernel="lorentzian")[1], l_, rtol=1e-12)
+
+
+def test_default_sigma_is_scale_free_and_shift_invariant(spectrum_matrix):
+    A, _ = spectrum_matrix
+    d = specdens.slq(A, num_steps=30)
+    d2 = specdens.slq(3.0 * A, num_steps=30)
+    d3 = specdens.slq(specdens.aslinearoperator(A).shift(-7.0), num_steps=30)
+    assert d2.default_sigma() == pytest.approx(3.0 * d.default_sigma(), rel=1e-8)
+    assert d3.default_sigma() == pytest.approx(d.default_sigma(), rel=1e-6)
+    grid, vals = d.density()
+    assert grid[0] < d.bounds().lower and grid[-1] > d.bounds().upper
+    assert np.all(vals >= 0)
+
+
+def test_cdf_is_a_distribution_function(dens):
+    d, lam = dens
+    x = np.linspace(lam.min() - 1, lam.max() + 1, 500)
+    F = d.cdf(x)
+    assert np.all(np.diff(F) >= 0) and F[0] == 0.0 and F[-1] == pytest.approx(1.0)
+    Fs = d.cdf(x, sigma=0.01)
+    assert np.all(np.diff(Fs) >= -1e-15) and Fs[-1] == pytest.approx(1.0)
+    # the smoothed CDF is the integral of the smoothed density
+    g, v = d.density(np.linspace(-3, 25, 40001), sigma=0.2)
+    cum = np.concatenate([[0], np.cumsum(0.5 * (v[1:] + v[:-1]) * np.diff(g))])
+    np.testing.assert_allclose(np.interp(5.0, g, cum), d.cdf(5.0, sigma=0.2), atol=1e-6)
+
+
+def test_moments_trace_and_stderr(dens):
+    d, lam = dens
+    est = d.moments([0, 1, 2])
+    assert est.value[0] == pytest.approx(1.0)
+    assert est.stderr.shape == (3,) and est.num_probes == 4
+    tr = d.trace(lambda t: t)
+    assert tr.value == pytest.approx(d.n * est.value[1])
+    assert tr.stderr == pytest.approx(d.n * est.stderr[1])
+    # the per-probe quadrature is exact for degree < 2m: the mean is within a few
+    # standard errors of the exact normalised trace
+    assert abs(est.value[2] - np.mean(lam**2)) <= 5 * est.stderr[2]
+    single = specdens.slq(np.diag(lam), num_steps=5, num_probes=1)
+    assert np.isnan(single.moments(1).stderr)
+    with pytest.raises(ValueError, match="integer"):
+        d.moments(1.5)
+
+
+def test_fraction_negative(rng):
+    lam = np.concatenate([-np.linspace(0.5, 1.0, 30), np.linspace(1.0, 2.0, 70)])
+    d = specdens.slq(sym_from_spectrum(lam, rng), num_steps=100, num_probes=3)  # exact (n=100)
+    assert d.fraction_negative() == pytest.approx(np.mean([
+        np.sum(d.weights[i][d.nodes[i] < 0]) for i in range(3)]), abs=1e-14)
+    assert 0.1 < d.fraction_negative() < 0.5
+
+
+def test_bounds_residuals_enclose_eigenvalues(dens):
+    d, lam = dens
+    b = d.bounds()
+    assert lam.min() - 1e-9 <= b.lower and b.upper <= lam.max() + 1e-9
+    # every Ritz value is within its residual of an eigenvalue
+    for i in range(d.num_probes):
+        for th, r in zip(d.nodes[i], d.residuals[i]):
+            assert np.min(np.abs(lam - th)) <= r + 1e-9
+    lo, hi = b.interval
+    assert lo <= b.lower and hi >= b.upper
+
+
+def test_save_load_roundtrip(dens, tmp_path):
+    d, _ = dens
+    p = tmp_path / "r.npz"
+    d.save(p)
+    e = SpectralDensity.load(p)
+    for f in ("nodes", "weights", "residuals", "lengths", "probe_scales"):
+        np.testing.assert_array_equal(getattr(e, f), getattr(d, f))
+    assert (e.n, e.num_steps, e.seed, e.reorth, e.matvecs) == (d.n, d.num_steps, d.seed,
+                                                              d.reorth, d.matvecs)
+    with np.load(p, allow_pickle=False) as z:  # the documented format, readable without specdens
+        assert str(z["format"]) == "specdens.SpectralDensity" and int(z["version"]) == 1
+        assert json.loads(str(z["meta"]))["n"] == d.n
+
+
+def test_load_refuses_corrupt_and_foreign_files(dens, tmp_path):
+    d, _ = dens
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip file at all")
+    with pytest.raises(ValueError, match="not a readable specdens result"):
+        SpectralDensity.load(junk)
+    foreign = tmp_path / "foreign.npz"
+    np.savez(foreign, a=np.arange(3))
+    with pytest.raises(ValueError, match="not a specdens SpectralDensity file"):
+        SpectralDensity.load(foreign)
+    good = tmp_path / "good.npz"
+    d.save(good)
+    with np.load(good) as z:
+        data = dict(z)
+    bad_version = tmp_path / "v.npz"
+    np.savez(bad_version, **{**data, "version": np.array(99)})
+    with pytest.raises(ValueError, match="version 99"):
+        SpectralDensity.load(bad_version)
+    bad_weights = tmp_path / "w.npz"
+    np.savez(bad_weights, **{**data, "weights": data["weights"] * 2})
+    with pytest.raises(ValueError, match="weights do not sum to 1"):
+        SpectralDensity.load(bad_weights)
+    missing = tmp_path / "m.npz"
+    np.savez(missing, **{k: v for k, v in data.items() if k != "nodes"})
+    with pytest.raises(ValueError, match="missing"):
+        SpectralDensity.load(missing)
+    pickled = tmp_path / "p.npz"
+    np.savez(pickled, **{**data, "meta": np.array([{"n": 1}], dtype=object)})
+    with pytest.raises(ValueError):
+        SpectralDensity.load(pickled)
+    truncated = tmp_path / "t.npz"
+    truncated.write_bytes(good.read_bytes()[:200])
+    with pytest.raises(ValueError, match="not a readable"):
+        SpectralDensity.load(truncated)
+
+
+def test_density_argument_errors(dens):
+    d, _ = dens
+    with pytest.raises(ValueError, match="kernel"):
+        d.density(kernel="box")
+    with pytest.raises(ValueError, match="sigma"):
+        d.density(sigma=-1.0)
+
+
+def test_reprs(dens):
+    d, _ = dens
+    assert "SpectralDensity(n=200, num_probes=4, num_steps=40" in repr(d)
+    assert "Estimate(value=" in repr(d.moments(1))

@@ -1,0 +1,301 @@
+"""Exact invariants of the Lanczos engine, in float64 against dense references."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from conftest import sym_from_spectrum
+
+import specdens
+from specdens.lanczos import LanczosWarning
+
+EPS = np.finfo(np.float64).eps
+
+
+def test_lanczos_relation_and_orthogonality(spectrum_matrix):
+    A, lam = spectrum_matrix
+    m, k = 40, 3
+    r = specdens.lanczos(A, m, num_probes=k, return_basis=True)
+    norm_a = np.max(np.abs(lam))
+    for i in range(k):
+        Q = r.basis[i]  # (m, n), rows are Lanczos vectors
+        T = r.tridiagonal_matrix(i)
+        e_m = np.zeros(m)
+        e_m[-1] = 1.0
+        resid = A @ Q.T - Q.T @ T - r.beta[i, -1] * np.outer(r.last_vector[i], e_m)
+        # Each column's error is a few rounding errors of a matvec plus CGS2 projections.
+        assert np.max(np.abs(resid)) <= 50 * m * EPS * norm_a
+        # CGS2 keeps orthogonality at the level of eps (Giraud, Langou & Rozloznik 2005).
+        assert np.max(np.abs(Q @ Q.T - np.eye(m))) <= 10 * m * EPS
+        assert abs(np.linalg.norm(r.last_vector[i]) - 1.0) <= 10 * EPS * np.sqrt(A.shape[0])
+    assert r.reorth == "full"
+    assert r.alpha.dtype == np.float64 and r.beta.dtype == np.float64
+    assert r.matvecs == m * k
+    assert r.asymmetry < 1e3 * EPS
+
+
+def test_gauss_quadrature_exact_below_degree_2m(rng):
+    n, m = 150, 6
+    lam = rng.uniform(-1.0, 2.0, n)
+    A = sym_from_spectrum(lam, rng)
+    u = rng.standard_normal(n)
+    u /= np.linalg.norm(u)
+    d = specdens.slq(A, num_steps=m, probes=u)
+    powers = np.arange(0, 2 * m)
+    est = d.moments(powers).value
+    exact = []
+    v = u.copy()
+    for _ in powers:
+        exact.append(u @ v)
+        v = A @ v
+    exact = np.array(exact)
+    scale = np.max(np.abs(lam)) ** powers
+    # Exact up to rounding: the error of the p-th power sum grows like p * n * eps.
+    assert np.all(np.abs(est - exact) <= 100 * (powers + 1) * EPS * scale)
+    # ... and no longer exact at degree 2m (the rule is not exact there).
+    v2m = u @ np.linalg.matrix_power(A, 2 * m) @ u
+    assert abs(d.moments(2 * m).value - v2m) > 1e3 * EPS * np.max(np.abs(lam)) ** (2 * m)
+
+
+def test_exact_recovery_when_steps_reach_n(rng):
+    n = 25
+    lam = np.sort(rng.uniform(-3.0, 4.0, n))
+    Q = np.linalg.qr(rng.standard_normal((n, n)))[0]
+    A = (Q * lam) @ Q.T
+    A = 0.5 * (A + A.T)
+    u = rng.standard_normal(n)
+    u /= np.linalg.norm(u)
+    d = specdens.slq(A, num_steps=200, probes=u)
+    assert d.num_steps == n  # capped at n
+    L = d.lengths[0]
+    nodes, w = d.nodes[0, :L], d.weights[0, :L]
+    np.testing.assert_allclose(np.sort(nodes), lam, atol=1e3 * EPS * np.max(np.abs(lam)))
+    exact_w = (Q.T @ u) ** 2
+    np.testing.assert_allclose(w[np.argsort(nodes)], exact_w, atol=1e-10)
+
+
+def test_shift_equivariance(spectrum_matrix):
+    A, lam = spectrum_matrix
+    op = specdens.aslinearoperator(A)
+    s = 3.25
+    d0 = specdens.slq(op, num_steps=30, num_probes=2, seed=7)
+    d1 = specdens.slq(op.shift(s), num_steps=30, num_probes=2, seed=7)
+    scale = np.max(np.abs(lam)) + s
+    np.testing.assert_allclose(d1.nodes, d0.nodes + s, atol=1e-10 * scale)
+    np.testing.assert_allclose(d1.weights, d0.weights, atol=1e-9)
+
+
+def test_indefinite_spectra_are_not_clamped(rng):
+    lam = np.linspace(-5.0, -1.0, 80)
+    A = sym_from_spectrum(lam, rng)
+    d = specdens.slq(A, num_steps=20, num_probes=2)
+    b = d.bounds()
+    assert -5.0 - 1e-9 <= b.lower < -4.9 and -1.1 < b.upper <= -1.0 + 1e-9
+    assert d.fraction_negative() == pytest.approx(1.0)
+    assert np.all(d.nodes < 0)
+
+
+def test_breakdown_on_identity():
+    r = specdens.lanczos(np.eye(50), 30, num_probes=3)
+    assert list(r.lengths) == [1, 1, 1] and r.breakdown.all()
+    d = specdens.SpectralDensity.from_lanczos(r)
+    assert np.all(d.nodes[:, 0] == 1.0) and np.all(d.weights[:, 0] == 1.0)
+    assert np.all(d.weights[:, 1:] == 0.0)
+    # numpy operators are checked every step, so the run stops once every probe broke down.
+    assert r.matvecs == 3
+
+
+def test_breakdown_on_low_rank_operator_keeps_quadrature_exact(rng):
+    n, rank = 120, 4
+    U = np.linalg.qr(rng.standard_normal((n, rank)))[0]
+    dvals = np.array([-2.0, 1.0, 3.0, 6.0])
+    A = (U * dvals) @ U.T
+    u = rng.standard_normal(n)
+    u /= np.linalg.norm(u)
+    d = specdens.slq(A, num_steps=50, probes=u)
+    L = d.lengths[0]
+    assert L == rank + 1 and d.extra == {}
+    r = specdens.lanczos(A, 50, probes=u)
+    assert r.breakdown[0]
+    nodes, w = d.nodes[0, :L], d.weights[0, :L]
+    # exact measure: atoms at dvals with weights (U^T u)^2 and at 0 with the rest
+    c = (U.T @ u) ** 2
+    order = np.argsort(nodes)
+    expect_nodes = np.sort(np.concatenate([dvals, [0.0]]))
+    expect_w = np.concatenate([c[:1], [1 - c.sum()], c[1:]])
+    np.testing.assert_allclose(nodes[order], expect_nodes, atol=1e-12)
+    np.testing.assert_allclose(w[order], expect_w, atol=1e-12)
+    for p in range(1, 12):  # exact for every degree after a breakdown
+        assert d.moments(p).value == pytest.approx(u @ np.linalg.matrix_power(A, p) @ u,
+                                                   rel=1e-10, abs=1e-12)
+
+
+def test_probes_are_counter_seeded(spectrum_matrix):
+    A, _ = spectrum_matrix
+    r4 = specdens.lanczos(A, 20, num_probes=4, seed=3)
+    r2 = specdens.lanczos(A, 20, num_probes=2, seed=3)
+    rb = specdens.lanczos(A, 20, num_probes=4, seed=3, block_size=1)
+    np.testing.assert_allclose(r4.alpha[:2], r2.alpha, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(r4.beta[:2], r2.beta, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(r4.alpha, rb.alpha, rtol=1e-12, atol=1e-14)
+    other = specdens.lanczos(A, 20, num_probes=1, seed=4)
+    assert not np.allclose(other.alpha[0], r4.alpha[0])
+
+
+def test_one_matmat_per_step_for_the_whole_block(spectrum_matrix):
+    A, _ = spectrum_matrix
+    calls = []
+
+    def matmat(V):
+        calls.append(V.shape)
+        return A @ V
+
+    op = specdens.aslinearoperator(lambda v: A @ v, shape=A.shape, dtype="float64")
+    op._fm = matmat
+    specdens.lanczos(op, 12, num_probes=5)
+    assert calls == [(A.shape[0], 5)] * 12
+
+
+@pytest.mark.parametrize("mode", ["local", "none"])
+def test_other_reorth_modes(spectrum_matrix, mode):
+    A, lam = spectrum_matrix
+    full = specdens.slq(A, num_steps=40, num_probes=2)
+    other = specdens.slq(A, num_steps=40, num_probes=2, reorth=mode, window=8)
+    assert other.reorth == mode
+    # Extreme Ritz values converge in every mode (Paige 1971): the outlier at 20 is found.
+    assert other.bounds().upper == pytest.approx(20.0, rel=1e-8)
+    # Low moments are preserved even without reorthogonalisation (degree < 2m).
+    np.testing.assert_allclose(other.moments([1, 2]).value, full.moments([1, 2]).value,
+                               rtol=1e-6)
+
+
+def test_auto_picks_by_memory_budget(spectrum_matrix):
+    A, _ = spectrum_matrix
+    n = A.shape[0]
+    full = specdens.lanczos(A, 30, reorth="auto", max_basis_bytes=30 * n * 8)
+    local = specdens.lanczos(A, 30, reorth="auto", max_basis_bytes=5 * n * 8)
+    none = specdens.lanczos(A, 30, reorth="auto", max_basis_bytes=n * 8)
+    assert (full.reorth, local.reorth, none.reorth) == ("full", "local", "none")
+    assert local.window == 5
+    assert specdens.lanczos(A, 10, reorth="auto").reorth == "full"
+
+
+def test_float32_basis(spectrum_matrix):
+    A, _ = spectrum_matrix
+    r = specdens.lanczos(A, 30, basis_dtype="float32", return_basis=True)
+    assert r.basis.dtype == np.float32 and r.basis_dtype == "float32"
+    Q = r.basis[0].astype(np.float64)
+    assert np.max(np.abs(Q @ Q.T - np.eye(30))) <= 10 * 30 * np.finfo(np.float32).eps
+    r64 = specdens.lanczos(A, 30)
+    np.testing.assert_allclose(r.alpha, r64.alpha, atol=1e-4 * 20)
+
+
+def test_float32_operator_with_float64_arithmetic(spectrum_matrix):
+    A, _ = spectrum_matrix
+    r = specdens.lanczos(A.astype(np.float32), 20)
+    assert r.dtype == "float64" and r.alpha.dtype == np.float64
+    r64 = specdens.lanczos(A, 20)
+    # Products are rounded to float32: the coefficients agree to float32 accuracy.
+    np.testing.assert_allclose(r.alpha, r64.alpha, atol=50 * np.finfo(np.float32).eps * 20)
+
+
+def test_nan_from_operator_names_step_and_probe(spectrum_matrix):
+    A, _ = spectrum_matrix
+    count = {"n": 0}
+
+    def matmat(V):
+        count["n"] += 1
+        out = A @ V
+        if count["n"] == 4:
+            out[3, 1] = np.nan
+        return out
+
+    op = specdens.aslinearoperator(lambda v: A @ v, shape=A.shape, dtype="float64")
+    op._fm = matmat
+    with pytest.raises(FloatingPointError, match=r"step 4 for probe 1"):
+        specdens.slq(op, num_steps=10, num_probes=3)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value:RuntimeWarning")
+def test_inf_from_operator_is_an_error(spectrum_matrix):
+    A, _ = spectrum_matrix
+    op = specdens.aslinearoperator(lambda v: A @ v * np.inf, shape=A.shape, dtype="float64")
+    with pytest.raises(FloatingPointError, match="step 1 for probe 0"):
+        specdens.slq(op, num_steps=5)
+
+
+def test_asymmetry_is_detected(rng):
+    B = rng.standard_normal((60, 60))
+    with pytest.warns(LanczosWarning, match="not symmetric"):
+        specdens.lanczos(B, 10)
+    with pytest.raises(ValueError, match="not symmetric"):
+        specdens.lanczos(B, 10, check_symmetry=True)
+    S = B + B.T
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = specdens.lanczos(S, 10, check_symmetry=True)
+    assert r.matvecs == 12  # two for the symmetry check
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"),
+    [
+        (lambda A: specdens.lanczos(A, 0), ValueError, "num_steps must be at least 1"),
+        (lambda A: specdens.lanczos(A, 2.5), TypeError, "num_steps must be an integer"),
+        (lambda A: specdens.lanczos(A, 5, num_probes=0), ValueError, "num_probes"),
+        (lambda A: specdens.lanczos(A, 5, reorth="partial"), ValueError, "full, local, none, auto"),
+        (lambda A: specdens.lanczos(A, 5, probes="cauchy"), ValueError, "rademacher"),
+        (lambda A: specdens.lanczos(A, 5, probes=np.ones(3)), ValueError, r"shape \(200,\)"),
+        (lambda A: specdens.lanczos(A, 5, probes=np.zeros(200)), ValueError, "non-zero"),
+        (lambda A: specdens.lanczos(A, 5, reorth="none", return_basis=True), ValueError,
+         "return_basis"),
+        (lambda A: specdens.lanczos(A, 5, dtype="float16"), TypeError, "float32 or float64"),
+        (lambda A: specdens.lanczos(A[:, :10], 5), ValueError, "square"),
+        (lambda A: specdens.lanczos(A.astype(np.complex128), 5), TypeError, "complex"),
+        (lambda A: specdens.lanczos(np.zeros((0, 0)), 5), ValueError, "size 0"),
+    ],
+)
+def test_bad_input_errors(spectrum_matrix, call, exc, match):
+    A, _ = spectrum_matrix
+    with pytest.raises(exc, match=match):
+        call(A)
+
+
+def test_integer_matrix_is_promoted(rng):
+    A = np.array([[2, 1, 0], [1, 3, 1], [0, 1, 4]])
+    d = specdens.slq(A, num_steps=5, probes=np.array([1.0, 0.5, 2.0]))
+    np.testing.assert_allclose(np.sort(d.nodes[0, : d.lengths[0]]),
+                               np.linalg.eigvalsh(A.astype(float)), atol=1e-12)
+
+
+def test_operator_returning_wrong_shape_or_library(spectrum_matrix):
+    A, _ = spectrum_matrix
+    bad = specdens.aslinearoperator(lambda v: (A @ v)[:-1], shape=A.shape, dtype="float64")
+    with pytest.raises(ValueError, match="returned shape"):
+        specdens.lanczos(bad, 5)
+    torch = pytest.importorskip("torch")
+    wrong = specdens.aslinearoperator(lambda v: A @ v, shape=A.shape, dtype=torch.float64)
+    with pytest.raises(TypeError, match="numpy"):
+        specdens.lanczos(wrong, 5)
+
+
+def test_gaussian_probes_are_unbiased_for_the_trace(rng):
+    lam = np.concatenate([rng.uniform(0, 1, 95), [10, 20, 30, 40, 50]])
+    A = sym_from_spectrum(lam, rng)
+    d = specdens.slq(A, num_steps=10, num_probes=200, probes="gaussian")
+    est = d.trace(lambda t: t)
+    assert not np.allclose(d.probe_scales, 1.0)
+    # the mean of 200 independent unbiased estimates is within 4 standard errors
+    assert abs(est.value - lam.sum()) <= 4 * est.stderr
+    sphere = specdens.slq(A, num_steps=10, num_probes=200, probes="sphere")
+    assert np.all(sphere.probe_scales == 1.0)
+    assert abs(sphere.trace(lambda t: t).value - lam.sum()) <= 4 * sphere.trace(lambda t: t).stderr
+
+
+def test_progress_callback(spectrum_matrix):
+    A, _ = spectrum_matrix
+    seen = []
+    specdens.lanczos(A, 7, num_probes=2, block_size=1, progress=lambda d, t: seen.append((d, t)))
+    assert seen[-1] == (14, 14) and seen[0] == (1, 14)
