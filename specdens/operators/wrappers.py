@@ -26,6 +26,8 @@ def _resolve_namespace(xp: Any, dtype: Any) -> Any:
             xp = "tensorflow"
         else:
             xp = "numpy"
+    if getattr(xp, "__name__", None) in ("numpy", "torch", "cupy") and _array._is_module(xp):
+        xp = xp.__name__  # the bare module is not array-API (torch has no astype): wrap it
     if isinstance(xp, str):
         name = {"jax": "jax.numpy", "numpy": "array_api_compat.numpy",
                 "torch": "array_api_compat.torch", "cupy": "array_api_compat.cupy"}.get(xp, xp)
