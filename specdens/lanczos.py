@@ -445,7 +445,7 @@ def _check_product(op: Any, Aq: Any, k: int) -> None:
             f"({op.shape[0]}, {k}); expected ({op.shape[0]}, {k})"
         )
     dev = _array.device_of(Aq)
-    if str(dev) != str(op.device):
+    if not _array.same_device(dev, op.device):
         raise ValueError(f"the operator returned an array on device {dev}, expected {op.device}")
     _array.check_supported_dtype(Aq.dtype, "the operator's output")
 

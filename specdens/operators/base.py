@@ -230,7 +230,8 @@ class LinearOperatorBase:
 
 def _looks_like_operator(obj: Any) -> bool:
     """A specdens-compatible operator that is not an array: shape plus matvec."""
-    return hasattr(obj, "matvec") and hasattr(obj, "shape") and not hasattr(obj, "__array_namespace__")
+    return (hasattr(obj, "matvec") and hasattr(obj, "shape")
+            and not hasattr(obj, "__array_namespace__"))
 
 
 def _as_base(obj: Any) -> LinearOperatorBase:
