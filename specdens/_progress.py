@@ -19,8 +19,12 @@ class ProgressBar:
         self.stream = stream if stream is not None else sys.stderr
         self.start = time.perf_counter()
         self.shown = False
+        self.finished = False
 
     def __call__(self, done: int, total: int) -> None:
+        if self.finished:
+            return
+        self.finished = done >= total
         elapsed = time.perf_counter() - self.start
         if elapsed < self.delay and done < total:
             return

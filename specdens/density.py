@@ -161,13 +161,23 @@ class SpectralDensity:
         return 1e-3 * scale if scale > 0 else 1e-3
 
     def default_grid(self, sigma: float | None = None, *, num: int | None = None) -> np.ndarray:
-        """Grid over the Ritz values, padded by 5 kernel widths, spacing about sigma/3."""
+        """Grid over the Ritz values, padded by 5 kernel widths, spacing about sigma/3
+        (at most 20001 uniform points, plus 17 points within 4 sigma of every Ritz value
+        when that is coarser than sigma/3)."""
         sigma = self.default_sigma() if sigma is None else float(sigma)
         b = self.bounds()
         lo, hi = b.lower - 5 * sigma, b.upper + 5 * sigma
+        refine = num is None and 3 * (hi - lo) / sigma > 20001
         if num is None:
             num = int(np.clip(np.ceil(3 * (hi - lo) / sigma), 1001, 20001))
-        return np.linspace(lo, hi, num)
+        grid = np.linspace(lo, hi, num)
+        if refine:
+            # A wide range with a narrow kernel: add points around every Ritz value so
+            # that no peak falls between grid points.
+            loc, _ = self.atoms()
+            local = np.unique(loc)[:, None] + sigma * np.linspace(-4, 4, 17)[None, :]
+            grid = np.unique(np.concatenate([grid, local.reshape(-1)]))
+        return grid
 
     def density(self, grid: Any = None, *, sigma: float | None = None,
                 kernel: str = "gaussian") -> tuple[np.ndarray, np.ndarray]:

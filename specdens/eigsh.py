@@ -249,7 +249,10 @@ def eigsh(
     )
     eager = _array.is_host_namespace(xp)
 
-    l = 0  # kept Ritz vectors at the front of V
+    # Rows of V: L locked eigenvectors (exact: found in an invariant subspace, not coupled
+    # to the rest), then l - L kept Ritz vectors coupled to row l, then Lanczos vectors.
+    L = l = 0
+    theta_locked = np.zeros(0)
     theta_keep = np.zeros(0)
     coupling = np.zeros(0)
     anorm = 0.0
@@ -257,7 +260,7 @@ def eigsh(
     matvecs = 0
     restarts = 0
     checked = False
-    prev_broke, prev_values = False, None
+    prev_invariant, prev_values = False, None
     while True:
         V, q_next, a, b, ok, cyc_asym, steps = _expand(
             op, V, q, l, m, wdt, consts, anorm, breakdown_tol, eager, checked
@@ -277,39 +280,56 @@ def eigsh(
         p = l + steps_valid
         beta_res = 0.0 if broke else float(b[steps_valid - 1])
         T = _projected_matrix(theta_keep, coupling, a[:steps_valid], b[: steps_valid - 1])
-        theta, S = np.linalg.eigh(T)
-        estimates = np.abs(beta_res * S[p - 1, :])
+        theta_r, S_r = np.linalg.eigh(T)
+        # Ritz pairs of the whole basis: the locked ones, then those of T.
+        theta = np.concatenate([theta_locked, theta_r])
+        S = np.zeros((p, p))
+        S[np.arange(L), np.arange(L)] = 1.0
+        S[L:, L:] = S_r
+        estimates = np.concatenate([np.zeros(L), np.abs(beta_res * S_r[-1, :])])
         anorm = max(anorm, float(np.max(np.abs(theta))))
         asym = max(asym, cyc_asym)
 
         order = _priority(theta, which)
         wanted = order[:k]
         values = np.sort(theta[wanted]) if p >= k else None
-        nconv = int(np.sum(estimates[wanted] <= tol * anorm)) if p >= k else 0
-        # An invariant subspace tells nothing about its complement. The expansion after a
-        # breakdown starts from a random vector in that complement; if it ends in an
-        # invariant subspace too, that subspace holds an eigenvector of every distinct
-        # eigenvalue of the complement (with probability 1), so the wanted values are
-        # final once they no longer change.
-        confirmed = (not broke or p == n or (
-            prev_broke and prev_values is not None and values is not None
+        converged_mask = estimates <= tol * anorm
+        nconv = int(np.sum(converged_mask[wanted])) if p >= k else 0
+        # Beyond the locked eigenvectors the search is a Lanczos run on the complement of
+        # their span: its wanted Ritz pairs, and the next one, must converge too.
+        rest = order[order >= L]
+        num_rest = int(np.sum(wanted >= L))
+        rest_done = L == 0 or bool(np.all(converged_mask[rest[: min(num_rest + 1, k)]]))
+        # An invariant subspace (or one invariant to within tol) tells nothing about its
+        # complement, where further copies of the wanted eigenvalues may hide. The next
+        # expansion goes into that complement (from a random vector after an exact
+        # breakdown); if it ends in an invariant subspace too, that subspace holds an
+        # eigenvector of each distinct eigenvalue there, so the wanted values are final
+        # when they did not change.
+        invariant = broke or beta_res <= tol * anorm
+        confirmed = (not invariant or p == n or (
+            prev_invariant and prev_values is not None and values is not None
             and float(np.max(np.abs(values - prev_values))) <= tol * anorm))
-        if (nconv == k and confirmed) or (restarts >= maxiter and p >= k):
+        done = nconv == k and rest_done and confirmed
+        if done or (restarts >= maxiter and p >= k):
             break
-        prev_broke, prev_values = broke, values
+        prev_invariant, prev_values = invariant, values
 
-        # Thick restart: keep the wanted Ritz vectors and the ones next to them.
+        # Thick restart: keep the wanted Ritz vectors and the ones next to them, the
+        # locked ones first. After a breakdown every kept vector is exact: lock them all.
         keep = order[: min(p, m - 1, k + (m - k) // 2)]
+        keep = np.concatenate([keep[keep < L], keep[keep >= L]]) if not broke else keep
         l = len(keep)
+        L = l if broke else int(np.sum(keep < L))
         V = xp.matmul(_padded(S[:, keep].T, m, m, op, wdt), V)  # rows >= l become zero
-        theta_keep = theta[keep]
+        theta_locked, theta_keep = theta[keep[:L]], theta[keep[L:]]
         if broke:
-            # Invariant subspace: go on from a random direction orthogonal to the kept ones.
+            # Go on from a random direction orthogonal to the kept vectors.
             q = _random_orthogonal(op, V, rng, wdt)
-            coupling = np.zeros(l)
+            coupling = np.zeros(0)
         else:
             q = q_next
-            coupling = beta_res * S[p - 1, keep]
+            coupling = beta_res * S[p - 1, keep[L:]]
         restarts += 1
 
     sel = wanted[np.argsort(theta[wanted], kind="stable")]
@@ -334,12 +354,16 @@ def eigsh(
             LanczosWarning,
             stacklevel=2,
         )
-    converged = nconv == k and confirmed
+    converged = done
     if not converged:
-        why = (f"only {nconv} of {k} eigenpairs (which={which!r}) converged to tol={tol:.2e}"
-               if nconv < k else
-               "the last expansion ended in an invariant subspace whose complement was not "
-               "searched yet")
+        if nconv < k:
+            why = f"only {nconv} of {k} eigenpairs (which={which!r}) converged to tol={tol:.2e}"
+        elif not rest_done:
+            why = ("the search beyond the eigenvectors of an invariant subspace has not "
+                   f"converged to tol={tol:.2e}")
+        else:
+            why = ("the last expansion ended in an invariant subspace (to within tol) whose "
+                   "complement was not searched yet")
         warnings.warn(
             f"eigsh: {why} after {restarts} restarts and {matvecs} matvecs; increase "
             "maxiter or ncv, or loosen tol. The result holds the current Ritz "
@@ -440,21 +464,21 @@ def _projected_matrix(theta: np.ndarray, coupling: np.ndarray, alpha: np.ndarray
 
 
 def _priority(theta: np.ndarray, which: str) -> np.ndarray:
-    """Indices of the ascending Ritz values ``theta``, most wanted first."""
-    p = len(theta)
+    """Indices of the Ritz values ``theta``, most wanted first."""
     if which == "LA":
-        return np.arange(p)[::-1].copy()
+        return np.argsort(-theta, kind="stable")
     if which == "SA":
-        return np.arange(p)
+        return np.argsort(theta, kind="stable")
     if which == "LM":
         return np.argsort(-np.abs(theta), kind="stable")
     # "BE": alternately from the high and the low end, the high end first.
-    order, lo, hi = [], 0, p - 1
+    asc = np.argsort(theta, kind="stable")
+    order, lo, hi = [], 0, len(theta) - 1
     while lo <= hi:
-        order.append(hi)
+        order.append(asc[hi])
         hi -= 1
         if lo <= hi:
-            order.append(lo)
+            order.append(asc[lo])
             lo += 1
     return np.asarray(order, dtype=np.intp)
 

@@ -100,6 +100,10 @@ def load_matrix(path: str | os.PathLike, *, key: str | None = None,
 
 
 def _load_npy(path: Path) -> np.ndarray:
+    with open(path, "rb") as fh:
+        magic = fh.read(6)
+    if magic != b"\x93NUMPY":
+        raise MatrixFileError(f"{path} is not a readable .npy file (no NumPy header)")
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -112,6 +116,8 @@ def _load_npy(path: Path) -> np.ndarray:
 
 
 def _load_npz(path: Path, key: str | None) -> Any:
+    if not zipfile.is_zipfile(path):
+        raise MatrixFileError(f"{path} is not a readable .npz file (not a zip archive)")
     try:
         with np.load(path, allow_pickle=False) as z:
             files = list(z.files)

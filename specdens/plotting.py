@@ -94,6 +94,16 @@ def smoothed_eigenvalue_density(eigenvalues: Any, grid: Any, *, sigma: float,
     return np.maximum(full[x.size - 1: 2 * x.size - 1], 0.0)
 
 
+def _plot_grid(density: SpectralDensity, sigma: float) -> np.ndarray:
+    """The default grid of :meth:`SpectralDensity.default_grid`, padded by 2% of the
+    range on each side as well so that extreme outliers do not sit on the frame."""
+    b = density.bounds()
+    pad = max(5 * sigma, 0.02 * (b.upper - b.lower))
+    lo, hi = b.lower - pad, b.upper + pad
+    num = int(np.clip(np.ceil(3 * (hi - lo) / sigma), 1001, 20001))
+    return np.linspace(lo, hi, num)
+
+
 def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool = True,
                  sigma: float | None = None, kernel: str = "gaussian", grid: Any = None,
                  floor: float = 1e-8, reference: Any = None, reference_label: str = "exact",
@@ -113,7 +123,8 @@ def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool 
         falling to 1e-300.
     sigma, kernel, grid
         Passed to :meth:`SpectralDensity.density` (defaults: the median Ritz-value gap,
-        a Gaussian, and :meth:`SpectralDensity.default_grid`).
+        a Gaussian, and the Ritz values' range padded by 5 sigma or 2% of the range,
+        whichever is more, with about 3 points per sigma, 1001 to 20001 points).
     floor
         Relative floor of the log axis, in ``(0, 1)``.
     reference
@@ -122,7 +133,8 @@ def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool 
     reference_label
         Legend label of ``reference``.
     mark_outliers
-        Mark the outliers of :func:`specdens.summary.outliers` with vertical lines.
+        Mark the outliers of :func:`specdens.summary.outliers` with triangles above
+        the curve.
     **kwargs
         Passed to ``ax.plot`` for the SLQ curve (``color``, ``label``, ``lw``...).
 
@@ -138,8 +150,10 @@ def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool 
     require_matplotlib()
     if not 0.0 < floor < 1.0:
         raise ValueError(f"floor must be in (0, 1); got {floor}")
-    x, values = density.density(grid, sigma=sigma, kernel=kernel)
     sigma = density.default_sigma() if sigma is None else float(sigma)
+    if grid is None:
+        grid = _plot_grid(density, sigma)
+    x, values = density.density(grid, sigma=sigma, kernel=kernel)
     ref = None
     if reference is not None:
         ref = smoothed_eigenvalue_density(reference, x, sigma=sigma, kernel=kernel)
@@ -162,14 +176,16 @@ def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool 
     if mark_outliers:
         from .summary import outliers
 
-        for i, o in enumerate(outliers(density)):
-            ax.axvline(o.value, color="tab:red", lw=0.6, alpha=0.5,
-                       label="outliers" if i == 0 else None)
+        found = np.array([o.value for o in outliers(density)])
+        if found.size:
+            at = 1.8 * top if log_density else 1.04 * top
+            ax.plot(found, np.full(found.shape, at), ls="none", marker="v", ms=5,
+                    color="tab:red", label=f"outliers ({found.size})")
     if log_density:
         ax.set_yscale("log")
-        ax.set_ylim(lowest, top * 3 if top > 0 else 1.0)
+        ax.set_ylim(lowest, top * 4 if top > 0 else 1.0)
     else:
-        ax.set_ylim(bottom=0.0)
+        ax.set_ylim(0.0, top * 1.1 if top > 0 else 1.0)
     ax.set_xlim(float(np.min(x)), float(np.max(x)))
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (log scale)" if log_density else "density")

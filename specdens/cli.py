@@ -1,0 +1,391 @@
+"""The ``specdens`` command line.
+
+Usage::
+
+    specdens spectrum MATRIX_FILE [options]     # .npy, .npz, scipy sparse .npz, .mtx
+    specdens spectrum --example NAME [--n N]    # a built-in operator with known spectrum
+    specdens examples                           # list the built-in examples
+    specdens --version
+
+``spectrum`` runs stochastic Lanczos quadrature and writes, into ``--out`` (default
+``specdens-out/``), three files named after the input's stem: ``STEM-density.png``
+(the smoothed density on a log axis), ``STEM-slq.npz`` (the full result,
+:meth:`specdens.SpectralDensity.save`) and ``STEM-summary.json``
+(:func:`specdens.summary.summarize` plus the input, the settings and timings), and
+prints a short summary. Usage errors (a missing file, an unknown example, bad options)
+print one line to stderr and exit with status 2; a failed computation exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["main"]
+
+PLOT_FORMATS = ("png", "svg", "pdf")
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class UsageError(Exception):
+    """A problem with the command line or its inputs: reported in one line, exit 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser that raises :class:`UsageError` instead of printing usage and
+    exiting, so that every usage error is one line and ``main`` returns its status."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``specdens`` command."""
+    from . import __version__
+    from .density import KERNELS
+    from .examples import EXAMPLES
+    from .lanczos import REORTH_MODES
+    from .probes import PROBE_KINDS
+
+    parser = _Parser(
+        prog="specdens",
+        description="Eigenvalue densities of large symmetric matrices by stochastic Lanczos "
+                    "quadrature.",
+    )
+    parser.add_argument("--version", action="version", version=f"specdens {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    sp = sub.add_parser(
+        "spectrum", help="estimate the eigenvalue density of a matrix file or an example",
+        description="Estimate the eigenvalue density of a symmetric matrix (a .npy, .npz, "
+                    "scipy sparse .npz or Matrix Market .mtx file) or of a built-in example, "
+                    "and write the plot, the result and a JSON summary into --out.",
+    )
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("path", nargs="?", metavar="PATH", help="matrix file")
+    src.add_argument("--example", metavar="NAME",
+                     help=f"a built-in example: {', '.join(EXAMPLES)}")
+    sp.add_argument("--n", type=_positive_int, metavar="N",
+                    help="size of the example (default 3000)")
+    sp.add_argument("--key", metavar="KEY",
+                    help="the array to read from a .npz holding several")
+    sp.add_argument("--steps", type=_positive_int, default=90,
+                    help="Lanczos steps per probe (default 90)")
+    sp.add_argument("--probes", type=_positive_int, default=10,
+                    help="random probe vectors (default 10)")
+    sp.add_argument("--seed", type=_nonnegative_int, default=0,
+                    help="random seed of the probes and of the example (default 0)")
+    sp.add_argument("--reorth", choices=REORTH_MODES, default="auto",
+                    help="reorthogonalisation (default auto: full when the basis fits in "
+                         "memory)")
+    sp.add_argument("--probe-kind", choices=PROBE_KINDS, default="rademacher",
+                    help="distribution of the probes (default rademacher)")
+    sp.add_argument("--out", type=Path, default=Path("specdens-out"), metavar="DIR",
+                    help="output directory (default ./specdens-out)")
+    sp.add_argument("--sigma", type=_positive_float, metavar="S",
+                    help="kernel width of the plotted density (default: the median gap "
+                         "between Ritz values)")
+    sp.add_argument("--kernel", choices=KERNELS, default="gaussian",
+                    help="smoothing kernel of the plot (default gaussian)")
+    sp.add_argument("--format", choices=PLOT_FORMATS, default="png", dest="plot_format",
+                    help="image format of the plot (default png)")
+    sp.add_argument("--linear", action="store_true",
+                    help="linear density axis (default: log, as in the paper)")
+    sp.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    sp.add_argument("-q", "--quiet", action="store_true",
+                    help="no progress bar and no printed summary")
+
+    sub.add_parser("examples", help="list the built-in examples",
+                   description="List the built-in example operators with known spectra.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``specdens`` command line; returns the exit status.
+
+    Parameters
+    ----------
+    argv
+        The arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        0 on success, 2 for a usage error (one line on stderr), 1 when the computation
+        fails.
+    """
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
+        if args.command == "examples":
+            return _cmd_examples()
+        return _cmd_spectrum(args)
+    except SystemExit as exc:  # --help and --version
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except UsageError as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return 130
+
+
+def _error(message: str) -> None:
+    print(f"specdens: error: {' '.join(str(message).split())}", file=sys.stderr)
+
+
+def _cmd_examples() -> int:
+    from .examples import EXAMPLES
+
+    width = max(len(name) for name in EXAMPLES)
+    for name, factory in EXAMPLES.items():
+        doc = (factory.__doc__ or "").strip().splitlines()[0].replace("``", "")
+        print(f"{name:<{width}}  {doc}")
+    return 0
+
+
+def _load_input(args: argparse.Namespace) -> tuple[Any, dict, str, Any]:
+    """The operator, a description of the input, the output stem and the exact spectrum
+    (examples only)."""
+    from .examples import get_example
+    from .matrix_io import MatrixFileError, describe_matrix, load_matrix
+    from .operators import aslinearoperator
+
+    if args.example is not None:
+        if args.key is not None:
+            raise UsageError("--key applies to .npz matrix files, not to --example")
+        try:
+            op = get_example(args.example, args.n, seed=args.seed)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+        n = op.shape[0]
+        info = {"kind": "example", "example": args.example, "n": n, "seed": args.seed,
+                "description": getattr(op, "description", ""),
+                "params": getattr(op, "params", {})}
+        return op, info, f"{args.example}-n{n}", getattr(op, "eigenvalues", None)
+    if args.n is not None:
+        raise UsageError("--n sets the size of an --example; a matrix file has its own size")
+    path = Path(args.path)
+    try:
+        A = load_matrix(path, key=args.key)
+    except FileNotFoundError:
+        raise UsageError(f"no such file: {path}") from None
+    except (MatrixFileError, OSError) as exc:
+        raise UsageError(str(exc)) from None
+    info = {"kind": "file", "path": str(path), "key": args.key, **describe_matrix(A)}
+    stem = path.name
+    for suffix in (".mtx.gz", ".npy", ".npz", ".mtx"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    return aslinearoperator(A, symmetric=True), info, stem or "matrix", None
+
+
+def _cmd_spectrum(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from . import __version__
+    from .slq import slq
+    from .summary import summarize
+
+    t_start = time.perf_counter()
+    op, info, stem, exact = _load_input(args)
+    out_dir: Path = args.out
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output directory {out_dir}: {exc}") from None
+    t_loaded = time.perf_counter()
+
+    try:
+        density = slq(op, num_steps=args.steps, num_probes=args.probes, seed=args.seed,
+                      reorth=args.reorth, probes=args.probe_kind, progress=not args.quiet)
+    except (FloatingPointError, MemoryError) as exc:
+        _error(f"the computation failed: {exc}")
+        return EXIT_FAILURE
+    t_slq = time.perf_counter()
+    density = dataclasses.replace(density, extra={**density.extra, "input": info})
+
+    files: dict[str, Path] = {}
+    plot_note = None
+    if not args.no_plot:
+        plot_path = out_dir / f"{stem}-density.{args.plot_format}"
+        try:
+            _write_plot(density, plot_path, args, exact, title=_title(info, density))
+            files["plot"] = plot_path
+        except ImportError as exc:
+            plot_note = f"plot skipped: {exc}"
+    files["result"] = out_dir / f"{stem}-slq.npz"
+    files["summary"] = out_dir / f"{stem}-summary.json"
+    t_plot = time.perf_counter()
+
+    summary = summarize(density)
+    summary["input"] = info
+    summary["settings"] = {
+        "steps": args.steps, "probes": args.probes, "seed": args.seed,
+        "reorth_requested": args.reorth, "reorth": density.reorth,
+        "probe_kind": args.probe_kind, "kernel": args.kernel,
+        "sigma": args.sigma if args.sigma is not None else summary["sigma"],
+    }
+    if exact is not None:
+        summary["exact"] = _exact_comparison(density, np.asarray(exact))
+    try:
+        density.save(files["result"])
+        summary["timings"].update({
+            "load_s": t_loaded - t_start, "slq_s": t_slq - t_loaded, "plot_s": t_plot - t_slq,
+            "total_s": time.perf_counter() - t_start,
+        })
+        summary["files"] = {k: str(v) for k, v in files.items()}
+        summary["specdens_version"] = __version__
+        files["summary"].write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False)
+                                    + "\n")
+    except OSError as exc:
+        raise UsageError(f"cannot write into {out_dir}: {exc}") from None
+    if not args.quiet:
+        print(_human_summary(summary, density))
+    if plot_note:
+        print(f"specdens: note: {plot_note}", file=sys.stderr)
+    return 0
+
+
+def _title(info: dict, density: Any) -> str:
+    what = info.get("example") or Path(info.get("path", "matrix")).name
+    return (f"{what}: n = {density.n}, {density.num_steps} steps x {density.num_probes} probes, "
+            f"reorth {density.reorth}")
+
+
+def _write_plot(density: Any, path: Path, args: argparse.Namespace, exact: Any,
+                title: str) -> None:
+    from .plotting import plot_density, require_matplotlib
+
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    plot_density(density, ax, log_density=not args.linear, sigma=args.sigma,
+                 kernel=args.kernel, reference=exact, mark_outliers=True,
+                 color="tab:blue", label="SLQ")
+    ax.set_title(title, fontsize="medium")
+    fig.savefig(path, format=args.plot_format, dpi=150)
+
+
+def _exact_comparison(density: Any, eigenvalues: Any) -> dict:
+    """Errors against the known spectrum of an example."""
+    import numpy as np
+    from scipy.stats import wasserstein_distance
+
+    lam = np.sort(np.asarray(eigenvalues, dtype=np.float64))
+    loc, mass = density.atoms()
+    spread = float(lam[-1] - lam[0])
+    w1 = float(wasserstein_distance(loc, lam, mass, None))
+    out = {
+        "min": float(lam[0]), "max": float(lam[-1]),
+        "negative_fraction": float(np.mean(lam < 0)),
+        "moments": {"1": float(np.mean(lam)), "2": float(np.mean(lam * lam))},
+        "wasserstein1": w1,
+        "wasserstein1_over_range": w1 / spread if spread > 0 else None,
+    }
+    return out
+
+
+def _jsonable(obj: Any) -> Any:
+    """Plain JSON types: numpy scalars to Python, NaN and infinities to None."""
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def _pm(est: dict, fmt: str = ".6g") -> str:
+    value, err = est.get("value"), est.get("stderr")
+    if value is None:
+        return "n/a"
+    return f"{value:{fmt}}" + (f" +/- {err:.2g}" if err is not None else "")
+
+
+def _human_summary(summary: dict, density: Any) -> str:
+    inp = summary["input"]
+    what = (f"example {inp['example']}" if inp["kind"] == "example"
+            else f"{inp['path']} ({inp['storage']}, {inp['dtype']})")
+    r = summary["range"]
+    neg = summary["negative_fraction"]
+    neg_txt = f"{100 * neg['value']:.2f}%" + (
+        f" +/- {100 * neg['stderr']:.2f}%" if neg["stderr"] is not None else "")
+    outl = summary["outliers"]
+    by_size = sorted(outl, key=lambda o: -abs(o["value"]))
+    shown = ", ".join(f"{o['value']:.6g}" for o in by_size[:12])
+    if len(outl) > 12:
+        shown += ", ..."
+    t = summary["timings"]
+    lines = [
+        f"specdens {what}: n = {summary['n']}, {summary['steps']} steps x {summary['probes']} "
+        f"probes, reorth {summary['reorth']}",
+        f"  eigenvalue range  [{r['min']:.6g}, {r['max']:.6g}]  (residuals "
+        f"{r['min_residual']:.1e}, {r['max_residual']:.1e})",
+        f"  negative          {neg_txt}",
+        f"  trace / n         {_pm(summary['moments']['1'])}",
+        f"  tr(A^2) / n       {_pm(summary['moments']['2'])}",
+        f"  outliers          {len(outl)}" + (f": {shown}" if outl else ""),
+    ]
+    if "exact" in summary and summary["exact"].get("wasserstein1_over_range") is not None:
+        lines.append(f"  exact spectrum    W1 / range = "
+                     f"{summary['exact']['wasserstein1_over_range']:.2e}")
+    lines.append(f"  time              {t['slq_s']:.2f} s for {summary['matvecs']} matvecs "
+                 f"({t['total_s']:.2f} s in all)")
+    files = summary.get("files", {})
+    lines.append("  wrote             " + "\n                    ".join(files.values()))
+    return "\n".join(lines)

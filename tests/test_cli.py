@@ -1,0 +1,257 @@
+"""The ``specdens`` command line, run in-process through ``main`` (and once as
+``python -m specdens``), and the matrix file reader behind it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import scipy.io
+import scipy.sparse
+
+import specdens
+from specdens.cli import main
+from specdens.matrix_io import MatrixFileError, load_matrix
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+SUMMARY_KEYS = {"n", "steps", "probes", "range", "negative_fraction", "moments", "outliers",
+                "timings", "matvecs", "input", "settings", "files", "specdens_version"}
+FAST = ["--steps", "30", "--probes", "3", "-q"]
+
+
+def laplacian(n):
+    return scipy.sparse.diags([-np.ones(n - 1), 2 * np.ones(n), -np.ones(n - 1)], [-1, 0, 1],
+                              format="csr")
+
+
+def symmetric_dense(n, seed=0):
+    B = np.random.default_rng(seed).standard_normal((n, n))
+    return (B + B.T) / 2
+
+
+def check_outputs(out_dir, stem, n, fmt="png"):
+    plot = out_dir / f"{stem}-density.{fmt}"
+    result = out_dir / f"{stem}-slq.npz"
+    summary_path = out_dir / f"{stem}-summary.json"
+    for p in (plot, result, summary_path):
+        assert p.is_file() and p.stat().st_size > 0, p
+    if fmt == "png":
+        assert plot.read_bytes()[:8] == PNG_MAGIC
+    summary = json.loads(summary_path.read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["n"] == n
+    assert {"min", "max", "min_residual", "max_residual"} <= set(summary["range"])
+    assert {"value", "stderr"} <= set(summary["moments"]["1"])
+    assert {"load_s", "slq_s", "plot_s", "total_s", "wall_time"} <= set(summary["timings"])
+    density = specdens.SpectralDensity.load(result)
+    assert density.n == n
+    assert density.extra["input"] == summary["input"]
+    return summary
+
+
+def test_example(tmp_path, capsys):
+    rc = main(["spectrum", "--example", "hessian_like", "--n", "1000", "--out", str(tmp_path),
+               "--steps", "60", "--probes", "4", "--seed", "1"])
+    assert rc == 0
+    summary = check_outputs(tmp_path, "hessian_like-n1000", 1000)
+    assert summary["input"]["kind"] == "example"
+    assert summary["settings"]["seed"] == 1 and summary["seed"] == 1
+    assert summary["reorth"] == "full" and summary["settings"]["reorth_requested"] == "auto"
+    assert len(summary["outliers"]) == 10
+    assert summary["exact"]["wasserstein1_over_range"] < 5e-3
+    out = capsys.readouterr().out
+    assert "outliers          10" in out and "hessian_like-n1000-density.png" in out
+
+
+@pytest.mark.parametrize("kind", ["npy", "npz", "npz-key", "sparse-npz", "mtx", "mtx-dense"])
+def test_matrix_files(tmp_path, kind):
+    n = 120
+    if kind == "npy":
+        path = tmp_path / "mat.npy"
+        np.save(path, symmetric_dense(n))
+        extra = []
+    elif kind == "npz":
+        path = tmp_path / "mat.npz"
+        np.savez(path, symmetric_dense(n))
+        extra = []
+    elif kind == "npz-key":
+        path = tmp_path / "mat.npz"
+        np.savez(path, other=np.zeros(3), H=symmetric_dense(n))
+        extra = ["--key", "H"]
+    elif kind == "sparse-npz":
+        path = tmp_path / "mat.npz"
+        scipy.sparse.save_npz(path, laplacian(n))
+        extra = []
+    elif kind == "mtx":
+        path = tmp_path / "mat.mtx"
+        scipy.io.mmwrite(path, scipy.sparse.coo_matrix(laplacian(n)), symmetry="symmetric")
+        extra = []
+    else:
+        path = tmp_path / "mat.mtx"
+        scipy.io.mmwrite(path, symmetric_dense(n))
+        extra = []
+    out = tmp_path / "out"
+    assert main(["spectrum", str(path), "--out", str(out), *FAST, *extra]) == 0
+    summary = check_outputs(out, "mat", n)
+    assert summary["input"]["kind"] == "file"
+    assert summary["input"]["shape"] == [n, n]
+    assert "exact" not in summary
+    if kind in ("sparse-npz", "mtx"):
+        assert summary["input"]["storage"].startswith("sparse")
+        assert 0 <= summary["range"]["min"] and summary["range"]["max"] <= 4
+
+
+def test_formats_options_and_default_out_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["spectrum", "--example", "uniform", "--n", "300", *FAST, "--format", "svg",
+                 "--sigma", "0.05", "--kernel", "lorentzian", "--linear",
+                 "--reorth", "local", "--probe-kind", "sphere"]) == 0
+    summary = check_outputs(tmp_path / "specdens-out", "uniform-n300", 300, fmt="svg")
+    assert summary["settings"]["sigma"] == 0.05 and summary["reorth"] == "local"
+    assert summary["probe_kind"] == "sphere"
+    assert main(["spectrum", "--example", "semicircle", "--n", "200", *FAST, "--format",
+                 "pdf"]) == 0
+    assert (tmp_path / "specdens-out" / "semicircle-n200-density.pdf").read_bytes()[:4] == b"%PDF"
+    assert main(["spectrum", "--example", "laplacian_1d", "--n", "100", *FAST,
+                 "--no-plot"]) == 0
+    assert not (tmp_path / "specdens-out" / "laplacian_1d-n100-density.png").exists()
+    assert (tmp_path / "specdens-out" / "laplacian_1d-n100-summary.json").exists()
+
+
+def test_without_matplotlib_the_plot_is_skipped(tmp_path, monkeypatch, capsys):
+    for name in [m for m in sys.modules if m.startswith("matplotlib")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["spectrum", "--example", "uniform", "--n", "100", "--out", str(tmp_path),
+                 *FAST]) == 0
+    assert not (tmp_path / "uniform-n100-density.png").exists()
+    assert (tmp_path / "uniform-n100-summary.json").exists()
+    assert "pip install 'specdens[plot]'" in capsys.readouterr().err
+
+
+def one_line_error(capsys, *needles):
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert err.startswith("specdens: error:"), err
+    assert "\n" not in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["spectrum", "missing.npy"], ["no such file", "missing.npy"]),
+    (["spectrum", "--example", "nope"], ["unknown example 'nope'", "hessian_like"]),
+    (["spectrum"], ["PATH", "--example"]),
+    (["spectrum", "x.npy", "--example", "uniform"], ["not allowed"]),
+    (["spectrum", "--example", "uniform", "--steps", "0"], ["--steps", "positive integer"]),
+    (["spectrum", "--example", "uniform", "--steps", "abc"], ["--steps"]),
+    (["spectrum", "--example", "uniform", "--sigma", "-1"], ["--sigma"]),
+    (["spectrum", "--example", "uniform", "--reorth", "partial"], ["--reorth"]),
+    (["spectrum", "--example", "uniform", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["spectrum", "--example", "uniform", "--key", "H"], ["--key"]),
+    (["frobnicate"], ["invalid choice"]),
+])
+def test_usage_errors_exit_2(tmp_path, monkeypatch, capsys, argv, needles):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    one_line_error(capsys, *needles)
+    assert not (tmp_path / "specdens-out").exists() or argv[:2] == ["spectrum", "--example"]
+
+
+@pytest.mark.parametrize("name, content, needles", [
+    ("rect.npy", np.zeros((3, 4)), ["non-square", "3 x 4"]),
+    ("vec.npy", np.zeros(5), ["shape (5,)", "2 dimensions"]),
+    ("asym.npy", np.arange(9.0).reshape(3, 3), ["not symmetric"]),
+    ("nan.npy", np.full((2, 2), np.nan), ["NaN"]),
+    ("cplx.npy", np.eye(3) * 1j, ["complex"]),
+    ("two.npz", {"a": np.eye(2), "b": np.eye(2)}, ["2 arrays", "a, b", "--key"]),
+    ("bad.npz", b"this is not a zip file", ["not a readable .npz"]),
+    ("bad.npy", b"\x93NUMPY garbage", ["not a readable .npy"]),
+    ("bad.mtx", b"%%MatrixMarket nonsense\n1 2\n", ["Matrix Market"]),
+    ("mat.txt", b"1 0\n0 1\n", ["unsupported file type '.txt'", ".npy", ".mtx"]),
+])
+def test_bad_matrix_files_exit_2(tmp_path, capsys, name, content, needles):
+    path = tmp_path / name
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif isinstance(content, dict):
+        np.savez(path, **content)
+    else:
+        np.save(path, content)
+    assert main(["spectrum", str(path), "--out", str(tmp_path / "o"), "-q"]) == 2
+    one_line_error(capsys, *needles)
+
+
+def test_version_help_and_examples(capsys):
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"specdens {specdens.__version__}"
+    assert main(["spectrum", "--help"]) == 0
+    assert "--example" in capsys.readouterr().out
+    assert main(["examples"]) == 0
+    out = capsys.readouterr().out
+    for name in ("hessian_like", "marchenko_pastur", "uniform", "laplacian_1d"):
+        assert name in out
+    assert main([]) == 2
+
+
+def test_python_dash_m(tmp_path):
+    ok = subprocess.run(
+        [sys.executable, "-m", "specdens", "spectrum", "--example", "marchenko_pastur",
+         "--n", "500", "--out", str(tmp_path), "--steps", "40", "--probes", "2"],
+        capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "outliers          3" in ok.stdout
+    check_outputs(tmp_path, "marchenko_pastur-n500", 500)
+    bad = subprocess.run([sys.executable, "-m", "specdens", "spectrum", str(tmp_path / "no.npy")],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.startswith("specdens: error: no such file")
+    assert "Traceback" not in bad.stderr
+
+
+# -- load_matrix -------------------------------------------------------------------------
+def test_load_matrix_types(tmp_path):
+    A = symmetric_dense(10).astype(np.float32)
+    np.save(tmp_path / "a.npy", A)
+    got = load_matrix(tmp_path / "a.npy")
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, A)
+    np.save(tmp_path / "i.npy", np.eye(4, dtype=np.int64))
+    assert load_matrix(tmp_path / "i.npy").dtype == np.float64
+    S = laplacian(30)
+    scipy.sparse.save_npz(tmp_path / "s.npz", scipy.sparse.csr_array(S))
+    got = load_matrix(tmp_path / "s.npz")
+    assert scipy.sparse.issparse(got) and got.format == "csr"
+    assert abs(got - S).max() == 0
+    op = specdens.aslinearoperator(got)
+    np.testing.assert_allclose(op @ np.ones(30), S @ np.ones(30))
+    scipy.io.mmwrite(tmp_path / "s.mtx", scipy.sparse.coo_matrix(S), symmetry="symmetric")
+    assert abs(load_matrix(tmp_path / "s.mtx") - S).max() == 0
+    # a specdens result file is not a matrix
+    d = specdens.slq(S.toarray(), num_steps=5)
+    d.save(tmp_path / "r.npz")
+    with pytest.raises(MatrixFileError, match="result file"):
+        load_matrix(tmp_path / "r.npz")
+    with pytest.raises(FileNotFoundError):
+        load_matrix(tmp_path / "none.npy")
+    with pytest.raises(MatrixFileError, match="directory"):
+        load_matrix(tmp_path)
+    with pytest.raises(MatrixFileError, match="key"):
+        load_matrix(tmp_path / "a.npy", key="x")
+    np.savez(tmp_path / "k.npz", x=np.eye(2))
+    with pytest.raises(MatrixFileError, match="no array 'y'.*x"):
+        load_matrix(tmp_path / "k.npz", key="y")
+    np.save(tmp_path / "o.npy", np.array([[1, None]], dtype=object), allow_pickle=True)
+    with pytest.raises(MatrixFileError, match="pickled"):
+        load_matrix(tmp_path / "o.npy")
+    # symmetry is checked to sqrt(eps) of the dtype, and can be switched off
+    B = symmetric_dense(5)
+    B[0, 1] += 1e-3
+    np.save(tmp_path / "b.npy", B)
+    with pytest.raises(MatrixFileError, match="not symmetric"):
+        load_matrix(tmp_path / "b.npy")
+    assert load_matrix(tmp_path / "b.npy", check_symmetric=False).shape == (5, 5)

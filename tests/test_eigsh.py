@@ -1,0 +1,452 @@
+"""Tests of specdens.eigsh against exact spectra, numpy.linalg.eigvalsh and ARPACK.
+
+Tolerances come from the maths of the method:
+
+* every returned pair satisfies the convergence test ``beta_m |s_i| <= tol * anorm`` with
+  ``anorm <= ||A||``; the explicit residual differs from that estimate by the rounding
+  errors of the Lanczos relation, ``O(eps ||A||)`` per basis vector, bounded here by
+  ``10 * ncv * eps * ||A||``;
+* for symmetric ``A`` and a unit ``x`` with ``r = ||A x - theta x||``, an eigenvalue lies
+  within ``r`` of ``theta``, and within ``r**2 / delta`` when every other eigenvalue is at
+  least ``delta`` away from ``theta`` (Kato-Temple; Parlett 1998, chapter 11);
+* with full reorthogonalisation the basis, hence the Ritz vectors, are orthonormal to
+  ``O(ncv * eps)``.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import scipy.sparse
+import scipy.sparse.linalg as sla
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specdens import LanczosWarning, aslinearoperator
+from specdens._array import to_numpy
+from specdens.eigsh import WHICH, EigshResult, EigshWarning, eigsh
+
+EPS64 = 2.0**-52
+EPS32 = 2.0**-23
+
+
+def spectrum_matrix(lam: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``Q diag(lam) Q^T`` with a random orthogonal ``Q``, exactly symmetric."""
+    n = len(lam)
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    A = (Q * lam) @ Q.T
+    return (A + A.T) / 2
+
+
+def expected(lam: np.ndarray, k: int, which: str) -> np.ndarray:
+    """The ``k`` eigenvalues ``which`` asks for, ascending, from the full spectrum."""
+    lam = np.sort(lam)
+    if which == "LA":
+        out = lam[-k:]
+    elif which == "SA":
+        out = lam[:k]
+    elif which == "LM":
+        out = lam[np.argsort(-np.abs(lam), kind="stable")[:k]]
+    else:  # BE: k // 2 from the low end, the rest from the high end
+        out = np.concatenate([lam[: k // 2], lam[len(lam) - (k - k // 2):]])
+    return np.sort(out)
+
+
+def check_result(r: EigshResult, A: np.ndarray, lam: np.ndarray, which: str, k: int,
+                 eps: float = EPS64) -> None:
+    """Everything the docstring of eigsh promises, against the exact spectrum ``lam``."""
+    assert isinstance(r, EigshResult)
+    assert r.converged and r.num_converged == k
+    assert r.eigenvalues.shape == (k,) and r.residuals.shape == (k,)
+    assert r.eigenvalues.dtype == np.float64 and r.residuals.dtype == np.float64
+    assert np.all(np.diff(r.eigenvalues) >= 0), "eigenvalues must be ascending"
+    norm = float(np.max(np.abs(lam)))
+    slack = 10 * r.ncv * eps * norm
+    assert r.anorm <= norm * (1 + 10 * eps)
+    # The convergence test, and the explicit residuals it implies.
+    assert np.all(r.residual_estimates <= r.tol * r.anorm)
+    assert np.all(r.residuals <= r.tol * norm + slack), (r.residuals, r.tol * norm)
+    # Eigenvalues: within the residual, and within residual**2 / gap, of the exact ones.
+    want = expected(lam, k, which)
+    err = np.abs(r.eigenvalues - want)
+    assert np.all(err <= r.residuals + slack), (err, r.residuals)
+    others = np.sort(lam)
+    delta = np.array([
+        np.min(np.abs(np.delete(others, np.argmin(np.abs(others - t))) - t)) for t in want
+    ])
+    with np.errstate(divide="ignore"):  # delta = 0 for a repeated eigenvalue: no bound
+        quadratic = r.residuals**2 / delta
+    assert np.all(err <= quadratic + slack), (err, quadratic)
+    if r.eigenvectors is not None:
+        X = to_numpy(r.eigenvectors)
+        assert X.shape == (A.shape[0], k)
+        assert np.max(np.abs(X.T @ X - np.eye(k))) <= 10 * r.ncv * eps
+        # The reported residuals are the true ones.
+        R = np.linalg.norm(A @ X - X * r.eigenvalues, axis=0)
+        np.testing.assert_allclose(r.residuals, R, rtol=0, atol=slack)
+
+
+# -- agreement with exact spectra, eigvalsh and ARPACK ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def indefinite():
+    """n = 300, eigenvalues uniform in [-3, 2] (indefinite, |lambda_min| > lambda_max)."""
+    lam = np.sort(np.random.default_rng(11).uniform(-3.0, 2.0, 300))
+    return spectrum_matrix(lam, seed=1), lam
+
+
+@pytest.mark.parametrize("which", WHICH)
+def test_matches_exact_eigvalsh_and_scipy(indefinite, which):
+    A, lam = indefinite
+    k = 5
+    r = eigsh(A, k, which=which)
+    check_result(r, A, lam, which, k)
+    norm = float(np.max(np.abs(lam)))
+    ref = expected(np.linalg.eigvalsh(A), k, which)
+    np.testing.assert_allclose(r.eigenvalues, ref, rtol=0, atol=r.tol * norm)
+    # ARPACK at machine precision (tol=0), with eigenvectors: ascending order.
+    arpack = sla.eigsh(A, k, which=which, tol=0)[0]
+    np.testing.assert_allclose(r.eigenvalues, arpack, rtol=0, atol=r.tol * norm)
+    assert r.which == which and r.dtype == "float64"
+
+
+@pytest.mark.parametrize("n, k", [(200, 1), (500, 8)])
+def test_sizes_and_counts(n, k):
+    lam = np.sort(np.random.default_rng(n).standard_normal(n)) ** 3
+    A = spectrum_matrix(lam, seed=n)
+    for which in ("LA", "SA"):
+        check_result(eigsh(A, k, which=which), A, lam, which, k)
+
+
+@pytest.mark.parametrize("tol", [1e-4, 1e-10])
+def test_tolerance_is_met(indefinite, tol):
+    A, lam = indefinite
+    r = eigsh(A, 4, which="LM", tol=tol)
+    assert r.tol == tol
+    check_result(r, A, lam, "LM", 4)
+
+
+def test_tighter_tolerance_costs_more_products(indefinite):
+    A, _ = indefinite
+    loose, tight = eigsh(A, 4, tol=1e-3), eigsh(A, 4, tol=1e-12)
+    assert loose.matvecs < tight.matvecs
+    assert tight.residuals.max() < loose.residuals.max()
+
+
+def test_tol_zero_means_machine_precision(indefinite):
+    A, lam = indefinite
+    r = eigsh(A, 2, tol=0)
+    assert r.tol == EPS64
+    check_result(r, A, lam, "LA", 2)
+
+
+def test_clustered_spectrum():
+    """A tight cluster at the top (gaps 1e-4 ||A||) below an isolated eigenvalue."""
+    n = 400
+    lam = np.concatenate([np.linspace(0.0, 0.5, n - 6), 1.0 + 1e-4 * np.arange(5), [2.0]])
+    A = spectrum_matrix(lam, seed=3)
+    r = eigsh(A, 6, which="LA", ncv=30)
+    check_result(r, A, lam, "LA", 6)
+
+
+def test_return_eigenvectors_false(indefinite):
+    A, _ = indefinite
+    full = eigsh(A, 3, which="SA")
+    vals = eigsh(A, 3, which="SA", return_eigenvectors=False)
+    assert vals.eigenvectors is None
+    np.testing.assert_array_equal(vals.eigenvalues, full.eigenvalues)
+    np.testing.assert_array_equal(vals.residuals, full.residuals)
+
+
+def test_deterministic_seed_and_v0(indefinite):
+    A, lam = indefinite
+    a, b = eigsh(A, 3, seed=7), eigsh(A, 3, seed=7)
+    np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
+    np.testing.assert_array_equal(a.eigenvectors, b.eigenvectors)
+    v0 = np.random.default_rng(3).standard_normal(A.shape[0])
+    check_result(eigsh(A, 3, v0=v0), A, lam, "LA", 3)
+
+
+def test_repr(indefinite):
+    A, _ = indefinite
+    text = repr(eigsh(A, 2))
+    assert text.startswith("EigshResult(which='LA', k=2, eigenvalues=[")
+    assert "converged=True (2/2)" in text and "matvecs=" in text
+
+
+def test_matvec_count_is_exact(indefinite):
+    A, lam = indefinite
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return A @ v
+
+    op = aslinearoperator(matvec, shape=A.shape, dtype="float64")
+    r = eigsh(op, 3)
+    assert r.matvecs == len(calls)
+    check_result(r, A, lam, "LA", 3)
+
+
+# -- other operators and array libraries ----------------------------------------------
+
+
+def test_scipy_sparse_matrix():
+    n = 500
+    rng = np.random.default_rng(4)
+    B = scipy.sparse.random(n, n, density=0.01, random_state=rng, format="csr")
+    A = (B + B.T + scipy.sparse.diags(np.linspace(-1.0, 1.0, n))).tocsr()
+    dense = A.toarray()
+    lam = np.linalg.eigvalsh(dense)
+    for which in ("LA", "BE"):
+        r = eigsh(A, 4, which=which)
+        check_result(r, dense, lam, which, 4)
+        assert isinstance(r.eigenvectors, np.ndarray)
+        arpack = sla.eigsh(A, 4, which=which, tol=0)[0]
+        np.testing.assert_allclose(r.eigenvalues, arpack, rtol=0, atol=r.tol * np.abs(lam).max())
+
+
+def test_scipy_linear_operator(indefinite):
+    A, lam = indefinite
+    r = eigsh(sla.aslinearoperator(A), 3, which="SA")
+    check_result(r, A, lam, "SA", 3)
+
+
+def test_torch_tensor_stays_torch(indefinite):
+    torch = pytest.importorskip("torch")
+    A, lam = indefinite
+    T = torch.asarray(A)
+    r = eigsh(T, 4, which="BE")
+    assert isinstance(r.eigenvectors, torch.Tensor)
+    assert r.eigenvectors.dtype == torch.float64 and r.eigenvectors.device == T.device
+    check_result(r, A, lam, "BE", 4)
+
+
+def test_torch_float32():
+    """float32 operator and arithmetic: the default tol is sqrt(eps32), eps is eps32."""
+    torch = pytest.importorskip("torch")
+    lam = np.concatenate([np.linspace(-1.0, 1.0, 197), [1.5, 2.0, 3.0]])
+    A = spectrum_matrix(lam, seed=5)
+    r = eigsh(torch.asarray(A, dtype=torch.float32), 3, dtype="float32")
+    assert r.eigenvectors.dtype == torch.float32 and r.dtype == "float32"
+    assert r.tol == pytest.approx(np.sqrt(EPS32))
+    # The float32 operator is A + E with ||E|| ~ eps32 ||A||: compare with A's spectrum
+    # up to that perturbation.
+    check_result(r, A.astype(np.float32).astype(np.float64), lam, "LA", 3, eps=EPS32)
+
+
+def test_float32_operator_float64_arithmetic():
+    torch = pytest.importorskip("torch")
+    lam = np.concatenate([np.linspace(0.0, 1.0, 197), [1.5, 2.0, 3.0]])
+    A = spectrum_matrix(lam, seed=6)
+    r = eigsh(torch.asarray(A, dtype=torch.float32), 3)
+    assert r.eigenvectors.dtype == torch.float64
+    # eps is the operator's: the default tol follows it.
+    assert r.tol == pytest.approx(np.sqrt(EPS32))
+    np.testing.assert_allclose(r.eigenvalues, [1.5, 2.0, 3.0], rtol=0, atol=100 * EPS32 * 3)
+
+
+def test_jax_array_stays_jax():
+    jax = pytest.importorskip("jax")
+    if not hasattr(jax, "enable_x64"):
+        pytest.skip("this jax has no jax.enable_x64 context manager for float64")
+    import jax.numpy as jnp
+
+    lam = np.concatenate([np.linspace(-1.0, 1.0, 150), [2.0, 2.5, 4.0]])
+    A = spectrum_matrix(lam, seed=7)
+    with jax.enable_x64(True):
+        J = jnp.asarray(A)
+        assert J.dtype == jnp.float64
+        r = eigsh(J, 3)
+        assert isinstance(r.eigenvectors, jax.Array)
+        assert r.eigenvectors.dtype == jnp.float64
+        check_result(r, A, lam, "LA", 3)
+
+
+def test_array_api_strict():
+    xps = pytest.importorskip("array_api_strict")
+    lam = np.concatenate([np.linspace(-4.0, 1.0, 200), [1.5, 3.0]])
+    A = spectrum_matrix(lam, seed=8)
+    S = xps.asarray(A)
+    r = eigsh(S, 3, which="LM")
+    assert type(r.eigenvectors).__module__.startswith("array_api_strict")
+    assert r.eigenvectors.device == S.device
+    check_result(r, A, lam, "LM", 3)
+
+
+# -- invariant subspaces, multiplicities, tiny operators ---------------------------------
+
+
+def test_repeated_eigenvalues_found_after_breakdown():
+    """Three distinct eigenvalues: every Krylov space is invariant after 3 steps, and the
+    random restarts find all five copies of the largest one, as ARPACK does."""
+    n = 200
+    lam = np.repeat([1.0, 2.0, 3.0], [n - 10, 5, 5])
+    A = spectrum_matrix(lam, seed=2)
+    r = eigsh(A, 6)
+    np.testing.assert_allclose(r.eigenvalues, [2.0, 3, 3, 3, 3, 3], rtol=0, atol=1e-13)
+    check_result(r, A, lam, "LA", 6)
+    assert r.matvecs < 60  # no restart ran the full ncv steps
+    np.testing.assert_allclose(r.eigenvalues, sla.eigsh(A, 6)[0], rtol=0, atol=1e-13)
+
+
+def test_low_rank_operator():
+    """Rank 3: the first Krylov space is invariant; the zero eigenvalues come from the
+    random restart, and the complement check confirms the three nonzero ones."""
+    n = 300
+    U = np.linalg.qr(np.random.default_rng(9).standard_normal((n, 3)))[0]
+    A = (U * np.array([1.0, 2.0, 5.0])) @ U.T
+    A = (A + A.T) / 2
+    lam = np.concatenate([np.zeros(n - 3), [1.0, 2.0, 5.0]])
+    r = eigsh(A, 5)
+    np.testing.assert_allclose(r.eigenvalues, [0.0, 0.0, 1.0, 2.0, 5.0], rtol=0, atol=1e-13)
+    assert r.residuals.max() <= 1e-13
+    np.testing.assert_allclose(to_numpy(r.eigenvectors).T @ to_numpy(r.eigenvectors), np.eye(5),
+                               atol=1e-13)
+    r_sa = eigsh(A, 2, which="SA")
+    np.testing.assert_allclose(r_sa.eigenvalues, [0.0, 0.0], atol=1e-13)
+    del lam
+
+
+def test_zero_operator():
+    r = eigsh(np.zeros((6, 6)), 3)
+    np.testing.assert_array_equal(r.eigenvalues, np.zeros(3))
+    assert r.converged and np.all(r.residuals == 0)
+
+
+@pytest.mark.parametrize("which", WHICH)
+def test_tiny_operators(which):
+    lam = np.array([3.0, -1.0, 2.0, -5.0, 4.0])
+    A = np.diag(lam)
+    for k in range(1, 5):
+        r = eigsh(A, k, which=which)
+        assert r.ncv == 5
+        check_result(r, A, lam, which, k)
+    r = eigsh(np.array([[2.0, 1.0], [1.0, 2.0]]), 1, which=which)
+    np.testing.assert_allclose(r.eigenvalues, [1.0 if which == "SA" else 3.0], atol=1e-15)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    values=st.lists(st.integers(-4, 4), min_size=2, max_size=20),
+    data=st.data(),
+)
+def test_small_integer_spectra_exact(values, data):
+    """n <= ncv, heavy multiplicities: the basis reaches the whole space (through
+    breakdowns and random restarts), so the result is exact to rounding."""
+    lam = np.asarray(values, dtype=float)
+    n = len(lam)
+    k = data.draw(st.integers(1, n - 1), label="k")
+    which = data.draw(st.sampled_from(WHICH), label="which")
+    A = spectrum_matrix(lam, seed=n)
+    r = eigsh(A, k, which=which)
+    assert r.converged
+    atol = 10 * r.ncv * EPS64 * max(float(np.max(np.abs(lam))), 1.0)
+    want = expected(lam, k, which)
+    if which == "LM":  # a tie between lambda and -lambda may be broken either way
+        np.testing.assert_allclose(np.sort(np.abs(r.eigenvalues)), np.sort(np.abs(want)),
+                                   rtol=0, atol=atol)
+        assert np.all(np.min(np.abs(r.eigenvalues[:, None] - lam), axis=1) <= atol)
+    else:
+        np.testing.assert_allclose(r.eigenvalues, want, rtol=0, atol=atol)
+
+
+def test_multiplicity_residual_bound_holds_without_breakdown():
+    """A triple top eigenvalue in a continuous spectrum: whatever copies Lanczos finds,
+    each Ritz value is within its residual of an eigenvalue (no claim on the count)."""
+    n = 200
+    lam = np.linspace(0.0, 1.0, n)
+    lam[-3:] = 2.0
+    A = spectrum_matrix(lam, seed=2)
+    r = eigsh(A, 4)
+    dist = np.min(np.abs(r.eigenvalues[:, None] - lam[None, :]), axis=1)
+    assert np.all(dist <= r.residuals + 10 * r.ncv * EPS64 * 2.0)
+    assert r.eigenvalues[-1] == pytest.approx(2.0, abs=1e-12)
+
+
+# -- non-convergence, asymmetry, errors ----------------------------------------------------
+
+
+def test_not_converged_warns_and_reports(indefinite):
+    A, _ = indefinite
+    with pytest.warns(EigshWarning, match=r"only \d+ of 6 eigenpairs"):
+        r = eigsh(A, 6, ncv=8, maxiter=0, tol=1e-12)
+    assert not r.converged and r.num_converged < 6
+    assert r.num_restarts == 0 and r.matvecs == 8 + 6
+    assert r.eigenvalues.shape == (6,) and np.all(np.isfinite(r.residuals))
+    assert "converged=False" in repr(r)
+
+
+def test_nonsymmetric_operator_warns():
+    rng = np.random.default_rng(10)
+    A = spectrum_matrix(np.linspace(1.0, 2.0, 100), seed=4) + 1e-3 * rng.standard_normal((100, 100))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EigshWarning)
+        with pytest.warns(LanczosWarning, match="not symmetric"):
+            eigsh(A, 2, maxiter=3)
+
+
+def test_nan_from_operator_names_restart_and_step():
+    n = 100
+    A = spectrum_matrix(np.linspace(0.0, 1.0, n), seed=5)
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        out = A @ v
+        if len(calls) == 27:
+            out = out * np.nan
+        return out
+
+    op = aslinearoperator(matvec, shape=(n, n), dtype="float64")
+    with pytest.raises(FloatingPointError, match=r"restart 1, Lanczos step \d+ of 20"):
+        eigsh(op, 3)
+
+
+def test_wrong_output_shape_is_reported():
+    op = aslinearoperator(lambda v: np.ones(3), shape=(5, 5), dtype="float64")
+    with pytest.raises(ValueError, match="returned shape"):
+        eigsh(op, 1)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        ({"k": 0}, ValueError, "k must be at least 1"),
+        ({"k": 30}, ValueError, r"k=30 must be smaller than the operator size n=30"),
+        ({"k": 2.0}, TypeError, "k must be an integer"),
+        ({"which": "XX"}, ValueError, "choose one of LA, SA, LM, BE"),
+        ({"which": "SM"}, ValueError, "'SM' is not offered"),
+        ({"ncv": 3}, ValueError, r"ncv=3 must satisfy k < ncv <= n"),
+        ({"ncv": 31}, ValueError, r"ncv=31 must satisfy k < ncv <= n"),
+        ({"tol": -1.0}, ValueError, "tol must be finite and >= 0"),
+        ({"tol": float("nan")}, ValueError, "tol must be finite"),
+        ({"maxiter": -1}, ValueError, "maxiter must be >= 0"),
+        ({"dtype": "float16"}, TypeError, "dtype=float16 is not supported"),
+        ({"v0": np.zeros(30)}, ValueError, "v0 must be finite and non-zero"),
+        ({"v0": np.ones(29)}, ValueError, r"v0 must have shape \(30,\)"),
+        ({"seed": 1.5}, TypeError, "seed must be an integer"),
+    ],
+)
+def test_invalid_arguments(kwargs, exc, match):
+    A = np.diag(np.arange(30.0))
+    kwargs = {"k": 3, **kwargs}
+    k = kwargs.pop("k")
+    with pytest.raises(exc, match=match):
+        eigsh(A, k, **kwargs)
+
+
+def test_v0_from_another_library_is_rejected():
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match="v0 is a torch array"):
+        eigsh(np.diag(np.arange(10.0)), 2, v0=torch.ones(10, dtype=torch.float64))
+
+
+def test_size_one_and_empty_operators():
+    with pytest.raises(ValueError, match="k=1 must be smaller than the operator size n=1"):
+        eigsh(np.ones((1, 1)), 1)
+    with pytest.raises(ValueError, match="size 0"):
+        eigsh(np.zeros((0, 0)), 1)
