@@ -381,13 +381,15 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     alpha_h = _pad(_array.to_numpy(xp.stack(al, axis=1)), m)
     beta_h = _pad(_array.to_numpy(xp.stack(be, axis=1)), m)
     active_h = _pad(_array.to_numpy(xp.stack(ac, axis=1), bool), m, False)
-    asym_rel = _array.to_numpy(asym) / np.maximum(_array.to_numpy(anorm), np.finfo(float).tiny)
+    with np.errstate(invalid="ignore"):
+        asym_rel = _array.to_numpy(asym) / np.maximum(_array.to_numpy(anorm), np.finfo(float).tiny)
     out = {
         "alpha": alpha_h,
         "beta": beta_h,
         "active": active_h,
         "matvecs": matvecs,
-        "asymmetry": float(np.nanmax(asym_rel)) if asym_rel.size else 0.0,
+        # (non-finite values are reported by _raise_on_nonfinite, not here)
+        "asymmetry": float(np.max(np.where(np.isfinite(asym_rel), asym_rel, 0.0))),
         "steps_run": steps_run,
     }
     if keep_basis:

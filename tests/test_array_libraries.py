@@ -96,3 +96,26 @@ def test_device_errors_name_the_devices(A):
         op.matvec(np.ones(A.shape[0]))
     with pytest.raises(TypeError, match="probes are numpy arrays"):
         specdens.lanczos(op, 5, probes=np.ones(A.shape[0]))
+
+
+def test_no_host_round_trip_per_step_on_device_arrays(A):
+    """On torch, alpha and beta are read back only at the end (or every check_every
+    steps): a NaN at step 3 is reported after the run, not by a per-step check."""
+    torch = pytest.importorskip("torch")
+    T = torch.tensor(A)
+    calls = {"n": 0}
+
+    def matmat(V):
+        calls["n"] += 1
+        out = T @ V
+        return out * float("nan") if calls["n"] == 3 else out
+
+    op = specdens.aslinearoperator(lambda v: T @ v, shape=A.shape, dtype=torch.float64)
+    op._fm = matmat
+    with pytest.raises(FloatingPointError, match="step 3 for probe 0"):
+        specdens.lanczos(op, 12, num_probes=2)
+    assert calls["n"] == 12  # ran to the end: no synchronisation per step
+    calls["n"] = 0
+    with pytest.raises(FloatingPointError, match="step 3 for probe 0"):
+        specdens.lanczos(op, 12, num_probes=2, check_every=4)
+    assert calls["n"] == 4  # read back at step 4 and stopped
