@@ -5,14 +5,18 @@ Xiao, "An Investigation into Neural Net Optimization via Hessian Eigenvalue Dens
 (ICML 2019). The core is backend-neutral (array API); it never imports an ML framework.
 """
 
+from . import testing
+from .algorithms.eigsh import EigshResult, EigshWarning, eigsh
+from .algorithms.lanczos import LanczosResult, LanczosWarning, lanczos
+from .algorithms.slq import slq
 from .density import Estimate, SpectralBounds, SpectralDensity
-from .lanczos import LanczosResult, LanczosWarning, lanczos
 from .operators import LinearOperator, LinearOperatorBase, aslinearoperator
-from .slq import slq
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EigshResult",
+    "EigshWarning",
     "Estimate",
     "LanczosResult",
     "LanczosWarning",
@@ -21,7 +25,9 @@ __all__ = [
     "SpectralBounds",
     "SpectralDensity",
     "aslinearoperator",
+    "eigsh",
     "lanczos",
     "slq",
+    "testing",
     "__version__",
 ]

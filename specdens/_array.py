@@ -214,3 +214,8 @@ def supports_float64(xp: Any, device: Any) -> bool:
 def framework_loaded(name: str) -> bool:
     """Whether a framework is already imported (never imports it)."""
     return name in sys.modules
+
+
+def creation_device(op: Any) -> Any:
+    """Device argument for creation functions (``None`` for numpy-like host arrays)."""
+    return None if library_name(op.xp) == "numpy" else op.device

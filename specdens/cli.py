@@ -79,10 +79,10 @@ def _positive_float(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``specdens`` command."""
     from . import __version__
+    from .algorithms.lanczos import REORTH_MODES
+    from .algorithms.probes import PROBE_KINDS
     from .density import KERNELS
     from .examples import EXAMPLES
-    from .lanczos import REORTH_MODES
-    from .probes import PROBE_KINDS
 
     parser = _Parser(
         prog="specdens",
@@ -225,7 +225,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     import numpy as np
 
     from . import __version__
-    from .slq import slq
+    from .algorithms.slq import slq
     from .summary import summarize
 
     t_start = time.perf_counter()

@@ -20,8 +20,8 @@ from typing import Any
 import numpy as np
 from scipy.special import ndtr
 
-from .lanczos import LanczosResult
-from .quadrature import quadrature_rules
+from .algorithms.lanczos import LanczosResult
+from .algorithms.quadrature import quadrature_rules
 
 FORMAT_NAME = "specdens.SpectralDensity"
 FORMAT_VERSION = 1
@@ -44,7 +44,8 @@ class Estimate:
         return float(self.value)
 
     def __repr__(self) -> str:
-        return f"Estimate(value={_fmt(self.value)}, stderr={_fmt(self.stderr)}, num_probes={self.num_probes})"
+        return (f"Estimate(value={_fmt(self.value)}, stderr={_fmt(self.stderr)}, "
+                f"num_probes={self.num_probes})")
 
 
 @dataclass(frozen=True)
@@ -305,7 +306,9 @@ class SpectralDensity:
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             raise ValueError(f"{path} is not a readable specdens result file ({exc})") from None
         if "format" not in data or str(data["format"]) != FORMAT_NAME:
-            raise ValueError(f"{path} is not a specdens SpectralDensity file (no '{FORMAT_NAME}' tag)")
+            raise ValueError(
+                f"{path} is not a specdens SpectralDensity file (no '{FORMAT_NAME}' tag)"
+            )
         version = int(data.get("version", -1))
         if version != FORMAT_VERSION:
             raise ValueError(f"{path} has format version {version}; this specdens reads version "
@@ -358,7 +361,8 @@ class SpectralDensity:
     def __repr__(self) -> str:
         b = self.bounds()
         return (
-            f"SpectralDensity(n={self.n}, num_probes={self.num_probes}, num_steps={self.num_steps}, "
+            f"SpectralDensity(n={self.n}, num_probes={self.num_probes}, "
+            f"num_steps={self.num_steps}, "
             f"reorth={self.reorth!r}, range=[{b.lower:.6g}, {b.upper:.6g}], "
             f"matvecs={self.matvecs}, wall_time={self.wall_time:.3g}s)"
         )

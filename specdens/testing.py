@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import wasserstein_distance
 
 from . import _array
 from .density import SpectralDensity
@@ -86,6 +85,8 @@ class Comparison:
 
 def compare(density: SpectralDensity, eigenvalues: Any, *, max_moment: int = 4) -> Comparison:
     """Compare an SLQ estimate with exact eigenvalues (e.g. from :func:`dense_eigenvalues`)."""
+    from scipy.stats import wasserstein_distance
+
     lam = np.sort(np.asarray(eigenvalues, dtype=np.float64).reshape(-1))
     if lam.size == 0:
         raise ValueError("compare needs at least one eigenvalue")

@@ -37,7 +37,7 @@ def test_density_is_exactly_normalised(dens, kernel):
     # the closed form) instead of on a grid, and find 1 with no renormalisation.
     f = lambda t: float(d.density(np.array([t]), sigma=sigma, kernel=kernel)[1][0])  # noqa: E731
     pieces = np.linspace(loc.min() - 1, loc.max() + 1, 60)
-    inner = sum(quad(f, a, b, limit=200)[0] for a, b in zip(pieces[:-1], pieces[1:]))
+    inner = sum(quad(f, a, b, limit=200)[0] for a, b in zip(pieces[:-1], pieces[1:], strict=True))
     tails = quad(f, -np.inf, pieces[0])[0] + quad(f, pieces[-1], np.inf)[0]
     assert inner + tails == pytest.approx(1.0, abs=1e-6)
 
@@ -109,7 +109,7 @@ def test_bounds_residuals_enclose_eigenvalues(dens):
     assert lam.min() - 1e-9 <= b.lower and b.upper <= lam.max() + 1e-9
     # every Ritz value is within its residual of an eigenvalue
     for i in range(d.num_probes):
-        for th, r in zip(d.nodes[i], d.residuals[i]):
+        for th, r in zip(d.nodes[i], d.residuals[i], strict=True):
             assert np.min(np.abs(lam - th)) <= r + 1e-9
     lo, hi = b.interval
     assert lo <= b.lower and hi >= b.upper

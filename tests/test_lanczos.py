@@ -9,7 +9,7 @@ import pytest
 from conftest import sym_from_spectrum
 
 import specdens
-from specdens.lanczos import LanczosWarning
+from specdens.algorithms.lanczos import LanczosWarning
 
 EPS = np.finfo(np.float64).eps
 

@@ -49,6 +49,7 @@ def test_wheel_layout(tmp_path):
     assert not any(n.startswith("backends/") for n in names)
     meta = next(n for n in names if n.endswith("METADATA"))
     text = zipfile.ZipFile(wheel).read(meta).decode()
-    requires = [ln for ln in text.splitlines() if ln.startswith("Requires-Dist") and "extra" not in ln]
+    requires = [ln for ln in text.splitlines()
+                if ln.startswith("Requires-Dist") and "extra" not in ln]
     assert sorted(r.split()[1].split(">")[0].split("=")[0] for r in requires) == [
         "array-api-compat", "numpy", "scipy"]

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _array
+from .. import _array
 
 PROBE_KINDS = ("rademacher", "gaussian", "sphere")
 

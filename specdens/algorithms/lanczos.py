@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _array, _memory
-from ._progress import ProgressCallback, make_progress
-from .operators import aslinearoperator
+from .. import _array, _checks, _memory
+from .._progress import ProgressCallback, make_progress
+from ..operators import aslinearoperator
 from .probes import PROBE_KINDS, draw_probe, probe_block
 
 REORTH_MODES = ("full", "local", "none", "auto")
@@ -190,21 +190,21 @@ def lanczos(
     n = int(op.shape[0])
     if n == 0:
         raise ValueError("the operator has size 0 (shape (0, 0)); there is no spectrum to compute")
-    num_steps = _positive_int(num_steps, "num_steps")
-    num_probes = _positive_int(num_probes, "num_probes")
+    num_steps = _checks.positive_int(num_steps, "num_steps")
+    num_probes = _checks.positive_int(num_probes, "num_probes")
     if reorth not in REORTH_MODES:
         raise ValueError(f"reorth={reorth!r}; choose one of {', '.join(REORTH_MODES)}")
-    window = _positive_int(window, "window")
+    window = _checks.positive_int(window, "window")
     xp, device = op.xp, op.device
     _array.check_supported_dtype(op.dtype)
     has64 = _array.supports_float64(xp, device)
-    work = _float_dtype_name(dtype, "dtype", default="float64" if has64 else "float32")
+    work = _checks.float_dtype_name(dtype, "dtype", default="float64" if has64 else "float32")
     if not has64 and "float64" in (work, _array.dtype_name(basis_dtype or work)):
         raise TypeError(
             f"float64 Lanczos arithmetic was asked for, but {op.array_library} on {device} has "
             "no float64 now (for JAX, enable jax_enable_x64); use dtype='float32'"
         )
-    basis_name = _float_dtype_name(basis_dtype, "basis_dtype", default=work)
+    basis_name = _checks.float_dtype_name(basis_dtype, "basis_dtype", default=work)
     wdt, bdt = _array.xp_dtype(xp, work), _array.xp_dtype(xp, basis_name)
     if breakdown_tol is None:
         breakdown_tol = float(np.sqrt(max(_array.finfo_eps(work), _array.finfo_eps(basis_name))))
@@ -213,7 +213,7 @@ def lanczos(
     explicit, kind = _parse_probes(probes, op, num_probes)
     if explicit is not None:
         num_probes = int(explicit.shape[1])
-    block = num_probes if block_size is None else _positive_int(block_size, "block_size")
+    block = num_probes if block_size is None else _checks.positive_int(block_size, "block_size")
     block = min(block, num_probes)
 
     matvecs = 0
@@ -311,15 +311,15 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     k, n = V0.shape
     q = V0
     q_prev = xp.zeros_like(q)
-    beta_prev = xp.zeros((k,), dtype=wdt, device=_dev(op))
-    anorm = xp.zeros((k,), dtype=wdt, device=_dev(op))
-    asym = xp.zeros((k,), dtype=wdt, device=_dev(op))
-    active = xp.ones((k,), dtype=xp.bool, device=_dev(op))
+    beta_prev = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
+    anorm = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
+    asym = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
+    active = xp.ones((k,), dtype=xp.bool, device=_array.creation_device(op))
     Q = None
     if mode == "full":
-        Q = xp.zeros((k, m, n), dtype=bdt, device=_dev(op))
+        Q = xp.zeros((k, m, n), dtype=bdt, device=_array.creation_device(op))
     elif mode == "local":
-        Q = xp.zeros((k, win, n), dtype=bdt, device=_dev(op))
+        Q = xp.zeros((k, win, n), dtype=bdt, device=_array.creation_device(op))
     same_basis = _array.dtype_name(wdt) == _array.dtype_name(bdt)
     # Libraries that compile per array shape (JAX) project against the whole preallocated
     # basis, whose unused rows are zero, so that every step has the same shapes.
@@ -335,7 +335,7 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         Aq = op.matmat(xp.matrix_transpose(xp.astype(q, op.dtype, copy=False)))
         matvecs += k
         if j == 0:
-            _check_product(op, Aq, k)
+            _checks.check_product(op, Aq, k)
         w = xp.matrix_transpose(xp.astype(Aq, wdt, copy=False)) - beta_prev[:, None] * q_prev
         alpha = _rowdot(xp, q, w)
         w = w - alpha[:, None] * q
@@ -398,10 +398,6 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     return out
 
 
-def _dev(op: Any) -> Any:
-    """Device argument for creation functions (``None`` for numpy-like host arrays)."""
-    return None if _array.library_name(op.xp) == "numpy" else op.device
-
 
 def _slot_mask(xp: Any, size: int, slot: int, op: Any) -> Any:
     host = np.zeros((1, size), dtype=bool)
@@ -432,24 +428,6 @@ def _raise_on_nonfinite(alpha: np.ndarray, beta: np.ndarray, first_probe: int) -
             "operator (an overflowing loss, a float16 model, a broken matvec) and run again."
         )
 
-
-def _check_product(op: Any, Aq: Any, k: int) -> None:
-    """Validate the first block product: library, device and shape."""
-    lib = _array.library_name(Aq)
-    if lib != op.array_library:
-        raise TypeError(
-            f"the operator returned a {lib} array but its vectors are {op.array_library} arrays; "
-            "declare the right array library (aslinearoperator(..., xp=...)) or fix matvec"
-        )
-    if tuple(Aq.shape) != (op.shape[0], k):
-        raise ValueError(
-            f"the operator returned shape {tuple(Aq.shape)} for a block of shape "
-            f"({op.shape[0]}, {k}); expected ({op.shape[0]}, {k})"
-        )
-    dev = _array.device_of(Aq)
-    if not _array.same_device(dev, op.device):
-        raise ValueError(f"the operator returned an array on device {dev}, expected {op.device}")
-    _array.check_supported_dtype(Aq.dtype, "the operator's output")
 
 
 def _check_symmetry(op: Any, seed: int, wdt: Any) -> None:
@@ -514,20 +492,3 @@ def _parse_probes(probes: Any, op: Any, num_probes: int) -> tuple[Any, str]:
 
 def _normalised_rows(V: Any, xp: Any) -> Any:
     return V / xp.sqrt(xp.sum(V * V, axis=1))[:, None]
-
-
-def _positive_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer; got {value!r}")
-    if value < 1:
-        raise ValueError(f"{name} must be at least 1; got {value}")
-    return int(value)
-
-
-def _float_dtype_name(dtype: Any, what: str, default: str) -> str:
-    if dtype is None:
-        return default
-    name = _array.dtype_name(dtype)
-    if name not in ("float32", "float64"):
-        raise TypeError(f"{what}={name} is not supported; Lanczos vectors are float32 or float64")
-    return name

@@ -1,10 +1,13 @@
-"""Stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao, ICML 2019; Ubaru, Chen & Saad, 2017)."""
+"""Stochastic Lanczos quadrature.
+
+Ghorbani, Krishnan & Xiao (ICML 2019); Ubaru, Chen & Saad (2017).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from .density import SpectralDensity
+from ..density import SpectralDensity
 from .lanczos import lanczos
 
 

@@ -29,9 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from . import _array
-from .lanczos import LanczosWarning, _check_product, _dev, _float_dtype_name, _positive_int
-from .operators import aslinearoperator
+from .. import _array, _checks
+from ..operators import aslinearoperator
+from .lanczos import LanczosWarning
 
 WHICH = ("LA", "SA", "LM", "BE")
 """Parts of the spectrum :func:`eigsh` computes."""
@@ -63,11 +63,15 @@ class EigshResult:
         ``eigenvalues[i]`` (and within ``residuals[i]**2 / gap``, ``gap`` the distance to
         the rest of the spectrum).
     residual_estimates : numpy.ndarray, shape (k,), float64
-        The Lanczos estimates ``beta_m |s_{m,i}|`` the convergence test used.
+        The Lanczos estimates the convergence test used: ``beta_m |s_{m,i}|``, combined
+        with the dropped couplings of locked vectors (see Notes of :func:`eigsh`).
     converged : bool
-        Whether every wanted pair met ``residual_estimates <= tol * anorm``.
+        Whether every wanted pair met ``residual_estimates <= tol * anorm``, the search
+        for missed copies (when one ran) left the eigenvalues unchanged, and the explicit
+        ``residuals`` are at most ``tol * anorm`` plus the rounding allowance
+        ``10 * ncv * eps * anorm``.
     num_converged : int
-        How many of the ``k`` pairs met it.
+        How many of the ``k`` pairs met the test.
     num_restarts : int
         Thick restarts done (the Lanczos basis was expanded ``num_restarts + 1`` times).
     matvecs : int
@@ -130,7 +134,8 @@ def eigsh(
     wanted Ritz pairs and the ones nearest to them (``k + (ncv - k) // 2`` in all) are
     kept and the basis is expanded again from the Lanczos residual (Wu & Simon, 2000).
     Vectors stay in the operator's array library and on its device; per restart only
-    ``ncv``-sized numbers cross to the host.
+    ``ncv``-sized numbers cross between host and device (and a random start vector for
+    each search for missed copies, see Notes).
 
     Parameters
     ----------
@@ -155,7 +160,8 @@ def eigsh(
         (1.5e-8 for float64, 3.5e-4 for float32); ``tol=0`` means ``eps``.
     ncv
         Size of the Lanczos basis, ``k < ncv <= n``; default ``max(2k + 1, 20)`` capped
-        at ``n``. Memory is ``ncv`` vectors of length ``n``.
+        at ``n``. Memory: the basis, ``ncv`` vectors of length ``n``, and as much again
+        for a moment at each restart.
     maxiter
         Largest number of thick restarts (default 1000); ``0`` runs a single Lanczos
         expansion of ``ncv`` steps.
@@ -164,7 +170,7 @@ def eigsh(
         Gaussian vector drawn from ``seed``).
     seed
         Seed of the numpy generator that draws the start vector and the random vectors
-        that restart the iteration after an invariant subspace is found.
+        of the searches for missed copies of repeated eigenvalues (see Notes).
     dtype
         Dtype of the Lanczos vectors and arithmetic: ``"float64"`` (default) or
         ``"float32"``. The operator is applied in its own dtype.
@@ -188,31 +194,45 @@ def eigsh(
     Warns
     -----
     EigshWarning
-        When ``maxiter`` restarts were not enough; the result then has
-        ``converged=False`` and holds the current Ritz approximations.
+        When ``maxiter`` restarts were not enough (or the explicit residuals miss the
+        tolerance); the result then has ``converged=False`` and holds the current Ritz
+        approximations.
     LanczosWarning
         When the recurrence shows the operator is not symmetric.
 
     Notes
     -----
-    A Krylov space from one start vector holds one direction of each eigenspace, so in
-    exact arithmetic a single Lanczos run sees each distinct eigenvalue once. When the
-    space becomes invariant (``beta ~ 0``) the iteration restarts with a random vector
-    orthogonal to the kept Ritz vectors, which reaches the other copies of a repeated
-    eigenvalue; without such a breakdown, further copies appear only through rounding
-    errors, and, as with ARPACK, multiplicities may be missed.
+    Thick restart keeps ``k + (ncv - k) // 2`` Ritz vectors: the wanted ones and their
+    neighbours; it is mathematically equivalent to ARPACK's implicit restart with exact
+    shifts (Stewart, 2001). Each step costs one product and a CGS2 against all ``ncv``
+    rows of the basis (``4 n ncv`` flops), with the same array shapes at every step so
+    that JAX and GPU libraries reuse their compiled kernels.
+
+    Repeated eigenvalues: a Krylov space from one start vector holds one direction of
+    each eigenspace, so in exact arithmetic Lanczos sees each distinct eigenvalue once.
+    When the space becomes invariant (exactly, or to within ``tol``) or two wanted Ritz
+    values agree to within ``tol * anorm``, ``eigsh`` locks the converged wanted vectors
+    (drops their coupling to the rest, once it is below ``tol * anorm / (2 sqrt(ncv))``,
+    and adds the dropped couplings to the residual estimates of the other pairs) and goes
+    on from a random vector orthogonal to them; it stops once such a search ends with
+    the wanted values unchanged. This finds every copy when Krylov spaces
+    become invariant (few distinct eigenvalues, low rank), and further copies of an
+    eigenvalue of which rounding errors revealed two. A repeated eigenvalue of which
+    only one copy surfaced, without a breakdown, may still be returned once: as with
+    ARPACK, multiplicities may be missed.
 
     The result agrees with ``scipy.sparse.linalg.eigsh`` (``which`` and the ascending
-    order of the eigenvalues are the same) up to the two tolerances. ``"SM"`` is not
-    offered: Lanczos converges slowly to interior eigenvalues; use ``"SA"`` on a
-    positive semi-definite operator, or shift-and-invert outside specdens.
+    order of the eigenvalues are the same; scipy returns another order with
+    ``return_eigenvectors=False``) up to the two tolerances. ``"SM"`` is not offered:
+    Lanczos converges slowly to interior eigenvalues; use ``"SA"`` on a positive
+    semi-definite operator, or shift-and-invert outside specdens.
     """
     t0 = time.perf_counter()
     op = aslinearoperator(op)
     n = int(op.shape[0])
     if n == 0:
         raise ValueError("the operator has size 0 (shape (0, 0)); there is no spectrum to compute")
-    k = _positive_int(k, "k")
+    k = _checks.positive_int(k, "k")
     if k >= n:
         raise ValueError(
             f"k={k} must be smaller than the operator size n={n}; for all eigenvalues of a "
@@ -224,7 +244,7 @@ def eigsh(
         raise ValueError(f"which={which!r}; choose one of {', '.join(WHICH)}{hint}")
     xp, device = op.xp, op.device
     _array.check_supported_dtype(op.dtype)
-    work = _float_dtype_name(dtype, "dtype", default="float64")
+    work = _checks.float_dtype_name(dtype, "dtype", default="float64")
     wdt = _array.xp_dtype(xp, work)
     eps = max(_array.finfo_eps(work), _array.finfo_eps(op.dtype))
     tol = _resolve_tol(tol, eps)
@@ -233,11 +253,15 @@ def eigsh(
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an integer; got {seed!r}")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(seed))))
-    # A new Lanczos vector is accepted while beta > breakdown_tol * ||T||. Below that its
-    # coupling is dropped: the error it makes, at most eps^(2/3) ||A||, is far below any
-    # tolerance, and CGS2 still returns directions orthogonal to ~eps / eps^(2/3) above it.
-    breakdown_tol = _array.finfo_eps(work) ** (2.0 / 3.0)
-    dev = _dev(op)
+    # Locked vectors (see below) may carry a dropped coupling of at most tight * anorm.
+    tight = tol / (2.0 * math.sqrt(m))
+    # A new Lanczos vector is accepted while beta > breakdown_tol * ||T||. Below that the
+    # space is taken as invariant and beta is dropped: an error of at most eps^(2/3) ||A||
+    # (and below the tolerance); CGS2 still returns directions orthogonal to ~eps^(1/3)
+    # just above it, and to ~eps well above it.
+    eps_work = _array.finfo_eps(work)
+    breakdown_tol = max(min(eps_work ** (2.0 / 3.0), tight), 100 * eps_work)
+    dev = _array.creation_device(op)
 
     q = _start_vector(op, v0, rng, wdt)
     V = xp.zeros((m, n), dtype=wdt, device=dev)
@@ -249,10 +273,15 @@ def eigsh(
     )
     eager = _array.is_host_namespace(xp)
 
-    # Rows of V: L locked eigenvectors (exact: found in an invariant subspace, not coupled
-    # to the rest), then l - L kept Ritz vectors coupled to row l, then Lanczos vectors.
+    # Rows of V: L locked vectors, then l - L kept Ritz vectors coupled to row l, then the
+    # Lanczos vectors. A locked vector x_i is a Ritz vector whose coupling d_i to the rest
+    # was dropped (A x_i = theta_i x_i + d_i u_i for a unit u_i outside the basis); its
+    # residual is d_i. To first order (neglecting the residuals of the locked vectors
+    # within the locked span), a Ritz vector y of the rest has residual
+    # sqrt(est^2 + sum_i d_i^2 (u_i^T y)^2) <= sqrt(est^2 + leak^2), leak = ||d||.
     L = l = 0
     theta_locked = np.zeros(0)
+    dropped = np.zeros(0)
     theta_keep = np.zeros(0)
     coupling = np.zeros(0)
     anorm = 0.0
@@ -260,10 +289,11 @@ def eigsh(
     matvecs = 0
     restarts = 0
     checked = False
-    prev_invariant, prev_values = False, None
+    suspect = False  # a breakdown, an invariant subspace or a repeated wanted value seen
+    check_values = None  # the wanted values when the last random restart began
     while True:
         V, q_next, a, b, ok, cyc_asym, steps = _expand(
-            op, V, q, l, m, wdt, consts, anorm, breakdown_tol, eager, checked
+            op, V, q, L, l, m, wdt, consts, anorm, breakdown_tol, eager, checked
         )
         checked = True
         matvecs += steps
@@ -278,7 +308,8 @@ def eigsh(
         broke = not bool(ok.all())
         steps_valid = int(np.argmin(ok)) + 1 if broke else len(a)
         p = l + steps_valid
-        beta_res = 0.0 if broke else float(b[steps_valid - 1])
+        beta_last = float(b[steps_valid - 1])
+        beta_res = 0.0 if broke else beta_last
         T = _projected_matrix(theta_keep, coupling, a[:steps_valid], b[: steps_valid - 1])
         theta_r, S_r = np.linalg.eigh(T)
         # Ritz pairs of the whole basis: the locked ones, then those of T.
@@ -286,7 +317,9 @@ def eigsh(
         S = np.zeros((p, p))
         S[np.arange(L), np.arange(L)] = 1.0
         S[L:, L:] = S_r
-        estimates = np.concatenate([np.zeros(L), np.abs(beta_res * S_r[-1, :])])
+        raw = np.concatenate([dropped, np.abs(beta_res * S_r[-1, :])])
+        leak = float(np.sqrt(np.sum(dropped**2)))
+        estimates = np.concatenate([dropped, np.hypot(raw[L:], leak)])
         anorm = max(anorm, float(np.max(np.abs(theta))))
         asym = max(asym, cyc_asym)
 
@@ -295,36 +328,52 @@ def eigsh(
         values = np.sort(theta[wanted]) if p >= k else None
         converged_mask = estimates <= tol * anorm
         nconv = int(np.sum(converged_mask[wanted])) if p >= k else 0
-        # Beyond the locked eigenvectors the search is a Lanczos run on the complement of
-        # their span: its wanted Ritz pairs, and the next one, must converge too.
+        # Beyond the locked vectors the search is a Lanczos run on the complement of their
+        # span: its wanted Ritz pairs, and the next one, must converge too.
         rest = order[order >= L]
         num_rest = int(np.sum(wanted >= L))
         rest_done = L == 0 or bool(np.all(converged_mask[rest[: min(num_rest + 1, k)]]))
-        # An invariant subspace (or one invariant to within tol) tells nothing about its
-        # complement, where further copies of the wanted eigenvalues may hide. The next
-        # expansion goes into that complement (from a random vector after an exact
-        # breakdown); if it ends in an invariant subspace too, that subspace holds an
-        # eigenvector of each distinct eigenvalue there, so the wanted values are final
-        # when they did not change.
+        searched = nconv == k and rest_done
+        # A Krylov space holds one direction per eigenspace: after an invariant subspace
+        # (exact, or to within tol) or a wanted value found twice, further copies may hide
+        # in the complement. Then the wanted vectors are locked and the search goes on
+        # from a random vector orthogonal to them, until it leaves the wanted values
+        # unchanged. If the search ends in an invariant subspace, that subspace holds an
+        # eigenvector of each distinct eigenvalue of the complement (with probability 1).
         invariant = broke or beta_res <= tol * anorm
-        confirmed = (not invariant or p == n or (
-            prev_invariant and prev_values is not None and values is not None
-            and float(np.max(np.abs(values - prev_values))) <= tol * anorm))
-        done = nconv == k and rest_done and confirmed
+        repeated = values is not None and bool(np.any(np.diff(values) <= tol * anorm))
+        suspect = suspect or invariant or repeated
+        done = searched and (p == n or not suspect or (
+            check_values is not None
+            and float(np.max(np.abs(values - check_values))) <= tol * anorm))
         if done or (restarts >= maxiter and p >= k):
             break
-        prev_invariant, prev_values = invariant, values
 
-        # Thick restart: keep the wanted Ritz vectors and the ones next to them, the
-        # locked ones first. After a breakdown every kept vector is exact: lock them all.
-        keep = order[: min(p, m - 1) if broke else min(p, m - 1, k + (m - k) // 2)]
-        keep = np.concatenate([keep[keep < L], keep[keep >= L]]) if not broke else keep
+        # Thick restart: keep the wanted Ritz vectors and the unlocked ones next to them
+        # (locked vectors that are not wanted make room for the search).
+        extra = order[k:][order[k:] >= L][: max(min(p, m - 1, k + (m - k) // 2) - k, 0)]
+        keep = np.concatenate([order[:k], extra])
+        # Vectors are locked after an exact breakdown (all kept ones), or to look for
+        # missed copies once the wanted ones have converged to tight * anorm, so that
+        # leak <= tol * anorm / 2 and the search can still converge.
+        lockable = (np.arange(p) < L) | (raw <= tight * anorm)
+        fresh = broke or (searched and bool(np.all(lockable[wanted])))
+        if broke:
+            dropped_new = np.concatenate([dropped, np.abs(beta_last * S_r[-1, :])])
+        else:
+            dropped_new = raw
+        if fresh:
+            keep = keep if broke else keep[lockable[keep]]
+            L = len(keep)
+            check_values = values
+        else:
+            keep = np.concatenate([keep[keep < L], keep[keep >= L]])  # locked ones first
+            L = int(np.sum(keep < L))
         l = len(keep)
-        L = l if broke else int(np.sum(keep < L))
         V = xp.matmul(_padded(S[:, keep].T, m, m, op, wdt), V)  # rows >= l become zero
         theta_locked, theta_keep = theta[keep[:L]], theta[keep[L:]]
-        if broke:
-            # Go on from a random direction orthogonal to the kept vectors.
+        dropped = dropped_new[keep[:L]]
+        if fresh:
             q = _random_orthogonal(op, V, rng, wdt)
             coupling = np.zeros(0)
         else:
@@ -354,16 +403,20 @@ def eigsh(
             LanczosWarning,
             stacklevel=2,
         )
-    converged = done
+    # The explicit residuals must meet the test too (up to the rounding errors of the
+    # Lanczos relation): estimates of pairs next to locked vectors are first-order bounds.
+    allowance = tol * anorm + 10 * m * eps * anorm
+    explicit_ok = bool(np.all(residuals <= allowance))
+    converged = done and explicit_ok
     if not converged:
         if nconv < k:
             why = f"only {nconv} of {k} eigenpairs (which={which!r}) converged to tol={tol:.2e}"
-        elif not rest_done:
-            why = ("the search beyond the eigenvectors of an invariant subspace has not "
-                   f"converged to tol={tol:.2e}")
+        elif not done:
+            why = ("the search for further copies of repeated eigenvalues (beyond the "
+                   f"locked eigenvectors) has not converged to tol={tol:.2e}")
         else:
-            why = ("the last expansion ended in an invariant subspace (to within tol) whose "
-                   "complement was not searched yet")
+            why = (f"the explicit residuals (largest {float(np.max(residuals)):.2e}) exceed "
+                   f"tol * anorm = {tol * anorm:.2e}")
         warnings.warn(
             f"eigsh: {why} after {restarts} restarts and {matvecs} matvecs; increase "
             "maxiter or ncv, or loosen tol. The result holds the current Ritz "
@@ -378,7 +431,7 @@ def eigsh(
         residuals=np.asarray(residuals, dtype=np.float64),
         residual_estimates=np.asarray(est_sel, dtype=np.float64),
         converged=converged,
-        num_converged=nconv,
+        num_converged=nconv if explicit_ok else int(np.sum(residuals <= allowance)),
         num_restarts=restarts,
         matvecs=matvecs,
         anorm=anorm,
@@ -391,41 +444,43 @@ def eigsh(
     )
 
 
-def _expand(op, V, q, l, m, wdt, consts, anorm, breakdown_tol, eager, checked):
+def _expand(op, V, q, L, l, m, wdt, consts, anorm, breakdown_tol, eager, checked):
     """Lanczos steps ``l .. m-1`` from the unit vector ``q`` (row ``l`` of the basis).
 
-    Rows ``0 .. l-1`` of ``V`` hold kept Ritz vectors, ``q`` is orthogonal to them and
-    rows ``l .. m-1`` are zero, so that every product has the same shape whatever the
-    step (one compiled kernel per shape for JAX and GPU libraries). Returns the basis,
-    the next unit Lanczos vector, and on the host the diagonal, the residual norms, the
-    acceptance flag of each step, the largest coupling to older vectors (the symmetry
-    check) and the number of products. Values stay on the device during the expansion:
-    a breakdown zeroes the following vectors and is found on the host afterwards (numpy
-    arrays are read every step, to stop at once).
+    Rows ``0 .. l-1`` of ``V`` hold kept Ritz vectors (the first ``L`` locked), ``q`` is
+    orthogonal to them and rows ``l .. m-1`` are zero, so that every product has the same
+    shape whatever the step (one compiled kernel per shape for JAX and GPU libraries).
+    Returns the basis, the next unit Lanczos vector, and on the host the diagonal, the
+    residual norms, the acceptance flag of each step, the largest coupling to older
+    vectors (the symmetry check) and the number of products. Values stay on the device
+    during the expansion: a breakdown zeroes the following vectors and is found on the
+    host afterwards (numpy arrays are read every step, to stop at once).
     """
     xp = op.xp
     n = V.shape[1]
     zero, one, zeros_m, index = consts
     alphas, betas, oks, asyms = [], [], [], []
     beta_prev = None
-    anorm_dev = xp.asarray(anorm, dtype=wdt, device=_dev(op))
+    anorm_dev = xp.asarray(anorm, dtype=wdt, device=_array.creation_device(op))
     steps = 0
     for j in range(l, m):
         V = _array.set_rows(V, (j, slice(None)), q)
         Aq = op.matmat(xp.reshape(xp.astype(q, op.dtype, copy=False), (n, 1)))
         steps += 1
         if not checked:
-            _check_product(op, Aq, 1)
+            _checks.check_product(op, Aq, 1)
             checked = True
         w = xp.astype(Aq[:, 0], wdt, copy=False)
         # CGS2 against all rows (the rows after j are zero).
         h = xp.matmul(V, w)
         alpha = xp.sum(q * w)
         w = w - xp.matmul(h, V)
-        if j > l and j >= 2:
-            # For symmetric A, q_i^T A q_j vanishes for i < j - 1 (rows l.. are Lanczos
-            # vectors, rows < l couple only to row l).
-            asyms.append(xp.max(xp.where(index < j - 1, xp.abs(h), zeros_m)))
+        if j > l and j >= L + 2:
+            # For symmetric A, q_i^T A q_j vanishes for L <= i < j - 1 (rows l.. are
+            # Lanczos vectors, kept rows L..l-1 couple only to row l; the locked rows < L
+            # may keep a dropped coupling up to the tolerance and are not checked).
+            older = (index >= L) & (index < j - 1)
+            asyms.append(xp.max(xp.where(older, xp.abs(h), zeros_m)))
         h2 = xp.matmul(V, w)
         alpha = alpha + xp.sum(q * w)
         w = w - xp.matmul(h2, V)
@@ -494,6 +549,9 @@ def _start_vector(op: Any, v0: Any, rng: np.random.Generator, wdt: Any) -> Any:
                             f"{op.array_library} arrays")
         if tuple(v0.shape) != (n,):
             raise ValueError(f"v0 must have shape ({n},); got {tuple(v0.shape)}")
+        if str(_array.device_of(v0)) != str(op.device):
+            raise ValueError(f"v0 is on device {_array.device_of(v0)}; the operator's vectors "
+                             f"live on {op.device}")
         v = xp.astype(v0, wdt)
     nrm = float(_array.to_numpy(xp.sqrt(xp.sum(v * v))))
     if not math.isfinite(nrm) or nrm == 0.0:
@@ -535,7 +593,7 @@ def _resolve_tol(tol: Any, eps: float) -> float:
 def _resolve_ncv(ncv: Any, k: int, n: int) -> int:
     if ncv is None:
         return min(max(2 * k + 1, 20), n)
-    ncv = _positive_int(ncv, "ncv")
+    ncv = _checks.positive_int(ncv, "ncv")
     if not k < ncv <= n:
         raise ValueError(f"ncv={ncv} must satisfy k < ncv <= n (k={k}, n={n})")
     return ncv

@@ -1,0 +1,45 @@
+"""Argument and result checks shared by the algorithms."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import _array
+
+
+def positive_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer; got {value!r}")
+    if value < 1:
+        raise ValueError(f"{name} must be at least 1; got {value}")
+    return int(value)
+
+
+def float_dtype_name(dtype: Any, what: str, default: str) -> str:
+    if dtype is None:
+        return default
+    name = _array.dtype_name(dtype)
+    if name not in ("float32", "float64"):
+        raise TypeError(f"{what}={name} is not supported; Lanczos vectors are float32 or float64")
+    return name
+
+
+def check_product(op: Any, Aq: Any, k: int) -> None:
+    """Validate the first block product: library, device and shape."""
+    lib = _array.library_name(Aq)
+    if lib != op.array_library:
+        raise TypeError(
+            f"the operator returned a {lib} array but its vectors are {op.array_library} arrays; "
+            "declare the right array library (aslinearoperator(..., xp=...)) or fix matvec"
+        )
+    if tuple(Aq.shape) != (op.shape[0], k):
+        raise ValueError(
+            f"the operator returned shape {tuple(Aq.shape)} for a block of shape "
+            f"({op.shape[0]}, {k}); expected ({op.shape[0]}, {k})"
+        )
+    dev = _array.device_of(Aq)
+    if not _array.same_device(dev, op.device):
+        raise ValueError(f"the operator returned an array on device {dev}, expected {op.device}")
+    _array.check_supported_dtype(Aq.dtype, "the operator's output")

@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end at tiny sizes (``--smoke``); no timing is checked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+# The first columns of each script's Markdown table header.
+HEADERS = {
+    "bench_engine_overhead.py": ["implementation", "median s", "min s", "max s"],
+    "bench_scale.py": ["mode", "wall s", "peak RSS GiB"],
+}
+
+
+def _header_cells(stdout: str) -> list[list[str]]:
+    return [[c.strip() for c in line.strip().strip("|").split("|")]
+            for line in stdout.splitlines() if line.startswith("|")]
+
+
+@pytest.mark.parametrize("script", sorted(HEADERS))
+def test_benchmark_smoke(script: str) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--smoke"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=BENCHMARKS.parent,
+    )
+    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+    want = HEADERS[script]
+    assert any(cells[: len(want)] == want for cells in _header_cells(proc.stdout)), proc.stdout
