@@ -9,6 +9,25 @@ import numpy as np
 from . import _array
 
 
+def operator_of(op: Any) -> tuple[Any, int]:
+    """``aslinearoperator(op)`` and its size, refusing an empty operator."""
+    from .operators import aslinearoperator
+
+    op = aslinearoperator(op)
+    n = int(op.shape[0])
+    if n == 0:
+        raise ValueError("the operator has size 0 (shape (0, 0)); there is no spectrum to compute")
+    return op, n
+
+
+def nonnegative_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer; got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0; got {value}")
+    return int(value)
+
+
 def positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer; got {value!r}")

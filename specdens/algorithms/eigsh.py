@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 
 from .. import _array, _checks
-from ..operators import aslinearoperator
 from .lanczos import LanczosWarning
 
 WHICH = ("LA", "SA", "LM", "BE")
@@ -228,10 +227,7 @@ def eigsh(
     semi-definite operator, or shift-and-invert outside specdens.
     """
     t0 = time.perf_counter()
-    op = aslinearoperator(op)
-    n = int(op.shape[0])
-    if n == 0:
-        raise ValueError("the operator has size 0 (shape (0, 0)); there is no spectrum to compute")
+    op, n = _checks.operator_of(op)
     k = _checks.positive_int(k, "k")
     if k >= n:
         raise ValueError(
@@ -249,7 +245,7 @@ def eigsh(
     eps = max(_array.finfo_eps(work), _array.finfo_eps(op.dtype))
     tol = _resolve_tol(tol, eps)
     m = _resolve_ncv(ncv, k, n)
-    maxiter = DEFAULT_MAXITER if maxiter is None else _nonnegative_int(maxiter, "maxiter")
+    maxiter = DEFAULT_MAXITER if maxiter is None else _checks.nonnegative_int(maxiter, "maxiter")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise TypeError(f"seed must be an integer; got {seed!r}")
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(int(seed))))
@@ -597,11 +593,3 @@ def _resolve_ncv(ncv: Any, k: int, n: int) -> int:
     if not k < ncv <= n:
         raise ValueError(f"ncv={ncv} must satisfy k < ncv <= n (k={k}, n={n})")
     return ncv
-
-
-def _nonnegative_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer; got {value!r}")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0; got {value}")
-    return int(value)

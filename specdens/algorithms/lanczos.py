@@ -18,7 +18,6 @@ import numpy as np
 
 from .. import _array, _checks, _memory
 from .._progress import ProgressCallback, make_progress
-from ..operators import aslinearoperator
 from .probes import PROBE_KINDS, draw_probe, probe_block
 
 REORTH_MODES = ("full", "local", "none", "auto")
@@ -186,10 +185,7 @@ def lanczos(
         When the operator returns NaN or Inf; names the step and the probe.
     """
     t0 = time.perf_counter()
-    op = aslinearoperator(op)
-    n = int(op.shape[0])
-    if n == 0:
-        raise ValueError("the operator has size 0 (shape (0, 0)); there is no spectrum to compute")
+    op, n = _checks.operator_of(op)
     num_steps = _checks.positive_int(num_steps, "num_steps")
     num_probes = _checks.positive_int(num_probes, "num_probes")
     if reorth not in REORTH_MODES:
