@@ -1,0 +1,135 @@
+"""Batches: what counts as one batch, moving them to the model's device, sample counts,
+and fingerprints that detect data that changes between passes.
+
+Weighting rule (exact for uneven batches). The loss of the data set is the mean over all
+``N`` samples, ``L = sum_b (n_b / N) L_b``, where ``L_b`` is the mean loss of batch ``b``
+over its ``n_b`` samples. Every operator accumulates ``sum_b n_b * (product of L_b)`` over
+a pass and divides by ``N = sum_b n_b`` of that same pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+
+
+def is_single_batch(data: Any) -> bool:
+    """``data`` is one batch: a tensor, a dict, or a tuple/list whose first item is a tensor."""
+    if isinstance(data, (torch.Tensor, dict)):
+        return True
+    return isinstance(data, (tuple, list)) and len(data) > 0 and isinstance(data[0],
+                                                                            torch.Tensor)
+
+
+class Batches:
+    """A re-iterable view of the data as a sequence of batches on one device.
+
+    Parameters
+    ----------
+    data
+        One batch (see :func:`is_single_batch`) or a re-iterable of batches (a list, a
+        ``torch.utils.data.DataLoader``). A one-shot iterator (a generator) is refused:
+        products need one pass over the data each.
+    device
+        Tensors in every batch (nested in tuples, lists and dicts) are moved there; their
+        dtypes are kept.
+    """
+
+    def __init__(self, data: Any, device: torch.device):
+        if is_single_batch(data):
+            self._data: Iterable[Any] = [data]
+        elif isinstance(data, Iterator):
+            raise TypeError(
+                f"data is a one-shot iterator ({type(data).__name__}); every product is a pass "
+                "over the data, so pass a list of batches or a DataLoader instead"
+            )
+        elif isinstance(data, Iterable):
+            self._data = data
+        else:
+            raise TypeError(f"data must be one (inputs, targets) batch or an iterable of "
+                            f"batches (a DataLoader); got {type(data).__name__}")
+        self.device = device
+
+    def __iter__(self) -> Iterator[Any]:
+        empty = True
+        for batch in self._data:
+            empty = False
+            yield to_device(batch, self.device)
+        if empty:
+            raise ValueError("data yielded no batches")
+
+
+def to_device(batch: Any, device: torch.device) -> Any:
+    """``batch`` with every tensor (nested in tuples, lists, dicts) moved to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):
+        return type(batch)(*(to_device(v, device) for v in batch))
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+def default_count(batch: Any) -> int:
+    """Samples in a batch: the length of its first tensor (``len(inputs)``)."""
+    first = batch
+    if isinstance(batch, dict):
+        first = next(iter(batch.values()), None)
+    elif isinstance(batch, (tuple, list)):
+        first = batch[0] if batch else None
+    if isinstance(first, torch.Tensor) and first.dim() > 0:
+        return int(first.shape[0])
+    raise ValueError(
+        f"cannot tell how many samples a batch of type {type(batch).__name__} holds; return "
+        "(mean_loss, count) from loss_fn, or pass batch_size_fn=lambda batch: ..."
+    )
+
+
+def batch_count(batch: Any, batch_size_fn: Callable[[Any], Any] | None) -> float:
+    """Samples in ``batch``: ``batch_size_fn(batch)`` when given, else :func:`default_count`."""
+    if batch_size_fn is None:
+        return float(default_count(batch))
+    return as_count(batch_size_fn(batch), "batch_size_fn")
+
+
+def as_count(value: Any, what: str) -> float:
+    """A positive sample count from an int, a float or a 0-d tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{what} returned a count of shape {tuple(value.shape)}; expected "
+                             "a number")
+        value = value.item()
+    try:
+        count = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} returned {type(value).__name__} as a sample count; expected "
+                        "a number") from None
+    if not count > 0:
+        raise ValueError(f"{what} returned a sample count of {count}; counts must be positive")
+    return count
+
+
+def fingerprint(batch: Any) -> torch.Tensor:
+    """A float64 scalar summarising every tensor of ``batch`` (sum of its entries plus
+    their count), on the batch's device; the same data in the same order gives the same
+    value bit for bit."""
+    total = None
+    for t in _tensors(batch):
+        s = t.detach().to(torch.float64).sum() + t.numel()
+        total = s if total is None else total + s
+    return total if total is not None else torch.zeros((), dtype=torch.float64)
+
+
+def _tensors(batch: Any) -> Iterator[torch.Tensor]:
+    if isinstance(batch, torch.Tensor):
+        yield batch
+    elif isinstance(batch, dict):
+        for v in batch.values():
+            yield from _tensors(v)
+    elif isinstance(batch, (tuple, list)):
+        for v in batch:
+            yield from _tensors(v)

@@ -1,0 +1,175 @@
+"""The loss of one batch as a function of the selected parameters.
+
+The model is called through :func:`torch.func.functional_call` on clones of its
+parameters and buffers taken when the operator is built, so the operator is the Hessian
+at that point and nothing the computation does reaches the user's tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch.func import functional_call
+
+from ._data import as_count, batch_count
+from ._params import ParamSpace, select_parameters
+from ._state import check_batchnorm, normalisation_modes
+
+
+class _Call(torch.nn.Module):
+    """A module whose forward is ``fn(model, batch)``: ``functional_call`` on it swaps the
+    parameters of ``model`` for every method ``fn`` calls, not only ``forward``."""
+
+    def __init__(self, model: torch.nn.Module, fn: Callable[..., Any]):
+        super().__init__()
+        self.model = model
+        self.__dict__["_fn"] = fn  # a criterion module must not become a submodule
+
+    def forward(self, batch: Any) -> Any:
+        return self._fn(self.model, batch)
+
+
+class BatchLoss:
+    """Mean loss of one batch, and its sample count, at given values of the selected
+    parameters.
+
+    Parameters
+    ----------
+    model, criterion, loss_fn, batch_size_fn, params, batchnorm
+        As in :func:`specdens.backends.torch.hessian`.
+    """
+
+    def __init__(self, model: torch.nn.Module, criterion: Any, loss_fn: Any, *,
+                 batch_size_fn: Any, params: Any, batchnorm: str):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if (criterion is None) == (loss_fn is None):
+            raise TypeError("pass exactly one of criterion (called as criterion(model(inputs), "
+                            "targets)) and loss_fn=lambda model, batch: ...")
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError("batch_size_fn must be a callable(batch) -> number of samples")
+        check_batchnorm(model, batchnorm)
+        self.reduction = "mean"
+        if criterion is not None:
+            if not callable(criterion):
+                raise TypeError(f"criterion must be callable; got {type(criterion).__name__}")
+            self.reduction = getattr(criterion, "reduction", "mean")
+            if self.reduction not in ("mean", "sum"):
+                raise ValueError(
+                    f"criterion has reduction={self.reduction!r}; specdens needs a scalar "
+                    "loss: use reduction='mean' (or 'sum', divided by the batch size here)"
+                )
+        self.model = model
+        self.criterion = criterion
+        self.loss_fn = loss_fn
+        self.batch_size_fn = batch_size_fn
+        self.batchnorm = batchnorm
+        selected = select_parameters(model, params)
+        self.space = ParamSpace(selected)
+        chosen = {n for n, _ in selected}
+        with torch.no_grad():
+            self.primal = {n: p.detach().clone() for n, p in selected}
+            self.frozen = {"model." + n: p.detach().clone()
+                           for n, p in model.named_parameters() if n not in chosen}
+            self.frozen.update({"model." + n: b.detach().clone()
+                                for n, b in model.named_buffers()})
+        fn = self._criterion_loss if criterion is not None else self._custom_loss
+        self._call = _Call(model, fn)
+        self._forward = _Call(model, lambda m, x: m(x))
+
+    # -- the loss -------------------------------------------------------------------
+    def _criterion_loss(self, model: torch.nn.Module, batch: Any) -> tuple[Any, float]:
+        inputs, targets = split_batch(batch)
+        count = batch_count(batch, self.batch_size_fn)
+        loss = self.criterion(model(inputs), targets)
+        return self.scale(loss, count), count
+
+    def _custom_loss(self, model: torch.nn.Module, batch: Any) -> tuple[Any, float]:
+        out = self.loss_fn(model, batch)
+        if isinstance(out, (tuple, list)):
+            if len(out) != 2:
+                raise ValueError(f"loss_fn returned a {type(out).__name__} of length {len(out)}; "
+                                 "return the batch's mean loss, or (mean_loss, count)")
+            loss, count = out[0], as_count(out[1], "loss_fn")
+        else:
+            loss, count = out, batch_count(batch, self.batch_size_fn)
+        return loss, count
+
+    def scale(self, loss: Any, count: float) -> Any:
+        """The criterion's value as a mean over the batch's samples."""
+        return loss / count if self.reduction == "sum" else loss
+
+    def __call__(self, batch: Any, params: dict[str, torch.Tensor]) -> tuple[Any, float]:
+        """``(mean loss, count)`` of ``batch`` with the selected parameters set to
+        ``params`` (a dict by parameter name)."""
+        mapping = dict(self.frozen)
+        mapping.update({"model." + n: t for n, t in params.items()})
+        with normalisation_modes(self.model, self.batchnorm):
+            loss, count = functional_call(self._call, mapping, (batch,))
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"the loss must be a scalar tensor; got "
+                f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__}"
+                ". Use reduction='mean' or return loss.mean() from loss_fn"
+            )
+        return loss.reshape(()), count
+
+    def outputs(self, inputs: Any, params: dict[str, torch.Tensor]) -> Any:
+        """``model(inputs)`` with the selected parameters set to ``params``."""
+        mapping = dict(self.frozen)
+        mapping.update({"model." + n: t for n, t in params.items()})
+        with normalisation_modes(self.model, self.batchnorm):
+            return functional_call(self._forward, mapping, (inputs,))
+
+    def count_of(self, batch: Any) -> float:
+        """Samples in ``batch``, without a forward pass when the count does not come from
+        ``loss_fn``."""
+        if self.criterion is not None or self.batch_size_fn is not None:
+            return batch_count(batch, self.batch_size_fn)
+        with torch.no_grad():
+            return self(batch, self.primal)[1]
+
+    def leaves(self) -> dict[str, torch.Tensor]:
+        """Fresh leaf copies of the selected parameters that require grad."""
+        return {n: t.detach().requires_grad_(True) for n, t in self.primal.items()}
+
+    def check_deterministic(self, batch: Any) -> None:
+        """Evaluate the loss of ``batch`` twice and raise when the values differ (dropout
+        or another random layer in training mode)."""
+        with torch.no_grad():
+            a, _ = self(batch, self.primal)
+            b, _ = self(batch, self.primal)
+        a, b = float(a), float(b)
+        if not (math.isfinite(a) and math.isfinite(b)):
+            raise FloatingPointError(f"the loss of the first batch is not finite ({a})")
+        tol = math.sqrt(torch.finfo(self.space.dtype).eps) * max(abs(a), abs(b), 1e-30)
+        if abs(a - b) > tol:
+            random = [f"{n or 'model'} ({type(m).__name__})"
+                      for n, m in self.model.named_modules()
+                      if m.training and "dropout" in type(m).__name__.lower()]
+            hint = (f"; these modules are in training mode: {', '.join(random)}" if random
+                    else "")
+            raise RuntimeError(
+                f"the model is not deterministic: two evaluations of the loss on the first "
+                f"batch gave {a!r} and {b!r}{hint}. A Hessian needs a fixed function: call "
+                ".eval() on the random layers (dropout), or pass check_determinism=False if "
+                "the randomness is intended"
+            )
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a criterion batch."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"with a criterion every batch must be (inputs, targets); got a "
+        f"{type(batch).__name__}{_length(batch)}"
+        ". For other batches use loss_fn=lambda model, batch: ..."
+    )
+
+
+def _length(batch: Any) -> str:
+    return f" of length {len(batch)}" if hasattr(batch, "__len__") else ""

@@ -1,0 +1,214 @@
+"""A specdens operator whose product is a sample-weighted pass over the data.
+
+Subclasses say how to build the per-batch state (``_build``: usually a first-order
+autograd graph) and how to apply it to a block of vectors (``_apply``). This class keeps
+the states of a prefix of the batches while their measured size fits the memory budget,
+rebuilds the others in every product, weights batches by their sample counts, reduces over
+``torch.distributed`` ranks and adds the regularisation.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import array_api_compat.torch as torch_xp
+import torch
+
+from specdens import LinearOperatorBase, _memory
+
+from ._data import Batches, fingerprint
+from ._loss import BatchLoss
+from ._meter import SavedBytes
+from .distributed import all_reduce_sum, resolve_group
+
+
+class DataOperator(LinearOperatorBase):
+    """Base class of :class:`HessianOperator` and :class:`GGNOperator`.
+
+    Attributes
+    ----------
+    param_names, param_shapes : list
+        The selected parameters, in the order of the flat vectors.
+    num_samples : float
+        Samples over all batches (and all ranks).
+    num_batches : int
+        Batches on this rank.
+    num_stored : int
+        Batches whose graphs are kept between products.
+    graph_bytes : int
+        Measured size of the kept graphs (saved tensors).
+    """
+
+    symmetric = True
+
+    def __init__(self, loss: BatchLoss, data: Any, *, weight_decay: float,
+                 regularizer: Callable[[dict], Any] | None, graph_memory: int | None,
+                 check_determinism: bool, process_group: Any, store: bool):
+        space = loss.space
+        super().__init__((space.n, space.n), space.dtype, torch_xp, space.device)
+        self.loss = loss
+        self.space = space
+        self.param_names = list(space.names)
+        self.param_shapes = list(space.shapes)
+        self.batches = Batches(data, space.device)
+        self.group = resolve_group(process_group)
+        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
+                or not math.isfinite(weight_decay):
+            raise TypeError(f"weight_decay must be a finite number; got {weight_decay!r}")
+        self.weight_decay = float(weight_decay)
+        self._leaves = loss.leaves()
+        self._leaf_list = [self._leaves[n] for n in space.names]
+        self._reg_grads = self._regularizer_graph(regularizer)
+        if graph_memory is None:
+            graph_memory = _memory.available_bytes(torch_xp, space.device) // 2
+        if isinstance(graph_memory, bool) or not isinstance(graph_memory, int) \
+                or graph_memory < 0:
+            raise ValueError(f"graph_memory must be a number of bytes >= 0 or None; got "
+                             f"{graph_memory!r}")
+        self.graph_memory = graph_memory if store else 0
+        self._setup(check_determinism)
+
+    # -- construction: one pass ---------------------------------------------------
+    def _setup(self, check_determinism: bool) -> None:
+        self._stored: list[tuple[Any, float]] = []
+        fps, total, used, full = [], 0.0, 0, self.graph_memory == 0
+        exclude = list(self._leaf_list) + list(self.loss.frozen.values())
+        for i, batch in enumerate(self.batches):
+            fps.append(fingerprint(batch))
+            if i == 0 and check_determinism:
+                self.loss.check_deterministic(batch)
+            if not full:
+                with torch.enable_grad(), SavedBytes(exclude) as meter:
+                    state, count = self._build(batch)
+                if used + meter.nbytes <= self.graph_memory:
+                    self._stored.append((state, count))
+                    used += meter.nbytes
+                    total += count
+                    continue
+                full = True
+                del state
+            total += self.loss.count_of(batch)
+        self._fingerprints = torch.stack([f.to(self.space.device) for f in fps])
+        self.num_batches = len(fps)
+        self.num_stored = len(self._stored)
+        self.graph_bytes = used
+        t = torch.tensor(total, dtype=torch.float64, device=self.space.device)
+        self.num_samples = float(all_reduce_sum(t, self.group))
+
+    def _regularizer_graph(self, regularizer: Any) -> Any:
+        if regularizer is None:
+            return None
+        if not callable(regularizer):
+            raise TypeError("regularizer must be a callable(params: dict[str, Tensor]) -> "
+                            "scalar tensor")
+        with torch.enable_grad():
+            r = regularizer(dict(self._leaves))
+            if not isinstance(r, torch.Tensor) or r.numel() != 1:
+                raise ValueError("regularizer must return a scalar tensor")
+            grads = torch.autograd.grad(r.reshape(()), self._leaf_list, create_graph=True,
+                                        allow_unused=True)
+        return list(grads)
+
+    # -- subclass hooks -----------------------------------------------------------
+    def _build(self, batch: Any) -> tuple[Any, float]:
+        raise NotImplementedError
+
+    def _apply(self, state: Any, V: torch.Tensor, retain: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- products -----------------------------------------------------------------
+    def _matvec(self, v: torch.Tensor) -> torch.Tensor:
+        return self._matmat(v.reshape(-1, 1))[:, 0]
+
+    def _matmat(self, V: torch.Tensor) -> torch.Tensor:
+        self._check_block(V)
+        with torch.enable_grad():
+            acc, total = self._pass(V)
+        all_reduce_sum(acc, self.group)
+        t = all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=V.device),
+                           self.group)
+        out = acc / t.to(acc.dtype)
+        if self.weight_decay:
+            out = out + self.weight_decay * V
+        if self._reg_grads is not None:
+            with torch.enable_grad():
+                out = out + graph_products(self._reg_grads, self._leaf_list, V, self.space,
+                                           retain=True, batched=False)
+        return out
+
+    def _pass(self, V: torch.Tensor) -> tuple[torch.Tensor, float]:
+        acc = torch.zeros(V.shape, dtype=self.dtype, device=self.device)
+        total = 0.0
+        for state, count in self._stored:
+            acc.add_(self._apply(state, V, True), alpha=count)
+            total += count
+        if self.num_stored < self.num_batches:
+            fps = []
+            for i, batch in enumerate(self.batches):
+                fps.append(fingerprint(batch))
+                if i < self.num_stored:
+                    continue
+                state, count = self._build(batch)
+                acc.add_(self._apply(state, V, False), alpha=count)
+                total += count
+                del state
+            self._check_fingerprints(fps)
+        return acc, total
+
+    def _check_block(self, V: torch.Tensor) -> None:
+        if V.dtype != self.dtype:
+            raise TypeError(f"the operator has dtype {self.dtype} (the model's); got a vector "
+                            f"of dtype {V.dtype}. Cast it: v.to({self.dtype})")
+
+    def _check_fingerprints(self, fps: list[torch.Tensor]) -> None:
+        if len(fps) != self.num_batches:
+            raise RuntimeError(f"the data yielded {len(fps)} batches in this pass and "
+                               f"{self.num_batches} when the operator was built; it must yield "
+                               "the same batches on every pass")
+        now = torch.stack([f.to(self.device) for f in fps])
+        tol = 1e-12 * torch.clamp(self._fingerprints.abs(), min=1.0)
+        if bool(((now - self._fingerprints).abs() > tol).any()):
+            raise RuntimeError(
+                "the data yielded different batches in this pass than when the operator was "
+                "built (a shuffling DataLoader or random augmentation?); products need the "
+                "same batches on every pass: use shuffle=False and deterministic transforms"
+            )
+
+    # -- vectors <-> parameters ---------------------------------------------------
+    def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A flat vector as a dict of parameter-shaped tensors, by parameter name."""
+        return dict(zip(self.space.names, self.space.split(v), strict=True))
+
+    def flatten(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """A dict of parameter-shaped tensors (by name) as a flat vector."""
+        missing = [n for n in self.space.names if n not in tensors]
+        if missing:
+            raise KeyError(f"missing parameters {missing}")
+        return self.space.flatten([tensors[n] for n in self.space.names])
+
+
+def graph_products(grads: list[Any], leaves: list[torch.Tensor], V: torch.Tensor, space: Any,
+                   *, retain: bool, batched: bool) -> torch.Tensor:
+    """``d(grads . v)/d leaves`` for every column ``v`` of ``V``: products with the
+    Jacobian of ``grads`` (a first-order gradient built with ``create_graph=True``), one
+    backward per column or one batched backward (``is_grads_batched``)."""
+    idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    k = V.shape[1]
+    if not idx:
+        return torch.zeros(V.shape, dtype=V.dtype, device=V.device)
+    outs = [grads[i] for i in idx]
+    if batched:
+        blocks = space.split_block(V)
+        res = torch.autograd.grad(outs, leaves, grad_outputs=[blocks[i] for i in idx],
+                                  retain_graph=retain, allow_unused=True,
+                                  is_grads_batched=True)
+        return space.flatten_block(res, k)
+    cols = []
+    for j in range(k):
+        parts = space.split(V[:, j])
+        res = torch.autograd.grad(outs, leaves, grad_outputs=[parts[i] for i in idx],
+                                  retain_graph=retain or j < k - 1, allow_unused=True)
+        cols.append(space.flatten(res))
+    return torch.stack(cols, dim=1)

@@ -1,0 +1,134 @@
+"""Snapshot and comparison of a model's state, and temporary normalisation modes.
+
+specdens never changes the user's model: the operators work on clones of its parameters
+and buffers (through :func:`torch.func.functional_call`), never touch ``.grad`` (products
+go through :func:`torch.autograd.grad`) and only flip BatchNorm modes inside
+:func:`normalisation_modes`, which restores them. :class:`ModelState` lets callers and
+tests check this bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch.nn.modules.batchnorm import _BatchNorm
+
+BATCHNORM_MODES = ("batch", "population")
+
+
+@dataclass
+class ModelState:
+    """Copies of everything specdens promises not to change.
+
+    Attributes
+    ----------
+    parameters, buffers : dict[str, torch.Tensor]
+        Clones of the values.
+    grads : dict[str, torch.Tensor | None]
+        Clones of the ``.grad`` fields (``None`` kept as ``None``).
+    requires_grad : dict[str, bool]
+    training : dict[str, bool]
+        ``module.training`` for every submodule (by qualified name; ``""`` is the model).
+    """
+
+    parameters: dict
+    buffers: dict
+    grads: dict
+    requires_grad: dict
+    training: dict
+
+    @classmethod
+    def capture(cls, model: torch.nn.Module) -> ModelState:
+        """Snapshot ``model`` (clones, so later in-place changes do not reach it)."""
+        params = dict(model.named_parameters(remove_duplicate=False))
+        return cls(
+            parameters={n: p.detach().clone() for n, p in params.items()},
+            buffers={n: b.detach().clone() for n, b in model.named_buffers()},
+            grads={n: None if p.grad is None else p.grad.detach().clone()
+                   for n, p in params.items()},
+            requires_grad={n: p.requires_grad for n, p in params.items()},
+            training={n: m.training for n, m in model.named_modules()},
+        )
+
+    def differences(self, model: torch.nn.Module) -> list[str]:
+        """What differs, bit for bit, between this snapshot and ``model`` now (empty: none)."""
+        now = ModelState.capture(model)
+        out = []
+        for field in ("parameters", "buffers", "grads"):
+            a, b = getattr(self, field), getattr(now, field)
+            if a.keys() != b.keys():
+                out.append(f"{field}: names changed")
+                continue
+            for name in a:
+                x, y = a[name], b[name]
+                if (x is None) != (y is None):
+                    out.append(f"{field}[{name}]: None changed")
+                elif x is not None and not _bitwise_equal(x, y):
+                    out.append(f"{field}[{name}]: values changed")
+        for field in ("requires_grad", "training"):
+            if getattr(self, field) != getattr(now, field):
+                out.append(f"{field} changed")
+        return out
+
+    def restore(self, model: torch.nn.Module) -> None:
+        """Write the snapshot back into ``model`` in place."""
+        with torch.no_grad():
+            for n, p in model.named_parameters(remove_duplicate=False):
+                p.copy_(self.parameters[n])
+                p.requires_grad_(self.requires_grad[n])
+                g = self.grads[n]
+                p.grad = None if g is None else g.clone()
+            for n, b in model.named_buffers():
+                b.copy_(self.buffers[n])
+        for n, m in model.named_modules():
+            m.training = self.training[n]
+
+
+def _bitwise_equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Equal bit for bit (so NaNs compare equal to themselves and -0.0 differs from 0.0)."""
+    if x.shape != y.shape or x.dtype != y.dtype or x.device != y.device:
+        return False
+    return bool(torch.equal(x.detach().reshape(-1).contiguous().view(torch.uint8),
+                            y.detach().reshape(-1).contiguous().view(torch.uint8)))
+
+
+def check_batchnorm(model: torch.nn.Module, batchnorm: str) -> None:
+    """Validate ``batchnorm`` for this model (population statistics need running stats)."""
+    if batchnorm not in BATCHNORM_MODES:
+        raise ValueError(f"batchnorm={batchnorm!r}; choose 'batch' (batch statistics, as in "
+                         "Ghorbani et al. 2019) or 'population' (running statistics)")
+    if batchnorm == "population":
+        for name, m in model.named_modules():
+            if isinstance(m, _BatchNorm) and (m.running_mean is None or m.running_var is None):
+                raise ValueError(f"batchnorm='population' but {name or 'the model'} "
+                                 f"({type(m).__name__}) keeps no running statistics "
+                                 "(track_running_stats=False); use batchnorm='batch'")
+
+
+@contextlib.contextmanager
+def normalisation_modes(model: torch.nn.Module, batchnorm: str) -> Iterator[None]:
+    """BatchNorm layers on batch or population statistics for the duration of the block.
+
+    ``"batch"``: ``training=True`` and ``track_running_stats=False``, so that the layer
+    normalises by the batch statistics and updates no running statistics (momentum-free);
+    ``"population"``: ``training=False`` (the running statistics). Other modules keep
+    their mode. Both flags are restored on exit, also after an exception.
+    """
+    saved = []
+    for m in model.modules():
+        if isinstance(m, _BatchNorm):
+            saved.append((m, m.training, m.track_running_stats))
+            if batchnorm == "batch":
+                m.training = True
+                m.track_running_stats = False
+            else:
+                m.training = False
+    try:
+        yield
+    finally:
+        for m, training, track in saved:
+            m.training = training
+            m.track_running_stats = track

@@ -1,0 +1,93 @@
+"""``torch.distributed`` reduction of products, and a check that all ranks agree.
+
+Each rank passes over its own shard of the data; the operator all-reduces the unnormalised
+sums ``sum_b n_b (H_b v)`` and the sample counts ``sum_b n_b`` (both as float64 sums in
+the operator's dtype), so every rank divides the same numbers and holds the same product.
+Lanczos is deterministic given its inputs, so every rank then runs the same recurrence;
+:func:`check_consistent` verifies it at the end.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def resolve_group(process_group: Any) -> Any:
+    """The process group to reduce over: ``process_group`` if given, else the default
+    group when ``torch.distributed`` is initialised, else ``None`` (single process)."""
+    available = torch.distributed.is_available()
+    initialised = available and torch.distributed.is_initialized()
+    if process_group is None:
+        return torch.distributed.group.WORLD if initialised else None
+    if not initialised:
+        raise RuntimeError("process_group was given but torch.distributed is not initialised; "
+                           "call torch.distributed.init_process_group first")
+    return process_group
+
+
+def all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    """Sum ``tensor`` over the ranks of ``group`` in place (nothing when ``group`` is None)."""
+    if group is not None:
+        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM, group=group)
+    return tensor
+
+
+def check_consistent(result: Any, group: Any = None) -> None:
+    """Raise when the ranks of ``group`` hold different Lanczos coefficients.
+
+    Parameters
+    ----------
+    result
+        A :class:`specdens.LanczosResult` (``alpha``, ``beta``) or a
+        :class:`specdens.SpectralDensity` (``nodes``, ``weights``), or any object with
+        those attributes, computed on every rank.
+    group
+        The process group (default: the default group).
+
+    Raises
+    ------
+    RuntimeError
+        When any rank's coefficients differ bit for bit from rank 0's; names the ranks and
+        the largest difference. Identical products on every rank give identical runs, so a
+        difference means a rank used other data, probes or options.
+    """
+    group = resolve_group(group)
+    if group is None:
+        return
+    fields = [f for f in ("alpha", "beta", "nodes", "weights") if hasattr(result, f)]
+    if not fields:
+        raise TypeError(f"check_consistent needs a LanczosResult or SpectralDensity; got "
+                        f"{type(result).__name__}")
+    local = np.concatenate([np.asarray(getattr(result, f), dtype=np.float64).reshape(-1)
+                            for f in fields])
+    backend = torch.distributed.get_backend(group)
+    device = (torch.device("cuda", torch.cuda.current_device()) if backend == "nccl"
+              else torch.device("cpu"))
+    size = torch.tensor([local.size], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(torch.distributed.get_world_size(group))]
+    torch.distributed.all_gather(sizes, size, group=group)
+    if len({int(s) for s in sizes}) != 1:
+        raise RuntimeError(f"ranks ran different numbers of Lanczos coefficients "
+                           f"({[int(s) for s in sizes]}): they used different num_steps or "
+                           "num_probes")
+    mine = torch.from_numpy(local).to(device)
+    gathered = [torch.zeros_like(mine) for _ in sizes]
+    torch.distributed.all_gather(gathered, mine, group=group)
+    ref = gathered[0].cpu().numpy()
+    bad = []
+    for rank, other in enumerate(gathered):
+        o = other.cpu().numpy()
+        same = np.array_equal(o.view(np.uint64), ref.view(np.uint64))
+        if not same:
+            with np.errstate(invalid="ignore"):
+                bad.append((rank, float(np.nanmax(np.abs(o - ref)))))
+    if bad:
+        raise RuntimeError(
+            "the ranks disagree on the Lanczos coefficients ("
+            + ", ".join(f"rank {r}: max |difference| {d:.3e} from rank 0" for r, d in bad)
+            + "): every rank must run the same operator (built with the same process group), "
+            "the same probes and the same seed"
+        )

@@ -1,0 +1,80 @@
+"""The gradient of a model's mean training loss over the whole data set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._data import Batches
+from ._loss import BatchLoss
+from .distributed import all_reduce_sum, resolve_group
+
+
+def gradient(
+    model: torch.nn.Module,
+    criterion: Callable[[Any, Any], torch.Tensor] | None = None,
+    data: Any = None,
+    *,
+    loss_fn: Callable[[torch.nn.Module, Any], Any] | None = None,
+    params: Any = None,
+    batch_size_fn: Callable[[Any], Any] | None = None,
+    batchnorm: str = "batch",
+    weight_decay: float = 0.0,
+    regularizer: Callable[[dict], torch.Tensor] | None = None,
+    process_group: Any = None,
+) -> torch.Tensor:
+    """The full-data gradient ``g = sum_b (n_b / N) grad L_b + weight_decay * theta +
+    grad R`` as a flat vector in the space of :func:`hessian` called with the same options.
+
+    Parameters
+    ----------
+    model, criterion, data, loss_fn, params, batch_size_fn, batchnorm, weight_decay,
+    regularizer, process_group
+        As in :func:`specdens.backends.torch.hessian` (same weighting of uneven batches,
+        same parameter order, same reduction over ``torch.distributed`` ranks). The model
+        is not modified (``.grad`` included).
+
+    Returns
+    -------
+    torch.Tensor
+        Shape ``(n,)``, the model's dtype, on its device.
+
+    References
+    ----------
+    B. Ghorbani, S. Krishnan, Y. Xiao (2019), An Investigation into Neural Net Optimization
+    via Hessian Eigenvalue Density, ICML (section 4: the gradient and the outlier
+    eigenspace).
+    """
+    if data is None:
+        raise TypeError("gradient needs data: one (inputs, targets) batch or an iterable of "
+                        "batches")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
+        raise TypeError(f"weight_decay must be a number; got {weight_decay!r}")
+    loss = BatchLoss(model, criterion, loss_fn, batch_size_fn=batch_size_fn, params=params,
+                     batchnorm=batchnorm)
+    space = loss.space
+    group = resolve_group(process_group)
+    leaves = loss.leaves()
+    leaf_list = [leaves[n] for n in space.names]
+    acc = torch.zeros(space.n, dtype=space.dtype, device=space.device)
+    total = 0.0
+    with torch.enable_grad():
+        for batch in Batches(data, space.device):
+            value, count = loss(batch, leaves)
+            grads = torch.autograd.grad(value, leaf_list, allow_unused=True)
+            acc.add_(space.flatten(grads), alpha=count)
+            total += count
+        all_reduce_sum(acc, group)
+        t = all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=space.device), group)
+        g = acc / t.to(acc.dtype)
+        if weight_decay:
+            g = g + float(weight_decay) * space.flatten([loss.primal[n] for n in space.names])
+        if regularizer is not None:
+            r = regularizer(dict(leaves))
+            if not isinstance(r, torch.Tensor) or r.numel() != 1:
+                raise ValueError("regularizer must return a scalar tensor")
+            g = g + space.flatten(torch.autograd.grad(r.reshape(()), leaf_list,
+                                                      allow_unused=True))
+    return g.detach()

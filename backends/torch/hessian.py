@@ -1,0 +1,180 @@
+"""The Hessian of a model's mean training loss as a specdens operator."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ._loss import BatchLoss
+from ._operator import DataOperator, graph_products
+
+METHODS = ("graph", "forward")
+BLOCKS = ("loop", "batched")
+
+
+class HessianOperator(DataOperator):
+    """``H v`` for the Hessian of the mean loss over all samples of the data.
+
+    Build it with :func:`hessian`. Vectors are flat tensors of the selected parameters
+    (``param_names`` order) in the model's dtype and on its device.
+    """
+
+    def __init__(self, loss: BatchLoss, data: Any, *, method: str, block: str, **kw: Any):
+        if method not in METHODS:
+            raise ValueError(f"method={method!r}; choose 'graph' (reverse-over-reverse on kept "
+                             "first-order graphs) or 'forward' (torch.func forward-over-reverse)")
+        if block not in BLOCKS:
+            raise ValueError(f"block={block!r}; choose 'loop' or 'batched'")
+        self.method = method
+        self.block = block
+        super().__init__(loss, data, store=method == "graph", **kw)
+
+    def _build(self, batch: Any) -> tuple[Any, float]:
+        if self.method == "forward":
+            return batch, self.loss.count_of(batch)
+        value, count = self.loss(batch, self._leaves)
+        grads = torch.autograd.grad(value, self._leaf_list, create_graph=True,
+                                    allow_unused=True)
+        return list(grads), count
+
+    def _apply(self, state: Any, V: torch.Tensor, retain: bool) -> torch.Tensor:
+        if self.method == "forward":
+            return self._forward_over_reverse(state, V)
+        return graph_products(state, self._leaf_list, V, self.space, retain=retain,
+                              batched=self.block == "batched")
+
+    def _forward_over_reverse(self, batch: Any, V: torch.Tensor) -> torch.Tensor:
+        names = self.space.names
+
+        def grad_fn(p: dict) -> dict:
+            return torch.func.grad(lambda q: self.loss(batch, q)[0])(p)
+
+        primal = self.loss.primal
+        if self.block == "batched":
+            tangents = dict(zip(names, self.space.split_block(V), strict=True))
+
+            def one(t: dict) -> dict:
+                return torch.func.jvp(grad_fn, (primal,), (t,))[1]
+
+            out = torch.func.vmap(one)(tangents)
+            return self.space.flatten_block([out[n] for n in names], V.shape[1])
+        cols = []
+        for j in range(V.shape[1]):
+            tangent = dict(zip(names, self.space.split(V[:, j]), strict=True))
+            _, hv = torch.func.jvp(grad_fn, (primal,), (tangent,))
+            cols.append(self.space.flatten([hv[n] for n in names]))
+        return torch.stack(cols, dim=1)
+
+
+def hessian(
+    model: torch.nn.Module,
+    criterion: Callable[[Any, Any], torch.Tensor] | None = None,
+    data: Any = None,
+    *,
+    loss_fn: Callable[[torch.nn.Module, Any], Any] | None = None,
+    params: Any = None,
+    batch_size_fn: Callable[[Any], Any] | None = None,
+    batchnorm: str = "batch",
+    weight_decay: float = 0.0,
+    regularizer: Callable[[dict], torch.Tensor] | None = None,
+    method: str = "graph",
+    block: str = "loop",
+    graph_memory: int | None = None,
+    check_determinism: bool = True,
+    process_group: Any = None,
+) -> HessianOperator:
+    """The Hessian of the mean training loss of ``model`` as a specdens operator.
+
+    The operator is ``H = sum_b (n_b / N) Hess(L_b) + weight_decay * I + Hess(R)`` at the
+    parameter values of the call: ``L_b`` is the mean loss of batch ``b`` over its ``n_b``
+    samples and ``N = sum_b n_b``, so uneven batches are weighted exactly; ``R`` is the
+    ``regularizer``. Products are exact (no sampling), in the model's dtype, on its device.
+
+    Parameters
+    ----------
+    model
+        A ``torch.nn.Module``. It is never modified: the operator works on clones of its
+        parameters and buffers taken here (so it stays the Hessian at this point even if
+        the model trains on), never writes ``.grad`` or ``requires_grad``, and restores any
+        mode it flips.
+    criterion
+        ``criterion(model(inputs), targets)``, with ``reduction='mean'`` (the batch mean,
+        weighted by ``n_b``) or ``reduction='sum'`` (divided by ``n_b`` here);
+        ``reduction='none'`` raises a ValueError. Exclusive with ``loss_fn``.
+    data
+        One batch, or a re-iterable of batches (a list, a ``DataLoader`` without shuffling:
+        batches must be the same on every pass; a difference raises a RuntimeError). One
+        batch is a tensor, a dict, or a tuple/list whose first item is a tensor; with a
+        criterion, batches are ``(inputs, targets)``. Tensors move to the model's device.
+    loss_fn
+        ``loss_fn(model, batch)`` for losses that are not ``criterion(model(x), y)``
+        (language models, PINNs). It returns either the batch's *mean* loss (its sample
+        count is then ``batch_size_fn(batch)`` or ``len(batch[0])``), or a pair
+        ``(mean_loss, count)`` (e.g. the number of non-padding tokens). It may call any
+        method of ``model``; their parameters are the operator's.
+    params
+        The parameters spanning the operator (default: those with ``requires_grad``):
+        names, ``fnmatch`` glob patterns (``"layer1.*"``) or parameter tensors. Vectors
+        follow ``model.named_parameters()`` order; see ``op.param_names``.
+    batch_size_fn
+        ``batch_size_fn(batch) -> count`` of samples in a batch (default ``len(batch[0])``).
+    batchnorm
+        ``"batch"`` (default, as in Ghorbani et al. 2019): BatchNorm layers normalise by
+        the statistics of each batch, so the Hessian depends on the batching;
+        ``"population"``: by their running statistics (eval-mode BatchNorm). Running
+        statistics are never updated. Other layers keep their current mode.
+    weight_decay
+        Adds ``weight_decay * I``, the Hessian of ``weight_decay / 2 * ||theta||^2``.
+    regularizer
+        ``regularizer(params) -> scalar`` of the dict of selected parameters (by name);
+        its Hessian is added (once, not per batch).
+    method
+        ``"graph"`` (default): the first-order graph of each batch is built once and kept
+        while ``graph_memory`` allows; a product is then one extra backward per vector
+        (``torch.autograd.grad`` with ``retain_graph``). Batches past the budget rebuild
+        their graph in every product (double backward). ``"forward"``: forward-over-
+        reverse with ``torch.func.jvp`` of ``torch.func.grad``, no kept graphs.
+    block
+        How ``matmat`` treats k vectors within its single pass over the data: ``"loop"``
+        (default, k backwards) or ``"batched"`` (one vectorised backward,
+        ``is_grads_batched=True``; ``torch.func.vmap`` for ``method="forward"``), which
+        needs k times the memory of one product.
+    graph_memory
+        Bytes the kept graphs may use (measured as the storages autograd saves); default
+        half of the device's free memory. ``0`` keeps none.
+    check_determinism
+        Evaluate the loss of the first batch twice and raise a RuntimeError if the values
+        differ (dropout in training mode).
+    process_group
+        ``torch.distributed`` group to reduce over (default: the default group when
+        ``torch.distributed`` is initialised). Each rank passes over its own shard; the
+        products and counts are all-reduced, so every rank holds the Hessian of all data.
+
+    Returns
+    -------
+    HessianOperator
+        ``shape == (n, n)``, ``dtype`` the model's, ``device`` the model's; ``matvec``,
+        ``matmat``, ``to_dense()``; ``param_names``, ``unflatten(v)``, ``flatten(d)``,
+        ``num_samples``, ``num_stored`` (batches with kept graphs), ``graph_bytes``.
+
+    References
+    ----------
+    B. Ghorbani, S. Krishnan, Y. Xiao (2019), An Investigation into Neural Net Optimization
+    via Hessian Eigenvalue Density, ICML. B. A. Pearlmutter (1994), Fast exact
+    multiplication by the Hessian, Neural Computation 6(1).
+
+    Examples
+    --------
+    >>> op = hessian(model, torch.nn.CrossEntropyLoss(), loader)      # doctest: +SKIP
+    >>> density = specdens.slq(op, num_steps=90, num_probes=10)      # doctest: +SKIP
+    """
+    if data is None:
+        raise TypeError("hessian needs data: one (inputs, targets) batch or an iterable of "
+                        "batches")
+    loss = BatchLoss(model, criterion, loss_fn, batch_size_fn=batch_size_fn, params=params,
+                     batchnorm=batchnorm)
+    return HessianOperator(loss, data, method=method, block=block, weight_decay=weight_decay,
+                           regularizer=regularizer, graph_memory=graph_memory,
+                           check_determinism=check_determinism, process_group=process_group)

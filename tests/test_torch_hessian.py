@@ -1,0 +1,420 @@
+"""The torch Hessian operator against torch.func.hessian of the same loss (float64).
+
+Tolerance: the operator and the reference compute the same sums in float64 in different
+orders; the rounding of one Hessian entry is a few ulps of the largest terms, so the
+relative Frobenius error is ~1e-15 to 1e-14 here. 1e-10 leaves room for the
+conditioning of the sums, not for a wrong weight (a mis-weighted batch gives ~1e-1).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from specdens.backends.torch import ModelState, gradient, hessian
+from specdens.backends.torch._state import normalisation_modes
+from torch.func import functional_call
+
+import specdens
+
+TOL = 1e-10
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(),
+                               torch.nn.Linear(7, 3)).double()
+
+
+def cnn(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3), torch.nn.BatchNorm2d(3), torch.nn.Tanh(),
+        torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 4)).double()
+
+
+def classification(n=23, d=5, c=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=torch.float64), torch.randint(0, c, (n,),
+                                                                              generator=g)
+
+
+def uneven(X, y, sizes):
+    out, s = [], 0
+    for k in sizes:
+        out.append((X[s:s + k], y[s:s + k]))
+        s += k
+    assert s == len(X)
+    return out
+
+
+def flat_loss(model, names, batch_loss, batchnorm="batch"):
+    """theta -> loss, through functional_call on a private copy of the model."""
+    m = copy.deepcopy(model)
+    base = {n: p.detach() for n, p in m.named_parameters()}
+    shapes = [base[n].shape for n in names]
+
+    def f(theta):
+        d, o = dict(base), 0
+        for n, s in zip(names, shapes, strict=True):
+            k = s.numel()
+            d[n] = theta[o:o + k].reshape(s)
+            o += k
+        with normalisation_modes(m, batchnorm):
+            return batch_loss(lambda x: functional_call(m, d, (x,)))
+    theta0 = torch.cat([base[n].reshape(-1) for n in names])
+    return f, theta0
+
+
+def reference(model, batches, criterion, names=None, batchnorm="batch", engine="func"):
+    """sum_b (n_b / N) Hess(L_b) by torch.func.hessian, batch by batch.
+
+    ``engine="autograd"``: by torch.autograd.functional.hessian (reverse-over-reverse)
+    instead. With BatchNorm on batch statistics, torch 2.13's torch.func.hessian (and
+    jacrev of jacrev) is wrong by ~1e-2 relative while reverse-over-reverse matches central
+    finite differences of the gradient to 1e-10 (checked on this CNN): the BatchNorm test
+    uses "autograd" and checks it against finite differences.
+    """
+    hess = torch.func.hessian if engine == "func" else (
+        lambda f: lambda t: torch.autograd.functional.hessian(f, t))
+    names = names or [n for n, _ in model.named_parameters()]
+    N = sum(len(x) for x, _ in batches)
+    H = 0
+    for x, y in batches:
+        f, t0 = flat_loss(model, names, lambda fw, x=x, y=y: criterion(fw(x), y), batchnorm)
+        H = H + (len(x) / N) * hess(f)(t0)
+    return H
+
+
+def rel(A, B):
+    return float(torch.linalg.norm(A - B) / torch.linalg.norm(B))
+
+
+@pytest.mark.parametrize("method,block,graph_memory", [
+    ("graph", "loop", None), ("graph", "batched", None), ("graph", "loop", 0),
+    ("forward", "loop", None), ("forward", "batched", None)])
+def test_mlp_uneven_batches(method, block, graph_memory):
+    model = mlp()
+    X, y = classification()
+    crit = torch.nn.CrossEntropyLoss()
+    batches = uneven(X, y, [10, 10, 3])
+    op = hessian(model, crit, batches, method=method, block=block, graph_memory=graph_memory)
+    assert op.shape == (sum(p.numel() for p in model.parameters()),) * 2
+    assert op.dtype == torch.float64 and op.num_samples == 23
+    # the uneven batching is the full-batch Hessian: compare with one batch of all 23
+    H_full = reference(model, [(X, y)], crit)
+    assert rel(op.to_dense(), H_full) <= TOL
+    if method == "graph":
+        assert op.num_stored == (3 if graph_memory is None else 0)
+
+
+def test_equal_weighting_would_be_wrong():
+    """Guard that the test above can fail: the equal-weight average differs by >> TOL."""
+    model = mlp()
+    X, y = classification()
+    crit = torch.nn.CrossEntropyLoss()
+    batches = uneven(X, y, [10, 10, 3])
+    wrong = sum(reference(model, [b], crit) for b in batches) / 3
+    assert rel(wrong, reference(model, [(X, y)], crit)) > 1e-3
+
+
+def test_partial_graph_budget_is_exact():
+    model = mlp()
+    X, y = classification()
+    crit = torch.nn.CrossEntropyLoss()
+    batches = uneven(X, y, [10, 10, 3])
+    probe = hessian(model, crit, batches[:1])
+    op = hessian(model, crit, batches, graph_memory=probe.graph_bytes)
+    assert op.num_stored == 1 and 0 < op.graph_bytes
+    assert rel(op.to_dense(), reference(model, [(X, y)], crit)) <= TOL
+
+
+@pytest.mark.parametrize("batchnorm", ["batch", "population"])
+def test_cnn_batchnorm_modes(batchnorm):
+    model = cnn()
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # non-trivial running statistics for the population mode
+        model[1].running_mean.copy_(torch.randn(3, generator=g, dtype=torch.float64))
+        model[1].running_var.copy_(torch.rand(3, generator=g, dtype=torch.float64) + 0.5)
+    X = torch.randn(13, 2, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (13,), generator=g)
+    crit = torch.nn.CrossEntropyLoss()
+    batches = uneven(X, y, [8, 5])
+    before = ModelState.capture(model)
+    op = hessian(model, crit, batches, batchnorm=batchnorm)
+    H = op.to_dense()
+    H_ref = reference(model, batches, crit, batchnorm=batchnorm, engine="autograd")
+    assert rel(H, H_ref) <= TOL
+    other = "population" if batchnorm == "batch" else "batch"
+    assert rel(H, reference(model, batches, crit, batchnorm=other, engine="autograd")) > 1e-3
+    if batchnorm == "population":
+        assert rel(H, reference(model, batches, crit, batchnorm=batchnorm)) <= TOL
+    # the reference itself against central differences of the exact gradient, on a few
+    # columns: truncation h^2 |f'| + rounding eps |g| / h, both ~1e-10 at h = 1e-5
+    names = [n for n, _ in model.named_parameters()]
+    h = 1e-5
+    for x_b, y_b in batches[:1]:
+        f, t0 = flat_loss(model, names, lambda fw, x_b=x_b, y_b=y_b: crit(fw(x_b), y_b),
+                          batchnorm)
+        H_b = reference(model, [(x_b, y_b)], crit, batchnorm=batchnorm, engine="autograd")
+        for i in (0, 7, 40, t0.numel() - 1):
+            e = torch.zeros_like(t0)
+            e[i] = h
+            fd = (torch.func.grad(f)(t0 + e) - torch.func.grad(f)(t0 - e)) / (2 * h)
+            assert float(torch.linalg.norm(fd - H_b[:, i])) <= 1e-7 * float(H_b.norm())
+    assert before.differences(model) == []
+
+
+def test_population_needs_running_stats():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(
+        4, track_running_stats=False)).double()
+    with pytest.raises(ValueError, match="running statistics"):
+        hessian(model, torch.nn.MSELoss(), (torch.randn(5, 3).double(),
+                                            torch.randn(5, 4).double()),
+                batchnorm="population")
+    with pytest.raises(ValueError, match="batchnorm="):
+        hessian(model, torch.nn.MSELoss(), (torch.randn(5, 3).double(),
+                                            torch.randn(5, 4).double()), batchnorm="eval")
+
+
+def test_custom_loss_with_counts():
+    """A token-style loss: loss_fn returns (mean over valid tokens, number of tokens), so
+    batches weigh by their token counts, not their lengths."""
+    model = mlp()
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(20, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (20,), generator=g)
+    mask = torch.rand(20, generator=g) < 0.6
+    batches = [(X[:12], y[:12], mask[:12]), (X[12:], y[12:], mask[12:])]
+
+    def loss_fn(m, batch):
+        x, t, keep = batch
+        losses = torch.nn.functional.cross_entropy(m(x), t, reduction="none")
+        return losses[keep].mean(), int(keep.sum())
+
+    op = hessian(model, data=batches, loss_fn=loss_fn)
+    assert op.num_samples == int(mask.sum())
+    crit = torch.nn.CrossEntropyLoss()
+    H_ref = reference(model, [(X[mask], y[mask])], crit)
+    assert rel(op.to_dense(), H_ref) <= TOL
+
+
+def test_custom_loss_mean_with_batch_size_fn():
+    """A PINN-style residual loss on collocation points (no targets): loss_fn returns the
+    batch mean and the count comes from batch_size_fn (or len(batch[0]))."""
+    model = torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 1)).double()
+    g = torch.Generator().manual_seed(5)
+    pts = torch.rand(17, 1, generator=g, dtype=torch.float64)
+
+    def loss_fn(m, batch):
+        (x,) = batch
+        return ((m(x) - torch.sin(3 * x)) ** 2).mean()
+
+    batches = [(pts[:9],), (pts[9:],)]
+    op1 = hessian(model, data=batches, loss_fn=loss_fn)
+    op2 = hessian(model, data=[{"x": pts[:9]}, {"x": pts[9:]}],
+                  loss_fn=lambda m, b: loss_fn(m, (b["x"],)),
+                  batch_size_fn=lambda b: b["x"].shape[0])
+    names = [n for n, _ in model.named_parameters()]
+    f, t0 = flat_loss(model, names, lambda fw: ((fw(pts) - torch.sin(3 * pts)) ** 2).mean())
+    H_ref = torch.func.hessian(f)(t0)
+    assert rel(op1.to_dense(), H_ref) <= TOL
+    assert rel(op2.to_dense(), H_ref) <= TOL
+
+
+def test_parameter_subset_by_glob_and_tensor():
+    model = mlp()
+    X, y = classification()
+    crit = torch.nn.CrossEntropyLoss()
+    names = ["2.weight", "2.bias"]
+    H_ref = reference(model, [(X, y)], crit, names=names)
+    by_glob = hessian(model, crit, (X, y), params="2.*")
+    by_tensor = hessian(model, crit, (X, y), params=[model[2].bias, model[2].weight])
+    assert by_glob.param_names == names and by_tensor.param_names == names
+    assert by_glob.shape == (3 * 7 + 3,) * 2
+    assert rel(by_glob.to_dense(), H_ref) <= TOL
+    assert rel(by_tensor.to_dense(), H_ref) <= TOL
+    with pytest.raises(ValueError, match="matches no parameter"):
+        hessian(model, crit, (X, y), params="5.*")
+    with pytest.raises(ValueError, match="not a parameter"):
+        hessian(model, crit, (X, y), params=[torch.zeros(3)])
+
+
+def test_frozen_parameters_are_left_out_by_default():
+    model = mlp()
+    model[0].weight.requires_grad_(False)
+    X, y = classification()
+    op = hessian(model, torch.nn.CrossEntropyLoss(), (X, y))
+    assert op.param_names == ["0.bias", "2.weight", "2.bias"]
+    assert model[0].weight.requires_grad is False
+
+
+def test_weight_decay_and_regularizer():
+    model = mlp()
+    X, y = classification()
+    crit = torch.nn.CrossEntropyLoss()
+    H_ref = reference(model, [(X, y)], crit)
+    n = H_ref.shape[0]
+    wd = 0.3
+    op = hessian(model, crit, (X, y), weight_decay=wd)
+    assert rel(op.to_dense(), H_ref + wd * torch.eye(n, dtype=torch.float64)) <= TOL
+
+    def reg(p):  # a non-quadratic penalty: its Hessian is not a multiple of I
+        return sum((t ** 4).sum() for t in p.values()) * 0.01
+
+    names = [nm for nm, _ in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    H_reg = torch.func.hessian(lambda t: 0.01 * (t ** 4).sum())(theta)
+    op = hessian(model, crit, (X, y), regularizer=reg)
+    assert op.param_names == names
+    assert rel(op.to_dense(), H_ref + H_reg) <= TOL
+    g = gradient(model, crit, (X, y), weight_decay=wd, regularizer=reg)
+    f, t0 = flat_loss(model, names, lambda fw: crit(fw(X), y))
+    g_ref = torch.func.grad(f)(t0) + wd * t0 + 0.04 * t0 ** 3
+    assert float(torch.linalg.norm(g - g_ref) / torch.linalg.norm(g_ref)) <= TOL
+
+
+def test_gradient_uneven_batches_and_grad_untouched():
+    model = mlp()
+    X, y = classification()
+    crit = torch.nn.CrossEntropyLoss()
+    names = [n for n, _ in model.named_parameters()]
+    f, t0 = flat_loss(model, names, lambda fw: crit(fw(X), y))
+    g_ref = torch.func.grad(f)(t0)
+    before = ModelState.capture(model)
+    g = gradient(model, crit, uneven(X, y, [10, 10, 3]))
+    assert g.shape == t0.shape and g.dtype == torch.float64
+    assert float(torch.linalg.norm(g - g_ref) / torch.linalg.norm(g_ref)) <= TOL
+    assert before.differences(model) == []
+    sub = gradient(model, crit, (X, y), params="2.*")
+    assert torch.allclose(sub, g_ref[-24:], rtol=0, atol=TOL * float(g_ref.norm()))
+
+
+def test_reduction_sum_and_none():
+    model = mlp()
+    X, y = classification()
+    batches = uneven(X, y, [10, 13])
+    H_ref = reference(model, [(X, y)], torch.nn.CrossEntropyLoss())
+    op = hessian(model, torch.nn.CrossEntropyLoss(reduction="sum"), batches)
+    assert rel(op.to_dense(), H_ref) <= TOL
+    with pytest.raises(ValueError, match="reduction='none'"):
+        hessian(model, torch.nn.CrossEntropyLoss(reduction="none"), batches)
+
+
+def test_model_state_unchanged_bit_for_bit():
+    """Parameters, buffers (BatchNorm running statistics and num_batches_tracked), .grad,
+    requires_grad and train/eval modes are identical after every call."""
+    model = cnn()
+    model.train()
+    model[2].eval()                       # a mixed-mode model
+    model[0].bias.requires_grad_(False)
+    g = torch.Generator().manual_seed(6)
+    X = torch.randn(10, 2, 6, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 4, (10,), generator=g)
+    crit = torch.nn.CrossEntropyLoss()
+    crit(model(X), y).backward()          # .grad set (and running stats moved once)
+    model[4].bias.grad = None             # and one .grad left empty
+    before = ModelState.capture(model)
+    for bn in ("batch", "population"):
+        for method in ("graph", "forward"):
+            op = hessian(model, crit, [(X[:6], y[:6]), (X[6:], y[6:])], batchnorm=bn,
+                         method=method, graph_memory=0 if method == "forward" else None)
+            specdens.slq(op, num_steps=5, num_probes=2)
+        gradient(model, crit, (X, y), batchnorm=bn)
+    assert before.differences(model) == []
+    # the comparison is not vacuous
+    with torch.no_grad():  # one ulp in one entry
+        rm = model[1].running_mean
+        rm[0] = torch.nextafter(rm[0], torch.tensor(float("inf"), dtype=rm.dtype))
+    assert before.differences(model) == ["buffers[1.running_mean]: values changed"]
+    before.restore(model)
+    assert before.differences(model) == []
+
+
+def test_operator_is_a_snapshot():
+    model = mlp()
+    X, y = classification()
+    crit = torch.nn.CrossEntropyLoss()
+    for graph_memory in (None, 0):
+        op = hessian(model, crit, (X, y), graph_memory=graph_memory)
+        v = torch.randn(op.shape[0], dtype=torch.float64)
+        a = op @ v
+        with torch.no_grad():
+            model[0].weight.mul_(2.0)
+        assert torch.equal(op @ v, a)
+        with torch.no_grad():
+            model[0].weight.mul_(0.5)
+
+
+def test_dropout_in_train_mode_is_detected():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.5),
+                                torch.nn.Linear(8, 3)).double()
+    X, y = classification()
+    crit = torch.nn.CrossEntropyLoss()
+    with pytest.raises(RuntimeError, match=r"not deterministic.*1 \(Dropout\)"):
+        hessian(model, crit, (X, y))
+    model[1].eval()
+    hessian(model, crit, (X, y))
+    model[1].train()
+    hessian(model, crit, (X, y), check_determinism=False)  # opted out: builds
+
+
+def test_data_that_changes_between_passes_is_detected():
+    model = mlp()
+    X, y = classification()
+    batches = uneven(X, y, [10, 13])
+    op = hessian(model, torch.nn.CrossEntropyLoss(), batches, graph_memory=0)
+    v = torch.randn(op.shape[0], dtype=torch.float64)
+    op @ v
+    batches.reverse()                     # what a shuffling loader does
+    with pytest.raises(RuntimeError, match="different batches"):
+        op @ v
+    batches.pop()
+    with pytest.raises(RuntimeError, match="yielded 1 batches"):
+        op @ v
+
+
+def test_dataloader_and_clear_errors():
+    model = mlp()
+    X, y = classification()
+    crit = torch.nn.CrossEntropyLoss()
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=10)
+    op = hessian(model, crit, loader, graph_memory=0)
+    assert rel(op.to_dense(), reference(model, [(X, y)], crit)) <= TOL
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        hessian(model, crit, (b for b in uneven(X, y, [10, 13])))
+    with pytest.raises(TypeError, match="exactly one of criterion"):
+        hessian(model, crit, (X, y), loss_fn=lambda m, b: 0)
+    with pytest.raises(TypeError, match="needs data"):
+        hessian(model, crit)
+    with pytest.raises(ValueError, match=r"\(inputs, targets\)"):
+        hessian(model, crit, [(X, y, y)])
+    with pytest.raises(TypeError, match="dtype torch.float64"):
+        op @ torch.randn(op.shape[0], dtype=torch.float32)
+    with pytest.raises(ValueError, match="shape"):
+        op @ torch.randn(op.shape[0] + 1, dtype=torch.float64)
+    with pytest.raises(ValueError, match="cannot tell how many samples"):
+        hessian(model, data=[("inputs", X)], loss_fn=lambda m, b: m(b[1]).pow(2).mean())
+    op = hessian(model, data=torch.randn(4, 5, dtype=torch.float64),  # a bare tensor batch
+                 loss_fn=lambda m, b: m(b).pow(2).mean())
+    assert op.num_samples == 4
+    with pytest.raises(TypeError, match="different dtypes"):
+        mixed = mlp()
+        mixed[2].float()
+        hessian(mixed, crit, (X, y))
+
+
+def test_float32_model_gives_float32_vectors_and_slq_runs():
+    model = mlp().float()
+    X, y = classification()
+    op = hessian(model, torch.nn.CrossEntropyLoss(), (X.float(), y))
+    assert op.dtype == torch.float32 and str(op.device) == "cpu"
+    v = torch.randn(op.shape[0])
+    assert (op @ v).dtype == torch.float32
+    H64 = reference(mlp(), [(X, y)], torch.nn.CrossEntropyLoss())
+    assert rel(op.to_dense().double(), H64) <= 1e-5  # float32 rounding (eps 1.2e-7)
+    density = specdens.slq(op, num_steps=10, num_probes=2)
+    assert density.n == op.shape[0]
