@@ -175,10 +175,17 @@ def test_auto_picks_by_memory_budget(spectrum_matrix):
     A, _ = spectrum_matrix
     n = A.shape[0]
     full = specdens.lanczos(A, 30, reorth="auto", max_basis_bytes=30 * n * 8)
+    half = specdens.lanczos(A, 30, reorth="auto", max_basis_bytes=15 * n * 8)
     local = specdens.lanczos(A, 30, reorth="auto", max_basis_bytes=5 * n * 8)
     none = specdens.lanczos(A, 30, reorth="auto", max_basis_bytes=n * 8)
-    assert (full.reorth, local.reorth, none.reorth) == ("full", "local", "none")
+    assert (full.reorth, half.reorth, local.reorth, none.reorth) == (
+        "full", "full", "local", "none")
+    assert (full.basis_dtype, half.basis_dtype) == ("float64", "float32")
     assert local.window == 5
+    # an explicit basis dtype is kept: then a window that fits
+    kept = specdens.lanczos(A, 30, reorth="auto", basis_dtype="float64",
+                            max_basis_bytes=15 * n * 8)
+    assert (kept.reorth, kept.window, kept.basis_dtype) == ("local", 15, "float64")
     assert specdens.lanczos(A, 10, reorth="auto").reorth == "full"
 
 

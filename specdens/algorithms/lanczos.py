@@ -149,7 +149,9 @@ def lanczos(
         ``"full"``: classical Gram-Schmidt twice (CGS2) against all previous vectors,
         kept in a preallocated basis; ``"local"``: against the last ``window`` vectors;
         ``"none"``: three-term recurrence only, O(n) memory per probe; ``"auto"``: full
-        when its basis fits in ``max_basis_bytes``, else local, else none.
+        when its basis fits in ``max_basis_bytes``, else (unless ``basis_dtype`` was given)
+        full with a float32 basis, else local with the largest window that fits, else
+        none. The result's ``reorth``, ``window`` and ``basis_dtype`` say what ran.
     window
         Window length for ``reorth="local"``.
     dtype, basis_dtype
@@ -201,9 +203,6 @@ def lanczos(
             "no float64 now (for JAX, enable jax_enable_x64); use dtype='float32'"
         )
     basis_name = _checks.float_dtype_name(basis_dtype, "basis_dtype", default=work)
-    wdt, bdt = _array.xp_dtype(xp, work), _array.xp_dtype(xp, basis_name)
-    if breakdown_tol is None:
-        breakdown_tol = float(np.sqrt(max(_array.finfo_eps(work), _array.finfo_eps(basis_name))))
     m = min(num_steps, n)
 
     explicit, kind = _parse_probes(probes, op, num_probes)
@@ -212,13 +211,16 @@ def lanczos(
     block = num_probes if block_size is None else _checks.positive_int(block_size, "block_size")
     block = min(block, num_probes)
 
+    mode, win, basis_name = _resolve_reorth(reorth, m, n, block, basis_name, window,
+                                            max_basis_bytes, xp, device,
+                                            basis_fixed=basis_dtype is not None)
+    wdt, bdt = _array.xp_dtype(xp, work), _array.xp_dtype(xp, basis_name)
+    if breakdown_tol is None:
+        breakdown_tol = float(np.sqrt(max(_array.finfo_eps(work), _array.finfo_eps(basis_name))))
     matvecs = 0
     if check_symmetry:
         _check_symmetry(op, seed, wdt)
         matvecs += 2
-
-    mode, win = _resolve_reorth(reorth, m, n, block, basis_name, window, max_basis_bytes, xp,
-                                device)
     if return_basis and mode != "full":
         raise ValueError(f"return_basis=True needs reorth='full' (this run uses {mode!r})")
     if check_every is None:
@@ -334,14 +336,16 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
             _checks.check_product(op, Aq, k)
         w = xp.matrix_transpose(xp.astype(Aq, wdt, copy=False)) - beta_prev[:, None] * q_prev
         alpha = _rowdot(xp, q, w)
-        w = w - alpha[:, None] * q
+        # ``w`` is a fresh array of ours: update it in place (JAX arrays, which have no
+        # in-place operators, are rebound by ``-=`` instead).
+        w -= alpha[:, None] * q
         if Q is not None:
             Qs = Q[:, : j + 1, :] if (mode == "full" and not fixed_shapes) else Q
             for sweep in range(2):
                 wb = w if same_basis else xp.astype(w, bdt)
                 h = xp.matmul(Qs, wb[:, :, None])[:, :, 0]
                 corr = xp.matmul(xp.matrix_transpose(Qs), h[:, :, None])[:, :, 0]
-                w = w - (corr if same_basis else xp.astype(corr, wdt))
+                w -= corr if same_basis else xp.astype(corr, wdt)
                 hw = h if same_basis else xp.astype(h, wdt)
                 alpha = alpha + hw[:, slot]
                 if sweep == 0:
@@ -357,14 +361,15 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
                         safe_norm = xp.where(anorm > 0, anorm, xp.ones_like(anorm))
                         fac = xp.minimum(beta_prev / safe_norm, xp.ones_like(anorm))
                         asym = xp.maximum(asym, xp.max(older, axis=1) * fac)
-        beta = xp.sqrt(xp.sum(w * w, axis=1))
+        beta = xp.sqrt(_rowdot(xp, w, w))
         anorm = xp.maximum(anorm, xp.abs(alpha) + beta + beta_prev)
         active = active & (beta > tol * anorm)
         al.append(alpha)
         be.append(beta)
         ac.append(active)
         safe = xp.where(active, beta, xp.ones_like(beta))
-        q_prev, q = q, xp.where(active[:, None], w / safe[:, None], xp.zeros_like(w))
+        w *= xp.where(active, 1.0 / safe, xp.zeros_like(safe))[:, None]
+        q_prev, q = q, w
         beta_prev = xp.where(active, beta, xp.zeros_like(beta))
         on_step(j + 1)
         if check_every and ((j + 1) % check_every == 0) and j + 1 < m:
@@ -445,20 +450,28 @@ def _check_symmetry(op: Any, seed: int, wdt: Any) -> None:
         )
 
 
-def _resolve_reorth(reorth, m, n, block, basis_name, window, budget, xp, device):
-    itemsize = 4 if basis_name == "float32" else 8
+def _resolve_reorth(reorth, m, n, block, basis_name, window, budget, xp, device, *,
+                    basis_fixed):
+    """The reorthogonalisation mode, window and basis dtype that fit the budget.
+
+    ``"auto"``: a full basis in ``basis_name``; else, when the basis dtype was not given,
+    a full float32 basis (CGS2 in float32 keeps orthogonality at float32 precision, far
+    better than local reorthogonalisation); else a local window; else none.
+    """
     win = min(window, m)
     if reorth != "auto":
-        return reorth, win
+        return reorth, win, basis_name
     if budget is None:
         budget = _memory.available_bytes(xp, device) // 2
-    per_vector = block * n * itemsize
+    per_vector = block * n * (4 if basis_name == "float32" else 8)
     if m * per_vector <= budget:
-        return "full", win
+        return "full", win, basis_name
+    if not basis_fixed and basis_name == "float64" and m * per_vector // 2 <= budget:
+        return "full", win, "float32"
     fit = int(budget // per_vector)
     if fit >= 2:
-        return "local", min(win, fit)
-    return "none", win
+        return "local", min(win, fit), basis_name
+    return "none", win, basis_name
 
 
 def _parse_probes(probes: Any, op: Any, num_probes: int) -> tuple[Any, str]:
