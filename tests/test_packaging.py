@@ -27,12 +27,13 @@ def test_import_specdens_imports_no_framework(tmp_path):
 
 def test_backends_are_subpackages_and_no_top_level_backends(tmp_path):
     out = _run(
-        "import importlib.util, specdens.backends.torch, specdens.backends.jax, "
-        "specdens.backends.tf, sys; print(importlib.util.find_spec('backends') is None, "
-        "'torch' in sys.modules)",
+        "import importlib.util, sys, specdens.backends; "
+        "print(importlib.util.find_spec('backends') is None, 'torch' in sys.modules); "
+        "import specdens.backends.torch, specdens.backends.jax, specdens.backends.tf; "
+        "print(specdens.backends.torch.__name__, 'torch' in sys.modules)",
         tmp_path,
     )
-    assert out == "True False"
+    assert out.splitlines() == ["True False", "specdens.backends.torch True"]
 
 
 def test_wheel_layout(tmp_path):
