@@ -1,0 +1,379 @@
+"""PyTorch Hessian SLQ: specdens against PyHessian, hessian-eigenthings and curvlinops.
+
+Every tool estimates the Hessian eigenvalue density of the same model, loss and data with
+the same number of Lanczos steps and probes, in the same process, alternately (the order
+rotates every repetition); the table reports medians. Workloads:
+
+* ``mlp``: MLP 64-32-10 (2410 parameters) on scikit-learn's digits, 1797 samples in one
+  full batch, cross-entropy, 90 steps x 10 probes;
+* ``cnn``: a small CNN (conv 3-8-16, global average pool, linear; 1562 parameters) over 8
+  batches of 64 random CIFAR-shaped images (3x32x32), 20 steps x 2 probes.
+
+Arithmetic is float32 (the model's dtype) for every tool: PyHessian builds its product
+vectors in float32 whatever the model, so a float64 comparison would not be one. The
+reference spectrum is ``numpy.linalg.eigvalsh`` of the dense Hessian of a float64 copy of
+the model (``specdens.testing.dense_eigenvalues``). Accuracy is the Wasserstein-1 distance
+between each tool's output and that spectrum, divided by the spectral range: on the
+quadrature nodes and weights where the tool returns them (specdens, PyHessian,
+hessian-eigenthings), else on its smoothed density sampled on its grid (curvlinops, whose
+Gaussian smoothing adds its own share). A faster tool that is wrong does not win.
+
+Rows: ``specdens`` is ``specdens.slq(hessian(model, criterion, data), ...)``; ``HVP floor``
+is one ``op.matvec(v)`` of that operator (graphs already built) times the number of
+Lanczos steps: the cost of the products alone. Time per step is (operator construction +
+SLQ) / (steps x probes); construction is also shown on its own.
+
+    python benchmarks/bench_torch.py                    # both workloads, 3 repetitions
+    python benchmarks/bench_torch.py --workloads mlp --repeats 5
+    python benchmarks/bench_torch.py --smoke            # tiny, for the test suite
+
+Competitors that are not installed are reported as "not run" rows: ``pip install pyhessian
+hessian-eigenthings curvlinops-for-pytorch`` (pip may then want to replace a CPU-only torch
+by a CUDA one through torchvision; ``--no-deps`` plus ``backpack-for-pytorch einconv
+linear_operator unfoldNd einops`` avoids it). PyHessian 0.1 calls ``torch.eig``, removed
+from torch; this script installs a shim (``torch.linalg.eigh`` in the legacy format) in its
+own process only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import _common
+
+TOOLS = ("specdens", "PyHessian", "hessian-eigenthings", "curvlinops")
+TARGETS = {"mlp": ("HVP floor", 1.1, 1.0), "cnn": (None, None, 0.7)}
+
+
+def install_torch_eig_shim() -> None:
+    """``torch.eig(A, eigenvectors=True)`` (removed in torch 2) for PyHessian's symmetric T."""
+    import torch
+
+    try:  # torch 2 keeps a stub that raises
+        torch.eig(torch.eye(1), eigenvectors=True)
+        return
+    except (AttributeError, RuntimeError):
+        pass
+
+    def eig(a: Any, eigenvectors: bool = False) -> tuple[Any, Any]:
+        w, v = torch.linalg.eigh(a)
+        vals = torch.stack([w, torch.zeros_like(w)], dim=1)
+        return vals, (v if eigenvectors else torch.empty(0, dtype=a.dtype))
+
+    torch.eig = eig
+    warnings.filterwarnings("ignore", message="Using backward.. with create_graph=True")
+
+
+# --------------------------------------------------------------------------- workloads
+
+
+def mlp_workload(smoke: bool) -> tuple[Any, list[tuple[Any, Any]]]:
+    import torch
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(d.target, dtype=torch.long)
+    if smoke:
+        x, y = x[:200], y[:200]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Tanh(),
+                                torch.nn.Linear(32, 10))
+    # a few steps of training, so the Hessian is not that of a random network
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(5 if smoke else 200):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, [(x, y)]
+
+
+def cnn_workload(smoke: bool) -> tuple[Any, list[tuple[Any, Any]]]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    nb, bs, px = (2, 8, 8) if smoke else (8, 64, 32)
+    data = [(torch.randn(bs, 3, px, px, generator=g),
+             torch.randint(0, 10, (bs,), generator=g)) for _ in range(nb)]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+    return model, data
+
+
+# --------------------------------------------------------------------------- tools
+# Each runner takes (model, data, steps, probes) and returns (setup s, slq s, nodes,
+# weights) where nodes/weights are the pooled measure (weights summing to 1), or the
+# tool's sampled density on its grid.
+
+
+def _pool(nodes: list[Any], weights: list[Any]) -> tuple[Any, Any]:
+    import numpy as np
+
+    x = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in nodes])
+    w = np.concatenate([np.asarray(a, dtype=np.float64).ravel() for a in weights])
+    keep = np.isfinite(x) & np.isfinite(w)
+    x, w = x[keep], np.abs(w[keep])
+    return x, w / w.sum()
+
+
+def run_specdens(model: Any, data: Any, steps: int, probes: int) -> tuple[Any, ...]:
+    import torch
+    from specdens.backends.torch import hessian
+
+    import specdens
+
+    crit = torch.nn.CrossEntropyLoss()
+    t0 = time.perf_counter()
+    op = hessian(model, crit, data[0] if len(data) == 1 else data)
+    t1 = time.perf_counter()
+    dens = specdens.slq(op, num_steps=steps, num_probes=probes, seed=0)
+    t2 = time.perf_counter()
+    x, w = dens.atoms()
+    return t1 - t0, t2 - t1, *_pool([x], [w])
+
+
+def run_pyhessian(model: Any, data: Any, steps: int, probes: int) -> tuple[Any, ...]:
+    import torch
+    from pyhessian import hessian as pyh_hessian
+
+    install_torch_eig_shim()
+    crit = torch.nn.CrossEntropyLoss()
+    t0 = time.perf_counter()
+    if len(data) == 1:
+        h = pyh_hessian(model, crit, data=data[0], cuda=False)
+    else:
+        h = pyh_hessian(model, crit, dataloader=data, cuda=False)
+    t1 = time.perf_counter()
+    nodes, weights = h.density(iter=steps, n_v=probes)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, *_pool(nodes, weights)
+
+
+def run_eigenthings(model: Any, data: Any, steps: int, probes: int) -> tuple[Any, ...]:
+    import torch
+    from hessian_eigenthings import HessianOperator, spectral_density, supervised_loss
+
+    crit = torch.nn.CrossEntropyLoss()
+    t0 = time.perf_counter()
+    op = HessianOperator(model, data, supervised_loss(crit))
+    t1 = time.perf_counter()
+    res = spectral_density(op, num_runs=probes, lanczos_steps=steps, seed=0)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, *_pool(list(res.raw_eigenvalues.cpu()),
+                                    list(res.raw_weights.cpu()))
+
+
+def run_curvlinops(model: Any, data: Any, steps: int, probes: int) -> tuple[Any, ...]:
+    import torch
+    from curvlinops import HessianLinearOperator, lanczos_approximate_spectrum
+
+    crit = torch.nn.CrossEntropyLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+    t0 = time.perf_counter()
+    op = HessianLinearOperator(model, crit, params, data)
+    t1 = time.perf_counter()
+    grid, density = lanczos_approximate_spectrum(op, steps, num_repeats=probes)
+    t2 = time.perf_counter()
+    g = grid.double().cpu().numpy()
+    return t1 - t0, t2 - t1, *_pool([g], [density.double().cpu().numpy() * (g[1] - g[0])])
+
+
+RUNNERS: dict[str, tuple[str, Callable[..., tuple[Any, ...]]]] = {
+    "specdens": ("specdens", run_specdens),
+    "PyHessian": ("pyhessian", run_pyhessian),
+    "hessian-eigenthings": ("hessian_eigenthings", run_eigenthings),
+    "curvlinops": ("curvlinops", run_curvlinops),
+}
+
+
+def importable(module: str) -> str | None:
+    """None if ``module`` imports, else the reason it does not."""
+    try:
+        __import__(module)
+    except Exception as exc:  # ImportError, or a broken install
+        return f"{type(exc).__name__}: {exc}".splitlines()[0][:80]
+    return None
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def floor_per_step(model: Any, data: Any, reps: int) -> float:
+    """Median seconds of one ``op.matvec(v)`` on the specdens operator, graphs built."""
+    import torch
+    from specdens.backends.torch import hessian
+
+    op = hessian(model, torch.nn.CrossEntropyLoss(), data[0] if len(data) == 1 else data)
+    v = torch.randn(op.shape[0], dtype=torch.float32)
+    op.matvec(v)
+    op.matvec(v)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        op.matvec(v)
+        ts.append(time.perf_counter() - t0)
+    return _common.median(ts)
+
+
+def reference_eigenvalues(model: Any, data: Any) -> Any:
+    import torch
+    from specdens.backends.torch import hessian
+
+    from specdens.testing import dense_eigenvalues
+
+    m64 = copy.deepcopy(model).double()
+    d64 = [(x.double(), y) for x, y in data]
+    op = hessian(m64, torch.nn.CrossEntropyLoss(), d64[0] if len(d64) == 1 else d64,
+                 block="batched")
+    return dense_eigenvalues(op, symmetrize=True)
+
+
+def w1_relative(x: Any, w: Any, lam: Any) -> float:
+    from scipy.stats import wasserstein_distance
+
+    return float(wasserstein_distance(x, lam, u_weights=w)) / float(lam[-1] - lam[0])
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
+def bench(name: str, model: Any, data: Any, steps: int, probes: int, repeats: int,
+          tools: list[str], reference: bool = True) -> list[str]:
+    import numpy as np
+
+    n = sum(p.numel() for p in model.parameters())
+    nsamp = sum(len(x) for x, _ in data)
+    print(f"\n## {name}: n = {n} parameters, {len(data)} batch(es), {nsamp} samples, "
+          f"{steps} steps x {probes} probes, float32, {repeats} alternating repetitions\n")
+    lam = None
+    if reference:
+        t0 = time.perf_counter()
+        lam = reference_eigenvalues(model, data)
+        print(f"dense reference: {n} eigenvalues in [{lam[0]:.4g}, {lam[-1]:.4g}] "
+              f"({time.perf_counter() - t0:.1f} s)\n")
+
+    notes: list[str] = []
+    ready = []
+    for tool in tools:
+        module, _ = RUNNERS[tool]
+        why = importable(module)
+        if why is None:
+            ready.append(tool)
+        else:
+            notes.append(f"{tool}: not run ({why})")
+    results: dict[str, dict[str, list[float]]] = {
+        t: {"setup": [], "slq": [], "w1": []} for t in ready}
+    failed: dict[str, str] = {}
+    for rep in range(repeats):
+        order = ready[rep % len(ready):] + ready[:rep % len(ready)] if ready else []
+        for tool in order:
+            if tool in failed:
+                continue
+            try:
+                setup, slq, x, w = RUNNERS[tool][1](copy.deepcopy(model), data, steps,
+                                                    probes)
+            except Exception as exc:
+                failed[tool] = f"{type(exc).__name__}: {exc}".splitlines()[0][:60]
+                continue
+            r = results[tool]
+            r["setup"].append(setup)
+            r["slq"].append(slq)
+            r["w1"].append(float("nan") if lam is None else w1_relative(x, w, lam))
+    floor = floor_per_step(model, data, max(5, 3 * repeats))
+    mv = steps * probes
+
+    headers = ["tool", "ms / step", "total s", "setup s", "SLQ s", "W1 / range",
+               "/ HVP floor", "/ fastest competitor"]
+    per_step = {t: (_common.median(r["setup"]) + _common.median(r["slq"])) / mv
+                for t, r in results.items() if r["slq"]}
+    comp = [per_step[t] for t in per_step if t != "specdens"]
+    fastest = min(comp) if comp else None
+    rows = []
+    for tool in tools:
+        if tool in per_step:
+            r = results[tool]
+            ps = per_step[tool]
+            rows.append([tool, fmt(1e3 * ps), fmt(ps * mv), fmt(_common.median(r["setup"])),
+                         fmt(_common.median(r["slq"])), f"{np.median(r['w1']):.2e}",
+                         f"{ps / floor:.2f}",
+                         "n/a" if fastest is None else f"{ps / fastest:.2f}"])
+        else:
+            why = failed.get(tool) or next(
+                (s.split(": ", 1)[1] for s in notes if s.startswith(tool + ":")), "skipped")
+            rows.append([tool, "not run (see below)", "", "", "", "", "", ""])
+    rows.append(["HVP floor (1 matvec)", fmt(1e3 * floor), fmt(floor * mv), "", "", "",
+                 "1.00", "n/a" if fastest is None else f"{floor / fastest:.2f}"])
+    print(_common.markdown_table(headers, rows))
+    for note in notes:
+        print(f"\n* {note}")
+    for tool, why in failed.items():
+        print(f"\n* {tool}: failed ({why})")
+    lines = []
+    if "specdens" in per_step:
+        key = "mlp" if name.startswith("MLP") else "cnn"
+        _, t_floor, t_comp = TARGETS[key]
+        if t_floor is not None:
+            lines.append(f"specdens / HVP floor = {per_step['specdens'] / floor:.2f} "
+                         f"(target <= {t_floor})")
+        if fastest is not None:
+            lines.append(f"specdens / fastest competitor = "
+                         f"{per_step['specdens'] / fastest:.2f} (target <= {t_comp})")
+    for line in lines:
+        print(f"\n{name}: {line}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--workloads", default="mlp,cnn", help="comma list of mlp, cnn")
+    p.add_argument("--steps", type=int, default=90, help="MLP Lanczos steps (default 90)")
+    p.add_argument("--probes", type=int, default=10, help="MLP probes (default 10)")
+    p.add_argument("--cnn-steps", type=int, default=20, help="CNN steps (default 20)")
+    p.add_argument("--cnn-probes", type=int, default=2, help="CNN probes (default 2)")
+    p.add_argument("--repeats", type=int, default=3, help="repetitions (default 3)")
+    p.add_argument("--tools", default=",".join(TOOLS), help="comma list of " + ", ".join(TOOLS))
+    p.add_argument("--no-reference", action="store_true",
+                   help="skip the dense Hessian (W1 column n/a); it costs n products")
+    p.add_argument("--threads", type=int, default=None, help="torch/BLAS threads")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny sizes (200 digits, 2 CNN batches of 8 at 8x8 px, 8 steps)")
+    args = p.parse_args(argv)
+    if args.smoke:
+        args.steps, args.probes, args.cnn_steps, args.cnn_probes, args.repeats = 8, 2, 6, 1, 1
+    _common.set_threads(args.threads)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tools = [t.strip() for t in args.tools.split(",") if t.strip()]
+    bad = [t for t in tools if t not in RUNNERS]
+    if bad:
+        p.error(f"unknown tools {bad}; choose from {list(TOOLS)}")
+    print("# PyTorch Hessian SLQ, side by side\n")
+    print(_common.environment_line() + f", torch {torch.__version__}, torch threads "
+          f"{torch.get_num_threads()}")
+    for w in [w.strip() for w in args.workloads.split(",") if w.strip()]:
+        if w == "mlp":
+            model, data = mlp_workload(args.smoke)
+            bench("MLP 64-32-10 on digits, one full batch", model, data, args.steps,
+                  args.probes, args.repeats, tools, not args.no_reference)
+        elif w == "cnn":
+            model, data = cnn_workload(args.smoke)
+            bench("CNN over CIFAR-shaped batches", model, data, args.cnn_steps,
+                  args.cnn_probes, args.repeats, tools, not args.no_reference)
+        else:
+            p.error(f"unknown workload {w!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
