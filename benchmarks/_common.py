@@ -81,16 +81,11 @@ def diagonal_operator(d: Any) -> Any:
     return DiagonalOperator(d)
 
 
-def available_bytes() -> int | None:
-    """``MemAvailable`` of /proc/meminfo in bytes (what the engine's "auto" budget halves)."""
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+def available_bytes() -> int:
+    """Free host memory in bytes: what the engine's ``reorth="auto"`` budget halves."""
+    from specdens._memory import host_available_bytes
+
+    return host_available_bytes()
 
 
 def proc_status_bytes(field: str) -> int | None:
