@@ -6,6 +6,13 @@ weight ``w_ij`` at Ritz value ``theta_ij``. For any ``f``,
 Hutchinson scale (1 for Rademacher and sphere probes). See Ubaru, Chen & Saad (2017),
 Fast estimation of tr(f(A)) via stochastic Lanczos quadrature, and Chen, Trogdon &
 Ubaru (2021), Analysis of stochastic Lanczos quadrature for spectrum approximation.
+
+A deflated estimate (``slq(..., deflate=k)``) adds ``k`` exact eigenvalues as atoms of
+mass ``1/n`` each to the quadrature of the deflated operator, whose probe scales carry the
+remaining ``(n - k)/n`` (see :mod:`specdens.algorithms.deflation`).
+
+:class:`DensityEstimate` is the interface shared with the kernel polynomial method
+(:class:`specdens.KPMDensity`), so that the two estimates can be swapped and compared.
 """
 
 from __future__ import annotations
@@ -15,37 +22,97 @@ import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import cached_property
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
-from scipy.special import ndtr
+from scipy.special import ndtr, ndtri
 
 from .algorithms.lanczos import LanczosResult
-from .algorithms.quadrature import quadrature_rules
+from .algorithms.quadrature import previous_rules, quadrature_rules
 
 FORMAT_NAME = "specdens.SpectralDensity"
 FORMAT_VERSION = 1
+"""Version of files without deflated eigenvalues (readable by every specdens)."""
+FORMAT_VERSION_DEFLATED = 2
+"""Version of files holding deflated eigenvalues, which older readers would drop."""
+READABLE_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_DEFLATED)
 KERNELS = ("gaussian", "lorentzian")
 
 
 @dataclass(frozen=True)
 class Estimate:
-    """A stochastic estimate: mean over probes and its standard error.
+    """A stochastic estimate: mean over probes, its standard error and its bias estimate.
 
-    ``stderr`` is the sample standard deviation over probes divided by
-    ``sqrt(num_probes)`` (NaN for a single probe).
+    Attributes
+    ----------
+    value
+        The mean over probes (a float, or an array for several functionals at once).
+    stderr
+        The sample standard deviation over probes divided by ``sqrt(num_probes)`` (NaN
+        for a single probe): the *variance* part of the error.
+    num_probes
+        Number of probes averaged.
+    quadrature_error
+        The *bias* part: an a-posteriori estimate of the quadrature error, the mean over
+        probes of ``|Q_m[f] - Q_{m-1}[f]|``, the change when the last Lanczos step is
+        dropped (0 for probes whose rule is exact: a breakdown or ``num_steps = n``).
+        It estimates the error of the ``(m-1)``-step rule, so it is pessimistic for the
+        ``m``-step one, whose error usually decays geometrically with ``m`` for smooth
+        ``f`` (Ubaru, Chen & Saad, 2017); for polynomials of degree ``<= 2m - 3`` both
+        rules are exact and it is rounding. NaN where no estimate exists.
     """
 
     value: Any
     stderr: Any
     num_probes: int
+    quadrature_error: Any = float("nan")
 
     def __float__(self) -> float:
         return float(self.value)
 
+    def interval(self, confidence: float = 0.95) -> tuple[Any, Any]:
+        """Normal confidence interval ``value -/+ z * stderr`` (``z`` the two-sided normal
+        quantile of ``confidence``); it accounts for the probe variance only."""
+        z = normal_quantile(confidence)
+        return (np.subtract(self.value, z * np.asarray(self.stderr)),
+                np.add(self.value, z * np.asarray(self.stderr)))
+
     def __repr__(self) -> str:
+        quad = ""
+        if np.any(np.isfinite(np.asarray(self.quadrature_error, dtype=float))):
+            quad = f", quadrature_error={_fmt(self.quadrature_error)}"
         return (f"Estimate(value={_fmt(self.value)}, stderr={_fmt(self.stderr)}, "
-                f"num_probes={self.num_probes})")
+                f"num_probes={self.num_probes}{quad})")
+
+
+def normal_quantile(confidence: float) -> float:
+    """The two-sided standard normal quantile ``z`` with ``P(|Z| <= z) = confidence``."""
+    if not (isinstance(confidence, (int, float, np.floating)) and 0.0 < confidence < 1.0):
+        raise ValueError(f"confidence must be a number in (0, 1); got {confidence!r}")
+    return float(ndtri(0.5 + 0.5 * float(confidence)))
+
+
+def estimate_from_samples(per_probe: np.ndarray, quadrature_error: Any = None) -> Estimate:
+    """:class:`Estimate` from per-probe values (first axis: probes).
+
+    Refuses non-finite values: a NaN is never averaged in.
+    """
+    per_probe = np.asarray(per_probe, dtype=np.float64)
+    if not np.all(np.isfinite(per_probe)):
+        raise FloatingPointError(
+            "a per-probe estimate is NaN or Inf (the function returned non-finite values at "
+            "some Ritz values or nodes?); specdens never averages such values in"
+        )
+    k = per_probe.shape[0]
+    mean = per_probe.mean(axis=0)
+    stderr = per_probe.std(axis=0, ddof=1) / np.sqrt(k) if k > 1 else np.full_like(mean, np.nan)
+    if quadrature_error is None:
+        quadrature_error = np.full_like(mean, np.nan)
+    quad = np.asarray(quadrature_error, dtype=np.float64)
+    return Estimate(mean if mean.ndim else float(mean),
+                    stderr if np.ndim(stderr) else float(stderr), k,
+                    quad if quad.ndim else float(quad))
 
 
 @dataclass(frozen=True)
@@ -71,6 +138,81 @@ def _fmt(x: Any) -> str:
     return f"{float(a):.6g}" if a.ndim == 0 else np.array2string(a, precision=6)
 
 
+@runtime_checkable
+class DensityEstimate(Protocol):
+    """What :class:`SpectralDensity` (SLQ) and :class:`specdens.KPMDensity` (the kernel
+    polynomial method) both offer, so that either can be used and they can be compared.
+
+    ``density(grid)`` returns ``(grid, values)``; ``cdf(x)`` the estimated fraction of
+    eigenvalues ``<= x``; ``moments(p)`` and ``trace(f)`` an :class:`Estimate` of
+    ``tr(A^p)/n`` and ``tr f(A)``; ``bounds()`` a :class:`SpectralBounds`.
+    """
+
+    n: int
+
+    def density(self, grid: Any = None) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def cdf(self, x: Any) -> np.ndarray: ...
+
+    def moments(self, p: Any) -> Estimate: ...
+
+    def trace(self, f: Callable[[np.ndarray], np.ndarray]) -> Estimate: ...
+
+    def fraction_negative(self, tol: float = 0.0) -> float: ...
+
+    def bounds(self) -> SpectralBounds: ...
+
+
+@dataclass(frozen=True)
+class ProbeConvergence:
+    """How an adaptive probe count (``slq(..., num_probes="auto")``) ended.
+
+    Attributes
+    ----------
+    converged
+        Whether ``quantile * stderr <= max(atol, rtol * |value|)`` held for every
+        component of the target before ``max_probes`` was reached.
+    num_probes, max_probes, probe_block
+        Probes used, the cap, and the number added per round.
+    target
+        The functional watched: ``"moments [1, 2]"``, ``"trace of <f>"`` or ``"density"``.
+    confidence, quantile
+        The confidence level and the quantile that multiplied the standard error
+        (Student's t with ``num_probes - 1`` degrees of freedom, which tends to the normal
+        quantile as probes are added).
+    rtol, atol
+        The tolerances.
+    worst_ratio
+        ``max(quantile * stderr / tolerance)`` over the target's components at the end
+        (``<= 1`` when converged).
+    history
+        ``(num_probes, worst_ratio)`` after each round.
+    """
+
+    converged: bool
+    num_probes: int
+    max_probes: int
+    probe_block: int
+    target: str
+    confidence: float
+    quantile: float
+    rtol: float
+    atol: float
+    worst_ratio: float
+    history: tuple = ()
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["history"] = [list(h) for h in self.history]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ProbeConvergence:
+        d = dict(d)
+        d["history"] = tuple(tuple(h) for h in d.get("history", ()))
+        return cls(**d)
+
+
 @dataclass(frozen=True, repr=False)
 class SpectralDensity:
     """Stochastic Lanczos quadrature estimate of an eigenvalue density.
@@ -85,9 +227,18 @@ class SpectralDensity:
     lengths : numpy.ndarray
         Lanczos steps each probe reached.
     probe_scales : numpy.ndarray
-        Hutchinson scales of the probes (1 except for Gaussian probes).
+        Hutchinson scales of the probes (1 except for Gaussian probes; for a deflated
+        estimate, the scale times the squared norm of the projected unit probe, whose
+        mean is ``(n - k) / n``).
     n, num_steps, num_probes, seed, reorth, probe_kind, wall_time, matvecs
-        Run metadata.
+        Run metadata (``matvecs`` includes the eigensolver's products when deflated).
+    deflated_eigenvalues, deflated_residuals : numpy.ndarray, shape (k,)
+        Eigenvalues removed by deflation and their residual norms ``||A x - lambda x||``:
+        exact atoms of mass ``1/n`` each in every functional (empty when not deflated).
+    convergence : ProbeConvergence or None
+        How the adaptive probe count ended (``num_probes="auto"``), else None.
+    extra : dict
+        Free-form metadata (JSON-serialisable), e.g. the deflation settings.
     """
 
     nodes: np.ndarray
@@ -103,6 +254,9 @@ class SpectralDensity:
     wall_time: float = float("nan")
     matvecs: int = 0
     extra: dict = field(default_factory=dict)
+    deflated_eigenvalues: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    deflated_residuals: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    convergence: ProbeConvergence | None = None
 
     # -- construction -----------------------------------------------------------
     @classmethod
@@ -125,6 +279,41 @@ class SpectralDensity:
             extra=dict(extra),
         )
 
+    @classmethod
+    def concatenate(cls, parts: list[SpectralDensity], **changes: Any) -> SpectralDensity:
+        """The probes of several estimates of the same operator as one estimate.
+
+        The parts must share ``n``, ``num_steps``, the probe kind and the deflated
+        eigenvalues; wall times and matvecs add up (``changes`` overrides fields of the
+        result, e.g. ``matvecs`` when the parts share an eigensolver run).
+        """
+        if not parts:
+            raise ValueError("concatenate needs at least one SpectralDensity")
+        first = parts[0]
+        for p in parts[1:]:
+            if (p.n, p.num_steps, p.probe_kind) != (first.n, first.num_steps, first.probe_kind):
+                raise ValueError("concatenate needs estimates with the same n, num_steps and "
+                                 "probe kind")
+            if not np.array_equal(p.deflated_eigenvalues, first.deflated_eigenvalues):
+                raise ValueError("concatenate needs estimates with the same deflated eigenvalues")
+        fields = dict(
+            nodes=np.concatenate([p.nodes for p in parts]),
+            weights=np.concatenate([p.weights for p in parts]),
+            residuals=np.concatenate([p.residuals for p in parts]),
+            lengths=np.concatenate([p.lengths for p in parts]),
+            probe_scales=np.concatenate([p.probe_scales for p in parts]),
+            n=first.n, num_steps=first.num_steps, seed=first.seed, reorth=first.reorth,
+            probe_kind=first.probe_kind,
+            wall_time=float(sum(p.wall_time for p in parts)),
+            matvecs=int(sum(p.matvecs for p in parts)),
+            extra=dict(first.extra),
+            deflated_eigenvalues=first.deflated_eigenvalues.copy(),
+            deflated_residuals=first.deflated_residuals.copy(),
+            convergence=None,
+        )
+        fields.update(changes)
+        return cls(**fields)
+
     @property
     def num_probes(self) -> int:
         return int(self.nodes.shape[0])
@@ -132,12 +321,23 @@ class SpectralDensity:
     def _valid(self) -> np.ndarray:
         return np.arange(self.nodes.shape[1])[None, :] < self.lengths[:, None]
 
+    @property
+    def num_deflated(self) -> int:
+        """Number of eigenvalues removed by deflation (exact atoms)."""
+        return int(self.deflated_eigenvalues.size)
+
     def atoms(self) -> tuple[np.ndarray, np.ndarray]:
         """The estimate as one discrete measure: locations and masses (summing to the
-        mean probe scale, 1 for Rademacher and sphere probes)."""
+        mean probe scale, 1 for Rademacher and sphere probes). A deflated estimate adds
+        its exact eigenvalues with mass ``1/n`` each; the total mass is then exactly 1
+        for sphere probes and 1 in expectation for the others."""
         mass = self.weights * self.probe_scales[:, None] / self.num_probes
         keep = self._valid() & (mass > 0)
-        return self.nodes[keep], mass[keep]
+        loc, mass = self.nodes[keep], mass[keep]
+        if self.num_deflated:
+            loc = np.concatenate([loc, self.deflated_eigenvalues])
+            mass = np.concatenate([mass, np.full(self.num_deflated, 1.0 / self.n)])
+        return loc, mass
 
     @property
     def spectral_range(self) -> float:
@@ -235,44 +435,80 @@ class SpectralDensity:
         return vals.reshape(x.shape)
 
     # -- functionals ------------------------------------------------------------
-    def _per_probe(self, f: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
-        fx = np.where(self._valid(), f(self.nodes), 0.0)
-        return self.probe_scales * np.sum(self.weights * fx, axis=1)
+    @staticmethod
+    def _rule_sums(f: Callable[[np.ndarray], np.ndarray], nodes: np.ndarray, weights: np.ndarray,
+                   valid: np.ndarray) -> np.ndarray:
+        fx = np.asarray(f(nodes), dtype=np.float64)
+        return np.sum(np.where(valid, weights * np.where(valid, fx, 0.0), 0.0), axis=1)
 
-    def _estimate(self, per_probe: np.ndarray) -> Estimate:
-        k = per_probe.shape[0]
-        mean = per_probe.mean(axis=0)
-        stderr = per_probe.std(axis=0, ddof=1) / np.sqrt(k) if k > 1 else np.full_like(mean, np.nan)
-        return Estimate(mean if mean.ndim else float(mean),
-                        stderr if np.ndim(stderr) else float(stderr), k)
+    def _per_probe(self, f: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Per-probe estimates of ``tr f(A) / n``: the probe's scaled quadrature plus the
+        exact deflated atoms."""
+        per = self.probe_scales * self._rule_sums(f, self.nodes, self.weights, self._valid())
+        if self.num_deflated:
+            per = per + float(np.sum(np.asarray(f(self.deflated_eigenvalues),
+                                                dtype=np.float64))) / self.n
+        return per
+
+    @cached_property
+    def _previous(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return previous_rules(self.nodes, self.weights, self.lengths, self.num_steps, self.n)
+
+    def _quadrature_error(self, f: Callable[[np.ndarray], np.ndarray]) -> float:
+        """Mean over probes of ``scale * |Q_m[f] - Q_{m-1}[f]|`` (NaN if undefined)."""
+        prev_nodes, prev_weights, defined = self._previous
+        if not np.all(defined):
+            return float("nan")
+        now = self._rule_sums(f, self.nodes, self.weights, self._valid())
+        before = self._rule_sums(f, prev_nodes, prev_weights, prev_weights > 0)
+        return float(np.mean(self.probe_scales * np.abs(now - before)))
+
+    def _estimate(self, per_probe: np.ndarray, quadrature_error: Any = None) -> Estimate:
+        return estimate_from_samples(per_probe, quadrature_error)
 
     def moments(self, p: int | Any) -> Estimate:
         """Estimate of ``tr(A^p) / n`` for an integer ``p`` or an array of them (exact per
-        probe for ``p <= 2 * num_steps - 1``)."""
+        probe for ``p <= 2 * num_steps - 1``), with standard errors and quadrature-error
+        estimates (see :class:`Estimate`)."""
         ps = np.asarray(p)
         if ps.dtype.kind not in "iu" or np.any(ps < 0):
             raise ValueError(f"moments need non-negative integer powers; got {p!r}")
-        per = np.stack([self._per_probe(lambda t, q=int(q): t**q) for q in ps.reshape(-1)], axis=1)
-        est = self._estimate(per.reshape((-1,) + ps.shape) if ps.ndim else per[:, 0])
-        return est
+        flat = [int(q) for q in ps.reshape(-1)]
+        per = np.stack([self._per_probe(lambda t, q=q: t**q) for q in flat], axis=1)
+        quad = np.array([self._quadrature_error(lambda t, q=q: t**q) for q in flat])
+        if ps.ndim:
+            return self._estimate(per.reshape((-1,) + ps.shape), quad.reshape(ps.shape))
+        return self._estimate(per[:, 0], quad[0])
 
     def trace(self, f: Callable[[np.ndarray], np.ndarray]) -> Estimate:
-        """Estimate of ``tr f(A)`` for a vectorised function ``f`` (e.g. ``numpy.exp``)."""
-        per = self._per_probe(lambda t: np.asarray(f(t), dtype=np.float64)) * self.n
-        return self._estimate(per)
+        """Estimate of ``tr f(A)`` for a vectorised function ``f`` (e.g. ``numpy.exp``),
+        with its standard error over probes (variance) and ``quadrature_error`` (bias
+        estimate from the last Lanczos step, see :class:`Estimate`)."""
+        g = lambda t: np.asarray(f(t), dtype=np.float64)  # noqa: E731
+        per = self._per_probe(g) * self.n
+        return self._estimate(per, self.n * self._quadrature_error(g))
 
     def fraction_negative(self, tol: float = 0.0) -> float:
         """Estimated fraction of eigenvalues below ``-tol``."""
         return float(self._estimate(self._per_probe(lambda t: (t < -tol).astype(float))).value)
 
     def bounds(self) -> SpectralBounds:
-        """Smallest and largest Ritz values over all probes, with their residual norms."""
+        """Smallest and largest Ritz values over all probes (and deflated eigenvalues),
+        with their residual norms."""
         valid = self._valid()
         nodes = np.where(valid, self.nodes, np.nan)
         i_lo = np.unravel_index(np.nanargmin(nodes), nodes.shape)
         i_hi = np.unravel_index(np.nanargmax(nodes), nodes.shape)
-        return SpectralBounds(float(self.nodes[i_lo]), float(self.nodes[i_hi]),
-                              float(self.residuals[i_lo]), float(self.residuals[i_hi]))
+        lo, lo_r = float(self.nodes[i_lo]), float(self.residuals[i_lo])
+        hi, hi_r = float(self.nodes[i_hi]), float(self.residuals[i_hi])
+        if self.num_deflated:
+            ev, res = self.deflated_eigenvalues, self.deflated_residuals
+            j_lo, j_hi = int(np.argmin(ev)), int(np.argmax(ev))
+            if ev[j_lo] < lo:
+                lo, lo_r = float(ev[j_lo]), float(res[j_lo])
+            if ev[j_hi] > hi:
+                hi, hi_r = float(ev[j_hi]), float(res[j_hi])
+        return SpectralBounds(lo, hi, lo_r, hi_r)
 
     # -- files ------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:
@@ -281,20 +517,33 @@ class SpectralDensity:
         Format: ``format`` = ``"specdens.SpectralDensity"``, ``version`` = 1; float64
         arrays ``nodes``, ``weights``, ``residuals`` (num_probes x num_steps),
         ``probe_scales`` (num_probes); int64 ``lengths``; ``meta`` a JSON object with
-        n, num_steps, seed, reorth, probe_kind, wall_time, matvecs and ``extra``.
+        n, num_steps, seed, reorth, probe_kind, wall_time, matvecs, ``extra`` and, for an
+        adaptive probe count, ``convergence``. A deflated estimate is written as version 2
+        with two more float64 arrays, ``deflated_eigenvalues`` and ``deflated_residuals``
+        (version-1 readers refuse it rather than silently drop the atoms).
         """
         meta = {
             "n": self.n, "num_steps": self.num_steps, "seed": self.seed, "reorth": self.reorth,
             "probe_kind": self.probe_kind, "wall_time": self.wall_time, "matvecs": self.matvecs,
             "extra": self.extra,
         }
+        if self.convergence is not None:
+            meta["convergence"] = self.convergence.to_dict()
+        arrays = dict(
+            nodes=self.nodes, weights=self.weights, residuals=self.residuals,
+            lengths=self.lengths.astype(np.int64), probe_scales=self.probe_scales,
+        )
+        version = FORMAT_VERSION
+        if self.num_deflated:
+            version = FORMAT_VERSION_DEFLATED
+            arrays["deflated_eigenvalues"] = np.asarray(self.deflated_eigenvalues, np.float64)
+            arrays["deflated_residuals"] = np.asarray(self.deflated_residuals, np.float64)
         with open(path, "wb") as fh:
             np.savez(
                 fh,
-                format=np.array(FORMAT_NAME), version=np.array(FORMAT_VERSION),
-                nodes=self.nodes, weights=self.weights, residuals=self.residuals,
-                lengths=self.lengths.astype(np.int64), probe_scales=self.probe_scales,
+                format=np.array(FORMAT_NAME), version=np.array(version),
                 meta=np.array(json.dumps(meta, default=_json_default)),
+                **arrays,
             )
 
     @classmethod
@@ -310,10 +559,13 @@ class SpectralDensity:
                 f"{path} is not a specdens SpectralDensity file (no '{FORMAT_NAME}' tag)"
             )
         version = int(data.get("version", -1))
-        if version != FORMAT_VERSION:
-            raise ValueError(f"{path} has format version {version}; this specdens reads version "
-                             f"{FORMAT_VERSION}")
-        missing = {"nodes", "weights", "residuals", "lengths", "probe_scales", "meta"} - set(data)
+        if version not in READABLE_VERSIONS:
+            raise ValueError(f"{path} has format version {version}; this specdens reads versions "
+                             f"{', '.join(map(str, READABLE_VERSIONS))}")
+        required = {"nodes", "weights", "residuals", "lengths", "probe_scales", "meta"}
+        if version == FORMAT_VERSION_DEFLATED:
+            required |= {"deflated_eigenvalues", "deflated_residuals"}
+        missing = required - set(data)
         if missing:
             raise ValueError(f"{path} is a corrupt specdens file: missing {sorted(missing)}")
         try:
@@ -330,6 +582,12 @@ class SpectralDensity:
             reorth=meta.get("reorth", "full"), probe_kind=meta.get("probe_kind", "rademacher"),
             wall_time=float(meta.get("wall_time", float("nan"))),
             matvecs=int(meta.get("matvecs", 0)), extra=meta.get("extra", {}),
+            deflated_eigenvalues=np.asarray(data.get("deflated_eigenvalues", np.zeros(0)),
+                                            dtype=np.float64),
+            deflated_residuals=np.asarray(data.get("deflated_residuals", np.zeros(0)),
+                                          dtype=np.float64),
+            convergence=(ProbeConvergence.from_dict(meta["convergence"])
+                         if meta.get("convergence") else None),
         )
         out._validate(str(path))
         return out
@@ -348,6 +606,9 @@ class SpectralDensity:
             raise ValueError(f"{where} is a corrupt specdens file: invalid lengths or weights")
         if not np.allclose(self.weights.sum(axis=1), 1.0, atol=1e-8):
             raise ValueError(f"{where} is a corrupt specdens file: weights do not sum to 1")
+        d, r = self.deflated_eigenvalues, self.deflated_residuals
+        if d.ndim != 1 or r.shape != d.shape or not np.all(np.isfinite(d)) or d.size >= self.n:
+            raise ValueError(f"{where} is a corrupt specdens file: invalid deflated eigenvalues")
 
     # -- plotting and display ---------------------------------------------------
     def plot(self, ax: Any = None, *, log_density: bool = True, sigma: float | None = None,
@@ -360,10 +621,13 @@ class SpectralDensity:
 
     def __repr__(self) -> str:
         b = self.bounds()
+        more = f", deflated={self.num_deflated}" if self.num_deflated else ""
+        if self.convergence is not None:
+            more += f", converged={self.convergence.converged}"
         return (
             f"SpectralDensity(n={self.n}, num_probes={self.num_probes}, "
             f"num_steps={self.num_steps}, "
-            f"reorth={self.reorth!r}, range=[{b.lower:.6g}, {b.upper:.6g}], "
+            f"reorth={self.reorth!r}, range=[{b.lower:.6g}, {b.upper:.6g}]{more}, "
             f"matvecs={self.matvecs}, wall_time={self.wall_time:.3g}s)"
         )
 

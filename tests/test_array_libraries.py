@@ -57,7 +57,12 @@ def test_torch_tensors_stay_torch(A, reorth):
 def test_torch_float32_operator_float64_arithmetic(A):
     torch = pytest.importorskip("torch")
     r = specdens.lanczos(torch.tensor(A, dtype=torch.float32), 15, return_basis=True)
-    assert r.basis.dtype == torch.float64 and r.dtype == "float64"
+    # float64 arithmetic; the basis of a float32 operator is float32 unless asked for
+    assert r.basis.dtype == torch.float32 and r.dtype == "float64"
+    assert r.basis_dtype == "float32"
+    r64 = specdens.lanczos(torch.tensor(A, dtype=torch.float32), 15, return_basis=True,
+                           basis_dtype="float64")
+    assert r64.basis.dtype == torch.float64 and r64.basis_dtype == "float64"
     r32 = specdens.lanczos(torch.tensor(A, dtype=torch.float32), 15, dtype="float32")
     assert r32.dtype == "float32"
     np.testing.assert_allclose(r32.alpha, r.alpha, atol=100 * np.finfo(np.float32).eps * 9)

@@ -64,7 +64,10 @@ def check_result(r: EigshResult, A: np.ndarray, lam: np.ndarray, which: str, k: 
     assert np.all(np.diff(r.eigenvalues) >= 0), "eigenvalues must be ascending"
     norm = float(np.max(np.abs(lam)))
     slack = 10 * r.ncv * eps * norm
-    assert r.anorm <= norm * (1 + 10 * eps)
+    # anorm is the largest |Ritz value| seen, a Rayleigh quotient: rounded inner products of
+    # length n put it up to n eps ||A|| above ||A|| (Higham's gamma_n bound); ~20 eps is
+    # seen at n = 300 with single-threaded BLAS
+    assert r.anorm <= norm * (1 + A.shape[0] * eps)
     # The convergence test, and the explicit residuals it implies.
     assert np.all(r.residual_estimates <= r.tol * r.anorm)
     assert np.all(r.residuals <= r.tol * norm + slack), (r.residuals, r.tol * norm)

@@ -9,6 +9,7 @@ import pytest
 from conftest import sym_from_spectrum
 
 import specdens
+import specdens.examples
 from specdens.algorithms.lanczos import LanczosWarning
 
 EPS = np.finfo(np.float64).eps
@@ -252,7 +253,8 @@ def test_asymmetry_is_detected(rng):
         (lambda A: specdens.lanczos(A, 0), ValueError, "num_steps must be at least 1"),
         (lambda A: specdens.lanczos(A, 2.5), TypeError, "num_steps must be an integer"),
         (lambda A: specdens.lanczos(A, 5, num_probes=0), ValueError, "num_probes"),
-        (lambda A: specdens.lanczos(A, 5, reorth="partial"), ValueError, "full, local, none, auto"),
+        (lambda A: specdens.lanczos(A, 5, reorth="selective"), ValueError,
+         "full, partial, local, none, auto"),
         (lambda A: specdens.lanczos(A, 5, probes="cauchy"), ValueError, "rademacher"),
         (lambda A: specdens.lanczos(A, 5, probes=np.ones(3)), ValueError, r"shape \(200,\)"),
         (lambda A: specdens.lanczos(A, 5, probes=np.zeros(200)), ValueError, "non-zero"),
@@ -306,3 +308,66 @@ def test_progress_callback(spectrum_matrix):
     seen = []
     specdens.lanczos(A, 7, num_probes=2, block_size=1, progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (14, 14) and seen[0] == (1, 14)
+
+
+# --------------------------------------------------------------------------- partial
+
+
+@pytest.mark.parametrize("example", ["hessian_like", "marchenko_pastur"])
+def test_partial_reorthogonalisation_matches_full(example, monkeypatch):
+    """Simon (1984): keeping |q_i^T q_j| <= sqrt(eps) makes T_m the projection of A on an
+    orthonormal basis of the Krylov space up to O(eps ||A||), so its Ritz values agree with
+    those of full reorthogonalisation to a small multiple of eps ||A|| (5 eps measured)."""
+    from specdens.algorithms import lanczos as engine
+
+    A = getattr(specdens.examples, example)(1500, seed=2)
+    sweeps = []
+    advance = engine._Omega.advance
+    monkeypatch.setattr(engine._Omega, "advance",
+                        lambda self, *a, **k: sweeps.append(advance(self, *a, **k)) or sweeps[-1])
+    full = specdens.lanczos(A, 80, num_probes=2, seed=4, reorth="full")
+    part = specdens.lanczos(A, 80, num_probes=2, seed=4, reorth="partial", return_basis=True)
+    # it reorthogonalised, and not at every step
+    assert 0 < sum(sweeps) < 0.7 * len(sweeps)
+    assert part.reorth == "partial"
+    eps = np.finfo(np.float64).eps
+    norm = float(np.max(np.abs(A.eigenvalues)))
+    for i in range(2):
+        ritz_full = np.linalg.eigvalsh(full.tridiagonal_matrix(i))
+        ritz_part = np.linalg.eigvalsh(part.tridiagonal_matrix(i))
+        assert np.max(np.abs(ritz_full - ritz_part)) <= 100 * eps * norm
+        Q = np.asarray(part.basis[i])
+        assert np.max(np.abs(Q @ Q.T - np.eye(Q.shape[0]))) <= np.sqrt(eps)
+    assert part.asymmetry <= 100 * eps
+
+
+def test_partial_reorthogonalisation_detects_asymmetry(rng):
+    n = 400
+    M = rng.standard_normal((n, n))
+    S = (M + M.T) / np.sqrt(8 * n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        specdens.lanczos(S, 40, reorth="partial")
+    B = S + 1e-5 * rng.standard_normal((n, n)) / np.sqrt(n)
+    with pytest.warns(LanczosWarning, match="not symmetric"):
+        specdens.lanczos(B, 40, reorth="partial")
+
+
+@pytest.mark.parametrize("operator_dtype,basis_dtype", [("float64", "float32"),
+                                                        ("float32", None)])
+def test_partial_reorthogonalisation_at_float32_precision(operator_dtype, basis_dtype):
+    """With a float32 basis, or a float32 operator under float64 arithmetic, orthogonality
+    is lost at float32 speed: Simon's recurrence must count that rounding (else it
+    reorthogonalises too late and ghosts appear)."""
+    torch = pytest.importorskip("torch")
+    A = specdens.examples.hessian_like(800, seed=1)
+    T = torch.tensor(A.to_dense(), dtype=getattr(torch, operator_dtype))
+    ref = specdens.lanczos(T, 60, reorth="full", basis_dtype=basis_dtype, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no false asymmetry warning either
+        part = specdens.lanczos(T, 60, reorth="partial", basis_dtype=basis_dtype, seed=1)
+    eps32 = float(np.finfo(np.float32).eps)
+    norm = float(np.max(np.abs(A.eigenvalues)))
+    # both runs are orthogonal to float32 precision only
+    ritz = [np.linalg.eigvalsh(r.tridiagonal_matrix(0)) for r in (ref, part)]
+    assert np.max(np.abs(ritz[0] - ritz[1])) <= 100 * eps32 * norm

@@ -9,8 +9,11 @@ The loss of orthogonality in the Gram-Schmidt orthogonalization process (CGS2).
 
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,9 +21,10 @@ import numpy as np
 
 from .. import _array, _checks, _memory
 from .._progress import ProgressCallback, make_progress
+from . import checkpoint as checkpoint_mod
 from .probes import PROBE_KINDS, draw_probe, probe_block
 
-REORTH_MODES = ("full", "local", "none", "auto")
+REORTH_MODES = ("full", "partial", "local", "none", "auto")
 
 
 class LanczosWarning(UserWarning):
@@ -123,6 +127,10 @@ def lanczos(
     check_every: int | None = None,
     check_symmetry: bool = False,
     breakdown_tol: float | None = None,
+    first_probe: int = 0,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_key: str | None = None,
     progress: bool | ProgressCallback = False,
 ) -> LanczosResult:
     """Run the Lanczos recurrence from ``num_probes`` probes in lock-step.
@@ -147,7 +155,16 @@ def lanczos(
         Probe ``i`` depends on ``(seed, i)`` only (counter-based seeding).
     reorth
         ``"full"``: classical Gram-Schmidt twice (CGS2) against all previous vectors,
-        kept in a preallocated basis; ``"local"``: against the last ``window`` vectors;
+        kept in a preallocated basis (on host arrays the second sweep runs only when the
+        first one cancelled, the DGKS criterion); ``"partial"``: the same basis, but
+        vectors are reorthogonalised only when Simon's recurrence estimates that their
+        loss of orthogonality exceeds the square root of the machine epsilon (and at the
+        step after): this semi-orthogonality keeps the tridiagonal, hence the Ritz values
+        and the quadrature, as accurate as full reorthogonalisation (Simon 1984) at a
+        fraction of its cost in float64 (a third to a half of the steps reorthogonalise
+        on Hessian-like spectra); in float32 (a float32 operator or basis) at large n the
+        estimate calls for most steps, so it saves little there. It reads alpha and beta
+        back every step (a synchronisation on a GPU). ``"local"``: against the last ``window`` vectors;
         ``"none"``: three-term recurrence only, O(n) memory per probe; ``"auto"``: full
         when its basis fits in ``max_basis_bytes``, else (unless ``basis_dtype`` was given)
         full with a float32 basis, else local with the largest window that fits, else
@@ -157,8 +174,9 @@ def lanczos(
     dtype, basis_dtype
         Dtype of the Lanczos arithmetic (default float64, or float32 where the array
         library has no float64: JAX without ``jax_enable_x64``, MPS) and of the stored basis
-        (default: ``dtype``); ``"float32"`` or ``"float64"``. The tridiagonal
-        coefficients are always returned in float64.
+        (default: ``dtype``, but float32 for an operator of float32 or lower precision,
+        whose products' rounding bounds the orthogonality anyway); ``"float32"`` or
+        ``"float64"``. The tridiagonal coefficients are always returned in float64.
     block_size
         Probes per block (default: all). Probe ``i`` is the same vector whatever it is.
     max_basis_bytes
@@ -174,6 +192,31 @@ def lanczos(
     breakdown_tol
         A probe stops when ``beta <= breakdown_tol * ||T||`` (default: the square root of
         the machine epsilon of the arithmetic or basis dtype, whichever is larger).
+    first_probe
+        Index of the first random probe: the run uses probes ``first_probe, ...,
+        first_probe + num_probes - 1`` of ``seed``'s streams, so that runs over disjoint
+        ranges (adaptive rounds, several machines) combine into one run exactly.
+    checkpoint
+        Path of a checkpoint file that makes the run resumable. When it exists, the run
+        resumes from it (after checking that it was written for this operator and these
+        settings, else :class:`~specdens.algorithms.checkpoint.CheckpointError`); the
+        state is saved every ``checkpoint_every`` steps and at the end of every probe
+        block, atomically (temporary file in the same folder, then :func:`os.replace`),
+        without pickle (see :mod:`specdens.algorithms.checkpoint` for the format and the
+        operator fingerprint). A resumed run gives bit-identical ``alpha`` and ``beta`` to
+        an uninterrupted one (for a deterministic operator). A finished run leaves its
+        complete state: calling again returns the result without recomputing it (delete
+        the file to start afresh). Each save writes the whole Lanczos basis (``num_steps
+        * block * n`` values): choose ``checkpoint_every`` so that this is cheap next to
+        that many products. The result's ``matvecs`` counts the products of the
+        recurrence over all sessions plus this session's own extra products (the
+        fingerprint and the symmetry check).
+    checkpoint_every
+        Steps between saves (default 10; needs ``checkpoint``).
+    checkpoint_key
+        A string naming the operator for the checkpoint (e.g. a hash of the model's
+        weights and the data set); without it the operator is fingerprinted by one extra
+        product with a fixed vector.
     progress
         ``True`` for a progress bar on runs longer than 2 s, or a callable(done, total).
 
@@ -185,14 +228,63 @@ def lanczos(
     ------
     FloatingPointError
         When the operator returns NaN or Inf; names the step and the probe.
+    CheckpointError
+        When ``checkpoint`` names a file of another operator, other settings, or not a
+        specdens checkpoint.
     """
+    return _lanczos(op, num_steps, num_probes=num_probes, probes=probes, seed=seed,
+                    reorth=reorth, window=window, dtype=dtype, basis_dtype=basis_dtype,
+                    block_size=block_size, max_basis_bytes=max_basis_bytes,
+                    return_basis=return_basis, check_every=check_every,
+                    check_symmetry=check_symmetry, breakdown_tol=breakdown_tol,
+                    first_probe=first_probe, checkpoint=checkpoint,
+                    checkpoint_every=checkpoint_every, checkpoint_key=checkpoint_key,
+                    progress=progress)
+
+
+def _lanczos(
+    op: Any,
+    num_steps: int,
+    *,
+    num_probes: int = 1,
+    probes: Any = None,
+    seed: int = 0,
+    reorth: str = "full",
+    window: int = 20,
+    dtype: Any = None,
+    basis_dtype: Any = None,
+    block_size: int | None = None,
+    max_basis_bytes: int | None = None,
+    return_basis: bool = False,
+    check_every: int | None = None,
+    check_symmetry: bool = False,
+    breakdown_tol: float | None = None,
+    first_probe: int = 0,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_key: str | None = None,
+    progress: bool | ProgressCallback = False,
+    probe_map: Callable[[Any, np.ndarray], tuple[Any, np.ndarray]] | None = None,
+    probe_map_tag: Any = None,
+) -> LanczosResult:
+    """:func:`lanczos` with a hook for deflation: ``probe_map(V0, scales)`` transforms each
+    block of unit probes (rows, working dtype) and their Hutchinson scales before the run
+    (``probe_map_tag``, JSON data, describes it in checkpoint settings)."""
     t0 = time.perf_counter()
     op, n = _checks.operator_of(op)
     num_steps = _checks.positive_int(num_steps, "num_steps")
     num_probes = _checks.positive_int(num_probes, "num_probes")
+    first_probe = _checks.nonnegative_int(first_probe, "first_probe")
     if reorth not in REORTH_MODES:
         raise ValueError(f"reorth={reorth!r}; choose one of {', '.join(REORTH_MODES)}")
     window = _checks.positive_int(window, "window")
+    if checkpoint is None and (checkpoint_every is not None or checkpoint_key is not None):
+        raise ValueError("checkpoint_every and checkpoint_key need checkpoint=PATH")
+    if checkpoint is not None:
+        if not isinstance(checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be a path; got {checkpoint!r}")
+        checkpoint_every = (DEFAULT_CHECKPOINT_EVERY if checkpoint_every is None
+                            else _checks.positive_int(checkpoint_every, "checkpoint_every"))
     xp, device = op.xp, op.device
     _array.check_supported_dtype(op.dtype)
     has64 = _array.supports_float64(xp, device)
@@ -202,65 +294,126 @@ def lanczos(
             f"float64 Lanczos arithmetic was asked for, but {op.array_library} on {device} has "
             "no float64 now (for JAX, enable jax_enable_x64); use dtype='float32'"
         )
-    basis_name = _checks.float_dtype_name(basis_dtype, "basis_dtype", default=work)
+    # The products of a float32 (or lower precision) operator carry float32 rounding, which
+    # bounds the orthogonality of the Lanczos vectors whatever the basis: a float64 basis
+    # would double the memory and the reorthogonalisation's traffic for nothing.
+    low = _array.dtype_name(op.dtype) in ("float16", "bfloat16", "float32")
+    basis_name = _checks.float_dtype_name(basis_dtype, "basis_dtype",
+                                          default="float32" if low else work)
     m = min(num_steps, n)
 
     explicit, kind = _parse_probes(probes, op, num_probes)
     if explicit is not None:
         num_probes = int(explicit.shape[1])
+        if first_probe:
+            raise ValueError("first_probe applies to random probes, not to explicit vectors")
     block = num_probes if block_size is None else _checks.positive_int(block_size, "block_size")
     block = min(block, num_probes)
+    if return_basis and reorth not in ("full", "partial", "auto"):
+        raise ValueError(f"return_basis=True needs reorth='full' (this run uses {reorth!r})")
 
-    mode, win, basis_name = _resolve_reorth(reorth, m, n, block, basis_name, window,
-                                            max_basis_bytes, xp, device,
-                                            basis_fixed=basis_dtype is not None)
+    saved = None
+    if checkpoint is not None:
+        settings = {
+            "n": n, "operator_dtype": _array.dtype_name(op.dtype), "num_steps": m,
+            "num_probes": num_probes, "first_probe": first_probe,
+            "seed": None if explicit is not None else int(seed), "probe_kind": kind,
+            "probes_sha256": None if explicit is None else _probes_hash(explicit),
+            "reorth": reorth, "window": window, "dtype": work,
+            "basis_dtype": basis_name if basis_dtype is not None else None,
+            "block_size": block, "breakdown_tol": breakdown_tol,
+            "return_basis": bool(return_basis), "probe_map": probe_map_tag,
+        }
+        fingerprint = checkpoint_mod.operator_fingerprint(op, checkpoint_key)
+        if os.path.exists(checkpoint):
+            header, arrays = checkpoint_mod.read_npz(checkpoint, CHECKPOINT_FORMAT,
+                                                     CHECKPOINT_VERSION)
+            checkpoint_mod.check_fingerprint(header["fingerprint"], fingerprint, checkpoint)
+            checkpoint_mod.check_settings(header["settings"], settings, checkpoint)
+            saved = (header, arrays)
+
+    if saved is not None:
+        res = saved[0]["resolved"]
+        mode, win, basis_name = res["reorth"], int(res["window"]), res["basis_dtype"]
+    else:
+        mode, win, basis_name = _resolve_reorth(reorth, m, n, block, basis_name, window,
+                                                max_basis_bytes, xp, device,
+                                                basis_fixed=basis_dtype is not None)
     wdt, bdt = _array.xp_dtype(xp, work), _array.xp_dtype(xp, basis_name)
     if breakdown_tol is None:
         breakdown_tol = float(np.sqrt(max(_array.finfo_eps(work), _array.finfo_eps(basis_name))))
     matvecs = 0
+    if checkpoint is not None and checkpoint_key is None:
+        matvecs += 1  # the fingerprint's product
     if check_symmetry:
         _check_symmetry(op, seed, wdt)
         matvecs += 2
-    if return_basis and mode != "full":
+    if return_basis and mode not in ("full", "partial"):
         raise ValueError(f"return_basis=True needs reorth='full' (this run uses {mode!r})")
     if check_every is None:
         check_every = 1 if _array.is_host_namespace(xp) else 0
     tick = make_progress(progress, "lanczos")
     total_steps = m * ((num_probes + block - 1) // block)
 
-    alphas, betas, actives, scales, bases, lasts, asym = [], [], [], [], [], [], []
-    done_steps = 0
-    for start in range(0, num_probes, block):
+    done: list[dict] = []  # finished blocks: host arrays (and device bases)
+    resume_state = None
+    lanczos_matvecs = 0
+    if saved is not None:
+        done, resume_state, lanczos_matvecs = _restore(saved[0], saved[1], op, wdt, bdt,
+                                                       return_basis)
+
+    def save(block_state: dict | None) -> None:
+        _save_checkpoint(checkpoint, settings, fingerprint,
+                         {"reorth": mode, "window": win, "basis_dtype": basis_name},
+                         done, block_state, lanczos_matvecs, num_probes, block, work,
+                         basis_name, return_basis)
+
+    for b_idx, start in enumerate(range(0, num_probes, block)):
+        if b_idx < len(done):
+            continue
         idx = range(start, min(start + block, num_probes))
-        if explicit is None:
-            V0, sc = probe_block(kind, n, seed, idx, xp, device, wdt)
+        state = None
+        if resume_state is not None:
+            state, resume_state = resume_state, None
+            V0, sc = None, state["scales"]
+        elif explicit is None:
+            V0, sc = probe_block(kind, n, seed, range(first_probe + idx.start,
+                                                      first_probe + idx.stop),
+                                 xp, device, wdt)
         else:
             V0 = _normalised_rows(xp.astype(xp.matrix_transpose(explicit[:, idx.start:idx.stop]),
                                             wdt), xp)
             sc = np.ones(len(idx))
+        if V0 is not None and probe_map is not None:
+            V0, sc = probe_map(V0, sc)
 
-        def on_step(j: int, _done: int = done_steps) -> None:
+        def on_step(j: int, _done: int = m * b_idx) -> None:
             if tick is not None:
                 tick(_done + j, total_steps)
 
+        block_saver = None
+        if checkpoint is not None:
+            def block_saver(st: dict, _sc: np.ndarray = sc, _mv: int = lanczos_matvecs) -> None:
+                save({**st, "scales": _sc, "matvecs_before": _mv})
+
         out = _run_block(op, V0, m, mode, win, wdt, bdt, breakdown_tol, check_every,
-                         return_basis, idx.start, on_step)
-        done_steps += m
-        alphas.append(out["alpha"])
-        betas.append(out["beta"])
-        actives.append(out["active"])
-        scales.append(sc)
-        asym.append(out["asymmetry"])
-        matvecs += out["matvecs"]
-        if return_basis:
-            bases.append(out["basis"])
-            lasts.append(out["last"])
+                         return_basis, idx.start, on_step, state=state, save=block_saver,
+                         save_every=checkpoint_every or 0)
+        lanczos_matvecs += out["matvecs"]
+        done.append({
+            "alpha": out["alpha"], "beta": out["beta"], "active": out["active"],
+            "scales": np.asarray(sc, dtype=np.float64), "asymmetry": out["asymmetry"],
+            "basis": out.get("basis"), "last": out.get("last"),
+        })
+        if checkpoint is not None:
+            save(None)
     if tick is not None:
         tick(total_steps, total_steps)
+    matvecs += lanczos_matvecs
 
-    alpha = np.concatenate(alphas, axis=0)
-    beta = np.concatenate(betas, axis=0)
-    active = np.concatenate(actives, axis=0)
+    alpha = np.concatenate([d["alpha"] for d in done], axis=0)
+    beta = np.concatenate([d["beta"] for d in done], axis=0)
+    active = np.concatenate([d["active"] for d in done], axis=0)
     _raise_on_nonfinite(alpha, beta, 0)
     stopped = ~active
     breakdown = stopped.any(axis=1)
@@ -268,7 +421,7 @@ def lanczos(
     steps = np.arange(m)[None, :]
     alpha = np.where(steps < lengths[:, None], alpha, 0.0)
     beta = np.where(steps < lengths[:, None], beta, 0.0)
-    asymmetry = float(max(asym)) if mode != "none" else float("nan")
+    asymmetry = float(max(d["asymmetry"] for d in done)) if mode != "none" else float("nan")
     eps_eff = max(_array.finfo_eps(op.dtype), _array.finfo_eps(work), _array.finfo_eps(basis_name))
     if asymmetry > np.sqrt(eps_eff):
         warnings.warn(
@@ -277,7 +430,7 @@ def lanczos(
             "specdens assumes a symmetric operator, so the results are not meaningful. "
             "Symmetrise it, e.g. (A + A.T) * 0.5.",
             LanczosWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
     return LanczosResult(
         alpha=alpha,
@@ -290,43 +443,162 @@ def lanczos(
         window=win if mode == "local" else None,
         seed=None if explicit is not None else seed,
         probe_kind="explicit" if explicit is not None else kind,
-        probe_indices=np.arange(num_probes),
-        probe_scales=np.concatenate(scales),
+        probe_indices=np.arange(first_probe, first_probe + num_probes),
+        probe_scales=np.concatenate([d["scales"] for d in done]),
         dtype=work,
         basis_dtype=basis_name,
         matvecs=matvecs,
         wall_time=time.perf_counter() - t0,
         asymmetry=asymmetry,
-        basis=xp.concat(bases, axis=0) if return_basis else None,
-        last_vector=xp.concat(lasts, axis=0) if return_basis else None,
+        basis=xp.concat([d["basis"] for d in done], axis=0) if return_basis else None,
+        last_vector=xp.concat([d["last"] for d in done], axis=0) if return_basis else None,
     )
 
 
+CHECKPOINT_FORMAT = "specdens.LanczosCheckpoint"
+CHECKPOINT_VERSION = 1
+DEFAULT_CHECKPOINT_EVERY = 10
+
+# State of the running block: name -> kind of dtype ("work", "basis" or "bool").
+_STATE_ARRAYS = {"q": "work", "q_prev": "work", "beta_prev": "work", "anorm": "work",
+                 "asym": "work", "active": "bool", "Q": "basis", "al": "work", "be": "work",
+                 "ac": "bool", "omega": "host", "omega_prev": "host", "omega_alpha": "host",
+                 "omega_beta": "host", "omega_force": "host", "omega_sweeps": "host"}
+
+
+def _probes_hash(V: Any) -> str:
+    return hashlib.sha256(np.ascontiguousarray(_array.to_numpy(V)).tobytes()).hexdigest()
+
+
+def _save_checkpoint(path, settings, fingerprint, resolved, done, block_state, matvecs,
+                     num_probes, block, work, basis_name, return_basis) -> None:
+    """Write the finished blocks and the running block's state (``None`` between blocks)."""
+    np_dt = {"work": np.dtype(work), "basis": np.dtype(basis_name), "bool": np.dtype(bool)}
+    arrays: dict[str, np.ndarray] = {}
+    for i, d in enumerate(done):
+        for name in ("alpha", "beta", "active", "scales"):
+            arrays[f"done{i}_{name}"] = np.asarray(d[name])
+        arrays[f"done{i}_asymmetry"] = np.asarray(d["asymmetry"], dtype=np.float64)
+        if return_basis:
+            arrays[f"done{i}_basis"] = _array.to_numpy(d["basis"], np_dt["basis"])
+            arrays[f"done{i}_last"] = _array.to_numpy(d["last"], np_dt["work"])
+    progress = {"blocks_done": len(done), "complete": len(done) * block >= num_probes,
+                "matvecs": int(matvecs), "step": None}
+    if block_state is not None:
+        progress["step"] = int(block_state["step"])
+        progress["matvecs"] = int(block_state["matvecs_before"] + block_state["matvecs"])
+        progress["block_matvecs"] = int(block_state["matvecs"])
+        progress["has_basis"] = block_state["Q"] is not None
+        xp = block_state["xp"]
+        for name, kind in _STATE_ARRAYS.items():
+            value = block_state.get(name)
+            if value is None:
+                continue
+            if kind == "host":  # float64 numpy state of the partial reorthogonalisation
+                arrays[f"cur_{name}"] = np.asarray(value, dtype=np.float64)
+                continue
+            if name in ("al", "be", "ac"):
+                value = xp.stack(value, axis=1)
+            arrays[f"cur_{name}"] = _array.to_numpy(value, np_dt[kind])
+        arrays["cur_scales"] = np.asarray(block_state["scales"], dtype=np.float64)
+    header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "settings": settings,
+              "fingerprint": fingerprint, "resolved": resolved, "progress": progress}
+    checkpoint_mod.atomic_savez(path, header, arrays)
+
+
+def _restore(header: dict, arrays: dict, op: Any, wdt: Any, bdt: Any,
+             return_basis: bool) -> tuple[list[dict], dict | None, int]:
+    """Finished blocks, the running block's state (or None) and the products spent."""
+    xp, device = op.xp, op.device
+    prog = header["progress"]
+    try:
+        done = []
+        for i in range(int(prog["blocks_done"])):
+            d = {name: arrays[f"done{i}_{name}"] for name in ("alpha", "beta", "active", "scales")}
+            d["active"] = d["active"].astype(bool)
+            d["asymmetry"] = float(arrays[f"done{i}_asymmetry"])
+            d["basis"] = d["last"] = None
+            if return_basis:
+                d["basis"] = _array.from_numpy(arrays[f"done{i}_basis"], xp, device, bdt)
+                d["last"] = _array.from_numpy(arrays[f"done{i}_last"], xp, device, wdt)
+            done.append(d)
+        state = None
+        if prog.get("step") is not None:
+            dev_dt = {"work": wdt, "basis": bdt, "bool": xp.bool}
+            state = {"step": int(prog["step"]), "matvecs": int(prog["block_matvecs"]),
+                     "scales": arrays["cur_scales"]}
+            for name, kind in _STATE_ARRAYS.items():
+                key = f"cur_{name}"
+                if key not in arrays:
+                    state[name] = None
+                    continue
+                # A fresh copy: the restored arrays are laid out like the ones of a run
+                # that was never interrupted.
+                host = np.array(arrays[key], copy=True)
+                if kind == "host":
+                    state[name] = host
+                elif name in ("al", "be", "ac"):
+                    state[name] = [_array.from_numpy(np.ascontiguousarray(host[:, t]), xp,
+                                                     device, dev_dt[kind])
+                                   for t in range(host.shape[1])]
+                else:
+                    state[name] = _array.from_numpy(host, xp, device, dev_dt[kind])
+            if bool(prog.get("has_basis")) and state["Q"] is None:
+                raise KeyError("cur_Q")
+        return done, state, int(prog["matvecs"]) - (state["matvecs"] if state else 0)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise checkpoint_mod.CheckpointError(
+            f"the checkpoint is corrupt (missing or bad entry {exc}); delete it to start afresh"
+        ) from None
+
+
 def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, first_probe,
-               on_step) -> dict:
-    """The recurrence for one block of probes (rows of ``V0``, unit norm, dtype ``wdt``)."""
+               on_step, *, state=None, save=None, save_every=0) -> dict:
+    """The recurrence for one block of probes (rows of ``V0``, unit norm, dtype ``wdt``).
+
+    ``state`` resumes a block from a checkpoint (``V0`` is then ignored); ``save(state)``
+    is called every ``save_every`` steps with the complete state of the recurrence.
+    """
     xp = op.xp
-    k, n = V0.shape
-    q = V0
-    q_prev = xp.zeros_like(q)
-    beta_prev = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
-    anorm = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
-    asym = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
-    active = xp.ones((k,), dtype=xp.bool, device=_array.creation_device(op))
-    Q = None
-    if mode == "full":
-        Q = xp.zeros((k, m, n), dtype=bdt, device=_array.creation_device(op))
-    elif mode == "local":
-        Q = xp.zeros((k, win, n), dtype=bdt, device=_array.creation_device(op))
+    if state is None:
+        k, n = V0.shape
+        q = V0
+        q_prev = xp.zeros_like(q)
+        beta_prev = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
+        anorm = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
+        asym = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
+        active = xp.ones((k,), dtype=xp.bool, device=_array.creation_device(op))
+        Q = None
+        if mode in ("full", "partial"):
+            Q = xp.zeros((k, m, n), dtype=bdt, device=_array.creation_device(op))
+        elif mode == "local":
+            Q = xp.zeros((k, win, n), dtype=bdt, device=_array.creation_device(op))
+        al, be, ac = [], [], []
+        matvecs = 0
+        j0 = 0
+        omega = _Omega.start(k, m) if mode == "partial" else None
+    else:
+        q, q_prev, beta_prev = state["q"], state["q_prev"], state["beta_prev"]
+        anorm, asym, active, Q = state["anorm"], state["asym"], state["active"], state["Q"]
+        al, be, ac = list(state["al"]), list(state["be"]), list(state["ac"])
+        matvecs = state["matvecs"]
+        j0 = state["step"]
+        k, n = q.shape
+        omega = _Omega.restore(state) if mode == "partial" else None
     same_basis = _array.dtype_name(wdt) == _array.dtype_name(bdt)
     # Libraries that compile per array shape (JAX) project against the whole preallocated
     # basis, whose unused rows are zero, so that every step has the same shapes.
     fixed_shapes = _array.library_name(xp) == "jax"
-    al, be, ac = [], [], []
-    matvecs = 0
+    # Where reading a scalar back costs no device synchronisation, the second Gram-Schmidt
+    # sweep runs only when the first one cancelled (DGKS); elsewhere CGS2 always runs both,
+    # so that the device never waits for the host.
+    conditional = _reads_are_free(op)
+    # the rounding that feeds the loss of orthogonality: of the products too (a float32
+    # operator under float64 arithmetic loses orthogonality at float32 speed)
+    eps_omega = max(_array.finfo_eps(wdt), _array.finfo_eps(bdt), _array.finfo_eps(op.dtype))
     steps_run = m
-    for j in range(m):
-        slot = j if mode == "full" else (j % win if mode == "local" else None)
+    for j in range(j0, m):
+        slot = j if mode in ("full", "partial") else (j % win if mode == "local" else None)
         if Q is not None:
             Q = _array.set_rows(Q, (slice(None), slot, slice(None)),
                                 q if same_basis else xp.astype(q, bdt))
@@ -334,17 +606,44 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         matvecs += k
         if j == 0:
             _checks.check_product(op, Aq, k)
-        w = xp.matrix_transpose(xp.astype(Aq, wdt, copy=False)) - beta_prev[:, None] * q_prev
+        w = xp.matrix_transpose(xp.astype(Aq, wdt, copy=False))
+        if omega is not None and j > 0:
+            # partial reorthogonalisation leaves couplings to older vectors of up to
+            # sqrt(eps) by design, so asymmetry is read locally instead: for a symmetric
+            # operator q_{j-1}^T A q_j = (A q_{j-1})^T q_j = beta_{j-1} up to local
+            # orthogonality, which the three-term recurrence keeps at eps ||T|| / beta
+            dev = xp.abs(_rowdot(xp, q_prev, w) - beta_prev)
+            safe_norm = xp.where(anorm > 0, anorm, xp.ones_like(anorm))
+            asym = xp.maximum(asym, dev * xp.minimum(beta_prev / safe_norm,
+                                                     xp.ones_like(anorm)))
+        w = w - beta_prev[:, None] * q_prev  # a fresh array: the product may be shared
         alpha = _rowdot(xp, q, w)
         # ``w`` is a fresh array of ours: update it in place (JAX arrays, which have no
         # in-place operators, are rebound by ``-=`` instead).
         w -= alpha[:, None] * q
-        if Q is not None:
-            Qs = Q[:, : j + 1, :] if (mode == "full" and not fixed_shapes) else Q
+        beta = None
+        sweep_needed = Q is not None
+        if omega is not None:
+            # Simon's estimate of the new vector's orthogonality to the older ones
+            beta_now = xp.sqrt(_rowdot(xp, w, w))
+            host = _array.to_numpy(xp.stack([alpha, beta_now, beta_prev, anorm], axis=0))
+            sweep_needed = omega.advance(j, *host, eps=eps_omega, n=n)
+            if not sweep_needed:
+                beta = beta_now
+        if sweep_needed:
+            Qs = Q[:, : j + 1, :] if (mode != "local" and not fixed_shapes) else Q
+            norm0 = _rowdot(xp, w, w) if conditional else None
             for sweep in range(2):
+                if sweep == 1 and conditional:
+                    # Daniel, Gragg, Kaufman & Stewart (1976): a second sweep is needed
+                    # only when the first removed more than half of ||w||^2 (cancellation)
+                    norm1 = _rowdot(xp, w, w)
+                    if not bool(xp.any(norm1 < 0.5 * norm0)):
+                        beta = xp.sqrt(norm1)
+                        break
                 wb = w if same_basis else xp.astype(w, bdt)
                 h = xp.matmul(Qs, wb[:, :, None])[:, :, 0]
-                corr = xp.matmul(xp.matrix_transpose(Qs), h[:, :, None])[:, :, 0]
+                corr = xp.matmul(h[:, None, :], Qs)[:, 0, :]
                 w -= corr if same_basis else xp.astype(corr, wdt)
                 hw = h if same_basis else xp.astype(h, wdt)
                 alpha = alpha + hw[:, slot]
@@ -354,14 +653,15 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
                         older = older[:, :j] if j > 0 else None
                     else:
                         older = xp.where(_slot_mask(xp, Qs.shape[1], slot, op), 0.0, older)
-                    if older is not None:
+                    if older is not None and omega is None:
                         # Near a breakdown (beta_prev << ||T||) the new vector carries
                         # rounding noise of relative size eps ||T|| / beta_prev even for
                         # symmetric operators: weigh the coupling by beta_prev / ||T||.
                         safe_norm = xp.where(anorm > 0, anorm, xp.ones_like(anorm))
                         fac = xp.minimum(beta_prev / safe_norm, xp.ones_like(anorm))
                         asym = xp.maximum(asym, xp.max(older, axis=1) * fac)
-        beta = xp.sqrt(_rowdot(xp, w, w))
+        if beta is None:
+            beta = xp.sqrt(_rowdot(xp, w, w))
         anorm = xp.maximum(anorm, xp.abs(alpha) + beta + beta_prev)
         active = active & (beta > tol * anorm)
         al.append(alpha)
@@ -379,6 +679,11 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
             if not bool(_array.to_numpy(xp.stack(ac, axis=1), bool)[:, -1].any()):
                 steps_run = j + 1
                 break
+        if save is not None and save_every and (j + 1) % save_every == 0 and j + 1 < m:
+            save({"step": j + 1, "q": q, "q_prev": q_prev, "beta_prev": beta_prev,
+                  "anorm": anorm, "asym": asym, "active": active, "Q": Q, "al": al, "be": be,
+                  "ac": ac, "matvecs": matvecs, "xp": xp,
+                  **(omega.state() if omega is not None else {})})
     alpha_h = _pad(_array.to_numpy(xp.stack(al, axis=1)), m)
     beta_h = _pad(_array.to_numpy(xp.stack(be, axis=1)), m)
     active_h = _pad(_array.to_numpy(xp.stack(ac, axis=1), bool), m, False)
@@ -396,14 +701,105 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     if keep_basis:
         out["basis"] = Q
         out["last"] = q
+    out["reorth_steps"] = omega.sweeps if omega is not None else None
     return out
 
 
+class _Omega:
+    """Simon's recurrence for the loss of orthogonality of the Lanczos vectors.
+
+    ``cur[p, i]`` estimates ``|q_j^T q_i|`` for probe ``p`` and ``prev`` the same for
+    ``q_{j-1}``; with ``A q_i = beta_{i-1} q_{i-1} + alpha_i q_i + beta_i q_{i+1}``,
+
+        beta_j w_{j+1,i} = beta_i w_{j,i+1} + (alpha_i - alpha_j) w_{j,i}
+                           + beta_{i-1} w_{j,i-1} - beta_{j-1} w_{j-1,i},
+
+    plus a rounding term ``sqrt(n) eps ||T||`` of either sign, grown towards the larger
+    magnitude. When an estimate exceeds ``sqrt(eps)`` the new vector, and the next one,
+    are reorthogonalised against all older vectors, and their estimates reset to
+    ``sqrt(n) eps``.
+
+    H. D. Simon (1984), The Lanczos algorithm with partial reorthogonalization, Math.
+    Comp. 42(165); R. M. Larsen (1998), Lanczos bidiagonalization with partial
+    reorthogonalization (PROPACK).
+    """
+
+    def __init__(self, cur: np.ndarray, prev: np.ndarray, alphas: np.ndarray,
+                 betas: np.ndarray, force: bool, sweeps: int):
+        self.cur, self.prev = cur, prev
+        self.alphas, self.betas = alphas, betas
+        self.force = force
+        self.sweeps = sweeps
+
+    @classmethod
+    def start(cls, k: int, m: int) -> _Omega:
+        cur = np.zeros((k, m + 1))
+        cur[:, 0] = 1.0
+        return cls(cur, np.zeros((k, m + 1)), np.zeros((k, m)), np.zeros((k, m)), False, 0)
+
+    @classmethod
+    def restore(cls, state: dict) -> _Omega:
+        return cls(np.array(state["omega"], dtype=np.float64),
+                   np.array(state["omega_prev"], dtype=np.float64),
+                   np.array(state["omega_alpha"], dtype=np.float64),
+                   np.array(state["omega_beta"], dtype=np.float64),
+                   bool(state["omega_force"]), int(state["omega_sweeps"]))
+
+    def state(self) -> dict:
+        return {"omega": self.cur, "omega_prev": self.prev, "omega_alpha": self.alphas,
+                "omega_beta": self.betas, "omega_force": np.asarray(self.force),
+                "omega_sweeps": np.asarray(self.sweeps)}
+
+    def advance(self, j: int, alpha: np.ndarray, beta: np.ndarray, beta_prev: np.ndarray,
+                anorm: np.ndarray, *, eps: float, n: int) -> bool:
+        """Estimates for ``q_{j+1}`` from step ``j``'s coefficients; True when it must be
+        reorthogonalised (then its estimates are reset)."""
+        self.alphas[:, j], self.betas[:, j] = alpha, beta
+        a, b = self.alphas, self.betas
+        new = np.zeros_like(self.cur)
+        norm = np.maximum(np.maximum(anorm, np.abs(alpha) + beta + beta_prev), np.finfo(float).tiny)
+        live = beta > eps * norm
+        # rounding of one step: inner products and products of length n accumulate
+        # about sqrt(n) eps (Larsen's PROPACK uses the same scale)
+        rounding = eps * np.sqrt(n)
+        safe = np.where(live, beta, 1.0)
+        if j > 0:
+            i = np.arange(j)
+            b_im1 = np.where(i > 0, b[:, i - 1], 0.0)
+            w_im1 = np.where(i > 0, self.cur[:, i - 1], 0.0)
+            t = (b[:, i] * self.cur[:, i + 1] + (a[:, i] - alpha[:, None]) * self.cur[:, i]
+                 + b_im1 * w_im1 - beta_prev[:, None] * self.prev[:, i])
+            t += np.where(t >= 0, 1.0, -1.0) * rounding * norm[:, None]
+            new[:, :j] = t / safe[:, None]
+        new[:, j] = rounding * norm / safe
+        new[:, j + 1] = 1.0
+        new[~live] = 0.0
+        new[~live, j + 1] = 1.0
+        reorth = self.force or bool(np.any(np.abs(new[:, : j + 1]) > np.sqrt(eps)))
+        if reorth:
+            new = new.copy()
+            new[:, : j + 1] = rounding
+            # Simon: the vector after a reorthogonalised one is reorthogonalised too
+            self.force = not self.force
+            self.sweeps += 1
+        self.prev, self.cur = self.cur, new
+        return reorth
+
+
+
+
+def _reads_are_free(op: Any) -> bool:
+    """Whether the operator's arrays live in host memory with synchronous execution."""
+    lib = op.array_library
+    if lib in ("numpy", "array_api_strict"):
+        return True
+    return lib == "torch" and str(op.device).split(":")[0] == "cpu"
+
 
 def _slot_mask(xp: Any, size: int, slot: int, op: Any) -> Any:
-    host = np.zeros((1, size), dtype=bool)
-    host[0, slot] = True
-    return _array.from_numpy(host, xp, op.device, xp.bool)
+    """``(1, size)`` boolean row, true at ``slot``, made on the device (no transfer)."""
+    idx = xp.arange(size, device=_array.creation_device(op))
+    return xp.reshape(idx == slot, (1, size))
 
 
 def _rowdot(xp: Any, a: Any, b: Any) -> Any:

@@ -54,3 +54,83 @@ def quadrature_rules(result: LanczosResult) -> tuple[np.ndarray, np.ndarray, np.
         tail = 0.0 if result.breakdown[i] else result.beta[i, L - 1]
         residuals[i, :L] = np.abs(tail * last)
     return nodes, weights, residuals
+
+
+def jacobi_from_rule(nodes: np.ndarray, weights: np.ndarray,
+                     num_steps: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The Jacobi (Lanczos tridiagonal) matrix of a discrete measure.
+
+    The inverse of :func:`gauss_quadrature`: Lanczos on ``diag(nodes)`` from the unit
+    vector ``sqrt(weights)``, with full reorthogonalisation (twice), gives the tridiagonal
+    whose ``k``-point Gauss rule is the ``k``-point Gauss rule of the measure
+    ``sum_j weights_j delta(nodes_j)`` (Gragg & Harrod, 1984, The numerically stable
+    reconstruction of Jacobi matrices from spectral data). Stops early when the measure
+    has fewer points than ``num_steps`` (its rule is then the measure itself).
+
+    Returns
+    -------
+    alpha, beta : numpy.ndarray
+        Diagonal (length ``L <= num_steps``) and off-diagonal (length ``L - 1``).
+    """
+    theta = np.asarray(nodes, dtype=np.float64)
+    w = np.asarray(weights, dtype=np.float64)
+    m = theta.size if num_steps is None else min(int(num_steps), theta.size)
+    q = np.sqrt(np.maximum(w, 0.0))
+    q = q / np.linalg.norm(q)
+    scale = max(float(np.max(np.abs(theta))), np.finfo(float).tiny)
+    Q = np.zeros((m, theta.size))
+    alpha, beta = [], []
+    for j in range(m):
+        Q[j] = q
+        v = theta * q
+        a = float(q @ v)
+        v -= a * q
+        if j > 0:
+            v -= beta[-1] * Q[j - 1]
+        for _ in range(2):
+            v -= Q[: j + 1].T @ (Q[: j + 1] @ v)
+        alpha.append(a)
+        b = float(np.linalg.norm(v))
+        if j + 1 == m or b <= 1e3 * np.finfo(float).eps * scale:
+            break
+        beta.append(b)
+        q = v / b
+    return np.asarray(alpha), np.asarray(beta[: len(alpha) - 1])
+
+
+def previous_rules(nodes: np.ndarray, weights: np.ndarray, lengths: np.ndarray, num_steps: int,
+                   n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The ``(L-1)``-point Gauss rule of each probe, next to its ``L``-point rule.
+
+    The ``(L-1)``-point Gauss rule of the true probe measure equals that of its
+    ``L``-point Gauss rule (both are fixed by the moments of degree ``<= 2L - 3``, which
+    the ``L``-point rule reproduces), so it is rebuilt from the stored nodes and weights
+    with :func:`jacobi_from_rule`: no Lanczos coefficients need to be kept.
+
+    Returns
+    -------
+    nodes_prev, weights_prev : numpy.ndarray, shape (num_probes, num_steps)
+        Zero-padded rules; a probe whose rule is exact (a breakdown, ``L < num_steps``,
+        or a full run, ``L == n``) gets its own rule back.
+    defined : numpy.ndarray of bool
+        False where no previous rule exists (``L == 1`` without a breakdown).
+    """
+    k, m = nodes.shape
+    out_nodes = np.zeros((k, m))
+    out_weights = np.zeros((k, m))
+    defined = np.ones(k, dtype=bool)
+    for i in range(k):
+        L = int(lengths[i])
+        exact = L < num_steps or L == n
+        if exact:
+            out_nodes[i], out_weights[i, :L] = nodes[i], weights[i, :L]
+            continue
+        if L == 1:
+            defined[i] = False
+            out_nodes[i] = nodes[i]
+            continue
+        a, b = jacobi_from_rule(nodes[i, :L], weights[i, :L], L - 1)
+        theta, w, _ = gauss_quadrature(a, b)
+        out_nodes[i, : theta.size], out_weights[i, : w.size] = theta, w
+        out_nodes[i, theta.size:] = theta[-1]
+    return out_nodes, out_weights, defined

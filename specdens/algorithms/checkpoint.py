@@ -1,0 +1,169 @@
+"""Checkpoint files for resumable runs: atomic, pickle-free ``.npz`` with a JSON header.
+
+A checkpoint is one ``.npz`` file (``numpy.savez``, read back with
+``allow_pickle=False``) holding plain numeric arrays and one string entry, ``header``:
+a JSON object with the file's ``format`` and ``version``, the ``settings`` of the run
+(everything that changes its numbers), the ``fingerprint`` of the operator, and the
+run's progress. It is written to a temporary file in the same folder, flushed to disk
+(``fsync``) and renamed over the old one with :func:`os.replace`, which is atomic on POSIX
+and Windows: a process killed at any moment leaves either the previous checkpoint or the
+new one, never a torn file (at worst a stray ``.NAME.*.tmp`` file, which is never read).
+
+Operator fingerprint
+--------------------
+Unless the caller gives a ``key`` (any string naming the operator, e.g. a model
+checkpoint's hash and data set version: then no product is spent), the operator is
+identified by its shape, dtype, array library, and a sketch of one product ``y = A x``
+with a fixed pseudo-random unit vector ``x`` (one extra matvec per call): ``||y||``,
+``z^T y`` for a second fixed vector ``z``, and three entries of ``y``. A resumed run
+recomputes the sketch and refuses the checkpoint unless every number agrees to within
+``min(1e-2, 1e3 eps) ||y||`` (``eps`` of the operator's dtype), a tolerance that accepts
+the run-to-run rounding differences of non-deterministic reductions on GPUs but rejects a
+different operator (or the same network at other weights) with overwhelming probability.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import _array
+from .probes import draw_probe
+
+FINGERPRINT_SEED = 0x5EED_F1A9
+"""Seed of the fixed vectors of the operator fingerprint."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used: corrupt, foreign, from another operator or
+    from other settings."""
+
+
+def atomic_savez(path: str | os.PathLike, header: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` and the JSON ``header`` to ``path`` atomically (temp file + fsync +
+    :func:`os.replace`)."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, header=np.array(json.dumps(header, allow_nan=True)), **arrays)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    try:  # make the rename itself durable (POSIX); not available everywhere
+        dfd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def read_npz(path: str | os.PathLike, fmt: str, version: int) -> tuple[dict, dict]:
+    """Header and arrays of a checkpoint written by :func:`atomic_savez`.
+
+    Raises
+    ------
+    CheckpointError
+        When the file is unreadable, not of format ``fmt`` or of another version.
+    """
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: np.array(z[k]) for k in z.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(f"{path} is not a readable specdens checkpoint ({exc}); delete "
+                              "it to start afresh") from None
+    try:
+        header = json.loads(str(arrays.pop("header")))
+    except (KeyError, json.JSONDecodeError):
+        raise CheckpointError(f"{path} is not a specdens checkpoint (no JSON header); delete it "
+                              "or choose another path") from None
+    if not isinstance(header, dict) or header.get("format") != fmt:
+        found = header.get("format") if isinstance(header, dict) else None
+        raise CheckpointError(f"{path} is not a {fmt} file (format {found!r}); delete it or "
+                              "choose another path")
+    if header.get("version") != version:
+        raise CheckpointError(f"{path} has checkpoint version {header.get('version')}; this "
+                              f"specdens reads version {version}")
+    return header, arrays
+
+
+def operator_fingerprint(op: Any, key: str | None = None) -> dict:
+    """Shape, dtype, library and either ``key`` or a one-product sketch of the operator."""
+    n = int(op.shape[0])
+    fp: dict[str, Any] = {
+        "shape": [n, n],
+        "dtype": _array.dtype_name(op.dtype),
+        "library": op.array_library,
+    }
+    if key is not None:
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"checkpoint_key must be a non-empty string; got {key!r}")
+        fp["key"] = key
+        return fp
+    x, _ = draw_probe("gaussian", n, FINGERPRINT_SEED, 0)
+    z, _ = draw_probe("gaussian", n, FINGERPRINT_SEED, 1)
+    X = _array.from_numpy(x[:, None], op.xp, op.device, op.dtype)
+    y = _array.to_numpy(op.matmat(X))[:, 0]
+    if not np.all(np.isfinite(y)):
+        raise FloatingPointError("the operator returned NaN or Inf for the checkpoint "
+                                 "fingerprint's product; check the operator")
+    fp["sketch"] = [float(np.linalg.norm(y)), float(z @ y), float(y[0]), float(y[n // 2]),
+                    float(y[-1])]
+    return fp
+
+
+def check_fingerprint(saved: dict, current: dict, path: Any) -> None:
+    """Refuse a checkpoint of another operator (see the module notes for the rule)."""
+    for what in ("shape", "dtype", "library"):
+        if saved.get(what) != current.get(what):
+            raise CheckpointError(
+                f"{path} was written for another operator: {what} {saved.get(what)} there, "
+                f"{current.get(what)} now. Delete it or choose another checkpoint path."
+            )
+    if "key" in saved or "key" in current:
+        if saved.get("key") != current.get("key"):
+            raise CheckpointError(
+                f"{path} was written for another operator: checkpoint_key {saved.get('key')!r} "
+                f"there, {current.get('key')!r} now (pass the same key, or delete the file)."
+            )
+        return
+    a = np.asarray(saved.get("sketch", []), dtype=np.float64)
+    b = np.asarray(current["sketch"], dtype=np.float64)
+    eps = _array.finfo_eps(current["dtype"])
+    tol = min(1e-2, 1e3 * eps) * max(abs(float(a[0])) if a.size else 0.0, np.finfo(float).tiny)
+    if a.shape != b.shape or not np.all(np.abs(a - b) <= tol):
+        raise CheckpointError(
+            f"{path} was written for another operator: the fingerprint product A x differs "
+            f"(saved sketch {a.tolist()}, now {b.tolist()}, tolerance {tol:.2e}). Delete the "
+            "file or choose another checkpoint path; if the operator is the same but not "
+            "reproducible, name it with checkpoint_key=..."
+        )
+
+
+def check_settings(saved: dict, current: dict, path: Any) -> None:
+    """Refuse a checkpoint written with other settings, naming every difference."""
+    keys = sorted(set(saved) | set(current))
+    diff = [f"{k}={saved.get(k)!r} there, {current.get(k)!r} now" for k in keys
+            if saved.get(k) != current.get(k)]
+    if diff:
+        raise CheckpointError(
+            f"{path} was written with other settings ({'; '.join(diff)}); resume with the "
+            "same settings, or delete the file to start afresh."
+        )

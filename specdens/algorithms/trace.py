@@ -1,0 +1,637 @@
+"""Trace and diagonal estimators from matrix-vector products, with ``num_matvecs`` as the
+unit of cost.
+
+========================  ==================================================================
+``"hutchinson"``          Girard-Hutchinson: the mean of ``z^T A z`` over Rademacher ``z``
+                          (Hutchinson, 1989; Girard, 1989)
+``"hutch++"``             a rank-``m/3`` sketch ``Q`` of ``A``'s range, ``tr(Q^T A Q)``
+                          exactly, and Hutchinson on ``(I - QQ^T) A (I - QQ^T)`` (Meyer,
+                          Musco, Musco & Woodruff, 2021)
+``"xtrace"``              the exchangeable version of Hutch++: ``m/2`` test vectors, each
+                          left out in turn (Epperly, Tropp & Webber, 2024)
+``"xnystrace"``           XTrace with a Nyström approximation, for positive semi-definite
+                          operators only (Epperly, Tropp & Webber, 2024)
+``"slq"``                 ``tr f(A)`` for any ``f`` by stochastic Lanczos quadrature
+========================  ==================================================================
+
+The diagonal estimators are the same ideas for ``diag(A)``: Hutchinson's (Bekas,
+Kokiopoulou & Saad, 2007), Diag++ (Baston & Nakatsukasa, 2022; with the symmetric
+deflation ``A - Q Q^T A Q Q^T``), XDiag and its Nyström variant (Epperly, Tropp & Webber,
+2024).
+
+Every estimator here is unbiased. Standard errors: for Hutchinson and the Hutchinson part
+of Hutch++, the sample standard deviation over probes divided by ``sqrt(probes)``; for
+the exchangeable estimators, the standard deviation of the ``s`` leave-one-out estimates
+divided by ``sqrt(s)``, the error estimate of Epperly, Tropp & Webber (those estimates
+are dependent, so it is a heuristic; ``tests/test_trace.py`` checks it against the
+spread over seeds). With ``num_matvecs >= n`` the exact value is computed from ``n``
+products with unit vectors.
+
+The ``n x s`` blocks stay in the operator's array library and on its device; the
+``s x s`` matrices of the sketching methods are solved on the host in float64.
+
+References
+----------
+M. F. Hutchinson (1989), A stochastic estimator of the trace of the influence matrix for
+Laplacian smoothing splines. Comm. Statist. Simul. Comput. 18(3).
+C. Bekas, E. Kokiopoulou, Y. Saad (2007), An estimator for the diagonal of a matrix.
+Appl. Numer. Math. 57.
+R. A. Meyer, C. Musco, C. Musco, D. P. Woodruff (2021), Hutch++: optimal stochastic trace
+estimation. SOSA.
+R. Baston, Y. Nakatsukasa (2022), Stochastic diagonal estimation: probabilistic bounds and
+an improved algorithm. arXiv:2201.10684.
+E. N. Epperly, J. A. Tropp, R. J. Webber (2024), XTrace: making the most of every sample in
+stochastic trace estimation. SIAM J. Matrix Anal. Appl. 45(1).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.linalg import solve_triangular
+
+from .. import _array, _checks
+from ..density import normal_quantile
+from .probes import probe_block
+
+TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "xnystrace", "slq")
+DIAGONAL_METHODS = ("hutchinson", "hutch++", "xdiag", "xnysdiag")
+_DIAGONAL_ALIASES = {"xtrace": "xdiag", "xnystrace": "xnysdiag", "diag++": "hutch++"}
+
+# Disjoint probe streams for the roles of the random vectors (probe i of a role is probe
+# OFFSET + i of the seed's counter-based streams).
+_SKETCH, _TEST = 0, 1 << 40
+
+
+@dataclass(frozen=True, repr=False)
+class TraceEstimate:
+    """An estimate of ``tr(A)`` (or ``tr f(A)``).
+
+    Attributes
+    ----------
+    value
+        The estimate (also available as :attr:`mean`).
+    stderr
+        Its standard error (0 when exact; NaN when the method cannot estimate it).
+    matvecs
+        Products with single vectors spent.
+    method
+        The estimator that ran (``"exact"`` when ``num_matvecs >= n``).
+    n
+        Size of the operator.
+    num_samples
+        Number of terms averaged (probes, or leave-one-out estimates).
+    quadrature_error
+        For ``method="slq"``: the bias estimate of the Gauss quadrature (see
+        :class:`specdens.Estimate`); NaN otherwise.
+    """
+
+    value: float
+    stderr: float
+    matvecs: int
+    method: str
+    n: int
+    num_samples: int
+    quadrature_error: float = float("nan")
+
+    @property
+    def mean(self) -> float:
+        """The estimate (alias of :attr:`value`)."""
+        return self.value
+
+    def __float__(self) -> float:
+        return float(self.value)
+
+    def interval(self, confidence: float = 0.95) -> tuple[float, float]:
+        """Normal confidence interval ``value -/+ z * stderr``."""
+        z = normal_quantile(confidence)
+        return (self.value - z * self.stderr, self.value + z * self.stderr)
+
+    def __repr__(self) -> str:
+        quad = (f", quadrature_error={self.quadrature_error:.3g}"
+                if math.isfinite(self.quadrature_error) else "")
+        return (f"TraceEstimate(value={self.value:.8g}, stderr={self.stderr:.3g}, "
+                f"matvecs={self.matvecs}, method={self.method!r}{quad})")
+
+
+@dataclass(frozen=True, repr=False)
+class DiagonalEstimate:
+    """An estimate of ``diag(A)``.
+
+    Attributes
+    ----------
+    value, stderr
+        Arrays of shape ``(n,)`` in the operator's array library, on its device, in the
+        working dtype (also available as :attr:`mean`).
+    matvecs, method, n, num_samples
+        As for :class:`TraceEstimate`.
+    """
+
+    value: Any
+    stderr: Any
+    matvecs: int
+    method: str
+    n: int
+    num_samples: int
+
+    @property
+    def mean(self) -> Any:
+        """The estimate (alias of :attr:`value`)."""
+        return self.value
+
+    def __repr__(self) -> str:
+        v = _array.to_numpy(self.value)
+        se = _array.to_numpy(self.stderr)
+        return (f"DiagonalEstimate(n={self.n}, value=[{v.min():.4g} .. {v.max():.4g}], "
+                f"median stderr={float(np.median(se)):.3g}, matvecs={self.matvecs}, "
+                f"method={self.method!r})")
+
+
+# -- small helpers ------------------------------------------------------------------------
+class _Ctx:
+    """The operator, its namespace, device and working dtype, and a product counter."""
+
+    def __init__(self, op: Any, dtype: Any):
+        self.op, self.n = _checks.operator_of(op)
+        self.xp, self.device = self.op.xp, self.op.device
+        _array.check_supported_dtype(self.op.dtype)
+        has64 = _array.supports_float64(self.xp, self.device)
+        self.work = _checks.float_dtype_name(dtype, "dtype",
+                                             default="float64" if has64 else "float32")
+        self.wdt = _array.xp_dtype(self.xp, self.work)
+        self.matvecs = 0
+
+    def apply(self, X: Any) -> Any:
+        """``A X`` for ``X`` of shape ``(n, b)`` in the working dtype."""
+        xp = self.xp
+        Y = self.op.matmat(xp.astype(X, self.op.dtype, copy=False))
+        self.matvecs += int(X.shape[1])
+        if self.matvecs == int(X.shape[1]):
+            _checks.check_product(self.op, Y, int(X.shape[1]))
+        Y = xp.astype(Y, self.wdt, copy=False)
+        if not bool(_array.to_numpy(xp.all(xp.isfinite(Y)), bool)):
+            raise FloatingPointError("the operator returned NaN or Inf; specdens never "
+                                     "averages such values in. Check the operator.")
+        return Y
+
+    def vectors(self, kind: str, seed: int, first: int, count: int) -> Any:
+        """``count`` random vectors as columns ``(n, count)``: Rademacher with entries
+        +-1, or uniform on the sphere of radius ``sqrt(n)`` (``E[w w^T] = I`` for both)."""
+        rows, _ = probe_block("rademacher" if kind == "rademacher" else "sphere", self.n,
+                              seed, range(first, first + count), self.xp, self.device, self.wdt)
+        return self.xp.matrix_transpose(rows) * math.sqrt(self.n)
+
+    def host(self, X: Any) -> np.ndarray:
+        return _array.to_numpy(X)
+
+    def dev(self, X: np.ndarray) -> Any:
+        return _array.from_numpy(np.ascontiguousarray(X), self.xp, self.device, self.wdt)
+
+    def mm(self, A: Any, B: Any) -> Any:
+        return self.xp.matmul(A, B)
+
+    def t(self, A: Any) -> Any:
+        return self.xp.matrix_transpose(A)
+
+
+def _orth(ctx: _Ctx, Y: Any) -> tuple[Any, np.ndarray]:
+    """Thin QR of ``Y`` (``n x s``): ``Q`` on the device, ``R`` on the host."""
+    xp = ctx.xp
+    linalg = getattr(xp, "linalg", None)
+    if linalg is not None and hasattr(linalg, "qr"):
+        Q, R = linalg.qr(Y)
+        return Q, ctx.host(R)
+    Qh, Rh = np.linalg.qr(ctx.host(Y))
+    return ctx.dev(Qh), Rh
+
+
+def _colsums(ctx: _Ctx, X: Any) -> np.ndarray:
+    return ctx.host(ctx.xp.sum(X, axis=0))
+
+
+def _check_num_matvecs(num_matvecs: Any, minimum: int, method: str) -> int:
+    m = _checks.positive_int(num_matvecs, "num_matvecs")
+    if m < minimum:
+        raise ValueError(f"method={method!r} needs num_matvecs >= {minimum}; got {m}")
+    return m
+
+
+def _numerical_rank(R: np.ndarray) -> tuple[int, np.ndarray]:
+    """Rank of ``R`` (to ``s * eps * sigma_max``) and its left singular vectors."""
+    U, sv, _ = np.linalg.svd(R)
+    tol = R.shape[0] * np.finfo(float).eps * (sv[0] if sv.size else 0.0)
+    return int(np.sum(sv > tol)), U
+
+
+def _finish_scalar(samples: np.ndarray, offset: float, matvecs: int, method: str, n: int
+                   ) -> TraceEstimate:
+    samples = np.asarray(samples, dtype=np.float64)
+    k = samples.size
+    se = float(np.std(samples, ddof=1) / math.sqrt(k)) if k > 1 else float("nan")
+    return TraceEstimate(float(offset + np.mean(samples)), se, matvecs, method, n, k)
+
+
+# -- trace ------------------------------------------------------------------------------
+def trace(
+    op: Any,
+    *,
+    num_matvecs: int = 100,
+    method: str | None = None,
+    f: Callable[[np.ndarray], np.ndarray] | None = None,
+    seed: int = 0,
+    num_steps: int = 30,
+    block_size: int = 64,
+    dtype: Any = None,
+    **slq_kwargs: Any,
+) -> TraceEstimate:
+    """Estimate ``tr(A)`` (or ``tr f(A)``) from ``num_matvecs`` matrix-vector products.
+
+    Parameters
+    ----------
+    op
+        A symmetric operator (anything :func:`specdens.aslinearoperator` accepts);
+        positive semi-definite for ``method="xnystrace"``.
+    num_matvecs
+        The budget of products with single vectors: Hutchinson uses them all as probes;
+        Hutch++ a third each for the sketch, for ``A Q`` and for the Hutchinson part;
+        XTrace half for ``s = num_matvecs // 2`` test vectors and half for ``A Q``;
+        XNysTrace all as test vectors; SLQ ``num_matvecs // num_steps`` probes of
+        ``num_steps`` Lanczos steps. With ``num_matvecs >= n`` (and no ``f``) the exact
+        trace is computed from ``n`` products.
+    method
+        ``"xtrace"`` (the default without ``f``), ``"hutchinson"``, ``"hutch++"``,
+        ``"xnystrace"`` or ``"slq"`` (the default with ``f``); see the module notes.
+    f
+        A vectorised function: estimate ``tr f(A)`` by stochastic Lanczos quadrature
+        (``method="slq"``, chosen when ``f`` is given). For several functions from one
+        Lanczos run, use :func:`trace_functions`.
+    seed
+        Seed of the random vectors (counter-based, as the probes of :func:`specdens.slq`).
+    num_steps
+        Lanczos steps per probe for ``method="slq"``.
+    block_size
+        Hutchinson probes per block of products (memory: ``n * block_size`` values).
+    dtype
+        Working dtype, ``"float64"`` (default where available) or ``"float32"``.
+    **slq_kwargs
+        For ``method="slq"``: more arguments of :func:`specdens.slq` (e.g. ``deflate``).
+
+    Returns
+    -------
+    TraceEstimate
+
+    Raises
+    ------
+    ValueError
+        For an unknown method, a budget too small for it, ``f`` with another method than
+        ``"slq"``, or, with ``"xnystrace"``, an operator that is not positive
+        semi-definite (a negative ``w^T A w`` or a Gram matrix ``W^T A W`` that is not
+        positive definite).
+    """
+    if method is None:
+        method = "slq" if f is not None else "xtrace"
+    if method not in TRACE_METHODS:
+        raise ValueError(f"method={method!r}; choose one of {', '.join(TRACE_METHODS)}")
+    if f is not None and method != "slq":
+        raise ValueError(f"trace(f=...) estimates tr f(A) by stochastic Lanczos quadrature: use "
+                         f"method='slq' (got method={method!r})")
+    if slq_kwargs and method != "slq":
+        raise TypeError(f"unexpected arguments for method={method!r}: {', '.join(slq_kwargs)}")
+    if method == "slq":
+        num_steps = _checks.positive_int(num_steps, "num_steps")
+        m = _check_num_matvecs(num_matvecs, 2 * num_steps, "slq")
+        out = trace_functions(op, [f if f is not None else (lambda t: t)], num_steps=num_steps,
+                              num_probes=m // num_steps, seed=seed, dtype=dtype, **slq_kwargs)
+        return out[0]
+    ctx = _Ctx(op, dtype)
+    minimum = {"hutchinson": 1, "hutch++": 3, "xtrace": 4, "xnystrace": 2}[method]
+    m = _check_num_matvecs(num_matvecs, minimum, method)
+    block_size = _checks.positive_int(block_size, "block_size")
+    if m >= ctx.n:
+        return _exact_trace(ctx, block_size)
+    if method == "hutchinson":
+        samples = _hutchinson_forms(ctx, m, seed, _TEST, block_size)
+        return _finish_scalar(samples, 0.0, ctx.matvecs, method, ctx.n)
+    if method == "hutch++":
+        return _hutchpp_trace(ctx, m, seed, block_size)
+    if method == "xtrace":
+        return _xtrace(ctx, m // 2, seed)
+    return _xnystrace(ctx, m, seed)
+
+
+def _exact_trace(ctx: _Ctx, block_size: int) -> TraceEstimate:
+    total = 0.0
+    n = ctx.n
+    for start in range(0, n, block_size):
+        stop = min(start + block_size, n)
+        E = np.zeros((n, stop - start))
+        E[np.arange(start, stop), np.arange(stop - start)] = 1.0
+        Y = ctx.host(ctx.apply(ctx.dev(E)))
+        total += float(np.sum(Y[np.arange(start, stop), np.arange(stop - start)]))
+    return TraceEstimate(total, 0.0, ctx.matvecs, "exact", n, n)
+
+
+def _hutchinson_forms(ctx: _Ctx, count: int, seed: int, offset: int, block_size: int,
+                      Q: Any = None) -> np.ndarray:
+    """``w^T B w`` for Rademacher ``w`` (``count`` of them), ``B = A`` or, given ``Q``,
+    ``(I - QQ^T) A (I - QQ^T)``."""
+    out = []
+    for start in range(0, count, block_size):
+        b = min(block_size, count - start)
+        W = ctx.vectors("rademacher", seed, offset + start, b)
+        if Q is not None:
+            W = W - ctx.mm(Q, ctx.mm(ctx.t(Q), W))
+        out.append(_colsums(ctx, W * ctx.apply(W)))
+        del W
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _hutchpp_trace(ctx: _Ctx, m: int, seed: int, block_size: int) -> TraceEstimate:
+    s = m // 3
+    g = m - 2 * s
+    S = ctx.vectors("sphere", seed, _SKETCH, s)
+    Q, _ = _orth(ctx, ctx.apply(S))
+    del S
+    low = float(np.trace(ctx.host(ctx.mm(ctx.t(Q), ctx.apply(Q)))))
+    samples = _hutchinson_forms(ctx, g, seed, _TEST, block_size, Q=Q)
+    return _finish_scalar(samples, low, ctx.matvecs, "hutch++", ctx.n)
+
+
+def _xtrace_parts(ctx: _Ctx, s: int, seed: int, kind: str):
+    """Test vectors, ``Q``, ``R``, ``Z = A Q`` and the small matrices of XTrace/XDiag."""
+    Om = ctx.vectors(kind, seed, _SKETCH, s)
+    Y = ctx.apply(Om)
+    Q, R = _orth(ctx, Y)
+    del Y
+    Z = ctx.apply(Q)
+    return Om, Q, R, Z
+
+
+def _xtrace(ctx: _Ctx, s: int, seed: int) -> TraceEstimate:
+    Om, Q, R, Z = _xtrace_parts(ctx, s, seed, "sphere")
+    H = ctx.host(ctx.mm(ctx.t(Q), Z))
+    W = ctx.host(ctx.mm(ctx.t(Q), Om))
+    T = ctx.host(ctx.mm(ctx.t(Z), Om))
+    rank, U = _numerical_rank(R)
+    if rank < s:
+        # A Omega has rank r < s, so A has rank r and Q U_r spans its range: the trace is
+        # tr(U_r^T H U_r) exactly.
+        Ur = U[:, :rank]
+        return TraceEstimate(float(np.trace(Ur.T @ H @ Ur)), 0.0, ctx.matvecs, "xtrace",
+                             ctx.n, s)
+    # Leave-one-out: span(Y without column i) = Q (I - s_i s_i^T) with s_i the unit
+    # column i of R^{-T}; the estimate i is tr(P_i A) + x_i^T A x_i, x_i = (I - P_i) w_i.
+    Sm = solve_triangular(R, np.eye(s), lower=False).T
+    Sm /= np.linalg.norm(Sm, axis=0)[None, :]
+    HS = H @ Sm
+    low = np.trace(H) - np.einsum("ij,ij->j", Sm, HS)
+    c = np.einsum("ij,ij->j", Sm, W)                       # s_i^T w_i
+    wHw = np.einsum("ij,ij->j", W, H @ W)
+    tw = np.einsum("ij,ij->j", T, W)
+    ts = np.einsum("ij,ij->j", T, Sm)
+    wHs = np.einsum("ij,ij->j", W, HS)
+    sHw = np.einsum("ij,ij->j", Sm, H @ W)
+    sr = np.einsum("ij,ij->j", Sm, R)
+    sHs = np.einsum("ij,ij->j", Sm, HS)
+    resid = wHw - tw + c * (ts - wHs - sHw + sr) + c * c * sHs
+    return _finish_scalar(low + resid, 0.0, ctx.matvecs, "xtrace", ctx.n)
+
+
+def _nystrom_parts(ctx: _Ctx, s: int, seed: int, kind: str):
+    """``B = Y_nu C^{-1}``, ``X = C^{-T}``, the shift and the test vectors of XNysTrace."""
+    Om = ctx.vectors(kind, seed, _SKETCH, s)
+    Y = ctx.apply(Om)
+    G = ctx.host(ctx.mm(ctx.t(Om), Y))
+    G = 0.5 * (G + G.T)
+    d = np.diag(G)
+    scale = float(np.max(np.abs(G))) if G.size else 0.0
+    if np.any(d < -s * np.finfo(float).eps * scale * 10):
+        i = int(np.argmin(d))
+        raise ValueError(
+            f"the Nyström methods need a positive semi-definite operator, but w^T A w = "
+            f"{d[i]:.3e} < 0 for a test vector: the operator is indefinite. Use "
+            "method='xtrace' (or 'hutch++') for indefinite operators."
+        )
+    fro = float(np.sqrt(np.sum(_colsums(ctx, Y * Y))))
+    nu = float(math.sqrt(ctx.n) * np.finfo(float).eps * fro)
+    Y = Y + nu * Om
+    G = G + nu * ctx.host(ctx.mm(ctx.t(Om), Om))
+    try:
+        C = np.linalg.cholesky(0.5 * (G + G.T)).T  # upper: G = C^T C
+    except np.linalg.LinAlgError:
+        raise ValueError(
+            "the Nyström methods need a positive semi-definite operator, but the Gram matrix "
+            "W^T A W of the test vectors is not positive definite: the operator is "
+            "indefinite. Use method='xtrace' (or 'hutch++') for indefinite operators."
+        ) from None
+    Cinv = solve_triangular(C, np.eye(s), lower=False)
+    B = ctx.mm(Y, ctx.dev(Cinv))
+    X = Cinv.T  # C^{-T}; column i is C^{-T} e_i
+    return Om, B, X, nu
+
+
+def _xnystrace(ctx: _Ctx, s: int, seed: int) -> TraceEstimate:
+    # Nyström A_nu ~ B B^T from all s test vectors; leaving out vector i removes the rank
+    # one term v_i v_i^T, v_i = Y_nu G^{-1} e_i / sqrt((G^{-1})_ii), and the residual term
+    # w_i^T (A_nu - Ahat_(i)) w_i equals 1 / (G^{-1})_ii.
+    Om, B, X, nu = _nystrom_parts(ctx, s, seed, "sphere")
+    del Om
+    trA = float(np.sum(_colsums(ctx, B * B)))
+    g = np.sum(X * X, axis=0)                      # (G^{-1})_ii
+    BX = ctx.mm(B, ctx.dev(X))
+    v2 = _colsums(ctx, BX * BX) / g
+    samples = trA - v2 + 1.0 / g
+    return _finish_scalar(samples, -ctx.n * nu, ctx.matvecs, "xnystrace", ctx.n)
+
+
+# -- trace of functions by SLQ -------------------------------------------------------------
+def trace_functions(
+    op: Any,
+    fs: Sequence[Callable[[np.ndarray], np.ndarray]] | Mapping[str, Callable],
+    *,
+    num_steps: int = 90,
+    num_probes: int = 10,
+    seed: int = 0,
+    **slq_kwargs: Any,
+) -> list[TraceEstimate] | dict[str, TraceEstimate]:
+    """``tr f(A)`` for several functions from one stochastic Lanczos quadrature run.
+
+    Parameters
+    ----------
+    op
+        A symmetric operator.
+    fs
+        Vectorised functions (a list, or a dict name -> function).
+    num_steps, num_probes, seed, **slq_kwargs
+        Passed to :func:`specdens.slq` (e.g. ``deflate=k`` removes outliers first).
+
+    Returns
+    -------
+    list or dict of TraceEstimate
+        In the order (or with the keys) of ``fs``; each with its standard error over
+        probes and its ``quadrature_error`` (see :class:`specdens.Estimate`), all sharing
+        the run's ``matvecs``.
+    """
+    from .slq import slq
+
+    items = list(fs.items()) if isinstance(fs, Mapping) else list(enumerate(fs))
+    if not items:
+        raise ValueError("trace_functions needs at least one function")
+    for name, fn in items:
+        if not callable(fn):
+            raise TypeError(f"fs[{name!r}] is not callable")
+    d = slq(op, num_steps=num_steps, num_probes=num_probes, seed=seed, **slq_kwargs)
+    out = []
+    for _, fn in items:
+        est = d.trace(fn)
+        out.append(TraceEstimate(float(est.value), float(est.stderr), d.matvecs, "slq", d.n,
+                                 d.num_probes, float(est.quadrature_error)))
+    if isinstance(fs, Mapping):
+        return {name: e for (name, _), e in zip(items, out, strict=True)}
+    return out
+
+
+# -- diagonal ---------------------------------------------------------------------------
+class _Welford:
+    """Running mean and sum of squared deviations of columns, merged block by block
+    (Chan, Golub & LeVeque, 1983): no cancellation when the mean dwarfs the spread."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean: Any = None
+        self.m2: Any = None
+
+    def add(self, xp: Any, X: Any) -> None:
+        b = int(X.shape[1])
+        mean_b = xp.sum(X, axis=1) / b
+        dev = X - mean_b[:, None]
+        m2_b = xp.sum(dev * dev, axis=1)
+        if self.count == 0:
+            self.count, self.mean, self.m2 = b, mean_b, m2_b
+            return
+        total = self.count + b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (b / total)
+        self.m2 = self.m2 + m2_b + delta * delta * (self.count * b / total)
+        self.count = total
+
+    def stderr(self, xp: Any) -> Any:
+        if self.count < 2:
+            return self.mean * float("nan")
+        return xp.sqrt(self.m2 / (self.count - 1) / self.count)
+
+
+def diagonal(
+    op: Any,
+    *,
+    num_matvecs: int = 100,
+    method: str = "xdiag",
+    seed: int = 0,
+    block_size: int = 64,
+    dtype: Any = None,
+) -> DiagonalEstimate:
+    """Estimate ``diag(A)`` from ``num_matvecs`` matrix-vector products.
+
+    Parameters
+    ----------
+    op
+        A symmetric operator; positive semi-definite for ``method="xnysdiag"``.
+    num_matvecs
+        Budget of products with single vectors, split as in :func:`trace`. With
+        ``num_matvecs >= n`` the exact diagonal is computed from ``n`` products.
+    method
+        ``"xdiag"`` (default), ``"hutchinson"``, ``"hutch++"`` (Diag++) or
+        ``"xnysdiag"``; ``"xtrace"`` and ``"xnystrace"`` are accepted as aliases of the
+        last two.
+    seed, block_size, dtype
+        As for :func:`trace`.
+
+    Returns
+    -------
+    DiagonalEstimate
+        ``value`` and per-entry ``stderr`` as arrays in the operator's library.
+
+    Raises
+    ------
+    ValueError
+        For an unknown method, a budget too small for it, or an indefinite operator with
+        ``"xnysdiag"``.
+    """
+    method = _DIAGONAL_ALIASES.get(method, method)
+    if method not in DIAGONAL_METHODS:
+        raise ValueError(f"method={method!r}; choose one of {', '.join(DIAGONAL_METHODS)} "
+                         "(or the aliases 'xtrace', 'xnystrace')")
+    ctx = _Ctx(op, dtype)
+    xp = ctx.xp
+    minimum = {"hutchinson": 1, "hutch++": 3, "xdiag": 4, "xnysdiag": 2}[method]
+    m = _check_num_matvecs(num_matvecs, minimum, method)
+    block_size = _checks.positive_int(block_size, "block_size")
+    if m >= ctx.n:
+        return _exact_diagonal(ctx, block_size)
+    if method in ("hutchinson", "hutch++"):
+        base = None
+        Q = H = None
+        g = m
+        if method == "hutch++":
+            s = m // 3
+            g = m - 2 * s
+            S = ctx.vectors("sphere", seed, _SKETCH, s)
+            Q, _ = _orth(ctx, ctx.apply(S))
+            del S
+            H = ctx.mm(ctx.t(Q), ctx.apply(Q))
+            base = xp.sum(ctx.mm(Q, H) * Q, axis=1)  # diag(Q H Q^T)
+        acc = _Welford()
+        for start in range(0, g, block_size):
+            b = min(block_size, g - start)
+            W = ctx.vectors("rademacher", seed, _TEST + start, b)
+            AW = ctx.apply(W)
+            if Q is not None:
+                AW = AW - ctx.mm(Q, ctx.mm(H, ctx.mm(ctx.t(Q), W)))
+            acc.add(xp, W * AW)
+        value = acc.mean if base is None else acc.mean + base
+        return DiagonalEstimate(value, acc.stderr(xp), ctx.matvecs, method, ctx.n, acc.count)
+    if method == "xdiag":
+        s = m // 2
+        Om, Q, R, Z = _xtrace_parts(ctx, s, seed, "rademacher")
+        rank, U = _numerical_rank(R)
+        if rank < s:  # exact: A = P A with P the projector on range(A) = range(Q U_r)
+            Ur = ctx.dev(U[:, :rank])
+            value = xp.sum(ctx.mm(Q, Ur) * ctx.mm(Z, Ur), axis=1)
+            return DiagonalEstimate(value, value * 0.0, ctx.matvecs, method, ctx.n, s)
+        Sm = solve_triangular(R, np.eye(s), lower=False).T
+        Sm /= np.linalg.norm(Sm, axis=0)[None, :]
+        sr = np.einsum("ij,ij->j", Sm, R)            # s_i^T r_i
+        QS = ctx.mm(Q, ctx.dev(Sm))
+        ZS = ctx.mm(Z, ctx.dev(Sm))
+        base = xp.sum(Q * Z, axis=1)                  # diag(Q Z^T) = diag(Q Q^T A)
+        # estimate i: diag(P_i A) + w_i * ((I - P_i) A w_i), with (I - P_i) A w_i =
+        # Q s_i (s_i^T r_i) and diag(P_i A) = diag(Q Z^T) - (Q s_i) * (Z s_i).
+        D = base[:, None] - QS * ZS + Om * QS * ctx.dev(sr[None, :])
+    else:  # xnysdiag
+        s = m
+        Om, B, X, nu = _nystrom_parts(ctx, s, seed, "rademacher")
+        g = np.sum(X * X, axis=0)
+        V = ctx.mm(B, ctx.dev(X / np.sqrt(g)[None, :]))    # columns v_i
+        base = xp.sum(B * B, axis=1)                          # diag(B B^T)
+        # estimate i: diag(Ahat - v_i v_i^T) + w_i * v_i / sqrt(g_ii) - nu.
+        D = (base[:, None] - V * V + Om * V * ctx.dev(1.0 / np.sqrt(g)[None, :])) - nu
+    acc = _Welford()
+    acc.add(xp, D)
+    return DiagonalEstimate(acc.mean, acc.stderr(xp), ctx.matvecs, method, ctx.n, acc.count)
+
+
+def _exact_diagonal(ctx: _Ctx, block_size: int) -> DiagonalEstimate:
+    n = ctx.n
+    parts = []
+    for start in range(0, n, block_size):
+        stop = min(start + block_size, n)
+        E = np.zeros((n, stop - start))
+        E[np.arange(start, stop), np.arange(stop - start)] = 1.0
+        Y = ctx.apply(ctx.dev(E))
+        parts.append(ctx.xp.sum(Y * ctx.dev(E), axis=0))
+    value = ctx.xp.concat(parts, axis=0)
+    return DiagonalEstimate(value, value * 0.0, ctx.matvecs, "exact", n, n)

@@ -1,0 +1,245 @@
+"""Resumable runs: a run killed at any point resumes from its last checkpoint and gives
+bit-identical alpha and beta; checkpoints of other operators or settings are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import specdens
+from specdens import CheckpointError
+from specdens.examples import hessian_like
+from specdens.operators import CallableOperator
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Crash(Exception):
+    """Stands for a process dying inside a product."""
+
+
+def _crashing(base, limit):
+    """``base`` as a callable operator whose ``limit + 1``-th block product raises."""
+    count = {"n": 0}
+
+    def matmat(V):
+        count["n"] += 1
+        if limit is not None and count["n"] > limit:
+            raise Crash
+        return base.matmat(V)
+
+    return CallableOperator(base.matvec, base.shape, base.dtype, matmat=matmat, symmetric=True,
+                            xp=base.xp, device=base.device), count
+
+
+@pytest.mark.parametrize("reorth", ["full", "partial", "local", "none"])
+def test_crash_at_every_product_then_resume_is_bit_identical(tmp_path, reorth):
+    """A crash inside any one of the run's 12 block products (3 blocks of 4 steps, a
+    checkpoint every 3 steps), then a resumed run: alpha, beta, lengths and the number of
+    products equal those of an uninterrupted run exactly."""
+    base = hessian_like(120)
+    kw = dict(num_probes=5, block_size=2, seed=3, reorth=reorth, window=3)
+    ref = specdens.lanczos(base, 4, **kw)
+    for limit in range(12):
+        path = tmp_path / f"{reorth}-{limit}.npz"
+        op, _ = _crashing(base, limit)
+        with pytest.raises(Crash):
+            specdens.lanczos(op, 4, checkpoint=path, checkpoint_every=3, checkpoint_key="A", **kw)
+        op, count = _crashing(base, None)
+        r = specdens.lanczos(op, 4, checkpoint=path, checkpoint_every=3, checkpoint_key="A", **kw)
+        np.testing.assert_array_equal(r.alpha, ref.alpha)
+        np.testing.assert_array_equal(r.beta, ref.beta)
+        np.testing.assert_array_equal(r.lengths, ref.lengths)
+        assert r.matvecs == ref.matvecs
+        # the resumed session did exactly the products that were not saved: whole blocks
+        # of 4 steps, and 3 steps of the running block once it reached its checkpoint
+        blocks, steps = divmod(limit, 4)
+        assert count["n"] == 12 - 4 * blocks - (3 if steps >= 3 else 0)
+    # a finished run returns its result from the file without new products
+    op, count = _crashing(base, None)
+    again = specdens.lanczos(op, 4, checkpoint=path, checkpoint_every=3, checkpoint_key="A",
+                             **kw)
+    assert count["n"] == 0
+    np.testing.assert_array_equal(again.alpha, ref.alpha)
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    import specdens
+    from specdens.examples import hessian_like
+    from specdens.operators import CallableOperator
+
+    base = hessian_like(400)
+
+    def matmat(V):
+        time.sleep(0.03)
+        return base.matmat(V)
+
+    op = CallableOperator(base.matvec, base.shape, "float64", matmat=matmat, symmetric=True)
+    specdens.lanczos(op, 40, num_probes=4, block_size=2, seed=3, basis_dtype="float32",
+                     checkpoint=sys.argv[1], checkpoint_every=4)
+""")
+
+
+def test_sigkill_mid_run_then_resume_is_bit_identical(tmp_path):
+    """A child process is killed with SIGKILL while it runs (after its checkpoint file
+    has appeared, at two different moments); this process resumes from the file; the
+    result equals that of an uninterrupted run bit for bit."""
+    script = tmp_path / "child.py"
+    script.write_text(_CHILD)
+    base = hessian_like(400)
+    kw = dict(num_probes=4, block_size=2, seed=3, basis_dtype="float32")
+    ref = specdens.lanczos(base, 40, **kw)
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    for extra_wait in (0.0, 0.7):
+        ck = tmp_path / f"ck-{extra_wait}.npz"
+        child = subprocess.Popen([sys.executable, str(script), str(ck)], env=env, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while not ck.exists():
+            assert child.poll() is None, "the child ended before its first checkpoint"
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(extra_wait)
+        child.send_signal(signal.SIGKILL)
+        child.wait(timeout=30)
+        assert child.returncode == -signal.SIGKILL
+        with np.load(ck, allow_pickle=False) as z:  # the file is whole, and mid-run
+            progress = json.loads(str(z["header"]))["progress"]
+        assert not progress["complete"]
+        r = specdens.lanczos(base, 40, checkpoint=ck, checkpoint_every=4, **kw)
+        np.testing.assert_array_equal(r.alpha, ref.alpha)
+        np.testing.assert_array_equal(r.beta, ref.beta)
+        # products: those of the recurrence over both sessions, plus this session's
+        # fingerprint product
+        assert r.matvecs == ref.matvecs + 1
+
+
+def test_torch_crash_and_resume_is_bit_identical(tmp_path):
+    torch = pytest.importorskip("torch")
+    base = hessian_like(150)
+    T = torch.tensor(np.asarray(base.to_dense()))
+    count = {"n": 0, "limit": 7}
+
+    def matmat(V):
+        count["n"] += 1
+        if count["limit"] is not None and count["n"] > count["limit"]:
+            raise Crash
+        return T @ V
+
+    op = CallableOperator(lambda v: T @ v, (150, 150), torch.float64, matmat=matmat,
+                          symmetric=True)
+    kw = dict(num_probes=3, block_size=2, seed=1, basis_dtype="float32", return_basis=True)
+    count["limit"] = None
+    ref = specdens.lanczos(op, 6, **kw)
+    count["n"], count["limit"] = 0, 7
+    path = tmp_path / "t.npz"
+    with pytest.raises(Crash):
+        specdens.lanczos(op, 6, checkpoint=path, checkpoint_every=2, **kw)
+    count["limit"] = None
+    r = specdens.lanczos(op, 6, checkpoint=path, checkpoint_every=2, **kw)
+    np.testing.assert_array_equal(r.alpha, ref.alpha)
+    np.testing.assert_array_equal(r.beta, ref.beta)
+    assert isinstance(r.basis, torch.Tensor) and r.basis.dtype == torch.float32
+    assert torch.equal(r.basis, ref.basis) and torch.equal(r.last_vector, ref.last_vector)
+
+
+def test_other_operator_settings_or_files_are_refused(tmp_path):
+    A = hessian_like(100)
+    path = tmp_path / "c.npz"
+    specdens.lanczos(A, 5, num_probes=2, checkpoint=path)
+    with pytest.raises(CheckpointError, match="another operator: the fingerprint"):
+        specdens.lanczos(hessian_like(100, seed=1), 5, num_probes=2, checkpoint=path)
+    with pytest.raises(CheckpointError, match="another operator: shape"):
+        specdens.lanczos(hessian_like(90), 5, num_probes=2, checkpoint=path)
+    with pytest.raises(CheckpointError, match="num_steps=5 there, 6 now"):
+        specdens.lanczos(A, 6, num_probes=2, checkpoint=path)
+    with pytest.raises(CheckpointError, match="seed=0 there, 1 now"):
+        specdens.lanczos(A, 5, num_probes=2, seed=1, checkpoint=path)
+    with pytest.raises(CheckpointError, match="probe_kind"):
+        specdens.lanczos(A, 5, num_probes=2, probes="gaussian", checkpoint=path)
+    keyed = tmp_path / "k.npz"
+    specdens.lanczos(A, 5, checkpoint=keyed, checkpoint_key="model-v1")
+    with pytest.raises(CheckpointError, match="checkpoint_key 'model-v1' there, 'model-v2'"):
+        specdens.lanczos(A, 5, checkpoint=keyed, checkpoint_key="model-v2")
+    foreign = tmp_path / "density.npz"
+    specdens.slq(A, num_steps=5).save(foreign)
+    with pytest.raises(CheckpointError, match="not a specdens checkpoint"):
+        specdens.lanczos(A, 5, checkpoint=foreign)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(CheckpointError, match="not a readable"):
+        specdens.lanczos(A, 5, checkpoint=junk)
+
+
+def test_writes_are_atomic_and_pickle_free(tmp_path, monkeypatch):
+    """A failure between writing the temporary file and renaming it leaves the previous
+    checkpoint intact and no temporary file behind; the file is plain npz + JSON."""
+    base = hessian_like(100)
+    path = tmp_path / "c.npz"
+    op, _ = _crashing(base, 4)
+    with pytest.raises(Crash):
+        specdens.lanczos(op, 8, checkpoint=path, checkpoint_every=2, checkpoint_key="k")
+    before = path.read_bytes()
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    op, _ = _crashing(base, None)
+    with pytest.raises(OSError, match="disk full"):
+        specdens.lanczos(op, 8, checkpoint=path, checkpoint_every=2, checkpoint_key="k")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz"]
+    with np.load(path, allow_pickle=False) as z:
+        header = json.loads(str(z["header"]))
+        assert header["format"] == "specdens.LanczosCheckpoint" and header["version"] == 1
+        assert header["progress"]["step"] == 4 and header["settings"]["num_steps"] == 8
+        assert all(z[k].dtype != object for k in z.files)
+    r = specdens.lanczos(base, 8, checkpoint=path, checkpoint_every=2, checkpoint_key="k")
+    np.testing.assert_array_equal(r.alpha, specdens.lanczos(base, 8).alpha)
+
+
+def test_slq_checkpoint_with_deflation_saves_the_eigenpairs(tmp_path):
+    base = hessian_like(200)
+    path = tmp_path / "s.npz"
+    ref = specdens.slq(base, num_steps=10, num_probes=3, deflate=4)
+    op, count = _crashing(base, None)
+    specdens.slq(op, num_steps=10, num_probes=3, deflate=4, checkpoint=tmp_path / "t.npz")
+    total = count["n"]  # block products of a whole run: fingerprints, eigsh, 10 steps
+    op, count = _crashing(base, total - 4)  # crash at Lanczos step 7 of 10
+    with pytest.raises(Crash):
+        specdens.slq(op, num_steps=10, num_probes=3, deflate=4, checkpoint=path,
+                     checkpoint_every=2)
+    assert (tmp_path / "s.npz.eigsh.npz").exists()  # eigsh finished before the crash
+    op, count = _crashing(base, None)
+    d = specdens.slq(op, num_steps=10, num_probes=3, deflate=4, checkpoint=path,
+                     checkpoint_every=2)
+    # no eigsh products this time: two fingerprints, then Lanczos steps 7 to 10
+    assert count["n"] == 2 + 4
+    np.testing.assert_array_equal(d.deflated_eigenvalues, ref.deflated_eigenvalues)
+    np.testing.assert_allclose(d.nodes, ref.nodes, atol=1e-12)
+    with pytest.raises(CheckpointError, match="k=4 there, 5 now"):
+        specdens.slq(base, num_steps=10, num_probes=3, deflate=5, checkpoint=path)
+
+
+def test_checkpoint_argument_errors(tmp_path):
+    A = np.eye(10)
+    with pytest.raises(ValueError, match="need checkpoint"):
+        specdens.lanczos(A, 3, checkpoint_every=2)
+    with pytest.raises(ValueError, match="checkpoint_every must be at least 1"):
+        specdens.lanczos(A, 3, checkpoint=tmp_path / "x.npz", checkpoint_every=0)
+    with pytest.raises(TypeError, match="checkpoint must be a path"):
+        specdens.lanczos(A, 3, checkpoint=3)
+    with pytest.raises(TypeError, match="checkpoint_key"):
+        specdens.lanczos(A, 3, checkpoint=tmp_path / "x.npz", checkpoint_key=5)
