@@ -1,6 +1,35 @@
-"""JAX backend (``specdens.backends.jax``): jitted Hessian-vector-product operators over
-pytrees and multi-device reduction.
+"""JAX backend (``specdens.backends.jax``): the Hessian, the generalised Gauss-Newton
+matrix and the gradient of a mean training loss over a data set, as specdens operators on
+flat jax arrays; a Lanczos loop compiled whole with :func:`jax.jit`; data sharded over
+devices.
 
-The core engine already runs on jax arrays through array-api-compat: wrap an array with
-``specdens.aslinearoperator``. The Hessian operators arrive with the JAX backend issue.
+Importing this module imports jax; ``import specdens`` does not.
+
+>>> import specdens
+>>> from specdens.backends.jax import hessian, slq               # doctest: +SKIP
+>>> H = hessian(loss_fn, params, batches)                        # doctest: +SKIP
+>>> specdens.slq(H, num_steps=90, num_probes=10)   # the core's engine, eager  # doctest: +SKIP
+>>> slq(H, num_steps=90, num_probes=10)            # one compiled loop         # doctest: +SKIP
+
+float64 needs ``jax_enable_x64`` (``jax.config.update("jax_enable_x64", True)`` at
+start-up, or ``with jax.enable_x64(True):`` around building and using the operator).
 """
+
+from .compiled import lanczos, slq
+from .distributed import resolve_mesh
+from .ggn import GGNOperator, ggn
+from .gradient import gradient
+from .hessian import HessianOperator, hessian
+from .tracking import track
+
+__all__ = [
+    "GGNOperator",
+    "HessianOperator",
+    "ggn",
+    "gradient",
+    "hessian",
+    "lanczos",
+    "resolve_mesh",
+    "slq",
+    "track",
+]

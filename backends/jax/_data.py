@@ -1,0 +1,182 @@
+"""Batches: what counts as one batch, how many samples it holds, and a check that the data
+is the same on every pass.
+
+Weighting rule (exact for uneven batches). The loss of the data set is the mean over all
+``N`` samples, ``L = sum_b (n_b / N) L_b``, where ``L_b`` is the mean loss of batch ``b``
+over its ``n_b`` samples. Every operator accumulates ``sum_b n_b * (product of L_b)`` and
+``sum_b n_b`` over one pass, on the device, and divides the first by the second.
+
+Counting rule. ``n_b`` is, in this order of precedence: the second item when ``loss_fn``
+returns a pair ``(mean_loss, count)`` (e.g. the number of non-padding tokens);
+``batch_size_fn(batch)`` when given; otherwise the leading dimension of the first array
+leaf of the batch in :func:`jax.tree_util.tree_leaves` order (dict keys sorted: for
+``{"x": ..., "y": ...}`` that is ``x``). Counts are evaluated inside the compiled product,
+on the batch as the device sees it (its shard, with a mesh), so ``batch_size_fn`` must be
+traceable: use shapes or ``jnp`` functions, not ``float(...)`` or numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_array(x: Any) -> bool:
+    """A numpy or jax array (or anything array-like with ``shape`` and ``dtype`` and
+    ``__array__``, such as a CPU torch tensor)."""
+    if isinstance(x, (jax.Array, np.ndarray)):
+        return True
+    return hasattr(x, "shape") and hasattr(x, "dtype") and hasattr(x, "__array__")
+
+
+def is_single_batch(data: Any) -> bool:
+    """``data`` is one batch: an array, a dict, or a tuple/list whose first item is an
+    array (``(inputs, targets)``)."""
+    if is_array(data) or isinstance(data, dict):
+        return True
+    return isinstance(data, (tuple, list)) and len(data) > 0 and is_array(data[0])
+
+
+def default_count(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of its first array leaf."""
+    for leaf in jax.tree_util.tree_leaves(batch):
+        if hasattr(leaf, "shape") and len(leaf.shape) > 0:
+            return int(leaf.shape[0])
+        break
+    raise ValueError(
+        f"cannot tell how many samples a batch of type {type(batch).__name__} holds (its "
+        "first leaf is not an array with a leading dimension); return (mean_loss, count) from "
+        "loss_fn, or pass batch_size_fn=lambda batch: ...")
+
+
+def as_device_batch(batch: Any) -> Any:
+    """``batch`` with every array-like leaf as a numpy or jax array (jax arrays kept)."""
+    def conv(x: Any) -> Any:
+        if isinstance(x, (jax.Array, np.ndarray)):
+            return x
+        if is_array(x):
+            return np.asarray(x)
+        if isinstance(x, (bool, int, float, complex, np.generic)):
+            return np.asarray(x)
+        raise TypeError(f"a batch leaf of type {type(x).__name__} cannot be passed to a "
+                        "compiled function; batches hold arrays (numpy or jax) and numbers")
+    return jax.tree_util.tree_map(conv, batch)
+
+
+def signature(batch: Any) -> tuple:
+    """Tree structure, shapes and dtypes of a batch: the key of its compiled product."""
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    return (treedef, tuple((tuple(x.shape), np.dtype(x.dtype).name) for x in leaves))
+
+
+def checksum(batch: Any) -> float:
+    """A float64 summary of every leaf (sum of entries plus their count); the same data in
+    the same order gives the same value bit for bit. Jax leaves are summed on their
+    device and read back."""
+    total = 0.0
+    for leaf in jax.tree_util.tree_leaves(batch):
+        if isinstance(leaf, jax.Array):
+            s = float(jnp.sum(leaf.astype(jnp.float32 if not jax.config.read(
+                "jax_enable_x64") else jnp.float64)))
+        else:
+            s = float(np.sum(np.asarray(leaf, dtype=np.float64)))
+        total += s + leaf.size
+    return total
+
+
+def _same(a: float, b: float | None) -> bool:
+    """Equal checksums (NaN data gives NaN sums on both passes)."""
+    return a == b or (b is not None and math.isnan(a) and math.isnan(b))
+
+
+class Batches:
+    """A re-iterable view of the data as a sequence of batches, checked on every pass.
+
+    Parameters
+    ----------
+    data
+        One batch (see :func:`is_single_batch`) or a re-iterable of batches (a list, a
+        tuple, a loader object that can be iterated again). A one-shot iterator (a
+        generator) is refused: every product is a pass over the data.
+    check
+        Whether :meth:`passes` verifies that each pass yields the batches of the first
+        one: the same array objects (free), or failing that the same shapes, dtypes and
+        checksums (a host sum for numpy leaves; for jax leaves that are new objects, a sum
+        on their device read back, one small transfer per batch).
+
+    Attributes
+    ----------
+    num_batches : int
+    """
+
+    def __init__(self, data: Any, *, check: bool = True):
+        if is_single_batch(data):
+            self._data: Iterable[Any] = [data]
+        elif isinstance(data, Iterator):
+            raise TypeError(
+                f"data is a one-shot iterator ({type(data).__name__}); every product is a "
+                "pass over the data, so pass a list of batches or a re-iterable loader")
+        elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+            self._data = data
+        else:
+            raise TypeError(f"data must be one batch (an array, a dict, an (inputs, targets) "
+                            f"tuple) or an iterable of batches; got {type(data).__name__}")
+        self.check = check
+        # Keep the leaves of a list or tuple (alive anyway) for the identity check; a loader's
+        # fresh arrays are not kept, only their signatures and checksums.
+        keep = isinstance(self._data, (list, tuple))
+        self._refs: list[list[Any] | None] = []
+        self._sigs: list[tuple] = []
+        self._sums: list[float | None] = []
+        for batch in self._iterate():
+            leaves = jax.tree_util.tree_leaves(batch)
+            self._refs.append(leaves if keep else None)
+            self._sigs.append(signature(batch))
+            self._sums.append(checksum(batch) if check else None)
+        self.num_batches = len(self._refs)
+
+    def _iterate(self) -> Iterator[Any]:
+        empty = True
+        for batch in self._data:
+            empty = False
+            yield as_device_batch(batch)
+        if empty:
+            raise ValueError("data yielded no batches")
+
+    def first(self) -> Any:
+        """The first batch (for tracing at construction)."""
+        return next(iter(self._iterate()))
+
+    def __iter__(self) -> Iterator[Any]:
+        """One pass; raises a RuntimeError when it differs from the first pass."""
+        i = -1
+        for i, batch in enumerate(self._iterate()):
+            if i >= self.num_batches:
+                raise RuntimeError(self._count_message(i + 1))
+            if self.check:
+                self._verify(i, batch)
+            yield batch
+        if i + 1 != self.num_batches:
+            raise RuntimeError(self._count_message(i + 1))
+
+    def _count_message(self, got: int) -> str:
+        return (f"the data yielded {got} batches in this pass and {self.num_batches} when the "
+                "operator was built; it must yield the same batches on every pass")
+
+    def _verify(self, i: int, batch: Any) -> None:
+        leaves = jax.tree_util.tree_leaves(batch)
+        ref = self._refs[i]
+        if ref is not None and len(leaves) == len(ref) and all(
+                a is b for a, b in zip(leaves, ref, strict=True)):
+            return
+        if signature(batch) != self._sigs[i] or not _same(checksum(batch), self._sums[i]):
+            raise RuntimeError(
+                f"the data yielded a different batch at position {i} in this pass than when "
+                "the operator was built (a shuffling loader or random augmentation?); "
+                "products need the same batches on every pass: iterate without shuffling, "
+                "with deterministic transforms")

@@ -1,0 +1,201 @@
+"""A specdens operator whose product is a sample-weighted pass over the data, compiled
+with JAX.
+
+Subclasses give the per-batch kernel (``_kernel``: the block of products of one batch's
+mean loss, and its sample count). This class places the parameters, runs the pass on one
+device or a mesh, divides by the number of samples of the same pass, and adds the
+regularisation -- all on the device, with nothing read back.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from specdens import LinearOperatorBase
+
+from . import distributed
+from ._data import Batches
+from ._params import ParamSpace
+from ._pass import WeightedPass, total
+
+
+def check_weight_decay(weight_decay: Any) -> float:
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
+            or not math.isfinite(weight_decay):
+        raise TypeError(f"weight_decay must be a finite number; got {weight_decay!r}")
+    return float(weight_decay)
+
+
+def placement(space: ParamSpace, mesh: Any, data_axis: Any) -> tuple[Any, tuple, Any, Any]:
+    """``(mesh, axes, sharding, device)``: where vectors live. Without a mesh: the params'
+    device (jax's default device for numpy params); with one: replicated on the mesh."""
+    mesh, axes = distributed.resolve_mesh(mesh, data_axis)
+    if mesh is not None:
+        rep = distributed.replicated(mesh)
+        return mesh, axes, rep, rep
+    devs = space.leaf_devices
+    if devs is not None and len(devs) > 1:
+        raise ValueError(
+            f"params are spread over {len(devs)} devices; pass mesh=... (a jax.sharding.Mesh "
+            "or a list of devices) to use several devices")
+    device = next(iter(devs)) if devs else jax.devices()[0]
+    return None, (), jax.sharding.SingleDeviceSharding(device), device
+
+
+def _positive_total(counts: list[Any]) -> float:
+    n = float(sum(counts))
+    if not (math.isfinite(n) and n > 0) or any(not c > 0 for c in counts):
+        raise ValueError(f"sample counts {counts} (total {n}): counts must be positive and "
+                         "finite (check loss_fn's count or batch_size_fn)")
+    return n
+
+
+class DataOperator(LinearOperatorBase):
+    """Base class of :class:`HessianOperator` and :class:`GGNOperator`.
+
+    Attributes
+    ----------
+    param_names, param_shapes : list
+        The selected leaves, in the order of the flat vectors.
+    num_samples : float
+        Samples over all batches (all shards).
+    num_batches : int
+        Batches per pass.
+    num_traces : int
+        How many times a per-batch product has been traced, i.e. compiled: once per
+        distinct batch signature (tree structure, shapes, dtypes) and block size ``k``
+        (plus once per distinct part with a mesh: the sharded part and the rest).
+    mesh : jax.sharding.Mesh or None
+        The mesh the data is sharded over.
+    """
+
+    symmetric = True
+
+    def __init__(self, space: ParamSpace, data: Any, *, weight_decay: float,
+                 regularizer: Callable[[Any], Any] | None, mesh: Any, data_axis: Any,
+                 check_data: bool):
+        self.space = space
+        self.mesh, self.axes, self.sharding, device = placement(space, mesh, data_axis)
+        super().__init__((space.n, space.n), space.dtype, jnp, device)
+        self.param_names = list(space.names)
+        self.param_shapes = list(space.shapes)
+        self.weight_decay = check_weight_decay(weight_decay)
+        if regularizer is not None and not callable(regularizer):
+            raise TypeError("regularizer must be a callable(params) -> scalar")
+        self.regularizer = regularizer
+        self.consts = space.place(self.sharding)
+        self.batches = Batches(data, check=check_data)
+        self.num_batches = self.batches.num_batches
+        self.num_traces = 0
+        self._pass = WeightedPass(self._kernel, self.mesh, self.axes, self._traced)
+        rep = self.sharding if self.mesh is not None else None
+        self._finish = jax.jit(self._finish_products, out_shardings=rep)
+        self._stacked: list | None = None
+        self._check_loss()
+        self.num_samples = self._count_samples()
+
+    def _traced(self) -> None:
+        self.num_traces += 1
+
+    # -- subclass hooks ------------------------------------------------------------------
+    def _kernel(self, consts: Any, batch: Any, V: Any) -> tuple[Any, Any]:
+        """``(products (k, n) of the batch's mean loss with the rows of V^T, count)``."""
+        raise NotImplementedError
+
+    def _count_kernel(self, consts: Any, batch: Any, _: Any) -> tuple[Any, Any]:
+        raise NotImplementedError
+
+    def _check_loss(self) -> None:
+        """Trace the loss on the first batch (shape and dtype checks, no compilation)."""
+
+    def _host_count(self, batch: Any) -> float | None:
+        """The sample count of ``batch`` without compiling anything, or None when it needs
+        the traced loss."""
+        return None
+
+    # -- construction ---------------------------------------------------------------------
+    def _count_samples(self) -> float:
+        counts = [self._host_count(b) for b in self.batches]
+        if all(c is not None for c in counts):
+            return _positive_total(counts)
+        counter = WeightedPass(lambda c, b, e: (jnp.ones((), self.dtype),
+                                                self._count_kernel(c, b, e)[1]),
+                               self.mesh, self.axes, lambda: None)
+        parts = counter.run(self.consts, self.batches, None, (), self.dtype, self.sharding)
+        return _positive_total([float(total(parts)[1])])
+
+    # -- products ----------------------------------------------------------------------------
+    def _matvec(self, v: Any) -> Any:
+        return self._matmat(jnp.reshape(v, (-1, 1)))[:, 0]
+
+    def _matmat(self, V: Any) -> Any:
+        self._check_block(V)
+        k = int(V.shape[1])
+        parts = self._pass.run(self.consts, self.batches, V, (k, self.space.n), self.dtype,
+                               self.sharding)
+        return self._finish(self.consts, parts, V)
+
+    def _finish_products(self, consts: Any, parts: Any, V: Any) -> Any:
+        acc, tot = total(parts)
+        out = acc / tot + self._extra_terms(consts, V.T)
+        return out.T
+
+    def _extra_terms(self, consts: Any, Vt: Any) -> Any:
+        """``weight_decay * V`` plus the regulariser's products, rows of ``Vt``."""
+        out = self.weight_decay * Vt if self.weight_decay else jnp.zeros_like(Vt)
+        if self.regularizer is not None:
+            x0, frozen = consts
+            reg = self.regularizer
+
+            def r(x: Any) -> Any:
+                value = reg(self.space.combine(x, frozen))
+                if jnp.shape(value) not in ((), (1,)):
+                    raise ValueError(f"regularizer must return a scalar; got shape "
+                                     f"{jnp.shape(value)}")
+                return jnp.reshape(value, ())
+
+            g = jax.grad(r)
+            out = out + jax.vmap(lambda v: jax.jvp(g, (x0,), (v,))[1])(Vt)
+        return out
+
+    def _check_block(self, V: Any) -> None:
+        if V.dtype != self.dtype:
+            raise TypeError(f"the operator has dtype {self.dtype} (the params'); got a vector of "
+                            f"dtype {V.dtype}. Cast it: v.astype(jnp.{self.dtype})")
+
+    # -- the product as a pure function (for the compiled Lanczos loop) -------------------------
+    def jax_operand(self) -> Any:
+        """The arrays the product depends on: the parameters and every batch, stacked by
+        signature and placed on the device(s) (the whole data set in device memory)."""
+        if self._stacked is None:
+            self._kinds, self._stacked = self._pass.stack(self.batches)
+        return (self.consts, self._stacked)
+
+    def jax_apply(self, operand: Any, V: Any) -> Any:
+        """``A @ V`` for a block ``V`` of shape ``(n, k)``, traceable, given
+        :meth:`jax_operand`."""
+        consts, groups = operand
+        if self._stacked is None:
+            self.jax_operand()
+        acc, tot = self._pass.pure(consts, self._kinds, groups, V,
+                                   (int(V.shape[1]), self.space.n), self.dtype)
+        return (acc / tot + self._extra_terms(consts, V.T)).T
+
+    # -- vectors <-> parameters ---------------------------------------------------------------
+    def unflatten(self, v: Any) -> dict[str, Any]:
+        """A flat vector as a dict of parameter-shaped arrays, by leaf name."""
+        return self.space.unflatten(v)
+
+    def as_params(self, v: Any) -> Any:
+        """A flat vector as a pytree with ``params``' structure (unselected array leaves are
+        the parameter values)."""
+        return self.space.combine(v, self.consts[1])
+
+    def flatten(self, tree: Any) -> Any:
+        """A pytree with ``params``' structure as a flat vector of its selected leaves."""
+        return self.space.flatten(tree)
