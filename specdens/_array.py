@@ -3,11 +3,13 @@
 The engine never imports an ML framework. It reaches the array library of an
 operator through :func:`array_api_compat.array_namespace` and uses only:
 
-``asarray, zeros, astype, matmul, matrix_transpose, sum, sqrt, abs, max, maximum,
+``asarray, zeros, arange, astype, matmul, matrix_transpose, sum, sqrt, abs, max, maximum,
 where, stack, concat, isfinite, reshape`` plus slicing, broadcasting, the arithmetic
 operators and the ``float32``/``float64``/``bool`` dtypes. Writes into a preallocated
 array go through :func:`set_rows`, which falls back to ``x.at[...].set(...)`` for
-immutable arrays (JAX).
+immutable arrays (JAX). TensorFlow, which array-api-compat does not cover, gets the same
+subset from ``specdens.backends.tf._namespace``, imported only when a TensorFlow tensor
+is seen (recognised by the module of its type, without importing TensorFlow).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ SUPPORTED_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 def namespace(*arrays: Any) -> Any:
     """Array-API namespace of ``arrays``, with an error that names the libraries."""
+    if arrays and all(_is_tensorflow(a) for a in arrays):
+        return _tf_namespace()
     try:
         return array_api_compat.array_namespace(*arrays)
     except TypeError as exc:
@@ -32,6 +36,17 @@ def namespace(*arrays: Any) -> Any:
             f"cannot mix or use these array types together: {kinds} ({exc}). Pass arrays of one "
             "array library (numpy, torch, jax, cupy or any array-API library)."
         ) from None
+
+
+def _is_tensorflow(x: Any) -> bool:
+    """A TensorFlow tensor or variable, recognised without importing TensorFlow."""
+    return type(x).__module__.startswith("tensorflow.") and hasattr(x, "dtype")
+
+
+def _tf_namespace() -> Any:
+    from specdens.backends.tf import _namespace
+
+    return _namespace
 
 
 def library_name(x: Any) -> str:
@@ -49,6 +64,7 @@ def library_name(x: Any) -> str:
         ("torch", "torch"),
         ("cupy", "cupy"),
         ("tensorflow", "tensorflow"),
+        ("specdens.backends.tf", "tensorflow"),
         ("numpy", "numpy"),
         ("scipy", "scipy"),
     ):
@@ -63,11 +79,21 @@ def _is_module(x: Any) -> bool:
 
 def device_of(x: Any) -> Any:
     """Device of an array (``"cpu"`` for numpy)."""
+    if _is_tensorflow(x):
+        return x.device
     return array_api_compat.device(x)
 
 
 def same_device(a: Any, b: Any) -> bool:
-    """Whether two devices (objects or names) are the same; ``"cuda"`` matches ``"cuda:0"``."""
+    """Whether two devices (objects or names) are the same; ``"cuda"`` matches ``"cuda:0"``.
+
+    JAX shardings (multi-device arrays) compare by their device sets and whether they are
+    replicated, not by their repr (``P()`` and ``P(None, None)`` are the same placement).
+    """
+    da, db = getattr(a, "device_set", None), getattr(b, "device_set", None)
+    if da is not None and db is not None:
+        return da == db and bool(getattr(a, "is_fully_replicated", True)) == bool(
+            getattr(b, "is_fully_replicated", True))
     sa, sb = str(a), str(b)
     if sa == sb:
         return True
@@ -192,6 +218,8 @@ def set_rows(x: Any, index: Any, value: Any) -> Any:
     """``x[index] = value``, returning the updated array (a new one for immutable arrays)."""
     if hasattr(x, "at") and library_name(x) == "jax":
         return x.at[index].set(value)
+    if _is_tensorflow(x):
+        return _tf_namespace().set_rows(x, index, value)
     x[index] = value
     return x
 

@@ -74,7 +74,7 @@ class LinearOperatorBase:
         dtypes (torch, for one, refuses to multiply float32 by float64)."""
         try:
             return fn(v)
-        except (TypeError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # TypeError, ValueError, RuntimeError, TF's own errors
             vdt, odt = _array.dtype_name(v.dtype), _array.dtype_name(self.dtype)
             if vdt != odt:
                 raise TypeError(

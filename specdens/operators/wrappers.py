@@ -26,11 +26,13 @@ def _resolve_namespace(xp: Any, dtype: Any) -> Any:
             xp = "tensorflow"
         else:
             xp = "numpy"
-    if getattr(xp, "__name__", None) in ("numpy", "torch", "cupy") and _array._is_module(xp):
+    if getattr(xp, "__name__", None) in ("numpy", "torch", "cupy", "tensorflow") \
+            and _array._is_module(xp):
         xp = xp.__name__  # the bare module is not array-API (torch has no astype): wrap it
     if isinstance(xp, str):
         name = {"jax": "jax.numpy", "numpy": "array_api_compat.numpy",
-                "torch": "array_api_compat.torch", "cupy": "array_api_compat.cupy"}.get(xp, xp)
+                "torch": "array_api_compat.torch", "cupy": "array_api_compat.cupy",
+                "tensorflow": "specdens.backends.tf._namespace"}.get(xp, xp)
         try:
             return importlib.import_module(name)
         except ImportError as exc:
@@ -60,10 +62,18 @@ class DenseOperator(LinearOperatorBase):
         self.symmetric = symmetric
 
     def _matvec(self, v: Any) -> Any:
-        return self.A @ v
+        return self._mul(v)
 
     def _matmat(self, V: Any) -> Any:
-        return self.A @ V
+        return self._mul(V)
+
+    def _mul(self, X: Any) -> Any:
+        # ``@`` keeps each library's dtype rules (torch refuses mixed dtypes, which
+        # ``_product`` turns into an error naming both); tf.Tensor's ``@`` refuses a 1-D
+        # operand, so TensorFlow goes through its namespace's matmul
+        if self.array_library == "tensorflow":
+            return self.xp.matmul(self.A, X)
+        return self.A @ X
 
     def _transpose(self) -> LinearOperatorBase:
         return DenseOperator(self.xp.matrix_transpose(self.A), symmetric=self.symmetric)
@@ -289,4 +299,4 @@ def _scipy_has_adjoint(A: Any) -> bool:
 def _is_array_api_obj(obj: Any) -> bool:
     import array_api_compat
 
-    return array_api_compat.is_array_api_obj(obj)
+    return array_api_compat.is_array_api_obj(obj) or _array._is_tensorflow(obj)

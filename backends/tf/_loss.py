@@ -1,0 +1,232 @@
+"""The loss of one batch as a function of the selected variables, inside a traced function.
+
+:class:`BatchLoss` holds what the traced functions need: the model adapter (how to call
+the model at given values), the loss, which variables are selected, and their flat space.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+
+from ._data import as_count, count_of
+from ._params import ParamSpace, select_variables
+from ._state import ModelAdapter
+
+MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight", "auto")
+
+
+class BatchLoss:
+    """Mean loss of one batch, and its sample count, at given values of the variables.
+
+    Parameters
+    ----------
+    model, loss, loss_fn, batch_size_fn, params, batchnorm
+        As in :func:`specdens.backends.tf.hessian`.
+    """
+
+    def __init__(self, model: Any, loss: Any, loss_fn: Any, *, batch_size_fn: Any,
+                 params: Any, batchnorm: str):
+        if (loss is None) == (loss_fn is None):
+            raise TypeError("pass exactly one of loss (called as loss(targets, model(inputs)), "
+                            "the Keras order) and loss_fn=lambda model, batch: ...")
+        if batch_size_fn is not None and not callable(batch_size_fn):
+            raise TypeError("batch_size_fn must be a callable(batch) -> number of samples")
+        if loss_fn is not None and not callable(loss_fn):
+            raise TypeError(f"loss_fn must be callable; got {type(loss_fn).__name__}")
+        self.adapter = ModelAdapter(model, batchnorm)
+        self.model = model
+        self.loss = loss
+        self.loss_fn = loss_fn
+        self.batch_size_fn = batch_size_fn
+        self.reduction = "mean"
+        if loss is not None:
+            if not callable(loss):
+                raise TypeError(f"loss must be a Keras loss or a callable(y_true, y_pred); got "
+                                f"{type(loss).__name__}")
+            self.reduction = _reduction(loss)
+        self.selected = select_variables(self.adapter.variables, self.adapter.trainable,
+                                         params, self.adapter.owner,
+                                         prefix=f"{getattr(model, 'name', '')}/")
+        names = [self.adapter.names[i] for i in self.selected]
+        self.space = ParamSpace(names, [self.adapter.variables[i] for i in self.selected])
+        if loss is not None:
+            _check_loss_dtype(loss, self.space.dtype)
+        self._keras_unscale = _keras_unscale(loss)
+        self._fn_takes_training = loss_fn is not None and _takes_training(loss_fn)
+
+    # -- identity of the traced computation ---------------------------------------------
+    def key(self) -> tuple:
+        """What a traced function of this loss depends on besides its tensor arguments."""
+        return (self.adapter.keras, self.adapter.training, tuple(self.selected),
+                len(self.adapter.variables), _callable_key(self.loss),
+                _callable_key(self.loss_fn), _callable_key(self.batch_size_fn),
+                self.reduction)
+
+    # -- the loss (inside traced functions) ---------------------------------------------
+    def handles(self, values: list[Any]) -> list[Any]:
+        """The differentiable stand-ins of the selected variables: the value tensors for
+        Keras models, the variables themselves for a ``tf.Module``."""
+        if self.adapter.keras:
+            return [values[i] for i in self.selected]
+        return [self.adapter.variables[i] for i in self.selected]
+
+    def mapping(self, values: list[Any], handles: list[Any]) -> list[Any]:
+        """``values`` with the selected entries replaced by ``handles``."""
+        if not self.adapter.keras:
+            return values
+        out = list(values)
+        for i, h in zip(self.selected, handles, strict=True):
+            out[i] = h
+        return out
+
+    def __call__(self, values: list[Any], handles: list[Any], batch: Any) -> tuple[Any, Any]:
+        """``(mean loss, count)`` of ``batch`` with the selected variables at ``handles``
+        and the others at ``values``; both float64 count and a scalar loss."""
+        with self.adapter.scope(self.mapping(values, handles)):
+            if self.loss_fn is not None:
+                return self._custom(batch)
+            inputs, targets = split_batch(batch)
+            count = count_of(batch, inputs, self.batch_size_fn)
+            return self.output_loss(targets, self.adapter.call(inputs), count), count
+
+    def output_loss(self, targets: Any, outputs: Any, count: Any) -> tf.Tensor:
+        """The batch-mean loss of ``outputs`` (``loss(targets, outputs)``, divided by
+        ``count`` for ``reduction='sum'``).
+
+        Under a ``tf.distribute`` strategy a Keras loss with a mean reduction returns the
+        mean of the replica's share divided by the number of replicas (Keras's convention,
+        so that gradients sum over replicas); the division is undone here, since specdens
+        weights every share by its own sample count.
+        """
+        value = _scalar(self.loss(targets, outputs), "the loss")
+        if self.reduction == "sum":
+            value = value / tf.cast(count, value.dtype)
+        elif self._keras_unscale is not None:
+            value = self._keras_unscale(value)
+        return value
+
+    def _custom(self, batch: Any) -> tuple[Any, Any]:
+        if self._fn_takes_training:
+            out = self.loss_fn(self.model, batch, training=self.adapter.training)
+        else:
+            out = self.loss_fn(self.model, batch)
+        if isinstance(out, (tuple, list)):
+            if len(out) != 2:
+                raise ValueError(f"loss_fn returned a {type(out).__name__} of length {len(out)}; "
+                                 "return the batch's mean loss, or (mean_loss, count)")
+            return _scalar(out[0], "loss_fn"), as_count(out[1], "loss_fn")
+        inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+        return _scalar(out, "loss_fn"), count_of(batch, inputs, self.batch_size_fn)
+
+    def outputs(self, values: list[Any], handles: list[Any], inputs: Any) -> Any:
+        """``model(inputs)`` with the selected variables at ``handles``."""
+        with self.adapter.scope(self.mapping(values, handles)):
+            return self.adapter.call(inputs)
+
+    def count(self, values: list[Any], batch: Any) -> Any:
+        """Samples in ``batch`` (float64), without a forward pass when the count does not
+        come from ``loss_fn``."""
+        if self.loss is not None:
+            return count_of(batch, split_batch(batch)[0], self.batch_size_fn)
+        if self.batch_size_fn is not None:
+            return count_of(batch, None, self.batch_size_fn)
+        return self(values, self.handles(values), batch)[1]
+
+
+def split_batch(batch: Any) -> tuple[Any, Any]:
+    """``(inputs, targets)`` of a batch for a ``loss``."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    length = f" of length {len(batch)}" if hasattr(batch, "__len__") else ""
+    raise ValueError(
+        f"with a loss every batch must be (inputs, targets); got a {type(batch).__name__}"
+        f"{length}. For other batches (sample weights, masks) use loss_fn=lambda model, "
+        "batch: ..."
+    )
+
+
+def _scalar(value: Any, what: str) -> tf.Tensor:
+    value = tf.convert_to_tensor(value)
+    if value.shape.num_elements() != 1:
+        raise ValueError(
+            f"{what} must return a scalar; got shape {tuple(value.shape)}. Use a Keras loss "
+            "object with its default reduction (keras.losses.MeanSquaredError()), or return "
+            "the batch mean from loss_fn"
+        )
+    if not value.dtype.is_floating:
+        raise TypeError(f"{what} returned dtype {value.dtype.name}; a loss must be floating")
+    return tf.reshape(value, [])
+
+
+def _reduction(loss: Any) -> str:
+    red = getattr(loss, "reduction", "sum_over_batch_size")
+    if red in MEAN_REDUCTIONS:
+        return "mean"
+    if red == "sum":
+        return "sum"
+    raise ValueError(
+        f"the loss has reduction={red!r}; specdens needs a scalar loss: use reduction="
+        "'sum_over_batch_size' (the default: the batch mean) or 'sum' (divided by the batch "
+        "size here)"
+    )
+
+
+_RANK = {"float16": 1, "bfloat16": 1, "float32": 2, "float64": 3}
+
+
+def _check_loss_dtype(loss: Any, dtype: tf.DType) -> None:
+    """A Keras loss casts its inputs to its own dtype (the float type at its creation,
+    float32 by default): refuse one that would round a float64 model's outputs to float32."""
+    ldt = getattr(loss, "dtype", None)
+    if ldt is None:
+        return
+    name = tf.as_dtype(ldt).name
+    if _RANK.get(name, 3) < _RANK.get(dtype.name, 0):
+        raise TypeError(
+            f"the loss {type(loss).__name__} computes in {name} (Keras losses cast their "
+            f"inputs to their dtype) but the selected variables are {dtype.name}: the "
+            f"Hessian would carry {name} rounding. Create the loss with dtype='{dtype.name}' "
+            "(or after keras.config.set_floatx(...))"
+        )
+
+
+def _keras_unscale(loss: Any) -> Callable[[Any], Any] | None:
+    """Keras's inverse of the division of mean losses by the number of replicas, for a
+    Keras loss object (None for other losses, or a Keras without that convention)."""
+    keras = sys.modules.get("keras")
+    if loss is None or keras is None or not isinstance(loss, keras.losses.Loss):
+        return None
+    try:
+        from keras.src.losses.loss import unscale_loss_for_distribution
+    except ImportError:  # pragma: no cover - a Keras that does not scale
+        return None
+    return unscale_loss_for_distribution
+
+
+def _takes_training(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "training" in params
+
+
+def _callable_key(obj: Any) -> Any:
+    """Keras losses by class, configuration and dtype (a fresh but equal loss reuses the
+    traced functions); other callables by identity."""
+    if obj is None:
+        return None
+    get_config = getattr(obj, "get_config", None)
+    if get_config is not None and type(obj).__module__.startswith("keras"):
+        try:
+            config = json.dumps(get_config(), sort_keys=True, default=repr)
+            return (type(obj), config, str(getattr(obj, "dtype", None)))
+        except (TypeError, ValueError, NotImplementedError):
+            pass
+    return obj

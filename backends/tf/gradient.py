@@ -1,0 +1,84 @@
+"""The gradient of a model's mean training loss over the whole data set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+
+from ._data import Batches
+from ._kernel import kernel_for
+from ._loss import BatchLoss
+from .distributed import distribute, resolve_strategy
+
+
+def gradient(
+    model: Any,
+    loss: Callable[[Any, Any], Any] | None = None,
+    data: Any = None,
+    *,
+    loss_fn: Callable[..., Any] | None = None,
+    params: Any = None,
+    batch_size_fn: Callable[[Any], Any] | None = None,
+    batchnorm: str = "batch",
+    weight_decay: float = 0.0,
+    regularizer: Callable[[dict], Any] | None = None,
+    strategy: Any = None,
+) -> tf.Tensor:
+    """The full-data gradient ``g = sum_b (n_b / N) grad L_b + weight_decay * theta +
+    grad R`` as a flat vector in the space of :func:`hessian` called with the same options.
+
+    Parameters
+    ----------
+    model, loss, data, loss_fn, params, batch_size_fn, batchnorm, weight_decay,
+    regularizer, strategy
+        As in :func:`specdens.backends.tf.hessian` (same weighting of uneven batches,
+        same variable order, same reduction over ``tf.distribute`` replicas). The model is
+        not modified.
+
+    Returns
+    -------
+    tf.Tensor
+        Shape ``(n,)``, the variables' dtype, on their device.
+
+    References
+    ----------
+    B. Ghorbani, S. Krishnan, Y. Xiao (2019), An Investigation into Neural Net Optimization
+    via Hessian Eigenvalue Density, ICML (section 4: the gradient and the outlier
+    eigenspace).
+    """
+    if data is None:
+        raise TypeError("gradient needs data: one (inputs, targets) batch, a tf.data.Dataset "
+                        "or an iterable of batches")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
+        raise TypeError(f"weight_decay must be a number; got {weight_decay!r}")
+    if regularizer is not None and not callable(regularizer):
+        raise TypeError("regularizer must be a callable(params: dict[str, Tensor]) -> scalar")
+    batch_loss = BatchLoss(model, loss, loss_fn, batch_size_fn=batch_size_fn, params=params,
+                           batchnorm=batchnorm)
+    space = batch_loss.space
+    adapter = batch_loss.adapter
+    strategy = resolve_strategy(strategy, adapter.variables)
+    kernel = kernel_for(batch_loss, method="reverse", block="loop", strategy=strategy,
+                        regularizer=regularizer)
+    values = adapter.snapshot()
+    batches = Batches(data)
+    dist = distribute(strategy, batches.as_dataset()) if strategy is not None else None
+    spec = dist.element_spec if dist is not None else None
+    acc, total = None, None
+    with adapter.bound(values):
+        for batch in (dist if dist is not None else batches):
+            g, count, _ = kernel("grad", values, batch, batch_spec=spec)
+            acc = g if acc is None else acc + g
+            total = count if total is None else total + count
+    if not float(total.numpy()) > 0:
+        raise ValueError("the data holds no samples (every batch has a count of 0)")
+    out = acc / tf.cast(total, acc.dtype)
+    if weight_decay:
+        theta = space.flatten([values[i] for i in batch_loss.selected])
+        out = out + tf.constant(float(weight_decay), dtype=out.dtype) * theta
+    if regularizer is not None:
+        out = out + kernel("reg_grad", values, None)
+    with tf.device(space.device):
+        return tf.identity(out)
