@@ -118,6 +118,11 @@ class DataOperator(LinearOperatorBase):
     def _apply(self, state: Any, V: torch.Tensor, retain: bool) -> torch.Tensor:
         raise NotImplementedError
 
+    def _apply_stored(self, V: torch.Tensor, acc: torch.Tensor) -> None:
+        """Add ``sum_b n_b P_b V`` over the batches whose states are kept to ``acc``."""
+        for state, count in self._stored:
+            acc.add_(self._apply(state, V, True), alpha=count)
+
     # -- products -----------------------------------------------------------------
     def _matvec(self, v: torch.Tensor) -> torch.Tensor:
         return self._matmat(v.reshape(-1, 1))[:, 0]
@@ -141,9 +146,9 @@ class DataOperator(LinearOperatorBase):
     def _pass(self, V: torch.Tensor) -> tuple[torch.Tensor, float]:
         acc = torch.zeros(V.shape, dtype=self.dtype, device=self.device)
         total = 0.0
-        for state, count in self._stored:
-            acc.add_(self._apply(state, V, True), alpha=count)
-            total += count
+        if self._stored:
+            self._apply_stored(V, acc)
+            total += sum(count for _, count in self._stored)
         if self.num_stored < self.num_batches:
             fps = []
             for i, batch in enumerate(self.batches):
@@ -193,7 +198,12 @@ def graph_products(grads: list[Any], leaves: list[torch.Tensor], V: torch.Tensor
                    *, retain: bool, batched: bool) -> torch.Tensor:
     """``d(grads . v)/d leaves`` for every column ``v`` of ``V``: products with the
     Jacobian of ``grads`` (a first-order gradient built with ``create_graph=True``), one
-    backward per column or one batched backward (``is_grads_batched``)."""
+    backward per column or one batched backward (``is_grads_batched``). ``grads`` may
+    hold the gradients of several batches one after the other (``len(leaves)`` each):
+    the products are then summed over them."""
+    p = len(leaves)
+    if len(grads) % p:
+        raise ValueError(f"{len(grads)} gradients for {p} parameters")
     idx = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     k = V.shape[1]
     if not idx:
@@ -201,14 +211,14 @@ def graph_products(grads: list[Any], leaves: list[torch.Tensor], V: torch.Tensor
     outs = [grads[i] for i in idx]
     if batched:
         blocks = space.split_block(V)
-        res = torch.autograd.grad(outs, leaves, grad_outputs=[blocks[i] for i in idx],
+        res = torch.autograd.grad(outs, leaves, grad_outputs=[blocks[i % p] for i in idx],
                                   retain_graph=retain, allow_unused=True,
                                   is_grads_batched=True)
         return space.flatten_block(res, k)
     cols = []
     for j in range(k):
         parts = space.split(V[:, j])
-        res = torch.autograd.grad(outs, leaves, grad_outputs=[parts[i] for i in idx],
+        res = torch.autograd.grad(outs, leaves, grad_outputs=[parts[i % p] for i in idx],
                                   retain_graph=retain or j < k - 1, allow_unused=True)
         cols.append(space.flatten(res))
     return torch.stack(cols, dim=1)

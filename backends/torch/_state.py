@@ -116,7 +116,24 @@ def normalisation_modes(model: torch.nn.Module, batchnorm: str) -> Iterator[None
     normalises by the batch statistics and updates no running statistics (momentum-free);
     ``"population"``: ``training=False`` (the running statistics). Other modules keep
     their mode. Both flags are restored on exit, also after an exception.
+
+    ``torch.nn.functional.scaled_dot_product_attention`` runs on its math kernel in the
+    block: the fused kernels (flash, memory-efficient) have no second derivative, so a
+    Hessian-vector product through them would raise.
     """
+    with _math_attention():
+        yield from _batchnorm_modes(model, batchnorm)
+
+
+def _math_attention() -> contextlib.AbstractContextManager:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3 picks kernels by global flags only
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+def _batchnorm_modes(model: torch.nn.Module, batchnorm: str) -> Iterator[None]:
     saved = []
     for m in model.modules():
         if isinstance(m, _BatchNorm):

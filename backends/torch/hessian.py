@@ -45,6 +45,19 @@ class HessianOperator(DataOperator):
         return graph_products(state, self._leaf_list, V, self.space, retain=retain,
                               batched=self.block == "batched")
 
+    def _apply_stored(self, V: torch.Tensor, acc: torch.Tensor) -> None:
+        if self.method != "graph":
+            return super()._apply_stored(V, acc)
+        # One backward through the kept graphs of all batches of the same size: the
+        # autograd engine sums their contributions per parameter, which saves a pass of
+        # Python, a flatten and an accumulation per batch.
+        groups: dict[float, list[Any]] = {}
+        for grads, count in self._stored:
+            groups.setdefault(count, []).extend(grads)
+        for count, grads in groups.items():
+            acc.add_(graph_products(grads, self._leaf_list, V, self.space, retain=True,
+                                    batched=self.block == "batched"), alpha=count)
+
     def _forward_over_reverse(self, batch: Any, V: torch.Tensor) -> torch.Tensor:
         names = self.space.names
 

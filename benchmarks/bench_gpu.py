@@ -1,0 +1,317 @@
+"""GPU figures in one short run: ResNet-18 and a transformer block on one card.
+
+Made to fit in one 8-minute run of a lent GPU machine (the development machines have
+none). For each model, on CIFAR-shaped random data (ResNet-18, batch 256) and random
+token embeddings (a transformer encoder block), it prints Markdown tables of:
+
+* **products**: a gradient, a Hessian-vector product on the kept first-order graph
+  (specdens' default), by double backward (``graph_memory=0``: the graph is rebuilt in
+  every product) and by ``torch.func`` forward-over-reverse (``method="forward"``);
+* **SLQ**: time per Lanczos step of ``specdens.slq`` (90 steps, 1 probe, full
+  reorthogonalisation) against our own product and against PyHessian's ``density`` (when
+  installed), alternating, medians;
+* **block of probes**: ``op.matmat`` on k vectors (one pass over the data) against k
+  single ``op.matvec`` calls, with graphs rebuilt per product (where a block saves k - 1
+  forward and backward passes) and with ``block="batched"`` (one vectorised backward);
+* **memory**: peak GPU memory of ``specdens.slq`` for each reorthogonalisation mode
+  (``torch.cuda.max_memory_allocated`` above what the operator itself holds).
+
+Every table names the card. ``--smoke`` runs tiny versions on the CPU (the test suite
+does, so that the script never rots); figures from the CPU mean nothing.
+
+    python benchmarks/bench_gpu.py                 # on a CUDA machine, about 4 minutes
+    python benchmarks/bench_gpu.py --models resnet18 --steps 90 --repeats 3
+    python benchmarks/bench_gpu.py --smoke         # CPU, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+from typing import Any
+
+import _common
+
+# ----------------------------------------------------------------------------- models
+
+
+def resnet18(num_classes: int = 10, width: int = 64) -> Any:
+    """ResNet-18 for 32x32 images (3x3 stem, no max-pool), as in the CIFAR literature.
+
+    Written out here because torchvision's wheel would pull a different torch build.
+    """
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int):
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn1 = nn.BatchNorm2d(cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.bn2 = nn.BatchNorm2d(cout)
+            self.short = nn.Sequential()
+            if stride != 1 or cin != cout:
+                self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                           nn.BatchNorm2d(cout))
+
+        def forward(self, x: Any) -> Any:
+            out = torch.relu(self.bn1(self.conv1(x)))
+            out = self.bn2(self.conv2(out))
+            return torch.relu(out + self.short(x))
+
+    layers: list[nn.Module] = [nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width),
+                               nn.ReLU()]
+    cin = width
+    for i, cout in enumerate([width, 2 * width, 4 * width, 8 * width]):
+        stride = 1 if i == 0 else 2
+        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    return nn.Sequential(*layers)
+
+
+def transformer_block(d_model: int, heads: int, num_classes: int = 10) -> Any:
+    """One pre-norm transformer encoder block, mean-pooled, with a linear classifier."""
+    import torch
+    from torch import nn
+
+    class Model(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.block = nn.TransformerEncoderLayer(d_model, heads, 4 * d_model, dropout=0.0,
+                                                    batch_first=True, norm_first=True)
+            self.head = nn.Linear(d_model, num_classes)
+
+        def forward(self, x: Any) -> Any:
+            return self.head(torch.mean(self.block(x), dim=1))
+
+    return Model()
+
+
+def workload(name: str, smoke: bool, device: Any) -> tuple[Any, tuple[Any, Any], str]:
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if name == "resnet18":
+        batch, px, width = (4, 8, 2) if smoke else (256, 32, 64)
+        model = resnet18(width=width)
+        x = torch.randn(batch, 3, px, px, generator=g)
+        desc = f"ResNet-18 (width {width}), batch {batch} of 3x{px}x{px}"
+    elif name == "transformer":
+        batch, seq, d, h = (4, 8, 16, 2) if smoke else (32, 128, 256, 8)
+        model = transformer_block(d, h)
+        x = torch.randn(batch, seq, d, generator=g)
+        desc = f"transformer block (d={d}, {h} heads), batch {batch} x {seq} tokens"
+    else:
+        raise ValueError(f"unknown model {name!r}; choose resnet18 or transformer")
+    y = torch.randint(0, 10, (batch,), generator=g)
+    return model.to(device), (x.to(device), y.to(device)), desc
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def sync(device: Any) -> None:
+    import torch
+
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: Any, reps: int) -> float:
+    """Median seconds of ``fn()`` after one warm-up call, synchronising the device."""
+    fn()
+    sync(device)
+    ts = []
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t0)
+    return _common.median(ts)
+
+
+def products(model: Any, batch: Any, device: Any, reps: int) -> dict[str, float]:
+    import torch
+    from specdens.backends.torch import hessian
+
+    crit = torch.nn.CrossEntropyLoss()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def grad() -> Any:
+        return torch.autograd.grad(crit(model(batch[0]), batch[1]), params)
+
+    out = {"gradient": timed(grad, device, reps)}
+    for label, kw in (("HVP, kept graph", {}), ("HVP, double backward", {"graph_memory": 0}),
+                      ("HVP, forward-over-reverse", {"method": "forward"})):
+        op = hessian(model, crit, batch, **kw)
+        v = torch.randn(op.shape[0], device=device)
+        out[label] = timed(lambda op=op, v=v: op.matvec(v), device, reps)
+        del op
+    return out
+
+
+def slq_per_step(model: Any, batch: Any, device: Any, steps: int, repeats: int,
+                 pyhessian: bool) -> dict[str, float]:
+    import torch
+    from specdens.backends.torch import hessian
+
+    import specdens
+
+    crit = torch.nn.CrossEntropyLoss()
+    runs: dict[str, list[float]] = {"specdens": [], "own product": []}
+    if pyhessian:
+        runs["PyHessian"] = []
+    for rep in range(-1, repeats):  # rep -1 is an untimed warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        op = hessian(model, crit, batch)
+        specdens.slq(op, num_steps=steps, num_probes=1, seed=rep + 1)
+        sync(device)
+        t_slq = (time.perf_counter() - t0) / steps
+        v = torch.randn(op.shape[0], device=device)
+        t_op = timed(lambda op=op, v=v: op.matvec(v), device, 5)
+        del op
+        t_pyh = None
+        if pyhessian:
+            from pyhessian import hessian as pyh_hessian
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            m = copy.deepcopy(model)
+            sync(device)
+            t0 = time.perf_counter()
+            # PyHessian needs the math attention kernel too (the fused ones have no
+            # second derivative); specdens selects it itself
+            with sdpa_kernel([SDPBackend.MATH]):
+                h = pyh_hessian(m, crit, data=batch, cuda=str(device).startswith("cuda"))
+                h.density(iter=steps, n_v=1)
+            sync(device)
+            t_pyh = (time.perf_counter() - t0) / steps
+            del h, m
+        if rep >= 0:
+            runs["specdens"].append(t_slq)
+            runs["own product"].append(t_op)
+            if t_pyh is not None:
+                runs["PyHessian"].append(t_pyh)
+    return {k: _common.median(v) for k, v in runs.items() if v}
+
+
+def block_speedup(model: Any, batch: Any, device: Any, k: int, reps: int) -> list[list[str]]:
+    import torch
+    from specdens.backends.torch import hessian
+
+    crit = torch.nn.CrossEntropyLoss()
+    rows = []
+    for label, kw in (("graph rebuilt per product", {"graph_memory": 0}),
+                      ("kept graph, block='batched'", {"block": "batched"}),
+                      ("kept graph, block='loop'", {})):
+        op = hessian(model, crit, batch, **kw)
+        V = torch.randn(op.shape[0], k, device=device)
+        t_block = timed(lambda op=op, V=V: op.matmat(V), device, reps)
+        t_single = timed(lambda op=op, V=V: [op.matvec(V[:, j]) for j in range(k)], device,
+                         reps)
+        rows.append([label, str(k), f"{1e3 * t_block:.1f}", f"{1e3 * t_single:.1f}",
+                     f"{t_single / t_block:.2f}"])
+        del op
+    return rows
+
+
+def memory_per_mode(model: Any, batch: Any, device: Any, steps: int,
+                    probes: int) -> list[list[str]]:
+    import torch
+    from specdens.backends.torch import hessian
+
+    import specdens
+
+    rows = []
+    cuda = str(device).startswith("cuda")
+    for mode in ("full", "local", "none"):
+        op = hessian(model, torch.nn.CrossEntropyLoss(), batch)
+        if cuda:
+            sync(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        specdens.slq(op, num_steps=steps, num_probes=probes, reorth=mode)
+        sync(device)
+        wall = time.perf_counter() - t0
+        peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
+        basis = steps * probes * op.shape[0] * 4
+        rows.append([mode, f"{wall:.2f}", _common.gib(peak), _common.gib(basis)])
+        del op
+    return rows
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="resnet18,transformer",
+                   help="comma list of resnet18, transformer")
+    p.add_argument("--device", default=None, help="torch device (default cuda)")
+    p.add_argument("--steps", type=int, default=90, help="Lanczos steps (default 90)")
+    p.add_argument("--repeats", type=int, default=3, help="SLQ repetitions (default 3)")
+    p.add_argument("--block", type=int, default=8, help="probes in a block (default 8)")
+    p.add_argument("--no-pyhessian", action="store_true", help="skip PyHessian")
+    p.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
+    args = p.parse_args(argv)
+    import torch
+
+    device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device: run this on a GPU machine, or pass --smoke / --device cpu")
+    if args.smoke:
+        args.steps, args.repeats, args.block = 6, 1, 2
+    card = (torch.cuda.get_device_name(device) if device.type == "cuda"
+            else "CPU (figures mean nothing)")
+    reps = 3 if args.smoke else 10
+    pyh = not args.no_pyhessian and _importable("pyhessian")
+    if pyh:
+        from bench_torch import install_torch_eig_shim
+
+        install_torch_eig_shim()
+    print("# specdens on one GPU\n")
+    print(f"{_common.environment_line()}, torch {torch.__version__}, device {device}, "
+          f"card: {card}")
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        model, batch, desc = workload(name, args.smoke, device)
+        n = sum(q.numel() for q in model.parameters() if q.requires_grad)
+        print(f"\n## {desc}: n = {n} parameters, float32, card: {card}\n")
+        t0 = time.perf_counter()
+        prod = products(model, batch, device, reps)
+        print(_common.markdown_table(["product", "ms"],
+                                     [[k, f"{1e3 * v:.2f}"] for k, v in prod.items()]))
+        slq = slq_per_step(model, batch, device, args.steps, args.repeats, pyh)
+        rows = [[k, f"{1e3 * v:.2f}", f"{v / slq['own product']:.2f}",
+                 f"{v / slq['PyHessian']:.2f}" if "PyHessian" in slq else "n/a"]
+                for k, v in slq.items()]
+        print(f"\nSLQ, {args.steps} steps x 1 probe, medians of {args.repeats}:\n")
+        print(_common.markdown_table(["", "ms / step", "/ own product", "/ PyHessian"], rows))
+        print(f"\nBlock of {args.block} probes against {args.block} single products:\n")
+        print(_common.markdown_table(["operator", "k", "block ms", "k singles ms", "speed-up"],
+                                     block_speedup(model, batch, device, args.block, reps)))
+        probes = 1 if args.smoke else 4
+        print(f"\nPeak memory of slq ({args.steps} steps x {probes} probes) per mode:\n")
+        print(_common.markdown_table(["reorth", "wall s", "peak above operator GiB",
+                                      "float32 basis GiB"],
+                                     memory_per_mode(model, batch, device, args.steps, probes)))
+        print(f"\n({name}: {time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def _importable(module: str) -> bool:
+    try:
+        __import__(module)
+    except Exception:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
