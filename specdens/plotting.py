@@ -9,6 +9,14 @@ The default view is the paper's: the Gaussian-smoothed density on a log density 
 where outliers a few eigenvalues strong stay visible next to the bulk (Ghorbani,
 Krishnan & Xiao, 2019, An investigation into neural net optimization via Hessian
 eigenvalue density, ICML, figures 1-6).
+
+Over training (records of :class:`specdens.tracker.SpectrumTracker`):
+:func:`plot_densities_over_time` (the density on a log axis at several steps),
+:func:`plot_density_heatmap` (the density over steps and eigenvalues),
+:func:`plot_top_eigenvalues` (the top eigenvalues, the bulk edge and the outlier
+threshold), :func:`plot_gradient_concentration` (one curve per run), and
+:func:`plot_runs`, a figure with the runs side by side. Steps are drawn on a
+``symlog`` axis (linear below 1), so step 0 shows next to log-spaced later steps.
 """
 
 from __future__ import annotations
@@ -19,7 +27,18 @@ import numpy as np
 
 from .density import KERNELS, SpectralDensity
 
-__all__ = ["plot_density", "require_matplotlib", "smoothed_eigenvalue_density"]
+__all__ = [
+    "RUN_VIEWS",
+    "plot_densities_over_time",
+    "plot_density",
+    "plot_density_heatmap",
+    "plot_gradient_concentration",
+    "plot_runs",
+    "plot_series",
+    "plot_top_eigenvalues",
+    "require_matplotlib",
+    "smoothed_eigenvalue_density",
+]
 
 INSTALL_HINT = "pip install 'specdens[plot]'"
 
@@ -192,3 +211,349 @@ def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool 
     if ref is not None or mark_outliers or kwargs.get("label"):
         ax.legend(loc="best", fontsize="small")
     return ax
+
+
+# -- over training --------------------------------------------------------------------
+RUN_VIEWS = ("densities", "heatmap", "top_eigenvalues", "concentration", "overview")
+"""Views of :func:`plot_runs`."""
+
+
+def _gca(ax: Any) -> Any:
+    require_matplotlib()
+    if ax is None:
+        import matplotlib.pyplot as plt
+
+        ax = plt.gca()
+    return ax
+
+
+def _run_records(records: Any, run: str | None, *, need_density: bool = False) -> list:
+    """The records of one run, sorted by step; refuses a mix of runs without ``run``."""
+    recs = list(records)
+    runs = sorted({r.run for r in recs})
+    if run is None:
+        if len(runs) > 1:
+            raise ValueError(f"the records hold several runs ({', '.join(runs)}); pick one "
+                             "with run=...")
+    else:
+        recs = [r for r in recs if r.run == run]
+        if not recs:
+            raise ValueError(f"no records of run {run!r}; the runs are {', '.join(runs)}")
+    if need_density:
+        recs = [r for r in recs if r.density is not None]
+    if not recs:
+        raise ValueError("no records to plot" + (" with a density" if need_density else ""))
+    return sorted(recs, key=lambda r: r.step)
+
+
+def _step_axis(ax: Any, steps: Any, label: str = "training step") -> None:
+    """A ``symlog`` step axis from just left of 0 to just right of the last step (the
+    default margins of a symlog axis would reach into negative decades)."""
+    ax.set_xscale("symlog", linthresh=1.0, linscale=0.5)
+    last = float(np.max(steps)) if np.size(steps) else 1.0
+    ax.set_xlim(-0.3, max(last, 1.0) * 1.3)
+    ax.set_xlabel(label)
+
+
+def _pick(recs: list, max_curves: int) -> list:
+    """At most ``max_curves`` records, evenly spread over the list (first and last kept)."""
+    if len(recs) <= max_curves:
+        return recs
+    idx = np.unique(np.round(np.linspace(0, len(recs) - 1, max_curves)).astype(int))
+    return [recs[i] for i in idx]
+
+
+def plot_densities_over_time(records: Any, ax: Any = None, *, run: str | None = None,
+                             steps: Any = None, max_curves: int = 6,
+                             sigma: float | None = None, floor: float = 1e-8,
+                             log_density: bool = True, cmap: str = "viridis") -> Any:
+    """The density at several training steps on one axes (the paper's log-density view).
+
+    Parameters
+    ----------
+    records
+        :class:`~specdens.tracker.SpectrumRecord` objects (e.g.
+        :func:`specdens.tracker.read_records`), of one run or with ``run`` given.
+    ax
+        matplotlib axes (default: pyplot's current axes).
+    run
+        The run to draw.
+    steps
+        The steps to draw (default: at most ``max_curves`` spread over the records).
+    max_curves
+        Curves drawn when ``steps`` is not given.
+    sigma
+        Kernel width for every curve (default: each density's own,
+        :meth:`SpectralDensity.default_sigma`).
+    floor, log_density
+        As in :func:`plot_density`; the floor is relative to the highest curve.
+    cmap
+        Colour map from the earliest (dark) to the latest step.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    ax = _gca(ax)
+    if not 0.0 < floor < 1.0:
+        raise ValueError(f"floor must be in (0, 1); got {floor}")
+    recs = _run_records(records, run, need_density=True)
+    if steps is not None:
+        wanted = {int(s) for s in steps}
+        missing = sorted(wanted - {r.step for r in recs})
+        if missing:
+            raise ValueError(f"no density recorded at steps {missing}")
+        recs = [r for r in recs if r.step in wanted]
+    else:
+        recs = _pick(recs, max(1, int(max_curves)))
+    import matplotlib
+
+    colours = matplotlib.colormaps[cmap](np.linspace(0.0, 0.9, len(recs)))
+    curves = []
+    for r in recs:
+        d = r.density
+        sg = d.default_sigma() if sigma is None else float(sigma)
+        x, y = d.density(_plot_grid(d, sg), sigma=sg)
+        curves.append((r.step, x, y))
+    top = max(float(np.max(y)) for _, _, y in curves)
+    lowest = floor * top if top > 0 else floor
+    for (step, x, y), c in zip(curves, colours, strict=True):
+        ax.plot(x, np.maximum(y, lowest) if log_density else y, color=c, lw=1.1,
+                label=f"step {step}")
+    if log_density:
+        ax.set_yscale("log")
+        ax.set_ylim(lowest, top * 4 if top > 0 else 1.0)
+    ax.set_xlabel("eigenvalue")
+    ax.set_ylabel("density (log scale)" if log_density else "density")
+    ax.legend(loc="best", fontsize="small")
+    return ax
+
+
+def plot_density_heatmap(records: Any, ax: Any = None, *, run: str | None = None,
+                         num_points: int = 400, floor: float = 1e-6,
+                         cmap: str = "magma", eigenvalue_range: Any = None) -> Any:
+    """The density over training as a heat map: steps across, eigenvalues up, colour the
+    log10 density.
+
+    Every record's density is evaluated on one eigenvalue grid (``num_points`` points over
+    the range of all records, or ``eigenvalue_range``) with its own kernel width, widened
+    to at least 1.5 grid spacings so that no outlier falls between grid points. Columns
+    are the records in step order (labelled with their steps).
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    ax = _gca(ax)
+    if not 0.0 < floor < 1.0:
+        raise ValueError(f"floor must be in (0, 1); got {floor}")
+    recs = _run_records(records, run, need_density=True)
+    if eigenvalue_range is None:
+        lo = min(r.density.bounds().lower for r in recs)
+        hi = max(r.density.bounds().upper for r in recs)
+        pad = 0.03 * (hi - lo) if hi > lo else 1.0
+        lo, hi = lo - pad, hi + pad
+    else:
+        lo, hi = (float(v) for v in eigenvalue_range)
+        if not hi > lo:
+            raise ValueError(f"eigenvalue_range must be (low, high) with low < high; got "
+                             f"{eigenvalue_range}")
+    num_points = int(num_points)
+    if num_points < 2:
+        raise ValueError(f"num_points must be at least 2; got {num_points}")
+    grid = np.linspace(lo, hi, num_points)
+    h = grid[1] - grid[0]
+    image = np.empty((num_points, len(recs)))
+    for j, r in enumerate(recs):
+        sg = max(r.density.default_sigma(), 1.5 * h)
+        image[:, j] = r.density.density(grid, sigma=sg)[1]
+    top = float(np.max(image))
+    image = np.log10(np.maximum(image, floor * top if top > 0 else floor))
+    xedges = np.arange(len(recs) + 1) - 0.5
+    yedges = np.concatenate([grid - h / 2, [grid[-1] + h / 2]])
+    mesh = ax.pcolormesh(xedges, yedges, image, cmap=cmap, shading="flat")
+    ax.figure.colorbar(mesh, ax=ax, label="log10 density")
+    ticks = np.arange(len(recs))
+    shown = ticks if len(recs) <= 12 else ticks[:: int(np.ceil(len(recs) / 12))]
+    ax.set_xticks(shown)
+    ax.set_xticklabels([str(recs[i].step) for i in shown], rotation=45, fontsize="small")
+    ax.set_xlabel("training step (recorded steps)")
+    ax.set_ylabel("eigenvalue")
+    return ax
+
+
+def plot_top_eigenvalues(records: Any, ax: Any = None, *, run: str | None = None,
+                         bulk_edge: bool = True, yscale: str | None = None) -> Any:
+    """The recorded top eigenvalues over training, with the bulk's upper edge and the
+    outlier threshold of :func:`specdens.summary.bulk` (dashed and dotted).
+
+    ``yscale``: ``"log"`` (default when every value drawn is positive) or ``"linear"``.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    ax = _gca(ax)
+    recs = _run_records(records, run)
+    k = max((r.eigenvalues.size for r in recs), default=0)
+    if k == 0:
+        raise ValueError("the records hold no eigenvalues (tracker built with k=0)")
+    steps = np.array([r.step for r in recs], dtype=float)
+    vals = np.full((len(recs), k), np.nan)
+    for i, r in enumerate(recs):
+        desc = np.sort(r.eigenvalues)[::-1]
+        vals[i, : desc.size] = desc
+    drawn = [vals]
+    import matplotlib
+
+    colours = matplotlib.colormaps["plasma"](np.linspace(0.0, 0.85, k))
+    which = recs[-1].which
+    name = {"LA": "largest", "SA": "smallest", "LM": "largest |.|"}.get(which, which)
+    for i in range(k):
+        ax.plot(steps, vals[:, i], color=colours[i], lw=1.0, marker=".", ms=3,
+                label=f"{k} {name} eigenvalues" if i == 0 else None)
+    if bulk_edge:
+        edge = np.array([r.stats.bulk.upper if r.stats else np.nan for r in recs])
+        thr = np.array([r.stats.bulk.upper_threshold if r.stats else np.nan for r in recs])
+        if np.any(np.isfinite(edge)):
+            ax.plot(steps, edge, color="0.3", ls="--", lw=1.0, label="bulk edge")
+            ax.plot(steps, thr, color="0.3", ls=":", lw=1.0, label="outlier threshold")
+            drawn += [edge, thr]
+    values = np.concatenate([np.ravel(v) for v in drawn])
+    values = values[np.isfinite(values)]
+    if yscale is None:
+        yscale = "log" if values.size and np.all(values > 0) else "linear"
+    if yscale not in ("log", "linear"):
+        raise ValueError(f"yscale={yscale!r}; choose 'log' or 'linear'")
+    ax.set_yscale(yscale)
+    _step_axis(ax, steps)
+    ax.set_ylabel("eigenvalue")
+    ax.legend(loc="best", fontsize="small")
+    return ax
+
+
+def plot_gradient_concentration(records: Any, ax: Any = None, *,
+                                runs: Any = None) -> Any:
+    """``||P_k g||^2 / ||g||^2`` over training, one curve per run.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    ax = _gca(ax)
+    recs = [r for r in records if r.concentration is not None]
+    if not recs:
+        raise ValueError("the records hold no gradient concentration (recorded without a "
+                         "gradient, or with k=0)")
+    names = sorted({r.run for r in recs}) if runs is None else list(runs)
+    for name in names:
+        rs = sorted((r for r in recs if r.run == name), key=lambda r: r.step)
+        if not rs:
+            raise ValueError(f"no gradient concentration recorded for run {name!r}")
+        k = rs[-1].concentration.k
+        ax.plot([r.step for r in rs], [r.concentration.fraction for r in rs], marker="o",
+                ms=3, lw=1.2, label=f"{name} (k = {k})")
+    ax.set_ylim(-0.02, 1.02)
+    _step_axis(ax, [r.step for r in recs])
+    ax.set_ylabel("gradient in top-k eigenspace")
+    ax.legend(loc="best", fontsize="small")
+    return ax
+
+
+def plot_series(records: Any, name: str, ax: Any = None, *, runs: Any = None,
+                yscale: str = "linear") -> Any:
+    """One scalar of the records over training (:data:`specdens.tracker.SERIES`: ``loss``,
+    ``accuracy``, ``top_eigenvalue``, ``edge_ratio``, ``num_outliers``,
+    ``negative_mass``...), one curve per run; missing (NaN) values leave gaps.
+
+    ``yscale``: ``"linear"`` or ``"log"``.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
+    from .tracker import series
+
+    ax = _gca(ax)
+    if yscale not in ("log", "linear"):
+        raise ValueError(f"yscale={yscale!r}; choose 'log' or 'linear'")
+    recs = list(records)
+    names = list(dict.fromkeys(r.run for r in recs)) if runs is None else list(runs)
+    if not names:
+        raise ValueError("no records to plot")
+    last = []
+    for run in names:
+        steps, values = series(recs, name, run=run)
+        if steps.size == 0:
+            raise ValueError(f"no records of run {run!r}")
+        ax.plot(steps, values, marker="o", ms=3, lw=1.2, label=run)
+        last.append(steps.max())
+    ax.set_yscale(yscale)
+    _step_axis(ax, last)
+    ax.set_ylabel(name.replace("_", " "))
+    ax.legend(loc="best", fontsize="small")
+    return ax
+
+
+def plot_runs(records: Any, view: str = "overview", *, runs: Any = None,
+              figsize: Any = None, **kwargs: Any) -> Any:
+    """A figure with several runs side by side (one column per run).
+
+    Parameters
+    ----------
+    records
+        Records of one or several runs (one file may hold them all).
+    view
+        ``"densities"`` (:func:`plot_densities_over_time`), ``"heatmap"``
+        (:func:`plot_density_heatmap`), ``"top_eigenvalues"``
+        (:func:`plot_top_eigenvalues`): one panel per run with shared axes where the
+        quantities compare; ``"concentration"``: one panel with a curve per run;
+        ``"overview"``: a row of each of the three per-run views plus the concentration.
+    runs
+        The runs, in column order (default: in order of first appearance).
+    figsize
+        Figure size in inches (default: 4.2 per column).
+    **kwargs
+        Passed to the per-panel function.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Drawn with the Agg canvas, without pyplot: save it with ``fig.savefig(path)``.
+    """
+    require_matplotlib()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if view not in RUN_VIEWS:
+        raise ValueError(f"view={view!r}; choose one of {', '.join(RUN_VIEWS)}")
+    recs = list(records)
+    if runs is None:
+        runs = list(dict.fromkeys(r.run for r in recs))
+    runs = list(runs)
+    if not runs:
+        raise ValueError("no records to plot")
+    ncol = len(runs)
+    if view == "concentration":
+        fig = Figure(figsize=figsize or (6.5, 4.0), layout="constrained")
+        FigureCanvasAgg(fig)
+        plot_gradient_concentration(recs, fig.add_subplot(), runs=runs, **kwargs)
+        return fig
+    per_run = {"densities": plot_densities_over_time, "heatmap": plot_density_heatmap,
+               "top_eigenvalues": plot_top_eigenvalues}
+    rows = list(per_run) if view == "overview" else [view]
+    nrow = len(rows) + (1 if view == "overview" else 0)
+    fig = Figure(figsize=figsize or (4.2 * ncol, 3.4 * nrow), layout="constrained")
+    FigureCanvasAgg(fig)
+    grid = fig.add_gridspec(nrow, ncol)
+    for i, row in enumerate(rows):
+        first = None
+        for j, name in enumerate(runs):
+            share = first if row == "top_eigenvalues" else None
+            ax = fig.add_subplot(grid[i, j], sharey=share)
+            per_run[row](recs, ax, run=name, **kwargs)
+            ax.set_title(f"{name}", fontsize="medium")
+            first = first or ax
+    if view == "overview":
+        plot_gradient_concentration(recs, fig.add_subplot(grid[nrow - 1, :]), runs=runs)
+    return fig

@@ -23,6 +23,14 @@ needs ``1 - tail`` to fall below the threshold of the largest outlier: with the 
 outliers). Raise ``tail`` for small matrices with many outliers; too large a ``tail``
 narrows the bulk and reports its edges as outliers.
 
+:func:`bulk` returns what the last round measured: the bulk's edges ``lo`` and ``hi``
+(outliers removed), its ``width`` and the two thresholds ``lo - gap * width`` and
+``hi + gap * width``. :func:`specdens.analysis.spectrum_stats` uses ``hi`` as the bulk
+edge in the ratio of the largest eigenvalue to the bulk.
+
+The eigenvalues a deflated estimate holds apart (``deflated_eigenvalues``) take part as
+atoms of mass ``1/n`` with their residual norms, like Ritz values of one more probe.
+
 Converged candidates of all probes (and ghost copies within a probe, after Lanczos
 without reorthogonalisation) are then **deduplicated**: two candidates closer than the
 sum of their residual bounds (or than ``1e-12 * scale``) are one eigenvalue, reported
@@ -52,7 +60,7 @@ import numpy as np
 
 from .density import SpectralDensity
 
-__all__ = ["Outlier", "outliers", "summarize"]
+__all__ = ["Bulk", "Outlier", "bulk", "outliers", "summarize"]
 
 SIDES = ("both", "upper", "lower")
 _MAX_CLIPPING_ROUNDS = 1000
@@ -69,7 +77,8 @@ class Outlier:
     residual : float
         Its residual bound: an eigenvalue lies within ``residual`` of ``value``.
     num_probes : int
-        How many probes found it converged.
+        How many probes found it converged (0 for an eigenvalue removed by deflation,
+        which counts as an exact atom of mass ``1/n``).
     mass : float
         Its estimated share of the spectrum (SLQ mass of the merged Ritz values), about
         ``multiplicity / n``, noisy.
@@ -108,6 +117,121 @@ def quantile(density: SpectralDensity, p: float) -> float:
     return _masked_quantiles(loc, mass, (p,))[0]
 
 
+@dataclass(frozen=True)
+class _Atoms:
+    """Every Ritz value of every probe (and deflated eigenvalue) as flat arrays."""
+
+    loc: np.ndarray
+    res: np.ndarray
+    mass: np.ndarray
+    probe: np.ndarray  # probe index; -1 for a deflated eigenvalue
+
+
+def _atoms(density: SpectralDensity) -> _Atoms:
+    valid = _valid(density)
+    mass = density.weights * density.probe_scales[:, None] / density.num_probes
+    probe = np.broadcast_to(np.arange(density.num_probes)[:, None], valid.shape)
+    loc, res, m, pr = density.nodes[valid], density.residuals[valid], mass[valid], probe[valid]
+    # A deflated estimate holds its top eigenvalues apart, as exact atoms of mass 1/n.
+    defl = np.asarray(getattr(density, "deflated_eigenvalues", np.zeros(0)), dtype=np.float64)
+    if defl.size:
+        dres = np.asarray(getattr(density, "deflated_residuals", np.zeros(defl.size)),
+                          dtype=np.float64)
+        loc, res = np.concatenate([loc, defl]), np.concatenate([res, dres])
+        m = np.concatenate([m, np.full(defl.size, 1.0 / density.n)])
+        pr = np.concatenate([pr, np.full(defl.size, -1)])
+    return _Atoms(loc=loc, res=res, mass=m, probe=pr)
+
+
+@dataclass(frozen=True)
+class _Clipping:
+    """The result of the sigma-clipping rounds of the outlier rule."""
+
+    atoms: _Atoms
+    flagged: np.ndarray
+    lower: float
+    upper: float
+    width: float
+    scale: float
+
+
+def _check_rule(tail: float, gap: float, rtol: float, side: str) -> None:
+    if side not in SIDES:
+        raise ValueError(f"side={side!r}; choose one of {', '.join(SIDES)}")
+    if not 0.0 < tail < 0.5:
+        raise ValueError(f"tail must be in (0, 0.5); got {tail}")
+    if not (gap >= 0 and math.isfinite(gap)):
+        raise ValueError(f"gap must be non-negative and finite; got {gap}")
+    if not rtol > 0:
+        raise ValueError(f"rtol must be positive; got {rtol}")
+
+
+def _clip(density: SpectralDensity, *, tail: float, gap: float, rtol: float,
+          side: str) -> _Clipping | None:
+    """Run the rounds of the rule (module documentation); ``None`` for a zero spectrum."""
+    _check_rule(tail, gap, rtol, side)
+    at = _atoms(density)
+    nodes = at.loc
+    scale = float(np.max(np.abs(nodes))) if nodes.size else 0.0
+    if scale == 0.0:
+        return None
+    converged = at.res <= rtol * scale
+    want_up, want_lo = side in ("both", "upper"), side in ("both", "lower")
+    flagged = np.zeros(nodes.shape, dtype=bool)
+    for _ in range(_MAX_CLIPPING_ROUNDS):
+        keep = ~flagged
+        lo, hi = _masked_quantiles(nodes[keep], at.mass[keep], (tail, 1 - tail))
+        width = max(hi - lo, math.sqrt(np.finfo(np.float64).eps) * scale)
+        new = converged & ~flagged & (
+            (want_up & (nodes > hi + gap * width)) | (want_lo & (nodes < lo - gap * width)))
+        if not new.any():
+            break
+        flagged |= new
+    return _Clipping(atoms=at, flagged=flagged, lower=lo, upper=hi, width=width, scale=scale)
+
+
+@dataclass(frozen=True)
+class Bulk:
+    """The extent of the bulk found by the outlier rule (see the module documentation).
+
+    Attributes
+    ----------
+    lower, upper : float
+        The ``tail`` and ``1 - tail`` quantiles of the SLQ distribution with the outliers
+        removed: the bulk's edges.
+    width : float
+        ``upper - lower``, floored at ``sqrt(eps) * scale``.
+    lower_threshold, upper_threshold : float
+        ``lower - gap * width`` and ``upper + gap * width``: a converged Ritz value beyond
+        them is an outlier.
+    scale : float
+        The largest ``|theta|`` over all probes.
+    """
+
+    lower: float
+    upper: float
+    width: float
+    lower_threshold: float
+    upper_threshold: float
+    scale: float
+
+
+def bulk(density: SpectralDensity, *, tail: float = 0.01, gap: float = 0.5,
+         rtol: float = 1e-6, side: str = "both") -> Bulk:
+    """The bulk's edges and the outlier thresholds of :func:`outliers`' rule.
+
+    Parameters are those of :func:`outliers`; the edges are those of the last clipping
+    round, so they describe the bulk without the outliers. For a zero spectrum every
+    field is 0.
+    """
+    clip = _clip(density, tail=tail, gap=gap, rtol=rtol, side=side)
+    if clip is None:
+        return Bulk(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
+    return Bulk(lower=clip.lower, upper=clip.upper, width=clip.width,
+                lower_threshold=clip.lower - gap * clip.width,
+                upper_threshold=clip.upper + gap * clip.width, scale=clip.scale)
+
+
 def outliers(density: SpectralDensity, *, tail: float = 0.01, gap: float = 0.5,
              rtol: float = 1e-6, side: str = "both") -> tuple[Outlier, ...]:
     """Isolated eigenvalues outside the bulk: converged Ritz values far from it.
@@ -133,43 +257,18 @@ def outliers(density: SpectralDensity, *, tail: float = 0.01, gap: float = 0.5,
     tuple of Outlier
         Sorted by value, ascending.
     """
-    if side not in SIDES:
-        raise ValueError(f"side={side!r}; choose one of {', '.join(SIDES)}")
-    if not 0.0 < tail < 0.5:
-        raise ValueError(f"tail must be in (0, 0.5); got {tail}")
-    if not (gap >= 0 and math.isfinite(gap)):
-        raise ValueError(f"gap must be non-negative and finite; got {gap}")
-    if not rtol > 0:
-        raise ValueError(f"rtol must be positive; got {rtol}")
-    valid = _valid(density)
-    nodes, res = density.nodes, density.residuals
-    mass = density.weights * density.probe_scales[:, None] / density.num_probes
-    scale = float(np.max(np.abs(nodes[valid])))
-    if scale == 0.0:
+    clip = _clip(density, tail=tail, gap=gap, rtol=rtol, side=side)
+    if clip is None:
         return ()
-    converged = valid & (res <= rtol * scale)
-    want_up, want_lo = side in ("both", "upper"), side in ("both", "lower")
-    flagged = np.zeros_like(valid)
-    for _ in range(_MAX_CLIPPING_ROUNDS):
-        keep = valid & ~flagged
-        lo, hi = _masked_quantiles(nodes[keep], mass[keep], (tail, 1 - tail))
-        width = max(hi - lo, math.sqrt(np.finfo(np.float64).eps) * scale)
-        new = converged & ~flagged & (
-            (want_up & (nodes > hi + gap * width)) | (want_lo & (nodes < lo - gap * width)))
-        if not new.any():
-            break
-        flagged |= new
-    is_up = flagged & (nodes > hi)
-    is_lo = flagged & (nodes < lo)
+    flagged, lo, hi, scale = clip.flagged, clip.lower, clip.upper, clip.scale
+    at = clip.atoms
     found: list[Outlier] = []
-    for flag, name in ((is_lo, "lower"), (is_up, "upper")):
-        probe_idx, step_idx = np.nonzero(flag)
-        if probe_idx.size == 0:
+    for flag, name in ((flagged & (at.loc < lo), "lower"), (flagged & (at.loc > hi), "upper")):
+        if not flag.any():
             continue
-        vals = nodes[probe_idx, step_idx]
+        vals, rs, ms, ps = at.loc[flag], at.res[flag], at.mass[flag], at.probe[flag]
         order = np.argsort(vals, kind="stable")
-        vals, rs = vals[order], res[probe_idx, step_idx][order]
-        ms, ps = mass[probe_idx, step_idx][order], probe_idx[order]
+        vals, rs, ms, ps = vals[order], rs[order], ms[order], ps[order]
         floor = 1e-12 * scale
         start = 0
         for i in range(1, vals.size + 1):
@@ -177,8 +276,9 @@ def outliers(density: SpectralDensity, *, tail: float = 0.01, gap: float = 0.5,
                 continue
             group = slice(start, i)
             best = start + int(np.argmin(rs[group]))
+            probes = ps[group]
             found.append(Outlier(value=float(vals[best]), residual=float(rs[best]),
-                                 num_probes=int(np.unique(ps[group]).size),
+                                 num_probes=int(np.unique(probes[probes >= 0]).size),
                                  mass=float(ms[group].sum()), side=name))
             start = i
     return tuple(sorted(found, key=lambda o: o.value))

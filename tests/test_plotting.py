@@ -135,3 +135,117 @@ def test_importing_specdens_imports_no_plotting_or_framework():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True)
     assert out.stdout.strip() == ""
+
+
+# -- over training ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Two runs of four recorded steps: hessian_like(300) scaled by 1 + step."""
+    from specdens.tracker import SpectrumTracker, read_records
+
+    path = tmp_path_factory.mktemp("plots") / "r.jsonl"
+    A = hessian_like(300).to_dense()
+    g = np.random.default_rng(0).standard_normal(300)
+    for run, shift in (("a", 0.0), ("b", 0.5)):
+        tr = SpectrumTracker(path, run=run, k=3, num_steps=30, num_probes=2)
+        for step in (0, 1, 10, 100):
+            tr.record(step, A * (1 + step / 50) + shift * np.eye(300), g,
+                      loss=1.0 / (1 + step), accuracy=step / 100)
+    return read_records(path)
+
+
+def test_densities_over_time(records):
+    from specdens.plotting import plot_densities_over_time
+
+    ax = new_axes()
+    assert plot_densities_over_time(records, ax, run="a") is ax
+    lines = ax.get_lines()
+    assert [ln.get_label() for ln in lines] == ["step 0", "step 1", "step 10", "step 100"]
+    assert ax.get_yscale() == "log" and ax.get_xlabel() == "eigenvalue"
+    top = max(ln.get_ydata().max() for ln in lines)
+    assert all(ln.get_ydata().min() >= 1e-8 * top * (1 - 1e-12) for ln in lines)
+    # every curve spans its own spectrum, outliers included
+    rec = [r for r in records if r.run == "a" and r.step == 100][0]
+    assert lines[-1].get_xdata().max() > rec.density.bounds().upper
+    ax = new_axes()
+    plot_densities_over_time(records, ax, run="b", max_curves=2)
+    assert [ln.get_label() for ln in ax.get_lines()] == ["step 0", "step 100"]
+    ax = new_axes()
+    plot_densities_over_time(records, ax, run="b", steps=[10], log_density=False)
+    assert len(ax.get_lines()) == 1 and ax.get_yscale() == "linear"
+    with pytest.raises(ValueError, match="several runs"):
+        plot_densities_over_time(records, new_axes())
+    with pytest.raises(ValueError, match=r"steps \[7\]"):
+        plot_densities_over_time(records, new_axes(), run="a", steps=[7])
+    with pytest.raises(ValueError, match="no records of run 'c'"):
+        plot_densities_over_time(records, new_axes(), run="c")
+
+
+def test_density_heatmap(records):
+    from matplotlib.collections import QuadMesh
+
+    from specdens.plotting import plot_density_heatmap
+
+    ax = new_axes()
+    plot_density_heatmap(records, ax, run="a", num_points=200)
+    (mesh,) = [c for c in ax.collections if isinstance(c, QuadMesh)]
+    image = mesh.get_array().reshape(200, 4)
+    assert np.all(np.isfinite(image))
+    # column j is the log10 density of record j on the common grid, floored at 1e-6 max
+    rec = sorted((r for r in records if r.run == "a"), key=lambda r: r.step)[2]
+    lo, hi = ax.get_ylim()
+    h = (hi - lo) / 200
+    grid = lo + h / 2 + h * np.arange(200)
+    sigma = max(rec.density.default_sigma(), 1.5 * h)
+    ref = rec.density.density(grid, sigma=sigma)[1]
+    top = 10 ** image.max()
+    np.testing.assert_allclose(image[:, 2], np.log10(np.maximum(ref, 1e-6 * top)),
+                               rtol=0, atol=1e-9)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "1", "10", "100"]
+    assert len(ax.figure.axes) == 2  # the colour bar
+    with pytest.raises(ValueError, match="eigenvalue_range"):
+        plot_density_heatmap(records, new_axes(), run="a", eigenvalue_range=(1, 0))
+
+
+def test_top_eigenvalues_and_concentration(records):
+    from specdens.plotting import plot_gradient_concentration, plot_series, plot_top_eigenvalues
+
+    ax = new_axes()
+    plot_top_eigenvalues(records, ax, run="a")
+    rs = sorted((r for r in records if r.run == "a"), key=lambda r: r.step)
+    lines = ax.get_lines()
+    assert len(lines) == 3 + 2  # three eigenvalue curves, bulk edge, threshold
+    np.testing.assert_array_equal(lines[0].get_ydata(), [r.eigenvalues.max() for r in rs])
+    np.testing.assert_array_equal(lines[3].get_ydata(), [r.stats.bulk.upper for r in rs])
+    assert ax.get_xscale() == "symlog" and ax.get_yscale() == "log"
+    ax = new_axes()
+    plot_gradient_concentration(records, ax)
+    assert [ln.get_label() for ln in ax.get_lines()] == ["a (k = 3)", "b (k = 3)"]
+    np.testing.assert_array_equal(ax.get_lines()[1].get_ydata(), [
+        r.concentration.fraction for r in sorted((r for r in records if r.run == "b"),
+                                                 key=lambda r: r.step)])
+    assert ax.get_ylim() == (-0.02, 1.02)
+    ax = new_axes()
+    plot_series(records, "loss", ax, yscale="log")
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), [1, 1 / 2, 1 / 11, 1 / 101])
+    with pytest.raises(ValueError, match="unknown series"):
+        plot_series(records, "lr", new_axes())
+
+
+def test_runs_side_by_side(records):
+    from matplotlib.figure import Figure
+
+    from specdens.plotting import plot_runs
+
+    fig = plot_runs(records)
+    assert isinstance(fig, Figure)
+    titled = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titled == ["a", "b"] * 3  # densities, heat maps, top eigenvalues
+    fig.canvas.draw()
+    for view, panels in (("densities", 2), ("top_eigenvalues", 2), ("concentration", 1)):
+        fig = plot_runs(records, view)
+        assert len(fig.axes) == panels
+    fig = plot_runs(records, "heatmap", runs=["b"])
+    assert len(fig.axes) == 2 and fig.axes[0].get_title() == "b"  # panel and colour bar
+    with pytest.raises(ValueError, match="view"):
+        plot_runs(records, "spectrogram")

@@ -15,6 +15,7 @@ from .distributed import check_consistent
 from .ggn import GGNOperator, ggn
 from .gradient import gradient
 from .hessian import HessianOperator, hessian
+from .tracking import track
 
 __all__ = [
     "GGNOperator",
@@ -24,4 +25,5 @@ __all__ = [
     "ggn",
     "gradient",
     "hessian",
+    "track",
 ]

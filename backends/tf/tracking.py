@@ -1,0 +1,156 @@
+"""Record the Hessian spectrum during Keras ``model.fit``: :class:`SpectrumCallback`.
+
+The callback counts optimizer steps across epochs (and across ``fit`` calls); at every
+step the tracker has scheduled it builds the Hessian
+(:func:`specdens.backends.tf.hessian`) and the full-data gradient
+(:func:`specdens.backends.tf.gradient`) of the mean loss over fixed data at the current
+weights, evaluates the loss and the accuracy there, and records. Step ``s`` is the model
+after ``s`` optimizer steps: recorded before batch ``s`` is trained on, and the last one
+at the end of training. The model is not changed: the operators work on copies of the
+variables, and the loss is evaluated inside a ``keras.StatelessScope`` (BatchNorm moving
+statistics are not updated).
+
+Importing this module imports TensorFlow and Keras.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from specdens.tracker import SpectrumRecord, SpectrumTracker
+
+from ._data import is_single_batch
+from .gradient import gradient
+from .hessian import hessian
+
+__all__ = ["SpectrumCallback", "evaluate"]
+
+
+class SpectrumCallback(keras.callbacks.Callback):
+    """A Keras callback that records the Hessian spectrum at the tracker's steps.
+
+    Parameters
+    ----------
+    tracker
+        The :class:`~specdens.tracker.SpectrumTracker` (schedule, settings, file).
+    loss
+        The Keras loss (called ``loss(y_true, y_pred)``), usually the one given to
+        ``compile``.
+    data
+        The data of the Hessian: one ``(inputs, targets)`` batch or a list of them (or a
+        ``tf.data.Dataset`` without shuffling): the same batches on every pass.
+    batchnorm, weight_decay, params
+        As in :func:`specdens.backends.tf.hessian`.
+    initial_step
+        The step count at the first batch (e.g. when continuing a restarted training).
+    accuracy
+        ``None`` (default): the fraction of samples whose largest output is the integer
+        target, when outputs are ``(batch, classes)``; ``False``: no accuracy.
+    **hessian_options
+        Passed to :func:`specdens.backends.tf.hessian` (``method``, ``block``,
+        ``check_determinism``, ``strategy``...).
+
+    Attributes
+    ----------
+    step : int
+        Optimizer steps counted so far.
+    records : list of SpectrumRecord
+        What this callback recorded.
+
+    Examples
+    --------
+    >>> tracker = SpectrumTracker("spectra.jsonl", steps=log_spaced_steps(1000, 10))
+    ...                                                            # doctest: +SKIP
+    >>> cb = SpectrumCallback(tracker, loss, (x_train[:2048], y_train[:2048]))
+    ...                                                            # doctest: +SKIP
+    >>> model.fit(x_train, y_train, batch_size=128, epochs=10, callbacks=[cb])
+    ...                                                            # doctest: +SKIP
+    """
+
+    def __init__(self, tracker: SpectrumTracker, loss: Callable[[Any, Any], Any], data: Any,
+                 *, batchnorm: str = "batch", weight_decay: float = 0.0, params: Any = None,
+                 initial_step: int = 0, accuracy: bool | None = None,
+                 **hessian_options: Any):
+        super().__init__()
+        if not isinstance(tracker, SpectrumTracker):
+            raise TypeError(f"tracker must be a SpectrumTracker; got {type(tracker).__name__}")
+        if data is None:
+            raise TypeError("SpectrumCallback needs data: one (inputs, targets) batch or a "
+                            "list of them")
+        if accuracy not in (None, False):
+            raise TypeError("accuracy must be None (automatic) or False")
+        if isinstance(initial_step, bool) or not isinstance(initial_step, int) \
+                or initial_step < 0:
+            raise ValueError(f"initial_step must be an integer >= 0; got {initial_step!r}")
+        self.tracker = tracker
+        self.loss = loss
+        self.data = data
+        self.batchnorm = batchnorm
+        self.weight_decay = weight_decay
+        self.variables = params  # not self.params: Keras sets that to the fit settings
+        self.accuracy = accuracy
+        self.hessian_options = hessian_options
+        self.step = initial_step
+        self.records: list[SpectrumRecord] = []
+
+    def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        self._maybe_record()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.step += 1
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        self._maybe_record()
+
+    def _maybe_record(self) -> None:
+        if not self.tracker.due(self.step):
+            return
+        common = dict(params=self.variables, batchnorm=self.batchnorm,
+                      weight_decay=self.weight_decay)
+        op = hessian(self.model, self.loss, self.data, **common, **self.hessian_options)
+        grad_opts = {k: v for k, v in self.hessian_options.items()
+                     if k in ("regularizer", "strategy")}
+        g = gradient(self.model, self.loss, self.data, **common, **grad_opts)
+        loss, acc = evaluate(self.model, self.loss, self.data, batchnorm=self.batchnorm,
+                             accuracy=self.accuracy)
+        self.records.append(self.tracker.record(self.step, op, g, loss=loss, accuracy=acc,
+                                                extra={"epoch_step": self.step}))
+
+
+def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
+             batchnorm: str = "batch", accuracy: bool | None = None
+             ) -> tuple[float, float | None]:
+    """The mean loss over all samples of ``data`` (batches weighted by size) and the
+    accuracy, with BatchNorm on batch statistics (``training=True``, inside a
+    ``keras.StatelessScope`` so that no moving statistic changes) or on its moving
+    statistics (``training=False``); the model is not changed. No regularisation term."""
+    if batchnorm not in ("batch", "population"):
+        raise ValueError(f"batchnorm={batchnorm!r}; choose 'batch' or 'population'")
+    has_bn = any(isinstance(layer, keras.layers.BatchNormalization)
+                 for layer in getattr(model, "_flatten_layers", lambda: [])())
+    training = batchnorm == "batch" and has_bn
+    batches = [data] if is_single_batch(data) else data
+    total = loss_sum = correct = 0.0
+    acc_ok = accuracy is None
+    for batch in batches:
+        x, y = batch[0], batch[1]
+        with keras.StatelessScope():
+            out = model(x, training=training)
+        n = float(tf.shape(out)[0].numpy())
+        loss_sum += float(loss(y, out)) * n
+        total += n
+        if acc_ok:
+            yv = np.asarray(y)
+            ov = np.asarray(out)
+            if ov.ndim == 2 and yv.ndim == 1 and yv.dtype.kind in "iu":
+                correct += float(np.sum(np.argmax(ov, axis=1) == yv))
+            else:
+                acc_ok = False
+    if total <= 0:
+        raise ValueError("data yielded no samples")
+    return loss_sum / total, (correct / total if acc_ok else None)

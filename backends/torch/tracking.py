@@ -1,0 +1,168 @@
+"""Record the Hessian spectrum from a plain PyTorch training loop.
+
+:func:`track` is the PyTorch hook of :class:`specdens.tracker.SpectrumTracker`: at the
+tracker's scheduled steps it builds the Hessian (:func:`specdens.backends.torch.hessian`)
+and the full-data gradient (:func:`specdens.backends.torch.gradient`) of the mean loss
+over ``data``, evaluates the loss and the accuracy there, and records; at other steps it
+returns at once. The model is left exactly as it was (parameters, buffers, ``.grad``,
+``requires_grad`` and training modes; see :class:`~specdens.backends.torch.ModelState`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from specdens.tracker import SpectrumRecord, SpectrumTracker
+
+from ._data import Batches
+from ._loss import BatchLoss, split_batch
+from .gradient import gradient
+from .hessian import hessian
+
+__all__ = ["evaluate", "track"]
+
+
+def track(
+    tracker: SpectrumTracker,
+    model: torch.nn.Module,
+    criterion: Callable[[Any, Any], torch.Tensor] | None = None,
+    data: Any = None,
+    *,
+    step: int,
+    loss_fn: Callable[[torch.nn.Module, Any], Any] | None = None,
+    params: Any = None,
+    batch_size_fn: Callable[[Any], Any] | None = None,
+    batchnorm: str = "batch",
+    weight_decay: float = 0.0,
+    accuracy: bool | Callable[[Any, Any], Any] | None = None,
+    extra: dict | None = None,
+    **hessian_options: Any,
+) -> SpectrumRecord | None:
+    """Record the spectrum of ``model``'s Hessian at ``step`` if the tracker says it is due.
+
+    Parameters
+    ----------
+    tracker
+        The :class:`~specdens.tracker.SpectrumTracker` (its schedule, ``k``, SLQ settings
+        and file).
+    model, criterion, data, loss_fn, params, batch_size_fn, batchnorm, weight_decay
+        As in :func:`specdens.backends.torch.hessian`: the Hessian and the gradient are
+        those of the mean loss over all samples of ``data`` (plus ``weight_decay / 2 *
+        ||theta||^2``), with BatchNorm on batch (``"batch"``) or running
+        (``"population"``) statistics. ``data`` must yield the same batches on every pass
+        (no shuffling).
+    step
+        The training step.
+    accuracy
+        ``None`` (default): the fraction of samples whose largest output is the target,
+        when outputs are ``(batch, classes)`` and targets class indices (with a
+        ``criterion``; otherwise not recorded); ``False``: not recorded; a callable
+        ``accuracy(outputs, targets)``: the batch's mean accuracy (weighted by batch
+        size).
+    extra
+        Further JSON values stored with the record.
+    **hessian_options
+        Passed to :func:`specdens.backends.torch.hessian` (``method``, ``block``,
+        ``graph_memory``, ``check_determinism``, ``regularizer``, ``process_group``).
+
+    Returns
+    -------
+    SpectrumRecord or None
+        The record, or None when ``step`` was not due (nothing is computed then).
+
+    Examples
+    --------
+    The investigation of ``specdens investigate`` on your own model and data: record the
+    spectrum at log-spaced steps of your training loop (``fixed_batches``: the data of the
+    Hessian, the same batches on every pass), then plot it::
+
+        from specdens.backends.torch.tracking import track
+        from specdens.plotting import plot_runs
+        from specdens.tracker import SpectrumTracker, log_spaced_steps
+
+        tracker = SpectrumTracker("spectra.jsonl", steps=log_spaced_steps(1000, 10), k=10)
+        step = 0
+        for epoch in range(epochs):
+            for x, y in loader:
+                track(tracker, model, criterion, fixed_batches, step=step)  # when due
+                optimizer.zero_grad()
+                criterion(model(x), y).backward()
+                optimizer.step()
+                step += 1
+        track(tracker, model, criterion, fixed_batches, step=step)
+        plot_runs(SpectrumTracker.load("spectra.jsonl")).savefig("spectra.png")
+
+    A restarted training continues the file: steps already recorded are skipped.
+    """
+    if not isinstance(tracker, SpectrumTracker):
+        raise TypeError(f"tracker must be a SpectrumTracker; got {type(tracker).__name__}")
+    if not tracker.due(step):
+        return None
+    common = dict(loss_fn=loss_fn, params=params, batch_size_fn=batch_size_fn,
+                  batchnorm=batchnorm, weight_decay=weight_decay)
+    op = hessian(model, criterion, data, **common, **hessian_options)
+    grad_opts = {k: v for k, v in hessian_options.items() if k in ("regularizer",
+                                                                    "process_group")}
+    g = gradient(model, criterion, data, **common, **grad_opts)
+    loss, acc = evaluate(model, criterion, data, loss_fn=loss_fn, params=params,
+                         batch_size_fn=batch_size_fn, batchnorm=batchnorm, accuracy=accuracy)
+    return tracker.record(step, op, g, loss=loss, accuracy=acc, extra=extra)
+
+
+def evaluate(
+    model: torch.nn.Module,
+    criterion: Callable[[Any, Any], torch.Tensor] | None = None,
+    data: Any = None,
+    *,
+    loss_fn: Callable[[torch.nn.Module, Any], Any] | None = None,
+    params: Any = None,
+    batch_size_fn: Callable[[Any], Any] | None = None,
+    batchnorm: str = "batch",
+    accuracy: bool | Callable[[Any, Any], Any] | None = None,
+) -> tuple[float, float | None]:
+    """The mean loss over all samples of ``data`` and the accuracy, without changing the
+    model (the same weighting and BatchNorm mode as :func:`~specdens.backends.torch.hessian`;
+    no regularisation term).
+
+    Returns
+    -------
+    loss : float
+        ``sum_b n_b L_b / sum_b n_b``.
+    accuracy : float or None
+        See :func:`track`; None when not computed.
+    """
+    if data is None:
+        raise TypeError("evaluate needs data: one (inputs, targets) batch or an iterable of "
+                        "batches")
+    if accuracy is not None and accuracy is not False and not callable(accuracy):
+        raise TypeError("accuracy must be None (automatic), False or a callable(outputs, "
+                        "targets)")
+    loss = BatchLoss(model, criterion, loss_fn, batch_size_fn=batch_size_fn, params=params,
+                     batchnorm=batchnorm)
+    want_acc = accuracy is not False and criterion is not None
+    total = loss_sum = correct = 0.0
+    acc_ok = want_acc
+    with torch.no_grad():
+        for batch in Batches(data, loss.space.device):
+            value, count = loss(batch, loss.primal)
+            loss_sum += float(value) * count
+            total += count
+            if acc_ok:
+                inputs, targets = split_batch(batch)
+                out = loss.outputs(inputs, loss.primal)
+                if callable(accuracy):
+                    correct += float(accuracy(out, targets)) * count
+                elif _is_classification(out, targets):
+                    correct += float((out.argmax(dim=1) == targets).sum())
+                else:
+                    acc_ok = False
+    return loss_sum / total, (correct / total if acc_ok else None)
+
+
+def _is_classification(out: Any, targets: Any) -> bool:
+    return (isinstance(out, torch.Tensor) and isinstance(targets, torch.Tensor)
+            and out.dim() == 2 and targets.dim() == 1 and out.shape[0] == targets.shape[0]
+            and not targets.dtype.is_floating_point and not targets.dtype.is_complex)

@@ -1,0 +1,50 @@
+"""The Keras callback of SpectrumTracker: records at the scheduled optimizer steps during
+``model.fit``, leaves the model unchanged when it records, and stores the data's loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specdens.tracker import SpectrumTracker, read_records
+
+pytest.importorskip("tensorflow")
+keras = pytest.importorskip("keras")
+pytest.importorskip("specdens.backends.tf.hessian")
+
+
+def test_keras_callback(tmp_path):
+    from sklearn.datasets import load_digits
+    from specdens.backends.tf import ModelState
+    from specdens.backends.tf.tracking import SpectrumCallback
+
+    d = load_digits()
+    X = (d.data[:256] / 16.0).astype("float32")
+    y = d.target[:256].astype("int64")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(6),
+                              keras.layers.BatchNormalization(),
+                              keras.layers.Activation("relu"), keras.layers.Dense(10)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss)
+    tr = SpectrumTracker(tmp_path / "s.jsonl", steps=[0, 3, 8], k=2, num_steps=12,
+                         num_probes=2)
+    cb = SpectrumCallback(tr, loss, [(X[:128], y[:128]), (X[128:], y[128:])],
+                          batchnorm="population")
+    model.fit(X, y, batch_size=64, epochs=2, callbacks=[cb], verbose=0, shuffle=False)
+    assert cb.step == 8
+    recs = read_records(tmp_path / "s.jsonl")
+    assert [r.step for r in recs] == [0, 3, 8]  # the last one at the end of training
+    # recording leaves the model as it was, and stores the loss of the data with the
+    # moving statistics
+    tr2 = SpectrumTracker(tmp_path / "t.jsonl", k=2, num_steps=12, num_probes=2)
+    cb2 = SpectrumCallback(tr2, loss, (X, y), batchnorm="population")
+    cb2.set_model(model)
+    before = ModelState.capture(model)
+    cb2.on_train_end()
+    assert before.differences(model) == []
+    out = model(X, training=False).numpy()
+    logp = out - np.log(np.exp(out).sum(1, keepdims=True))
+    assert cb2.records[0].loss == pytest.approx(float(-np.mean(logp[np.arange(256), y])),
+                                                rel=1e-5)
+    assert cb2.records[0].accuracy == pytest.approx(float(np.mean(out.argmax(1) == y)))
