@@ -164,7 +164,8 @@ def lanczos(
         fraction of its cost in float64 (a third to a half of the steps reorthogonalise
         on Hessian-like spectra); in float32 (a float32 operator or basis) at large n the
         estimate calls for most steps, so it saves little there. It reads alpha and beta
-        back every step (a synchronisation on a GPU). ``"local"``: against the last ``window`` vectors;
+        back every step (a synchronisation on a GPU). ``"local"``: against the last
+        ``window`` vectors;
         ``"none"``: three-term recurrence only, O(n) memory per probe; ``"auto"``: full
         when its basis fits in ``max_basis_bytes``, else (unless ``basis_dtype`` was given)
         full with a float32 basis, else local with the largest window that fits, else
