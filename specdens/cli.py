@@ -5,6 +5,7 @@ Usage::
     specdens spectrum MATRIX_FILE [options]     # .npy, .npz, scipy sparse .npz, .mtx
     specdens spectrum --example NAME [--n N]    # a built-in operator with known spectrum
     specdens examples                           # list the built-in examples
+    specdens investigate [options]              # the paper's BatchNorm experiment
     specdens --version
 
 ``spectrum`` runs stochastic Lanczos quadrature and writes, into ``--out`` (default
@@ -125,7 +126,62 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("examples", help="list the built-in examples",
                    description="List the built-in example operators with known spectra.")
+    _add_investigate(sub)
     return parser
+
+
+def _add_investigate(sub: Any) -> None:
+    """The ``investigate`` subcommand (the logic is in :mod:`specdens.investigate`)."""
+    from .investigate import BACKENDS, InvestigationConfig
+
+    d = InvestigationConfig()
+    ip = sub.add_parser(
+        "investigate",
+        help="Hessian spectra through training with and without BatchNorm (the paper's "
+             "experiment on scikit-learn's digits)",
+        description="Train the same small MLP on scikit-learn's digits three ways (no "
+                    "BatchNorm, BatchNorm on batch statistics, BatchNorm on population "
+                    "statistics) with PyTorch, JAX or TensorFlow (--backend), record the "
+                    "Hessian spectrum at log-spaced steps, and write the record file, figures, "
+                    "summary.json and a Markdown report into --out.",
+    )
+    ip.add_argument("--backend", choices=BACKENDS, default=d.backend,
+                    help="framework of the model, the training and the Hessian: torch "
+                         "(default), jax or tf (TensorFlow with Keras 3)")
+    ip.add_argument("--width", type=_positive_int, default=d.width,
+                    help=f"hidden layer width (default {d.width})")
+    ip.add_argument("--depth", type=_positive_int, default=d.depth,
+                    help=f"number of hidden layers (default {d.depth})")
+    ip.add_argument("--steps", type=_positive_int, default=d.steps,
+                    help=f"training steps per run (default {d.steps})")
+    ip.add_argument("--records", type=_positive_int, default=d.records,
+                    help=f"recorded steps: 0 and log-spaced up to --steps (default {d.records})")
+    ip.add_argument("--lanczos-steps", type=_positive_int, default=d.lanczos_steps,
+                    help=f"Lanczos steps per SLQ probe (default {d.lanczos_steps})")
+    ip.add_argument("--probes", type=_positive_int, default=d.probes,
+                    help=f"SLQ probes (default {d.probes})")
+    ip.add_argument("--k", type=_positive_int, default=d.k,
+                    help=f"top eigenvalues and gradient-concentration dimension (default {d.k}, "
+                         "the number of classes)")
+    ip.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
+                    help=f"SGD batch size (default {d.batch_size})")
+    ip.add_argument("--lr", type=_positive_float, default=d.lr,
+                    help=f"SGD learning rate (default {d.lr})")
+    ip.add_argument("--seed", type=_nonnegative_int, default=d.seed,
+                    help=f"seed of the split, the initialisation, the batches and the probes "
+                         f"(default {d.seed})")
+    ip.add_argument("--dtype", choices=("float64", "float32"), default=d.dtype,
+                    help=f"model and product dtype (default {d.dtype})")
+    ip.add_argument("--threads", type=_positive_int, default=d.threads,
+                    help=f"torch threads (default {d.threads}: fastest for these small "
+                         "matrices); jax and tf keep their own thread pools")
+    ip.add_argument("--out", type=Path, default=Path("specdens-investigate"), metavar="DIR",
+                    help="output directory (default ./specdens-investigate)")
+    ip.add_argument("--resume", action="store_true",
+                    help="continue the record file in --out (same settings): recorded steps "
+                         "are not computed again")
+    ip.add_argument("-q", "--quiet", action="store_true",
+                    help="no progress bar and no printed summary")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -150,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_USAGE
         if args.command == "examples":
             return _cmd_examples()
+        if args.command == "investigate":
+            return _cmd_investigate(args)
         return _cmd_spectrum(args)
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
@@ -173,6 +231,70 @@ def _cmd_examples() -> int:
         doc = (factory.__doc__ or "").strip().splitlines()[0].replace("``", "")
         print(f"{name:<{width}}  {doc}")
     return 0
+
+
+def _cmd_investigate(args: argparse.Namespace) -> int:
+    from .investigate import InvestigationConfig, load_backend, run_investigation
+
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        raise UsageError("investigate needs scikit-learn for its data (the digits): pip "
+                         "install scikit-learn") from None
+    if args.backend == "tf" and "tensorflow" not in sys.modules:
+        import os
+
+        # TensorFlow's C++ start-up messages (CPU features, oneDNN) on stderr, unless the
+        # user asked for them; errors are still shown.
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    try:
+        load_backend(args.backend)
+    except ImportError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        config = InvestigationConfig(
+            backend=args.backend, width=args.width, depth=args.depth, steps=args.steps,
+            records=args.records, lanczos_steps=args.lanczos_steps, probes=args.probes,
+            k=args.k, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+            dtype=args.dtype, threads=args.threads)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        result = run_investigation(config, args.out, resume=args.resume,
+                                   progress=not args.quiet)
+    except FileExistsError as exc:
+        raise UsageError(str(exc)) from None
+    except ValueError as exc:
+        if args.resume:
+            raise UsageError(str(exc)) from None
+        raise
+    except OSError as exc:
+        raise UsageError(f"cannot write into {args.out}: {exc}") from None
+    except FloatingPointError as exc:
+        _error(f"the computation failed: {exc}")
+        return EXIT_FAILURE
+    for note in result.notes:
+        print(f"specdens: note: {note}", file=sys.stderr)
+    if not args.quiet:
+        print(_investigate_summary(result))
+    return 0
+
+
+def _investigate_summary(result: Any) -> str:
+    s = result.summary
+    backend = s.get("backend", {}).get("name", "torch")
+    lines = [f"specdens investigate ({backend}): {len(s['runs'])} runs in "
+             f"{result.wall_time:.1f} s"]
+    for name, r in s["runs"].items():
+        m = r["median_after_step_0"]
+        lines.append(f"  {name:<14} outliers {m['num_outliers']:.3g}, edge ratio "
+                     f"{m['edge_ratio']:.3g}, concentration {m['concentration']:.3f} "
+                     "(medians after step 0)")
+    for key, v in s["verdicts"].items():
+        lines.append(f"  {key:<21} {v['verdict']}")
+    lines.append("  wrote             " + "\n                    ".join(
+        str(v) for v in result.files.values()))
+    return "\n".join(lines)
 
 
 def _load_input(args: argparse.Namespace) -> tuple[Any, dict, str, Any]:

@@ -150,7 +150,7 @@ def one_line_error(capsys, *needles):
     (["spectrum", "--example", "uniform", "--steps", "0"], ["--steps", "positive integer"]),
     (["spectrum", "--example", "uniform", "--steps", "abc"], ["--steps"]),
     (["spectrum", "--example", "uniform", "--sigma", "-1"], ["--sigma"]),
-    (["spectrum", "--example", "uniform", "--reorth", "partial"], ["--reorth"]),
+    (["spectrum", "--example", "uniform", "--reorth", "selective"], ["--reorth"]),
     (["spectrum", "--example", "uniform", "--bogus"], ["unrecognized arguments: --bogus"]),
     (["spectrum", "--example", "uniform", "--key", "H"], ["--key"]),
     (["frobnicate"], ["invalid choice"]),
@@ -196,6 +196,24 @@ def test_version_help_and_examples(capsys):
     for name in ("hessian_like", "marchenko_pastur", "uniform", "laplacian_1d"):
         assert name in out
     assert main([]) == 2
+
+
+def test_investigate_is_a_subcommand(capsys):
+    """Its help lists the options; parsing it imports no framework (the end-to-end run is
+    in test_investigate.py)."""
+    assert main(["investigate", "--help"]) == 0
+    out = capsys.readouterr().out
+    for option in ("--backend", "--width", "--depth", "--steps", "--records",
+                   "--lanczos-steps", "--probes", "--k", "--out", "--seed", "--resume",
+                   "--threads"):
+        assert option in out, option
+    assert main(["--help"]) == 0
+    assert "investigate" in capsys.readouterr().out
+    code = ("import sys; from specdens.cli import build_parser; build_parser(); "
+            "print([m for m in ('torch', 'jax', 'tensorflow', 'matplotlib') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, timeout=120)
+    assert out.stdout.strip() == "[]"
 
 
 def test_python_dash_m(tmp_path):

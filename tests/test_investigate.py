@@ -1,0 +1,375 @@
+"""``specdens investigate`` end to end on a tiny setting (torch, JAX and TensorFlow),
+resuming, usage errors, the backends' agreement at the same weights, and the same
+investigation on a user's own model in a few lines."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from specdens.cli import main
+from specdens.investigate import (
+    CRITERIA,
+    FIGURES,
+    RUNS,
+    InvestigationConfig,
+    run_investigation,
+    torch_default_weights,
+)
+from specdens.tracker import read_header, read_records
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("sklearn")
+pytest.importorskip("matplotlib")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Small products: one thread is fastest (threads mostly wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = ["--width", "6", "--depth", "1", "--steps", "6", "--records", "3",
+        "--lanczos-steps", "12", "--probes", "2", "--k", "2", "--batch-size", "256"]
+# JAX and TensorFlow: two records (steps 0 and 6) and one probe, since JAX compiles the
+# product kernel of every block size anew for every record (one probe shares eigsh's
+# single-vector block); and full-batch steps, so that the sample order (drawn by torch on
+# torch, by numpy elsewhere) changes only the order of sums: from the same weights the
+# backends then train the same trajectory, up to rounding.
+BACKEND_TINY = ["--width", "6", "--depth", "1", "--steps", "6", "--records", "2",
+                "--lanczos-steps", "12", "--probes", "1", "--k", "2", "--batch-size", "1536"]
+BACKEND_STEPS = (0, 6)
+
+EXTRA_KEYS = {"test_accuracy", "epoch", "minibatch_loss", "data_gradient_norm",
+              "weight_decay_gradient_norm", "param_norm"}
+SUMMARY_KEYS = {"backend", "config", "criteria", "environment", "notes", "runs", "schedule",
+                "timings", "verdicts"}
+RUN_KEYS = {"batchnorm", "diverged_at", "final", "hessian_batches", "median_after_step_0",
+            "parameters", "records"}
+ROW_KEYS = {"accuracy", "bulk_edge", "concentration", "concentration_error_estimate",
+            "concentration_gap", "data_gradient_norm", "edge_ratio", "eigsh_converged",
+            "gradient_norm", "loss", "negative_mass", "negative_mass_bounds",
+            "negative_mass_stderr", "num_lower_outliers", "num_outliers", "num_top_above",
+            "outlier_threshold", "outliers", "step", "test_accuracy", "top_eigenvalue",
+            "top_eigenvalues", "wall_time", "weight_decay_gradient_norm"}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("investigate")
+    rc = main(["investigate", *TINY, "--out", str(out), "-q"])
+    return rc, out
+
+
+def check_outputs(out, steps, backend, probes=2):
+    """Every output file of a tiny run (``TINY``'s sizes), with the record and summary
+    schema; returns the records and the summary."""
+    for name in ["records.jsonl", "summary.json", "report.md", *FIGURES.values()]:
+        path = out / name
+        assert path.is_file() and path.stat().st_size > 0, name
+    for name in FIGURES.values():
+        assert (out / name).read_bytes()[:8] == PNG_MAGIC, name
+    records = read_records(out / "records.jsonl")
+    assert sorted((r.run, r.step) for r in records) == sorted(
+        (run, s) for run in RUNS for s in steps)
+    header = read_header(out / "records.jsonl")
+    assert header["meta"]["width"] == 6 and header["meta"]["k"] == 2
+    assert header["meta"]["backend"] == backend
+    for r in records:
+        assert r.density.num_probes == probes and r.density.num_steps == 12
+        assert r.eigenvalues.size == 2 and r.concentration.k == 2
+        assert 0.0 <= r.concentration.fraction <= 1.0 + 1e-12
+        assert math.isfinite(r.loss) and 0.0 <= r.accuracy <= 1.0
+        assert set(r.extra) == EXTRA_KEYS
+        assert 0.0 <= r.extra["test_accuracy"] <= 1.0
+        assert r.extra["data_gradient_norm"] > 0 and r.extra["param_norm"] > 0
+    # the BatchNorm runs have the BatchNorm parameters (2 per hidden unit) on top
+    n = {r.run: r.density.n for r in records}
+    assert n["no-bn"] == 64 * 6 + 6 + 6 * 10 + 10 and n["bn-batch"] == n["no-bn"] + 12
+    assert n["bn-population"] == n["bn-batch"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary) == SUMMARY_KEYS
+    assert set(summary["runs"]) == set(RUNS)
+    assert set(summary["verdicts"]) == set(CRITERIA)
+    assert summary["backend"]["name"] == summary["environment"]["backend"] == backend
+    for run in RUNS:
+        rows = summary["runs"][run]["records"]
+        assert set(summary["runs"][run]) == RUN_KEYS
+        recs = sorted((r for r in records if r.run == run), key=lambda r: r.step)
+        assert [row["step"] for row in rows] == [r.step for r in recs]
+        for row, r in zip(rows, recs, strict=True):
+            assert set(row) == ROW_KEYS
+            assert row["loss"] == r.loss and row["concentration"] == r.concentration.fraction
+            assert row["num_outliers"] == r.stats.num_outliers
+        assert summary["runs"][run]["parameters"] == n[run]
+    for v in summary["verdicts"].values():
+        assert v["verdict"] in ("reproduces", "partly reproduces", "does not reproduce",
+                                "not tested")
+    assert summary["timings"]["total_s"] > 0
+    report = (out / "report.md").read_text()
+    assert report.startswith("# Hessian spectra through training")
+    for needle in ("## Findings", "## Over training", "### no-bn", "### bn-batch",
+                   "### bn-population", "## Interpretation and caveats", "Criteria:",
+                   f"- Backend: `{backend}` ("):
+        assert needle in report, needle
+    final = summary["runs"]["no-bn"]["final"]
+    assert f"| {final['step']} | {final['loss']:.4g} |" in report
+    for name in FIGURES.values():
+        assert f"]({name})" in report
+    return records, summary
+
+
+def test_cli_end_to_end_writes_every_output(tiny_run):
+    rc, out = tiny_run
+    assert rc == 0
+    # three runs, recorded at steps 0, 1 and 6 (log-spaced up to --steps)
+    check_outputs(out, (0, 1, 6), "torch")
+
+
+def test_existing_records_need_resume(tiny_run, capsys):
+    rc, out = tiny_run
+    before = (out / "records.jsonl").read_bytes()
+    assert main(["investigate", *TINY, "--out", str(out), "-q"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    # resuming with the same settings recomputes nothing: the record file is unchanged
+    assert main(["investigate", *TINY, "--out", str(out), "-q", "--resume"]) == 0
+    assert (out / "records.jsonl").read_bytes() == before
+    # other settings are refused, naming the difference
+    assert main(["investigate", *TINY[:-2], "--batch-size", "128", "--out", str(out), "-q",
+                 "--resume"]) == 2
+    assert "batch_size" in capsys.readouterr().err
+
+
+def test_resume_on_another_backend_is_refused(tiny_run, capsys):
+    pytest.importorskip("jax")
+    rc, out = tiny_run
+    before = (out / "records.jsonl").read_bytes()
+    assert main(["investigate", *TINY, "--backend", "jax", "--out", str(out), "-q",
+                 "--resume"]) == 2
+    assert "backend: 'torch' in the file, 'jax' now" in capsys.readouterr().err
+    assert (out / "records.jsonl").read_bytes() == before
+
+
+# -- JAX and TensorFlow ------------------------------------------------------------------
+FRAMEWORK = {"jax": "jax", "tf": "tensorflow"}
+
+
+@pytest.fixture(scope="module", params=["jax", "tf"])
+def backend_run(request, tmp_path_factory):
+    """``specdens investigate --backend jax|tf`` on BACKEND_TINY; JAX's x64 flag before and
+    after."""
+    backend = request.param
+    pytest.importorskip(FRAMEWORK[backend])
+    if backend == "tf":
+        pytest.importorskip("keras")
+    x64 = None
+    if backend == "jax":
+        import jax
+
+        x64 = jax.config.jax_enable_x64
+    out = tmp_path_factory.mktemp(f"investigate-{backend}")
+    rc = main(["investigate", "--backend", backend, *BACKEND_TINY, "--out", str(out), "-q"])
+    if backend == "jax":
+        x64 = (x64, jax.config.jax_enable_x64)
+    return backend, rc, out, x64
+
+
+@pytest.fixture(scope="module")
+def torch_reference(tmp_path_factory):
+    """The torch investigation of BACKEND_TINY from the weights JAX and TensorFlow start
+    from (numpy draws of PyTorch's default distribution)."""
+    cfg = InvestigationConfig(width=6, depth=1, steps=6, records=2, lanczos_steps=12,
+                              probes=1, k=2, batch_size=1536)
+    out = tmp_path_factory.mktemp("investigate-torch-reference")
+    res = run_investigation(cfg, out, progress=False, figures=False,
+                            initial_weights=torch_default_weights(cfg))
+    return res
+
+
+def test_backend_cli_end_to_end(backend_run):
+    """The same outputs and schema as torch's, and JAX's float64 switch scoped to the run."""
+    backend, rc, out, x64 = backend_run
+    assert rc == 0
+    records, summary = check_outputs(out, BACKEND_STEPS, backend, probes=1)
+    assert read_header(out / "records.jsonl")["meta"]["batch_size"] == 1536
+    # every step is one whole epoch (full batch), and the run trained
+    by_run = {(r.run, r.step): r for r in records}
+    for run in RUNS:
+        assert by_run[run, 6].extra["epoch"] == 5
+        assert by_run[run, 6].loss < by_run[run, 0].loss
+    assert summary["runs"]["bn-batch"]["hessian_batches"] == 1
+    assert summary["runs"]["bn-population"]["batchnorm"] == "population"
+    if backend == "jax":
+        before, after = x64
+        assert before == after  # jax.enable_x64 only around the investigation
+        assert summary["environment"]["x64"] is True
+
+
+def test_backends_agree_with_torch_at_the_same_weights(backend_run, torch_reference):
+    """From the same weights, with full-batch steps, torch and JAX / TensorFlow record the
+    same numbers up to float64 rounding, at step 0 and after 6 SGD steps (momentum, weight
+    decay and BatchNorm's running statistics included), for the three runs.
+
+    Tolerances: the loss is a mean over 1536 samples summed in another order (rounding
+    below n * eps = 2e-13 relative; 1e-12); each top eigenvalue is a Ritz value within its
+    residual norm of an eigenvalue, so two backends' values differ by at most the sum of
+    their residuals plus rounding (1e-12 of the largest); the concentration is within
+    its Davis-Kahan ``error_estimate`` of the exact one on each backend. On JAX the flat
+    vectors are ordered as torch's, so the SLQ probes are the same vectors and the
+    densities' nodes and weights agree too (to 1e-8, sqrt(eps): Lanczos amplifies the
+    rounding of the products)."""
+    backend, rc, out, _ = backend_run
+    assert rc == 0
+    ref = {(r.run, r.step): r for r in read_records(torch_reference.files["records"])}
+    got = {(r.run, r.step): r for r in read_records(out / "records.jsonl")}
+    assert set(ref) == set(got) == {(run, s) for run in RUNS for s in BACKEND_STEPS}
+    for key, a in ref.items():
+        b = got[key]
+        assert b.loss == pytest.approx(a.loss, rel=1e-12, abs=0), key
+        lam1 = abs(a.top_eigenvalue)
+        tol = a.eigenvalue_residuals + b.eigenvalue_residuals + 1e-12 * lam1
+        assert np.all(np.abs(b.eigenvalues - a.eigenvalues) <= tol), (key, a.eigenvalues,
+                                                                       b.eigenvalues)
+        ca, cb = a.concentration, b.concentration
+        assert abs(cb.fraction - ca.fraction) <= ca.error_estimate + cb.error_estimate \
+            + 1e-12, key
+        assert b.accuracy == a.accuracy, key  # argmax of logits equal to rounding
+        assert b.extra["test_accuracy"] == a.extra["test_accuracy"], key
+        for name in ("data_gradient_norm", "param_norm", "weight_decay_gradient_norm"):
+            assert b.extra[name] == pytest.approx(a.extra[name], rel=1e-12), (key, name)
+        assert b.extra["epoch"] == a.extra["epoch"]
+        if key[1] > 0:
+            assert b.extra["minibatch_loss"] == pytest.approx(a.extra["minibatch_loss"],
+                                                              rel=1e-12), key
+        assert b.density.n == a.density.n
+        if backend == "jax":
+            assert np.allclose(b.density.nodes, a.density.nodes, rtol=0, atol=1e-8 * lam1)
+            assert np.allclose(b.density.weights, a.density.weights, rtol=0, atol=1e-8)
+    # the schema of the summaries is the same (check_outputs checked the keys); only the
+    # backend's own entries differ
+    ref_summary = torch_reference.summary
+    got_summary = json.loads((out / "summary.json").read_text())
+    assert got_summary["config"] == {**ref_summary["config"], "backend": backend}
+    assert got_summary["schedule"] == ref_summary["schedule"]
+
+
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--steps", "0"], "positive integer"),
+        (["--lr", "-1"], "positive finite"),
+        (["--dtype", "float16"], "invalid choice"),
+        (["--backend", "mxnet"], "invalid choice"),
+    ],
+)
+def test_usage_errors(tmp_path, capsys, argv, needle):
+    assert main(["investigate", *argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specdens: error:") and needle in err
+
+
+@pytest.mark.parametrize("backend, extra", [("jax", "specdens[jax]"),
+                                            ("tf", "specdens[tf]")])
+def test_a_missing_framework_is_a_usage_error(tmp_path, capsys, monkeypatch, backend, extra):
+    import importlib.util
+
+    module = {"jax": "jax", "tf": "tensorflow"}[backend]
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == module else find_spec(name, *a))
+    assert main(["investigate", "--backend", backend, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specdens: error:") and f"pip install '{extra}'" in err
+    assert not (tmp_path / "records.jsonl").exists()
+
+
+def test_config_validation():
+    assert InvestigationConfig().schedule()[:3] == [0, 1, 2]
+    with pytest.raises(ValueError, match="runs"):
+        InvestigationConfig(runs=("no-bn", "layernorm"))
+    with pytest.raises(ValueError, match="lr"):
+        InvestigationConfig(lr=0.0)
+    with pytest.raises(ValueError, match="backend"):
+        InvestigationConfig(backend="mxnet")
+
+
+def test_initial_weights_are_checked(tmp_path):
+    cfg = InvestigationConfig(width=4, depth=1, steps=1, records=1, lanczos_steps=4,
+                              probes=1, k=1, runs=("no-bn",))
+    good = torch_default_weights(cfg)
+    assert [(W.shape, b.shape) for W, b in good] == [((4, 64), (4,)), ((10, 4), (10,))]
+    bad = [(good[0][0].T, good[0][1]), good[1]]  # Keras' (in, out) layout
+    with pytest.raises(ValueError, match=r"\(4, 64\)"):
+        run_investigation(cfg, tmp_path, initial_weights=bad, progress=False, figures=False)
+    with pytest.raises(ValueError, match="2 \\(weight, bias\\) pairs"):
+        run_investigation(cfg, tmp_path, initial_weights=good[:1], progress=False,
+                          figures=False)
+    nan = [(np.full((4, 64), np.nan), good[0][1]), good[1]]
+    with pytest.raises(ValueError, match="NaN"):
+        run_investigation(cfg, tmp_path, initial_weights=nan, progress=False, figures=False)
+    assert not (tmp_path / "records.jsonl").exists()
+
+
+def test_one_run_without_figures(tmp_path):
+    cfg = InvestigationConfig(width=4, depth=1, steps=2, records=2, lanczos_steps=8, probes=1,
+                              k=1, batch_size=512, runs=("bn-population",))
+    ticks = []
+    res = run_investigation(cfg, tmp_path, progress=lambda done, total: ticks.append(
+        (done, total)), figures=False)
+    assert ticks[-1] == (2, 2) and [d for d, _ in ticks] == sorted(d for d, _ in ticks)
+    assert set(res.files) == {"records", "summary", "report"}
+    assert res.summary["verdicts"]["population_returns"]["verdict"] == "not tested"
+    assert [r.step for r in read_records(res.files["records"])] == [0, 2]
+
+
+def test_the_investigation_on_your_own_model(tmp_path):
+    """The README snippet: the same investigation on a user's model in a few lines."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    X = torch.tensor(d.data[:512] / 16.0, dtype=torch.float32)
+    y = torch.tensor(d.target[:512])
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 16), torch.nn.ReLU(),
+                                torch.nn.Linear(16, 10))
+    criterion = torch.nn.CrossEntropyLoss()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=64,
+                                         shuffle=True)
+    fixed_batches = [(X[i:i + 128], y[i:i + 128]) for i in range(0, 512, 128)]
+    path = tmp_path / "spectra.jsonl"
+
+    # --- the snippet ---------------------------------------------------------------
+    from specdens.backends.torch.tracking import track
+
+    from specdens.plotting import plot_runs
+    from specdens.tracker import SpectrumTracker, log_spaced_steps
+
+    tracker = SpectrumTracker(path, run="mine", steps=log_spaced_steps(40, 4), k=10,
+                              num_steps=30, num_probes=2)
+    step = 0
+    for _epoch in range(5):
+        for xb, yb in loader:
+            track(tracker, model, criterion, fixed_batches, step=step)  # only when due
+            optimizer.zero_grad()
+            criterion(model(xb), yb).backward()
+            optimizer.step()
+            step += 1
+    track(tracker, model, criterion, fixed_batches, step=step)
+    plot_runs(SpectrumTracker.load(path), "overview").savefig(tmp_path / "spectra.png")
+    # --------------------------------------------------------------------------------
+    assert step == 40
+    records = SpectrumTracker.load(path)
+    assert [r.step for r in records] == log_spaced_steps(40, 4) == [0, 1, 6, 40]
+    assert all(r.concentration.k == 10 and r.stats is not None for r in records)
+    assert records[-1].loss < records[0].loss  # it trained
+    assert np.isfinite([r.concentration.fraction for r in records]).all()
+    assert (tmp_path / "spectra.png").read_bytes()[:8] == PNG_MAGIC
