@@ -16,6 +16,11 @@ HEADERS = {
     "bench_scale.py": ["mode", "wall s", "peak RSS GiB"],
     # competitors that are not installed become "not run" rows, never a failure
     "bench_torch.py": ["tool", "ms / step", "total s"],
+    # the GPU script runs its tiny models on the CPU with --smoke
+    "bench_gpu.py": ["product", "ms"],
+    # W1 at each budget: one column per budget of matvecs (--smoke: 20 and 80)
+    "bench_accuracy.py": ["problem", "tool", "20 matvecs", "80 matvecs"],
+    "bench_scaling.py": ["n", "mode", "steps", "probes", "wall s", "ms / step"],
 }
 
 
@@ -30,7 +35,7 @@ def test_benchmark_smoke(script: str) -> None:
         [sys.executable, str(BENCHMARKS / script), "--smoke"],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=300,
         cwd=BENCHMARKS.parent,
     )
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"

@@ -1,0 +1,590 @@
+"""Scaling: time and peak memory of the Lanczos engine against n, steps and probes, per
+reorthogonalisation mode, and its overhead over the products themselves.
+
+The operator is a cheap but realistic one whose product cost is known and measured on
+its own: a symmetric banded Toeplitz matrix (``--band`` diagonals, default 21, i.e. 21
+multiply-adds = 42 flops per row, the ~20-50 flops per parameter the issue names for an
+HVP) plus a Hessian-like diagonal (``_common.hessian_like_diagonal``), in float32 (a
+network's dtype; the Lanczos arithmetic is float64, the engine's default). Its product is
+one ``scipy.ndimage.correlate1d`` pass and one multiply-add over the ``(n, k)`` block.
+
+Every configuration runs in its own subprocess, so that its peak memory is its own (the
+child's ``VmHWM``; *engine GiB* is that minus the resident set just before
+``specdens.lanczos``, which holds the operator). After the Lanczos run the child times
+single block products (median of several) and reports
+
+    overhead = (Lanczos wall time - steps x product time) / (steps x product time),
+
+the engine's own cost (recurrence, reorthogonalisation, bookkeeping) relative to the
+products. A configuration whose basis and working vectors would not fit in 90 % of the
+free memory is a "skipped" row instead of a run into the OOM killer.
+
+Four parts:
+
+* ``n``: n from 1e4 to 1e7 (2.5e7 with ``--full``), 90 steps, 1 probe, every mode;
+* ``steps``: 30 to 300 steps at n = 1e6;
+* ``probes``: 1 to 32 probes (one block) at n = 1e5;
+* ``claim``: the target "engine overhead < 10 % at 90 steps for n >= 1e6 with the basis
+  in float32", alternating Lanczos runs with runs of the same number of products alone
+  (``--repeats`` pairs, paired ratios), for the ``--band`` operator and for one whose
+  product costs as much per parameter as a real HVP measured in the same run (the
+  digits MLP 64-512-512-10, 301,066 parameters, 1,797 samples, PyTorch, one thread:
+  ``--no-calibrate`` skips it). The part also reports the break-even product cost: the
+  product time per parameter above which the overhead is below 10 %.
+
+Modes are ``REORTH[:BASIS_DTYPE]``: ``full``, ``partial``, ``local`` (window
+``--window``), ``none``, with a float32 or float64 basis.
+
+    python benchmarks/bench_scaling.py                  # default grid, ~15 min on 2 cores
+    python benchmarks/bench_scaling.py --full           # the whole grid (hours; 24 GiB host)
+    python benchmarks/bench_scaling.py --parts claim --claim-n 1e6,1e7
+    python benchmarks/bench_scaling.py --smoke          # tiny, in-process, for the tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import _common
+
+ALL_MODES = ("full:float32", "full:float64", "partial:float32", "partial:float64",
+             "local:float32", "local:float64", "none")
+PARTS = ("n", "steps", "probes", "claim")
+TARGET_OVERHEAD = 0.10
+WORKING_VECTORS = 10  # float64 vectors of size n per probe the engine holds besides the basis
+HEADERS = ["n", "mode", "steps", "probes", "wall s", "ms / step", "products s", "overhead",
+           "peak RSS GiB", "engine GiB", "basis GiB"]
+CLAIM_HEADERS = ["n", "mode", "band", "product ns / param", "products s", "Lanczos s",
+                 "engine s", "overhead (median)", "overhead (min)", "< 10 %"]
+
+
+def parse_mode(token: str) -> tuple[str, str | None]:
+    reorth, _, dtype = token.strip().partition(":")
+    if reorth not in ("full", "partial", "local", "none"):
+        raise SystemExit(f"unknown mode {token!r}: use full, partial, local or none, "
+                         "optionally :float32 or :float64")
+    if dtype and dtype not in ("float32", "float64"):
+        raise SystemExit(f"unknown basis dtype in {token!r}: use float32 or float64")
+    if reorth == "none" and dtype:
+        raise SystemExit(f"{token!r}: reorth='none' keeps no basis; write 'none'")
+    return reorth, dtype or None
+
+
+def parse_floats(text: str) -> list[int]:
+    try:
+        return [int(float(t)) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise SystemExit(f"expected a comma list of numbers, got {text!r}") from None
+
+
+def basis_bytes(cfg: dict[str, Any]) -> int:
+    reorth, dtype = parse_mode(cfg["mode"])
+    rows = {"full": cfg["steps"], "partial": cfg["steps"], "local": min(cfg["window"],
+                                                                        cfg["steps"])}
+    itemsize = 4 if dtype == "float32" else 8
+    return rows.get(reorth, 0) * cfg["probes"] * cfg["n"] * itemsize
+
+
+def needed_bytes(cfg: dict[str, Any]) -> int:
+    """Basis, working vectors and the operator (diagonal and band output), estimated."""
+    n, k = cfg["n"], cfg["probes"]
+    return basis_bytes(cfg) + WORKING_VECTORS * k * n * 8 + 4 * n * 4 + 2 * k * n * 4
+
+
+# --------------------------------------------------------------------------- operator
+
+
+def banded_operator(n: int, band: int, dtype: str = "float32", seed: int = 0) -> Any:
+    """``A = T + diag(d)``: ``T`` a symmetric banded Toeplitz matrix with ``band`` (odd)
+    diagonals of small random weights, ``d`` the Hessian-like diagonal; float32 or float64
+    numpy vectors. A block product costs one ``correlate1d`` pass (``band``
+    multiply-adds per entry) and one multiply-add."""
+    import array_api_compat.numpy as npx
+    import numpy as np
+    from scipy.ndimage import correlate1d
+
+    import specdens
+
+    if band < 1 or band % 2 == 0:
+        raise ValueError(f"band must be a positive odd number of diagonals, got {band}")
+    rng = np.random.default_rng(seed)
+    w = 1e-3 * rng.standard_normal(band)
+    w = (0.5 * (w + w[::-1])).astype(dtype)  # symmetric weights: a symmetric matrix
+    d = _common.hessian_like_diagonal(n, seed).astype(dtype)
+
+    class BandedOperator(specdens.LinearOperatorBase):
+        def __init__(self) -> None:
+            super().__init__((n, n), np.dtype(dtype), npx, "cpu")
+            self.symmetric = True
+            self.band = band
+
+        def _matmat(self, V: Any) -> Any:
+            V = np.asarray(V, dtype=dtype)
+            out = correlate1d(V, w, axis=0, mode="constant")
+            out += d[:, None] * V
+            return out
+
+        def _matvec(self, v: Any) -> Any:
+            return self._matmat(np.asarray(v).reshape(-1, 1))[:, 0]
+
+    return BandedOperator()
+
+
+def product_seconds(op: Any, probes: int, reps: int) -> float:
+    """Median seconds of one ``op.matmat`` on an ``(n, probes)`` block (after a warm-up)."""
+    import numpy as np
+
+    V = np.random.default_rng(1).standard_normal((op.shape[0], probes)).astype(op.dtype)
+    op.matmat(V)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        op.matmat(V)
+        ts.append(time.perf_counter() - t0)
+    return _common.median(ts)
+
+
+# --------------------------------------------------------------------------- one config
+
+
+def run_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Run one configuration in this process; a dict of its figures."""
+    import numpy as np
+
+    import specdens
+
+    out = dict(cfg)
+    avail = _common.available_bytes() or 0
+    out["available"] = avail
+    out["needs"] = needed_bytes(cfg)
+    out["basis"] = basis_bytes(cfg)
+    if out["needs"] > 0.9 * avail:
+        out["status"] = "skipped: does not fit"
+        return out
+    reorth, basis_dtype = parse_mode(cfg["mode"])
+    op = banded_operator(cfg["n"], cfg["band"], cfg["op_dtype"])
+    kwargs: dict[str, Any] = {"reorth": reorth, "num_probes": cfg["probes"]}
+    if reorth == "local":
+        kwargs["window"] = cfg["window"]
+    if basis_dtype:
+        kwargs["basis_dtype"] = basis_dtype
+    reps = 3 if cfg["n"] * cfg["probes"] >= 5e6 else 7
+    if cfg.get("claim"):
+        return _claim(op, cfg, kwargs, out)
+    rss_before = _common.proc_status_bytes("VmRSS")
+    t0 = time.perf_counter()
+    res = specdens.lanczos(op, cfg["steps"], **kwargs)
+    wall = time.perf_counter() - t0
+    peak = _common.peak_rss_bytes()
+    steps_run = int(np.max(res.lengths))
+    prod = product_seconds(op, cfg["probes"], reps)
+    products = steps_run * prod
+    out.update(status="ok", wall=wall, steps_run=steps_run, product=prod, products=products,
+               overhead=(wall - products) / products, peak=peak, rss_before=rss_before,
+               engine_bytes=None if rss_before is None else peak - rss_before,
+               ran_as=res.reorth, basis_dtype=res.basis_dtype)
+    return out
+
+
+def _claim(op: Any, cfg: dict[str, Any], kwargs: dict[str, Any],
+           out: dict[str, Any]) -> dict[str, Any]:
+    """Alternate Lanczos runs with runs of as many products alone; paired overheads."""
+    import numpy as np
+
+    import specdens
+
+    steps, k = cfg["steps"], cfg["probes"]
+    V = np.random.default_rng(1).standard_normal((op.shape[0], k)).astype(op.dtype)
+
+    def products_only() -> float:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            op.matmat(V)
+        return time.perf_counter() - t0
+
+    def lanczos_run() -> float:
+        t0 = time.perf_counter()
+        specdens.lanczos(op, steps, **kwargs)
+        return time.perf_counter() - t0
+
+    op.matmat(V)  # warm-up: first allocations, caches
+    specdens.lanczos(op, min(steps, 5), **kwargs)
+    walls, prods, ratios = [], [], []
+    for r in range(cfg["repeats"]):
+        if r % 2 == 0:
+            w, p = lanczos_run(), products_only()
+        else:
+            p, w = products_only(), lanczos_run()
+        walls.append(w)
+        prods.append(p)
+        ratios.append((w - p) / p)
+    out.update(status="ok", wall=_common.median(walls), products=_common.median(prods),
+               product=_common.median(prods) / steps, overhead=_common.median(ratios),
+               overhead_min=min(ratios), overheads=ratios, walls=walls, prods=prods,
+               peak=_common.peak_rss_bytes())
+    return out
+
+
+def run_child(cfg: dict[str, Any], threads: int | None) -> dict[str, Any]:
+    """Run ``cfg`` in a fresh Python process (clean peak RSS)."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        why = ("killed by SIGKILL (out of memory?)" if proc.returncode == -9
+               else f"exit {proc.returncode}")
+        tail = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
+        out = dict(cfg, status=f"failed: {why} {' '.join(tail)}".strip())
+    else:
+        out = json.loads(lines[-1])
+    out["elapsed"] = time.perf_counter() - t0
+    return out
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def calibration_child() -> dict[str, Any]:
+    """One Hessian-vector product of bench_torch's ``mlp-wide`` workload (digits MLP
+    64-512-512-10, full batch): median seconds of 7 after a warm-up."""
+    import bench_torch
+    import torch
+    from specdens.backends.torch import hessian
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
+    model, data = bench_torch.mlp_workload(False, wide=True)
+    op = hessian(model, torch.nn.CrossEntropyLoss(), data[0])
+    v = torch.randn(op.shape[0])
+    op.matvec(v)
+    ts = []
+    for _ in range(7):
+        t0 = time.perf_counter()
+        op.matvec(v)
+        ts.append(time.perf_counter() - t0)
+    return {"n": int(op.shape[0]), "samples": int(len(data[0][0])),
+            "threads": torch.get_num_threads(), "seconds": _common.median(ts)}
+
+
+def calibrate_hvp(threads: int | None) -> dict[str, Any] | None:
+    """ns per parameter of a real Hessian-vector product, measured in a child process;
+    None (with a message) when PyTorch or scikit-learn is missing."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--calibration-child",
+           "--threads", str(threads or 1)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
+        print(f"calibration failed ({' '.join(tail)}); the claim part runs with --band only",
+              file=sys.stderr)
+        return None
+    out = json.loads(lines[-1])
+    out["ns_per_param"] = 1e9 * out["seconds"] / out["n"]
+    return out
+
+
+def calibrated_band(base: dict[str, Any], target_ns: float, run: Any) -> int | None:
+    """The odd number of diagonals whose product costs ``target_ns`` per parameter at
+    ``base["n"]``: one secant step from ``base["band"]`` (the product's cost is affine in
+    the band), each point measured by ``run`` on a 3-step configuration (in a child)."""
+    n, band = base["n"], base["band"]
+
+    def ns_at(b: int) -> float | None:
+        r = run(dict(base, band=b, mode="none", steps=3, probes=1, claim=False))
+        return 1e9 * r["product"] / n if r.get("status") == "ok" else None
+
+    def odd(x: float) -> int:
+        b = max(band, int(round(x)))
+        return b + 1 - b % 2
+
+    ns0 = ns_at(band)
+    if ns0 is None:
+        return None
+    b1 = odd(band * target_ns / ns0)
+    ns1 = ns_at(b1) if b1 != band else None
+    if ns1 is None or ns1 <= ns0:
+        return b1
+    return odd(band + (b1 - band) * (target_ns - ns0) / (ns1 - ns0))
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None else f"{x:.{digits}g}"
+
+
+def sweep_row(r: dict[str, Any]) -> list[str]:
+    head = [f"{r['n']:.3g}", r["mode"], str(r["steps"]), str(r["probes"])]
+    if r.get("status") != "ok":
+        status = r.get("status", "?")
+        if "needs" in r and status.startswith("skipped"):
+            status += (f" (needs {_common.gib(r['needs'])} GiB, "
+                       f"{_common.gib(r['available'])} free)")
+        return head + [status, "", "", "", "", "", _common.gib(r.get("basis"))]
+    return head + [fmt(r["wall"]), fmt(1e3 * r["wall"] / r["steps_run"]),
+                   fmt(r["products"]), f"{100 * r['overhead']:.0f} %",
+                   _common.gib(r["peak"]), _common.gib(r["engine_bytes"]),
+                   _common.gib(r["basis"])]
+
+
+def claim_row(r: dict[str, Any]) -> list[str]:
+    head = [f"{r['n']:.3g}", r["mode"], str(r["band"])]
+    if r.get("status") != "ok":
+        return head + [r.get("status", "?")] + [""] * 6
+    return head + [fmt(1e9 * r["product"] / (r["n"] * r["probes"])), fmt(r["products"]),
+                   fmt(r["wall"]), fmt(r["wall"] - r["products"]),
+                   f"{100 * r['overhead']:.1f} %", f"{100 * r['overhead_min']:.1f} %",
+                   "yes" if r["overhead"] < TARGET_OVERHEAD else "no"]
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot(results: dict[str, list[dict[str, Any]]], path: str, steps: int = 90) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    ok = {k: [r for r in v if r.get("status") == "ok"] for k, v in results.items()}
+
+    def by_mode(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            groups.setdefault(r["mode"], []).append(r)
+        return groups
+
+    panels = [
+        (axes[0, 0], "n", "n", lambda r: r["wall"], f"Lanczos wall s ({steps} steps, 1 probe)"),
+        (axes[0, 1], "n", "n", lambda r: r["engine_bytes"] / 2**30
+         if r["engine_bytes"] else float("nan"), "engine peak memory GiB"),
+        (axes[0, 2], "n", "n", lambda r: 100 * r["overhead"], "overhead over products %"),
+        (axes[1, 0], "steps", "steps", lambda r: r["wall"], "wall s (n = steps part's n)"),
+        (axes[1, 1], "probes", "probes", lambda r: r["wall"] / r["probes"],
+         "wall s per probe (probes part)"),
+    ]
+    for ax, part, key, value, title in panels:
+        rows = ok.get(part, [])
+        for mode, group in sorted(by_mode(rows).items()):
+            group = sorted(group, key=lambda r: r[key])
+            ax.plot([r[key] for r in group], [value(r) for r in group], "o-", label=mode)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel(key)
+        ax.set_title(title, fontsize=10)
+        if rows:
+            ax.legend(fontsize=7)
+    # products alone, for comparison with the wall time
+    rows = ok.get("n", [])
+    if rows:
+        prods = sorted({(r["n"], r["products"]) for r in rows if r["mode"] == rows[0]["mode"]})
+        axes[0, 0].plot([p[0] for p in prods], [p[1] for p in prods], "k--",
+                        label="products alone")
+        axes[0, 0].legend(fontsize=7)
+    axes[0, 2].axhline(100 * TARGET_OVERHEAD, color="k", ls=":", lw=1)
+    ax = axes[1, 2]
+    claim = ok.get("claim", [])
+    if claim:
+        labels = [f"{r['mode']}\nband {r['band']}, n={r['n']:.0e}" for r in claim]
+        vals = [max(100 * r["overhead"], 0.1) for r in claim]  # log axis
+        ax.barh(range(len(vals)), vals)
+        ax.set_yticks(range(len(vals)), labels, fontsize=7)
+        ax.axvline(100 * TARGET_OVERHEAD, color="k", ls=":", lw=1)
+        ax.set_xscale("log")
+    ax.set_title(f"claim: overhead % at {steps} steps (target < 10 %)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_grid(args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    base = {"probes": 1, "steps": args.steps, "band": args.band, "window": args.window,
+            "op_dtype": args.op_dtype}
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    big_modes = [m.strip() for m in args.big_modes.split(",") if m.strip()]
+    for m in modes + big_modes:
+        parse_mode(m)
+    grid: dict[str, list[dict[str, Any]]] = {p: [] for p in PARTS}
+    for n in parse_floats(args.n_list):
+        for m in (modes if n <= args.all_modes_max_n else big_modes):
+            grid["n"].append(dict(base, n=n, mode=m))
+    step_modes = [m.strip() for m in args.steps_modes.split(",") if m.strip()]
+    for s in parse_floats(args.steps_list):
+        for m in step_modes:
+            grid["steps"].append(dict(base, n=int(args.steps_n), steps=s, mode=m))
+    probe_modes = [m.strip() for m in args.probes_modes.split(",") if m.strip()]
+    for k in parse_floats(args.probes_list):
+        for m in probe_modes:
+            grid["probes"].append(dict(base, n=int(args.probes_n), probes=k, mode=m))
+    claim_modes = [m.strip() for m in args.claim_modes.split(",") if m.strip()]
+    for n in parse_floats(args.claim_n):
+        for m in claim_modes:
+            grid["claim"].append(dict(base, n=n, mode=m, claim=True, repeats=args.repeats))
+    for m in step_modes + probe_modes + claim_modes:
+        parse_mode(m)
+    return grid
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default=",".join(PARTS), help="comma list of " + ", ".join(PARTS))
+    p.add_argument("--n-list", default="1e4,1e5,1e6,1e7", help="n of the n part")
+    p.add_argument("--modes", default=",".join(ALL_MODES), help="modes of the n part")
+    p.add_argument("--all-modes-max-n", type=float, default=1e6,
+                   help="above this n the n part runs only --big-modes (default 1e6)")
+    p.add_argument("--big-modes", default="full:float32,none",
+                   help="modes of the n part above --all-modes-max-n")
+    p.add_argument("--steps", type=int, default=90, help="steps of the n/probes/claim parts")
+    p.add_argument("--steps-list", default="30,90,150,300", help="steps of the steps part")
+    p.add_argument("--steps-n", type=float, default=1e6, help="n of the steps part")
+    p.add_argument("--steps-modes", default="full:float32,partial:float32,none")
+    p.add_argument("--probes-list", default="1,4,16,32", help="probes of the probes part")
+    p.add_argument("--probes-n", type=float, default=1e5, help="n of the probes part")
+    p.add_argument("--probes-modes", default="full:float32,none")
+    p.add_argument("--claim-n", default="1e6", help="n of the claim part (comma list)")
+    p.add_argument("--claim-modes", default="full:float32,partial:float32")
+    p.add_argument("--repeats", type=int, default=3, help="claim part: alternating pairs")
+    p.add_argument("--band", type=int, default=21, help="diagonals of the banded operator")
+    p.add_argument("--no-calibrate", action="store_true",
+                   help="claim part: skip the operator calibrated on a real HVP")
+    p.add_argument("--window", type=int, default=20, help="window of reorth='local'")
+    p.add_argument("--op-dtype", choices=("float32", "float64"), default="float32")
+    p.add_argument("--threads", type=int, default=1,
+                   help="BLAS threads (default 1; 0: the library default)")
+    p.add_argument("--full", action="store_true",
+                   help="the whole grid: n up to 2.5e7 in every mode, steps 30-300 and "
+                        "probes 1-32 in every mode, the claim at n = 1e6 and 1e7")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every configuration in this process (no clean peak RSS)")
+    p.add_argument("--json", default=None, help="write every result to this JSON file")
+    p.add_argument("--plot", default=None, help="write the figure to this PNG file")
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, in-process (for tests)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--calibration-child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    _common.set_threads(args.threads or None)
+    if args.calibration_child:
+        print(json.dumps(calibration_child()), flush=True)
+        return 0
+    if args.child:
+        print(json.dumps(run_config(json.loads(args.child))), flush=True)
+        return 0
+    if args.full:
+        args.n_list, args.all_modes_max_n = "1e4,1e5,1e6,1e7,2.5e7", 3e7
+        args.steps_list, args.steps_modes = "30,60,90,150,300", ",".join(ALL_MODES)
+        args.probes_list, args.probes_modes = "1,2,4,8,16,32", ",".join(ALL_MODES)
+        args.claim_n = "1e6,1e7"
+    if args.smoke:
+        args.n_list, args.all_modes_max_n = "2000,10000", 1e9
+        args.steps_list, args.steps_n, args.steps_modes = "6,12", 5000, "full:float32,none"
+        args.probes_list, args.probes_n = "1,2", 5000
+        args.claim_n, args.repeats, args.steps = "10000", 1, 12
+        args.no_calibrate, args.in_process = True, True
+    parts = [t.strip() for t in args.parts.split(",") if t.strip()]
+    bad = [t for t in parts if t not in PARTS]
+    if bad:
+        p.error(f"unknown parts {bad}; choose from {list(PARTS)}")
+    grid = build_grid(args)
+
+    print("# Scaling of the Lanczos engine: time, peak memory and overhead over the products\n")
+    print(_common.environment_line())
+    print(f"\nOperator: symmetric banded Toeplitz ({args.band} diagonals) + Hessian-like "
+          f"diagonal, {args.op_dtype}; Lanczos arithmetic float64; "
+          + ("all configurations in this process (peak RSS is not per row)"
+             if args.in_process else "one subprocess per configuration"))
+    cache: dict[str, dict[str, Any]] = {}
+    results: dict[str, list[dict[str, Any]]] = {}
+    calibration = None
+    if "claim" in parts and not args.no_calibrate:
+        calibration = calibrate_hvp(args.threads)
+
+    def run(cfg: dict[str, Any]) -> dict[str, Any]:
+        key = json.dumps(cfg, sort_keys=True)
+        if key not in cache:
+            t0 = time.perf_counter()
+            cache[key] = run_config(cfg) if args.in_process else run_child(cfg, args.threads)
+            cache[key].setdefault("elapsed", time.perf_counter() - t0)
+            r = cache[key]
+            print(f"  n={cfg['n']:.3g} {cfg['mode']} steps={cfg['steps']} "
+                  f"probes={cfg['probes']} band={cfg['band']}: {r.get('status')} in "
+                  f"{r['elapsed']:.1f} s", file=sys.stderr, flush=True)
+        return cache[key]
+
+    for part in parts:
+        cfgs = grid[part]
+        if part == "claim" and calibration is not None:
+            # the band whose product costs as much per parameter as the real HVP
+            cal_band = []
+            for n in sorted({cfg["n"] for cfg in cfgs}):
+                same_n = [cfg for cfg in cfgs if cfg["n"] == n]
+                b = calibrated_band(same_n[0], calibration["ns_per_param"], run)
+                if b is not None:
+                    cal_band += [dict(cfg, band=b) for cfg in same_n]
+            cfgs = cfgs + cal_band
+        results[part] = [run(cfg) for cfg in cfgs]
+
+    titles = {"n": f"## Time and memory against n ({args.steps} steps, 1 probe)",
+              "steps": f"## Time against steps (n = {int(args.steps_n):.3g}, 1 probe)",
+              "probes": f"## Time against probes (n = {int(args.probes_n):.3g}, "
+                        f"{args.steps} steps, one block)"}
+    for part in ("n", "steps", "probes"):
+        if part in results:
+            print(f"\n{titles[part]}\n")
+            print(_common.markdown_table(HEADERS, [sweep_row(r) for r in results[part]]))
+    if "claim" in results:
+        print(f"\n## Claim: engine overhead < 10 % at {args.steps} steps, n >= 1e6, float32 "
+              f"basis ({args.repeats} alternating pairs of a Lanczos run and "
+              f"{args.steps} products alone)\n")
+        print(_common.markdown_table(CLAIM_HEADERS, [claim_row(r) for r in results["claim"]]))
+        print()
+        if calibration is not None:
+            print(f"Calibration: one HVP of the digits MLP 64-512-512-10 ({calibration['n']:,} "
+                  f"parameters, {calibration['samples']} samples, PyTorch, "
+                  f"{calibration['threads']} thread(s)) took "
+                  f"{1e3 * calibration['seconds']:.1f} ms = "
+                  f"{calibration['ns_per_param']:.0f} ns per parameter; the wider band "
+                  "costs about as much per parameter.")
+        print(f"Assumption: an HVP costs >= 20-50 flops per parameter (the {args.band}-diagonal"
+              f" band: {2 * args.band} flops per parameter); a real one costs the forward and "
+              "backward passes over the batch twice, i.e. grows with the batch.")
+        for r in results["claim"]:
+            if r.get("status") == "ok":
+                own = (r["wall"] - r["products"]) / args.steps
+                need = own / TARGET_OVERHEAD / (r["n"] * r["probes"]) * 1e9
+                print(f"* n = {r['n']:.3g}, {r['mode']}, band {r['band']}: the engine's own "
+                      f"time is {1e3 * own:.1f} ms per step; overhead < 10 % needs a product "
+                      f"of >= {1e3 * own / TARGET_OVERHEAD:.0f} ms = {need:.0f} ns per "
+                      "parameter")
+    print()
+    print("overhead = (Lanczos wall - steps x product) / (steps x product); the product is "
+          "the median of single block products timed after the run (claim: the same "
+          "number of products timed alone, alternating with the Lanczos runs).")
+    print("peak RSS: VmHWM of the configuration's process; engine: peak RSS minus the "
+          "resident set just before specdens.lanczos; basis: steps x probes x n x itemsize.")
+    print(f"load average at end: {_common.loadavg()}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"results": results, "calibration": calibration,
+                       "environment": _common.environment_line()}, fh, indent=1)
+    if args.plot:
+        plot(results, args.plot, args.steps)
+    failed = [r for rs in results.values() for r in rs
+              if not str(r.get("status", "")).startswith(("ok", "skipped"))]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
