@@ -62,3 +62,9 @@ def check_product(op: Any, Aq: Any, k: int) -> None:
     if not _array.same_device(dev, op.device):
         raise ValueError(f"the operator returned an array on device {dev}, expected {op.device}")
     _array.check_supported_dtype(Aq.dtype, "the operator's output")
+
+
+def product_dtype(op: Any) -> Any:
+    """The dtype whose rounding an operator's products carry: its own, unless it wraps a
+    lower-precision operator and says so (``op.product_dtype``, as deflation does)."""
+    return getattr(op, "product_dtype", op.dtype)

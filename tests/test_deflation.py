@@ -210,3 +210,22 @@ def test_eigsh_result_of_another_operator_is_refused(outlier_case):
     no_vectors = specdens.eigsh(np.diag(np.arange(50.0)), k=2, return_eigenvectors=False)
     with pytest.raises(ValueError, match="eigenvectors"):
         specdens.slq(np.diag(np.arange(50.0)), num_steps=5, deflate=no_vectors)
+
+
+def test_float32_operator_deflated_without_a_spurious_asymmetry_warning():
+    """The deflated operator computes its projections in float64 but its products carry
+    the float32 rounding of A: the engine's symmetry check must expect float32 noise."""
+    import warnings
+
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((300, 300))
+    M = (M + M.T) / 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        d = specdens.slq(M.astype(np.float32), num_steps=60, num_probes=3, deflate=5)
+    assert d.deflated_eigenvalues.shape == (5,)
+    # the atoms are the top eigenvalues of the float32 matrix, to float32 accuracy
+    top = np.linalg.eigvalsh(M.astype(np.float32).astype(np.float64))[-5:]
+    scale = np.max(np.abs(top))
+    np.testing.assert_allclose(np.sort(d.deflated_eigenvalues), top,
+                               atol=1e3 * np.finfo(np.float32).eps * scale)

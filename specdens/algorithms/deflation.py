@@ -73,6 +73,8 @@ class DeflatedOperator(LinearOperatorBase):
         self.symmetric = True
         self.op = op
         self.V = V
+        # the rounding of the products is that of ``A``'s dtype, not of the projections
+        self.product_dtype = _checks.product_dtype(op)
 
     def project(self, X: Any) -> Any:
         """``(I - V V^T) X`` for a block ``X`` of shape ``(n, b)``."""

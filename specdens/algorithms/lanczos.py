@@ -298,7 +298,7 @@ def _lanczos(
     # The products of a float32 (or lower precision) operator carry float32 rounding, which
     # bounds the orthogonality of the Lanczos vectors whatever the basis: a float64 basis
     # would double the memory and the reorthogonalisation's traffic for nothing.
-    low = _array.dtype_name(op.dtype) in ("float16", "bfloat16", "float32")
+    low = _array.dtype_name(_checks.product_dtype(op)) in ("float16", "bfloat16", "float32")
     basis_name = _checks.float_dtype_name(basis_dtype, "basis_dtype",
                                           default="float32" if low else work)
     m = min(num_steps, n)
@@ -423,7 +423,8 @@ def _lanczos(
     alpha = np.where(steps < lengths[:, None], alpha, 0.0)
     beta = np.where(steps < lengths[:, None], beta, 0.0)
     asymmetry = float(max(d["asymmetry"] for d in done)) if mode != "none" else float("nan")
-    eps_eff = max(_array.finfo_eps(op.dtype), _array.finfo_eps(work), _array.finfo_eps(basis_name))
+    eps_eff = max(_array.finfo_eps(_checks.product_dtype(op)), _array.finfo_eps(work),
+                  _array.finfo_eps(basis_name))
     if asymmetry > np.sqrt(eps_eff):
         warnings.warn(
             f"the Lanczos recurrence reveals an operator that is not symmetric (relative "
@@ -596,7 +597,8 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     conditional = _reads_are_free(op)
     # the rounding that feeds the loss of orthogonality: of the products too (a float32
     # operator under float64 arithmetic loses orthogonality at float32 speed)
-    eps_omega = max(_array.finfo_eps(wdt), _array.finfo_eps(bdt), _array.finfo_eps(op.dtype))
+    eps_omega = max(_array.finfo_eps(wdt), _array.finfo_eps(bdt),
+                    _array.finfo_eps(_checks.product_dtype(op)))
     steps_run = m
     for j in range(j0, m):
         slot = j if mode in ("full", "partial") else (j % win if mode == "local" else None)
