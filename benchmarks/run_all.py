@@ -289,7 +289,8 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
                            "--plot", str(out / "scaling.png"))),
         "scale": ("Scale: every reorth mode at n = 2.5e7",
                   script("bench_scale.py", *(["--smoke"] if smoke else []), *thr)),
-        "gpu": ("GPU (ResNet-18, transformer block)", script("bench_gpu.py")),
+        "gpu": ("GPU (ResNet-18, transformer block)",
+                script("bench_gpu.py", *(["--smoke", "--device", "cuda"] if smoke else []))),
     }
     only = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
     skip = [p.strip() for p in args.skip.split(",") if p.strip()] if args.skip else []
@@ -314,10 +315,31 @@ def cuda_available() -> tuple[bool, str]:
     return proc.stdout.strip().endswith("1"), "no CUDA device visible to PyTorch"
 
 
-def run_command(cmd: list[str], env: dict[str, str]) -> tuple[int, str, str, float]:
+def run_command(cmd: list[str], env: dict[str, str],
+                label: str | None = None) -> tuple[int, str, str, float]:
+    """Run ``cmd``; its stdout is captured, its stderr too and, with ``label``, also
+    passed on line by line (the scripts report their progress there)."""
+    import threading
+
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=HERE.parent, env=env)
-    return proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - t0
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            cwd=HERE.parent, env=env)
+    err: list[str] = []
+
+    def pump() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            err.append(line)
+            if label:
+                print(f"[{label}] {line.rstrip()}", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=pump, daemon=True)
+    thread.start()
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    rc = proc.wait()
+    thread.join()
+    return rc, out, "".join(err), time.perf_counter() - t0
 
 
 def run_memory(part: Part, args: argparse.Namespace, env: dict[str, str]) -> None:
@@ -377,7 +399,8 @@ def run_part(part: Part, args: argparse.Namespace, env: dict[str, str]) -> None:
     if part.name == "memory":
         run_memory(part, args, env)
     else:
-        rc, part.stdout, part.stderr, part.seconds = run_command(part.command, env)
+        label = part.name if args.verbose else None
+        rc, part.stdout, part.stderr, part.seconds = run_command(part.command, env, label)
         part.status = "ok" if rc == 0 else f"failed (exit {rc})"
     part.tables = parse_tables(part.stdout)
     print(f"[run_all] {part.name}: {part.status} in {part.seconds:.0f} s", file=sys.stderr,
@@ -543,7 +566,8 @@ def machine_lines() -> list[str]:
                            cwd=HERE.parent).stdout.strip()
     return [f"* machine: {cpu}, {os.cpu_count()} CPUs, "
             f"{_common.gib(mem)} GiB memory, {platform.system()} {platform.release()}",
-            f"* code: commit {commit}" + (" with uncommitted changes" if dirty else ""),
+            f"* code at the start: commit {commit}" + (" with uncommitted changes"
+                                                       if dirty else ""),
             f"* {_common.environment_line().split(', load average')[0]}"]
 
 
@@ -554,12 +578,12 @@ def demote(text: str, levels: int = 2) -> str:
 
 
 def write_report(parts: list[Part], out: Path, args: argparse.Namespace, started: str,
-                 load_start: str, wall: float) -> Path:
+                 load_start: str, wall: float, machine: list[str]) -> Path:
     by_name = {p.name: p for p in parts}
     lines = ["# specdens benchmark report", "",
              f"`{' '.join(['python benchmarks/run_all.py'] + (args.argv or []))}`, started "
              f"{started}, {wall / 60:.1f} min", ""]
-    lines += machine_lines()
+    lines += machine  # read at the start: the code the parts ran
     lines += [f"* load average at start: {load_start}; at end: {_common.loadavg()}",
               f"* threads per part: {args.threads or 'library defaults'}; parts run at once: "
               f"{args.jobs}" + (" (their timings disturb each other)" if args.jobs > 1 else ""),
@@ -577,10 +601,12 @@ def write_report(parts: list[Part], out: Path, args: argparse.Namespace, started
     summary = torch_summary(by_name)
     if summary:
         lines += ["", "## Summary: time per step, total time, peak memory, accuracy", "",
-                  "From the torch, jax, engine and memory parts. *ms / step*: (setup + SLQ) / "
-                  "(steps x probes) for PyTorch, run / steps for JAX and the engine; "
+                  "From the torch, jax, engine and memory parts. *ms / step / probe*: the run "
+                  "(for PyTorch: setup + SLQ) over steps x probes (the engine part: 1 probe); "
+                  "*total s*: that run; *peak MiB*: the memory part's peak above start; "
                   "*W1 / range*: Wasserstein-1 distance to the dense spectrum over its range; "
-                  "*/ specdens*: ms / step (JAX, engine: run time) over specdens's.", "",
+                  "*/ specdens*: ms / step / probe over specdens's (JAX: over specdens "
+                  "compiled).", "",
                   _common.markdown_table(SUMMARY_HEADERS, summary)]
     acc = by_name.get("accuracy")
     if acc:
@@ -641,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=None,
                    help="parts run at once (default 1, 2 with --smoke); more than 1 makes "
                         "the parts' timings disturb each other")
+    p.add_argument("--quiet", dest="verbose", action="store_false",
+                   help="do not pass the parts' progress messages (stderr) on")
     p.add_argument("--list", action="store_true", help="print the parts and exit")
     # internal: the parts run_all runs itself, in child processes
     p.add_argument("--child", choices=("torch", "memory"), help=argparse.SUPPRESS)
@@ -664,6 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_start = _common.loadavg()
+    machine = machine_lines()
     t0 = time.perf_counter()
     jobs = args.jobs or (2 if args.smoke else 1)
     if jobs > 1:
@@ -675,7 +704,8 @@ def main(argv: list[str] | None = None) -> int:
         for part in parts:
             run_part(part, args, env)
     args.jobs = jobs
-    path = write_report(parts, out, args, started, load_start, time.perf_counter() - t0)
+    path = write_report(parts, out, args, started, load_start, time.perf_counter() - t0,
+                        machine)
     print(f"[run_all] report: {path}", file=sys.stderr)
     failed = [part.name for part in parts
               if not part.status.startswith(("ok", "skipped"))]
