@@ -42,7 +42,7 @@ every tool, PyHessian included, runs on the same operator; times there are those
 dense ``n x n`` product through autograd and compare tools with each other, not with
 specdens's own fast operators.
 
-    python benchmarks/bench_accuracy.py                     # default grid, ~10-15 min
+    python benchmarks/bench_accuracy.py                     # default grid, ~25 min
     python benchmarks/bench_accuracy.py --problems digits_mlp --seeds 5
     python benchmarks/bench_accuracy.py --full              # + 10 steps, 10000 matvecs
     python benchmarks/bench_accuracy.py --smoke             # tiny, for the tests
