@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from specdens import LanczosResult, LanczosWarning, SpectralDensity, _array, _checks
+from specdens.algorithms.lanczos import _raise_on_nonfinite, _resolve_reorth
 from specdens.algorithms.probes import PROBE_KINDS, probe_block
 from specdens.operators import DenseOperator, LinearOperatorBase
 
@@ -318,22 +319,8 @@ def _parse_probes(probes: Any, n: int, device: Any) -> tuple[Any, str]:
 def _resolve(reorth: str, m: int, n: int, block: int, basis: str, window: int,
              budget: int | None, device: Any, fixed: bool) -> tuple[str, int, str]:
     """The core's rule for ``reorth="auto"`` (see :func:`specdens.lanczos`)."""
-    from specdens import _memory
-
-    win = min(window, m)
-    if reorth != "auto":
-        return reorth, win, basis
-    if budget is None:
-        budget = _memory.available_bytes(jnp, device) // 2
-    per_vector = block * n * (4 if basis == "float32" else 8)
-    if m * per_vector <= budget:
-        return "full", win, basis
-    if not fixed and basis == "float64" and m * per_vector // 2 <= budget:
-        return "full", win, "float32"
-    fit = int(budget // per_vector)
-    if fit >= 2:
-        return "local", min(win, fit), basis
-    return "none", win, basis
+    return _resolve_reorth(reorth, m, n, block, basis, window, budget, jnp, device,
+                           basis_fixed=fixed)
 
 
 def _result(host: list[dict], outs: list[dict], scales: list[Any], *, mode: str, win: int,
@@ -342,14 +329,7 @@ def _result(host: list[dict], outs: list[dict], scales: list[Any], *, mode: str,
     alpha = np.concatenate([h["alpha"] for h in host]).astype(np.float64)
     beta = np.concatenate([h["beta"] for h in host]).astype(np.float64)
     active = np.concatenate([h["act"] for h in host]).astype(bool)
-    bad = ~(np.isfinite(alpha) & np.isfinite(beta))
-    if bad.any():
-        where = np.argwhere(bad)
-        probe, step = where[np.argmin(where[:, 1])]
-        raise FloatingPointError(
-            f"the operator returned NaN or Inf at Lanczos step {int(step) + 1} for probe "
-            f"{int(probe)}; specdens never averages such values in. Check the operator (an "
-            "overflowing loss, a float16 model, a broken matvec) and run again.")
+    _raise_on_nonfinite(alpha, beta, 0)
     stopped = ~active
     breakdown = stopped.any(axis=1)
     lengths = np.where(breakdown, stopped.argmax(axis=1) + 1, m)
