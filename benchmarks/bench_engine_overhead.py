@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     print(_common.markdown_table(
         ["implementation", "median s", "min s", "max s", "/ numpy (median)", "/ numpy (min)",
          "ms/step",
-         "max |d alpha|", "max |d beta|"], rows))
+         "max abs d alpha", "max abs d beta"], rows))
     print()
     scale = float(np.max(np.abs(ref_a)) + np.max(np.abs(ref_b)))
     worst = max(float(np.max(np.abs(np.asarray(res[0]) - ref_a))) for res in results.values())

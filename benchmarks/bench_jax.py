@@ -25,7 +25,7 @@ Rows:
 
 Columns: *run s* (median wall time of one SLQ run, compiled), *ms / step* (run / steps),
 *compile s* (first call minus a compiled call: tracing plus XLA compilation), and
-*max |node diff|*, the largest difference of the sorted Ritz values from specdens's
+*max abs node diff*, the largest difference of the sorted Ritz values from specdens's
 compiled run (the same arithmetic must give the same nodes: ~1e-13 of the spectral
 range). Targets: specdens (compiled) run time <= 1.0x matfree's.
 
@@ -234,7 +234,7 @@ def bench(steps: int, probes: int, repeats: int, paper_steps: int, smoke: bool) 
                      f"{np.max(np.abs(nodes[name] - ref)) / scale:.1e}",
                      f"{med / base:.2f}" if base else "n/a"])
     print(_common.markdown_table(["tool", "run s", "min s", "ms / step", "compile s",
-                                  "max |node diff| / range", "/ matfree"], rows))
+                                  "max abs node diff / range", "/ matfree"], rows))
     if base:
         ratio = _common.median(times["specdens (compiled)"]) / base
         verdict = "met" if ratio <= TARGET_VS_MATFREE else "missed"
@@ -258,7 +258,7 @@ def bench(steps: int, probes: int, repeats: int, paper_steps: int, smoke: bool) 
     for row in rows:
         row.append(f"{diff:.1e}" if row[0].startswith("paper") else "0")
     print(_common.markdown_table(["implementation", "compile s", "run s",
-                                  "max |node diff| / range"], rows))
+                                  "max abs node diff / range"], rows))
 
 
 def main(argv: list[str] | None = None) -> None:

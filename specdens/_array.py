@@ -214,6 +214,27 @@ def from_numpy(x: np.ndarray, xp: Any, device: Any, dtype: Any) -> Any:
     return xp.astype(out, dtype)
 
 
+def row_major(x: Any) -> Any:
+    """``x`` itself when it is C-contiguous, else a C-contiguous copy (numpy and torch;
+    other libraries choose their layouts themselves)."""
+    lib = library_name(x)
+    if lib == "numpy":
+        return np.ascontiguousarray(x)
+    if lib == "torch":
+        return x.contiguous()
+    return x
+
+
+def subtract_scaled_rows(w: Any, c: Any, x: Any) -> Any:
+    """``w - c[:, None] * x`` for ``(k, n)`` rows, in place where ``w`` is mutable (it must
+    be the caller's own array), returned. torch fuses it (``addcmul_``): no ``(k, n)``
+    temporary, half the memory traffic and no allocation per call."""
+    if library_name(w) == "torch":
+        return w.addcmul_(c[:, None], x, value=-1)
+    w -= c[:, None] * x
+    return w
+
+
 def set_rows(x: Any, index: Any, value: Any) -> Any:
     """``x[index] = value``, returning the updated array (a new one for immutable arrays)."""
     if hasattr(x, "at") and library_name(x) == "jax":

@@ -21,6 +21,7 @@ from specdens import LinearOperatorBase, _memory
 from ._data import Batches, fingerprint
 from ._loss import BatchLoss
 from ._meter import SavedBytes
+from ._params import stack_columns, zeros_columns
 from .distributed import all_reduce_sum, resolve_group
 
 
@@ -144,7 +145,7 @@ class DataOperator(LinearOperatorBase):
         return out
 
     def _pass(self, V: torch.Tensor) -> tuple[torch.Tensor, float]:
-        acc = torch.zeros(V.shape, dtype=self.dtype, device=self.device)
+        acc = zeros_columns(V.shape, dtype=self.dtype, device=self.device)
         total = 0.0
         if self._stored:
             self._apply_stored(V, acc)
@@ -221,4 +222,4 @@ def graph_products(grads: list[Any], leaves: list[torch.Tensor], V: torch.Tensor
         res = torch.autograd.grad(outs, leaves, grad_outputs=[parts[i % p] for i in idx],
                                   retain_graph=retain or j < k - 1, allow_unused=True)
         cols.append(space.flatten(res))
-    return torch.stack(cols, dim=1)
+    return stack_columns(cols)

@@ -16,6 +16,7 @@ import torch
 
 from ._loss import BatchLoss, split_batch
 from ._operator import DataOperator
+from ._params import stack_columns
 
 
 class GGNOperator(DataOperator):
@@ -54,7 +55,7 @@ class GGNOperator(DataOperator):
             res = torch.autograd.grad(out, self._leaf_list, grad_outputs=hjv,
                                       retain_graph=keep, allow_unused=True)
             cols.append(self.space.flatten(res))
-        return torch.stack(cols, dim=1)
+        return stack_columns(cols)
 
 
 def ggn(

@@ -9,6 +9,7 @@ import torch
 
 from ._loss import BatchLoss
 from ._operator import DataOperator, graph_products
+from ._params import stack_columns
 
 METHODS = ("graph", "forward")
 BLOCKS = ("loop", "batched")
@@ -78,7 +79,7 @@ class HessianOperator(DataOperator):
             tangent = dict(zip(names, self.space.split(V[:, j]), strict=True))
             _, hv = torch.func.jvp(grad_fn, (primal,), (tangent,))
             cols.append(self.space.flatten([hv[n] for n in names]))
-        return torch.stack(cols, dim=1)
+        return stack_columns(cols)
 
 
 def hessian(

@@ -588,6 +588,7 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         k, n = q.shape
         omega = _Omega.restore(state) if mode == "partial" else None
     same_basis = _array.dtype_name(wdt) == _array.dtype_name(bdt)
+    op_is_basis = _array.dtype_name(op.dtype) == _array.dtype_name(bdt)
     # Libraries that compile per array shape (JAX) project against the whole preallocated
     # basis, whose unused rows are zero, so that every step has the same shapes.
     fixed_shapes = _array.library_name(xp) == "jax"
@@ -602,14 +603,21 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     steps_run = m
     for j in range(j0, m):
         slot = j if mode in ("full", "partial") else (j % win if mode == "local" else None)
+        q_op = xp.astype(q, op.dtype, copy=False)
         if Q is not None:
-            Q = _array.set_rows(Q, (slice(None), slot, slice(None)),
-                                q if same_basis else xp.astype(q, bdt))
-        Aq = op.matmat(xp.matrix_transpose(xp.astype(q, op.dtype, copy=False)))
+            # (a float32 model's float32 basis row is the product's input: one conversion)
+            row = q if same_basis else (q_op if op_is_basis else xp.astype(q, bdt))
+            Q = _array.set_rows(Q, (slice(None), slot, slice(None)), row)
+        Aq = op.matmat(xp.matrix_transpose(q_op))
         matvecs += k
         if j == 0:
             _checks.check_product(op, Aq, k)
-        w = xp.matrix_transpose(xp.astype(Aq, wdt, copy=False))
+        # rows of the product, row-major: elementwise operations on a transposed
+        # row-major block read it strided (and keep that layout), 4x slower at k = 2
+        rows = xp.matrix_transpose(Aq)
+        w = _array.row_major(xp.astype(rows, wdt, copy=False))
+        if w is rows:
+            w = xp.asarray(w, copy=True)  # the product's own array may be shared: copy it
         if omega is not None and j > 0:
             # partial reorthogonalisation leaves couplings to older vectors of up to
             # sqrt(eps) by design, so asymmetry is read locally instead: for a symmetric
@@ -619,11 +627,11 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
             safe_norm = xp.where(anorm > 0, anorm, xp.ones_like(anorm))
             asym = xp.maximum(asym, dev * xp.minimum(beta_prev / safe_norm,
                                                      xp.ones_like(anorm)))
-        w = w - beta_prev[:, None] * q_prev  # a fresh array: the product may be shared
+        # ``w`` is an array of ours: update it in place (JAX arrays, which have no in-place
+        # operators, are rebound instead)
+        w = _array.subtract_scaled_rows(w, beta_prev, q_prev)
         alpha = _rowdot(xp, q, w)
-        # ``w`` is a fresh array of ours: update it in place (JAX arrays, which have no
-        # in-place operators, are rebound by ``-=`` instead).
-        w -= alpha[:, None] * q
+        w = _array.subtract_scaled_rows(w, alpha, q)
         beta = None
         sweep_needed = Q is not None
         if omega is not None:
@@ -635,22 +643,24 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
                 beta = beta_now
         if sweep_needed:
             Qs = Q[:, : j + 1, :] if (mode != "local" and not fixed_shapes) else Q
-            norm0 = _rowdot(xp, w, w) if conditional else None
+            removed = None  # ||h||^2 of the first sweep
             for sweep in range(2):
                 if sweep == 1 and conditional:
                     # Daniel, Gragg, Kaufman & Stewart (1976): a second sweep is needed
-                    # only when the first removed more than half of ||w||^2 (cancellation)
+                    # only when the first removed more than half of ||w||^2 (cancellation),
+                    # i.e. (by Pythagoras, ||w||^2 = ||w'||^2 + ||h||^2) when ||w'|| < ||h||
                     norm1 = _rowdot(xp, w, w)
-                    if not bool(xp.any(norm1 < 0.5 * norm0)):
+                    if not bool(xp.any(norm1 < removed)):
                         beta = xp.sqrt(norm1)
                         break
                 wb = w if same_basis else xp.astype(w, bdt)
-                h = xp.matmul(Qs, wb[:, :, None])[:, :, 0]
+                h = _project(xp, Qs, wb)
                 corr = xp.matmul(h[:, None, :], Qs)[:, 0, :]
                 w -= corr if same_basis else xp.astype(corr, wdt)
                 hw = h if same_basis else xp.astype(h, wdt)
                 alpha = alpha + hw[:, slot]
                 if sweep == 0:
+                    removed = xp.sum(hw * hw, axis=1)
                     older = xp.abs(hw)
                     if Qs.shape[1] == j + 1:
                         older = older[:, :j] if j > 0 else None
@@ -806,8 +816,32 @@ def _slot_mask(xp: Any, size: int, slot: int, op: Any) -> Any:
 
 
 def _rowdot(xp: Any, a: Any, b: Any) -> Any:
-    """Row-wise dot products of two ``(k, n)`` arrays, as one batched matmul."""
-    return xp.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
+    """Row-wise dot products of two ``(k, n)`` arrays.
+
+    torch's CPU batched matmul runs ``(k, 1, n) @ (k, n, 1)`` (also what
+    array-api-compat's torch ``vecdot`` does) 20x slower than a product and a sum for
+    k > 1 (0.93 ms against 0.05 ms at n = 3e5, k = 2), which made these dot products a
+    tenth of a Lanczos step; torch gets the sum. numpy's ``vecdot`` is 5x faster than its
+    sum (no temporary).
+    """
+    vecdot = getattr(xp, "vecdot", None)
+    if vecdot is None or _array.library_name(xp) == "torch":
+        return xp.sum(a * b, axis=-1)
+    return vecdot(a, b, axis=-1)
+
+
+def _project(xp: Any, Qs: Any, w: Any) -> Any:
+    """``h[p] = Qs[p] @ w[p]``: coefficients of each row of ``w`` (``(k, n)``) on its
+    probe's basis ``Qs`` (``(k, j, n)``), as a ``(k, j)`` array.
+
+    torch's CPU batched matmul runs ``(k, j, n) @ (k, n, 1)`` through a kernel that reads
+    memory 5x slower than ``(k, 1, n) @ (k, n, j)`` on the transposed view (9.4 ms against
+    1.7 ms at n = 3e5, j = 40, k = 2), so torch gets the latter. Elsewhere the former:
+    TensorFlow's ``matrix_transpose`` copies the basis.
+    """
+    if _array.library_name(xp) == "torch":
+        return xp.matmul(w[:, None, :], xp.matrix_transpose(Qs))[:, 0, :]
+    return xp.matmul(Qs, w[:, :, None])[:, :, 0]
 
 
 def _pad(a: np.ndarray, m: int, value: Any = 0.0) -> np.ndarray:
