@@ -656,7 +656,7 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
                 wb = w if same_basis else xp.astype(w, bdt)
                 h = _project(xp, Qs, wb)
                 corr = xp.matmul(h[:, None, :], Qs)[:, 0, :]
-                w -= corr if same_basis else xp.astype(corr, wdt)
+                w = _array.subtract_rows(w, corr)
                 hw = h if same_basis else xp.astype(h, wdt)
                 alpha = alpha + hw[:, slot]
                 if sweep == 0:
