@@ -131,7 +131,12 @@ class DataOperator(LinearOperatorBase):
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self._check_block(V)
         with torch.enable_grad():
-            acc, total = self._pass(V)
+            acc, total, changed = self._pass(V)
+        if changed is not None:
+            # data that changed between passes, found on the device: the product is made
+            # NaN (the engine reports it, with this cause among those it names) rather than
+            # read back here, which would synchronise with the device at every product
+            acc = torch.where(changed, torch.full_like(acc, math.nan), acc)
         all_reduce_sum(acc, self.group)
         t = all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=V.device),
                            self.group)
@@ -144,9 +149,9 @@ class DataOperator(LinearOperatorBase):
                                            retain=True, batched=False)
         return out
 
-    def _pass(self, V: torch.Tensor) -> tuple[torch.Tensor, float]:
+    def _pass(self, V: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor | None]:
         acc = zeros_columns(V.shape, dtype=self.dtype, device=self.device)
-        total = 0.0
+        total, changed = 0.0, None
         if self._stored:
             self._apply_stored(V, acc)
             total += sum(count for _, count in self._stored)
@@ -160,27 +165,37 @@ class DataOperator(LinearOperatorBase):
                 acc.add_(self._apply(state, V, False), alpha=count)
                 total += count
                 del state
-            self._check_fingerprints(fps)
-        return acc, total
+            changed = self._check_fingerprints(fps)
+        return acc, total, changed
 
     def _check_block(self, V: torch.Tensor) -> None:
         if V.dtype != self.dtype:
             raise TypeError(f"the operator has dtype {self.dtype} (the model's); got a vector "
                             f"of dtype {V.dtype}. Cast it: v.to({self.dtype})")
 
-    def _check_fingerprints(self, fps: list[torch.Tensor]) -> None:
+    def _host_checks(self) -> bool:
+        """Whether reading a value of the operator's device costs no synchronisation."""
+        return self.device.type == "cpu"
+
+    def _check_fingerprints(self, fps: list[torch.Tensor]) -> torch.Tensor | None:
+        """Raise if this pass's batches differ from the first pass's; off the CPU, return
+        the finding as a 0-d boolean tensor on the device instead of reading it."""
         if len(fps) != self.num_batches:
             raise RuntimeError(f"the data yielded {len(fps)} batches in this pass and "
                                f"{self.num_batches} when the operator was built; it must yield "
                                "the same batches on every pass")
         now = torch.stack([f.to(self.device) for f in fps])
         tol = 1e-12 * torch.clamp(self._fingerprints.abs(), min=1.0)
-        if bool(((now - self._fingerprints).abs() > tol).any()):
+        changed = ((now - self._fingerprints).abs() > tol).any()
+        if not self._host_checks():
+            return changed
+        if bool(changed):
             raise RuntimeError(
                 "the data yielded different batches in this pass than when the operator was "
                 "built (a shuffling DataLoader or random augmentation?); products need the "
                 "same batches on every pass: use shuffle=False and deterministic transforms"
             )
+        return None
 
     # -- vectors <-> parameters ---------------------------------------------------
     def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:

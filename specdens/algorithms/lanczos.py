@@ -859,7 +859,8 @@ def _raise_on_nonfinite(alpha: np.ndarray, beta: np.ndarray, first_probe: int) -
         raise FloatingPointError(
             f"the operator returned NaN or Inf at Lanczos step {int(step) + 1} for probe "
             f"{int(probe) + first_probe}; specdens never averages such values in. Check the "
-            "operator (an overflowing loss, a float16 model, a broken matvec) and run again."
+            "operator (an overflowing loss, a float16 model, a broken matvec, data that "
+            "changed between passes) and run again."
         )
 
 
