@@ -90,10 +90,9 @@ def same_device(a: Any, b: Any) -> bool:
     JAX shardings (multi-device arrays) compare by their device sets and whether they are
     replicated, not by their repr (``P()`` and ``P(None, None)`` are the same placement).
     """
-    da, db = getattr(a, "device_set", None), getattr(b, "device_set", None)
-    if da is not None and db is not None:
-        return da == db and bool(getattr(a, "is_fully_replicated", True)) == bool(
-            getattr(b, "is_fully_replicated", True))
+    pa, pb = _placement(a), _placement(b)
+    if pa is not None and pb is not None:
+        return pa == pb
     sa, sb = str(a), str(b)
     if sa == sb:
         return True
@@ -102,6 +101,19 @@ def same_device(a: Any, b: Any) -> bool:
     if ":" in sb and ":" not in sa:
         return sb.split(":", 1)[0] == sa
     return False
+
+
+def _placement(d: Any) -> tuple[frozenset, bool] | None:
+    """A JAX sharding or device as (device set, fully replicated); None for others. A
+    single device is a replicated placement on itself, as is a one-device mesh's
+    sharding (whose arrays report that device)."""
+    ds = getattr(d, "device_set", None)
+    if ds is not None:
+        return frozenset(ds), bool(getattr(d, "is_fully_replicated", True))
+    if type(d).__module__.startswith("jax") or (hasattr(d, "platform") and hasattr(d, "id")
+                                                 and hasattr(d, "client")):
+        return frozenset([d]), True
+    return None
 
 
 def canonical_device(xp: Any, device: Any = None) -> Any:

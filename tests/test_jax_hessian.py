@@ -354,3 +354,21 @@ def test_equinox_model():
     H_ref = reference(loss, params, (X, y))
     assert op.shape == H_ref.shape == (6 * 5 + 6 + 3 * 6 + 3,) * 2
     assert rel(op.to_dense(), H_ref) <= TOL
+
+
+def test_one_device_mesh_runs_like_no_mesh():
+    """A mesh of one device gives arrays placed on that device; the operator's placement
+    (a one-device sharding) must accept them, and the results match the mesh-free ones."""
+    from jax.sharding import Mesh
+
+    X, y = classification()
+    params = mlp_params()
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    plain = hessian(mlp_loss, params, (X, y))
+    meshed = hessian(mlp_loss, params, (X, y), mesh=mesh)
+    v = jnp.asarray(np.random.default_rng(0).standard_normal(plain.shape[0]))
+    assert rel(np.asarray(meshed.matvec(v)), np.asarray(plain.matvec(v))) <= TOL
+    for run in (specdens.slq, slq):
+        a = run(plain, num_steps=6, num_probes=2, seed=1)
+        b = run(meshed, num_steps=6, num_probes=2, seed=1)
+        np.testing.assert_allclose(b.nodes, a.nodes, rtol=0, atol=TOL * np.abs(a.nodes).max())
