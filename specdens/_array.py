@@ -241,21 +241,13 @@ def subtract_scaled_rows(w: Any, c: Any, x: Any) -> Any:
     """``w - c[:, None] * x`` for ``(k, n)`` rows, in place where ``w`` is mutable (it must
     be the caller's own array), returned.
 
-    Fused where the library allows: torch's ``addcmul_``, and BLAS ``axpy`` per row for
-    contiguous numpy rows of one dtype (3x faster than numpy's expression at n = 1e6: no
-    temporary, no allocation, one pass).
+    torch fuses it (``addcmul_``: no ``(k, n)`` temporary, no allocation). numpy keeps
+    its own expression: scipy's BLAS ``axpy`` is faster alone, but scipy links its own
+    OpenBLAS, whose thread pool then competes with numpy's (the engine ran 2.7x slower
+    with two threads on two cores).
     """
-    lib = library_name(w)
-    if lib == "torch":
+    if library_name(w) == "torch":
         return w.addcmul_(c[:, None], x, value=-1)
-    if (lib == "numpy" and w.dtype == x.dtype and w.dtype.char in "fd"
-            and w.flags.c_contiguous and x.flags.c_contiguous and w.flags.writeable):
-        from scipy.linalg import blas
-
-        axpy = blas.daxpy if w.dtype.char == "d" else blas.saxpy
-        for i in range(w.shape[0]):
-            axpy(x[i], w[i], a=-float(c[i]))
-        return w
     w -= c[:, None] * x
     return w
 
