@@ -324,3 +324,24 @@ def test_float32_without_x64():
     ref = specdens.lanczos(np.diag(np.linspace(0.0, 1.0, 40)), 10, num_probes=2)
     # float32 CGS2 Lanczos: rounding ~ m * eps32 * ||A||
     np.testing.assert_allclose(r.alpha, ref.alpha, atol=10 * 10 * 1.2e-7)
+
+
+@pytest.mark.parametrize("size", [7, 16, 25, 40])
+def test_blocked_gram_schmidt_matches_dense(size):
+    """The full mode's blocked projection against rows 0..j of the basis (later rows
+    zero) equals the dense h = Q w, corr = Q^T h for every j, including a last block
+    moved back to end at ``size`` (no row counted twice). Tolerance: float64 sums of at
+    most n * size terms, below 1e-13 of the largest possible sum."""
+    rng = np.random.default_rng(size)
+    k, n = 2, 30
+    Qfull = rng.standard_normal((k, size, n))
+    w = jnp.asarray(rng.standard_normal((k, n)))
+    for j in range(size):
+        Q = np.where(np.arange(size)[None, :, None] <= j, Qfull, 0.0)
+        h, corr = compiled._gram_schmidt(jnp.asarray(Q), w, jnp.asarray(j))
+        h_ref = np.einsum("kin,kn->ki", Q, np.asarray(w))
+        corr_ref = np.einsum("ki,kin->kn", h_ref, Q)
+        scale = np.abs(Q).max() ** 2 * n * size
+        np.testing.assert_allclose(np.asarray(h), h_ref, rtol=0, atol=1e-13 * scale)
+        np.testing.assert_allclose(np.asarray(corr), corr_ref, rtol=0,
+                                   atol=1e-13 * scale * np.abs(Q).max())

@@ -3,7 +3,9 @@ steps in a :func:`jax.lax.fori_loop` (never unrolled, so compile time does not g
 the number of steps), the products inside the same program.
 
 The arithmetic is the core engine's (:func:`specdens.lanczos`, its fixed-shape path for
-JAX): classical Gram-Schmidt twice (CGS2) against the whole preallocated basis, the same
+JAX): classical Gram-Schmidt against the whole preallocated basis, the second sweep only
+when the first cancelled (the DGKS criterion, decided on the device by
+:func:`jax.lax.cond`; the core's eager engine on JAX arrays always runs both), the same
 breakdown rule, the same asymmetry monitor; probes come from the core's generator, so
 both paths start from the same vectors and agree to rounding. Results are the core's
 :class:`~specdens.LanczosResult` and :class:`~specdens.SpectralDensity`.
@@ -110,6 +112,46 @@ def _rowdot(a: Any, b: Any) -> Any:
     return jnp.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
 
 
+CHUNK = 16  # basis rows per block of the full mode's projection
+
+
+def _gram_schmidt(Q: Any, w: Any, j: Any) -> tuple[Any, Any]:
+    """``h = Q w`` and ``corr = Q^T h`` per probe (``Q``: ``(k, size, n)``, ``w``: ``(k, n)``).
+
+    With ``j`` (the full mode) only the blocks of ``CHUNK`` rows that hold the vectors
+    ``0..j`` are read -- a loop with a traced trip count -- instead of the whole
+    preallocated basis, whose later rows are still zero: on average half the memory
+    traffic. The last block is moved back to end at ``size`` when it would overrun, and
+    its rows that an earlier block already covered are left out of ``corr``.
+    """
+    if j is None:
+        h = jnp.matmul(Q, w[:, :, None])[:, :, 0]
+        return h, jnp.matmul(h[:, None, :], Q)[:, 0, :]
+    k, size, n = Q.shape
+    c_rows = min(size, CHUNK)
+    blocks = j // c_rows + 1
+
+    def start(c: Any) -> Any:
+        return jnp.minimum(c * c_rows, size - c_rows)
+
+    def project(c: Any, h: Any) -> Any:
+        Qc = jax.lax.dynamic_slice_in_dim(Q, start(c), c_rows, axis=1)
+        hc = jnp.matmul(Qc, w[:, :, None])[:, :, 0]
+        return jax.lax.dynamic_update_slice_in_dim(h, hc, start(c), axis=1)
+
+    h = jax.lax.fori_loop(0, blocks, project, jnp.zeros((k, size), Q.dtype))
+
+    def correct(c: Any, acc: Any) -> Any:
+        s0 = start(c)
+        Qc = jax.lax.dynamic_slice_in_dim(Q, s0, c_rows, axis=1)
+        hc = jax.lax.dynamic_slice_in_dim(h, s0, c_rows, axis=1)
+        hc = jnp.where((s0 + jnp.arange(c_rows))[None, :] >= c * c_rows, hc, 0.0)
+        return acc + jnp.matmul(hc[:, None, :], Qc)[:, 0, :]
+
+    corr = jax.lax.fori_loop(0, blocks, correct, jnp.zeros((k, n), Q.dtype))
+    return h, corr
+
+
 @partial(jax.jit, static_argnums=(0,),
          static_argnames=("m", "mode", "win", "wdt", "bdt", "odt", "keep"))
 def _run(apply: Callable[[Any, Any], Any], operand: Any, V0: Any, tol: Any, *, m: int,
@@ -140,18 +182,25 @@ def _run(apply: Callable[[Any, Any], Any], operand: Any, V0: Any, tol: Any, *, m
         w = w - alpha[:, None] * q
         if mode != "none":
             Q = s["Q"]
-            for sweep in range(2):
+
+            def sweep(w: Any, alpha: Any) -> tuple[Any, Any, Any]:
                 wb = w if same else w.astype(bdt)
-                h = jnp.matmul(Q, wb[:, :, None])[:, :, 0]
-                corr = jnp.matmul(jnp.swapaxes(Q, 1, 2), h[:, :, None])[:, :, 0]
-                w = w - (corr if same else corr.astype(wdt))
+                h, corr = _gram_schmidt(Q, wb, j if mode == "full" else None)
                 hw = h if same else h.astype(wdt)
                 alpha = alpha + jax.lax.dynamic_index_in_dim(hw, slot, axis=1, keepdims=False)
-                if sweep == 0:
-                    older = jnp.where(jnp.arange(size)[None, :] == slot, 0.0, jnp.abs(hw))
-                    safe_norm = jnp.where(anorm > 0, anorm, jnp.ones_like(anorm))
-                    fac = jnp.minimum(beta_prev / safe_norm, jnp.ones_like(anorm))
-                    s["asym"] = jnp.maximum(s["asym"], jnp.max(older, axis=1) * fac)
+                return w - (corr if same else corr.astype(wdt)), alpha, hw
+
+            w, alpha, hw = sweep(w, alpha)
+            older = jnp.where(jnp.arange(size)[None, :] == slot, 0.0, jnp.abs(hw))
+            safe_norm = jnp.where(anorm > 0, anorm, jnp.ones_like(anorm))
+            fac = jnp.minimum(beta_prev / safe_norm, jnp.ones_like(anorm))
+            s["asym"] = jnp.maximum(s["asym"], jnp.max(older, axis=1) * fac)
+            # Daniel, Gragg, Kaufman & Stewart (1976): the second sweep only when the first
+            # removed more than half of ||w||^2, i.e. ||w'|| < ||h|| (Pythagoras); decided
+            # on the device by lax.cond, so nothing is read back
+            cancelled = jnp.any(_rowdot(w, w) < jnp.sum(hw * hw, axis=1))
+            w, alpha = jax.lax.cond(cancelled, lambda wa: sweep(*wa)[:2], lambda wa: wa,
+                                    (w, alpha))
         beta = jnp.sqrt(_rowdot(w, w))
         anorm = jnp.maximum(anorm, jnp.abs(alpha) + beta + beta_prev)
         active = s["active"] & (beta > tol * anorm)
