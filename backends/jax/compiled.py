@@ -244,7 +244,7 @@ def lanczos(
 
     Same arguments and result as :func:`specdens.lanczos` (whose documentation has the
     details), and the same probes: for the same operator, seed and options the two agree
-    to rounding. The whole recurrence -- products, CGS2 reorthogonalisation, breakdown
+    to rounding. The whole recurrence -- products, Gram-Schmidt reorthogonalisation, breakdown
     test -- runs inside :func:`jax.jit` as a :func:`jax.lax.fori_loop` over the steps, so
     it compiles once per operator, block shape and ``num_steps`` (a few seconds at most,
     whatever ``num_steps``) and reads nothing back before the end. Every probe runs all
