@@ -110,8 +110,7 @@ def _placement(d: Any) -> tuple[frozenset, bool] | None:
     ds = getattr(d, "device_set", None)
     if ds is not None:
         return frozenset(ds), bool(getattr(d, "is_fully_replicated", True))
-    if type(d).__module__.startswith("jax") or (hasattr(d, "platform") and hasattr(d, "id")
-                                                 and hasattr(d, "client")):
+    if type(d).__module__.startswith("jax"):  # a jax Device (jaxlib)
         return frozenset([d]), True
     return None
 

@@ -141,4 +141,3 @@ def zeros_columns(shape: tuple[int, int], *, dtype: torch.dtype,
                   device: torch.device) -> torch.Tensor:
     """An ``(n, k)`` block of zeros stored column by column, like :func:`stack_columns`."""
     return torch.zeros((shape[1], shape[0]), dtype=dtype, device=device).T
-
