@@ -4,8 +4,12 @@ CI has no GPU, so the engine and the operator are run on the CPU as they run on 
 with the engine's ``_reads_are_free`` and the operator's ``_host_checks`` false (neither
 then reads a value back to decide anything during the steps), and every way a torch
 tensor's values reach the host is counted: ``item``, ``tolist``, ``numpy``, ``cpu``,
-``__array__``, ``__bool__``, ``__float__``, ``__int__``, ``__index__``. On CUDA each
-of them waits for the device. A read per step makes the count grow with the number of
+``__array__``, ``__bool__``, ``__float__``, ``__int__``, ``__index__``, and every way
+host data becomes a tensor (``torch.tensor``, ``as_tensor``, ``asarray`` and
+``from_numpy`` of anything but a tensor): a host-to-device copy, which from pageable
+memory synchronises too (``torch.cuda.set_sync_debug_mode`` flags it; it found the one
+that ``test_reads_do_not_grow_with_steps`` once missed, on an H100). On CUDA each of
+them waits for the device. A transfer per step makes the count grow with the number of
 steps; the count must not.
 """
 
@@ -21,6 +25,7 @@ from specdens.algorithms import lanczos as lanczos_module
 
 METHODS = ("item", "tolist", "numpy", "cpu", "__array__", "__bool__", "__float__",
            "__int__", "__index__")
+CREATORS = ("tensor", "as_tensor", "asarray", "from_numpy")
 
 
 class HostReads:
@@ -28,11 +33,20 @@ class HostReads:
         self.count = 0
         for name in METHODS:
             monkeypatch.setattr(torch.Tensor, name, self._counted(getattr(torch.Tensor, name)))
+        for name in CREATORS:
+            monkeypatch.setattr(torch, name, self._counted_from_host(getattr(torch, name)))
 
     def _counted(self, f):
         def counted(*args, **kwargs):
             self.count += 1
             return f(*args, **kwargs)
+        return counted
+
+    def _counted_from_host(self, f):
+        def counted(data, *args, **kwargs):
+            if not isinstance(data, torch.Tensor):
+                self.count += 1
+            return f(data, *args, **kwargs)
         return counted
 
 
@@ -62,8 +76,9 @@ def test_reads_do_not_grow_with_steps(monkeypatch, reorth, graph_memory):
     for steps in (10, 40):
         specdens.lanczos(op, steps, num_probes=2, reorth=reorth)  # warm-up
         reads = HostReads(monkeypatch)
-        torch.ones(2)[0].item(), bool(torch.ones(1) > 0)
-        assert reads.count == 2  # the counter sees the usual ways of reading
+        torch.ones(2)[0].item(), bool(torch.ones(1) > 0), torch.tensor(1.0)
+        torch.as_tensor(torch.ones(1))  # a tensor already: no transfer
+        assert reads.count == 3  # the counter sees the usual ways of reading and writing
         reads.count = 0
         r = specdens.lanczos(op, steps, num_probes=2, reorth=reorth)
         assert r.num_steps == steps

@@ -24,6 +24,11 @@ from ._meter import SavedBytes
 from ._params import stack_columns, zeros_columns
 from .distributed import all_reduce_sum, resolve_group
 
+_CHANGED_DATA = (
+    "the data yielded different batches in this pass than when the operator was built (a "
+    "shuffling DataLoader or random augmentation?); products need the same batches on "
+    "every pass: use shuffle=False and deterministic transforms")
+
 
 class DataOperator(LinearOperatorBase):
     """Base class of :class:`HessianOperator` and :class:`GGNOperator`.
@@ -95,6 +100,7 @@ class DataOperator(LinearOperatorBase):
         self.num_batches = len(fps)
         self.num_stored = len(self._stored)
         self.graph_bytes = used
+        self._local_count = total
         t = torch.tensor(total, dtype=torch.float64, device=self.space.device)
         self.num_samples = float(all_reduce_sum(t, self.group))
 
@@ -137,10 +143,13 @@ class DataOperator(LinearOperatorBase):
             # NaN (the engine reports it, with this cause among those it names) rather than
             # read back here, which would synchronise with the device at every product
             acc = torch.where(changed, torch.full_like(acc, math.nan), acc)
+        if total != self._local_count:
+            raise RuntimeError(_CHANGED_DATA)
         all_reduce_sum(acc, self.group)
-        t = all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=V.device),
-                           self.group)
-        out = acc / t.to(acc.dtype)
+        # the global count is the one found when the operator was built (the batches are
+        # the same, checked above): a Python number, so no host-to-device copy, which
+        # would synchronise with the device at every product
+        out = acc / self.num_samples
         if self.weight_decay:
             out = out + self.weight_decay * V
         if self._reg_grads is not None:
@@ -190,11 +199,7 @@ class DataOperator(LinearOperatorBase):
         if not self._host_checks():
             return changed
         if bool(changed):
-            raise RuntimeError(
-                "the data yielded different batches in this pass than when the operator was "
-                "built (a shuffling DataLoader or random augmentation?); products need the "
-                "same batches on every pass: use shuffle=False and deterministic transforms"
-            )
+            raise RuntimeError(_CHANGED_DATA)
         return None
 
     # -- vectors <-> parameters ---------------------------------------------------
