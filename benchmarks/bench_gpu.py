@@ -1,15 +1,20 @@
 """GPU figures in one short run: ResNet-18 and a transformer block on one card.
 
 Made to fit in one 8-minute run of a lent GPU machine (the development machines have
-none). For each model, on CIFAR-shaped random data (ResNet-18, batch 256) and random
-token embeddings (a transformer encoder block), it prints Markdown tables of:
+none). First it checks the device against the CPU in float64 (dense Hessians of a small
+MLP and a BatchNorm CNN for every product method, SLQ nodes and weights, the model left
+bit for bit, and no host synchronisation per Lanczos step: the count at 40 steps is at
+most the count at 10); then, for each model, on
+CIFAR-shaped random data (ResNet-18, batch 256) and random token embeddings (a
+transformer encoder block), it prints Markdown tables of:
 
 * **products**: a gradient, a Hessian-vector product on the kept first-order graph
   (specdens' default), by double backward (``graph_memory=0``: the graph is rebuilt in
   every product) and by ``torch.func`` forward-over-reverse (``method="forward"``);
 * **SLQ**: time per Lanczos step of ``specdens.slq`` (90 steps, 1 probe, full
-  reorthogonalisation) against our own product and against PyHessian's ``density`` (when
-  installed), alternating, medians;
+  reorthogonalisation), with and without building the operator, and of the engine alone
+  (a diagonal operator of the same size), against our own product and against
+  PyHessian's ``density`` (when installed), alternating, medians;
 * **block of probes**: ``op.matmat`` on k vectors (one pass over the data) against k
   single ``op.matvec`` calls, with graphs rebuilt per product (where a block saves k - 1
   forward and backward passes) and with ``block="batched"`` (one vectorised backward);
@@ -27,6 +32,7 @@ does, so that the script never rots); figures from the CPU mean nothing.
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import time
 from collections.abc import Callable
@@ -158,22 +164,40 @@ def products(model: Any, batch: Any, device: Any, reps: int) -> dict[str, float]
 
 def slq_per_step(model: Any, batch: Any, device: Any, steps: int, repeats: int,
                  pyhessian: bool) -> dict[str, float]:
+    """Seconds per Lanczos step, medians of ``repeats`` alternating runs.
+
+    ``specdens, end to end`` builds the operator (a forward and a backward pass that keeps
+    the first-order graph) and runs ``specdens.slq``, like PyHessian's row; ``specdens,
+    steps`` is ``specdens.slq`` on the built operator; ``engine alone`` is
+    ``specdens.slq`` on a diagonal operator of the same size (one elementwise product),
+    the engine's own time per step.
+    """
     import torch
     from specdens.backends.torch import hessian
 
     import specdens
 
     crit = torch.nn.CrossEntropyLoss()
-    runs: dict[str, list[float]] = {"specdens": [], "own product": []}
+    runs: dict[str, list[float]] = {"specdens, end to end": [], "specdens, steps": [],
+                                    "engine alone": [], "own product": []}
     if pyhessian:
         runs["PyHessian"] = []
+    n = sum(q.numel() for q in model.parameters() if q.requires_grad)
+    diag = torch.linspace(-1.0, 10.0, n, device=device)
+    cheap = specdens.aslinearoperator(lambda v: diag * v, shape=(n, n), dtype=torch.float32,
+                                      xp="torch", device=device, symmetric=True)
     for rep in range(-1, repeats):  # rep -1 is an untimed warm-up
         sync(device)
         t0 = time.perf_counter()
         op = hessian(model, crit, batch)
+        sync(device)
+        t1 = time.perf_counter()
         specdens.slq(op, num_steps=steps, num_probes=1, seed=rep + 1)
         sync(device)
-        t_slq = (time.perf_counter() - t0) / steps
+        t2 = time.perf_counter()
+        specdens.slq(cheap, num_steps=steps, num_probes=1, seed=rep + 1)
+        sync(device)
+        t_cheap = (time.perf_counter() - t2) / steps
         v = torch.randn(op.shape[0], device=device)
         t_op = timed(lambda op=op, v=v: op.matvec(v), device, 5)
         del op
@@ -184,17 +208,19 @@ def slq_per_step(model: Any, batch: Any, device: Any, steps: int, repeats: int,
 
             m = copy.deepcopy(model)
             sync(device)
-            t0 = time.perf_counter()
+            t0p = time.perf_counter()
             # PyHessian needs the math attention kernel too (the fused ones have no
             # second derivative); specdens selects it itself
             with sdpa_kernel([SDPBackend.MATH]):
                 h = pyh_hessian(m, crit, data=batch, cuda=str(device).startswith("cuda"))
                 h.density(iter=steps, n_v=1)
             sync(device)
-            t_pyh = (time.perf_counter() - t0) / steps
+            t_pyh = (time.perf_counter() - t0p) / steps
             del h, m
         if rep >= 0:
-            runs["specdens"].append(t_slq)
+            runs["specdens, end to end"].append((t2 - t0) / steps)
+            runs["specdens, steps"].append((t2 - t1) / steps)
+            runs["engine alone"].append(t_cheap)
             runs["own product"].append(t_op)
             if t_pyh is not None:
                 runs["PyHessian"].append(t_pyh)
@@ -247,7 +273,117 @@ def memory_per_mode(model: Any, batch: Any, device: Any, steps: int,
     return rows
 
 
+# ----------------------------------------------------------------------------- checks
+
+
+def _check_models() -> list[tuple[str, Any, list[tuple[Any, Any]]]]:
+    """Two float64 problems on the CPU: an MLP over uneven batches, a CNN with BatchNorm."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+    X = torch.randn(23, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (23,), generator=g)
+    cnn = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Flatten(),
+                        nn.Linear(3 * 4 * 4, 4)).double()
+    Xc = torch.randn(13, 2, 6, 6, generator=g, dtype=torch.float64)
+    yc = torch.randint(0, 4, (13,), generator=g)
+    return [("MLP 5-7-3, batches 10+10+3", mlp, [(X[:10], y[:10]), (X[10:20], y[10:20]),
+                                               (X[20:], y[20:])]),
+            ("CNN + BatchNorm (batch statistics), batches 8+5", cnn,
+             [(Xc[:8], yc[:8]), (Xc[8:], yc[8:])])]
+
+
+def _specdens_frame() -> str:
+    """``file:line`` of the innermost specdens frame of the current Python stack."""
+    import traceback
+
+    for frame in reversed(traceback.extract_stack()[:-1]):
+        if "specdens" in frame.filename and "bench_gpu" not in frame.filename:
+            return f"{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}"
+    return "outside specdens"
+
+
+def device_checks(device: Any) -> list[list[str]]:
+    """The operator and the engine on ``device`` against the same run on the CPU (float64).
+
+    The CPU operator is tested against ``torch.func.hessian`` in the test suite; here the
+    device must give the same matrix and the same quadrature. Tolerance 1e-10 relative:
+    both sides sum the same float64 terms in different orders (rounding ~1e-15), so only
+    a wrong product, weight or device transfer exceeds it. Also: the model is left bit for
+    bit as it was, and ``torch.cuda.set_sync_debug_mode("warn")`` counts the host
+    synchronisations of an SLQ run at 10 and at 40 steps (none more at 40: none per step;
+    the fixed ones move the probes in and the coefficients out).
+    """
+    import warnings
+
+    import numpy as np
+    import torch
+    from specdens.backends.torch import ModelState, hessian
+
+    import specdens
+
+    crit = torch.nn.CrossEntropyLoss()
+    rows = []
+
+    def verdict(ok: bool) -> str:
+        return "ok" if ok else "FAIL"
+
+    for desc, model, batches in _check_models():
+        dense_cpu = hessian(model, crit, batches).to_dense()
+        dm = copy.deepcopy(model).to(device)
+        db = [(x.to(device), t.to(device)) for x, t in batches]
+        before = ModelState.capture(dm)
+        for label, kw in (("kept graph", {}), ("graph rebuilt", {"graph_memory": 0}),
+                          ("forward-over-reverse", {"method": "forward"}),
+                          ("block='batched'", {"block": "batched"})):
+            dense = hessian(dm, crit, db, **kw).to_dense().cpu()
+            err = float(torch.linalg.norm(dense - dense_cpu) / torch.linalg.norm(dense_cpu))
+            rows.append([desc, f"dense H, {label}", f"{err:.1e}", verdict(err <= 1e-10)])
+        r_cpu = specdens.slq(hessian(model, crit, batches), num_steps=12, num_probes=3)
+        r_dev = specdens.slq(hessian(dm, crit, db), num_steps=12, num_probes=3)
+        spread = float(np.ptp(r_cpu.nodes))
+        err = float(np.max(np.abs(r_dev.nodes - r_cpu.nodes)) / spread)
+        werr = float(np.max(np.abs(r_dev.weights - r_cpu.weights)))
+        rows.append([desc, "SLQ nodes / range, weights", f"{err:.1e}, {werr:.1e}",
+                     verdict(err <= 1e-10 and werr <= 1e-10)])
+        changed = before.differences(dm)
+        rows.append([desc, "model unchanged (bit for bit)", "; ".join(changed) or "none",
+                     verdict(not changed)])
+    if str(device).startswith("cuda"):
+        model, batch, _ = workload("resnet18", True, device)
+        for label, kw in (("kept graph", {}), ("graph rebuilt", {"graph_memory": 0})):
+            counts, sites = [], collections.Counter()
+            for steps in (10, 40):
+                op = hessian(model, crit, batch, **kw)
+                torch.cuda.synchronize(device)
+                found: list[str] = []
+                with warnings.catch_warnings():
+                    warnings.simplefilter("always")
+                    warnings.showwarning = lambda msg, *a, found=found, **k: found.append(
+                        _specdens_frame() if "synchroniz" in str(msg) else "")
+                    torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        specdens.slq(op, num_steps=steps, num_probes=2)
+                    finally:
+                        torch.cuda.set_sync_debug_mode("default")
+                found = [f for f in found if f]
+                counts.append(len(found))
+                sites = collections.Counter(found)
+            # fixed reads (probes in, coefficients out) are allowed; growth is not
+            where = "" if counts[1] <= counts[0] else (
+                "; most at " + ", ".join(f"{k} ({v})" for k, v in sites.most_common(2)))
+            rows.append(["small ResNet-18, float32", f"host syncs in SLQ, {label}",
+                         f"{counts[0]} at 10 steps, {counts[1]} at 40{where}",
+                         verdict(counts[1] <= counts[0])])
+    return rows
+
+
 # ----------------------------------------------------------------------------- main
+
+PARTS = ("checks", "products", "slq", "block", "memory")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -259,8 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="SLQ repetitions (default 3)")
     p.add_argument("--block", type=int, default=8, help="probes in a block (default 8)")
     p.add_argument("--no-pyhessian", action="store_true", help="skip PyHessian")
+    p.add_argument("--parts", default=",".join(PARTS),
+                   help="comma list of " + ", ".join(PARTS) + " (default all)")
     p.add_argument("--smoke", action="store_true", help="tiny models on the CPU")
     args = p.parse_args(argv)
+    parts = [x.strip() for x in args.parts.split(",") if x.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        p.error(f"unknown part(s) {', '.join(unknown)}; choose from {', '.join(PARTS)}")
     import torch
 
     device = torch.device(args.device or ("cpu" if args.smoke else "cuda"))
@@ -279,28 +421,38 @@ def main(argv: list[str] | None = None) -> int:
     print("# specdens on one GPU\n")
     print(f"{_common.environment_line()}, torch {torch.__version__}, device {device}, "
           f"card: {card}")
+    if "checks" in parts:
+        print(f"\n## The operator and the engine on {device} against the CPU, card: {card}\n")
+        print(_common.markdown_table(["problem", "check", "measured", ""],
+                                     device_checks(device)))
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         model, batch, desc = workload(name, args.smoke, device)
         n = sum(q.numel() for q in model.parameters() if q.requires_grad)
         print(f"\n## {desc}: n = {n} parameters, float32, card: {card}\n")
         t0 = time.perf_counter()
-        prod = products(model, batch, device, reps)
-        print(_common.markdown_table(["product", "ms"],
-                                     [[k, f"{1e3 * v:.2f}"] for k, v in prod.items()]))
-        slq = slq_per_step(model, batch, device, args.steps, args.repeats, pyh)
-        rows = [[k, f"{1e3 * v:.2f}", f"{v / slq['own product']:.2f}",
-                 f"{v / slq['PyHessian']:.2f}" if "PyHessian" in slq else "n/a"]
-                for k, v in slq.items()]
-        print(f"\nSLQ, {args.steps} steps x 1 probe, medians of {args.repeats}:\n")
-        print(_common.markdown_table(["", "ms / step", "/ own product", "/ PyHessian"], rows))
-        print(f"\nBlock of {args.block} probes against {args.block} single products:\n")
-        print(_common.markdown_table(["operator", "k", "block ms", "k singles ms", "speed-up"],
-                                     block_speedup(model, batch, device, args.block, reps)))
-        probes = 1 if args.smoke else 4
-        print(f"\nPeak memory of slq ({args.steps} steps x {probes} probes) per mode:\n")
-        print(_common.markdown_table(["reorth", "wall s", "peak above operator GiB",
-                                      "float32 basis GiB"],
-                                     memory_per_mode(model, batch, device, args.steps, probes)))
+        if "products" in parts:
+            prod = products(model, batch, device, reps)
+            print(_common.markdown_table(["product", "ms"],
+                                         [[k, f"{1e3 * v:.2f}"] for k, v in prod.items()]))
+        if "slq" in parts:
+            slq = slq_per_step(model, batch, device, args.steps, args.repeats, pyh)
+            rows = [[k, f"{1e3 * v:.2f}", f"{v / slq['own product']:.2f}",
+                     f"{v / slq['PyHessian']:.2f}" if "PyHessian" in slq else "n/a"]
+                    for k, v in slq.items()]
+            print(f"\nSLQ, {args.steps} steps x 1 probe, medians of {args.repeats}:\n")
+            print(_common.markdown_table(["", "ms / step", "/ own product", "/ PyHessian"],
+                                         rows))
+        if "block" in parts:
+            print(f"\nBlock of {args.block} probes against {args.block} single products:\n")
+            print(_common.markdown_table(
+                ["operator", "k", "block ms", "k singles ms", "speed-up"],
+                block_speedup(model, batch, device, args.block, reps)))
+        if "memory" in parts:
+            probes = 1 if args.smoke else 4
+            print(f"\nPeak memory of slq ({args.steps} steps x {probes} probes) per mode:\n")
+            print(_common.markdown_table(
+                ["reorth", "wall s", "peak above operator GiB", "float32 basis GiB"],
+                memory_per_mode(model, batch, device, args.steps, probes)))
         print(f"\n({name}: {time.perf_counter() - t0:.1f} s)")
     return 0
 
