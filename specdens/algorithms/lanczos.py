@@ -155,8 +155,11 @@ def lanczos(
         Probe ``i`` depends on ``(seed, i)`` only (counter-based seeding).
     reorth
         ``"full"``: classical Gram-Schmidt twice (CGS2) against all previous vectors,
-        kept in a preallocated basis (on host arrays the second sweep runs only when the
-        first one cancelled, the DGKS criterion); ``"partial"``: the same basis, but
+        kept in a preallocated basis; the second sweep runs only when the first one
+        cancelled (the DGKS criterion: on host arrays read back at each step; on a device
+        tested there and read once at the end, a block where a vector that stays active
+        needed it then runs again with both sweeps at every step, which is rare: at
+        breakdowns only, in practice); ``"partial"``: the same basis, but
         vectors are reorthogonalised only when Simon's recurrence estimates that their
         loss of orthogonality exceeds the square root of the machine epsilon (and at the
         step after): this semi-orthogonality keeps the tridiagonal, hence the Ritz values
@@ -400,6 +403,12 @@ def _lanczos(
         out = _run_block(op, V0, m, mode, win, wdt, bdt, breakdown_tol, check_every,
                          return_basis, idx.start, on_step, state=state, save=block_saver,
                          save_every=checkpoint_every or 0)
+        if out["missed_sweep"]:
+            # a deferred Gram-Schmidt test found cancellation: run the block again with
+            # both sweeps at every step (its products count too)
+            lanczos_matvecs += out["matvecs"]
+            out = _run_block(op, V0, m, mode, win, wdt, bdt, breakdown_tol, check_every,
+                             return_basis, idx.start, on_step, both_sweeps=True)
         lanczos_matvecs += out["matvecs"]
         done.append({
             "alpha": out["alpha"], "beta": out["beta"], "active": out["active"],
@@ -555,7 +564,7 @@ def _restore(header: dict, arrays: dict, op: Any, wdt: Any, bdt: Any,
 
 
 def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, first_probe,
-               on_step, *, state=None, save=None, save_every=0) -> dict:
+               on_step, *, state=None, save=None, save_every=0, both_sweeps=False) -> dict:
     """The recurrence for one block of probes (rows of ``V0``, unit norm, dtype ``wdt``).
 
     ``state`` resumes a block from a checkpoint (``V0`` is then ignored); ``save(state)``
@@ -593,9 +602,15 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     # basis, whose unused rows are zero, so that every step has the same shapes.
     fixed_shapes = _array.library_name(xp) == "jax"
     # Where reading a scalar back costs no device synchronisation, the second Gram-Schmidt
-    # sweep runs only when the first one cancelled (DGKS); elsewhere CGS2 always runs both,
-    # so that the device never waits for the host.
-    conditional = _reads_are_free(op)
+    # sweep runs only when the first one cancelled (DGKS). On a device the same test runs
+    # there without being read back ("deferred"): the second sweep is skipped, and a block
+    # in which a vector that stays active needed it is run again with both sweeps at every
+    # step (``both_sweeps``), which is also what a checkpointed run does. Cancellation in
+    # full reorthogonalisation is rare (at breakdowns, where the vector is dropped anyway),
+    # so the device reads the basis twice per step instead of four times.
+    conditional = not both_sweeps and _reads_are_free(op)
+    deferred = not both_sweeps and not conditional and save is None and state is None
+    missed = xp.zeros((k,), dtype=xp.bool, device=_array.creation_device(op))
     # the rounding that feeds the loss of orthogonality: of the products too (a float32
     # operator under float64 arithmetic loses orthogonality at float32 speed)
     eps_omega = max(_array.finfo_eps(wdt), _array.finfo_eps(bdt),
@@ -632,7 +647,7 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         w = _array.subtract_scaled_rows(w, beta_prev, q_prev)
         alpha = _rowdot(xp, q, w)
         w = _array.subtract_scaled_rows(w, alpha, q)
-        beta = None
+        beta = needed = None
         sweep_needed = Q is not None
         if omega is not None:
             # Simon's estimate of the new vector's orthogonality to the older ones
@@ -645,11 +660,15 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
             Qs = Q[:, : j + 1, :] if (mode != "local" and not fixed_shapes) else Q
             removed = None  # ||h||^2 of the first sweep
             for sweep in range(2):
-                if sweep == 1 and conditional:
+                if sweep == 1 and (conditional or deferred):
                     # Daniel, Gragg, Kaufman & Stewart (1976): a second sweep is needed
                     # only when the first removed more than half of ||w||^2 (cancellation),
                     # i.e. (by Pythagoras, ||w||^2 = ||w'||^2 + ||h||^2) when ||w'|| < ||h||
                     norm1 = _rowdot(xp, w, w)
+                    if deferred:
+                        needed = norm1 < removed
+                        beta = xp.sqrt(norm1)
+                        break
                     if not bool(xp.any(norm1 < removed)):
                         beta = xp.sqrt(norm1)
                         break
@@ -677,6 +696,8 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
             beta = xp.sqrt(_rowdot(xp, w, w))
         anorm = xp.maximum(anorm, xp.abs(alpha) + beta + beta_prev)
         active = active & (beta > tol * anorm)
+        if needed is not None:
+            missed = missed | (needed & active)
         al.append(alpha)
         be.append(beta)
         ac.append(active)
@@ -715,6 +736,8 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         out["basis"] = Q
         out["last"] = q
     out["reorth_steps"] = omega.sweeps if omega is not None else None
+    # (read once, at the end: whether a deferred second sweep was needed)
+    out["missed_sweep"] = deferred and bool(_array.to_numpy(missed, bool).any())
     return out
 
 
