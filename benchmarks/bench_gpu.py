@@ -24,8 +24,8 @@ transformer encoder block), it prints Markdown tables of:
 Every table names the card. ``--smoke`` runs tiny versions on the CPU (the test suite
 does, so that the script never rots); figures from the CPU mean nothing.
 
-    python benchmarks/bench_gpu.py                 # on a CUDA machine, about 4 minutes
-    python benchmarks/bench_gpu.py --models resnet18 --steps 90 --repeats 3
+    python benchmarks/bench_gpu.py                 # about 6 minutes on an H100
+    python benchmarks/bench_gpu.py --models resnet18-torchvision --parts checks,slq
     python benchmarks/bench_gpu.py --smoke         # CPU, seconds
 """
 
