@@ -30,7 +30,11 @@ Four parts:
   product costs as much per parameter as a real HVP measured in the same run (the
   digits MLP 64-512-512-10, 301,066 parameters, 1,797 samples, PyTorch, one thread:
   ``--no-calibrate`` skips it). The part also reports the break-even product cost: the
-  product time per parameter above which the overhead is below 10 %.
+  product time per parameter above which the overhead is below 10 %;
+* ``real``: the same claim on a real network of n >= 1e6: the Hessian of the digits MLP
+  64-1024-1024-10 (1,126,410 parameters, 1,797 samples, PyTorch, ``--threads``),
+  ``specdens.lanczos`` (full, float32 basis) alternating with the same number of its
+  products alone, ``--repeats`` pairs, in a child process.
 
 Modes are ``REORTH[:BASIS_DTYPE]``: ``full``, ``partial``, ``local`` (window
 ``--window``), ``none``, with a float32 or float64 basis.
@@ -55,7 +59,7 @@ import _common
 
 ALL_MODES = ("full:float32", "full:float64", "partial:float32", "partial:float64",
              "local:float32", "local:float64", "none")
-PARTS = ("n", "steps", "probes", "claim")
+PARTS = ("n", "steps", "probes", "claim", "real")
 TARGET_OVERHEAD = 0.10
 WORKING_VECTORS = 10  # float64 vectors of size n per probe the engine holds besides the basis
 HEADERS = ["n", "mode", "steps", "probes", "wall s", "ms / step", "products s", "overhead",
@@ -274,6 +278,70 @@ def calibration_child() -> dict[str, Any]:
             "threads": torch.get_num_threads(), "seconds": _common.median(ts)}
 
 
+def real_claim_child(steps: int, repeats: int, smoke: bool) -> dict[str, Any]:
+    """Pairs of (``steps`` products alone, a ``steps``-step Lanczos run) on the Hessian of
+    the digits MLP 64-1024-1024-10, float32, full reorthogonalisation, float32 basis."""
+    import bench_torch
+    import torch
+    from specdens.backends.torch import hessian
+
+    import specdens
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
+    width = 24 if smoke else 1024
+    model, data = bench_torch.mlp_workload(smoke, wide=True, width=width)
+    op = hessian(model, torch.nn.CrossEntropyLoss(), data[0])
+    v = torch.randn(op.shape[0])
+    op.matvec(v)
+    specdens.lanczos(op, 3, basis_dtype="float32")  # warm-up
+    pairs = []
+    for rep in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            op.matvec(v)
+        t_products = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r = specdens.lanczos(op, steps, reorth="full", basis_dtype="float32", seed=rep)
+        pairs.append([time.perf_counter() - t0, t_products])
+    return {"status": "ok", "n": int(op.shape[0]), "width": width,
+            "samples": int(len(data[0][0])),
+            "threads": torch.get_num_threads(), "steps": steps, "basis": r.basis_dtype,
+            "pairs": pairs}
+
+
+def real_claim(args: argparse.Namespace) -> dict[str, Any]:
+    """``real_claim_child`` in a child process (in this one with ``--in-process``)."""
+    if args.in_process:
+        return real_claim_child(args.steps, args.repeats, args.smoke)
+    cmd = [sys.executable, os.path.abspath(__file__), "--real-child", "--steps",
+           str(args.steps), "--repeats", str(args.repeats), "--threads", str(args.threads or 1)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = proc.stderr.strip().splitlines()[-1:] if proc.stderr.strip() else []
+        return {"status": f"failed: exit {proc.returncode} {' '.join(tail)}".strip()}
+    return json.loads(lines[-1])
+
+
+def real_claim_table(r: dict[str, Any]) -> str:
+    if r.get("status") != "ok":
+        return f"real network: {r.get('status')}"
+    rows = []
+    for i, (t_lanczos, t_products) in enumerate(r["pairs"]):
+        rows.append([str(i + 1), fmt(1e3 * t_products / r["steps"]),
+                     fmt(1e9 * t_products / r["steps"] / r["n"]), fmt(t_products),
+                     fmt(t_lanczos), f"{100 * (t_lanczos / t_products - 1):.1f} %"])
+    over = [t_l / t_p - 1 for t_l, t_p in r["pairs"]]
+    verdict = "yes" if _common.median(over) < TARGET_OVERHEAD else "no"
+    return (_common.markdown_table(["pair", "product ms", "ns / param", "products s",
+                                    "Lanczos s", "overhead"], rows)
+            + f"\n\nHessian of the digits MLP 64-{r['width']}-{r['width']}-10: n = {r['n']:,}, "
+            f"{r['samples']} samples, {r['threads']} thread(s), {r['steps']} steps, full "
+            f"reorthogonalisation, {r['basis']} basis. Overhead: median "
+            f"{100 * _common.median(over):.1f} %, min {100 * min(over):.1f} %; "
+            f"< 10 %: {verdict}.")
+
+
 def calibrate_hvp(threads: int | None) -> dict[str, Any] | None:
     """ns per parameter of a real Hessian-vector product, measured in a child process;
     None (with a message) when PyTorch or scikit-learn is missing."""
@@ -474,10 +542,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, in-process (for tests)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--calibration-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--real-child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     _common.set_threads(args.threads or None)
     if args.calibration_child:
         print(json.dumps(calibration_child()), flush=True)
+        return 0
+    if args.real_child:
+        print(json.dumps(real_claim_child(args.steps, args.repeats, False)), flush=True)
         return 0
     if args.child:
         print(json.dumps(run_config(json.loads(args.child))), flush=True)
@@ -524,6 +596,9 @@ def main(argv: list[str] | None = None) -> int:
         return cache[key]
 
     for part in parts:
+        if part == "real":
+            results[part] = [real_claim(args)]
+            continue
         cfgs = grid[part]
         if part == "claim" and calibration is not None:
             # the band whose product costs as much per parameter as the real HVP
@@ -568,6 +643,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"time is {1e3 * own:.1f} ms per step; overhead < 10 % needs a product "
                       f"of >= {1e3 * own / TARGET_OVERHEAD:.0f} ms = {need:.0f} ns per "
                       "parameter")
+    if "real" in results:
+        print(f"\n## Claim on a real network ({args.repeats} alternating pairs of "
+              f"{args.steps} products alone and a Lanczos run)\n")
+        print(real_claim_table(results["real"][0]))
     print()
     print("overhead = (Lanczos wall - steps x product) / (steps x product); the product is "
           "the median of single block products timed after the run (claim: the same "

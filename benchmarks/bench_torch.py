@@ -80,7 +80,8 @@ def install_torch_eig_shim() -> None:
 # --------------------------------------------------------------------------- workloads
 
 
-def mlp_workload(smoke: bool, wide: bool = False) -> tuple[Any, list[tuple[Any, Any]]]:
+def mlp_workload(smoke: bool, wide: bool = False,
+                 width: int | None = None) -> tuple[Any, list[tuple[Any, Any]]]:
     import torch
     from sklearn.datasets import load_digits
 
@@ -90,8 +91,8 @@ def mlp_workload(smoke: bool, wide: bool = False) -> tuple[Any, list[tuple[Any, 
     if smoke:
         x, y = x[:200], y[:200]
     torch.manual_seed(0)
-    if wide:
-        width = 16 if smoke else 512
+    if wide:  # (``width`` overrides the hidden width of the wide MLP)
+        width = width or (16 if smoke else 512)
         model = torch.nn.Sequential(torch.nn.Linear(64, width), torch.nn.ReLU(),
                                     torch.nn.Linear(width, width), torch.nn.ReLU(),
                                     torch.nn.Linear(width, 10))
