@@ -39,7 +39,7 @@ Four parts:
 Modes are ``REORTH[:BASIS_DTYPE]``: ``full``, ``partial``, ``local`` (window
 ``--window``), ``none``, with a float32 or float64 basis.
 
-    python benchmarks/bench_scaling.py                  # default grid, 9-15 min on 2 cores
+    python benchmarks/bench_scaling.py                  # default grid, 12-18 min on 2 cores
     python benchmarks/bench_scaling.py --full           # the whole grid (hours; 24 GiB host)
     python benchmarks/bench_scaling.py --parts claim --claim-n 1e6,1e7
     python benchmarks/bench_scaling.py --smoke          # tiny, in-process, for the tests
