@@ -609,8 +609,10 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     # full reorthogonalisation is rare (at breakdowns, where the vector is dropped anyway),
     # so the device reads the basis twice per step instead of four times.
     conditional = not both_sweeps and _reads_are_free(op)
-    deferred = not both_sweeps and not conditional and save is None and state is None
-    missed = xp.zeros((k,), dtype=xp.bool, device=_array.creation_device(op))
+    deferred = (not both_sweeps and not conditional and save is None and state is None
+                and Q is not None)
+    missed = (xp.zeros((k,), dtype=xp.bool, device=_array.creation_device(op)) if deferred
+              else None)
     # the rounding that feeds the loss of orthogonality: of the products too (a float32
     # operator under float64 arithmetic loses orthogonality at float32 speed)
     eps_omega = max(_array.finfo_eps(wdt), _array.finfo_eps(bdt),
