@@ -22,7 +22,7 @@ from ._data import Batches, fingerprint
 from ._loss import BatchLoss
 from ._meter import SavedBytes
 from ._params import stack_columns, zeros_columns
-from .distributed import all_reduce_sum, resolve_group
+from .distributed import all_reduce_sum, stored_group
 
 _CHANGED_DATA = (
     "the data yielded different batches in this pass than when the operator was built (a "
@@ -59,7 +59,7 @@ class DataOperator(LinearOperatorBase):
         self.param_names = list(space.names)
         self.param_shapes = list(space.shapes)
         self.batches = Batches(data, space.device)
-        self.group = resolve_group(process_group)
+        self.group = stored_group(process_group)
         if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
                 or not math.isfinite(weight_decay):
             raise TypeError(f"weight_decay must be a finite number; got {weight_decay!r}")
