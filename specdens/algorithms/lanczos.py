@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import _array, _checks, _memory
 from .._progress import ProgressCallback, make_progress
+from . import _basis
 from . import checkpoint as checkpoint_mod
 from .probes import PROBE_KINDS, draw_probe, probe_block
 
@@ -675,8 +676,8 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
                         beta = xp.sqrt(norm1)
                         break
                 wb = w if same_basis else xp.astype(w, bdt)
-                h = _project(xp, Qs, wb)
-                corr = xp.matmul(h[:, None, :], Qs)[:, 0, :]
+                h = _basis.project(xp, Qs, wb)
+                corr = _basis.combine(xp, h, Qs)
                 w = _array.subtract_rows(w, corr)
                 hw = h if same_basis else xp.astype(h, wdt)
                 alpha = alpha + hw[:, slot]
@@ -853,20 +854,6 @@ def _rowdot(xp: Any, a: Any, b: Any) -> Any:
     if vecdot is None or _array.library_name(xp) == "torch":
         return xp.sum(a * b, axis=-1)
     return vecdot(a, b, axis=-1)
-
-
-def _project(xp: Any, Qs: Any, w: Any) -> Any:
-    """``h[p] = Qs[p] @ w[p]``: coefficients of each row of ``w`` (``(k, n)``) on its
-    probe's basis ``Qs`` (``(k, j, n)``), as a ``(k, j)`` array.
-
-    torch's CPU batched matmul runs ``(k, j, n) @ (k, n, 1)`` through a kernel that reads
-    memory 5x slower than ``(k, 1, n) @ (k, n, j)`` on the transposed view (9.4 ms against
-    1.7 ms at n = 3e5, j = 40, k = 2), so torch gets the latter. Elsewhere the former:
-    TensorFlow's ``matrix_transpose`` copies the basis.
-    """
-    if _array.library_name(xp) == "torch":
-        return xp.matmul(w[:, None, :], xp.matrix_transpose(Qs))[:, 0, :]
-    return xp.matmul(Qs, w[:, :, None])[:, :, 0]
 
 
 def _pad(a: np.ndarray, m: int, value: Any = 0.0) -> np.ndarray:
