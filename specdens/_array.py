@@ -225,6 +225,15 @@ def from_numpy(x: np.ndarray, xp: Any, device: Any, dtype: Any) -> Any:
     return xp.astype(out, dtype)
 
 
+def detached(x: Any) -> Any:
+    """``x`` cut from torch's autograd graph when it is part of one (a product computed
+    from tensors that require grad), else ``x``: the engine's arithmetic is not to be
+    differentiated, and a graph through every step would hold all of them in memory."""
+    if getattr(x, "requires_grad", False) and library_name(x) == "torch":
+        return x.detach()
+    return x
+
+
 def row_major(x: Any) -> Any:
     """``x`` itself when it is C-contiguous, else a C-contiguous copy (numpy and torch;
     other libraries choose their layouts themselves).

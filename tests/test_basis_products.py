@@ -73,3 +73,72 @@ def test_engine_with_chunked_products_matches_numpy(two_torch_threads):
     r = specdens.lanczos(op, 30, num_probes=2)
     np.testing.assert_allclose(r.alpha, ref.alpha, rtol=0, atol=1e-12 * 11.0)
     np.testing.assert_allclose(r.beta, ref.beta, rtol=0, atol=1e-12 * 11.0)
+
+
+def test_products_that_require_grad_are_detached(two_torch_threads):
+    """A torch callable built from tensors that require grad (a model's weights) returns
+    products in an autograd graph: the engine cuts them out (no graph through the steps,
+    and the chunked products, which write into preallocated memory, work)."""
+    torch = two_torch_threads
+    import specdens
+
+    n = 1 << 17
+    d = torch.linspace(-1.0, 3.0, n, dtype=torch.float64)
+    plain = specdens.aslinearoperator(lambda v: d * v, shape=(n, n), dtype=torch.float64,
+                                      xp="torch")
+    dg = d.clone().requires_grad_(True)
+    graph = specdens.aslinearoperator(lambda v: dg * v, shape=(n, n), dtype=torch.float64,
+                                      xp="torch")
+    r = specdens.lanczos(graph, 12, num_probes=2, return_basis=True)
+    ref = specdens.lanczos(plain, 12, num_probes=2)
+    assert not r.basis.requires_grad
+    np.testing.assert_array_equal(r.alpha, ref.alpha)
+    np.testing.assert_array_equal(r.beta, ref.beta)
+
+
+def test_every_algorithm_detaches_products_that_require_grad():
+    """eigsh, kpm, the trace estimators and deflated SLQ on an operator whose products are
+    in an autograd graph: the results are those without a graph, and autograd saves
+    nothing for the algorithm's own arithmetic (only what the product itself saves), so
+    no graph grows through the iterations."""
+    torch = pytest.importorskip("torch")
+    import specdens
+
+    n = 300
+    d = torch.linspace(-1.0, 3.0, n, dtype=torch.float64)
+    d[-2:] = torch.tensor([6.0, 9.0], dtype=torch.float64)
+    dg = d.clone().requires_grad_(True)
+    calls = [0]
+
+    def product(v, a):
+        calls[0] += a is dg
+        return a * v
+
+    ops = [specdens.aslinearoperator(lambda v, a=a: product(v, a), shape=(n, n),
+                                     dtype=torch.float64, xp="torch", symmetric=True)
+           for a in (d, dg)]
+    saved = [0]
+
+    def pack(t):
+        saved[0] += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        product(torch.ones(n, dtype=torch.float64), dg)
+    per_product, calls[0], saved[0] = saved[0], 0, 0
+    assert per_product >= 1
+    runs = [
+        lambda op: specdens.eigsh(op, k=2).eigenvalues,
+        lambda op: specdens.kpm(op, num_moments=20, num_probes=3).chebyshev_moments,
+        lambda op: np.asarray([specdens.trace(op, num_matvecs=12, method="hutchinson").value]),
+        lambda op: np.asarray([specdens.trace(op, num_matvecs=12, method="xtrace").value]),
+        lambda op: specdens.slq(op, num_steps=10, num_probes=2, deflate=1).nodes,
+        lambda op: specdens.lanczos(op, 10, num_probes=2).alpha,
+    ]
+    for run in runs:
+        plain = np.asarray(run(ops[0]))
+        calls[0] = saved[0] = 0
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            graph = np.asarray(run(ops[1]))
+        np.testing.assert_array_equal(graph, plain)
+        assert calls[0] > 0 and saved[0] == per_product * calls[0], (saved[0], calls[0])

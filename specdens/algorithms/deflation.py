@@ -84,7 +84,7 @@ class DeflatedOperator(LinearOperatorBase):
     def _matmat(self, X: Any) -> Any:
         xp = self.xp
         Y = self.project(xp.astype(X, self.dtype, copy=False))
-        AY = self.op.matmat(xp.astype(Y, self.op.dtype, copy=False))
+        AY = _array.detached(self.op.matmat(xp.astype(Y, self.op.dtype, copy=False)))
         return self.project(xp.astype(AY, self.dtype, copy=False))
 
 

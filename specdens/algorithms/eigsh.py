@@ -380,7 +380,8 @@ def eigsh(
     sel = wanted[np.argsort(theta[wanted], kind="stable")]
     values = theta[sel]
     X = xp.matrix_transpose(xp.matmul(_padded(S[:, sel].T, k, m, op, wdt), V))  # (n, k)
-    AX = xp.astype(op.matmat(xp.astype(X, op.dtype, copy=False)), wdt, copy=False)
+    AX = xp.astype(_array.detached(op.matmat(xp.astype(X, op.dtype, copy=False))), wdt,
+                   copy=False)
     matvecs += k
     R = AX - X * _array.from_numpy(values[None, :], xp, device, wdt)
     residuals = _array.to_numpy(xp.sqrt(xp.sum(R * R, axis=0)))
@@ -461,7 +462,7 @@ def _expand(op, V, q, L, l, m, wdt, consts, anorm, breakdown_tol, eager, checked
     steps = 0
     for j in range(l, m):
         V = _array.set_rows(V, (j, slice(None)), q)
-        Aq = op.matmat(xp.reshape(xp.astype(q, op.dtype, copy=False), (n, 1)))
+        Aq = _array.detached(op.matmat(xp.reshape(xp.astype(q, op.dtype, copy=False), (n, 1))))
         steps += 1
         if not checked:
             _checks.check_product(op, Aq, 1)

@@ -417,7 +417,7 @@ def _moments_block(op: Any, U: Any, N: int, K: int, center: float, half: float, 
     xp = op.xp
 
     def apply(T: Any) -> Any:  # B T for rows T: (A T^T)^T
-        AT = op.matmat(xp.astype(xp.matrix_transpose(T), op.dtype, copy=False))
+        AT = _array.detached(op.matmat(xp.astype(xp.matrix_transpose(T), op.dtype, copy=False)))
         AT = xp.matrix_transpose(xp.astype(AT, wdt, copy=False))
         return (AT - center * T) / half
 

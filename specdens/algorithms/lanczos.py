@@ -574,7 +574,7 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     xp = op.xp
     if state is None:
         k, n = V0.shape
-        q = V0
+        q = _array.detached(V0)
         q_prev = xp.zeros_like(q)
         beta_prev = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
         anorm = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
@@ -626,7 +626,7 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
             # (a float32 model's float32 basis row is the product's input: one conversion)
             row = q if same_basis else (q_op if op_is_basis else xp.astype(q, bdt))
             Q = _array.set_rows(Q, (slice(None), slot, slice(None)), row)
-        Aq = op.matmat(xp.matrix_transpose(q_op))
+        Aq = _array.detached(op.matmat(xp.matrix_transpose(q_op)))
         matvecs += k
         if j == 0:
             _checks.check_product(op, Aq, k)

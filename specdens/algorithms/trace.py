@@ -168,7 +168,7 @@ class _Ctx:
     def apply(self, X: Any) -> Any:
         """``A X`` for ``X`` of shape ``(n, b)`` in the working dtype."""
         xp = self.xp
-        Y = self.op.matmat(xp.astype(X, self.op.dtype, copy=False))
+        Y = _array.detached(self.op.matmat(xp.astype(X, self.op.dtype, copy=False)))
         self.matvecs += int(X.shape[1])
         if self.matvecs == int(X.shape[1]):
             _checks.check_product(self.op, Y, int(X.shape[1]))
