@@ -234,6 +234,16 @@ def detached(x: Any) -> Any:
     return x
 
 
+def shares_memory(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` may share memory (numpy, torch), or are the same object
+    (other libraries, whose arrays the engine does not change in place)."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        return bool(np.may_share_memory(a, b))
+    if library_name(a) == "torch" and library_name(b) == "torch":
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    return a is b
+
+
 def row_major(x: Any) -> Any:
     """``x`` itself when it is C-contiguous, else a C-contiguous copy (numpy and torch;
     other libraries choose their layouts themselves).

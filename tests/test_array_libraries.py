@@ -143,3 +143,61 @@ def test_torch_rows_get_standard_strides():
     block = torch.arange(12.0).reshape(6, 2).T  # really column-major: copied
     out = _array.row_major(block)
     assert out.stride() == (6, 1) and torch.equal(out, block)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_operator_that_reuses_its_output_buffer(rng, k):
+    """An operator that writes every product into the same output buffer (CUDA-graph
+    replay does) and returns it: the engine copies it before updating in place. A
+    re-view with standard strides shares the buffer's memory, so the copy is decided by
+    memory, not object identity (which once let the engine write into the buffer: alpha
+    off by 143 at k = 1)."""
+    torch = pytest.importorskip("torch")
+    n = 120
+    A = sym_from_spectrum(np.linspace(-1.0, 2.0, n), rng)
+    At = torch.from_numpy(A)
+    buffers = {}
+
+    class Buffered:
+        shape, dtype, xp = (n, n), torch.float64, "torch"
+
+        def matvec(self, v):
+            return At @ v
+
+        def matmat(self, V):
+            out = buffers.setdefault(V.shape[1], torch.empty(n, V.shape[1], dtype=torch.float64))
+            return torch.matmul(At, V, out=out)
+
+    op = specdens.aslinearoperator(Buffered(), symmetric=True)
+    ref = specdens.lanczos(A, 20, num_probes=k, seed=1)
+    r = specdens.lanczos(op, 20, num_probes=k, seed=1)
+    np.testing.assert_allclose(r.alpha, ref.alpha, rtol=0, atol=1e-12 * 2.0)
+    np.testing.assert_allclose(r.beta, ref.beta, rtol=0, atol=1e-12 * 2.0)
+
+
+def test_operator_that_returns_its_input_leaves_the_start_block_alone():
+    """An operator returning its input (its product is our q): the engine must not update
+    the start block in place, which a block run again with both Gram-Schmidt sweeps
+    starts from."""
+    torch = pytest.importorskip("torch")
+    from specdens.algorithms import lanczos as engine
+
+    n = 50
+
+    class Same:
+        shape, dtype, xp = (n, n), torch.float64, "torch"
+
+        def matvec(self, v):
+            return v
+
+        def matmat(self, W):
+            return W
+
+    op = specdens.aslinearoperator(Same(), symmetric=True)
+    for k in (1, 2):
+        V0 = torch.ones(k, n, dtype=torch.float64) / n ** 0.5
+        before = V0.clone()
+        out = engine._run_block(op, V0, 3, "full", None, torch.float64, torch.float64, 1e-8, 0,
+                                False, 0, lambda j: None)
+        assert torch.equal(V0, before)
+        np.testing.assert_allclose(out["alpha"][:, 0], 1.0, rtol=1e-14)

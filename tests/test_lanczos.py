@@ -434,9 +434,12 @@ def test_deferred_second_sweep_runs_the_block_again_on_cancellation(monkeypatch)
     monkeypatch.setattr(engine, "_run_block", lambda *a, **k: calls.append(
         k.get("both_sweeps", False)) or run_block(*a, **k))
     monkeypatch.setattr(engine, "_reads_are_free", lambda op: False)
+    seen = []
     with pytest.warns(LanczosWarning, match="not symmetric"):
-        device = specdens.lanczos(op, 30, probes=e[:, None])
+        device = specdens.lanczos(op, 30, probes=e[:, None],
+                                  progress=lambda done, total: seen.append(done))
     assert calls == [False, True]
+    assert seen == sorted(seen) and seen[-1] == 30  # the rerun does not report again
     assert device.matvecs == 2 * 30
     # Both paths sweep twice wherever the first sweep cancels; they differ only by a
     # second sweep at steps where it was not needed (rounding: a few eps ||T||). Without

@@ -406,10 +406,11 @@ def _lanczos(
                          save_every=checkpoint_every or 0)
         if out["missed_sweep"]:
             # a deferred Gram-Schmidt test found cancellation: run the block again with
-            # both sweeps at every step (its products count too)
+            # both sweeps at every step (its products count too; progress, which reached
+            # the block's end, is not reported twice)
             lanczos_matvecs += out["matvecs"]
             out = _run_block(op, V0, m, mode, win, wdt, bdt, breakdown_tol, check_every,
-                             return_basis, idx.start, on_step, both_sweeps=True)
+                             return_basis, idx.start, lambda j: None, both_sweeps=True)
         lanczos_matvecs += out["matvecs"]
         done.append({
             "alpha": out["alpha"], "beta": out["beta"], "active": out["active"],
@@ -634,8 +635,11 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         # row-major block read it strided (and keep that layout), 4x slower at k = 2
         rows = xp.matrix_transpose(Aq)
         w = _array.row_major(xp.astype(rows, wdt, copy=False))
-        if w is rows:
-            w = xp.asarray(w, copy=True)  # the product's own array may be shared: copy it
+        if _array.shares_memory(w, rows):
+            # the product's array may be the operator's (an output buffer it reuses, its
+            # input: our q), and w is updated in place: copy it (by memory, not identity:
+            # row_major may re-view the same memory)
+            w = _array.row_major(xp.asarray(w, copy=True))
         if omega is not None and j > 0:
             # partial reorthogonalisation leaves couplings to older vectors of up to
             # sqrt(eps) by design, so asymmetry is read locally instead: for a symmetric
