@@ -111,3 +111,51 @@ def test_operator_does_not_keep_the_default_group_alive():
             os.path.join(tmp, "error")) else None
     assert freed
     assert error is not None and "process group" in error.lower(), error
+
+
+def changing_data_worker(rank: int, init_file: str, out_dir: str) -> None:
+    import datetime
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=2, timeout=datetime.timedelta(seconds=60))
+    try:
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 3)).double()
+        X = torch.randn(20, 5, dtype=torch.float64)
+        y = torch.randint(0, 3, (20,))
+        for case in ("count", "values"):
+            passes = {"n": 0}
+
+            class Data:
+                def __iter__(self, case=case, passes=passes):
+                    passes["n"] += 1
+                    later = rank == 0 and passes["n"] > 1   # rank 0's data changes
+                    x = X[:9] if later and case == "count" else X[:10]
+                    yield (x + 1.0 if later and case == "values" else x), y[:len(x)]
+
+            op = hessian(model, torch.nn.CrossEntropyLoss(), Data(), graph_memory=0)
+            try:
+                specdens.lanczos(op, 5, seed=0)
+                outcome = "finished"
+            except Exception as exc:
+                outcome = f"{type(exc).__name__}: {exc}"
+            with open(os.path.join(out_dir, f"{case}{rank}"), "w") as fh:
+                fh.write(outcome)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_data_that_changes_on_one_rank_raises_on_every_rank():
+    """A rank whose data changes between passes must not raise alone: the others would
+    wait in the all-reduce until the timeout. The product is made NaN on that rank, the
+    reduction carries it to every rank, and each one's Lanczos run raises, naming the
+    cause."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(changing_data_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2,
+                 join=True)
+        outcomes = {(case, r): open(os.path.join(tmp, f"{case}{r}")).read()
+                    for case in ("count", "values") for r in range(2)}
+    for key, outcome in outcomes.items():
+        assert outcome.startswith("FloatingPointError"), (key, outcome)
+        assert "data that changed between passes" in outcome, (key, outcome)

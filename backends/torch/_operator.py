@@ -138,13 +138,15 @@ class DataOperator(LinearOperatorBase):
         self._check_block(V)
         with torch.enable_grad():
             acc, total, changed = self._pass(V)
-        if changed is not None:
-            # data that changed between passes, found on the device: the product is made
-            # NaN (the engine reports it, with this cause among those it names) rather than
-            # read back here, which would synchronise with the device at every product
-            acc = torch.where(changed, torch.full_like(acc, math.nan), acc)
         if total != self._local_count:
-            raise RuntimeError(_CHANGED_DATA)
+            if self._raises_at_once():
+                raise RuntimeError(_CHANGED_DATA)
+            acc = torch.full_like(acc, math.nan)
+        if changed is not None:
+            # data that changed between passes, found but not raised here (see
+            # _raises_at_once): the product is made NaN, on every rank through the
+            # reduction, and the engine reports it, with this cause among those it names
+            acc = torch.where(changed, torch.full_like(acc, math.nan), acc)
         all_reduce_sum(acc, self.group)
         # the global count is the one found when the operator was built (the batches are
         # the same, checked above): a Python number, so no host-to-device copy, which
@@ -186,17 +188,28 @@ class DataOperator(LinearOperatorBase):
         """Whether reading a value of the operator's device costs no synchronisation."""
         return self.device.type == "cpu"
 
+    def _raises_at_once(self) -> bool:
+        """Whether data that changed between passes raises in the product itself: on the
+        CPU in a single process. Off the CPU, reading the finding back would synchronise
+        with the device at every product; with a process group, a rank that raised alone
+        would leave the others waiting in the all-reduce. There the product is made NaN
+        instead, and the Lanczos run raises at its end, on every rank."""
+        return self._host_checks() and self.group is None
+
     def _check_fingerprints(self, fps: list[torch.Tensor]) -> torch.Tensor | None:
-        """Raise if this pass's batches differ from the first pass's; off the CPU, return
-        the finding as a 0-d boolean tensor on the device instead of reading it."""
+        """Raise if this pass's batches differ from the first pass's, or (see
+        :meth:`_raises_at_once`) return the finding as a 0-d boolean tensor on the device
+        instead of reading it."""
         if len(fps) != self.num_batches:
+            if not self._raises_at_once():
+                return torch.ones((), dtype=torch.bool, device=self.device)
             raise RuntimeError(f"the data yielded {len(fps)} batches in this pass and "
                                f"{self.num_batches} when the operator was built; it must yield "
                                "the same batches on every pass")
         now = torch.stack([f.to(self.device) for f in fps])
         tol = 1e-12 * torch.clamp(self._fingerprints.abs(), min=1.0)
         changed = ((now - self._fingerprints).abs() > tol).any()
-        if not self._host_checks():
+        if not self._raises_at_once():
             return changed
         if bool(changed):
             raise RuntimeError(_CHANGED_DATA)
