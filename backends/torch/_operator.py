@@ -141,7 +141,7 @@ class DataOperator(LinearOperatorBase):
         if total != self._local_count:
             if self._raises_at_once():
                 raise RuntimeError(_CHANGED_DATA)
-            acc = torch.full_like(acc, math.nan)
+            changed = torch.ones((), dtype=torch.bool, device=acc.device)
         if changed is not None:
             # data that changed between passes, found but not raised here (see
             # _raises_at_once): the product is made NaN, on every rank through the

@@ -40,7 +40,7 @@ def project(xp: Any, Qs: Any, w: Any) -> Any:
     main = n - n % chunks
     rows = []
     for p in range(Qs.shape[0]):
-        Qc = Qs[p, :, :main].unflatten(-1, (chunks, main // chunks)).transpose(0, 1)
+        Qc = _chunked(Qs[p], chunks, main)
         wc = w[p, :main].view(chunks, 1, main // chunks)
         h = torch.matmul(wc, Qc.mT).sum(0)[0]
         if main < n:
@@ -61,12 +61,18 @@ def combine(xp: Any, h: Any, Qs: Any) -> Any:
     main = n - n % chunks
     out = torch.empty((k, n), dtype=Qs.dtype, device=Qs.device)
     for p in range(k):
-        Qc = Qs[p, :, :main].unflatten(-1, (chunks, main // chunks)).transpose(0, 1)
+        Qc = _chunked(Qs[p], chunks, main)
         hc = h[p].expand(chunks, j)[:, None, :]
         torch.matmul(hc, Qc, out=out[p, :main].view(chunks, 1, main // chunks))
         if main < n:
             out[p, main:] = h[p] @ Qs[p, :, main:]
     return out
+
+
+def _chunked(Q: Any, chunks: int, main: int) -> Any:
+    """The first ``main`` columns of one probe's ``(j, n)`` basis as ``chunks`` blocks of
+    ``(j, main // chunks)``: a strided view, no copy."""
+    return Q[:, :main].unflatten(-1, (chunks, main // chunks)).transpose(0, 1)
 
 
 def _torch_chunks(Qs: Any) -> int:
