@@ -282,6 +282,13 @@ def subtract_rows(w: Any, x: Any) -> Any:
     """``w - x``, in place where ``w`` is mutable (the caller's own array), returned, in
     ``w``'s dtype. numpy, torch and array-api-strict subtract a lower-precision ``x``
     without converting it first; other libraries convert it."""
+    if (library_name(w) == "torch" and w.dtype != x.dtype and w.shape[0] > 1
+            and w.device.type == "cpu"):
+        # torch on the CPU subtracts a block of another dtype 8x slower than row by row
+        # (11.1 ms against 1.4 ms for float32 from float64 at k = 4, n = 1.1e6)
+        for wr, xr in zip(w, x, strict=True):
+            wr -= xr
+        return w
     if library_name(w) in ("numpy", "torch", "array_api_strict"):
         w -= x
         return w
