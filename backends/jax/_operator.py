@@ -10,7 +10,10 @@ regularisation -- all on the device, with nothing read back.
 from __future__ import annotations
 
 import math
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import jax
@@ -22,6 +25,58 @@ from . import distributed
 from ._data import Batches
 from ._params import ParamSpace
 from ._pass import WeightedPass, total
+
+# operators built from the same functions, parameter structure and settings share their
+# compiled products (a tracker builds one operator per record): the most recent ones
+_SHARED: OrderedDict[tuple, _Traces] = OrderedDict()
+SHARED_SIZE = 8
+
+
+class _Traces:
+    """The compiled products of a :class:`DataOperator` (owned by a skeleton of the first
+    operator with its trace key), shared by later operators with the same key, which then
+    trace nothing again. ``num_traces`` is counted on the operator in use."""
+
+    def __init__(self) -> None:
+        self.skeleton: Any = None
+        self._user: Callable[[], Any] = lambda: None
+
+    def use(self, op: DataOperator) -> None:
+        self._user = weakref.ref(op)
+
+    def traced(self) -> None:
+        op = self._user()
+        if op is not None:
+            op.num_traces += 1
+
+
+def _shared_traces(op: DataOperator) -> _Traces:
+    key = op._trace_key()
+    traces = _SHARED.get(key) if key is not None else None
+    if traces is None:
+        traces = _Traces()
+        traces.skeleton = op._skeleton(traces)
+        if key is not None:
+            _SHARED[key] = traces
+            while len(_SHARED) > SHARED_SIZE:
+                _SHARED.popitem(last=False)
+    else:
+        _SHARED.move_to_end(key)
+    traces.use(op)
+    return traces
+
+
+@dataclass(frozen=True)
+class _Apply:
+    """A traceable product of the compiled loop: equal for equal skeletons and batch
+    groupings, so :func:`jax.jit` (which keys its static arguments by equality) traces the
+    loop once for all operators that share their compiled products."""
+
+    skeleton: Any
+    kinds: tuple[str, ...]
+
+    def __call__(self, operand: Any, V: Any) -> Any:
+        return self.skeleton._apply(self.kinds, operand, V)
 
 
 def check_weight_decay(weight_decay: Any) -> float:
@@ -67,9 +122,16 @@ class DataOperator(LinearOperatorBase):
     num_batches : int
         Batches per pass.
     num_traces : int
-        How many times a per-batch product has been traced, i.e. compiled: once per
-        distinct batch signature (tree structure, shapes, dtypes) and block size ``k``
-        (plus once per distinct part with a mesh: the sharded part and the rest).
+        How many times a per-batch product has been traced, i.e. compiled, while this
+        operator was in use: once per distinct batch signature (tree structure, shapes,
+        dtypes) and block size ``k`` (plus once per distinct part with a mesh: the
+        sharded part and the rest). Operators built from the same functions (the same
+        objects), parameter structure and static leaves, selection, regularisation and
+        mesh share their compiled products (the 8 most recent such groups): a later one
+        traces nothing, as for a tracker's records (on the digits MLP, 30 steps x 2
+        probes per record: 0.76 -> 0.11 s per record, 0.95 -> 0.04 s with the compiled
+        loop). As with :func:`jax.jit`, a function is keyed by identity, not by what
+        its closure holds.
     mesh : jax.sharding.Mesh or None
         The mesh the data is sharded over.
     """
@@ -92,17 +154,22 @@ class DataOperator(LinearOperatorBase):
         self.batches = Batches(data, check=check_data)
         self.num_batches = self.batches.num_batches
         self.num_traces = 0
-        self._pass = WeightedPass(self._kernel, self.mesh, self.axes, self._traced)
-        rep = self.sharding if self.mesh is not None else None
-        self._finish = jax.jit(self._finish_products, out_shardings=rep)
         self._stacked: list | None = None
         self._check_loss()
+        self._traces = _shared_traces(self)
+        self._pass = self._traces.skeleton._pass
+        self._finish = self._traces.skeleton._finish
         self.num_samples = self._count_samples()
 
-    def _traced(self) -> None:
-        self.num_traces += 1
-
     # -- subclass hooks ------------------------------------------------------------------
+    # attributes the kernels read besides the space, dtype, regularisation and mesh
+    _TRACE_ATTRS: tuple[str, ...] = ()
+
+    def _kernel_key(self) -> tuple:
+        """What the kernels depend on besides the parameter space's structure: the
+        functions they call (by identity, as :func:`jax.jit` keys a function)."""
+        raise NotImplementedError
+
     def _kernel(self, consts: Any, batch: Any, V: Any) -> tuple[Any, Any]:
         """``(products (k, n) of the batch's mean loss with the rows of V^T, count)``."""
         raise NotImplementedError
@@ -135,6 +202,7 @@ class DataOperator(LinearOperatorBase):
 
     def _matmat(self, V: Any) -> Any:
         self._check_block(V)
+        self._traces.use(self)
         k = int(V.shape[1])
         parts = self._pass.run(self.consts, self.batches, V, (k, self.space.n), self.dtype,
                                self.sharding)
@@ -174,17 +242,51 @@ class DataOperator(LinearOperatorBase):
         signature and placed on the device(s) (the whole data set in device memory)."""
         if self._stacked is None:
             self._kinds, self._stacked = self._pass.stack(self.batches)
+        self._traces.use(self)
         return (self.consts, self._stacked)
 
-    def jax_apply(self, operand: Any, V: Any) -> Any:
-        """``A @ V`` for a block ``V`` of shape ``(n, k)``, traceable, given
-        :meth:`jax_operand`."""
-        consts, groups = operand
+    @property
+    def jax_apply(self) -> Callable[[Any, Any], Any]:
+        """``jax_apply(operand, V)``: ``A @ V`` for a block ``V`` of shape ``(n, k)``,
+        traceable, given :meth:`jax_operand`. Equal (and so one trace inside
+        :func:`jax.jit`) for operators that share their compiled products."""
         if self._stacked is None:
             self.jax_operand()
-        acc, tot = self._pass.pure(consts, self._kinds, groups, V,
+        return _Apply(self._traces.skeleton, self._kinds)
+
+    def _apply(self, kinds: tuple[str, ...], operand: Any, V: Any) -> Any:
+        consts, groups = operand
+        acc, tot = self._pass.pure(consts, kinds, groups, V,
                                    (int(V.shape[1]), self.space.n), self.dtype)
         return (acc / tot + self._extra_terms(consts, V.T)).T
+
+    # -- sharing compiled products between operators ----------------------------------------
+    def _trace_key(self) -> tuple | None:
+        """What a trace of the products depends on besides array shapes and values; None
+        when some part of it is not hashable."""
+        space = self.space.trace_key()
+        if space is None:
+            return None
+        key = (type(self), space, self.weight_decay, self.regularizer, self.mesh, self.axes,
+               self._kernel_key())
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
+
+    def _skeleton(self, traces: _Traces) -> DataOperator:
+        """An instance of this class that holds what the kernels read and no arrays (the
+        space's structure, not the parameters; no data), with the compiled steps."""
+        skel = object.__new__(type(self))
+        for name in ("shape", "dtype", "xp", "device", "mesh", "axes", "sharding",
+                     "weight_decay", "regularizer", *self._TRACE_ATTRS):
+            setattr(skel, name, getattr(self, name))
+        skel.space = self.space.structure()
+        skel._pass = WeightedPass(skel._kernel, self.mesh, self.axes, traces.traced)
+        rep = self.sharding if self.mesh is not None else None
+        skel._finish = jax.jit(skel._finish_products, out_shardings=rep)
+        return skel
 
     # -- vectors <-> parameters ---------------------------------------------------------------
     def unflatten(self, v: Any) -> dict[str, Any]:

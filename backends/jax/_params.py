@@ -149,6 +149,32 @@ class ParamSpace:
                 "(jax.device_put(params, device)) or pass mesh=... to shard the data")
         self.leaf_devices = devices.pop() if devices else None
         self._leaves = leaves
+        # each leaf's role in :meth:`combine`: selected ("x"), another array ("frozen", an
+        # argument of the compiled products) or a static value (part of their trace)
+        self._roles = tuple("x" if f else ("frozen" if _is_array(leaf) else "static")
+                            for leaf, f in zip(leaves, flags, strict=True))
+        self._static = tuple(leaf for leaf, r in zip(leaves, self._roles, strict=True)
+                             if r == "static")
+
+    def structure(self) -> ParamSpace:
+        """This space without its arrays: what a traced product needs (:meth:`split`,
+        :meth:`combine`, :meth:`flatten`, :meth:`unflatten`), not :meth:`place`."""
+        out = object.__new__(ParamSpace)
+        out.__dict__.update(self.__dict__)
+        out._leaves = None
+        out.leaf_devices = None
+        return out
+
+    def trace_key(self) -> tuple | None:
+        """What a traced product depends on besides array values: tree structure,
+        selection, shapes, dtype and the static leaves; None when a static leaf is not
+        hashable (products are then traced per operator)."""
+        key = (self.treedef, self._roles, tuple(self.shapes), self.dtype.name, self._static)
+        try:
+            hash(key)
+        except TypeError:
+            return None
+        return key
 
     # -- placement ----------------------------------------------------------------------
     def place(self, sharding: Any) -> tuple[Any, list[Any]]:
@@ -174,16 +200,9 @@ class ParamSpace:
     def combine(self, x: Any, frozen: Sequence[Any]) -> Any:
         """The params pytree with the selected leaves taken from the flat vector ``x`` and
         the other array leaves from ``frozen`` (non-array leaves as given)."""
-        pieces = iter(self.split(x))
-        rest = iter(frozen)
-        leaves = []
-        for leaf, f in zip(self._leaves, self.flags, strict=True):
-            if f:
-                leaves.append(next(pieces))
-            elif _is_array(leaf):
-                leaves.append(next(rest))
-            else:
-                leaves.append(leaf)
+        sources = {"x": iter(self.split(x)), "frozen": iter(frozen),
+                   "static": iter(self._static)}
+        leaves = [next(sources[role]) for role in self._roles]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
     def flatten(self, tree: Any) -> Any:

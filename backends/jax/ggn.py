@@ -47,6 +47,11 @@ class GGNOperator(DataOperator):
         self.counter = BatchLoss(lambda p, b: None, batch_size_fn)
         super().__init__(space, data, **kw)
 
+    _TRACE_ATTRS = ("model_fn", "criterion", "counter")
+
+    def _kernel_key(self) -> tuple:
+        return (self.model_fn, self.criterion, self.counter.batch_size_fn)
+
     def _outputs_fn(self, frozen: Any, inputs: Any) -> Callable[[Any], Any]:
         return lambda x: self.model_fn(self.space.combine(x, frozen), inputs)
 

@@ -20,9 +20,14 @@ class HessianOperator(DataOperator):
     the mesh with ``mesh=``).
     """
 
+    _TRACE_ATTRS = ("loss", "_pair")
+
     def __init__(self, loss: BatchLoss, space: ParamSpace, data: Any, **kw: Any):
         self.loss = loss
         super().__init__(space, data, **kw)
+
+    def _kernel_key(self) -> tuple:
+        return (self.loss.loss_fn, self.loss.batch_size_fn, self.loss.what, self._pair)
 
     def _loss_and_count(self, x: Any, frozen: Any, batch: Any) -> tuple[Any, Any]:
         return self.loss(self.space.combine(x, frozen), batch, self.dtype)
@@ -75,8 +80,9 @@ def hessian(
     ``N = sum_b n_b``, so uneven batches are weighted exactly; ``R`` is the
     ``regularizer``. A product is forward-over-reverse (:func:`jax.jvp` of
     :func:`jax.grad`), vectorised over a block of vectors with :func:`jax.vmap` (one pass
-    over the data per block), compiled once per batch signature and block size, with the
-    running sums kept on the device.
+    over the data per block), compiled once per batch signature and block size (and
+    shared with later operators of the same ``loss_fn``, parameter structure and
+    settings: see ``num_traces``), with the running sums kept on the device.
 
     Parameters
     ----------
