@@ -9,6 +9,7 @@ import pytest
 
 import specdens
 from specdens.algorithms import _buffers
+from specdens.operators.wrappers import CallableOperator
 
 N = 3000
 
@@ -135,3 +136,43 @@ def test_torch_mixed_dtype_block_subtraction_and_dots():
     # sums of 500 products of size ~1 in two orders
     np.testing.assert_allclose(got, np.einsum("kn,kn->k", a, b), rtol=0,
                                atol=10 * 500 * np.finfo(np.float64).eps)
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+@pytest.mark.parametrize("op_dtype", ["float32", "float64"])
+def test_operator_that_writes_into_its_input_is_refused(lib, op_dtype):
+    """The vectors an operator is given are memory the engine reuses (the basis row
+    itself for a float32 operator with a float32 basis): an operator that scales its input
+    in place would corrupt the run silently, so the first product is checked."""
+    d = np.linspace(-1.0, 3.0, N).astype(op_dtype)
+    if lib == "torch":
+        torch = pytest.importorskip("torch")
+        d = torch.from_numpy(d)
+
+    def scales_in_place(V):
+        V *= 2.0
+        return (d[:, None] * V) / 2.0
+
+    op = CallableOperator(lambda v: scales_in_place(v[:, None])[:, 0], (N, N), op_dtype,
+                          matmat=scales_in_place, xp=lib, symmetric=True)
+    with pytest.raises(ValueError, match="changed the vectors it was given"):
+        specdens.lanczos(op, 10, num_probes=2, basis_dtype="float32")
+
+
+@pytest.mark.parametrize("lib", ["numpy", "torch"])
+def test_column_major_probes_leave_the_buffers_row_major(monkeypatch, lib):
+    """Explicit probes of shape (n, k) make a column-major start block; the rotating
+    buffers stay row-major (the zero vector the block starts from included), so the run is
+    bit for bit the one without buffers."""
+    op = _diagonal(lib, "float32")
+    P = np.random.default_rng(1).standard_normal((N, 4))
+    if lib == "torch":
+        import torch
+
+        P = torch.from_numpy(P)
+    kw = dict(probes=P, reorth="full", basis_dtype="float32")
+    r = specdens.lanczos(op, 20, **kw)
+    monkeypatch.setattr(_buffers, "LIBRARIES", ())
+    ref = specdens.lanczos(op, 20, **kw)
+    np.testing.assert_array_equal(r.alpha, ref.alpha)
+    np.testing.assert_array_equal(r.beta, ref.beta)

@@ -15,6 +15,11 @@ float32 basis, two threads; development machine, medians of alternating runs): t
 * ``w`` in the basis's dtype (for the projection) and the combination share one buffer.
 
 Other libraries (JAX, TensorFlow, array-api-strict) make new arrays as before.
+
+So the vectors an operator is given are memory the engine writes again later (as scipy's
+ARPACK-based ``eigsh`` does with its workspace): an operator must neither change its input
+nor keep it past the call. The first product is checked for the first (where reading the
+values back is free).
 """
 
 from __future__ import annotations
@@ -46,12 +51,16 @@ class StepBuffers:
         Whether the ``q_prev`` the block starts from is the engine's own to overwrite (its
         zero vector at a block's start). The start block ``q`` never is: a block may be
         rerun from it.
+    host
+        Whether reading values back is free (host memory, synchronous): then the first
+        product is checked for writes into its input.
     """
 
     def __init__(self, xp: Any, k: int, n: int, wdt: Any, bdt: Any, op_dtype: Any,
-                 device: Any, *, prev_owned: bool) -> None:
+                 device: Any, *, prev_owned: bool, host: bool = False) -> None:
         self.xp = xp
         self.enabled = _array.library_name(xp) in LIBRARIES
+        self._host = host
         self._shape = (k, n)
         self._wdt, self._bdt, self._op_dtype = wdt, bdt, op_dtype
         self._device = device
@@ -90,6 +99,22 @@ class StepBuffers:
         if self._op_buf is None:
             self._op_buf = xp.empty(self._shape, dtype=self._op_dtype, device=self._device)
         return _copy_into(self._op_buf, q)
+
+    def snapshot(self, q_op: Any) -> Any:
+        """A copy of the product's input to check the operator against, where the engine
+        reuses that memory and reading it back is free (else ``None``)."""
+        if not (self.enabled and self._host):
+            return None
+        return self.xp.asarray(q_op, copy=True)
+
+    def check_unchanged(self, q_op: Any, before: Any) -> None:
+        """Raise if the operator wrote into its input."""
+        if not bool(self.xp.all(q_op == before)):
+            raise ValueError(
+                "the operator changed the vectors it was given: specdens reuses their memory "
+                "(as scipy's eigsh does), so an operator must neither write into its input "
+                "nor keep it past the call; copy it inside matvec/matmat if you need to "
+                "(v = v.copy(), or v.clone() for torch)")
 
     # ------------------------------------------------------------------ new vector
 

@@ -576,7 +576,8 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     if state is None:
         k, n = V0.shape
         q = _array.detached(V0)
-        q_prev = xp.zeros_like(q)
+        # (row-major whatever V0's layout: it becomes one of the step's rotating buffers)
+        q_prev = xp.zeros((k, n), dtype=wdt, device=_array.creation_device(op))
         beta_prev = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
         anorm = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
         asym = xp.zeros((k,), dtype=wdt, device=_array.creation_device(op))
@@ -620,13 +621,16 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
                     _array.finfo_eps(_checks.product_dtype(op)))
     steps_run = m
     bufs = _buffers.StepBuffers(xp, k, n, wdt, bdt, op.dtype, _array.creation_device(op),
-                                prev_owned=state is None)
+                                prev_owned=state is None, host=_reads_are_free(op))
     for j in range(j0, m):
         slot = j if mode in ("full", "partial") else (j % win if mode == "local" else None)
         if Q is not None:
             Q = bufs.write_basis_row(Q, slot, q)
         q_op = bufs.product_input(q, Q, slot)
+        before = bufs.snapshot(q_op) if j == j0 else None
         Aq = _array.detached(op.matmat(xp.matrix_transpose(q_op)))
+        if before is not None:
+            bufs.check_unchanged(q_op, before)
         matvecs += k
         if j == 0:
             _checks.check_product(op, Aq, k)

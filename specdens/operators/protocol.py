@@ -15,6 +15,11 @@ class LinearOperator(Protocol):
     (where the vectors live) and ``rmatvec``. Vectors are arrays of any array-API
     library; the engine keeps them in that library and on that device.
 
+    The engine reuses the memory of the vectors it passes (as scipy's ARPACK-based
+    ``eigsh`` does): ``matvec`` and ``matmat`` must neither write into their input nor
+    keep it, or a view of it, past the call (copy it if you need to). A write into the
+    input is caught at the first product on the host.
+
     The algorithms of specdens assume the operator is symmetric; see
     ``lanczos(..., check_symmetry=True)`` for a cheap check.
     """

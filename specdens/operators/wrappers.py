@@ -208,6 +208,12 @@ def aslinearoperator(
     Returns
     -------
     LinearOperatorBase
+
+    Notes
+    -----
+    The algorithms reuse the memory of the vectors they pass to ``matvec`` and
+    ``matmat`` (as scipy's ARPACK-based ``eigsh`` does): a callable or an object of yours
+    must neither write into its input nor keep it, or a view of it, past the call.
     """
     if isinstance(obj, LinearOperatorBase):
         op = obj
