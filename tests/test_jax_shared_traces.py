@@ -179,3 +179,12 @@ def test_ggn_operators_share_products():
     assert rel(G0, dense_ggn(params_(9), data_(9))) < TOL
     assert rel(G1, dense_ggn(params_(10), data_(10))) < TOL
     assert rel(G1, G0) > 1e-2
+
+
+def test_static_leaves_of_other_types_trace_apart():
+    """1, 1.0 and True are equal in Python but are different constants in a trace."""
+    ops = [hessian(loss, dict(params_(11), extra=v), data_(11)) for v in (1, 1.0, True)]
+    for op in ops:
+        H = dense(op)
+        assert op.num_traces >= 1
+        assert rel(H, dense_hessian(dict(params_(11), extra=1), data_(11))) < TOL

@@ -169,7 +169,9 @@ class ParamSpace:
         """What a traced product depends on besides array values: tree structure,
         selection, shapes, dtype and the static leaves; None when a static leaf is not
         hashable (products are then traced per operator)."""
-        key = (self.treedef, self._roles, tuple(self.shapes), self.dtype.name, self._static)
+        # (static leaves with their types: 1, 1.0 and True are equal but trace apart)
+        static = tuple((type(leaf), leaf) for leaf in self._static)
+        key = (self.treedef, self._roles, tuple(self.shapes), self.dtype.name, static)
         try:
             hash(key)
         except TypeError:
