@@ -2,12 +2,13 @@
 
 A fresh ``(k, n)`` array per step costs its pages again whenever the allocator has given
 them back to the system, and converting copies make transposed layouts that later
-operations read slowly. With these buffers the engine makes no ``(k, n)`` array after its
-second step, and every conversion is a copy into a row-major buffer. Engine alone, 90
-steps of full reorthogonalisation at n = 1.1e6 (float32 operator, float64 vectors,
-float32 basis, two threads; development machine, medians of alternating runs): torch 11.8
--> 10.9 ms per step with one probe and 78 -> 45 ms with four; numpy 13.4 -> 12.9 and 74 ->
-64 ms.
+operations read slowly. With these buffers the engine's own ``(k, n)`` arrays are made
+in its first two steps, and every conversion is a copy into a row-major buffer (numpy
+still makes a temporary in each of its two scaled-row updates, ``w -= c * x``, which it
+cannot fuse). Engine alone, 90 steps of full reorthogonalisation at n = 1.1e6 (float32
+operator, float64 vectors, float32 basis, two threads; development machine, medians of
+alternating runs): torch 11.8 -> 10.9 ms per step with one probe and 78 -> 45 ms with
+four; numpy 13.4 -> 12.9 and 74 -> 64 ms.
 
 * the new vector ``w`` is written into the buffer of the vector of two steps ago;
 * the product's input is the basis row itself when the operator's dtype is the basis's,
