@@ -258,8 +258,15 @@ def row_major(x: Any) -> Any:
     if lib == "numpy":
         return np.ascontiguousarray(x)
     if lib == "torch":
-        x = x.contiguous()
-        return x.view(-1).view(x.shape) if x.dim() > 1 else x
+        return standard_strides(x.contiguous())
+    return x
+
+
+def standard_strides(x: Any) -> Any:
+    """A torch tensor that torch calls contiguous, re-viewed with the standard strides (no
+    copy; see :func:`row_major`); anything else as it is."""
+    if library_name(x) == "torch" and x.dim() > 1 and x.is_contiguous():
+        return x.view(-1).view(x.shape)
     return x
 
 

@@ -143,6 +143,10 @@ def test_torch_rows_get_standard_strides():
     block = torch.arange(12.0).reshape(6, 2).T  # really column-major: copied
     out = _array.row_major(block)
     assert out.stride() == (6, 1) and torch.equal(out, block)
+    # the re-view alone (what the engine's converting copies read from): no copy ever
+    assert _array.standard_strides(row).stride() == (6, 1)
+    assert _array.standard_strides(row).data_ptr() == row.data_ptr()
+    assert _array.standard_strides(block) is block
 
 
 @pytest.mark.parametrize("k", [1, 3])
