@@ -65,18 +65,7 @@ def combine(xp: Any, h: Any, Qs: Any, *, out: Any = None) -> Any:
     k, j, n = Qs.shape
     if out is None:
         out = torch.empty((k, n), dtype=Qs.dtype, device=Qs.device)
-    chunks = _torch_chunks(Qs)
-    if chunks == 1:
-        torch.matmul(h[:, None, :], Qs, out=out[:, None, :])
-        return out
-    main = n - n % chunks
-    for p in range(k):
-        Qc = _chunked(Qs[p], chunks, main)
-        hc = h[p].expand(chunks, j)[:, None, :]
-        torch.matmul(hc, Qc, out=out[p, :main].view(chunks, 1, main // chunks))
-        if main < n:
-            out[p, main:] = h[p] @ Qs[p, :, main:]
-    return out
+    return _torch_combination(h, Qs, out, subtract=False)
 
 
 def subtract_combination(xp: Any, w: Any, h: Any, Qs: Any, *, scratch: Any = None) -> Any:
@@ -92,19 +81,36 @@ def subtract_combination(xp: Any, w: Any, h: Any, Qs: Any, *, scratch: Any = Non
     """
     if _array.library_name(xp) != "torch" or w.dtype != Qs.dtype:
         return _array.subtract_rows(w, combine(xp, h, Qs, out=scratch))
+    return _torch_combination(h, Qs, w, subtract=True)
+
+
+def _torch_combination(h: Any, Qs: Any, out: Any, *, subtract: bool) -> Any:
+    """``out = h @ Qs`` per probe, or ``out -= h @ Qs`` with ``subtract`` (in place,
+    ``baddbmm_``), chunked along ``n`` on the CPU (see :func:`_torch_chunks`)."""
+    import torch
+
+    def into(o: Any, hh: Any, Q: Any) -> None:
+        if subtract:
+            o.baddbmm_(hh, Q, alpha=-1)
+        else:
+            torch.matmul(hh, Q, out=o)
+
+    k, j, n = Qs.shape
     chunks = _torch_chunks(Qs)
     if chunks == 1:
-        w[:, None, :].baddbmm_(h[:, None, :], Qs, alpha=-1)
-        return w
-    k, j, n = Qs.shape
+        into(out[:, None, :], h[:, None, :], Qs)
+        return out
     main = n - n % chunks
     for p in range(k):
-        Qc = _chunked(Qs[p], chunks, main)
-        hc = h[p].expand(chunks, j)[:, None, :]
-        w[p, :main].view(chunks, 1, main // chunks).baddbmm_(hc, Qc, alpha=-1)
+        into(out[p, :main].view(chunks, 1, main // chunks),
+             h[p].expand(chunks, j)[:, None, :], _chunked(Qs[p], chunks, main))
         if main < n:
-            w[p, main:] -= h[p] @ Qs[p, :, main:]
-    return w
+            rest = h[p] @ Qs[p, :, main:]
+            if subtract:
+                out[p, main:] -= rest
+            else:
+                out[p, main:] = rest
+    return out
 
 
 def _chunked(Q: Any, chunks: int, main: int) -> Any:
