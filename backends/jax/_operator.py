@@ -263,12 +263,10 @@ class DataOperator(LinearOperatorBase):
     # -- sharing compiled products between operators ----------------------------------------
     def _trace_key(self) -> tuple | None:
         """What a trace of the products depends on besides array shapes and values; None
-        when some part of it is not hashable."""
-        space = self.space.trace_key()
-        if space is None:
-            return None
-        key = (type(self), space, self.weight_decay, self.regularizer, self.mesh, self.axes,
-               self._kernel_key())
+        when some part of it is not hashable (a static leaf, say: products are then
+        traced per operator)."""
+        key = (type(self), self.space.trace_key(), self.weight_decay, self.regularizer,
+               self.mesh, self.axes, self._kernel_key())
         try:
             hash(key)
         except TypeError:

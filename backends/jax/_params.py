@@ -165,18 +165,13 @@ class ParamSpace:
         out.leaf_devices = None
         return out
 
-    def trace_key(self) -> tuple | None:
+    def trace_key(self) -> tuple:
         """What a traced product depends on besides array values: tree structure,
-        selection, shapes, dtype and the static leaves; None when a static leaf is not
-        hashable (products are then traced per operator)."""
+        selection, shapes, dtype and the static leaves (which may be unhashable: the
+        caller checks)."""
         # (static leaves with their types: 1, 1.0 and True are equal but trace apart)
         static = tuple((type(leaf), leaf) for leaf in self._static)
-        key = (self.treedef, self._roles, tuple(self.shapes), self.dtype.name, static)
-        try:
-            hash(key)
-        except TypeError:
-            return None
-        return key
+        return (self.treedef, self._roles, tuple(self.shapes), self.dtype.name, static)
 
     # -- placement ----------------------------------------------------------------------
     def place(self, sharding: Any) -> tuple[Any, list[Any]]:
