@@ -228,7 +228,7 @@ def test_compiled_loop_matches_eager_engine_full(shared):
 
 
 @pytest.mark.parametrize("reorth", ["local", "none"])
-def test_compiled_loop_matches_eager_engine_partial_reorth(reorth):
+def test_compiled_loop_matches_eager_engine_without_full_basis(reorth):
     A = spectrum_matrix()
     eager = specdens.lanczos(A, 40, num_probes=2, reorth=reorth, window=8)
     comp = lanczos(A, 40, num_probes=2, reorth=reorth, window=8)
@@ -239,6 +239,70 @@ def test_compiled_loop_matches_eager_engine_partial_reorth(reorth):
     m_e = specdens.SpectralDensity.from_lanczos(eager).moments([1, 2, 3, 4]).value
     m_c = specdens.SpectralDensity.from_lanczos(comp).moments([1, 2, 3, 4]).value
     np.testing.assert_allclose(m_c, m_e, rtol=1e-10)
+
+
+def outlier_matrix(n=200, seed=5):
+    """A bulk in [-1, 1] and five outliers: Ritz values converge to the outliers early,
+    and the loss of orthogonality it drives makes Simon's estimate call for some sweeps."""
+    rng = np.random.default_rng(seed)
+    lam = np.concatenate([rng.uniform(-1.0, 1.0, n - 5), [20.0, 30.0, 40.0, 50.0, 60.0]])
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return jnp.asarray((Q * lam) @ Q.T), lam
+
+
+@pytest.mark.parametrize("basis_dtype", ["float64", "float32"])
+def test_compiled_partial_reorth_matches_eager_engine(monkeypatch, basis_dtype):
+    """``reorth="partial"``: Simon's estimates advance on the device and choose the same
+    steps to reorthogonalise as the eager engine (both counted), so the two runs are one
+    algorithm and differ by rounding: 1e-12 ||T|| with a float64 basis, as for full
+    reorthogonalisation; with a float32 basis the corrections carry float32 rounding,
+    m * eps32 * ||T||. The kept basis is semi-orthogonal (Simon: |q_i^T q_j| <=
+    sqrt(eps)), and the outliers come out as the exact eigenvalues."""
+    from specdens.algorithms import lanczos as core
+    A, lam = outlier_matrix()
+    m = 80
+    counted = {}
+    result, run_block = compiled._result, core._run_block
+
+    def spy_result(host, outs, *a, **kw):
+        counted["compiled"] = [int(o["sweeps"]) for o in outs]
+        return result(host, outs, *a, **kw)
+
+    def spy_block(*a, **kw):
+        out = run_block(*a, **kw)
+        counted.setdefault("eager", []).append(out["reorth_steps"])
+        return out
+
+    monkeypatch.setattr(compiled, "_result", spy_result)
+    monkeypatch.setattr(core, "_run_block", spy_block)
+    eager = specdens.lanczos(A, m, num_probes=3, reorth="partial", basis_dtype=basis_dtype)
+    comp = lanczos(A, m, num_probes=3, reorth="partial", basis_dtype=basis_dtype,
+                   return_basis=True)
+    assert (comp.reorth, comp.basis_dtype) == ("partial", basis_dtype)
+    assert counted["compiled"] == counted["eager"]
+    assert 0 < counted["compiled"][0] < m  # partial: sweeps at some steps, not all
+    eps = np.finfo(basis_dtype).eps
+    tol = (1e-12 if basis_dtype == "float64" else m * eps) * _tnorm(eager)
+    assert np.max(np.abs(comp.alpha - eager.alpha)) <= tol
+    assert np.max(np.abs(comp.beta - eager.beta)) <= tol
+    assert comp.asymmetry < np.sqrt(eps)
+    for i in range(3):
+        B = np.asarray(comp.basis[i], dtype=np.float64)
+        assert np.max(np.abs(B @ B.T - np.eye(m))) <= np.sqrt(eps)
+    top = np.sort(lam)[-5:]
+    nodes = specdens.SpectralDensity.from_lanczos(comp).nodes
+    for i in range(3):
+        ritz = np.sort(nodes[i])[-5:]
+        np.testing.assert_allclose(ritz, top, rtol=0, atol=m * eps * np.abs(lam).max())
+
+
+def test_compiled_partial_reorth_warns_on_an_asymmetric_operator():
+    """Partial reorthogonalisation reads asymmetry locally (q_{j-1}^T A q_j against
+    beta_{j-1}): a non-symmetric matrix is reported as in the eager engine."""
+    A, _ = outlier_matrix(n=60)
+    B = A + 1e-3 * jnp.asarray(np.random.default_rng(0).standard_normal((60, 60)))
+    with pytest.warns(specdens.LanczosWarning, match="not symmetric"):
+        lanczos(B, 30, reorth="partial")
 
 
 def test_auto_follows_the_cores_rule():
@@ -266,14 +330,15 @@ def _count_eqns(jaxpr):
     return n
 
 
-def test_compiled_loop_is_not_unrolled():
+@pytest.mark.parametrize("mode", ["full", "partial"])
+def test_compiled_loop_is_not_unrolled(mode):
     A = jnp.asarray(np.diag(np.linspace(-1.0, 2.0, 80)))
     V0 = jnp.ones((2, 80)) / np.sqrt(80)
     tol = jnp.asarray(1e-8)
     sizes = []
     for m in (5, 60):
         traced = compiled._run.trace(compiled._dense_apply, A, V0, tol, m=m,
-                                           mode="full", win=20, wdt="float64", bdt="float64",
+                                           mode=mode, win=20, wdt="float64", bdt="float64",
                                            odt="float64", keep=False)
         sizes.append(_count_eqns(traced.jaxpr.jaxpr))
     assert sizes[0] == sizes[1] > 20

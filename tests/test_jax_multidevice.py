@@ -52,8 +52,10 @@ SCRIPT = textwrap.dedent('''
     g1 = np.asarray(gradient(loss, params, batches))
     t = np.abs(r1.alpha).max() + 2 * np.abs(r1.beta).max()
 
-    def check_lanczos(r4, name):
-        da, db = np.abs(r4.alpha - r1.alpha).max(), np.abs(r4.beta - r1.beta).max()
+    r1p = specdens.lanczos(single, 20, num_probes=3, seed=0, reorth="partial")
+
+    def check_lanczos(r4, name, ref=r1):
+        da, db = np.abs(r4.alpha - ref.alpha).max(), np.abs(r4.beta - ref.beta).max()
         assert max(da, db) <= 1e-10 * t, (name, da, db)
 
     # a list of devices: a one-axis mesh "data" over the 4 of them
@@ -66,6 +68,8 @@ SCRIPT = textwrap.dedent('''
     assert np.abs(np.asarray(Hv) - Hv1).max() <= 1e-10 * np.abs(Hv1).max()
     check_lanczos(specdens.lanczos(op, 20, num_probes=3, seed=0), "eager engine")
     check_lanczos(lanczos(op, 20, num_probes=3, seed=0), "compiled loop")
+    check_lanczos(lanczos(op, 20, num_probes=3, seed=0, reorth="partial"),
+                  "compiled loop, partial reorthogonalisation", r1p)
     g4 = gradient(loss, params, batches, mesh=jax.devices())
     assert g4.sharding.is_fully_replicated
     assert np.abs(np.asarray(g4) - g1).max() <= 1e-10 * np.abs(g1).max()

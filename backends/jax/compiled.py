@@ -5,16 +5,19 @@ the number of steps), the products inside the same program.
 The arithmetic is the core engine's (:func:`specdens.lanczos`, its fixed-shape path for
 JAX): classical Gram-Schmidt against the whole preallocated basis, the second sweep only
 when the first cancelled (the DGKS criterion, decided on the device by
-:func:`jax.lax.cond`; the core's eager engine on JAX arrays always runs both), the same
-breakdown rule, the same asymmetry monitor; probes come from the core's generator, so
-both paths start from the same vectors and agree to rounding. Results are the core's
+:func:`jax.lax.cond`), Simon's estimate of the loss of orthogonality for
+``reorth="partial"`` (advanced on the device, the sweep again under
+:func:`jax.lax.cond`), the same breakdown rule, the same asymmetry monitors; probes come
+from the core's generator, so both paths start from the same vectors and agree to
+rounding. Results are the core's
 :class:`~specdens.LanczosResult` and :class:`~specdens.SpectralDensity`.
 
 References
 ----------
 C. Lanczos (1950), An iteration method for the solution of the eigenvalue problem of
 linear differential and integral operators. L. Giraud, J. Langou, M. Rozloznik (2005),
-The loss of orthogonality in the Gram-Schmidt orthogonalization process.
+The loss of orthogonality in the Gram-Schmidt orthogonalization process. H. D. Simon
+(1984), The Lanczos algorithm with partial reorthogonalization, Math. Comp. 42(165).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from specdens.algorithms.lanczos import _raise_on_nonfinite, _resolve_reorth
 from specdens.algorithms.probes import PROBE_KINDS, probe_block
 from specdens.operators import DenseOperator, LinearOperatorBase
 
-MODES = ("full", "local", "none", "auto")
+MODES = ("full", "partial", "local", "none", "auto")
 
 
 # --------------------------------------------------------------------------- operators
@@ -152,12 +155,55 @@ def _gram_schmidt(Q: Any, w: Any, j: Any) -> tuple[Any, Any]:
     return h, corr
 
 
+def _omega_advance(om: dict, j: Any, alpha: Any, beta: Any, beta_prev: Any, anorm: Any,
+                   *, eps: float, n: int) -> tuple[dict, Any]:
+    """Simon's recurrence for the estimates of ``|q_{j+1}^T q_i|``, on the device: the
+    core's ``_Omega.advance`` (see there) with fixed shapes. ``om`` holds ``cur`` and
+    ``prev`` (``(k, m + 1)``), the coefficients so far (``(k, m)``), ``force`` and
+    ``sweeps``; returns the advanced state and whether the new vector is reorthogonalised.
+    """
+    dt = om["cur"].dtype
+    a = om["alpha"].at[:, j].set(alpha.astype(dt))
+    b = om["beta"].at[:, j].set(beta.astype(dt))
+    cur, prev = om["cur"], om["prev"]
+    alpha, beta = alpha.astype(dt), beta.astype(dt)
+    beta_prev, anorm = beta_prev.astype(dt), anorm.astype(dt)
+    k, size = cur.shape
+    zero = jnp.zeros((k, 1), dt)
+    a_i = jnp.concatenate([a, zero], axis=1)          # alpha_i
+    b_i = jnp.concatenate([b, zero], axis=1)          # beta_i
+    b_im1 = jnp.concatenate([zero, b], axis=1)        # beta_{i-1} (0 for i = 0)
+    w_ip1 = jnp.concatenate([cur[:, 1:], zero], axis=1)
+    w_im1 = jnp.concatenate([zero, cur[:, :-1]], axis=1)
+    norm = jnp.maximum(jnp.maximum(anorm, jnp.abs(alpha) + beta + beta_prev),
+                       jnp.finfo(dt).tiny)
+    live = beta > eps * norm
+    rounding = eps * float(np.sqrt(n))
+    safe = jnp.where(live, beta, jnp.ones_like(beta))
+    t = (b_i * w_ip1 + (a_i - alpha[:, None]) * cur + b_im1 * w_im1
+         - beta_prev[:, None] * prev)
+    t = t + jnp.where(t >= 0, 1.0, -1.0) * rounding * norm[:, None]
+    i = jnp.arange(size)[None, :]
+    new = jnp.where(i < j, t / safe[:, None], 0.0)
+    new = jnp.where(i == j, (rounding * norm / safe)[:, None], new)
+    new = jnp.where(i == j + 1, 1.0, new)
+    new = jnp.where(live[:, None], new, jnp.where(i == j + 1, 1.0, 0.0))
+    reorth = om["force"] | jnp.any((i <= j) & (jnp.abs(new) > float(np.sqrt(eps))))
+    # reorthogonalised: the estimates reset; Simon: the next vector is reorthogonalised too
+    new = jnp.where(reorth & (i <= j), rounding, new).astype(dt)
+    out = {"cur": new, "prev": cur, "alpha": a, "beta": b,
+           "force": jnp.where(reorth, ~om["force"], om["force"]),
+           "sweeps": om["sweeps"] + reorth.astype(om["sweeps"].dtype)}
+    return out, reorth
+
+
 @partial(jax.jit, static_argnums=(0,),
          static_argnames=("m", "mode", "win", "wdt", "bdt", "odt", "keep"))
 def _run(apply: Callable[[Any, Any], Any], operand: Any, V0: Any, tol: Any, *, m: int,
          mode: str, win: int, wdt: str, bdt: str, odt: str, keep: bool) -> dict:
     k, n = V0.shape
-    size = m if mode == "full" else win
+    basis_all = mode in ("full", "partial")
+    size = m if basis_all else win
     same = wdt == bdt
     zeros_k = jnp.zeros((k,), wdt)
     state = {
@@ -168,16 +214,31 @@ def _run(apply: Callable[[Any, Any], Any], operand: Any, V0: Any, tol: Any, *, m
     }
     if mode != "none":
         state["Q"] = jnp.zeros((k, size, n), bdt)
+    # the rounding that feeds the loss of orthogonality: of the products too
+    eps_omega = max(_array.finfo_eps(wdt), _array.finfo_eps(bdt), _array.finfo_eps(odt))
+    if mode == "partial":
+        cur = jnp.zeros((k, m + 1), wdt).at[:, 0].set(1.0)
+        state["omega"] = {"cur": cur, "prev": jnp.zeros((k, m + 1), wdt),
+                          "alpha": jnp.zeros((k, m), wdt), "beta": jnp.zeros((k, m), wdt),
+                          "force": jnp.asarray(False), "sweeps": jnp.asarray(0, jnp.int32)}
 
     def body(j: Any, s: dict) -> dict:
         s = dict(s)
         q, q_prev, beta_prev, anorm = s["q"], s["q_prev"], s["beta_prev"], s["anorm"]
-        slot = j if mode == "full" else j % win
+        slot = j if basis_all else j % win
         if mode != "none":
             qb = q if same else q.astype(bdt)
             s["Q"] = jax.lax.dynamic_update_slice(s["Q"], qb[:, None, :], (0, slot, 0))
         Aq = apply(operand, q.astype(odt).T)
-        w = Aq.T.astype(wdt) - beta_prev[:, None] * q_prev
+        w = Aq.T.astype(wdt)
+        safe_norm = jnp.where(anorm > 0, anorm, jnp.ones_like(anorm))
+        fac = jnp.minimum(beta_prev / safe_norm, jnp.ones_like(anorm))
+        if mode == "partial":
+            # couplings to older vectors reach sqrt(eps) by design: asymmetry is read
+            # locally, q_{j-1}^T A q_j - beta_{j-1} (as in the core)
+            dev = jnp.abs(_rowdot(q_prev, w) - beta_prev)
+            s["asym"] = jnp.where(j > 0, jnp.maximum(s["asym"], dev * fac), s["asym"])
+        w = w - beta_prev[:, None] * q_prev
         alpha = _rowdot(q, w)
         w = w - alpha[:, None] * q
         if mode != "none":
@@ -185,22 +246,32 @@ def _run(apply: Callable[[Any, Any], Any], operand: Any, V0: Any, tol: Any, *, m
 
             def sweep(w: Any, alpha: Any) -> tuple[Any, Any, Any]:
                 wb = w if same else w.astype(bdt)
-                h, corr = _gram_schmidt(Q, wb, j if mode == "full" else None)
+                h, corr = _gram_schmidt(Q, wb, j if basis_all else None)
                 hw = h if same else h.astype(wdt)
                 alpha = alpha + jax.lax.dynamic_index_in_dim(hw, slot, axis=1, keepdims=False)
                 return w - (corr if same else corr.astype(wdt)), alpha, hw
 
-            w, alpha, hw = sweep(w, alpha)
-            older = jnp.where(jnp.arange(size)[None, :] == slot, 0.0, jnp.abs(hw))
-            safe_norm = jnp.where(anorm > 0, anorm, jnp.ones_like(anorm))
-            fac = jnp.minimum(beta_prev / safe_norm, jnp.ones_like(anorm))
-            s["asym"] = jnp.maximum(s["asym"], jnp.max(older, axis=1) * fac)
-            # Daniel, Gragg, Kaufman & Stewart (1976): the second sweep only when the first
-            # removed more than half of ||w||^2, i.e. ||w'|| < ||h|| (Pythagoras); decided
-            # on the device by lax.cond, so nothing is read back
-            cancelled = jnp.any(_rowdot(w, w) < jnp.sum(hw * hw, axis=1))
-            w, alpha = jax.lax.cond(cancelled, lambda wa: sweep(*wa)[:2], lambda wa: wa,
-                                    (w, alpha))
+            def sweeps(wa: tuple[Any, Any]) -> tuple[Any, Any, Any]:
+                w, alpha, hw = sweep(*wa)
+                # Daniel, Gragg, Kaufman & Stewart (1976): the second sweep only when the
+                # first removed more than half of ||w||^2, i.e. ||w'|| < ||h||
+                # (Pythagoras); decided on the device by lax.cond, so nothing is read back
+                cancelled = jnp.any(_rowdot(w, w) < jnp.sum(hw * hw, axis=1))
+                w, alpha = jax.lax.cond(cancelled, lambda wa: sweep(*wa)[:2],
+                                        lambda wa: wa, (w, alpha))
+                return w, alpha, hw
+
+            if mode == "partial":
+                # Simon's estimate of the new vector's orthogonality to the older ones
+                s["omega"], needed = _omega_advance(
+                    s["omega"], j, alpha, jnp.sqrt(_rowdot(w, w)), beta_prev, anorm,
+                    eps=eps_omega, n=n)
+                w, alpha = jax.lax.cond(needed, lambda wa: sweeps(wa)[:2], lambda wa: wa,
+                                        (w, alpha))
+            else:
+                w, alpha, hw = sweeps((w, alpha))
+                older = jnp.where(jnp.arange(size)[None, :] == slot, 0.0, jnp.abs(hw))
+                s["asym"] = jnp.maximum(s["asym"], jnp.max(older, axis=1) * fac)
         beta = jnp.sqrt(_rowdot(w, w))
         anorm = jnp.maximum(anorm, jnp.abs(alpha) + beta + beta_prev)
         active = s["active"] & (beta > tol * anorm)
@@ -216,6 +287,8 @@ def _run(apply: Callable[[Any, Any], Any], operand: Any, V0: Any, tol: Any, *, m
 
     out = jax.lax.fori_loop(0, m, body, state)
     res = {key: out[key] for key in ("alpha", "beta", "act", "asym", "anorm")}
+    if mode == "partial":
+        res["sweeps"] = out["omega"]["sweeps"]
     if keep:
         res["basis"], res["last"] = out["Q"], out["q"]
     return res
@@ -297,7 +370,7 @@ def lanczos(
                 _checks.positive_int(block_size, "block_size"), num_probes)
     mode, win, basis = _resolve(reorth, m, size, block, basis, window, max_basis_bytes,
                                 device, basis_dtype is not None)
-    if return_basis and mode != "full":
+    if return_basis and mode not in ("full", "partial"):
         raise ValueError(f"return_basis=True needs reorth='full' (this run uses {mode!r})")
     if breakdown_tol is None:
         breakdown_tol = float(np.sqrt(max(_array.finfo_eps(work), _array.finfo_eps(basis))))
