@@ -23,7 +23,6 @@ The loss of orthogonality in the Gram-Schmidt orthogonalization process. H. D. S
 from __future__ import annotations
 
 import time
-import warnings
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -32,8 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from specdens import LanczosResult, LanczosWarning, SpectralDensity, _array, _checks
-from specdens.algorithms.lanczos import _raise_on_nonfinite, _resolve_reorth
+from specdens import LanczosResult, SpectralDensity, _array, _checks
+from specdens.algorithms.lanczos import _resolve_reorth, finish_coefficients
 from specdens.algorithms.probes import PROBE_KINDS, probe_block
 from specdens.operators import DenseOperator, LinearOperatorBase
 
@@ -448,16 +447,6 @@ def _resolve(reorth: str, m: int, n: int, block: int, basis: str, window: int,
 def _result(host: list[dict], outs: list[dict], scales: list[Any], *, mode: str, win: int,
             m: int, n: int, seed: int, explicit: bool, kind: str, work: str, basis: str,
             op_dtype: Any, keep: bool, t0: float) -> LanczosResult:
-    alpha = np.concatenate([h["alpha"] for h in host]).astype(np.float64)
-    beta = np.concatenate([h["beta"] for h in host]).astype(np.float64)
-    active = np.concatenate([h["act"] for h in host]).astype(bool)
-    _raise_on_nonfinite(alpha, beta, 0)
-    stopped = ~active
-    breakdown = stopped.any(axis=1)
-    lengths = np.where(breakdown, stopped.argmax(axis=1) + 1, m)
-    steps = np.arange(m)[None, :]
-    alpha = np.where(steps < lengths[:, None], alpha, 0.0)
-    beta = np.where(steps < lengths[:, None], beta, 0.0)
     asymmetry = float("nan")
     if mode != "none":
         rel = []
@@ -468,15 +457,13 @@ def _result(host: list[dict], outs: list[dict], scales: list[Any], *, mode: str,
             rel.append(float(np.max(np.where(np.isfinite(r), r, 0.0))))
         asymmetry = max(rel)
     eps = max(_array.finfo_eps(op_dtype), _array.finfo_eps(work), _array.finfo_eps(basis))
-    if asymmetry > np.sqrt(eps):
-        warnings.warn(
-            f"the Lanczos recurrence reveals an operator that is not symmetric (relative "
-            f"coupling to older Lanczos vectors {asymmetry:.2e}, expected ~{eps:.1e}); "
-            "specdens assumes a symmetric operator, so the results are not meaningful. "
-            "Symmetrise it, e.g. (A + A.T) * 0.5.", LanczosWarning, stacklevel=3)
+    alpha, beta, lengths, breakdown = finish_coefficients(
+        np.concatenate([h["alpha"] for h in host]).astype(np.float64),
+        np.concatenate([h["beta"] for h in host]).astype(np.float64),
+        np.concatenate([h["act"] for h in host]).astype(bool), asymmetry, eps)
     k = alpha.shape[0]
     return LanczosResult(
-        alpha=alpha, beta=beta, lengths=lengths.astype(np.int64), breakdown=breakdown, n=n,
+        alpha=alpha, beta=beta, lengths=lengths, breakdown=breakdown, n=n,
         num_steps=m, reorth=mode, window=win if mode == "local" else None,
         seed=None if explicit else seed, probe_kind="explicit" if explicit else kind,
         probe_indices=np.arange(k), probe_scales=np.concatenate(scales), dtype=work,

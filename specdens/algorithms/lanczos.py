@@ -423,32 +423,17 @@ def _lanczos(
         tick(total_steps, total_steps)
     matvecs += lanczos_matvecs
 
-    alpha = np.concatenate([d["alpha"] for d in done], axis=0)
-    beta = np.concatenate([d["beta"] for d in done], axis=0)
-    active = np.concatenate([d["active"] for d in done], axis=0)
-    _raise_on_nonfinite(alpha, beta, 0)
-    stopped = ~active
-    breakdown = stopped.any(axis=1)
-    lengths = np.where(breakdown, stopped.argmax(axis=1) + 1, m)
-    steps = np.arange(m)[None, :]
-    alpha = np.where(steps < lengths[:, None], alpha, 0.0)
-    beta = np.where(steps < lengths[:, None], beta, 0.0)
     asymmetry = float(max(d["asymmetry"] for d in done)) if mode != "none" else float("nan")
     eps_eff = max(_array.finfo_eps(_checks.product_dtype(op)), _array.finfo_eps(work),
                   _array.finfo_eps(basis_name))
-    if asymmetry > np.sqrt(eps_eff):
-        warnings.warn(
-            f"the Lanczos recurrence reveals an operator that is not symmetric (relative "
-            f"coupling to older Lanczos vectors {asymmetry:.2e}, expected ~{eps_eff:.1e}); "
-            "specdens assumes a symmetric operator, so the results are not meaningful. "
-            "Symmetrise it, e.g. (A + A.T) * 0.5.",
-            LanczosWarning,
-            stacklevel=3,
-        )
+    alpha, beta, lengths, breakdown = finish_coefficients(
+        np.concatenate([d["alpha"] for d in done], axis=0),
+        np.concatenate([d["beta"] for d in done], axis=0),
+        np.concatenate([d["active"] for d in done], axis=0), asymmetry, eps_eff)
     return LanczosResult(
         alpha=alpha,
         beta=beta,
-        lengths=lengths.astype(np.int64),
+        lengths=lengths,
         breakdown=breakdown,
         n=n,
         num_steps=m,
@@ -466,6 +451,36 @@ def _lanczos(
         basis=xp.concat([d["basis"] for d in done], axis=0) if return_basis else None,
         last_vector=xp.concat([d["last"] for d in done], axis=0) if return_basis else None,
     )
+
+
+def finish_coefficients(alpha: np.ndarray, beta: np.ndarray, active: np.ndarray,
+                        asymmetry: float, eps: float
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(alpha, beta, lengths, breakdown)`` of a finished run, for every Lanczos loop.
+
+    Raises on non-finite coefficients (naming the step and the probe); each probe's
+    length is its first inactive step + 1 (``m`` without breakdown) and its coefficients
+    past it are zeroed; warns (:class:`LanczosWarning`, pointing at the caller of the
+    public function) when the largest relative ``asymmetry`` exceeds ``sqrt(eps)``.
+    """
+    _raise_on_nonfinite(alpha, beta, 0)
+    m = alpha.shape[1]
+    stopped = ~active
+    breakdown = stopped.any(axis=1)
+    lengths = np.where(breakdown, stopped.argmax(axis=1) + 1, m)
+    steps = np.arange(m)[None, :]
+    alpha = np.where(steps < lengths[:, None], alpha, 0.0)
+    beta = np.where(steps < lengths[:, None], beta, 0.0)
+    if asymmetry > np.sqrt(eps):
+        warnings.warn(
+            f"the Lanczos recurrence reveals an operator that is not symmetric (relative "
+            f"coupling to older Lanczos vectors {asymmetry:.2e}, expected ~{eps:.1e}); "
+            "specdens assumes a symmetric operator, so the results are not meaningful. "
+            "Symmetrise it, e.g. (A + A.T) * 0.5.",
+            LanczosWarning,
+            stacklevel=4,
+        )
+    return alpha, beta, lengths.astype(np.int64), breakdown
 
 
 CHECKPOINT_FORMAT = "specdens.LanczosCheckpoint"
