@@ -61,7 +61,8 @@ PARTS = ("engine", "torch", "memory", "jax", "tf", "estimators", "accuracy", "sc
          "scale", "gpu")
 DEFAULT_SKIP = ("scale",)  # runs with --full or --only scale
 TORCH_WORKLOADS = ("mlp-1batch", "mlp-4batches", "cnn-1batch", "cnn-4batches")
-JAX_CONTENDERS = ("specdens (compiled)", "specdens (eager engine)", "matfree")
+JAX_CONTENDERS = ("specdens (compiled)", "specdens (compiled, partial)",
+                  "specdens (eager engine)", "matfree")
 SUMMARY_HEADERS = ["workload", "tool", "ms / step / probe", "total s", "peak MiB",
                    "W1 / range", "/ specdens"]
 
@@ -222,7 +223,8 @@ def _jax_memory(tool: str, smoke: bool) -> dict[str, Any]:
         if call is None:
             return {"status": "not run (matfree not installed)"}
     else:
-        call = bench_jax.make_specdens(loss_fn, params, batch, steps, "compiled" in tool)
+        call = bench_jax.make_specdens(loss_fn, params, batch, steps, "compiled" in tool,
+                                       "partial" if "partial" in tool else "full")
     before = _common.proc_status_bytes("VmRSS")
     t0 = time.perf_counter()
     call(V)

@@ -44,7 +44,8 @@ def test_bench_jax_smoke() -> None:
     assert main[0][:5] == ["tool", "run s", "min s", "ms / step", "compile s"]
     assert paper[0][:3] == ["implementation", "compile s", "run s"]
     names = [row[0] for row in main[2:]]
-    assert names[:2] == ["specdens (compiled)", "specdens (eager engine)"]
+    assert names[:3] == ["specdens (compiled)", "specdens (compiled, partial)",
+                         "specdens (eager engine)"]
     for table, col in ((main, 5), (paper, 3)):
         for row in table[2:]:
             if row[1] != "not run":
