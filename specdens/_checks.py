@@ -28,6 +28,16 @@ def nonnegative_int(value: Any, name: str) -> int:
     return int(value)
 
 
+def finite_number(value: Any, name: str) -> float:
+    """``value`` as a float; a ``TypeError`` naming ``name`` unless it is a finite real
+    number (not a bool)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                       np.floating)) \
+            or not np.isfinite(value):
+        raise TypeError(f"{name} must be a finite number; got {value!r}")
+    return float(value)
+
+
 def positive_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer; got {value!r}")

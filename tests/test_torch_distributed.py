@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.multiprocessing as mp
 from specdens.backends.torch import check_consistent, gradient, hessian
+from specdens.backends.torch.tracking import evaluate
 
 import specdens
 
@@ -45,8 +46,9 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         result = specdens.lanczos(op, STEPS, num_probes=PROBES, seed=0)
         check_consistent(result)
         g = gradient(model, crit, shard)
+        loss, acc = evaluate(model, crit, shard)       # of all ranks' data
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), alpha=result.alpha,
-                 beta=result.beta, grad=g.numpy())
+                 beta=result.beta, grad=g.numpy(), evaluated=np.array([loss, acc]))
         # a rank that ran something else is caught, on every rank
         bad = specdens.lanczos(op, STEPS, num_probes=PROBES, seed=rank)
         try:
@@ -68,7 +70,10 @@ def test_two_gloo_ranks_match_single_process():
     single = specdens.lanczos(hessian(model, crit, batches), STEPS, num_probes=PROBES,
                               seed=0)
     g = gradient(model, crit, batches).numpy()
+    evaluated = np.array(evaluate(model, crit, batches))
     for r in ranks:
+        # loss and accuracy of all the data on every rank (float64 sums in another order)
+        np.testing.assert_allclose(r["evaluated"], evaluated, rtol=1e-14)
         np.testing.assert_array_equal(r["alpha"], ranks[0]["alpha"])  # ranks agree exactly
         scale = np.abs(single.alpha).max()
         assert np.abs(r["alpha"] - single.alpha).max() <= 1e-10 * scale

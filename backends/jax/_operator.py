@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from specdens import LinearOperatorBase
+from specdens import LinearOperatorBase, _checks
 
 from . import distributed
 from ._data import Batches
@@ -80,10 +80,7 @@ class _Apply:
 
 
 def check_weight_decay(weight_decay: Any) -> float:
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
-            or not math.isfinite(weight_decay):
-        raise TypeError(f"weight_decay must be a finite number; got {weight_decay!r}")
-    return float(weight_decay)
+    return _checks.finite_number(weight_decay, "weight_decay")
 
 
 def placement(space: ParamSpace, mesh: Any, data_axis: Any) -> tuple[Any, tuple, Any, Any]:

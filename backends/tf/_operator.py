@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from specdens import LinearOperatorBase
+from specdens import LinearOperatorBase, _checks
 
 from . import _namespace
 from ._data import Batches
@@ -48,9 +48,7 @@ class DataOperator(LinearOperatorBase):
                  check_determinism: bool, strategy: Any):
         space = loss.space
         super().__init__((space.n, space.n), space.dtype, _namespace, space.device)
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
-                or not math.isfinite(weight_decay):
-            raise TypeError(f"weight_decay must be a finite number; got {weight_decay!r}")
+        weight_decay = _checks.finite_number(weight_decay, "weight_decay")
         if regularizer is not None and not callable(regularizer):
             raise TypeError("regularizer must be a callable(params: dict[str, Tensor]) -> "
                             "scalar tensor")

@@ -7,6 +7,8 @@ from typing import Any
 
 import tensorflow as tf
 
+from specdens import _checks
+
 from ._data import Batches
 from ._kernel import kernel_for
 from ._loss import BatchLoss
@@ -51,8 +53,7 @@ def gradient(
     if data is None:
         raise TypeError("gradient needs data: one (inputs, targets) batch, a tf.data.Dataset "
                         "or an iterable of batches")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
-        raise TypeError(f"weight_decay must be a number; got {weight_decay!r}")
+    weight_decay = _checks.finite_number(weight_decay, "weight_decay")
     if regularizer is not None and not callable(regularizer):
         raise TypeError("regularizer must be a callable(params: dict[str, Tensor]) -> scalar")
     batch_loss = BatchLoss(model, loss, loss_fn, batch_size_fn=batch_size_fn, params=params,

@@ -9,18 +9,39 @@ a pass and divides by ``N = sum_b n_b`` of that same pass.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 
 
 def is_single_batch(data: Any) -> bool:
-    """``data`` is one batch: a tensor, a dict, or a tuple/list whose first item is a tensor."""
-    if isinstance(data, (torch.Tensor, dict)):
+    """``data`` is one batch: a tensor, a mapping (a dict, a ``UserDict``, a tokenizer's
+    ``BatchEncoding``), a tuple/list whose first item is a tensor, or a pair
+    ``(inputs, targets)`` whose targets are a tensor and whose inputs are a tuple, list or
+    mapping of tensors (a model with several inputs).
+
+    A list of batches is never one batch: its first item is a batch, not a tensor, and its
+    second one too, not a tensor.
+    """
+    if isinstance(data, (torch.Tensor, Mapping)):
         return True
-    return isinstance(data, (tuple, list)) and len(data) > 0 and isinstance(data[0],
-                                                                            torch.Tensor)
+    if not isinstance(data, (tuple, list)) or len(data) == 0:
+        return False
+    if isinstance(data[0], torch.Tensor):
+        return True
+    return (len(data) == 2 and isinstance(data[1], torch.Tensor)
+            and _is_tensor_collection(data[0]))
+
+
+def _is_tensor_collection(x: Any) -> bool:
+    if isinstance(x, Mapping):
+        items = list(x.values())
+    elif isinstance(x, (tuple, list)):
+        items = list(x)
+    else:
+        return False
+    return len(items) > 0 and all(isinstance(t, torch.Tensor) for t in items)
 
 
 class Batches:
@@ -65,8 +86,14 @@ def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` with every tensor (nested in tuples, lists, dicts) moved to ``device``."""
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, Mapping):
+        moved = {k: to_device(v, device) for k, v in batch.items()}
+        if type(batch) is dict:
+            return moved
+        try:  # keep the mapping's type (UserDict, BatchEncoding...) where it allows it
+            return type(batch)(moved)
+        except Exception:
+            return moved
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(to_device(v, device) for v in batch))
     if isinstance(batch, (tuple, list)):
@@ -77,7 +104,7 @@ def to_device(batch: Any, device: torch.device) -> Any:
 def default_count(batch: Any) -> int:
     """Samples in a batch: the length of its first tensor (``len(inputs)``)."""
     first = batch
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):
         first = next(iter(batch.values()), None)
     elif isinstance(batch, (tuple, list)):
         first = batch[0] if batch else None
@@ -127,7 +154,7 @@ def fingerprint(batch: Any) -> torch.Tensor:
 def _tensors(batch: Any) -> Iterator[torch.Tensor]:
     if isinstance(batch, torch.Tensor):
         yield batch
-    elif isinstance(batch, dict):
+    elif isinstance(batch, Mapping):
         for v in batch.values():
             yield from _tensors(v)
     elif isinstance(batch, (tuple, list)):

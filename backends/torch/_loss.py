@@ -7,8 +7,9 @@ at that point and nothing the computation does reaches the user's tensors.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -65,6 +66,10 @@ class BatchLoss:
         self.model = model
         self.criterion = criterion
         self.loss_fn = loss_fn
+        # the count of the batch about to be evaluated, when known from an earlier pass
+        # over the same data (see :meth:`known_count`): counting it again would read a
+        # value back from the device (a synchronisation) for every batch of every product
+        self._known: float | None = None
         self.batch_size_fn = batch_size_fn
         self.batchnorm = batchnorm
         selected = select_parameters(model, params)
@@ -81,9 +86,31 @@ class BatchLoss:
         self._forward = _Call(model, lambda m, x: m(x))
 
     # -- the loss -------------------------------------------------------------------
+    @contextlib.contextmanager
+    def known_count(self, count: float) -> Iterator[None]:
+        """Evaluate a batch whose count an earlier pass over the same data found (the
+        operators check that the data did not change) without counting it again."""
+        self._known = count
+        try:
+            yield
+        finally:
+            self._known = None
+
+    def _criterion_count(self, batch: Any) -> float:
+        """The weight of a criterion batch: ``batch_size_fn`` when given, else the
+        denominator of the criterion's own mean where it is not the number of samples
+        (:func:`class_index_count`), else the number of samples."""
+        if self._known is not None:
+            return self._known
+        if self.batch_size_fn is None:
+            count = class_index_count(self.criterion, split_batch(batch)[1])
+            if count is not None:
+                return count
+        return batch_count(batch, self.batch_size_fn)
+
     def _criterion_loss(self, model: torch.nn.Module, batch: Any) -> tuple[Any, float]:
         inputs, targets = split_batch(batch)
-        count = batch_count(batch, self.batch_size_fn)
+        count = self._criterion_count(batch)
         loss = self.criterion(model(inputs), targets)
         return self.scale(loss, count), count
 
@@ -93,7 +120,8 @@ class BatchLoss:
             if len(out) != 2:
                 raise ValueError(f"loss_fn returned a {type(out).__name__} of length {len(out)}; "
                                  "return the batch's mean loss, or (mean_loss, count)")
-            loss, count = out[0], as_count(out[1], "loss_fn")
+            loss = out[0]
+            count = self._known if self._known is not None else as_count(out[1], "loss_fn")
         else:
             loss, count = out, batch_count(batch, self.batch_size_fn)
         return loss, count
@@ -127,7 +155,9 @@ class BatchLoss:
     def count_of(self, batch: Any) -> float:
         """Samples in ``batch``, without a forward pass when the count does not come from
         ``loss_fn``."""
-        if self.criterion is not None or self.batch_size_fn is not None:
+        if self.criterion is not None:
+            return self._criterion_count(batch)
+        if self.batch_size_fn is not None:
             return batch_count(batch, self.batch_size_fn)
         with torch.no_grad():
             return self(batch, self.primal)[1]
@@ -158,6 +188,39 @@ class BatchLoss:
                 ".eval() on the random layers (dropout), or pass check_determinism=False if "
                 "the randomness is intended"
             )
+
+
+def class_index_count(criterion: Any, targets: Any) -> float | None:
+    """The denominator of ``criterion``'s mean when it is not the number of samples, else
+    None.
+
+    ``torch.nn.CrossEntropyLoss`` and ``torch.nn.NLLLoss`` with class-index targets average
+    over the targets that are not ``ignore_index``, weighted by the class weights:
+    ``sum_i weight[y_i] [y_i != ignore_index]`` (over every target element, so a sequence
+    loss with targets ``(N, T)`` counts tokens). Weighting batches by that denominator makes
+    the data set's loss the one the criterion gives on all the data at once, whatever the
+    batching. (With class-probability targets the mean is over samples: None.)
+    """
+    if not isinstance(criterion, (torch.nn.CrossEntropyLoss, torch.nn.NLLLoss)):
+        return None
+    if not isinstance(targets, torch.Tensor) or targets.dtype.is_floating_point \
+            or targets.dtype.is_complex or targets.dtype == torch.bool:
+        return None
+    keep = targets != criterion.ignore_index
+    weight = criterion.weight
+    if weight is None:
+        count = float(keep.sum())
+    else:
+        w = weight.detach().to(torch.float64)[torch.where(keep, targets, 0)]
+        count = float((w * keep).sum())
+    if not count > 0:
+        raise ValueError(
+            f"a batch of {tuple(targets.shape)} targets has none that counts for "
+            f"{type(criterion).__name__} (every target is ignore_index="
+            f"{criterion.ignore_index}, or their class weights sum to 0): its mean loss is "
+            "undefined; leave such batches out of the data"
+        )
+    return count
 
 
 def split_batch(batch: Any) -> tuple[Any, Any]:

@@ -9,6 +9,7 @@ rebuilds the others in every product, weights batches by their sample counts, re
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import array_api_compat.torch as torch_xp
 import torch
 
-from specdens import LinearOperatorBase, _memory
+from specdens import LinearOperatorBase, _checks, _memory
 
 from ._data import Batches, fingerprint
 from ._loss import BatchLoss
@@ -60,10 +61,7 @@ class DataOperator(LinearOperatorBase):
         self.param_shapes = list(space.shapes)
         self.batches = Batches(data, space.device)
         self.group = stored_group(process_group)
-        if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) \
-                or not math.isfinite(weight_decay):
-            raise TypeError(f"weight_decay must be a finite number; got {weight_decay!r}")
-        self.weight_decay = float(weight_decay)
+        self.weight_decay = _checks.finite_number(weight_decay, "weight_decay")
         self._leaves = loss.leaves()
         self._leaf_list = [self._leaves[n] for n in space.names]
         self._reg_grads = self._regularizer_graph(regularizer)
@@ -79,6 +77,7 @@ class DataOperator(LinearOperatorBase):
     # -- construction: one pass ---------------------------------------------------
     def _setup(self, check_determinism: bool) -> None:
         self._stored: list[tuple[Any, float]] = []
+        self._counts: list[float] = []
         fps, total, used, full = [], 0.0, 0, self.graph_memory == 0
         exclude = list(self._leaf_list) + list(self.loss.frozen.values())
         for i, batch in enumerate(self.batches):
@@ -88,6 +87,7 @@ class DataOperator(LinearOperatorBase):
             if not full:
                 with torch.enable_grad(), SavedBytes(exclude) as meter:
                     state, count = self._build(batch)
+                self._counts.append(count)
                 if used + meter.nbytes <= self.graph_memory:
                     self._stored.append((state, count))
                     used += meter.nbytes
@@ -95,7 +95,9 @@ class DataOperator(LinearOperatorBase):
                     continue
                 full = True
                 del state
-            total += self.loss.count_of(batch)
+            else:
+                self._counts.append(self.loss.count_of(batch))
+            total += self._counts[-1]
         self._fingerprints = torch.stack([f.to(self.space.device) for f in fps])
         self.num_batches = len(fps)
         self.num_stored = len(self._stored)
@@ -172,7 +174,11 @@ class DataOperator(LinearOperatorBase):
                 fps.append(fingerprint(batch))
                 if i < self.num_stored:
                     continue
-                state, count = self._build(batch)
+                # (a batch beyond the first pass's makes the fingerprint check fail)
+                known = self._counts[i] if i < len(self._counts) else None
+                with self.loss.known_count(known) if known is not None \
+                        else contextlib.nullcontext():
+                    state, count = self._build(batch)
                 acc.add_(self._apply(state, V, False), alpha=count)
                 total += count
                 del state

@@ -60,6 +60,9 @@ def select_parameters(model: torch.nn.Module, params: Any) -> list[tuple[str, to
         else:
             raise TypeError(f"params entries must be names, glob patterns or tensors; got "
                             f"{type(item).__name__}")
+    if not wanted:
+        raise ValueError("params selected no parameter (an empty selection); pass names, glob "
+                         "patterns or tensors of the model, or None for every trainable one")
     return [(n, p) for n, p in named if n in wanted]
 
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from specdens import _checks
+
 from ._data import Batches
 from ._loss import BatchLoss
 from .distributed import all_reduce_sum, resolve_group
@@ -50,8 +52,7 @@ def gradient(
     if data is None:
         raise TypeError("gradient needs data: one (inputs, targets) batch or an iterable of "
                         "batches")
-    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)):
-        raise TypeError(f"weight_decay must be a number; got {weight_decay!r}")
+    weight_decay = _checks.finite_number(weight_decay, "weight_decay")
     loss = BatchLoss(model, criterion, loss_fn, batch_size_fn=batch_size_fn, params=params,
                      batchnorm=batchnorm)
     space = loss.space

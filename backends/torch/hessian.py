@@ -133,7 +133,10 @@ def hessian(
         names, ``fnmatch`` glob patterns (``"layer1.*"``) or parameter tensors. Vectors
         follow ``model.named_parameters()`` order; see ``op.param_names``.
     batch_size_fn
-        ``batch_size_fn(batch) -> count`` of samples in a batch (default ``len(batch[0])``).
+        ``batch_size_fn(batch) -> count`` of samples in a batch (default ``len(batch[0])``;
+        for ``CrossEntropyLoss``/``NLLLoss`` with class-index targets, the criterion's own
+        denominator, the class weights of the targets that are not ``ignore_index``, so
+        that the operator is the Hessian of the criterion on all the data at once).
     batchnorm
         ``"batch"`` (default, as in Ghorbani et al. 2019): BatchNorm layers normalise by
         the statistics of each batch, so the Hessian depends on the batching;

@@ -17,8 +17,9 @@ import torch
 
 from specdens.tracker import SpectrumRecord, SpectrumTracker
 
-from ._data import Batches
+from ._data import Batches, default_count
 from ._loss import BatchLoss, split_batch
+from .distributed import all_reduce_sum, resolve_group
 from .gradient import gradient
 from .hessian import hessian
 
@@ -59,9 +60,10 @@ def track(
     accuracy
         ``None`` (default): the fraction of samples whose largest output is the target,
         when outputs are ``(batch, classes)`` and targets class indices (with a
-        ``criterion``; otherwise not recorded); ``False``: not recorded; a callable
-        ``accuracy(outputs, targets)``: the batch's mean accuracy (weighted by batch
-        size).
+        ``criterion``; otherwise not recorded; targets equal to the criterion's
+        ``ignore_index`` do not count); ``False``: not recorded; a callable
+        ``accuracy(outputs, targets)``: the batch's mean accuracy (weighted by its number
+        of samples; needs a ``criterion``).
     extra
         Further JSON values stored with the record.
     **hessian_options
@@ -108,7 +110,8 @@ def track(
                                                                     "process_group")}
     g = gradient(model, criterion, data, **common, **grad_opts)
     loss, acc = evaluate(model, criterion, data, loss_fn=loss_fn, params=params,
-                         batch_size_fn=batch_size_fn, batchnorm=batchnorm, accuracy=accuracy)
+                         batch_size_fn=batch_size_fn, batchnorm=batchnorm, accuracy=accuracy,
+                         process_group=hessian_options.get("process_group"))
     return tracker.record(step, op, g, loss=loss, accuracy=acc, extra=extra)
 
 
@@ -122,10 +125,15 @@ def evaluate(
     batch_size_fn: Callable[[Any], Any] | None = None,
     batchnorm: str = "batch",
     accuracy: bool | Callable[[Any, Any], Any] | None = None,
+    process_group: Any = None,
 ) -> tuple[float, float | None]:
     """The mean loss over all samples of ``data`` and the accuracy, without changing the
     model (the same weighting and BatchNorm mode as :func:`~specdens.backends.torch.hessian`;
     no regularisation term).
+
+    With ``torch.distributed`` initialised (or a ``process_group``), ``data`` is this
+    rank's shard and both values are those of all the ranks' data together, the same on
+    every rank (as for the Hessian and the gradient).
 
     Returns
     -------
@@ -140,26 +148,42 @@ def evaluate(
     if accuracy is not None and accuracy is not False and not callable(accuracy):
         raise TypeError("accuracy must be None (automatic), False or a callable(outputs, "
                         "targets)")
+    if callable(accuracy) and criterion is None:
+        raise TypeError("accuracy=callable(outputs, targets) needs a criterion and "
+                        "(inputs, targets) batches; with loss_fn, compute the accuracy in your "
+                        "own code and pass it in extra=")
+    group = resolve_group(process_group)
     loss = BatchLoss(model, criterion, loss_fn, batch_size_fn=batch_size_fn, params=params,
                      batchnorm=batchnorm)
-    want_acc = accuracy is not False and criterion is not None
-    total = loss_sum = correct = 0.0
-    acc_ok = want_acc
+    # loss sum, its weight, correct predictions, samples they are counted over; and whether
+    # this rank's accuracy could be computed (0 or 1, summed: all ranks must agree)
+    sums = [0.0, 0.0, 0.0, 0.0]
+    acc_ok = accuracy is not False and criterion is not None
     with torch.no_grad():
         for batch in Batches(data, loss.space.device):
             value, count = loss(batch, loss.primal)
-            loss_sum += float(value) * count
-            total += count
+            sums[0] += float(value) * count
+            sums[1] += count
             if acc_ok:
                 inputs, targets = split_batch(batch)
                 out = loss.outputs(inputs, loss.primal)
                 if callable(accuracy):
-                    correct += float(accuracy(out, targets)) * count
+                    samples = default_count(batch)
+                    sums[2] += float(accuracy(out, targets)) * samples
+                    sums[3] += samples
                 elif _is_classification(out, targets):
-                    correct += float((out.argmax(dim=1) == targets).sum())
+                    ignore = getattr(criterion, "ignore_index", None)
+                    keep = (targets != ignore) if isinstance(ignore, int) \
+                        else torch.ones_like(targets, dtype=torch.bool)
+                    sums[2] += float(((out.argmax(dim=1) == targets) & keep).sum())
+                    sums[3] += float(keep.sum())
                 else:
                     acc_ok = False
-    return loss_sum / total, (correct / total if acc_ok else None)
+    reduced = all_reduce_sum(torch.tensor(sums + [float(acc_ok), 1.0], dtype=torch.float64,
+                                          device=loss.space.device), group).tolist()
+    loss_sum, total, correct, counted, ok_ranks, ranks = reduced
+    has_acc = ok_ranks == ranks and counted > 0
+    return loss_sum / total, (correct / counted if has_acc else None)
 
 
 def _is_classification(out: Any, targets: Any) -> bool:
