@@ -98,6 +98,37 @@ def test_indefinite_spectra_are_not_clamped(rng):
     assert np.all(d.nodes < 0)
 
 
+def test_float32_outliers_far_above_the_bulk_do_not_stop_probes(rng):
+    """A Hessian-like spectrum, bulk in [-0.05, 0.05] and outliers up to 1e3 (||T|| / bulk
+    width = 1e4): the bulk's beta are ~1e-5 of ||T||, genuine, far above a float32
+    product's rounding. Probes must not stop there (the former sqrt(eps32) = 3.4e-4
+    threshold stopped them after ~12 steps, 2 bulk nodes each, and reported the rule as
+    exact). The float32 run then matches the float64 one: the same number of bulk nodes,
+    and the fraction of negative eigenvalues within the weight of one node (a node near 0
+    may cross it under float32 rounding, eps32 ||A|| ~ 1e-4)."""
+    n = 1500
+    lam = np.r_[rng.uniform(-0.05, 0.05, n - 10), np.linspace(100.0, 1000.0, 10)]
+    A = sym_from_spectrum(lam, rng)
+    d64 = specdens.slq(A, num_steps=60, num_probes=2, seed=3)
+    r32 = specdens.lanczos(A.astype(np.float32), 60, num_probes=2, seed=3)
+    assert r32.basis_dtype == "float32"
+    d32 = specdens.SpectralDensity.from_lanczos(r32)
+    np.testing.assert_array_equal(d32.lengths, [60, 60])
+    bulk = [np.sum(np.abs(d.nodes) < 1, axis=1) for d in (d64, d32)]
+    np.testing.assert_array_equal(bulk[1], bulk[0])
+    assert np.all(bulk[0] > 40)
+    assert abs(d32.fraction_negative() - d64.fraction_negative()) <= d64.weights.max()
+    # the float64 operator with a float32 basis (what reorth="auto" falls back to) too
+    d = specdens.slq(A, num_steps=60, num_probes=2, seed=3, basis_dtype="float32")
+    np.testing.assert_array_equal(d.lengths, [60, 60])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, 1.5, "1e-8", True])
+def test_breakdown_tol_is_checked(bad):
+    with pytest.raises(ValueError, match="breakdown_tol"):
+        specdens.lanczos(np.eye(5), 3, breakdown_tol=bad)
+
+
 def test_breakdown_on_identity():
     r = specdens.lanczos(np.eye(50), 30, num_probes=3)
     assert list(r.lengths) == [1, 1, 1] and r.breakdown.all()

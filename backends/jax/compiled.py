@@ -32,7 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from specdens import LanczosResult, SpectralDensity, _array, _checks
-from specdens.algorithms.lanczos import _resolve_reorth, finish_coefficients
+from specdens.algorithms.lanczos import (
+    _resolve_reorth,
+    check_breakdown_tol,
+    finish_coefficients,
+)
 from specdens.algorithms.probes import PROBE_KINDS, probe_block
 from specdens.operators import DenseOperator, LinearOperatorBase
 
@@ -371,8 +375,8 @@ def lanczos(
                                 device, basis_dtype is not None)
     if return_basis and mode not in ("full", "partial"):
         raise ValueError(f"return_basis=True needs reorth='full' (this run uses {mode!r})")
-    if breakdown_tol is None:
-        breakdown_tol = float(np.sqrt(max(_array.finfo_eps(work), _array.finfo_eps(basis))))
+    breakdown_tol = check_breakdown_tol(breakdown_tol, work,
+                                        getattr(op, "product_dtype", op_dtype))
     tol = jnp.asarray(breakdown_tol, work)
     if device is not None and not isinstance(device, jax.Device):
         tol = jax.device_put(tol, device)  # a replicated sharding: the whole mesh

@@ -195,8 +195,9 @@ def lanczos(
     check_symmetry
         Test ``y^T A x == x^T A y`` for two random vectors first (one extra ``matmat``).
     breakdown_tol
-        A probe stops when ``beta <= breakdown_tol * ||T||`` (default: the square root of
-        the machine epsilon of the arithmetic or basis dtype, whichever is larger).
+        A probe stops when ``beta <= breakdown_tol * ||T||``, i.e. when its Krylov space is
+        invariant to rounding (default: ``100 eps``, with ``eps`` that of the arithmetic or
+        of the products, whichever is coarser; see :func:`default_breakdown_tol`).
     first_probe
         Index of the first random probe: the run uses probes ``first_probe, ...,
         first_probe + num_probes - 1`` of ``seed``'s streams, so that runs over disjoint
@@ -345,8 +346,7 @@ def _lanczos(
                                                 max_basis_bytes, xp, device,
                                                 basis_fixed=basis_dtype is not None)
     wdt, bdt = _array.xp_dtype(xp, work), _array.xp_dtype(xp, basis_name)
-    if breakdown_tol is None:
-        breakdown_tol = float(np.sqrt(max(_array.finfo_eps(work), _array.finfo_eps(basis_name))))
+    breakdown_tol = check_breakdown_tol(breakdown_tol, work, _checks.product_dtype(op))
     matvecs = 0
     if checkpoint is not None and checkpoint_key is None:
         matvecs += 1  # the fingerprint's product
@@ -451,6 +451,38 @@ def _lanczos(
         basis=xp.concat([d["basis"] for d in done], axis=0) if return_basis else None,
         last_vector=xp.concat([d["last"] for d in done], axis=0) if return_basis else None,
     )
+
+
+BREAKDOWN_ROUNDINGS = 100
+
+
+def default_breakdown_tol(work: Any, product: Any) -> float:
+    """``100 eps``, ``eps`` the coarser of the arithmetic's and the products' roundings.
+
+    A probe's Krylov space is invariant when ``beta`` is at the rounding of a step,
+    ``beta ~ c eps ||A||`` with ``c`` of order 1 to ``sqrt(n)``. The threshold must stay
+    below any genuine ``beta``: on a Hessian the bulk's ``beta`` are its width, 1e-3 to
+    1e-5 of ``||T||`` when outliers are 1e3 to 1e5 times the bulk, and a probe stopped
+    there loses the bulk while its rule reads as exact. (``sqrt(eps)``, 3.4e-4 for float32,
+    stopped such probes after a dozen steps.) A breakdown missed because its rounding
+    exceeds ``100 eps ||T||`` costs nothing but steps: the next vector, orthogonalised
+    against the basis, starts an uncoupled block whose nodes carry weights of order
+    ``(beta / ||T||)^2``.
+    """
+    return BREAKDOWN_ROUNDINGS * max(_array.finfo_eps(work), _array.finfo_eps(product))
+
+
+def check_breakdown_tol(value: Any, work: Any, product: Any) -> float:
+    """The breakdown tolerance to use: ``value`` checked (finite, >= 0, < 1), or the
+    default."""
+    if value is None:
+        return default_breakdown_tol(work, product)
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+            value, (int, float, np.integer, np.floating)) or not np.isfinite(value) \
+            or not 0 <= value < 1:
+        raise ValueError(f"breakdown_tol must be a number in [0, 1) (a fraction of ||T||); "
+                         f"got {value!r}")
+    return float(value)
 
 
 def finish_coefficients(alpha: np.ndarray, beta: np.ndarray, active: np.ndarray,
