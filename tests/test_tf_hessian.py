@@ -361,6 +361,137 @@ def test_tf_module_is_restored_and_snapshotted():
     assert gradient(module, xent(), (X, y)).shape == (op.shape[0],)
 
 
+def module_tape_hessian(module, variables, value_fn):
+    """``(H, g)`` of ``value_fn()`` in ``variables`` of ``module`` by nested tapes."""
+    with tf.GradientTape() as outer:
+        with tf.GradientTape() as inner:
+            value = value_fn()
+        g = flat(inner.gradient(value, variables))
+    J = outer.jacobian(g, variables)
+    return (tf.concat([tf.reshape(j, (g.shape[0], -1)) for j in J], 1).numpy(), g.numpy())
+
+
+def test_tf_module_regularizer_reads_the_snapshot():
+    """A tf.Module's regulariser is differentiated at the operator's snapshot, like its
+    data term, not at the values the module holds when a product runs."""
+
+    class Lin(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(tf.constant([[0.5], [-1.0], [2.0]], tf.float64), name="w")
+
+        def __call__(self, x):
+            return x @ self.w
+
+    def reg(p):  # Hessian diag(12 w^2): depends on where it is taken
+        return tf.reduce_sum(p["w"] ** 4)
+
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((10, 3)), rng.standard_normal((10, 1))
+
+    def mse(t, p):
+        return tf.reduce_mean((t - p) ** 2)
+
+    module = Lin()
+    H_ref, g_ref = module_tape_hessian(module, [module.w],
+                                       lambda: mse(Y, module(X)) + reg({"w": module.w}))
+    op = hessian(module, mse, uneven(X, Y, [6, 4]), regularizer=reg)
+    assert rel(op.to_dense(), H_ref) <= TOL
+    g = gradient(module, mse, uneven(X, Y, [6, 4]), regularizer=reg)
+    assert rel(g, g_ref) <= TOL
+    module.w.assign(3.0 * module.w)  # the module trains on ...
+    moved = ModelState.capture(module)
+    assert rel(op.to_dense(), H_ref) <= TOL  # ... the operator stays at its snapshot
+    assert moved.differences(module) == []
+
+
+def test_tf_module_integer_variables_are_left_out():
+    """A tf.Module's integer counter (tf.Variable(0): trainable by default) is not in the
+    default selection; selecting it explicitly is a clear TypeError."""
+
+    class Counted(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(np.linspace(-1.0, 1.0, 3).reshape(3, 1), name="w")
+            self.step = tf.Variable(0, name="step")
+
+        def __call__(self, x):
+            return tf.tanh(x @ self.w)
+
+    module = Counted()
+    assert any(v is module.step for v in module.trainable_variables)
+    rng = np.random.default_rng(3)
+    X, Y = rng.standard_normal((8, 3)), rng.standard_normal((8, 1))
+
+    def mse(t, p):
+        return tf.reduce_mean((t - p) ** 2)
+
+    op = hessian(module, mse, uneven(X, Y, [5, 3]))
+    assert op.param_names == ["w"]
+    H_ref, g_ref = module_tape_hessian(module, [module.w], lambda: mse(Y, module(X)))
+    assert rel(op.to_dense(), H_ref) <= TOL
+    assert rel(gradient(module, mse, (X, Y)), g_ref) <= TOL
+    for params in (["step"], [module.step], ["w", "step"]):
+        with pytest.raises(TypeError, match="not floating-point: 'step' \\(int32\\)"):
+            hessian(module, mse, (X, Y), params=params)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+def test_mixed_precision_policy_is_refused(policy):
+    """Layers under a mixed-precision policy compute in 16 bits while their variables are
+    float32: the Hessian would carry 16-bit rounding (~1e-3), so it is refused with a
+    message that names the policy and shows the float32 copy to use instead."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((12, 5)).astype("float32")
+    y = rng.integers(0, 3, 12)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(4, activation="tanh"),
+                                  keras.layers.Dense(3, dtype="float32")])
+    finally:
+        keras.config.set_dtype_policy(previous)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    with pytest.raises(TypeError, match=f"mixed-precision dtype policy '{policy}'.*"
+                                        "clone_model"):
+        hessian(model, loss, (X, y))
+    with pytest.raises(TypeError, match=policy):
+        gradient(model, loss, (X, y))
+    # the copy the message suggests computes in float32 and is accepted
+    twin = keras.models.clone_model(model, clone_function=lambda layer: layer.__class__
+                                    .from_config({**layer.get_config(), "dtype": "float32"}))
+    twin.set_weights(model.get_weights())
+    assert hessian(twin, loss, (X, y)).dtype == tf.float32
+
+
+def test_loss_fn_on_a_list_of_bare_tensors_says_why_it_failed():
+    """A list of bare tensors is one batch (the documented rule), so a loss_fn written
+    for one tensor fails on ``[X[:20], X[20:]]``: the error says that, and how to pass
+    the tensors as batches (``(x,)`` each), which gives the full-data Hessian."""
+    model = tf.Module()
+    model.w = tf.Variable(np.array([0.3, -0.7, 1.1]), name="w")
+    X = np.random.default_rng(0).standard_normal((30, 3))
+
+    def loss_fn(m, x):
+        return tf.reduce_mean(tf.math.softplus(tf.linalg.matvec(x, m.w)))
+
+    with pytest.raises(Exception) as info:
+        hessian(model, loss_fn=loss_fn, data=[X[:20], X[20:]])
+    text = str(info.value) + "".join(getattr(info.value, "__notes__", []))
+    assert "one batch that is a list of 2 tensors" in text
+    assert "data=[(x,) for x in batches]" in text
+
+    op = hessian(model, loss_fn=lambda m, b: loss_fn(m, b[0]), data=[(X[:20],), (X[20:],)])
+    assert op.num_batches == 2 and op.num_samples == 30
+    H_ref, _ = module_tape_hessian(model, [model.w], lambda: loss_fn(model, X))
+    assert rel(op.to_dense(), H_ref) <= TOL
+    # an error of a loss_fn on another kind of batch gets no such note
+    with pytest.raises(ZeroDivisionError) as info:
+        hessian(model, loss_fn=lambda m, b: 1 / 0, data=(X,))
+    assert not getattr(info.value, "__notes__", [])
+
+
 # -- the model is never changed -----------------------------------------------------------
 def test_model_state_unchanged_bit_for_bit():
     """Variables (BatchNorm moving statistics, random-seed states included) and trainable

@@ -48,3 +48,27 @@ def test_keras_callback(tmp_path):
     assert cb2.records[0].loss == pytest.approx(float(-np.mean(logp[np.arange(256), y])),
                                                 rel=1e-5)
     assert cb2.records[0].accuracy == pytest.approx(float(np.mean(out.argmax(1) == y)))
+
+
+def test_evaluate_with_a_sum_reduction_is_the_mean_loss():
+    """``evaluate`` (the loss SpectrumCallback records) of a Keras loss with
+    ``reduction="sum"`` is the mean over all samples, as with the default reduction and
+    as in the Hessian; compared with the float64 mean computed without Keras's loss (a
+    few ulps apart: 1e-12 relative)."""
+    from specdens.backends.tf.tracking import evaluate
+
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((30, 3)), rng.standard_normal((30, 1))
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,), dtype="float64"),
+                              keras.layers.Dense(1, dtype="float64")])
+    W, b = (v.numpy() for v in model.trainable_variables)
+    exact = float(np.mean((X @ W + b - Y) ** 2))
+    batches = [(X[:20], Y[:20]), (X[20:], Y[20:])]  # uneven: weights 20/30 and 10/30
+    for reduction in ("sum_over_batch_size", "sum"):
+        loss = keras.losses.MeanSquaredError(reduction=reduction, dtype="float64")
+        value, acc = evaluate(model, loss, batches)
+        assert value == pytest.approx(exact, rel=1e-12, abs=0), reduction
+        assert acc is None
+    with pytest.raises(ValueError, match="reduction='none'"):
+        evaluate(model, keras.losses.MeanSquaredError(reduction="none"), batches)

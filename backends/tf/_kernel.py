@@ -123,17 +123,23 @@ class Kernel:
         key = (spec_key(spec) if batch is not None else None,
                tuple((_block_spec(r).shape, r.dtype) for r in rest),
                tuple((tuple(v.shape), v.dtype) for v in values))
-        if key not in self._seen[name]:
-            vspec = [tf.TensorSpec(v.shape, v.dtype) for v in values]
-            rspec = [_block_spec(r) for r in rest]
-            if batch is None:
-                fn.get_concrete_function(vspec, *rspec)
-            else:
-                fn.get_concrete_function(vspec, spec, *rspec)
-            self._seen[name].add(key)
         if batch is None:
+            if key not in self._seen[name]:
+                fn.get_concrete_function([tf.TensorSpec(v.shape, v.dtype) for v in values],
+                                         *[_block_spec(r) for r in rest])
+                self._seen[name].add(key)
             return fn(values, *rest)
-        return fn(values, batch, *rest)
+        try:
+            if key not in self._seen[name]:
+                fn.get_concrete_function([tf.TensorSpec(v.shape, v.dtype) for v in values],
+                                         spec, *[_block_spec(r) for r in rest])
+                self._seen[name].add(key)
+            return fn(values, batch, *rest)
+        except Exception as err:  # a loss_fn failing on a list of tensors: say why
+            explained = self.loss.explain(err, batch)
+            if explained is err:
+                raise
+            raise explained from err
 
     # -- per-batch functions (traced) ----------------------------------------------
     def _info(self, values: list[Any], batch: Any) -> tuple[Any, Any]:

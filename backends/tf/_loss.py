@@ -7,11 +7,11 @@ the model at given values), the loss, which variables are selected, and their fl
 from __future__ import annotations
 
 import inspect
-import json
 import sys
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from ._data import as_count, count_of
@@ -55,6 +55,7 @@ class BatchLoss:
                                          prefix=f"{getattr(model, 'name', '')}/")
         names = [self.adapter.names[i] for i in self.selected]
         self.space = ParamSpace(names, [self.adapter.variables[i] for i in self.selected])
+        _check_compute_dtype(self.adapter, self.space.dtype)
         if loss is not None:
             _check_loss_dtype(loss, self.space.dtype)
         self._keras_unscale = _keras_unscale(loss)
@@ -138,6 +139,19 @@ class BatchLoss:
             return count_of(batch, None, self.batch_size_fn)
         return self(values, self.handles(values), batch)[1]
 
+    def explain(self, err: Exception, batch: Any) -> Exception:
+        """``err``, raised while tracing or running a function of a ``loss_fn`` on
+        ``batch``, with a hint of the likely cause when ``batch`` is a list or tuple of
+        tensors (see :func:`list_of_tensors_hint`): the same exception with a note
+        (Python >= 3.11), else a ValueError that quotes it."""
+        hint = list_of_tensors_hint(batch) if self.loss_fn is not None else None
+        if hint is None:
+            return err
+        if hasattr(err, "add_note"):
+            err.add_note(hint)
+            return err
+        return ValueError(f"loss_fn failed with {type(err).__name__}: {err}\n{hint}")
+
 
 def split_batch(batch: Any) -> tuple[Any, Any]:
     """``(inputs, targets)`` of a batch for a ``loss``."""
@@ -148,6 +162,23 @@ def split_batch(batch: Any) -> tuple[Any, Any]:
         f"with a loss every batch must be (inputs, targets); got a {type(batch).__name__}"
         f"{length}. For other batches (sample weights, masks) use loss_fn=lambda model, "
         "batch: ..."
+    )
+
+
+def list_of_tensors_hint(batch: Any) -> str | None:
+    """For a batch that is a list or tuple of tensors (one batch by the rule of
+    :func:`~specdens.backends.tf._data.is_single_batch`: ``[x, y]``), the likely cause of
+    a ``loss_fn`` that fails on it: a list of bare-tensor batches (``[X[:20], X[20:]]``)
+    meant as several batches. None for other batches."""
+    if not isinstance(batch, (tuple, list)) or len(batch) < 2 \
+            or not all(isinstance(t, (tf.Tensor, tf.Variable)) for t in batch):
+        return None
+    return (
+        f"(specdens: loss_fn received one batch that is a {type(batch).__name__} of "
+        f"{len(batch)} tensors: data that is a list or tuple whose first item is a tensor "
+        "or an array is one batch, such as (inputs, targets). If these tensors are separate "
+        "batches, wrap each in a tuple, data=[(x,) for x in batches], and read batch[0] in "
+        "loss_fn, or pass a tf.data.Dataset of batches.)"
     )
 
 
@@ -196,6 +227,37 @@ def _check_loss_dtype(loss: Any, dtype: tf.DType) -> None:
         )
 
 
+def _check_compute_dtype(adapter: ModelAdapter, dtype: tf.DType) -> None:
+    """Refuse a Keras model with layers under a mixed-precision dtype policy
+    (``"mixed_float16"``, ``"mixed_bfloat16"``: variables in float32, computations in a
+    16-bit type) that compute in a less precise type than the selected variables: the
+    products would carry the rounding of the compute dtype (relative errors ~1e-3, and an
+    asymmetric operator) while the engine assumes the rounding of the variables' dtype."""
+    if not adapter.keras:
+        return
+    mixed: dict[str, list[str]] = {}
+    for layer in adapter.layers():
+        policy = getattr(layer, "dtype_policy", None)
+        compute = getattr(policy, "compute_dtype", None)
+        variable = getattr(policy, "variable_dtype", None)
+        if compute is None or compute == variable:
+            continue
+        if _RANK.get(tf.as_dtype(compute).name, 3) < _RANK.get(dtype.name, 0):
+            mixed.setdefault(f"{getattr(policy, 'name', compute)}", []).append(layer.name)
+    if mixed:
+        where = "; ".join(f"dtype policy {name!r} (layers {', '.join(layers[:6])}"
+                          f"{', ...' if len(layers) > 6 else ''})"
+                          for name, layers in mixed.items())
+        raise TypeError(
+            f"the model computes in lower precision than its {dtype.name} variables under "
+            f"the Keras mixed-precision {where}: the Hessian would carry that rounding "
+            f"(~1e-3 relative, and not symmetric). Compute it on a {dtype.name} copy: "
+            f"twin = keras.models.clone_model(model, clone_function=lambda layer: "
+            f"layer.__class__.from_config({{**layer.get_config(), 'dtype': "
+            f"'{dtype.name}'}})); twin.set_weights(model.get_weights())"
+        )
+
+
 def _keras_unscale(loss: Any) -> Callable[[Any], Any] | None:
     """Keras's inverse of the division of mean losses by the number of replicas, for a
     Keras loss object (None for other losses, or a Keras without that convention)."""
@@ -218,15 +280,74 @@ def _takes_training(fn: Callable[..., Any]) -> bool:
 
 
 def _callable_key(obj: Any) -> Any:
-    """Keras losses by class, configuration and dtype (a fresh but equal loss reuses the
-    traced functions); other callables by identity."""
+    """What a traced function computes with when it calls ``obj``.
+
+    A Keras loss object (a class of Keras itself) is keyed by its class and the values of
+    *all* its attributes (``fn``, ``_fn_kwargs``, ``reduction``, the dtype policy...), so
+    that a fresh but equal loss reuses the traced functions, and two losses that compute
+    different things never share them (``get_config()`` is not enough: ``Huber`` leaves
+    out ``delta``, ``CosineSimilarity`` ``axis``). Other callables, and Keras losses with
+    an attribute that is not a plain value, are keyed by identity."""
     if obj is None:
         return None
-    get_config = getattr(obj, "get_config", None)
-    if get_config is not None and type(obj).__module__.startswith("keras"):
+    if type(obj).__module__.startswith("keras") and hasattr(obj, "__dict__"):
         try:
-            config = json.dumps(get_config(), sort_keys=True, default=repr)
-            return (type(obj), config, str(getattr(obj, "dtype", None)))
-        except (TypeError, ValueError, NotImplementedError):
+            return (type(obj), _value_key(vars(obj), 0))
+        except _NotAValue:
             pass
-    return obj
+    return _Identity(obj)
+
+
+class _NotAValue(Exception):
+    """An attribute that :func:`_value_key` cannot key by value."""
+
+
+class _Identity:
+    """A key equal only to a key of the same object (``is``), for objects that are not hashable or
+    whose equality is not identity. The key holds the object, so its ``id`` stays unique
+    as long as the key exists."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Identity) and other.obj is self.obj
+
+    def __hash__(self) -> int:
+        return id(self.obj)
+
+    def __repr__(self) -> str:
+        return f"_Identity({self.obj!r})"
+
+
+_MAX_DEPTH = 8
+
+
+def _value_key(value: Any, depth: int) -> Any:
+    """A hashable key equal for equal values: plain values by value (type included, so
+    ``1`` and ``1.0`` differ), containers and Keras objects (dtype policies) item by item,
+    arrays and constant tensors by dtype, shape and bytes, functions and variables by
+    identity (a variable is read when the traced function runs). Raises
+    :class:`_NotAValue` for anything else."""
+    if depth > _MAX_DEPTH:
+        raise _NotAValue
+    if value is None or isinstance(value, (bool, int, float, complex, str, bytes)):
+        return (type(value), repr(value))
+    if isinstance(value, (tuple, list)):
+        return (type(value), tuple(_value_key(v, depth + 1) for v in value))
+    if isinstance(value, dict):
+        items = [(_value_key(k, depth + 1), _value_key(v, depth + 1))
+                 for k, v in value.items()]
+        return (dict, tuple(sorted(items, key=repr)))
+    if isinstance(value, tf.Variable) or inspect.isroutine(value):
+        return _Identity(value)
+    if isinstance(value, (np.ndarray, np.generic)) or (isinstance(value, tf.Tensor)
+                                                       and hasattr(value, "numpy")):
+        arr = np.asarray(value)
+        return (type(value), arr.dtype.str, arr.shape, arr.tobytes())
+    if type(value).__module__.startswith("keras") and hasattr(value, "__dict__") \
+            and not callable(value):
+        return (type(value), _value_key(vars(value), depth + 1))
+    raise _NotAValue

@@ -118,19 +118,23 @@ class DataOperator(LinearOperatorBase):
     def _matmat(self, V: tf.Tensor) -> tf.Tensor:
         self._check_block(V)
         self.kernel.bind(self.loss)
-        acc, total, fps = None, None, []
+        acc, total, fps, reg = None, None, [], None
         with self.loss.adapter.bound(self._values):
             for batch in self._iter():
                 contrib, count, fp = self._call(self._product_name, batch, V)
                 acc = contrib if acc is None else acc + contrib
                 total = count if total is None else total + count
                 fps.append(fp)
+            if self.regularizer is not None:
+                # inside the block: a tf.Module's regulariser reads its variables, which
+                # hold the snapshot only here
+                reg = self.kernel("reg_hvp", self._values, None, V)
         self._check_pass(total, fps)
         out = acc / tf.cast(total, acc.dtype)
         if self.weight_decay:
             out = out + tf.constant(self.weight_decay, dtype=out.dtype) * V
-        if self.regularizer is not None:
-            out = out + self.kernel("reg_hvp", self._values, None, V)
+        if reg is not None:
+            out = out + reg
         if out.device != self.device:
             with tf.device(self.device):
                 out = tf.identity(out)

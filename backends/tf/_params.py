@@ -50,11 +50,14 @@ def select_variables(variables: Sequence[Any], trainable: Sequence[Any], params:
     trainable
         ``model.trainable_variables``: the default selection and the order of the vector.
     params
-        ``None``: the trainable variables. A string or an iterable of strings: variable
-        names or ``fnmatch`` glob patterns (``"dense_1/*"``, ``"*/kernel"``), matched
-        against the full name and against the name without ``prefix``; each must match at
-        least one variable. An iterable of variables: those (by identity), each of which
-        must belong to the model. Names and variables may be mixed.
+        ``None``: the trainable variables of a floating dtype (a ``tf.Module``'s integer
+        counter, ``tf.Variable(0)``, is trainable by default; it is left out). A string or
+        an iterable of strings: variable names or ``fnmatch`` glob patterns
+        (``"dense_1/*"``, ``"*/kernel"``), matched against the full name and against the
+        name without ``prefix``; each must match at least one variable. An iterable of
+        variables: those (by identity), each of which must belong to the model. Names and
+        variables may be mixed. A selected variable that is not floating-point raises a
+        TypeError.
     owner
         The model's class name, for error messages.
     prefix
@@ -74,9 +77,10 @@ def select_variables(variables: Sequence[Any], trainable: Sequence[Any], params:
     order += [i for i in range(len(variables)) if i not in set(order)]
     if params is None:
         chosen = [by_id[id(v)] for v in trainable if id(v) in by_id]
+        chosen = [i for i in chosen if _is_floating(variables[i])]
         if not chosen:
-            raise ValueError(f"{owner} has no trainable variables; select variables explicitly "
-                             "with params=[names or variables]")
+            raise ValueError(f"{owner} has no floating-point trainable variables; select "
+                             "variables explicitly with params=[names or variables]")
         return chosen
     if isinstance(params, (str, tf.Variable)) or hasattr(params, "path"):
         params = [params]
@@ -103,7 +107,19 @@ def select_variables(variables: Sequence[Any], trainable: Sequence[Any], params:
         else:
             raise TypeError(f"params entries must be names, glob patterns or variables; got "
                             f"{type(item).__name__}")
+    bad = [f"{names[i]!r} ({tf.as_dtype(variables[i].dtype).name})" for i in order
+           if i in wanted and not _is_floating(variables[i])]
+    if bad:
+        raise TypeError(f"params selects variables that are not floating-point: "
+                        f"{', '.join(bad)}; a Hessian needs floating-point variables: leave "
+                        "these out of params")
     return [i for i in order if i in wanted]
+
+
+def _is_floating(var: Any) -> bool:
+    """A variable of a floating dtype (integer counters and boolean flags have no
+    derivatives)."""
+    return tf.as_dtype(var.dtype).is_floating
 
 
 class ParamSpace:

@@ -86,6 +86,10 @@ class ModelAdapter:
         self.batchnorm = batchnorm
         self.training = self._training_flag()
 
+    def layers(self) -> list[Any]:
+        """The model and all its nested layers (Keras), or ``[model]``."""
+        return _sublayers(self.model)
+
     # -- the training flag ----------------------------------------------------------
     def _training_flag(self) -> bool:
         """``training=`` for Keras calls: True only for BatchNormalization layers on batch

@@ -67,19 +67,23 @@ def gradient(
     batches = Batches(data)
     dist = distribute(strategy, batches.as_dataset()) if strategy is not None else None
     spec = dist.element_spec if dist is not None else None
-    acc, total = None, None
+    acc, total, reg = None, None, None
     with adapter.bound(values):
         for batch in (dist if dist is not None else batches):
             g, count, _ = kernel("grad", values, batch, batch_spec=spec)
             acc = g if acc is None else acc + g
             total = count if total is None else total + count
+        if regularizer is not None:
+            # inside the block: a tf.Module's regulariser reads its variables (the values
+            # of the snapshot only here; the same values in a gradient's single pass)
+            reg = kernel("reg_grad", values, None)
     if not float(total.numpy()) > 0:
         raise ValueError("the data holds no samples (every batch has a count of 0)")
     out = acc / tf.cast(total, acc.dtype)
     if weight_decay:
         theta = space.flatten([values[i] for i in batch_loss.selected])
         out = out + tf.constant(float(weight_decay), dtype=out.dtype) * theta
-    if regularizer is not None:
-        out = out + kernel("reg_grad", values, None)
+    if reg is not None:
+        out = out + reg
     with tf.device(space.device):
         return tf.identity(out)

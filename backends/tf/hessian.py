@@ -55,7 +55,12 @@ def hessian(
         so BatchNorm moving statistics and random-seed states are never written; a
         ``tf.Module`` by writing the snapshot into its variables for the duration of each
         product and the values it found back afterwards, bit for bit). The operator stays
-        the Hessian at that point if the model trains on.
+        the Hessian at that point if the model trains on. Products are exact in the
+        variables' dtype, so a Keras model with layers under a mixed-precision dtype
+        policy (``"mixed_float16"``, ``"mixed_bfloat16"``: float32 variables, 16-bit
+        computations) raises a TypeError rather than return a Hessian with 16-bit
+        rounding (~1e-3 relative, not symmetric): pass a copy of the model with the
+        layers under the variables' dtype (the message shows how).
     loss
         ``loss(targets, model(inputs))`` (the Keras order): a Keras loss object with
         reduction ``"sum_over_batch_size"`` (the default, the batch mean) or ``"sum"``
@@ -68,7 +73,9 @@ def hessian(
         a ``keras.utils.PyDataset``): batches must be the same on every pass (no
         ``shuffle``, no random augmentation); a difference raises a RuntimeError. One
         batch is a tensor or numpy array, a dict, or a tuple/list whose first item is one;
-        with a ``loss``, batches are ``(inputs, targets)``.
+        with a ``loss``, batches are ``(inputs, targets)``. So ``[X[:20], X[20:]]`` is
+        one batch of two tensors: pass bare-tensor batches as ``[(X[:20],), (X[20:],)]``
+        (a ``loss_fn`` that fails on such a list gets this hint in its error).
     loss_fn
         ``loss_fn(model, batch)`` for losses that are not ``loss(y, model(x))`` (masked
         tokens, PINN residuals, sample weights). It returns either the batch's *mean* loss
@@ -77,10 +84,12 @@ def hessian(
         keyword, it receives the flag of ``batchnorm``. Its calls of the model read the
         snapshot.
     params
-        The variables spanning the operator (default: ``model.trainable_variables``):
-        names (Keras ``variable.path``, ``"dense/kernel"``), ``fnmatch`` glob patterns
-        (``"dense_1/*"``) or variable objects. Vectors follow
-        ``model.trainable_variables`` order; see ``op.param_names``.
+        The variables spanning the operator (default: ``model.trainable_variables`` of a
+        floating dtype, so a ``tf.Module``'s integer counter is left out): names (Keras
+        ``variable.path``, ``"dense/kernel"``), ``fnmatch`` glob patterns (``"dense_1/*"``)
+        or variable objects; selecting a variable that is not floating-point raises a
+        TypeError. Vectors follow ``model.trainable_variables`` order; see
+        ``op.param_names``.
     batch_size_fn
         ``batch_size_fn(batch) -> count`` of samples in a batch (default: the leading
         dimension of the inputs), called inside the traced function.

@@ -25,6 +25,7 @@ import tensorflow as tf
 from specdens.tracker import SpectrumRecord, SpectrumTracker
 
 from ._data import is_single_batch
+from ._loss import _reduction
 from .gradient import gradient
 from .hessian import hessian
 
@@ -128,12 +129,16 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
     """The mean loss over all samples of ``data`` (batches weighted by size) and the
     accuracy, with BatchNorm on batch statistics (``training=True``, inside a
     ``keras.StatelessScope`` so that no moving statistic changes) or on its moving
-    statistics (``training=False``); the model is not changed. No regularisation term."""
+    statistics (``training=False``); the model is not changed. No regularisation term.
+    A Keras loss with ``reduction="sum"`` gives each batch's total, which counts as is
+    (the mean over the data is the same as with the default reduction, as in
+    :func:`specdens.backends.tf.hessian`); ``reduction="none"`` raises a ValueError."""
     if batchnorm not in ("batch", "population"):
         raise ValueError(f"batchnorm={batchnorm!r}; choose 'batch' or 'population'")
     has_bn = any(isinstance(layer, keras.layers.BatchNormalization)
                  for layer in getattr(model, "_flatten_layers", lambda: [])())
     training = batchnorm == "batch" and has_bn
+    reduction = _reduction(loss)  # "mean" or "sum" (the batch's total, divided by n)
     batches = [data] if is_single_batch(data) else data
     total = loss_sum = correct = 0.0
     acc_ok = accuracy is None
@@ -142,7 +147,8 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
         with keras.StatelessScope():
             out = model(x, training=training)
         n = float(tf.shape(out)[0].numpy())
-        loss_sum += float(loss(y, out)) * n
+        value = float(loss(y, out))
+        loss_sum += value if reduction == "sum" else value * n  # as BatchLoss.output_loss
         total += n
         if acc_ok:
             yv = np.asarray(y)
