@@ -239,6 +239,11 @@ class SpectralDensity:
         How the adaptive probe count ended (``num_probes="auto"``), else None.
     extra : dict
         Free-form metadata (JSON-serialisable), e.g. the deflation settings.
+    probe_indices : numpy.ndarray or None
+        Index of each probe in ``seed``'s streams (random probe ``i`` of a seed is always
+        the same vector), or None when unknown (e.g. probes of several seeds); with
+        ``seed`` it identifies the probes, so that :meth:`concatenate` can refuse the same
+        probe twice.
     """
 
     nodes: np.ndarray
@@ -257,6 +262,7 @@ class SpectralDensity:
     deflated_eigenvalues: np.ndarray = field(default_factory=lambda: np.zeros(0))
     deflated_residuals: np.ndarray = field(default_factory=lambda: np.zeros(0))
     convergence: ProbeConvergence | None = None
+    probe_indices: np.ndarray | None = None
 
     # -- construction -----------------------------------------------------------
     @classmethod
@@ -277,6 +283,7 @@ class SpectralDensity:
             wall_time=result.wall_time,
             matvecs=result.matvecs,
             extra=dict(extra),
+            probe_indices=np.asarray(result.probe_indices, dtype=np.int64).copy(),
         )
 
     @classmethod
@@ -286,10 +293,18 @@ class SpectralDensity:
         The parts must share ``n``, ``num_steps``, the probe kind and the deflated
         eigenvalues; wall times and matvecs add up (``changes`` overrides fields of the
         result, e.g. ``matvecs`` when the parts share an eigensolver run).
+
+        The probes must be distinct: a repeated probe is not an independent sample, and
+        would shrink the standard errors for nothing. A ``ValueError`` is raised when the
+        same estimate is passed twice, or when two parts hold the same random probe (the
+        same ``seed`` and probe index; see ``first_probe`` of :func:`specdens.slq` for
+        disjoint runs). Probes whose identity is not recorded (explicit start vectors,
+        ``seed=None``, estimates read back without ``probe_indices``) cannot be checked.
         """
         if not parts:
             raise ValueError("concatenate needs at least one SpectralDensity")
         first = parts[0]
+        _check_distinct_probes(parts)
         for p in parts[1:]:
             if (p.n, p.num_steps, p.probe_kind) != (first.n, first.num_steps, first.probe_kind):
                 raise ValueError("concatenate needs estimates with the same n, num_steps and "
@@ -310,6 +325,9 @@ class SpectralDensity:
             deflated_eigenvalues=first.deflated_eigenvalues.copy(),
             deflated_residuals=first.deflated_residuals.copy(),
             convergence=None,
+            probe_indices=(np.concatenate([p.probe_indices for p in parts])
+                           if all(p.probe_indices is not None and p.seed == first.seed
+                                  for p in parts) else None),
         )
         fields.update(changes)
         return cls(**fields)
@@ -520,7 +538,8 @@ class SpectralDensity:
         n, num_steps, seed, reorth, probe_kind, wall_time, matvecs, ``extra`` and, for an
         adaptive probe count, ``convergence``. A deflated estimate is written as version 2
         with two more float64 arrays, ``deflated_eigenvalues`` and ``deflated_residuals``
-        (version-1 readers refuse it rather than silently drop the atoms).
+        (version-1 readers refuse it rather than silently drop the atoms). An optional
+        int64 array ``probe_indices`` (num_probes) identifies the random probes.
         """
         meta = {
             "n": self.n, "num_steps": self.num_steps, "seed": self.seed, "reorth": self.reorth,
@@ -533,6 +552,8 @@ class SpectralDensity:
             nodes=self.nodes, weights=self.weights, residuals=self.residuals,
             lengths=self.lengths.astype(np.int64), probe_scales=self.probe_scales,
         )
+        if self.probe_indices is not None:
+            arrays["probe_indices"] = np.asarray(self.probe_indices, dtype=np.int64)
         version = FORMAT_VERSION
         if self.num_deflated:
             version = FORMAT_VERSION_DEFLATED
@@ -588,6 +609,8 @@ class SpectralDensity:
                                           dtype=np.float64),
             convergence=(ProbeConvergence.from_dict(meta["convergence"])
                          if meta.get("convergence") else None),
+            probe_indices=(np.asarray(data["probe_indices"], dtype=np.int64)
+                           if "probe_indices" in data else None),
         )
         out._validate(str(path))
         return out
@@ -598,6 +621,8 @@ class SpectralDensity:
             self.nodes.ndim == 2 and self.weights.shape == (k, m) and self.residuals.shape == (k, m)
             and self.lengths.shape == (k,) and self.probe_scales.shape == (k,)
         )
+        if self.probe_indices is not None:
+            shapes_ok = shapes_ok and self.probe_indices.shape == (k,)
         if not shapes_ok:
             raise ValueError(f"{where} is a corrupt specdens file: inconsistent array shapes")
         if not (np.all(np.isfinite(self.nodes)) and np.all(np.isfinite(self.weights))):
@@ -630,6 +655,30 @@ class SpectralDensity:
             f"reorth={self.reorth!r}, range=[{b.lower:.6g}, {b.upper:.6g}]{more}, "
             f"matvecs={self.matvecs}, wall_time={self.wall_time:.3g}s)"
         )
+
+
+def _check_distinct_probes(parts: list[SpectralDensity]) -> None:
+    """Refuse parts that repeat an estimate, or a random probe (same seed and index)."""
+    for i, p in enumerate(parts):
+        for j in range(i):
+            if parts[j] is p:
+                raise ValueError(
+                    f"concatenate got the same estimate twice (parts {j} and {i}): repeated "
+                    "probes are not independent samples and would shrink the standard error"
+                )
+    seen: dict[tuple[int, int], int] = {}
+    for i, p in enumerate(parts):
+        if p.seed is None or p.probe_indices is None or p.probe_kind == "explicit":
+            continue
+        for idx in np.asarray(p.probe_indices).tolist():
+            key = (int(p.seed), int(idx))
+            if key in seen:
+                raise ValueError(
+                    f"concatenate got probe {key[1]} of seed {key[0]} twice (parts {seen[key]} "
+                    f"and {i}): repeated probes are not independent samples and would shrink "
+                    "the standard error. Use other seeds or disjoint first_probe ranges"
+                )
+            seen[key] = i
 
 
 def _json_default(obj: Any) -> Any:

@@ -177,3 +177,29 @@ def test_reprs(dens):
     d, _ = dens
     assert "SpectralDensity(n=200, num_probes=4, num_steps=40" in repr(d)
     assert "Estimate(value=" in repr(d.moments(1))
+
+
+def test_concatenate_refuses_repeated_probes(spectrum_matrix, tmp_path):
+    """A repeated probe is not an independent sample: concatenating an estimate with itself
+    (or two runs over the same seed and probe indices) would halve the variance estimate
+    for nothing. Disjoint probe ranges of one seed, and other seeds, combine."""
+    A, _ = spectrum_matrix
+    d = specdens.slq(A, num_steps=10, num_probes=3, seed=2)
+    with pytest.raises(ValueError, match="same estimate twice"):
+        SpectralDensity.concatenate([d, d])
+    again = specdens.slq(A, num_steps=10, num_probes=2, seed=2, first_probe=2)
+    with pytest.raises(ValueError, match="probe 2 of seed 2 twice"):
+        SpectralDensity.concatenate([d, again])
+    # the same file read back twice is two objects holding the same probes
+    d.save(tmp_path / "d.npz")
+    loaded = [SpectralDensity.load(tmp_path / "d.npz") for _ in range(2)]
+    np.testing.assert_array_equal(loaded[0].probe_indices, [0, 1, 2])
+    with pytest.raises(ValueError, match="probe 0 of seed 2 twice"):
+        SpectralDensity.concatenate(loaded)
+
+    rest = specdens.slq(A, num_steps=10, num_probes=2, seed=2, first_probe=3)
+    both = SpectralDensity.concatenate([d, rest])
+    np.testing.assert_array_equal(both.probe_indices, np.arange(5))
+    assert both.num_probes == 5 and both.seed == 2
+    other = SpectralDensity.concatenate([d, specdens.slq(A, num_steps=10, num_probes=3, seed=3)])
+    assert other.num_probes == 6 and other.probe_indices is None  # two seeds: no one index

@@ -203,3 +203,37 @@ def test_errors(spectrum_matrix, rng):
     d = specdens.slq(sym_from_spectrum(np.linspace(1, 2, 30), rng), num_steps=5, deflate=2)
     with pytest.raises(ValueError, match="deflation"):
         KPMDensity.from_spectral_density(d, 10)
+
+
+@pytest.mark.parametrize("bounds", [None, (-1e-320, 1e-320)])
+def test_zero_operator_gives_the_kernel_of_an_atom_at_zero(bounds):
+    """The zero matrix (a Hessian at a flat point) has no spectral scale: the interval is
+    the unit one, B = 0 and u^T T_k(B) u = T_k(0) mu_0 = cos(k pi / 2) mu_0 exactly, up to
+    the rounding of mu_0 = ||u||^2 (n eps). The density is the Jackson kernel of an atom at
+    0 (finite), and it integrates to mu_0 g_0 = mu_0. A subnormal interval given as bounds
+    is widened to a half-width whose reciprocal is finite."""
+    n, N = 50, 20
+    A = np.zeros((n, n))
+    k = specdens.kpm(A, N, 3, seed=4, bounds=bounds)
+    tol = 10 * n * np.finfo(float).eps
+    assert np.isfinite(k.half_width) and k.half_width > 0
+    assert np.isfinite(1.0 / k.half_width)
+    expected = np.cos(np.arange(N) * np.pi / 2)
+    expected[np.abs(expected) < 0.5] = 0.0  # cos(k pi/2) is 0 for odd k, not 6e-17
+    np.testing.assert_allclose(k.chebyshev_moments, np.broadcast_to(expected, (3, N)),
+                               rtol=0, atol=tol)
+    g, v = k.density()
+    assert np.all(np.isfinite(v)) and np.all(v >= -tol * np.max(v))
+    if bounds is None:
+        assert k.half_width == pytest.approx(1.01, rel=0, abs=1e-15)
+        # exact reference: the damped series of the atom at 0, summed with numpy
+        x = (g - k.center) / k.half_width
+        damp = jackson_damping(N)
+        series = damp[0] + 2 * sum(damp[j] * expected[j] * np.cos(j * np.arccos(x))
+                                   for j in range(1, N))
+        ref = series / (np.pi * np.sqrt(1 - x * x)) / k.half_width
+        np.testing.assert_allclose(v, ref, rtol=0, atol=N * tol * np.max(ref))
+        assert k.moments(2).value == pytest.approx(0.0, abs=tol)
+    lo, hi = k.bounds().interval
+    total = float(k.cdf(hi) - k.cdf(lo))
+    assert total == pytest.approx(1.0, abs=tol)

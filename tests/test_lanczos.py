@@ -478,3 +478,23 @@ def test_deferred_second_sweep_runs_the_block_again_on_cancellation(monkeypatch)
     scale = max(float(np.max(np.abs(host.alpha))), float(np.max(np.abs(host.beta))))
     np.testing.assert_allclose(device.alpha, host.alpha, rtol=0, atol=1e-14 * scale)
     np.testing.assert_allclose(device.beta, host.beta, rtol=0, atol=1e-14 * scale)
+
+
+def test_operators_too_small_for_the_arithmetic_are_refused(rng):
+    """Eigenvalues ~1e-25 in float32 arithmetic: the squares of the vectors' entries
+    (~1e-52) underflow, beta reads 0 and probes "break down" with rules that look exact
+    (eigsh returned 6.3e-26 for 2.9e-25 with converged=True). Refused with an error that
+    says what to do; float64 arithmetic on the same matrix is right; the zero matrix is
+    not refused."""
+    n = 60
+    lam = np.linspace(-2.0, 3.0, n) * 1e-25
+    A = sym_from_spectrum(lam, rng).astype(np.float32)
+    with pytest.raises(ValueError, match="too small for float32"):
+        specdens.slq(A, num_steps=20, num_probes=2, dtype="float32")
+    with pytest.raises(ValueError, match="too small for float32"):
+        specdens.eigsh(A, k=2, dtype="float32")
+    exact = np.linalg.eigvalsh(A.astype(np.float64))[-2:]
+    np.testing.assert_allclose(specdens.eigsh(A, k=2).eigenvalues, exact, rtol=1e-6)
+    assert specdens.slq(A, num_steps=20, num_probes=2).lengths.tolist() == [20, 20]
+    Z = np.zeros((30, 30), dtype=np.float32)
+    assert np.all(specdens.slq(Z, num_steps=5, dtype="float32").nodes == 0.0)

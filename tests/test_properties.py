@@ -11,10 +11,14 @@ import specdens
 
 EPS = np.finfo(np.float64).eps
 
+# Spectra whose scale is below ~1e-140 (squares of the vectors' entries underflow in
+# float64) are refused by the engine with a ValueError (see
+# test_lanczos.py::test_operators_too_small_for_the_arithmetic_are_refused); the
+# properties are about the others, the zero spectrum included.
 spectra = st.integers(1, 40).flatmap(
     lambda n: arrays(np.float64, n, elements=st.floats(-1e3, 1e3, allow_nan=False,
                                                        allow_subnormal=False))
-)
+).filter(lambda lam: not 0.0 < np.max(np.abs(lam)) < 1e-100)
 
 
 def _matrix(lam: np.ndarray, seed: int) -> np.ndarray:
@@ -58,7 +62,8 @@ def test_full_run_reproduces_every_moment_of_the_probe(lam, seed):
 
 
 @settings(max_examples=30, deadline=None)
-@given(lam=spectra, seed=st.integers(0, 2**31), shift=st.floats(-100, 100))
+@given(lam=spectra, seed=st.integers(0, 2**31),
+       shift=st.floats(-100, 100).filter(lambda s: s == 0.0 or abs(s) >= 1e-100))
 def test_shift_moves_nodes(lam, seed, shift):
     A = _matrix(lam, seed)
     d0 = specdens.slq(A, num_steps=min(10, lam.size), seed=seed)

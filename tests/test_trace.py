@@ -172,6 +172,26 @@ def test_nystrom_refuses_indefinite_operators(indefinite):
         specdens.diagonal(-np.eye(60), num_matvecs=10, method="xnysdiag")
 
 
+def test_nystrom_of_the_zero_operator_is_exactly_zero():
+    """The zero matrix is positive semi-definite: Y = A W = 0, so the Nyström approximation
+    and every residual term w^T A w vanish and every estimate is exactly 0 (no shift nu,
+    no Cholesky of the zero Gram matrix), in numpy and in the array API standard."""
+    Z = np.zeros((100, 100))
+    libs = [("numpy", lambda a: a)]
+    try:
+        import array_api_strict as xs
+        libs.append(("array_api_strict", xs.asarray))
+    except ImportError:
+        pass
+    for name, conv in libs:
+        e = specdens.trace(conv(Z), num_matvecs=40, method="xnystrace")
+        assert (e.value, e.stderr, e.matvecs) == (0.0, 0.0, 40), name
+        d = specdens.diagonal(conv(Z), num_matvecs=40, method="xnysdiag")
+        assert d.matvecs == 40, name
+        assert np.array_equal(np.asarray(d.value), np.zeros(100)), name
+        assert np.array_equal(np.asarray(d.stderr), np.zeros(100)), name
+
+
 def test_slq_trace_of_functions(psd):
     """tr f(A) for several f from one Lanczos run: within 4 standard errors plus the
     quadrature-error estimate of the exact value; every estimate shares the run's

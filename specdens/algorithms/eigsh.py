@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from .. import _array, _checks
-from .lanczos import LanczosWarning
+from .lanczos import LanczosWarning, check_scale
 
 WHICH = ("LA", "SA", "LM", "BE")
 """Parts of the spectrum :func:`eigsh` computes."""
@@ -377,6 +377,7 @@ def eigsh(
             coupling = beta_res * S[p - 1, keep[L:]]
         restarts += 1
 
+    check_scale(np.array([anorm]), np.zeros(1), work, n)  # underflowing norms: refused
     sel = wanted[np.argsort(theta[wanted], kind="stable")]
     values = theta[sel]
     X = xp.matrix_transpose(xp.matmul(_padded(S[:, sel].T, k, m, op, wdt), V))  # (n, k)

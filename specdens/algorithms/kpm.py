@@ -56,7 +56,7 @@ from numpy.polynomial import chebyshev as C
 from .. import _array, _checks
 from ..density import Estimate, SpectralBounds, SpectralDensity, estimate_from_samples
 from .lanczos import _lanczos
-from .probes import PROBE_KINDS, probe_block
+from .probes import PROBE_KINDS, check_seed, probe_block
 
 KERNELS = ("jackson", "dirichlet")
 _BOUND_PROBE = 1 << 41  # probe index of the bounds' Lanczos run (a stream of its own)
@@ -280,11 +280,24 @@ class KPMDensity:
                 f"matvecs={self.matvecs}, wall_time={self.wall_time:.3g}s)")
 
 
+# Smallest half-width: below it 1 / half_width (the density's scale) comes within a
+# factor 1 / eps of overflowing, and the grid spacing of a kernel width underflows.
+_MIN_HALF = float(np.finfo(float).tiny / np.finfo(float).eps)
+
+
 def _widened(lower: float, upper: float, widen: float) -> tuple[float, float]:
+    """Centre and half-width of the KPM interval around ``[lower, upper]``.
+
+    A collapsed interval (all Ritz values equal, e.g. a multiple of the identity) gets
+    the half-width ``1e-8 |centre|``; the zero operator, which has no scale at all, the
+    unit half-width (its density is then the kernel centred at 0, as for any atom).
+    """
     center = 0.5 * (lower + upper)
     half = 0.5 * (upper - lower)
-    scale = max(abs(lower), abs(upper), np.finfo(float).tiny)
-    half = max(half, 1e-8 * scale)
+    scale = max(abs(lower), abs(upper))
+    if scale == 0.0:
+        half = 1.0
+    half = max(half, 1e-8 * scale, _MIN_HALF)
     return center, half * (1.0 + widen)
 
 
@@ -350,6 +363,7 @@ def kpm(
     if N < 2:
         raise ValueError(f"num_moments must be at least 2; got {N}")
     num_probes = _checks.positive_int(num_probes, "num_probes")
+    seed = check_seed(seed)
     if probes not in PROBE_KINDS:
         raise ValueError(f"probes={probes!r}; choose one of {', '.join(PROBE_KINDS)}")
     if kernel not in KERNELS:

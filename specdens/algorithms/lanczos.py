@@ -23,7 +23,7 @@ from .. import _array, _checks, _memory
 from .._progress import ProgressCallback, make_progress
 from . import _basis, _buffers
 from . import checkpoint as checkpoint_mod
-from .probes import PROBE_KINDS, draw_probe, probe_block
+from .probes import PROBE_KINDS, check_seed, draw_probe, probe_block
 
 REORTH_MODES = ("full", "partial", "local", "none", "auto")
 
@@ -148,12 +148,14 @@ def lanczos(
     num_steps
         Lanczos steps per probe (capped at ``n``: the Krylov space cannot be larger).
     num_probes
-        Number of random probes.
+        Number of random probes. With explicit start vectors their number ``k`` rules:
+        ``num_probes`` must then be left at 1 or equal ``k`` (else ``ValueError``).
     probes
         ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``, or explicit start
         vectors: an array of shape ``(n,)`` or ``(n, k)`` in the operator's library.
     seed
-        Probe ``i`` depends on ``(seed, i)`` only (counter-based seeding).
+        Probe ``i`` depends on ``(seed, i)`` only (counter-based seeding). A non-negative
+        integer; ``None`` draws fresh, irreproducible probes (refused with ``checkpoint``).
     reorth
         ``"full"``: classical Gram-Schmidt twice (CGS2) against all previous vectors,
         kept in a preallocated basis; the second sweep runs only when the first one
@@ -238,6 +240,9 @@ def lanczos(
         When ``checkpoint`` names a file of another operator, other settings, or not a
         specdens checkpoint.
     """
+    random_probes = probes is None or isinstance(probes, str)
+    check_seed(seed, reproducible_for=("checkpoint=" if checkpoint is not None and random_probes
+                                       else None))
     return _lanczos(op, num_steps, num_probes=num_probes, probes=probes, seed=seed,
                     reorth=reorth, window=window, dtype=dtype, basis_dtype=basis_dtype,
                     block_size=block_size, max_basis_bytes=max_basis_bytes,
@@ -246,6 +251,17 @@ def lanczos(
                     first_probe=first_probe, checkpoint=checkpoint,
                     checkpoint_every=checkpoint_every, checkpoint_key=checkpoint_key,
                     progress=progress)
+
+
+def default_basis_dtype(product_dtype: Any, work: str) -> str:
+    """The default dtype of the stored basis: float32 for an operator whose products are
+    float32 or of lower precision, else ``work`` (the Lanczos arithmetic's dtype).
+
+    The products of a float32 (or lower precision) operator carry float32 rounding, which
+    bounds the orthogonality of the Lanczos vectors whatever the basis: a float64 basis
+    would double the memory and the reorthogonalisation's traffic for nothing."""
+    low = _array.dtype_name(product_dtype) in ("float16", "bfloat16", "float32")
+    return "float32" if low else work
 
 
 def _lanczos(
@@ -300,12 +316,8 @@ def _lanczos(
             f"float64 Lanczos arithmetic was asked for, but {op.array_library} on {device} has "
             "no float64 now (for JAX, enable jax_enable_x64); use dtype='float32'"
         )
-    # The products of a float32 (or lower precision) operator carry float32 rounding, which
-    # bounds the orthogonality of the Lanczos vectors whatever the basis: a float64 basis
-    # would double the memory and the reorthogonalisation's traffic for nothing.
-    low = _array.dtype_name(_checks.product_dtype(op)) in ("float16", "bfloat16", "float32")
-    basis_name = _checks.float_dtype_name(basis_dtype, "basis_dtype",
-                                          default="float32" if low else work)
+    basis_name = _checks.float_dtype_name(
+        basis_dtype, "basis_dtype", default=default_basis_dtype(_checks.product_dtype(op), work))
     m = min(num_steps, n)
 
     explicit, kind = _parse_probes(probes, op, num_probes)
@@ -426,6 +438,8 @@ def _lanczos(
     asymmetry = float(max(d["asymmetry"] for d in done)) if mode != "none" else float("nan")
     eps_eff = max(_array.finfo_eps(_checks.product_dtype(op)), _array.finfo_eps(work),
                   _array.finfo_eps(basis_name))
+    check_scale(np.concatenate([d["alpha"] for d in done], axis=0),
+                np.concatenate([d["beta"] for d in done], axis=0), work, n)
     alpha, beta, lengths, breakdown = finish_coefficients(
         np.concatenate([d["alpha"] for d in done], axis=0),
         np.concatenate([d["beta"] for d in done], axis=0),
@@ -483,6 +497,30 @@ def check_breakdown_tol(value: Any, work: Any, product: Any) -> float:
         raise ValueError(f"breakdown_tol must be a number in [0, 1) (a fraction of ||T||); "
                          f"got {value!r}")
     return float(value)
+
+
+def check_scale(alpha: np.ndarray, beta: np.ndarray, work: str, n: int) -> None:
+    """Raise when the operator is too small in magnitude for the arithmetic's dtype.
+
+    Norms are ``sqrt(w^T w)``: once the entries of a vector fall below ``sqrt(tiny)``
+    (1.1e-19 in float32, 1.5e-154 in float64) their squares underflow to 0, a ``beta``
+    reads 0, and the probe "breaks down" with a rule that looks exact but is not. The
+    entries of the recurrence's vectors are about ``breakdown_tol ||T|| / sqrt(n)`` at
+    their smallest (``breakdown_tol`` = 100 eps), so the run is trustworthy only for
+    ``||T|| >= sqrt(tiny) sqrt(n) / (100 eps)``; below that it raises instead of returning
+    a wrong result. (The zero operator, ``||T|| = 0`` exactly, is fine.)
+    """
+    finfo = np.finfo(work)
+    scale = float(np.max(np.abs(alpha), initial=0.0) + np.max(beta, initial=0.0))
+    floor = float(np.sqrt(finfo.tiny) * np.sqrt(n) / (BREAKDOWN_ROUNDINGS * finfo.eps))
+    if 0.0 < scale < floor:
+        raise ValueError(
+            f"the operator's scale (||T|| ~ {scale:.1e}) is too small for {work} arithmetic "
+            f"(below {floor:.1e}): the squares of the Lanczos vectors' entries underflow and "
+            "the recurrence stops on false breakdowns. Multiply the operator by a power of "
+            "ten and divide the spectrum back"
+            + (", or use dtype='float64'" if work != "float64" else "")
+        )
 
 
 def finish_coefficients(alpha: np.ndarray, beta: np.ndarray, active: np.ndarray,
@@ -667,6 +705,8 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     eps_omega = max(_array.finfo_eps(wdt), _array.finfo_eps(bdt),
                     _array.finfo_eps(_checks.product_dtype(op)))
     steps_run = m
+    # a deflated operator's locked subspace, kept out of every new vector
+    locked = getattr(op, "project_rows", None)
     bufs = _buffers.StepBuffers(xp, k, n, wdt, bdt, op.dtype, _array.creation_device(op),
                                 prev_owned=state is None, host=_reads_are_free(op))
     for j in range(j0, m):
@@ -698,6 +738,8 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         w = _array.subtract_scaled_rows(w, beta_prev, q_prev)
         alpha = _rowdot(xp, q, w)
         w = _array.subtract_scaled_rows(w, alpha, q)
+        if locked is not None:
+            w = locked(w)  # out of a subspace the operator deflates (see DeflatedOperator)
         beta = needed = None
         sweep_needed = Q is not None
         if omega is not None:
@@ -993,6 +1035,11 @@ def _parse_probes(probes: Any, op: Any, num_probes: int) -> tuple[Any, str]:
     if len(V.shape) != 2 or V.shape[0] != op.shape[0]:
         raise ValueError(f"probes must have shape ({op.shape[0]},) or ({op.shape[0]}, k); "
                          f"got {tuple(probes.shape)}")
+    if num_probes not in (1, int(V.shape[1])):
+        # 1 is the default: it cannot be told apart from an explicit num_probes=1
+        raise ValueError(f"num_probes={num_probes} but probes holds {int(V.shape[1])} start "
+                         "vectors; the explicit vectors set the number of probes (leave "
+                         "num_probes out or make it equal)")
     host_norms = np.linalg.norm(_array.to_numpy(V), axis=0)
     if not np.all(np.isfinite(host_norms)) or np.any(host_norms == 0):
         raise ValueError("probes must be finite and non-zero")

@@ -3,6 +3,10 @@
 Probe ``i`` of seed ``s`` is drawn from its own stream,
 ``numpy.random.SeedSequence(s, spawn_key=(i,))``, so it is the same vector whatever the
 number of probes, the block size or the number of devices.
+
+A seed is a non-negative integer. ``seed=None`` draws fresh entropy from the operating
+system for every probe, as numpy does: the run cannot be reproduced, so it is refused where
+reproducibility is needed (a checkpoint, a deflating eigensolver run).
 """
 
 from __future__ import annotations
@@ -16,8 +20,30 @@ from .. import _array
 PROBE_KINDS = ("rademacher", "gaussian", "sphere")
 
 
-def probe_rng(seed: int, index: int) -> np.random.Generator:
+def check_seed(seed: Any, *, reproducible_for: str | None = None) -> int | None:
+    """``seed`` as an int (or None), with errors that name it.
+
+    Raises ``TypeError`` unless it is an integer (not a bool) or None, ``ValueError`` when
+    it is negative, and ``ValueError`` for None when ``reproducible_for`` names a feature
+    that needs a reproducible run.
+    """
+    if seed is None:
+        if reproducible_for is not None:
+            raise ValueError(
+                f"{reproducible_for} needs a reproducible run, but seed=None draws fresh "
+                "random probes on every call; pass an integer seed (e.g. seed=0)"
+            )
+        return None
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be a non-negative integer (or None); got {seed!r}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer; got {seed}")
+    return int(seed)
+
+
+def probe_rng(seed: int | None, index: int) -> np.random.Generator:
     """The generator of probe ``index`` for ``seed`` (independent of all other probes)."""
+    seed = check_seed(seed)
     return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(index,))))
 
 

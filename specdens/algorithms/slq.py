@@ -16,6 +16,7 @@ from ..density import SpectralDensity
 from .adaptive import check_adaptive_options, run_adaptive
 from .deflation import make_deflation
 from .lanczos import _lanczos
+from .probes import check_seed
 
 
 def slq(
@@ -61,6 +62,9 @@ def slq(
         :class:`~specdens.algorithms.adaptive.ProbeCountWarning` is issued when not.
     seed, probes, reorth, **kwargs
         Passed to :func:`specdens.lanczos` (``dtype``, ``block_size``, ``first_probe``...).
+        ``seed`` is a non-negative integer; ``seed=None`` draws fresh random probes (not
+        reproducible, hence refused with ``checkpoint`` and, unless ``eigsh_options``
+        gives eigsh a seed, with ``deflate=k``).
     deflate
         ``k`` (an int): compute the ``k`` eigenpairs chosen by ``deflate_which`` with
         :func:`specdens.eigsh`, run SLQ on ``(I - V V^T) A (I - V V^T)`` from projected
@@ -93,6 +97,17 @@ def slq(
     SpectralDensity
     """
     op, n = _checks.operator_of(op)
+    random_probes = probes is None or isinstance(probes, str)
+    seed = check_seed(seed, reproducible_for=("checkpoint=" if checkpoint is not None
+                                              and random_probes else None))
+    if (seed is None and isinstance(deflate, (int, np.integer))
+            and not isinstance(deflate, bool) and deflate != 0
+            and "seed" not in (eigsh_options or {})):
+        raise ValueError(
+            "deflate=k computes the eigenpairs with specdens.eigsh, whose start vector needs "
+            "a reproducible integer seed, but seed=None gives none; pass an integer seed "
+            "(or eigsh_options={'seed': ...})"
+        )
     adaptive = isinstance(num_probes, str)
     if adaptive and num_probes != "auto":
         raise ValueError(f"num_probes={num_probes!r}; give an integer or 'auto'")

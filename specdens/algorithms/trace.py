@@ -402,7 +402,8 @@ def _xtrace(ctx: _Ctx, s: int, seed: int) -> TraceEstimate:
 
 
 def _nystrom_parts(ctx: _Ctx, s: int, seed: int, kind: str):
-    """``B = Y_nu C^{-1}``, ``X = C^{-T}``, the shift and the test vectors of XNysTrace."""
+    """``B = Y_nu C^{-1}``, ``X = C^{-T}``, the shift and the test vectors of XNysTrace
+    (``B`` and ``X`` are None when ``Y = A W`` is exactly 0: every estimate is then 0)."""
     Om = ctx.vectors(kind, seed, _SKETCH, s)
     Y = ctx.apply(Om)
     G = ctx.host(ctx.mm(ctx.t(Om), Y))
@@ -417,6 +418,10 @@ def _nystrom_parts(ctx: _Ctx, s: int, seed: int, kind: str):
             "method='xtrace' (or 'hutch++') for indefinite operators."
         )
     fro = float(np.sqrt(np.sum(_colsums(ctx, Y * Y))))
+    if fro == 0.0:
+        # A W = 0: the Nyström approximation and every residual term w^T A w vanish, so
+        # each estimate is exactly 0 (the zero operator is positive semi-definite).
+        return Om, None, None, 0.0
     nu = float(math.sqrt(ctx.n) * np.finfo(float).eps * fro)
     Y = Y + nu * Om
     G = G + nu * ctx.host(ctx.mm(ctx.t(Om), Om))
@@ -440,6 +445,8 @@ def _xnystrace(ctx: _Ctx, s: int, seed: int) -> TraceEstimate:
     # w_i^T (A_nu - Ahat_(i)) w_i equals 1 / (G^{-1})_ii.
     Om, B, X, nu = _nystrom_parts(ctx, s, seed, "sphere")
     del Om
+    if B is None:
+        return _finish_scalar(np.zeros(s), 0.0, ctx.matvecs, "xnystrace", ctx.n)
     trA = float(np.sum(_colsums(ctx, B * B)))
     g = np.sum(X * X, axis=0)                      # (G^{-1})_ii
     BX = ctx.mm(B, ctx.dev(X))
@@ -614,11 +621,14 @@ def diagonal(
     else:  # xnysdiag
         s = m
         Om, B, X, nu = _nystrom_parts(ctx, s, seed, "rademacher")
-        g = np.sum(X * X, axis=0)
-        V = ctx.mm(B, ctx.dev(X / np.sqrt(g)[None, :]))    # columns v_i
-        base = xp.sum(B * B, axis=1)                          # diag(B B^T)
-        # estimate i: diag(Ahat - v_i v_i^T) + w_i * v_i / sqrt(g_ii) - nu.
-        D = (base[:, None] - V * V + Om * V * ctx.dev(1.0 / np.sqrt(g)[None, :])) - nu
+        if B is None:
+            D = xp.zeros_like(Om)
+        else:
+            g = np.sum(X * X, axis=0)
+            V = ctx.mm(B, ctx.dev(X / np.sqrt(g)[None, :]))    # columns v_i
+            base = xp.sum(B * B, axis=1)                          # diag(B B^T)
+            # estimate i: diag(Ahat - v_i v_i^T) + w_i * v_i / sqrt(g_ii) - nu.
+            D = (base[:, None] - V * V + Om * V * ctx.dev(1.0 / np.sqrt(g)[None, :])) - nu
     acc = _Welford()
     acc.add(xp, D)
     return DiagonalEstimate(acc.mean, acc.stderr(xp), ctx.matvecs, method, ctx.n, acc.count)

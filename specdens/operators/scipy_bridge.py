@@ -13,19 +13,40 @@ def to_scipy(op: Any) -> Any:
     """Wrap a specdens operator as a ``scipy.sparse.linalg.LinearOperator``.
 
     Inputs arrive as numpy arrays, are moved to the operator's array library, device and
-    dtype, multiplied there, and come back as float64 numpy arrays.
+    dtype, multiplied there, and come back as float64 numpy arrays. A complex input is
+    applied to its real and imaginary parts (in one block product) and comes back as
+    complex128: the operator is real, hence linear over the complex numbers,
+    ``A (x + i y) = A x + i A y``.
     """
     from scipy.sparse.linalg import LinearOperator
 
     xp, device, dtype = op.xp, op.device, op.dtype
 
-    def matvec(x: np.ndarray) -> np.ndarray:
+    def real_matvec(apply: Any, x: np.ndarray) -> np.ndarray:
         v = _array.from_numpy(np.asarray(x).reshape(-1), xp, device, dtype)
-        return _array.to_numpy(op.matvec(v))
+        return _array.to_numpy(apply(v))
+
+    def real_matmat(apply: Any, X: np.ndarray) -> np.ndarray:
+        V = _array.from_numpy(np.asarray(X), xp, device, dtype)
+        return _array.to_numpy(apply(V))
+
+    def product(of: Any, X: Any, vector: bool) -> np.ndarray:
+        """``of`` (the operator or its transpose) times ``X``; a complex ``X`` as its real
+        and imaginary parts, side by side in one block product."""
+        X = np.asarray(X)
+        if not np.iscomplexobj(X):
+            return real_matvec(of.matvec, X) if vector else real_matmat(of.matmat, X)
+        X2 = X.reshape(-1, 1) if vector else X
+        k = X2.shape[1]
+        Y = real_matmat(of.matmat, np.concatenate([X2.real, X2.imag], axis=1))
+        Z = Y[:, :k] + 1j * Y[:, k:]
+        return Z[:, 0] if vector else Z
+
+    def matvec(x: np.ndarray) -> np.ndarray:
+        return product(op, x, True)
 
     def matmat(X: np.ndarray) -> np.ndarray:
-        V = _array.from_numpy(np.asarray(X), xp, device, dtype)
-        return _array.to_numpy(op.matmat(V))
+        return product(op, X, False)
 
     kwargs: dict[str, Any] = {}
     try:
@@ -34,13 +55,12 @@ def to_scipy(op: Any) -> Any:
         opT = None
     if opT is not None:
 
+        # the adjoint of a real operator is its transpose, also for complex vectors
         def rmatvec(x: np.ndarray) -> np.ndarray:
-            v = _array.from_numpy(np.asarray(x).reshape(-1), xp, device, dtype)
-            return _array.to_numpy(opT.matvec(v))
+            return product(opT, x, True)
 
         def rmatmat(X: np.ndarray) -> np.ndarray:
-            V = _array.from_numpy(np.asarray(X), xp, device, dtype)
-            return _array.to_numpy(opT.matmat(V))
+            return product(opT, X, False)
 
         kwargs = {"rmatvec": rmatvec, "rmatmat": rmatmat}
     return LinearOperator(op.shape, matvec=matvec, matmat=matmat, dtype=np.float64, **kwargs)
