@@ -357,6 +357,8 @@ def test_compiled_loop_on_arrays_callables_and_operators():
         assert np.max(np.abs(r.beta - ref.beta)) <= tol
     with pytest.raises(TypeError, match="needs n="):
         lanczos(lambda v: A @ v, 5)
+    with pytest.raises(ValueError, match="num_probes=3 but probes holds 2"):
+        lanczos(A, 5, probes=jnp.ones((60, 2)), num_probes=3)
     with pytest.raises(TypeError, match="jax arrays"):
         lanczos(specdens.aslinearoperator(np.eye(3)), 2)
 

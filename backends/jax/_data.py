@@ -4,7 +4,10 @@ is the same on every pass.
 Weighting rule (exact for uneven batches). The loss of the data set is the mean over all
 ``N`` samples, ``L = sum_b (n_b / N) L_b``, where ``L_b`` is the mean loss of batch ``b``
 over its ``n_b`` samples. Every operator accumulates ``sum_b n_b * (product of L_b)`` and
-``sum_b n_b`` over one pass, on the device, and divides the first by the second.
+``sum_b n_b`` over one pass, on the device, and divides the first by the second. A batch
+(or, with a mesh, a shard of one) whose count is 0 contributes exactly nothing, although
+its mean loss is 0/0 (all padding, say); a NaN from a batch with samples comes through.
+Counts must be finite and non-negative, their total positive (a ValueError otherwise).
 
 Counting rule. ``n_b`` is, in this order of precedence: the second item when ``loss_fn``
 returns a pair ``(mean_loss, count)`` (e.g. the number of non-padding tokens);
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import jax
@@ -40,6 +44,42 @@ def is_single_batch(data: Any) -> bool:
     if is_array(data) or isinstance(data, dict):
         return True
     return isinstance(data, (tuple, list)) and len(data) > 0 and is_array(data[0])
+
+
+def one_batch_hint(data: Any, advice: str) -> str | None:
+    """For ``data`` that is a list or tuple of two or more arrays alike but for their
+    leading dimension (same trailing shape and dtype) -- one batch by
+    :func:`is_single_batch`, though it looks like a list of batches of one array each --
+    what the rule made of it and ``advice``; None for other data (``(inputs, targets)``
+    of different shapes or dtypes, say)."""
+    if not (isinstance(data, (tuple, list)) and len(data) > 1
+            and all(is_array(x) and len(x.shape) > 0 for x in data)):
+        return None
+    kinds = {(tuple(x.shape[1:]), np.dtype(x.dtype).name) for x in data}
+    if len(kinds) != 1:
+        return None
+    return (f"data is a {type(data).__name__} of {len(data)} arrays, which is read as ONE "
+            "batch (a tuple/list whose first item is an array, such as (inputs, targets)), "
+            f"passed whole to the loss; {advice}")
+
+
+LOSS_ADVICE = ("if it is a list of batches of one array each, wrap each batch in a tuple, "
+               "data = [(x,) for x in batches], and unpack it in loss_fn: (x,) = batch")
+
+
+@contextmanager
+def explain_one_batch(hint: str | None, what: str) -> Iterator[None]:
+    """With a ``hint`` (see :func:`one_batch_hint`), re-raise an error of the loss on the
+    data with the hint, chained to it: as the same type for the common built-in errors,
+    else as a TypeError. Without one, errors pass unchanged."""
+    try:
+        yield
+    except Exception as exc:
+        if hint is None:
+            raise
+        kind = type(exc) if type(exc) in (TypeError, ValueError, IndexError,
+                                          AttributeError) else TypeError
+        raise kind(f"{what} raised {type(exc).__name__}: {exc}\nNote: {hint}") from exc
 
 
 def default_count(batch: Any) -> int:
@@ -115,7 +155,8 @@ class Batches:
     """
 
     def __init__(self, data: Any, *, check: bool = True):
-        if is_single_batch(data):
+        self._single = is_single_batch(data)
+        if self._single:
             self._data: Iterable[Any] = [data]
         elif isinstance(data, Iterator):
             raise TypeError(
@@ -147,6 +188,10 @@ class Batches:
             yield as_device_batch(batch)
         if empty:
             raise ValueError("data yielded no batches")
+
+    def one_batch_hint(self, advice: str) -> str | None:
+        """:func:`one_batch_hint` of the data when it was read as one batch."""
+        return one_batch_hint(next(iter(self._data)), advice) if self._single else None
 
     def first(self) -> Any:
         """The first batch (for tracing at construction)."""

@@ -99,11 +99,20 @@ def placement(space: ParamSpace, mesh: Any, data_axis: Any) -> tuple[Any, tuple,
     return None, (), jax.sharding.SingleDeviceSharding(device), device
 
 
-def _positive_total(counts: list[Any]) -> float:
+def positive_total(counts: list[Any], positive: Any = None) -> float:
+    """The total of the sample counts, checked: every count finite and >= 0 (a batch or a
+    shard with no samples contributes nothing, see :func:`._pass.weighted`), the total > 0.
+    ``positive``: for counts summed on the device, the sum of the positive ones (equal to
+    the total, bit for bit, unless a count is negative or NaN)."""
     n = float(sum(counts))
-    if not (math.isfinite(n) and n > 0) or any(not c > 0 for c in counts):
-        raise ValueError(f"sample counts {counts} (total {n}): counts must be positive and "
-                         "finite (check loss_fn's count or batch_size_fn)")
+    bad = any(not c >= 0 for c in counts) or (positive is not None and float(positive) != n)
+    if bad or not math.isfinite(n):
+        raise ValueError(f"sample counts {counts} (total {n}): counts must be finite and "
+                         "non-negative (check loss_fn's count or batch_size_fn)")
+    if not n > 0:
+        raise ValueError(f"sample counts {counts} (total {n}): the data holds no samples, so "
+                         "the mean loss over them is undefined (check loss_fn's count or "
+                         "batch_size_fn, and the data)")
     return n
 
 
@@ -186,12 +195,14 @@ class DataOperator(LinearOperatorBase):
     def _count_samples(self) -> float:
         counts = [self._host_count(b) for b in self.batches]
         if all(c is not None for c in counts):
-            return _positive_total(counts)
+            return positive_total(counts)
+        # the weighted sum of ones is the sum of the positive counts
         counter = WeightedPass(lambda c, b, e: (jnp.ones((), self.dtype),
                                                 self._count_kernel(c, b, e)[1]),
                                self.mesh, self.axes, lambda: None)
         parts = counter.run(self.consts, self.batches, None, (), self.dtype, self.sharding)
-        return _positive_total([float(total(parts)[1])])
+        positive, tot = total(parts)
+        return positive_total([float(tot)], positive)
 
     # -- products ----------------------------------------------------------------------------
     def _matvec(self, v: Any) -> Any:

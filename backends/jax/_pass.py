@@ -85,7 +85,7 @@ class WeightedPass:
     def _plain_step(self, consts: Any, batch: Any, extra: Any, acc: Any, tot: Any) -> Any:
         self.on_trace()
         value, count = self.kernel(consts, batch, extra)
-        return acc + count * value, tot + count
+        return acc + weighted(value, count), tot + count
 
     def _sharded_step(self, consts: Any, batch: Any, extra: Any, acc: Any, tot: Any) -> Any:
         self.on_trace()
@@ -93,7 +93,7 @@ class WeightedPass:
 
         def local(consts: Any, b: Any, extra: Any, acc: Any, tot: Any) -> Any:
             value, count = self.kernel(_varying(consts, ax), b, _varying(extra, ax))
-            return acc + (count * value)[None], tot + count[None]
+            return acc + weighted(value, count)[None], tot + count[None]
 
         bspec = jax.tree_util.tree_map(lambda x: P(ax) if x.ndim > 0 else P(), batch)
         return jax.shard_map(local, mesh=self.mesh,
@@ -159,7 +159,7 @@ class WeightedPass:
             def body(carry: Any, b: Any) -> Any:
                 acc, tot = carry
                 value, count = self.kernel(consts, b, extra)
-                return (acc + count * value, tot + count), None
+                return (acc + weighted(value, count), tot + count), None
             init = (jnp.zeros(shape, dtype), jnp.zeros((), dtype))
             if axes:  # the running sums differ between devices
                 init = _varying(init, axes)
@@ -182,6 +182,14 @@ class WeightedPass:
                 a, t = scan_sum(consts, stacked, extra)
             acc, tot = acc + a, tot + t
         return acc, tot
+
+
+def weighted(value: Any, count: Any) -> Any:
+    """``count * value``, and exactly 0 for an empty batch or shard (count 0), whose mean
+    loss (a sum over no samples divided by 0) and so whose products are NaN. Only a
+    count of 0 (or less) masks: a NaN product of a batch with samples comes through, and
+    a NaN count makes the total NaN (refused by the callers)."""
+    return jnp.where(count > 0, count * value, jnp.zeros_like(value))
 
 
 def _varying(tree: Any, axes: tuple[str, ...]) -> Any:

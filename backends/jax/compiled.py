@@ -35,6 +35,7 @@ from specdens import LanczosResult, SpectralDensity, _array, _checks
 from specdens.algorithms.lanczos import (
     _resolve_reorth,
     check_breakdown_tol,
+    default_basis_dtype,
     finish_coefficients,
 )
 from specdens.algorithms.probes import PROBE_KINDS, probe_block
@@ -361,13 +362,20 @@ def lanczos(
     _array.check_supported_dtype(op_dtype)
     has64 = bool(jax.config.read("jax_enable_x64"))
     work = _checks.float_dtype_name(dtype, "dtype", default="float64" if has64 else "float32")
-    basis = _checks.float_dtype_name(basis_dtype, "basis_dtype", default=work)
+    product = getattr(op, "product_dtype", op_dtype)
+    basis = _checks.float_dtype_name(basis_dtype, "basis_dtype",
+                                     default=default_basis_dtype(product, work))
     if not has64 and "float64" in (work, basis):
         raise TypeError("float64 Lanczos arithmetic was asked for, but jax_enable_x64 is off; "
                         "enable it or use dtype='float32'")
     m = min(num_steps, size)
     explicit, kind = _parse_probes(probes, size, device)
     if explicit is not None:
+        if num_probes not in (1, int(explicit.shape[0])):
+            # 1 is the default: it cannot be told apart from an explicit num_probes=1
+            raise ValueError(f"num_probes={num_probes} but probes holds "
+                             f"{int(explicit.shape[0])} start vectors; the explicit vectors set "
+                             "the number of probes (leave num_probes out or make it equal)")
         num_probes = int(explicit.shape[0])
     block = min(num_probes if block_size is None else
                 _checks.positive_int(block_size, "block_size"), num_probes)
@@ -375,8 +383,7 @@ def lanczos(
                                 device, basis_dtype is not None)
     if return_basis and mode not in ("full", "partial"):
         raise ValueError(f"return_basis=True needs reorth='full' (this run uses {mode!r})")
-    breakdown_tol = check_breakdown_tol(breakdown_tol, work,
-                                        getattr(op, "product_dtype", op_dtype))
+    breakdown_tol = check_breakdown_tol(breakdown_tol, work, product)
     tol = jnp.asarray(breakdown_tol, work)
     if device is not None and not isinstance(device, jax.Device):
         tol = jax.device_put(tol, device)  # a replicated sharding: the whole mesh

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from ._data import default_count
+from ._data import default_count, explain_one_batch
 from ._loss import BatchLoss, _scalar, host_count
 from ._operator import DataOperator
 from ._params import ParamSpace
@@ -88,7 +88,10 @@ class GGNOperator(DataOperator):
             out = self._outputs_fn(consts[1], inputs)(consts[0])
             return self._crit(targets)(out)
 
-        jax.eval_shape(f, self.consts, inputs, targets)
+        hint = self.batches.one_batch_hint(
+            "if it is a list of batches, make every batch a pair (inputs, targets)")
+        with explain_one_batch(hint, "model_fn or criterion"):
+            jax.eval_shape(f, self.consts, inputs, targets)
 
 
 def ggn(

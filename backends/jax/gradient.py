@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._data import Batches
+from ._data import LOSS_ADVICE, Batches, explain_one_batch
 from ._loss import BatchLoss
-from ._operator import check_weight_decay, placement
+from ._operator import check_weight_decay, placement, positive_total
 from ._params import ParamSpace
 from ._pass import WeightedPass, total
 
@@ -47,6 +47,8 @@ def gradient(
     FloatingPointError
         When the gradient has NaN or Inf entries (named by leaf); they are never returned
         silently.
+    ValueError
+        When a sample count is negative or not finite, or all of them are 0.
 
     References
     ----------
@@ -67,23 +69,27 @@ def gradient(
         x0, frozen = consts
         g, count = jax.grad(lambda x: loss(space.combine(x, frozen), batch, dtype),
                             has_aux=True)(x0)
-        return g, count
+        # a trailing 1: its weighted sum is the sum of the positive counts (checked)
+        return jnp.concatenate([g, jnp.ones((1,), dtype)]), count
 
-    parts = WeightedPass(kernel, mesh, axes, lambda: None).run(
-        consts, Batches(data, check=False), None, (space.n,), dtype, sharding)
+    batches = Batches(data, check=False)
+    with explain_one_batch(batches.one_batch_hint(LOSS_ADVICE), loss.what):
+        parts = WeightedPass(kernel, mesh, axes, lambda: None).run(
+            consts, batches, None, (space.n + 1,), dtype, sharding)
 
     def finish(consts: Any, parts: Any) -> Any:
         x0, frozen = consts
         acc, tot = total(parts)
-        g = acc / tot
+        g = acc[:-1] / tot
         if wd:
             g = g + wd * x0
         if regularizer is not None:
             g = g + jax.grad(lambda x: jnp.reshape(regularizer(space.combine(x, frozen)), ()))(x0)
-        return g
+        return g, acc[-1], tot
 
     rep = sharding if mesh is not None else None
-    g = jax.jit(finish, out_shardings=rep)(consts, parts)
+    g, positive, tot = jax.jit(finish, out_shardings=rep)(consts, parts)
+    positive_total([float(tot)], positive)
     finite = np.asarray(jnp.isfinite(g))
     if not finite.all():
         bad = sorted({name for name, piece in zip(space.names, np.split(

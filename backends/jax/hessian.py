@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 
+from ._data import LOSS_ADVICE, explain_one_batch
 from ._loss import BatchLoss, host_count
 from ._operator import DataOperator
 from ._params import ParamSpace
@@ -49,10 +50,12 @@ class HessianOperator(DataOperator):
 
     def _check_loss(self) -> None:
         batch = self.batches.first()
-        out = jax.eval_shape(lambda c, b: self.loss.loss_fn(self.space.combine(c[0], c[1]), b),
-                             self.consts, batch)
-        self._pair = isinstance(out, (tuple, list))
-        jax.eval_shape(lambda c, b: self._loss_and_count(c[0], c[1], b), self.consts, batch)
+        with explain_one_batch(self.batches.one_batch_hint(LOSS_ADVICE), self.loss.what):
+            out = jax.eval_shape(
+                lambda c, b: self.loss.loss_fn(self.space.combine(c[0], c[1]), b),
+                self.consts, batch)
+            self._pair = isinstance(out, (tuple, list))
+            jax.eval_shape(lambda c, b: self._loss_and_count(c[0], c[1], b), self.consts, batch)
 
     def _host_count(self, batch: Any) -> float | None:
         if self._pair:
