@@ -137,6 +137,8 @@ def _density_to_json(d: SpectralDensity) -> dict:
         "n": int(d.n), "num_steps": int(d.num_steps), "seed": d.seed, "reorth": d.reorth,
         "probe_kind": d.probe_kind, "wall_time": _f(d.wall_time), "matvecs": int(d.matvecs),
         "extra": _plain(d.extra),
+        **({"probe_indices": [int(v) for v in d.probe_indices]}
+           if d.probe_indices is not None else {}),
         **_deflation_to_json(d),
     }
 
@@ -175,6 +177,8 @@ def _density_from_json(x: dict) -> SpectralDensity:
         seed=x.get("seed"), reorth=x.get("reorth", "full"),
         probe_kind=x.get("probe_kind", "rademacher"), wall_time=_nan(x.get("wall_time")),
         matvecs=int(x.get("matvecs", 0)), extra=dict(x.get("extra") or {}),
+        probe_indices=(np.asarray(x["probe_indices"], dtype=np.int64)
+                       if x.get("probe_indices") is not None else None),
         **_deflation_from_json(x),
     )
     d._validate("tracker record")

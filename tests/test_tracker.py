@@ -46,8 +46,9 @@ def test_round_trip_is_exact(tmp_path, op):
     rec = tr.record(3, op, g, loss=0.25, accuracy=np.float64(0.5), extra={"lr": 0.1, "x": None})
     assert isinstance(rec, SpectrumRecord)
     (back,) = read_records(path)
-    for name in ("nodes", "weights", "residuals", "lengths", "probe_scales"):
+    for name in ("nodes", "weights", "residuals", "lengths", "probe_scales", "probe_indices"):
         assert np.array_equal(getattr(back.density, name), getattr(rec.density, name)), name
+    assert rec.density.probe_indices is not None
     assert np.array_equal(back.eigenvalues, rec.eigenvalues)
     assert np.array_equal(back.eigenvalue_residuals, rec.eigenvalue_residuals)
     assert np.array_equal(back.concentration.overlaps, rec.concentration.overlaps)
