@@ -498,3 +498,25 @@ def test_operators_too_small_for_the_arithmetic_are_refused(rng):
     assert specdens.slq(A, num_steps=20, num_probes=2).lengths.tolist() == [20, 20]
     Z = np.zeros((30, 30), dtype=np.float32)
     assert np.all(specdens.slq(Z, num_steps=5, dtype="float32").nodes == 0.0)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_operators_run_every_step(rng, dtype):
+    """The breakdown threshold is 100 eps of the arithmetic (float64), not of the products:
+    100 eps of bfloat16 is 0.78 ||T||, and a threshold there stopped every probe of this
+    Hessian-like spectrum after 2 steps with a rule that read as exact (KPM's bounds run
+    too, which then refused the spectrum). The half-precision run must take every step and
+    its Ritz values must lie in the spectrum of the rounded matrix, to its product
+    rounding (eps_half ||A|| times a few)."""
+    torch = pytest.importorskip("torch")
+    n = 200
+    lam = np.r_[rng.uniform(0.0, 1.0, n - 5), [10.0, 20.0, 30.0, 40.0, 50.0]]
+    At = torch.tensor(sym_from_spectrum(lam, rng), dtype=getattr(torch, dtype))
+    r = specdens.lanczos(At, 40, num_probes=4, seed=0)
+    np.testing.assert_array_equal(r.lengths, [40] * 4)
+    exact = np.linalg.eigvalsh(At.double().numpy())
+    nodes = specdens.SpectralDensity.from_lanczos(r).nodes
+    slack = 10 * float(torch.finfo(getattr(torch, dtype)).eps) * 50.0
+    assert nodes.min() >= exact[0] - slack and nodes.max() <= exact[-1] + slack
+    k = specdens.kpm(At, num_moments=30, num_probes=2)
+    assert np.all(np.isfinite(k.density()[1]))

@@ -181,8 +181,21 @@ def test_two_input_model_single_batch():
     assert op.num_samples == len(X)
     assert rel(op.to_dense(), H_ref) <= TOL
     # a list of such batches is a list of batches
-    op = hessian(model, crit, [((X[:9], X2[:9]), y[:9]), ((X[9:], X2[9:]), y[9:])])
+    batches = [((X[:9], X2[:9]), y[:9]), ((X[9:], X2[9:]), y[9:])]
+    op = hessian(model, crit, batches)
     assert rel(op.to_dense(), H_ref) <= TOL
+    # counted by the length of the first input, for any criterion and for evaluate
+    mse = torch.nn.MSELoss()
+    onehot = torch.nn.functional.one_hot(y, 3).double()
+    mse_batches = [((X[:9], X2[:9]), onehot[:9]), ((X[9:], X2[9:]), onehot[9:])]
+    H_mse, _ = dense_hessian(model, lambda p: mse(functional_call(model, p, ((X, X2),)), onehot))
+    assert rel(hessian(model, mse, mse_batches).to_dense(), H_mse) <= TOL
+    loss, acc = tracking.evaluate(model, crit, batches,
+                                  accuracy=lambda out, t: (out.argmax(1) == t).double().mean())
+    with torch.no_grad():
+        out = model((X, X2))
+        assert loss == pytest.approx(float(crit(out, y)), rel=1e-13)
+        assert acc == pytest.approx(float((out.argmax(1) == y).double().mean()), rel=1e-15)
 
 
 def test_clear_errors():

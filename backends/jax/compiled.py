@@ -35,6 +35,7 @@ from specdens import LanczosResult, SpectralDensity, _array, _checks
 from specdens.algorithms.lanczos import (
     _resolve_reorth,
     check_breakdown_tol,
+    check_scale,
     default_basis_dtype,
     finish_coefficients,
 )
@@ -383,7 +384,7 @@ def lanczos(
                                 device, basis_dtype is not None)
     if return_basis and mode not in ("full", "partial"):
         raise ValueError(f"return_basis=True needs reorth='full' (this run uses {mode!r})")
-    breakdown_tol = check_breakdown_tol(breakdown_tol, work, product)
+    breakdown_tol = check_breakdown_tol(breakdown_tol, work)
     tol = jnp.asarray(breakdown_tol, work)
     if device is not None and not isinstance(device, jax.Device):
         tol = jax.device_put(tol, device)  # a replicated sharding: the whole mesh
@@ -468,6 +469,8 @@ def _result(host: list[dict], outs: list[dict], scales: list[Any], *, mode: str,
             rel.append(float(np.max(np.where(np.isfinite(r), r, 0.0))))
         asymmetry = max(rel)
     eps = max(_array.finfo_eps(op_dtype), _array.finfo_eps(work), _array.finfo_eps(basis))
+    check_scale(np.concatenate([h["alpha"] for h in host]).astype(np.float64),
+                np.concatenate([h["beta"] for h in host]).astype(np.float64), work, n)
     alpha, beta, lengths, breakdown = finish_coefficients(
         np.concatenate([h["alpha"] for h in host]).astype(np.float64),
         np.concatenate([h["beta"] for h in host]).astype(np.float64),

@@ -102,12 +102,14 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 
 def default_count(batch: Any) -> int:
-    """Samples in a batch: the length of its first tensor (``len(inputs)``)."""
+    """Samples in a batch: the length of its first tensor (``len(inputs)``; for inputs
+    that are a tuple, list or mapping of tensors, the length of the first of them)."""
     first = batch
-    if isinstance(batch, Mapping):
-        first = next(iter(batch.values()), None)
-    elif isinstance(batch, (tuple, list)):
-        first = batch[0] if batch else None
+    for _ in range(2):
+        if isinstance(first, Mapping):
+            first = next(iter(first.values()), None)
+        elif isinstance(first, (tuple, list)):
+            first = first[0] if first else None
     if isinstance(first, torch.Tensor) and first.dim() > 0:
         return int(first.shape[0])
     raise ValueError(

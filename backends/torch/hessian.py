@@ -34,7 +34,10 @@ class HessianOperator(DataOperator):
 
     def _build(self, batch: Any) -> tuple[Any, float]:
         if self.method == "forward":
-            return batch, self.loss.count_of(batch)
+            # the state is the batch and its count: the products evaluate the loss again,
+            # and must not count the batch again (a device read for some criteria)
+            count = self.loss.count_of(batch)
+            return (batch, count), count
         value, count = self.loss(batch, self._leaves)
         grads = torch.autograd.grad(value, self._leaf_list, create_graph=True,
                                     allow_unused=True)
@@ -42,7 +45,9 @@ class HessianOperator(DataOperator):
 
     def _apply(self, state: Any, V: torch.Tensor, retain: bool) -> torch.Tensor:
         if self.method == "forward":
-            return self._forward_over_reverse(state, V)
+            batch, count = state
+            with self.loss.known_count(count):
+                return self._forward_over_reverse(batch, V)
         return graph_products(state, self._leaf_list, V, self.space, retain=retain,
                               batched=self.block == "batched")
 

@@ -17,7 +17,7 @@ import torch
 
 from specdens.tracker import SpectrumRecord, SpectrumTracker
 
-from ._data import Batches, default_count
+from ._data import Batches, batch_count
 from ._loss import BatchLoss, split_batch
 from .distributed import all_reduce_sum, resolve_group
 from .gradient import gradient
@@ -168,7 +168,7 @@ def evaluate(
                 inputs, targets = split_batch(batch)
                 out = loss.outputs(inputs, loss.primal)
                 if callable(accuracy):
-                    samples = default_count(batch)
+                    samples = batch_count(batch, batch_size_fn)
                     sums[2] += float(accuracy(out, targets)) * samples
                     sums[3] += samples
                 elif _is_classification(out, targets):

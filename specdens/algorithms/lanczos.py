@@ -198,8 +198,8 @@ def lanczos(
         Test ``y^T A x == x^T A y`` for two random vectors first (one extra ``matmat``).
     breakdown_tol
         A probe stops when ``beta <= breakdown_tol * ||T||``, i.e. when its Krylov space is
-        invariant to rounding (default: ``100 eps``, with ``eps`` that of the arithmetic or
-        of the products, whichever is coarser; see :func:`default_breakdown_tol`).
+        invariant to rounding (default: ``100 eps`` of the arithmetic's dtype; see
+        :func:`default_breakdown_tol`).
     first_probe
         Index of the first random probe: the run uses probes ``first_probe, ...,
         first_probe + num_probes - 1`` of ``seed``'s streams, so that runs over disjoint
@@ -358,7 +358,7 @@ def _lanczos(
                                                 max_basis_bytes, xp, device,
                                                 basis_fixed=basis_dtype is not None)
     wdt, bdt = _array.xp_dtype(xp, work), _array.xp_dtype(xp, basis_name)
-    breakdown_tol = check_breakdown_tol(breakdown_tol, work, _checks.product_dtype(op))
+    breakdown_tol = check_breakdown_tol(breakdown_tol, work)
     matvecs = 0
     if checkpoint is not None and checkpoint_key is None:
         matvecs += 1  # the fingerprint's product
@@ -470,27 +470,31 @@ def _lanczos(
 BREAKDOWN_ROUNDINGS = 100
 
 
-def default_breakdown_tol(work: Any, product: Any) -> float:
-    """``100 eps``, ``eps`` the coarser of the arithmetic's and the products' roundings.
+def default_breakdown_tol(work: Any) -> float:
+    """``100 eps`` of the Lanczos arithmetic's dtype.
 
-    A probe's Krylov space is invariant when ``beta`` is at the rounding of a step,
-    ``beta ~ c eps ||A||`` with ``c`` of order 1 to ``sqrt(n)``. The threshold must stay
-    below any genuine ``beta``: on a Hessian the bulk's ``beta`` are its width, 1e-3 to
-    1e-5 of ``||T||`` when outliers are 1e3 to 1e5 times the bulk, and a probe stopped
-    there loses the bulk while its rule reads as exact. (``sqrt(eps)``, 3.4e-4 for float32,
-    stopped such probes after a dozen steps.) A breakdown missed because its rounding
-    exceeds ``100 eps ||T||`` costs nothing but steps: the next vector, orthogonalised
-    against the basis, starts an uncoupled block whose nodes carry weights of order
-    ``(beta / ||T||)^2``.
+    A probe's Krylov space is invariant when ``beta`` is at the rounding of a step: about
+    1 to 30 ``eps ||T||`` for exact products (measured, n = 15 to 2000, few distinct
+    eigenvalues), so such breakdowns are caught. The threshold must stay below every
+    genuine ``beta``: on a Hessian the bulk's ``beta`` are its width, 1e-3 to 1e-6 of
+    ``||T||`` when outliers are 1e3 to 1e6 times the bulk, and a probe stopped there loses
+    the bulk while its rule reads as exact. (``sqrt(eps)``, 3.4e-4 for a float32 basis,
+    stopped such probes after a dozen steps.) The products' own rounding is left out on
+    purpose: float32, float16 or bfloat16 products put an invariant space's ``beta`` at
+    their rounding, far above ``100 eps`` of float64 arithmetic, and a threshold there
+    (0.78 ``||T||`` for bfloat16) would stop everything. A breakdown missed because its
+    rounding exceeds ``100 eps ||T||`` costs nothing but steps: the next vector,
+    orthogonalised against the basis, starts a block coupled to the rule by that
+    ``beta``, whose nodes carry weights of order ``(beta / ||T||)^2``.
     """
-    return BREAKDOWN_ROUNDINGS * max(_array.finfo_eps(work), _array.finfo_eps(product))
+    return BREAKDOWN_ROUNDINGS * _array.finfo_eps(work)
 
 
-def check_breakdown_tol(value: Any, work: Any, product: Any) -> float:
+def check_breakdown_tol(value: Any, work: Any) -> float:
     """The breakdown tolerance to use: ``value`` checked (finite, >= 0, < 1), or the
     default."""
     if value is None:
-        return default_breakdown_tol(work, product)
+        return default_breakdown_tol(work)
     if isinstance(value, (bool, np.bool_)) or not isinstance(
             value, (int, float, np.integer, np.floating)) or not np.isfinite(value) \
             or not 0 <= value < 1:
@@ -503,16 +507,18 @@ def check_scale(alpha: np.ndarray, beta: np.ndarray, work: str, n: int) -> None:
     """Raise when the operator is too small in magnitude for the arithmetic's dtype.
 
     Norms are ``sqrt(w^T w)``: once the entries of a vector fall below ``sqrt(tiny)``
-    (1.1e-19 in float32, 1.5e-154 in float64) their squares underflow to 0, a ``beta``
-    reads 0, and the probe "breaks down" with a rule that looks exact but is not. The
-    entries of the recurrence's vectors are about ``breakdown_tol ||T|| / sqrt(n)`` at
-    their smallest (``breakdown_tol`` = 100 eps), so the run is trustworthy only for
-    ``||T|| >= sqrt(tiny) sqrt(n) / (100 eps)``; below that it raises instead of returning
-    a wrong result. (The zero operator, ``||T|| = 0`` exactly, is fine.)
+    (1.1e-19 in float32, 1.5e-154 in float64) their squares leave the normal range, lose
+    precision and then underflow to 0; a ``beta`` reads 0 and the probe "breaks down" with
+    a rule that looks exact but is not. Entries are about ``beta / sqrt(n)``; keeping them
+    normal for every ``beta`` down to ``sqrt(eps) ||T||`` (bulks up to ~1e3 below the
+    outliers in float32, ~1e8 in float64) needs ``||T|| >= sqrt(tiny) sqrt(n) /
+    sqrt(eps)``: about 3e-16 sqrt(n) in float32, 1e-146 sqrt(n) in float64. Below that the
+    run raises instead of returning a wrong result. (The zero operator, ``||T|| = 0``
+    exactly, is fine.)
     """
     finfo = np.finfo(work)
     scale = float(np.max(np.abs(alpha), initial=0.0) + np.max(beta, initial=0.0))
-    floor = float(np.sqrt(finfo.tiny) * np.sqrt(n) / (BREAKDOWN_ROUNDINGS * finfo.eps))
+    floor = float(np.sqrt(finfo.tiny) * np.sqrt(n) / np.sqrt(finfo.eps))
     if 0.0 < scale < floor:
         raise ValueError(
             f"the operator's scale (||T|| ~ {scale:.1e}) is too small for {work} arithmetic "
