@@ -404,7 +404,7 @@ def lanczos(
             for o in outs]
     return _result(host, outs, scales, mode=mode, win=win, m=m, n=size, seed=seed,
                    explicit=explicit is not None, kind=kind, work=work, basis=basis,
-                   op_dtype=op_dtype, keep=return_basis, t0=t0)
+                   op_dtype=product, keep=return_basis, t0=t0)
 
 
 def slq(op: Any, *, num_steps: int = 90, num_probes: int = 1, seed: int = 0,
@@ -481,7 +481,8 @@ def _result(host: list[dict], outs: list[dict], scales: list[Any], *, mode: str,
         num_steps=m, reorth=mode, window=win if mode == "local" else None,
         seed=None if explicit else seed, probe_kind="explicit" if explicit else kind,
         probe_indices=np.arange(k), probe_scales=np.concatenate(scales), dtype=work,
-        basis_dtype=basis, matvecs=m * k, wall_time=time.perf_counter() - t0,
+        basis_dtype=basis, product_dtype=_array.dtype_name(op_dtype),
+        matvecs=m * k, wall_time=time.perf_counter() - t0,
         asymmetry=asymmetry,
         basis=jnp.concatenate([o["basis"] for o in outs]) if keep else None,
         last_vector=jnp.concatenate([o["last"] for o in outs]) if keep else None)

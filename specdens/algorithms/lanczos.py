@@ -59,6 +59,10 @@ class LanczosResult:
     asymmetry : float
         Largest relative coupling to older Lanczos vectors seen by reorthogonalisation,
         ~ machine epsilon for symmetric operators (NaN without reorthogonalisation).
+    product_dtype : str or None
+        The dtype whose rounding the operator's products carry (its own, e.g. float32 for
+        a float32 network's Hessian, while ``dtype`` is the arithmetic's); None when
+        unknown, i.e. taken as ``dtype``.
     """
 
     alpha: np.ndarray
@@ -80,6 +84,7 @@ class LanczosResult:
     asymmetry: float
     basis: Any = None
     last_vector: Any = None
+    product_dtype: str | None = None
 
     @property
     def num_probes(self) -> int:
@@ -459,6 +464,7 @@ def _lanczos(
         probe_scales=np.concatenate([d["scales"] for d in done]),
         dtype=work,
         basis_dtype=basis_name,
+        product_dtype=_array.dtype_name(_checks.product_dtype(op)),
         matvecs=matvecs,
         wall_time=time.perf_counter() - t0,
         asymmetry=asymmetry,

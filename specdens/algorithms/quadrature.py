@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import eigh_tridiagonal
 
+from .. import _array
 from .lanczos import LanczosResult
 
 
@@ -30,6 +31,14 @@ def gauss_quadrature(d: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return theta, w, S[-1, :].copy()
 
 
+# Rounding allowance of a product, in units of its eps times the spectral radius: a
+# float32 matrix-vector or Hessian-vector product is off by a few eps of ||A|| (two
+# probes' copies of one eigenvalue of a float32 network's Hessian differed by ~1 eps32
+# relative). 4 eps32 = 4.8e-7 stays below the 1e-6 convergence tolerance of
+# specdens.summary.outliers, and twice it covers the copies' spread.
+PRODUCT_ROUNDINGS = 4
+
+
 def quadrature_rules(result: LanczosResult) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-probe Gauss rules of a Lanczos run.
 
@@ -37,8 +46,13 @@ def quadrature_rules(result: LanczosResult) -> tuple[np.ndarray, np.ndarray, np.
     -------
     nodes, weights, residuals : numpy.ndarray, shape (num_probes, num_steps)
         ``residuals[i, j] = beta_m |s_{m,j}|`` bounds the distance from Ritz value
-        ``nodes[i, j]`` to the spectrum. Past a probe's length the weight and residual
-        are 0 and the node repeats the probe's last node.
+        ``nodes[i, j]`` to the spectrum. When the products carry a coarser rounding than
+        the arithmetic (a float32 network under float64 Lanczos), that bound is floored at
+        the products' rounding, ``PRODUCT_ROUNDINGS * eps_products * max |theta|``: the
+        recurrence is exact for an operator about that far from ``A``, and the same
+        eigenvalue found by two probes differs by about that much (~1 eps relative in
+        float32), so the copies are recognised as one. Past a probe's length the weight
+        and residual are 0 and the node repeats the probe's last node.
     """
     k, m = result.alpha.shape
     nodes = np.zeros((k, m))
@@ -53,6 +67,13 @@ def quadrature_rules(result: LanczosResult) -> tuple[np.ndarray, np.ndarray, np.
         weights[i, :L] = w
         tail = 0.0 if result.breakdown[i] else result.beta[i, L - 1]
         residuals[i, :L] = np.abs(tail * last)
+    product = getattr(result, "product_dtype", None)
+    if product is not None:
+        eps_p, eps_w = _array.finfo_eps(product), _array.finfo_eps(result.dtype)
+        if eps_p > eps_w:
+            live = np.arange(m)[None, :] < result.lengths[:, None]
+            radius = float(np.max(np.abs(nodes[live]), initial=0.0))
+            residuals[live] = np.maximum(residuals[live], PRODUCT_ROUNDINGS * eps_p * radius)
     return nodes, weights, residuals
 
 
