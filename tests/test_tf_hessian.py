@@ -465,6 +465,39 @@ def test_mixed_precision_policy_is_refused(policy):
     assert hessian(twin, loss, (X, y)).dtype == tf.float32
 
 
+def test_float32_layers_inside_a_float64_model_are_refused():
+    """A float64 model whose Activation/Flatten layers keep Keras's default float32
+    policy: Keras casts their inputs to float32, so the forward pass, and the Hessian,
+    carry float32 rounding while the operator claims float64. Refused, naming the layers;
+    the same model built under ``set_dtype_policy("float64")`` matches the exact
+    Hessian."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((12, 5))
+    y = rng.integers(0, 3, 12)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+
+    def build():
+        keras.utils.set_random_seed(0)
+        return keras.Sequential([keras.Input((5,), dtype="float64"),
+                                 keras.layers.Dense(4, dtype="float64"),
+                                 keras.layers.Activation("tanh"),
+                                 keras.layers.Dense(3, dtype="float64")])
+
+    model = build()
+    with pytest.raises(TypeError, match=r"activation.*\(float32\).*set_dtype_policy"):
+        hessian(model, loss, (X, y))
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("float64")
+    try:
+        twin = build()
+    finally:
+        keras.config.set_dtype_policy(previous)
+    twin.set_weights(model.get_weights())
+    op = hessian(twin, loss, (X, y))
+    H_ref = dense_hessian(twin, [(X, y)], loss)
+    assert rel(op.to_dense().numpy(), H_ref) <= TOL
+
+
 def test_loss_fn_on_a_list_of_bare_tensors_says_why_it_failed():
     """A list of bare tensors is one batch (the documented rule), so a loss_fn written
     for one tensor fails on ``[X[:20], X[20:]]``: the error says that, and how to pass

@@ -244,6 +244,8 @@ def _check_compute_dtype(adapter: ModelAdapter, dtype: tf.DType) -> None:
             continue
         if _RANK.get(tf.as_dtype(compute).name, 3) < _RANK.get(dtype.name, 0):
             mixed.setdefault(f"{getattr(policy, 'name', compute)}", []).append(layer.name)
+    if not mixed:
+        _check_autocast_layers(adapter, dtype)
     if mixed:
         where = "; ".join(f"dtype policy {name!r} (layers {', '.join(layers[:6])}"
                           f"{', ...' if len(layers) > 6 else ''})"
@@ -255,6 +257,39 @@ def _check_compute_dtype(adapter: ModelAdapter, dtype: tf.DType) -> None:
             f"twin = keras.models.clone_model(model, clone_function=lambda layer: "
             f"layer.__class__.from_config({{**layer.get_config(), 'dtype': "
             f"'{dtype.name}'}})); twin.set_weights(model.get_weights())"
+        )
+
+
+def _check_autocast_layers(adapter: ModelAdapter, dtype: tf.DType) -> None:
+    """Refuse a Keras model whose layers without a dtype of their own (Keras's default
+    float32 policy) sit among variables of a more precise dtype: Keras casts their
+    floating inputs to float32 (``Activation``, ``Flatten``, ``Dropout``, ``Add``...), so a
+    float64 model built with ``Dense(..., dtype="float64")`` but a plain
+    ``Activation("tanh")`` computes part of its forward pass in float32, and its Hessian
+    carries float32 rounding while the engine assumes float64's."""
+    import keras
+
+    low = []
+    for layer in adapter.layers():
+        if isinstance(layer, keras.layers.InputLayer) or not (
+                getattr(layer, "autocast", False) and getattr(layer, "_convert_input_args",
+                                                              False)):
+            continue
+        flat = getattr(layer, "_flatten_layers", None)
+        if flat is not None and any(True for _ in flat(include_self=False, recursive=False)):
+            continue  # a container: its leaves are checked themselves
+        compute = getattr(layer, "compute_dtype", None)
+        if compute is None or not tf.as_dtype(compute).is_floating:
+            continue
+        if _RANK.get(tf.as_dtype(compute).name, 3) < _RANK.get(dtype.name, 0):
+            low.append(f"{layer.name} ({tf.as_dtype(compute).name})")
+    if low:
+        raise TypeError(
+            f"layers {', '.join(low[:6])}{', ...' if len(low) > 6 else ''} compute in lower "
+            f"precision than the model's {dtype.name} variables: Keras casts their inputs to "
+            f"their dtype policy's type, so the Hessian would carry that rounding. Build them "
+            f"with dtype='{dtype.name}', or call keras.config.set_dtype_policy("
+            f"'{dtype.name}') before building the model"
         )
 
 

@@ -60,7 +60,10 @@ def hessian(
         policy (``"mixed_float16"``, ``"mixed_bfloat16"``: float32 variables, 16-bit
         computations) raises a TypeError rather than return a Hessian with 16-bit
         rounding (~1e-3 relative, not symmetric): pass a copy of the model with the
-        layers under the variables' dtype (the message shows how).
+        layers under the variables' dtype (the message shows how). So does a float64
+        model with layers left at Keras's default float32 policy (``Activation``,
+        ``Flatten``... built without ``dtype="float64"``), whose inputs Keras casts to
+        float32.
     loss
         ``loss(targets, model(inputs))`` (the Keras order): a Keras loss object with
         reduction ``"sum_over_batch_size"`` (the default, the batch mean) or ``"sum"``
