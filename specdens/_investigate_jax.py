@@ -235,6 +235,16 @@ class Run:
             self.params, self._buf = params, buf
         return value
 
+    def finite(self) -> bool:
+        """Whether the parameters, the BatchNorm statistics and the loss on the Hessian's
+        data (as :meth:`record` evaluates it) are all finite; False: the run has diverged
+        and cannot be recorded."""
+        if not all(bool(np.all(np.isfinite(np.asarray(x))))
+                   for x in jax.tree_util.tree_leaves(self.params)):
+            return False
+        loss, _ = evaluate(self.loss_fn, self.params, self.hess_data)
+        return bool(np.isfinite(loss))
+
     def record(self, tracker: Any, step: int, extra: dict) -> None:
         """Record the spectrum at ``step`` (with the gradient's data and weight-decay
         parts, the parameter norm and the test accuracy in ``extra``).

@@ -203,6 +203,15 @@ class Run:
                                 tf.constant(self._ytr_host[idx])))
 
     # -- records ---------------------------------------------------------------------------
+    def finite(self) -> bool:
+        """Whether the weights, the BatchNorm moving averages and the loss on the Hessian's
+        data (as :meth:`record` evaluates it) are all finite; False: the run has diverged
+        and cannot be recorded."""
+        if not all(bool(np.all(np.isfinite(v.numpy()))) for v in self.model.weights):
+            return False
+        loss, _ = evaluate(self.model, self.loss, self.hess_data, batchnorm=self.bn_mode)
+        return bool(np.isfinite(loss))
+
     def record(self, tracker: Any, step: int, extra: dict) -> None:
         """Record the spectrum at ``step`` (with the gradient's data and weight-decay
         parts, the parameter norm and the test accuracy in ``extra``)."""

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from specdens.backends.torch import gradient
-from specdens.backends.torch.tracking import track
+from specdens.backends.torch.tracking import evaluate, track
 
 NAME = "torch"
 BATCHNORM_TEXT = "`torch.nn.BatchNorm1d`: eps 1e-5, momentum 0.1"
@@ -135,6 +135,18 @@ class Run:
             loss.backward()
             self.opt.step()
         return value
+
+    def finite(self) -> bool:
+        """Whether the parameters, the BatchNorm statistics and the loss on the Hessian's
+        data (as :meth:`record` evaluates it) are all finite; False: the run has diverged
+        and cannot be recorded. The model is not changed."""
+        with torch.no_grad():
+            for t in (*self.model.parameters(), *self.model.buffers()):
+                if not bool(torch.isfinite(t).all()):
+                    return False
+        loss, _ = evaluate(self.model, self.crit, self.hess_data, batchnorm=self.bn_mode,
+                           accuracy=False)
+        return bool(np.isfinite(loss))
 
     def record(self, tracker: Any, step: int, extra: dict) -> None:
         """Record the spectrum at ``step`` (with the gradient's data and weight-decay

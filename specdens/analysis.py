@@ -50,6 +50,17 @@ __all__ = [
 CONCENTRATION_WHICH = ("LA", "SA", "LM")
 """Eigenspaces :func:`gradient_concentration` projects on (scipy ``eigsh`` names)."""
 
+GAP_ROUNDING = 8
+"""The rounding allowance of :func:`gradient_concentration`'s separation test, in units
+of ``eps * max|lambda|`` (``eps`` that of the dtype eigsh worked in). Beyond its residual
+a computed eigenvalue is exact to a few rounding units only: the Rayleigh quotient
+``x^T A x`` of a converged unit ``x`` rounds by up to about ``2 eps |lambda|`` (observed:
+a Ritz value of the identity two units of ``eps / 2`` below 1), and a residual norm
+formed in floating point cannot resolve below about ``eps |lambda|``, so each of the two
+values the gap compares is uncertain by about ``3 eps |lambda|``; the gap, their
+difference, by ``6 eps |lambda|``, plus at most ``eps |lambda|`` for the two roundings in
+forming it: 7, rounded up to 8."""
+
 
 def _arr(a: np.ndarray) -> str:
     return np.array2string(np.asarray(a), precision=6, threshold=8, edgeitems=3)
@@ -86,7 +97,10 @@ class GradientConcentration:
         the spectrum lies closer than ``gap`` (the next Ritz value converged to the next
         eigenvalue, as it does at the ends of the spectrum); ``inf`` when the ``k``-th
         and next eigenvalues are not separated (the ``k``-dimensional eigenspace is then
-        not well defined, and ``fraction`` depends on the computed basis).
+        not well defined, and ``fraction`` depends on the computed basis): when ``gap``
+        is not larger than the residual of the wanted eigenvalue next to the rest plus
+        the rounding allowance ``8 * eps * max|lambda|`` (``GAP_ROUNDING``; e.g. a
+        degenerate eigenvalue split by rounding).
     converged : bool
         Whether :func:`specdens.eigsh` met its tolerance.
     """
@@ -213,18 +227,29 @@ def gradient_concentration(
     wanted, extra = _split(vals, k, which)
     overlaps = coef[wanted] ** 2 / gnorm2
     gap = float("nan")
+    separation = float("nan")  # the gap that separation needs
     if extra is not None:
-        wv, xv, xr = vals[wanted], float(vals[extra]), float(resid[extra])
+        wv, wr = vals[wanted], resid[wanted]
+        xv, xr = float(vals[extra]), float(resid[extra])
         if which == "LA":
-            gap = float(np.min(wv)) - (xv + xr)
+            edge = int(np.argmin(wv))
+            gap = float(wv[edge]) - (xv + xr)
         elif which == "SA":
-            gap = (xv - xr) - float(np.max(wv))
+            edge = int(np.argmax(wv))
+            gap = (xv - xr) - float(wv[edge])
         else:
-            gap = float(np.min(np.abs(wv))) - (abs(xv) + xr)
+            edge = int(np.argmin(np.abs(wv)))
+            gap = float(abs(wv[edge])) - (abs(xv) + xr)
+        # The wanted eigenvalue next to the rest is itself only known to its residual,
+        # and both to rounding (see GAP_ROUNDING): a gap within that is no separation
+        # (e.g. a degenerate eigenvalue split by rounding).
+        eps = max(_array.finfo_eps(X.dtype), _array.finfo_eps(op.dtype))
+        scale = float(np.max(np.abs(vals)))
+        separation = float(wr[edge]) + GAP_ROUNDING * eps * scale
     rnorm = float(np.sqrt(np.sum(resid[wanted] ** 2)))
     if math.isnan(gap):
         err = float("nan")
-    elif gap > 0:
+    elif gap > separation:
         err = rnorm / gap
     else:
         err = float("inf")

@@ -122,7 +122,8 @@ CRITERIA = {
         "with BatchNorm (batch statistics), over records with step >= 1: median outlier "
         "count at most half, median ratio of the top eigenvalue to the bulk edge at most a "
         "third, and median gradient concentration at most half of those without "
-        "BatchNorm (all three: reproduces; one or two: partly)"),
+        "BatchNorm (all three: reproduces; one or two: partly); the outlier count is not "
+        "met when there are no outliers without BatchNorm (nothing to suppress)"),
     "population_returns": (
         "with BatchNorm on population statistics, over records with step >= 1: median "
         "outlier count at least twice and median edge ratio at least three times those "
@@ -471,8 +472,9 @@ def run_investigation(config: InvestigationConfig, out_dir: str | Path, *,
             info["wall_time"] = time.perf_counter() - t_run
             run_info[name] = info
             if info.get("diverged_at") is not None:
-                notes.append(f"run {name} diverged (non-finite loss) at step "
-                             f"{info['diverged_at']}; its later steps were not recorded")
+                notes.append(f"run {name} diverged (non-finite loss or parameters) at "
+                             f"step {info['diverged_at']}; nothing after its last finite "
+                             "state was recorded")
     if tick is not None:
         tick(total, total)
     records = read_records(rec_path)
@@ -510,17 +512,29 @@ def _train_run(run: Any, config: InvestigationConfig, tracker: SpectrumTracker,
     Every backend goes through this loop: an epoch is a permutation of the training
     samples (``run.permutation()``) cut into full batches (the incomplete last one is
     dropped); step ``s`` is recorded before the ``s``-th update; a non-finite mini-batch
-    loss stops the run."""
+    loss stops the run, and so does a state that cannot be recorded (``run.finite()``
+    False before a scheduled record: non-finite parameters, BatchNorm statistics or loss
+    on the Hessian's data, after a last update that overflowed). Either way the run is
+    noted as diverged at that step; the steps not recorded are counted as done for the
+    progress. A FloatingPointError from a record of a finite state is not a divergence
+    and propagates."""
     bs = config.batch_size
     n_train = run.n_train
     order = run.permutation()
     pos = 0
     epoch = 0
     diverged_at = None
+    unrecordable = False
     last_loss = float("nan")
     step = 0
     while True:
         if tracker.due(step):
+            if not run.finite():
+                # The last update overflowed (or the loss on the Hessian's data does):
+                # nothing to record from here on.
+                diverged_at = step
+                unrecordable = True
+                break
             run.record(tracker, step, {"epoch": epoch, "minibatch_loss": last_loss})
             done += 1
             if tick is not None:
@@ -539,7 +553,8 @@ def _train_run(run: Any, config: InvestigationConfig, tracker: SpectrumTracker,
             break
         step += 1
     if diverged_at is not None:
-        done += sum(1 for s in schedule if s > diverged_at)
+        # the steps after it, and the step itself when its record was the one refused
+        done += sum(1 for s in schedule if s > diverged_at) + int(unrecordable)
         if tick is not None:
             tick(done, total)
     return {"parameters": run.parameters, "batchnorm": run.batchnorm,
@@ -664,8 +679,10 @@ def _verdicts(runs: dict, config: InvestigationConfig) -> dict:
     if has(nb) and has(bb):
         a, b = nb["median_after_step_0"], bb["median_after_step_0"]
         tests = {
-            "outlier count": (b["num_outliers"], a["num_outliers"], b["num_outliers"] <=
-                              0.5 * a["num_outliers"]),
+            # no outliers without BatchNorm: nothing to suppress (0 <= 0.5 * 0 is no
+            # evidence), so this part is not met
+            "outlier count": (b["num_outliers"], a["num_outliers"], a["num_outliers"] > 0
+                              and b["num_outliers"] <= 0.5 * a["num_outliers"]),
             "edge ratio": (b["edge_ratio"], a["edge_ratio"], b["edge_ratio"] <=
                            a["edge_ratio"] / 3),
             "concentration": (b["concentration"], a["concentration"], b["concentration"] <=
@@ -674,11 +691,13 @@ def _verdicts(runs: dict, config: InvestigationConfig) -> dict:
         passed = [k for k, (_, _, ok) in tests.items() if ok]
         verdict = ("reproduces" if len(passed) == 3 else
                    "partly reproduces" if passed else "does not reproduce")
+        notes = {k: "met" if ok else "not met" for k, (_, _, ok) in tests.items()}
+        if not a["num_outliers"] > 0:
+            notes["outlier count"] = "not met: no outliers without BatchNorm"
         out["batchnorm_suppresses"] = {
             "verdict": verdict,
-            "why": "; ".join(f"{k}: {v:.3g} with BatchNorm vs {w:.3g} without"
-                             f" ({'met' if ok else 'not met'})"
-                             for k, (v, w, ok) in tests.items())}
+            "why": "; ".join(f"{k}: {v:.3g} with BatchNorm vs {w:.3g} without ({notes[k]})"
+                             for k, (v, w, _) in tests.items())}
     else:
         out["batchnorm_suppresses"] = missing("no-bn", "bn-batch")
     if has(bb) and has(bp):
@@ -817,7 +836,8 @@ def render_report(summary: dict, files: dict) -> str:
     for name, r in runs.items():
         lines += ["", f"### {name}", ""]
         if r.get("diverged_at") is not None:
-            lines += [f"Diverged (non-finite loss) at step {r['diverged_at']}.", ""]
+            lines += [f"Diverged (non-finite loss or parameters) at step "
+                      f"{r['diverged_at']}.", ""]
         lines += ["| step | loss | train acc | top eigenvalue | bulk edge | edge ratio | "
                   "outliers | top-k above threshold | concentration | gradient norm (data; "
                   "weight decay) | negative mass (quadrature bounds) |",

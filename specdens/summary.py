@@ -306,7 +306,9 @@ def summarize(density: SpectralDensity, **outlier_options: Any) -> dict:
         ``n``, ``steps``, ``probes``, ``reorth``, ``probe_kind``, ``seed``;
         ``range`` (``min``, ``max`` Ritz values and their residual bounds
         ``min_residual``, ``max_residual``, and ``interval``, the range widened by
-        them); ``negative_fraction`` and ``moments`` (``"1"``: ``tr(A)/n``, ``"2"``:
+        them); ``negative_fraction`` (the estimated fraction of eigenvalues below zero,
+        as :meth:`SpectralDensity.fraction_negative`: deflated eigenvalues count exactly)
+        and ``moments`` (``"1"``: ``tr(A)/n``, ``"2"``:
         ``tr(A^2)/n``), each ``{"value", "stderr"}`` with the standard error over probes
         (``None`` for one probe); ``trace`` (``n`` times the first moment);
         ``outliers`` (a list of :class:`Outlier` as dicts) and ``outlier_rule`` (its
@@ -315,12 +317,13 @@ def summarize(density: SpectralDensity, **outlier_options: Any) -> dict:
     """
     b = density.bounds()
     m1, m2 = density.moments(1), density.moments(2)
-    valid = _valid(density)
-    per_probe_neg = density.probe_scales * np.sum(
-        np.where(valid & (density.nodes < 0), density.weights, 0.0), axis=1)
     k = density.num_probes
-    neg = float(per_probe_neg.mean())
-    neg_se = float(per_probe_neg.std(ddof=1) / math.sqrt(k)) if k > 1 else float("nan")
+    # The density's own functional ``tr(1[A < 0]) / n``: the quadrature mass below zero
+    # plus the deflated eigenvalues below zero (exact atoms of mass 1/n each), which a
+    # sum over the quadrature nodes alone would leave out.
+    neg_est = density.trace(lambda t: (np.asarray(t) < 0).astype(np.float64))
+    neg = float(neg_est.value) / density.n
+    neg_se = float(neg_est.stderr) / density.n
     rule = {"tail": 0.01, "gap": 0.5, "rtol": 1e-6, "side": "both"}
     rule.update(outlier_options)
     found = outliers(density, **rule)

@@ -513,8 +513,9 @@ def read_records(path: str | os.PathLike, *, run: str | None = None,
 
 
 def read_header(path: str | os.PathLike) -> dict | None:
-    """The header of a tracker file (format, version, created, meta), or None when the
-    file is empty or holds only a torn header."""
+    """The header of a tracker file (format, version, created, meta and, since specdens
+    stores them, the tracker's settings), or None when the file is empty or holds only a
+    torn header."""
     header, _, _, _ = _scan(Path(path))
     return header
 
@@ -576,7 +577,12 @@ class SpectrumTracker:
     meta
         JSON values describing the experiment, stored in the header of a new file. When
         the file exists and its header holds other ``meta``, a ValueError names the
-        differences: records of different experiments are not mixed.
+        differences: records of different experiments are not mixed. The same holds for
+        the tracker's own settings (``k``, ``which``, ``num_steps``, ``num_probes``,
+        ``seed``, ``reorth``, ``eigsh_options``, ``outlier_options``; stored as
+        ``settings`` in the header): every tracker continuing a file, for any ``run``,
+        must use those it was created with (files written before the header held them are
+        not checked).
     progress
         ``True`` for progress bars on long computations (stderr), or a callable
         ``(done, total)`` for the SLQ part.
@@ -638,6 +644,7 @@ class SpectrumTracker:
             raise ValueError(f"outlier_options: unknown {sorted(bad)}; allowed: tail, gap, "
                              "rtol, negative_tol")
         self.meta = None if meta is None else _plain(meta)
+        self.settings = self._settings()
         self.progress = progress
         self._recorded: set[int] = set()
         self._open()
@@ -648,9 +655,26 @@ class SpectrumTracker:
             raise TypeError(f"steps must be an iterable of integers or None; got {steps!r}")
         return [_checks.nonnegative_int(s, "each step") for s in steps]
 
+    def _settings(self) -> dict:
+        """What a record is a record of: the tracker's eigsh, SLQ and outlier settings, as
+        JSON values (a value JSON cannot hold, e.g. a dtype object, as its ``str``)."""
+
+        def plain(v: Any) -> Any:
+            try:
+                return _plain(v)
+            except TypeError:
+                return str(v)
+
+        return {"k": self.k, "which": self.which, "num_steps": self.num_steps,
+                "num_probes": self.num_probes, "seed": plain(self.seed),
+                "reorth": plain(self.reorth),
+                "eigsh_options": {str(k): plain(v) for k, v in self.eigsh_options.items()},
+                "outlier_options": {str(k): plain(v)
+                                    for k, v in self.outlier_options.items()}}
+
     def _open(self) -> None:
         """Create the file with its header, or continue it: cut off a torn last line,
-        check the header's meta, read the steps this run already recorded."""
+        check the header's meta and settings, read the steps this run already recorded."""
         p = self.path
         if p.exists() and p.stat().st_size > 0:
             header, recs, good_len, torn = _scan(p)
@@ -666,6 +690,7 @@ class SpectrumTracker:
                     raise TrackerFileError(f"{p} has records but no header line")
             else:
                 self._check_meta(header)
+                self._check_settings(header)
                 for _, obj in recs:
                     if obj.get("type") == "record" and obj.get("run") == self.run \
                             and isinstance(obj.get("step"), int):
@@ -676,7 +701,8 @@ class SpectrumTracker:
 
         header = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-                  "specdens_version": __version__, "meta": self.meta}
+                  "specdens_version": __version__, "meta": self.meta,
+                  "settings": self.settings}
         _append(p, json.dumps(header, allow_nan=False) + "\n")
         _fsync_dir(p)
 
@@ -689,6 +715,20 @@ class SpectrumTracker:
                           for k in keys[:6])
         raise ValueError(f"{self.path} records another experiment ({diffs}); write to "
                          "another file or pass the same meta")
+
+    def _check_settings(self, header: dict) -> None:
+        """Refuse to continue a file recorded with other settings (k, which, SLQ and
+        eigsh settings, outlier rule): its records would be of another kind. A file from
+        before the header held them is not checked."""
+        old = header.get("settings")
+        if not isinstance(old, dict) or old == self.settings:
+            return
+        new = self.settings
+        keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        diffs = ", ".join(f"{k}: {old.get(k)!r} in the file, {new.get(k)!r} now"
+                          for k in keys[:6])
+        raise ValueError(f"{self.path} was recorded with other tracker settings ({diffs}); "
+                         "write to another file or pass the same settings")
 
     # -- schedule -----------------------------------------------------------------------
     @property

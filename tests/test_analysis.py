@@ -69,6 +69,52 @@ def test_diagonal_operator_exact_fraction_and_overlaps():
     assert lm.gap == pytest.approx(10.0, abs=1e-6)  # |-40| - |30|
 
 
+@pytest.mark.parametrize("n", [10, 300])
+@pytest.mark.parametrize("which", ["LA", "SA", "LM"])
+def test_degenerate_eigenvalues_are_not_separated(n, which):
+    """A repeated eigenvalue split by rounding (the identity: computed gaps of 0 to 2.2e-16,
+    which gave error_estimate 1.35 and 2.0 for SA before) is not separated: the gap is not
+    larger than the edge eigenvalue's residual plus 8 eps |lambda| (GAP_ROUNDING), so
+    error_estimate is inf. numpy's eigvalsh confirms the degeneracy."""
+    from specdens.analysis import GAP_ROUNDING
+
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal(n)
+    A = np.eye(n)
+    lam = np.linalg.eigvalsh(A)
+    assert np.ptp(lam) == 0.0
+    c = gradient_concentration(A, g, k=2, which=which)
+    np.testing.assert_allclose(c.eigenvalues, [1.0, 1.0], rtol=0, atol=4 * EPS)
+    assert abs(c.gap) <= float(c.residuals.max()) + GAP_ROUNDING * EPS
+    assert c.error_estimate == math.inf
+    # a rotated matrix whose 2nd and 3rd largest eigenvalues coincide
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    mu = np.concatenate([np.linspace(-1.0, 1.0, n - 3), [3.0, 3.0, 4.0]])
+    B = (Q * mu) @ Q.T
+    B = (B + B.T) / 2
+    mu_ref = np.linalg.eigvalsh(B)
+    assert mu_ref[-2] - mu_ref[-3] <= 10 * n * EPS * 4.0  # degenerate up to rounding
+    assert gradient_concentration(B, g, k=2, which="LA").error_estimate == math.inf
+
+
+def test_a_small_genuine_gap_is_separated():
+    """The allowance is at rounding level: a relative gap of 1e-6 still gives a finite
+    Davis-Kahan bound, which holds against numpy's eigh."""
+    n = 100
+    lam = np.concatenate([np.linspace(0.0, 1.0, n - 2), [2.0, 2.0 + 2e-6]])
+    rng = np.random.default_rng(1)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (Q * lam) @ Q.T
+    A = (A + A.T) / 2
+    g = rng.standard_normal(n)
+    c = gradient_concentration(A, g, k=1, tol=1e-14)
+    w, U = np.linalg.eigh(A)
+    exact = float((U[:, -1] @ g) ** 2 / (g @ g))
+    assert math.isfinite(c.error_estimate) and c.gap > 1e-6
+    # the reference's own error: ~ n eps ||A|| / gap (backward-stable eigh)
+    assert abs(c.fraction - exact) <= c.error_estimate + 10 * n * EPS * 2.0 / 2e-6
+
+
 def test_gap_unknown_when_no_next_eigenvalue():
     A = np.diag([1.0, 2.0, 3.0])
     c = gradient_concentration(A, np.array([1.0, 1.0, 1.0]), k=2)

@@ -373,3 +373,107 @@ def test_the_investigation_on_your_own_model(tmp_path):
     assert records[-1].loss < records[0].loss  # it trained
     assert np.isfinite([r.concentration.fraction for r in records]).all()
     assert (tmp_path / "spectra.png").read_bytes()[:8] == PNG_MAGIC
+
+
+# -- divergence ---------------------------------------------------------------------------
+def test_a_run_diverging_at_a_recorded_step_is_noted_not_fatal(tmp_path):
+    """lr=1e30 in float32: the first update leaves finite parameters (~1e29) but a NaN
+    loss on the Hessian's data (no-bn, bn-population) or infinite parameters (bn-batch),
+    so the state at a scheduled step cannot be recorded. Each run is noted as diverged
+    there, its earlier records are kept, and the summary and report are still written
+    (before: FloatingPointError "the loss of the first batch is not finite")."""
+    cfg = InvestigationConfig(width=8, depth=1, steps=8, records=3, lanczos_steps=20,
+                              probes=2, lr=1e30, dtype="float32")
+    assert cfg.schedule() == [0, 1, 8]
+    ticks = []
+    res = run_investigation(cfg, tmp_path, figures=False,
+                            progress=lambda done, total: ticks.append((done, total)))
+    summary = json.loads(res.files["summary"].read_text())
+    report = res.files["report"].read_text()
+    records = read_records(res.files["records"])
+    total = len(cfg.schedule()) * len(RUNS)
+    assert ticks[-1] == (total, total) and [d for d, _ in ticks] == sorted(d for d, _ in ticks)
+    for run in RUNS:
+        at = summary["runs"][run]["diverged_at"]
+        assert at is not None and at >= 1
+        steps = [r.step for r in records if r.run == run]
+        assert steps == [s for s in cfg.schedule() if s < at]
+        for r in records:
+            assert math.isfinite(r.loss) and np.isfinite(r.eigenvalues).all()
+        assert any(f"run {run} diverged" in note for note in summary["notes"])
+    assert summary["runs"]["no-bn"]["diverged_at"] == 1  # a recorded step
+    assert report.count("Diverged (non-finite loss or parameters) at step") == len(RUNS)
+
+
+def test_a_floating_point_error_of_a_finite_state_is_not_a_divergence(tmp_path, monkeypatch):
+    """Only a non-finite state counts as divergence: a FloatingPointError raised by the
+    recording of a finite state (a bug) propagates."""
+    from specdens import _investigate_torch
+
+    def broken(self, tracker, step, extra):
+        assert self.finite()
+        raise FloatingPointError("a bug in the recording")
+
+    monkeypatch.setattr(_investigate_torch.Run, "record", broken)
+    cfg = InvestigationConfig(width=4, depth=1, steps=1, records=1, lanczos_steps=4,
+                              probes=1, k=1, runs=("no-bn",))
+    with pytest.raises(FloatingPointError, match="a bug in the recording"):
+        run_investigation(cfg, tmp_path, progress=False, figures=False)
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax", "tf"])
+@pytest.mark.parametrize("name", ["no-bn", "bn-batch"])
+def test_run_finite_sees_non_finite_parameters_and_loss(backend, name):
+    """Every backend's ``Run.finite()``: True after construction, False once a parameter
+    is NaN and, without BatchNorm, False for finite parameters whose loss on the Hessian's
+    data overflows (float32 weights scaled by 1e30 are finite, the logits, ~1e30 times the
+    hidden units of ~1e29, are not)."""
+    from specdens.investigate import _digits, load_backend
+
+    pytest.importorskip({"torch": "torch", "jax": "jax", "tf": "tensorflow"}[backend])
+    if backend == "tf":
+        pytest.importorskip("keras")
+    cfg = InvestigationConfig(width=4, depth=1, steps=1, records=1, lanczos_steps=4,
+                              probes=1, k=1, backend=backend, runs=(name,), dtype="float32")
+    data = _digits(0)
+    weights = torch_default_weights(cfg, data["classes"])
+    trainer = load_backend(backend)
+    cases = [(1.0, True), (np.nan, False)] + ([(1e30, False)] if name == "no-bn" else [])
+    for scale, expect in cases:
+        w = [(W * scale, b * scale) for W, b in weights]
+        assert all(np.isfinite(W.astype(np.float32)).all() for W, _ in w) == (scale == scale)
+        with trainer.session(cfg):
+            run = trainer.Run(name, cfg, data, w)
+            assert run.finite() is expect, (scale, expect)
+
+
+# -- verdicts -----------------------------------------------------------------------------
+def _run_summary(num_outliers, edge_ratio, concentration):
+    row = {"step": 1, "num_outliers": num_outliers, "top_eigenvalue": 1.0, "bulk_edge": 1.0,
+           "edge_ratio": edge_ratio, "concentration": concentration, "loss": 1.0}
+    med = {"num_outliers": float(num_outliers), "edge_ratio": edge_ratio,
+           "concentration": concentration, "negative_mass": 0.0, "top_eigenvalue": 1.0,
+           "num_top_above": 0.0}
+    return {"records": [row], "median_after_step_0": med, "final": row}
+
+
+@pytest.mark.parametrize("no_bn, bn, verdict, outlier_note", [
+    # no outliers without BatchNorm: nothing to suppress (before: 0 <= 0.5 * 0 was "met")
+    ((0, 30.0, 0.9), (0, 2.0, 0.1), "partly reproduces",
+     "outlier count: 0 with BatchNorm vs 0 without (not met: no outliers without BatchNorm)"),
+    ((0, 30.0, 0.9), (0, 20.0, 0.8), "does not reproduce", "(not met: no outliers"),
+    ((4, 30.0, 0.9), (1, 2.0, 0.1), "reproduces",
+     "outlier count: 1 with BatchNorm vs 4 without (met)"),
+    ((4, 30.0, 0.9), (3, 2.0, 0.1), "partly reproduces",
+     "outlier count: 3 with BatchNorm vs 4 without (not met)"),
+])
+def test_batchnorm_suppresses_needs_outliers_without_batchnorm(no_bn, bn, verdict,
+                                                               outlier_note):
+    from specdens.investigate import _verdicts
+
+    cfg = InvestigationConfig(steps=10, runs=("no-bn", "bn-batch"))
+    v = _verdicts({"no-bn": _run_summary(*no_bn), "bn-batch": _run_summary(*bn)},
+                  cfg)["batchnorm_suppresses"]
+    assert v["verdict"] == verdict
+    assert outlier_note in v["why"]
+    assert v["why"].count("(met") + v["why"].count("(not met") == 3

@@ -125,6 +125,40 @@ def test_smoothed_eigenvalue_density_matches_exact_sum():
         smoothed_eigenvalue_density(lam, grid, sigma=0)
 
 
+def _exact_smoothed(lam, x, sigma, kernel):
+    z = (x[:, None] - np.asarray(lam, dtype=np.float64)[None, :]) / sigma
+    k = (np.exp(-0.5 * z * z) / (sigma * np.sqrt(2 * np.pi)) if kernel == "gaussian"
+         else 1.0 / (np.pi * sigma * (1.0 + z * z)))
+    return k.sum(1) / z.shape[1]
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "lorentzian"])
+def test_smoothed_eigenvalue_density_out_of_grid_eigenvalues_add_their_exact_tails(kernel):
+    """Eigenvalues outside an even grid are not binned to its end points (before: 99 at 0
+    and one at 100 drew a peak of 0.0798 at x = 1, where the density is ~1e-86). The
+    eigenvalues inside lie on grid points, so binning moves none of them and the FFT path
+    differs from the direct sum by rounding only: about eps * log2(FFT length) times the
+    kernel's l2 norm (~3 peak values here), far below 1e3 * eps * peak."""
+    sigma = 0.05
+    x = np.linspace(-1.0, 1.0, 201)  # h = 0.01 = sigma / 5
+    eps = np.finfo(np.float64).eps
+    cases = [
+        [0.0] * 99 + [100.0],  # the reviewer's case: 1980 sigma beyond the grid
+        # on grid points; and beyond the ends by 0.74, 3.1, 30 and 45 sigma (off lattice)
+        list(x[[20, 100, 150, 150, 199]]) + [1.0371, -1.1553, 2.5, -3.25, 100.0],
+    ]
+    for lam in cases:
+        got = smoothed_eigenvalue_density(lam, x, sigma=sigma, kernel=kernel)
+        exact = _exact_smoothed(lam, x, sigma, kernel)
+        np.testing.assert_allclose(got, exact, rtol=1e-12, atol=1e3 * eps * exact.max())
+    got = smoothed_eigenvalue_density([0.0] * 99 + [100.0], x, sigma=sigma)
+    assert got[-1] <= 1e3 * eps * got.max()  # no peak at the edge
+    # only out-of-grid eigenvalues: the exact sum (for the Gaussian: zero beyond 40 sigma)
+    far = [1.2, -1.3, 3.5]
+    np.testing.assert_allclose(smoothed_eigenvalue_density(far, x, sigma=sigma, kernel=kernel),
+                               _exact_smoothed(far, x, sigma, kernel), rtol=1e-12, atol=0)
+
+
 def test_importing_specdens_imports_no_plotting_or_framework():
     code = (
         "import sys, specdens, specdens.examples, specdens.summary, specdens.matrix_io, "

@@ -231,6 +231,51 @@ def test_meta_of_another_experiment_is_refused(tmp_path, op):
         SpectrumTracker(path, meta={"lr": 0.2, "width": 64}, **FAST)
 
 
+@pytest.mark.parametrize("change, key", [
+    ({"k": 4}, "k"), ({"which": "SA"}, "which"), ({"num_steps": 30}, "num_steps"),
+    ({"num_probes": 3}, "num_probes"), ({"seed": 1}, "seed"), ({"reorth": "none"}, "reorth"),
+    ({"eigsh_options": {"tol": 1e-6}}, "eigsh_options"),
+    ({"outlier_options": {"tail": 0.05}}, "outlier_options"),
+])
+def test_tracker_settings_of_another_kind_are_refused(tmp_path, op, change, key):
+    """A restart with other tracker settings would append records of another kind (before:
+    only ``meta`` was compared). The settings are in the header and a mismatch raises, for
+    any run; the same settings continue the file, also with another schedule or run."""
+    path = tmp_path / "s.jsonl"
+    tr = SpectrumTracker(path, run="a", meta={"lr": 0.1}, **FAST)
+    tr.record(0, op, grad_vec(400))
+    assert read_header(path)["settings"] == {
+        "k": 3, "which": "LA", "num_steps": 25, "num_probes": 2, "seed": 0, "reorth": "full",
+        "eigsh_options": {}, "outlier_options": {}}
+    before = path.read_bytes()
+    again = SpectrumTracker(path, run="b", meta={"lr": 0.1}, steps=[5], **FAST)  # continues
+    assert again.due(5) and again.recorded_steps == frozenset()
+    with pytest.raises(ValueError, match=rf"other tracker settings \({key}: "):
+        SpectrumTracker(path, run="a", meta={"lr": 0.1}, **{**FAST, **change})
+    with pytest.raises(ValueError, match=rf"{key}: .* in the file, .* now"):
+        SpectrumTracker(path, run="b", **{**FAST, **change})  # no meta: settings still checked
+    assert path.read_bytes() == before
+
+
+def test_tracker_settings_round_trip_and_old_files_open(tmp_path, op):
+    """Settings JSON cannot hold (a dtype object) are stored as text and compare equal on
+    reopening; a file whose header predates the settings is continued without a check."""
+    path = tmp_path / "s.jsonl"
+    opts = {"tol": 1e-10, "dtype": np.float64}
+    SpectrumTracker(path, eigsh_options=opts, outlier_options={"tail": 0.02}, **FAST)
+    assert read_header(path)["settings"]["eigsh_options"] == {"tol": 1e-10,
+                                                              "dtype": str(np.float64)}
+    SpectrumTracker(path, eigsh_options=dict(opts), outlier_options={"tail": 0.02}, **FAST)
+    old = tmp_path / "old.jsonl"
+    SpectrumTracker(old, run="a", **FAST).record(0, op, grad_vec(400))
+    lines = old.read_text().splitlines()
+    header = json.loads(lines[0])
+    del header["settings"]
+    old.write_text("\n".join([json.dumps(header), *lines[1:]]) + "\n")
+    tr = SpectrumTracker(old, run="a", **{**FAST, "k": 5})  # no settings stored: no check
+    assert tr.recorded_steps == frozenset({0})
+
+
 def test_schedule_due_and_duplicates(tmp_path, op):
     assert log_spaced_steps(1024, 12) == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
     assert log_spaced_steps(3, 10) == [0, 1, 2, 3]
