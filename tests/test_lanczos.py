@@ -523,23 +523,34 @@ def test_half_precision_operators_run_every_step(rng, dtype):
 
 
 def test_float32_products_floor_the_residual_bounds(rng):
-    """Under float64 Lanczos a float32 operator's Ritz values are exact only to the
-    products' rounding, so residual bounds are floored at 4 eps32 max|theta|. Without the
-    floor, the bounds (down to 1e-18) were far below the ~1 eps32 spread of two probes'
-    copies of one eigenvalue, and every spike was reported once per probe (50 outliers for
-    5). Each bound must cover the distance to the exact spectrum of the float32 matrix."""
+    """Ritz values are exact only to the run's rounding (the coarser of the products' and
+    the arithmetic's), so residual bounds are floored at 4 eps max|theta|. Without the
+    floor, the bounds (down to 1e-18, or 0) were far below the ~1 eps32 spread of two
+    probes' copies of one eigenvalue, and every spike was reported once per probe (50
+    outliers for 5): with float32 products, float32 arithmetic, or a float32 term inside a
+    float64 sum. Each bound must cover the distance to the exact spectrum."""
     from specdens.summary import outliers
     n = 400
     lam = np.r_[rng.uniform(0.0, 1.0, n - 5), [5.0, 6.0, 7.0, 8.0, 9.0]]
     A = sym_from_spectrum(lam, rng)
-    found = {}
-    for dt in (np.float64, np.float32):
-        d = specdens.slq(A.astype(dt), num_steps=60, num_probes=6, seed=1)
-        found[dt] = outliers(d)
-        exact = np.linalg.eigvalsh(A.astype(dt).astype(np.float64))
+    A32 = A.astype(np.float32)
+    shift = 1e-3
+    cases = {  # name: (operator, options, its exact spectrum)
+        "float64": (A, {}, np.linalg.eigvalsh(A)),
+        "float32 products": (A32, {}, np.linalg.eigvalsh(A32.astype(np.float64))),
+        "float32 arithmetic": (A32, {"dtype": "float32"},
+                               np.linalg.eigvalsh(A32.astype(np.float64))),
+        # a float64 sum whose float32 term still rounds its products in float32
+        "float32 + float64 shift": (
+            specdens.aslinearoperator(A32) + specdens.aslinearoperator(shift * np.eye(n)), {},
+            np.linalg.eigvalsh(A32.astype(np.float64)) + shift),
+    }
+    for name, (op, options, exact) in cases.items():
+        d = specdens.slq(op, num_steps=60, num_probes=6, seed=1, **options)
+        found = outliers(d)
+        assert len(found) == 5, (name, found)
         valid = d._valid()
         dist = np.min(np.abs(d.nodes[valid][:, None] - exact[None, :]), axis=1)
-        assert np.all(dist <= d.residuals[valid] + 64 * np.finfo(float).eps * 9.0)
-    assert len(found[np.float32]) == len(found[np.float64]) == 5
-    np.testing.assert_allclose([o.value for o in found[np.float32]], [5, 6, 7, 8, 9],
-                               rtol=4 * np.finfo(np.float32).eps * 9 / 5)
+        assert np.all(dist <= d.residuals[valid] + 64 * np.finfo(float).eps * 9.0), name
+        np.testing.assert_allclose([o.value for o in found], np.sort(exact)[-5:],
+                                   rtol=4 * np.finfo(np.float32).eps * 9 / 5)

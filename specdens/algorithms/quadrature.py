@@ -46,12 +46,12 @@ def quadrature_rules(result: LanczosResult) -> tuple[np.ndarray, np.ndarray, np.
     -------
     nodes, weights, residuals : numpy.ndarray, shape (num_probes, num_steps)
         ``residuals[i, j] = beta_m |s_{m,j}|`` bounds the distance from Ritz value
-        ``nodes[i, j]`` to the spectrum. When the products carry a coarser rounding than
-        the arithmetic (a float32 network under float64 Lanczos), that bound is floored at
-        the products' rounding, ``PRODUCT_ROUNDINGS * eps_products * max |theta|``: the
-        recurrence is exact for an operator about that far from ``A``, and the same
-        eigenvalue found by two probes differs by about that much (~1 eps relative in
-        float32), so the copies are recognised as one. Past a probe's length the weight
+        ``nodes[i, j]`` to the spectrum, floored at the rounding of the run,
+        ``PRODUCT_ROUNDINGS * eps * max |theta|`` with ``eps`` the coarser of the
+        arithmetic's and the products' (a float32 network under float64 Lanczos, or
+        float32 arithmetic): the recurrence is exact for an operator about that far from
+        ``A``, and the same eigenvalue found by two probes differs by about that much
+        (~1 eps relative), so the copies are recognised as one. Past a probe's length the weight
         and residual are 0 and the node repeats the probe's last node.
     """
     k, m = result.alpha.shape
@@ -67,13 +67,13 @@ def quadrature_rules(result: LanczosResult) -> tuple[np.ndarray, np.ndarray, np.
         weights[i, :L] = w
         tail = 0.0 if result.breakdown[i] else result.beta[i, L - 1]
         residuals[i, :L] = np.abs(tail * last)
+    eps = _array.finfo_eps(result.dtype)
     product = getattr(result, "product_dtype", None)
     if product is not None:
-        eps_p, eps_w = _array.finfo_eps(product), _array.finfo_eps(result.dtype)
-        if eps_p > eps_w:
-            live = np.arange(m)[None, :] < result.lengths[:, None]
-            radius = float(np.max(np.abs(nodes[live]), initial=0.0))
-            residuals[live] = np.maximum(residuals[live], PRODUCT_ROUNDINGS * eps_p * radius)
+        eps = max(eps, _array.finfo_eps(product))
+    live = np.arange(m)[None, :] < result.lengths[:, None]
+    radius = float(np.max(np.abs(nodes[live]), initial=0.0))
+    residuals[live] = np.maximum(residuals[live], PRODUCT_ROUNDINGS * eps * radius)
     return nodes, weights, residuals
 
 

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from .. import _array
+from .. import _array, _checks
 from .base import LinearOperatorBase
+
+
+def _coarsest_products(*ops: LinearOperatorBase) -> Any:
+    """The product dtype (:func:`specdens._checks.product_dtype`) of the least precise
+    part: a float32 operator plus a float64 one computes in float64, but its products
+    still carry float32 rounding, which the engine's rounding allowances must know."""
+    return max((_checks.product_dtype(op) for op in ops), key=_array.finfo_eps)
 
 
 def _check_compatible(a: LinearOperatorBase, b: LinearOperatorBase, what: str) -> None:
@@ -48,6 +55,7 @@ class SumOperator(LinearOperatorBase):
         super().__init__(a.shape, _result_dtype(a, b), a.xp, a.device)
         self.a, self.b = a, b
         self.symmetric = True if (a.symmetric and b.symmetric) else None
+        self.product_dtype = _coarsest_products(a, b)
 
     def _matmat(self, V: Any) -> Any:
         return _apply(self, self.a, "matmat", V) + _apply(self, self.b, "matmat", V)
@@ -66,6 +74,7 @@ class ProductOperator(LinearOperatorBase):
         _check_compatible(a, b, "multiply")
         super().__init__(a.shape, _result_dtype(a, b), a.xp, a.device)
         self.a, self.b = a, b
+        self.product_dtype = _coarsest_products(a, b)
 
     def _matmat(self, V: Any) -> Any:
         return _apply(self, self.a, "matmat", _apply(self, self.b, "matmat", V))
@@ -84,6 +93,7 @@ class ScaledOperator(LinearOperatorBase):
         super().__init__(a.shape, a.dtype, a.xp, a.device)
         self.a, self.c = a, c
         self.symmetric = a.symmetric
+        self.product_dtype = _checks.product_dtype(a)
 
     def _matmat(self, V: Any) -> Any:
         return self.c * self.a.matmat(V)
@@ -102,6 +112,7 @@ class ShiftedOperator(LinearOperatorBase):
         super().__init__(a.shape, a.dtype, a.xp, a.device)
         self.a, self.s = a, s
         self.symmetric = a.symmetric
+        self.product_dtype = _checks.product_dtype(a)
 
     def _matmat(self, V: Any) -> Any:
         return self.a.matmat(V) + self.s * V
@@ -119,6 +130,7 @@ class TransposedOperator(LinearOperatorBase):
     def __init__(self, a: LinearOperatorBase):
         super().__init__(a.shape, a.dtype, a.xp, a.device)
         self.a = a
+        self.product_dtype = _checks.product_dtype(a)
 
     def _matvec(self, v: Any) -> Any:
         return self.a.rmatvec(v)
