@@ -29,6 +29,7 @@ run are not recorded again (:meth:`SpectrumTracker.due`).
 from __future__ import annotations
 
 import datetime as _dt
+import inspect
 import json
 import math
 import os
@@ -660,17 +661,27 @@ class SpectrumTracker:
         JSON values (a value JSON cannot hold, e.g. a dtype object, as its ``str``)."""
 
         def plain(v: Any) -> Any:
+            if isinstance(v, np.dtype) or (isinstance(v, type) and issubclass(v, np.generic)):
+                return np.dtype(v).name  # np.float64, np.dtype("float64") -> "float64"
             try:
                 return _plain(v)
             except TypeError:
                 return str(v)
 
+        # the same settings spelled differently must compare equal: options left at None
+        # are the defaults, and the outlier rule's defaults are written out
+        defaults = {name: p.default for name, p in
+                    inspect.signature(spectrum_stats).parameters.items()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY}
+        outlier = {k: defaults[k] for k in ("tail", "gap", "rtol", "negative_tol")
+                   if k in defaults}
+        outlier.update({k: v for k, v in self.outlier_options.items() if v is not None})
         return {"k": self.k, "which": self.which, "num_steps": self.num_steps,
                 "num_probes": self.num_probes, "seed": plain(self.seed),
                 "reorth": plain(self.reorth),
-                "eigsh_options": {str(k): plain(v) for k, v in self.eigsh_options.items()},
-                "outlier_options": {str(k): plain(v)
-                                    for k, v in self.outlier_options.items()}}
+                "eigsh_options": {str(k): plain(v) for k, v in self.eigsh_options.items()
+                                  if v is not None},
+                "outlier_options": {str(k): plain(v) for k, v in outlier.items()}}
 
     def _open(self) -> None:
         """Create the file with its header, or continue it: cut off a torn last line,

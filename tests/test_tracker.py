@@ -246,7 +246,8 @@ def test_tracker_settings_of_another_kind_are_refused(tmp_path, op, change, key)
     tr.record(0, op, grad_vec(400))
     assert read_header(path)["settings"] == {
         "k": 3, "which": "LA", "num_steps": 25, "num_probes": 2, "seed": 0, "reorth": "full",
-        "eigsh_options": {}, "outlier_options": {}}
+        "eigsh_options": {},
+        "outlier_options": {"tail": 0.01, "gap": 0.5, "rtol": 1e-6, "negative_tol": 0.0}}
     before = path.read_bytes()
     again = SpectrumTracker(path, run="b", meta={"lr": 0.1}, steps=[5], **FAST)  # continues
     assert again.due(5) and again.recorded_steps == frozenset()
@@ -264,8 +265,17 @@ def test_tracker_settings_round_trip_and_old_files_open(tmp_path, op):
     opts = {"tol": 1e-10, "dtype": np.float64}
     SpectrumTracker(path, eigsh_options=opts, outlier_options={"tail": 0.02}, **FAST)
     assert read_header(path)["settings"]["eigsh_options"] == {"tol": 1e-10,
-                                                              "dtype": str(np.float64)}
+                                                              "dtype": "float64"}
     SpectrumTracker(path, eigsh_options=dict(opts), outlier_options={"tail": 0.02}, **FAST)
+    # the same settings spelled differently continue the file: a dtype as a class, an
+    # object or a name; an option left at None (the default); the outlier rule's defaults
+    # written out; numpy integers
+    for eigsh_options, outlier_options in (
+            ({"tol": 1e-10, "dtype": "float64"}, {"tail": 0.02}),
+            ({"tol": 1e-10, "dtype": np.dtype("float64"), "ncv": None},
+             {"tail": 0.02, "gap": 0.5, "rtol": 1e-6})):
+        SpectrumTracker(path, eigsh_options=eigsh_options, outlier_options=outlier_options,
+                        **{**FAST, "seed": np.int64(FAST.get("seed", 0))})
     old = tmp_path / "old.jsonl"
     SpectrumTracker(old, run="a", **FAST).record(0, op, grad_vec(400))
     lines = old.read_text().splitlines()
