@@ -496,6 +496,42 @@ def test_float32_layers_inside_a_float64_model_are_refused():
     op = hessian(twin, loss, (X, y))
     H_ref = dense_hessian(twin, [(X, y)], loss)
     assert rel(op.to_dense().numpy(), H_ref) <= TOL
+    # float32 preprocessing in front of every selected variable rounds the data only,
+    # which does not depend on the parameters: accepted, and exact for that model
+    keras.utils.set_random_seed(0)
+    front = keras.Sequential([keras.Input((5,), dtype="float64"), keras.layers.Rescaling(0.5),
+                              keras.layers.Dense(4, activation="tanh", dtype="float64"),
+                              keras.layers.Dense(3, dtype="float64")])
+    op = hessian(front, loss, (X, y))
+    assert rel(op.to_dense().numpy(), dense_hessian(front, [(X, y)], loss)) <= TOL
+
+
+@pytest.mark.parametrize("method,block", [("reverse", "loop"), ("reverse", "batched"),
+                                          ("forward", "loop"), ("forward", "batched")])
+def test_embedding_model(method, block):
+    """An Embedding's gradient is an IndexedSlices, which a second GradientTape could not
+    differentiate ('IndexedSlices' object has no attribute '_id'): the Hessian and the
+    gradient of an embedding model (float64, with float32 preprocessing-free integer
+    inputs) match the exact ones, and an Embedding in front of the selected variables is
+    not taken for a float32 computation."""
+    rng = np.random.default_rng(0)
+    X = rng.integers(0, 10, (12, 3)).astype("int32")
+    y = rng.integers(0, 3, 12)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype="float64")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,), dtype="int32"),
+                              keras.layers.Embedding(10, 2, dtype="float64"),
+                              keras.layers.Flatten(dtype="float64"),
+                              keras.layers.Dense(3, dtype="float64")])
+    batches = [(X[:7], y[:7]), (X[7:], y[7:])]
+    op = hessian(model, loss, batches, method=method, block=block)
+    assert rel(op.to_dense().numpy(), dense_hessian(model, batches, loss)) <= TOL
+    g = gradient(model, loss, batches).numpy()
+    with tf.GradientTape() as tape:
+        value = loss(y, model(X))
+    g_ref = tf.concat([tf.reshape(tf.convert_to_tensor(t), [-1])
+                       for t in tape.gradient(value, model.trainable_variables)], 0).numpy()
+    assert rel(g, g_ref) <= TOL
 
 
 def test_loss_fn_on_a_list_of_bare_tensors_says_why_it_failed():

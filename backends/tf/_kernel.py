@@ -223,7 +223,7 @@ class Kernel:
             with tf.GradientTape() as inner:
                 inner.watch(handles)
                 r = self._reg_value(handles)
-            g = inner.gradient(r, handles, unconnected_gradients=ZERO)
+            g = _dense(inner.gradient(r, handles, unconnected_gradients=ZERO), handles)
 
         def one(v: Any) -> Any:
             return space.flatten(outer.gradient(g, handles, output_gradients=space.split(v),
@@ -270,7 +270,21 @@ def _gradient(loss: BatchLoss, values: list[Any], handles: list[Any], batch: Any
     with tf.GradientTape() as tape:
         tape.watch(handles)
         value, count = loss(values, handles, batch)
-    return tape.gradient(value, handles, unconnected_gradients=ZERO), count
+    return _dense(tape.gradient(value, handles, unconnected_gradients=ZERO), handles), count
+
+
+def _dense(grads: list[Any], handles: list[Any]) -> list[Any]:
+    """Gradients as dense tensors of their variables' shapes: an ``Embedding``'s (a
+    gather's) gradient is an ``IndexedSlices``, which a second ``GradientTape.gradient``
+    cannot take as a target (``AttributeError: 'IndexedSlices' object has no attribute
+    '_id'``). The scatter-add is differentiable."""
+    out = []
+    for g, h in zip(grads, handles, strict=True):
+        if isinstance(g, tf.IndexedSlices):
+            rows = tf.shape(h, out_type=g.indices.dtype)[0]
+            g = tf.math.unsorted_segment_sum(g.values, g.indices, rows)
+        out.append(g)
+    return out
 
 
 def _hvp_reverse(loss: BatchLoss, values: list[Any], batch: Any, V: Any, block: str

@@ -55,7 +55,8 @@ class BatchLoss:
                                          prefix=f"{getattr(model, 'name', '')}/")
         names = [self.adapter.names[i] for i in self.selected]
         self.space = ParamSpace(names, [self.adapter.variables[i] for i in self.selected])
-        _check_compute_dtype(self.adapter, self.space.dtype)
+        _check_compute_dtype(self.adapter, self.space.dtype,
+                             [self.adapter.variables[i] for i in self.selected])
         if loss is not None:
             _check_loss_dtype(loss, self.space.dtype)
         self._keras_unscale = _keras_unscale(loss)
@@ -227,7 +228,8 @@ def _check_loss_dtype(loss: Any, dtype: tf.DType) -> None:
         )
 
 
-def _check_compute_dtype(adapter: ModelAdapter, dtype: tf.DType) -> None:
+def _check_compute_dtype(adapter: ModelAdapter, dtype: tf.DType,
+                         selected: list[Any] | None = None) -> None:
     """Refuse a Keras model with layers under a mixed-precision dtype policy
     (``"mixed_float16"``, ``"mixed_bfloat16"``: variables in float32, computations in a
     16-bit type) that compute in a less precise type than the selected variables: the
@@ -245,7 +247,7 @@ def _check_compute_dtype(adapter: ModelAdapter, dtype: tf.DType) -> None:
         if _RANK.get(tf.as_dtype(compute).name, 3) < _RANK.get(dtype.name, 0):
             mixed.setdefault(f"{getattr(policy, 'name', compute)}", []).append(layer.name)
     if not mixed:
-        _check_autocast_layers(adapter, dtype)
+        _check_autocast_layers(adapter, dtype, selected)
     if mixed:
         where = "; ".join(f"dtype policy {name!r} (layers {', '.join(layers[:6])}"
                           f"{', ...' if len(layers) > 6 else ''})"
@@ -260,17 +262,33 @@ def _check_compute_dtype(adapter: ModelAdapter, dtype: tf.DType) -> None:
         )
 
 
-def _check_autocast_layers(adapter: ModelAdapter, dtype: tf.DType) -> None:
+def _check_autocast_layers(adapter: ModelAdapter, dtype: tf.DType,
+                           selected: list[Any] | None = None) -> None:
     """Refuse a Keras model whose layers without a dtype of their own (Keras's default
     float32 policy) sit among variables of a more precise dtype: Keras casts their
     floating inputs to float32 (``Activation``, ``Flatten``, ``Dropout``, ``Add``...), so a
     float64 model built with ``Dense(..., dtype="float64")`` but a plain
     ``Activation("tanh")`` computes part of its forward pass in float32, and its Hessian
-    carries float32 rounding while the engine assumes float64's."""
+    carries float32 rounding while the engine assumes float64's.
+
+    Layers before the first one that holds a ``selected`` variable (in the model's layer
+    order, which Keras keeps topological) are left alone: preprocessing such as
+    ``Rescaling`` or ``Normalization`` rounds the data, which does not depend on the
+    parameters, and the Hessian stays exact."""
     import keras
 
+    wanted = {id(v) for v in selected} if selected is not None else None
+    started = wanted is None
     low = []
     for layer in adapter.layers():
+        if not started:
+            own = getattr(layer, "_trainable_variables", None)
+            own = list(own) if own is not None else []
+            own += list(getattr(layer, "_non_trainable_variables", None) or [])
+            started = any(id(v) in wanted or id(getattr(v, "value", v)) in wanted
+                          for v in own)
+            if not started:
+                continue
         if isinstance(layer, keras.layers.InputLayer) or not (
                 getattr(layer, "autocast", False) and getattr(layer, "_convert_input_args",
                                                               False)):
