@@ -70,10 +70,12 @@ def smoothed_eigenvalue_density(eigenvalues: Any, grid: Any, *, sigma: float,
     On an evenly spaced grid the eigenvalues within half a grid step of it are first
     binned to the grid (an error of at most half a grid step in each location, a sixth
     of ``sigma`` on the default grid) and the bins convolved with the kernel by FFT, so a
-    million eigenvalues cost little; the eigenvalues outside the grid add their exact
-    kernel values (for the Gaussian only those within ``40 sigma`` of the grid: a term
-    farther away is below ``exp(-800)``, zero in float64), at a cost of the number of
-    grid points times their number. On another grid the whole sum is computed exactly.
+    million eigenvalues cost little. Eigenvalues outside the grid are never binned to its
+    ends (that drew false peaks there): a few add their exact kernel values; many (a zoom
+    into a large spectrum) are binned on the grid extended at the same step as far as
+    they reach, up to 2**21 points, and the rest summed exactly. For the Gaussian only
+    eigenvalues within ``40 sigma`` of the grid count: a term farther away is below
+    ``exp(-800)``, zero in float64. On another grid the whole sum is computed exactly.
 
     Parameters
     ----------
@@ -105,24 +107,44 @@ def smoothed_eigenvalue_density(eigenvalues: Any, grid: Any, *, sigma: float,
     from scipy.signal import fftconvolve
 
     h = float(steps[0])
+    # Binning an eigenvalue outside the grid to an end bin would draw a false peak there.
+    # Few of them (a sum of at most DIRECT_TERMS terms) add their exact kernel values;
+    # many (a zoom into a spectrum of a million eigenvalues) are binned on the grid
+    # extended at the same step as far as they reach (40 sigma for the Gaussian: a term
+    # farther away is below exp(-800), zero in float64), up to EXTENDED_POINTS points,
+    # and only those beyond it are summed exactly.
+    reach = 40 * sigma if kernel == "gaussian" else np.inf
+    near = (lam > x[0] - reach) & (lam < x[-1] + reach)
     pos = np.rint((lam - x[0]) / h)
-    inside = (pos >= 0) & (pos <= x.size - 1)
-    # Binning an eigenvalue outside the grid to an end bin would draw a false peak there:
-    # those add their exact kernel values instead.
-    rest = lam[~inside]
-    if kernel == "gaussian":
-        # exp(-z^2/2) < exp(-800) beyond 40 sigma: no float64 contribution
-        rest = rest[(rest > x[0] - 40 * sigma) & (rest < x[-1] + 40 * sigma)]
+    outside = near & ((pos < 0) | (pos > x.size - 1))
+    left = right = 0
+    if np.count_nonzero(outside) * x.size > DIRECT_TERMS:
+        span = lam[outside]
+        left = int(np.ceil(max(0.0, x[0] - span.min()) / h))
+        right = int(np.ceil(max(0.0, span.max() - x[-1]) / h))
+        spare = max(0, EXTENDED_POINTS - x.size)
+        if left + right > spare:
+            left, right = (left * spare) // (left + right), (right * spare) // (left + right)
+    size = x.size + left + right
+    pos = pos + left
+    binned = near & (pos >= 0) & (pos <= size - 1)
+    rest = lam[near & ~binned]
     out = np.zeros(x.shape)
-    if np.any(inside):
-        bins = pos[inside].astype(np.int64)
-        counts = np.bincount(bins, minlength=x.size).astype(np.float64) / lam.size
-        offsets = np.arange(-(x.size - 1), x.size) * h
-        full = fftconvolve(counts, _kernel(offsets, sigma, kernel), mode="full")
-        out = np.maximum(full[x.size - 1: 2 * x.size - 1], 0.0)
+    if np.any(binned):
+        counts = np.bincount(pos[binned].astype(np.int64), minlength=size).astype(np.float64)
+        offsets = np.arange(-(size - 1), size) * h
+        full = fftconvolve(counts / lam.size, _kernel(offsets, sigma, kernel), mode="full")
+        out = np.maximum(full[size - 1 + left: size - 1 + left + x.size], 0.0)
     if rest.size:
         out = out + _direct_sum(x, rest, sigma, kernel) / lam.size
     return out
+
+
+# See smoothed_eigenvalue_density: the most kernel terms summed exactly for eigenvalues
+# outside an evenly spaced grid (about 0.1 s), and the most points of the grid extended to
+# bin the others (an FFT of twice that length, well under a second).
+DIRECT_TERMS = 2**24
+EXTENDED_POINTS = 2**21
 
 
 def _direct_sum(x: np.ndarray, lam: np.ndarray, sigma: float, kernel: str) -> np.ndarray:

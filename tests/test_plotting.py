@@ -159,6 +159,26 @@ def test_smoothed_eigenvalue_density_out_of_grid_eigenvalues_add_their_exact_tai
                                _exact_smoothed(far, x, sigma, kernel), rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("kernel", ["gaussian", "lorentzian"])
+def test_zoom_into_a_large_spectrum_bins_the_eigenvalues_outside(kernel):
+    """A zoom (grid over [0, 1]) into 100,000 eigenvalues in [0, 4]: summing the 75,000
+    outside exactly took seconds, so they are binned on the grid extended at the same step.
+    Binning moves each eigenvalue by at most h/2, which changes the density by at most
+    (h/2) sup|k'| (per unit mass): e^(-1/2) / (sigma^2 sqrt(2 pi)) for the Gaussian,
+    3 sqrt(3) / (8 pi sigma^2) for the Lorentzian; against the exact sum."""
+    from specdens import plotting
+    rng = np.random.default_rng(0)
+    lam = rng.uniform(0.0, 4.0, 100_000)
+    grid = np.linspace(0.0, 1.0, 1001)
+    h, sigma = grid[1] - grid[0], 0.01
+    assert np.count_nonzero(lam > 1.0) * grid.size > plotting.DIRECT_TERMS  # binned path
+    got = smoothed_eigenvalue_density(lam, grid, sigma=sigma, kernel=kernel)
+    exact = plotting._direct_sum(grid, lam, sigma, kernel) / lam.size
+    slope = (np.exp(-0.5) / (sigma**2 * np.sqrt(2 * np.pi)) if kernel == "gaussian"
+             else 3 * np.sqrt(3) / (8 * np.pi * sigma**2))
+    assert np.max(np.abs(got - exact)) <= 0.5 * h * slope
+
+
 def test_importing_specdens_imports_no_plotting_or_framework():
     code = (
         "import sys, specdens, specdens.examples, specdens.summary, specdens.matrix_io, "
