@@ -1,9 +1,11 @@
-"""tf.distribute: a MirroredStrategy over two logical CPU devices gives the one-device
+"""tf.distribute: a MirroredStrategy over three logical CPU devices gives the one-device
 operator of all data.
 
-The two logical devices must be configured before TensorFlow initialises, so the check
-runs in a subprocess. Each replica sums ``n_r * H_r v`` over its share of every batch
-(uneven splits, and an empty share for the one-sample batch); the all-reduced sums equal
+The logical devices must be configured before TensorFlow initialises, so the check runs
+in a subprocess. Three replicas, not a power of two: Keras scales mean losses by
+``fl32(1/3)``, which an unscaling by 3 left off by 3e-8. Each replica sums
+``n_r * H_r v`` over its share of every batch (uneven splits, and empty shares for the
+one-sample batch); the all-reduced sums equal
 the one-device ones up to the order of the float64 sums (relative ~1e-16 per product),
 which Lanczos amplifies by at most the conditioning of the recurrence over 20 steps: far
 below the asserted 1e-10.
@@ -29,7 +31,7 @@ SCRIPT = textwrap.dedent('''
 
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()])
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(3)])
     import keras
     import specdens
     from specdens.backends.tf import ModelState, ggn, gradient, hessian
@@ -50,7 +52,7 @@ SCRIPT = textwrap.dedent('''
     X, y = rng.standard_normal((38, 5)), rng.integers(0, 3, 38)
     cuts = [0, 10, 20, 30, 37, 38]  # the last batch has one sample: one replica gets none
     batches = [(X[a:b], y[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1", "/cpu:2"])
     with strategy.scope():
         model_d = build()
     model_1 = build()
@@ -82,7 +84,7 @@ SCRIPT = textwrap.dedent('''
 ''')
 
 
-def test_mirrored_strategy_two_logical_cpus_match_one_device(tmp_path):
+def test_mirrored_strategy_three_logical_cpus_match_one_device(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CUDA_VISIBLE_DEVICES="")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
                           env=env, cwd=tmp_path, timeout=300)
@@ -93,7 +95,7 @@ def test_mirrored_strategy_two_logical_cpus_match_one_device(tmp_path):
     if line.startswith("{"):
         pytest.skip(json.loads(line)["skip"])
     out = json.loads(line[len("RESULT "):])
-    assert out["replicas"] == [2, 2, 1]  # the reduction really ran over two replicas
+    assert out["replicas"] == [3, 3, 1]  # the reduction really ran over three replicas
     assert out["samples"] == [38.0, 38.0]
     for key in ("list_alpha", "list_beta", "dataset_alpha", "dataset_beta", "dense", "ggn"):
         assert out[key] <= 1e-10, (key, out)

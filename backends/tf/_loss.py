@@ -312,16 +312,29 @@ def _check_autocast_layers(adapter: ModelAdapter, dtype: tf.DType,
 
 
 def _keras_unscale(loss: Any) -> Callable[[Any], Any] | None:
-    """Keras's inverse of the division of mean losses by the number of replicas, for a
-    Keras loss object (None for other losses, or a Keras without that convention)."""
+    """The exact inverse of Keras's scaling of mean losses by the number of replicas, for
+    a Keras loss object (None for other losses, or a Keras without that convention).
+
+    Keras multiplies by ``ops.cast(1.0 / num_replicas, dtype)``, a float32 constant cast
+    to the loss's dtype, and its own ``unscale_loss_for_distribution`` multiplies back by
+    ``num_replicas``: ``3 * fl32(1/3) = 1 + 3e-8``, a float64 operator off by 3e-8 under
+    three replicas (exact for powers of two). Dividing by the same constant Keras
+    multiplied by undoes it to the last bit."""
     keras = sys.modules.get("keras")
     if loss is None or keras is None or not isinstance(loss, keras.losses.Loss):
         return None
     try:
-        from keras.src.losses.loss import unscale_loss_for_distribution
+        from keras.src.losses.loss import scale_loss_for_distribution  # noqa: F401
     except ImportError:  # pragma: no cover - a Keras that does not scale
         return None
-    return unscale_loss_for_distribution
+
+    def unscale(value: Any) -> Any:
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        if replicas > 1:
+            value = value / keras.ops.cast(1.0 / replicas, value.dtype)
+        return value
+
+    return unscale
 
 
 def _takes_training(fn: Callable[..., Any]) -> bool:
