@@ -55,6 +55,22 @@ def float_dtype_name(dtype: Any, what: str, default: str) -> str:
     return name
 
 
+def work_dtype(dtype: Any, op: Any, *, also: Any = None) -> str:
+    """The dtype name of the Lanczos arithmetic: ``dtype`` checked, or float64 where the
+    operator's library and device hold it and float32 elsewhere (JAX without
+    ``jax_enable_x64``, MPS); a float64 request (``dtype``, or ``also``: e.g. a basis
+    dtype) where float64 is missing raises a ``TypeError`` that says what to do."""
+    has64 = _array.supports_float64(op.xp, op.device)
+    work = float_dtype_name(dtype, "dtype", default="float64" if has64 else "float32")
+    if not has64 and "float64" in (work, _array.dtype_name(also or work)):
+        raise TypeError(
+            f"float64 Lanczos arithmetic was asked for, but {op.array_library} on "
+            f"{op.device} has no float64 now (for JAX, enable jax_enable_x64); use "
+            "dtype='float32'"
+        )
+    return work
+
+
 def check_product(op: Any, Aq: Any, k: int) -> None:
     """Validate the first block product: library, device and shape."""
     lib = _array.library_name(Aq)

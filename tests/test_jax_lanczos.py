@@ -388,6 +388,17 @@ def test_float32_without_x64():
         assert r.dtype == "float32"
         with pytest.raises(TypeError, match="jax_enable_x64"):
             lanczos(A, 10, dtype="float64")
+        # eigsh picks float32 arithmetic too (it asked for float64, which JAX truncated
+        # with a warning per operation while the result claimed float64)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            e = specdens.eigsh(A, k=2)
+        assert e.dtype == "float32"
+        np.testing.assert_allclose(e.eigenvalues, np.linspace(0.0, 1.0, 40)[-2:],
+                                   atol=e.tol * 1.0 + 10 * 40 * 1.2e-7)
+        with pytest.raises(TypeError, match="jax_enable_x64"):
+            specdens.eigsh(A, k=2, dtype="float64")
     ref = specdens.lanczos(np.diag(np.linspace(0.0, 1.0, 40)), 10, num_probes=2)
     # float32 CGS2 Lanczos: rounding ~ m * eps32 * ||A||
     np.testing.assert_allclose(r.alpha, ref.alpha, atol=10 * 10 * 1.2e-7)

@@ -171,8 +171,9 @@ def eigsh(
         Seed of the numpy generator that draws the start vector and the random vectors
         of the searches for missed copies of repeated eigenvalues (see Notes).
     dtype
-        Dtype of the Lanczos vectors and arithmetic: ``"float64"`` (default) or
-        ``"float32"``. The operator is applied in its own dtype.
+        Dtype of the Lanczos vectors and arithmetic: ``"float64"`` (default where the
+        operator's library and device hold it; else ``"float32"``, e.g. JAX without
+        ``jax_enable_x64``) or ``"float32"``. The operator is applied in its own dtype.
     return_eigenvectors
         With ``False`` the result holds no eigenvectors (the residuals are still
         computed from the Ritz vectors).
@@ -240,7 +241,7 @@ def eigsh(
         raise ValueError(f"which={which!r}; choose one of {', '.join(WHICH)}{hint}")
     xp, device = op.xp, op.device
     _array.check_supported_dtype(op.dtype)
-    work = _checks.float_dtype_name(dtype, "dtype", default="float64")
+    work = _checks.work_dtype(dtype, op)
     wdt = _array.xp_dtype(xp, work)
     eps = max(_array.finfo_eps(work), _array.finfo_eps(op.dtype))
     tol = _resolve_tol(tol, eps)

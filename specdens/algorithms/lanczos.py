@@ -314,13 +314,7 @@ def _lanczos(
                             else _checks.positive_int(checkpoint_every, "checkpoint_every"))
     xp, device = op.xp, op.device
     _array.check_supported_dtype(op.dtype)
-    has64 = _array.supports_float64(xp, device)
-    work = _checks.float_dtype_name(dtype, "dtype", default="float64" if has64 else "float32")
-    if not has64 and "float64" in (work, _array.dtype_name(basis_dtype or work)):
-        raise TypeError(
-            f"float64 Lanczos arithmetic was asked for, but {op.array_library} on {device} has "
-            "no float64 now (for JAX, enable jax_enable_x64); use dtype='float32'"
-        )
+    work = _checks.work_dtype(dtype, op, also=basis_dtype)
     basis_name = _checks.float_dtype_name(
         basis_dtype, "basis_dtype", default=default_basis_dtype(_checks.product_dtype(op), work))
     m = min(num_steps, n)
