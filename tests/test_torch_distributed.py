@@ -4,12 +4,19 @@ Lanczos coefficients of the Hessian of all data.
 The all-reduced products equal the single-process ones up to the order of the float64
 sums (relative ~1e-16 per step); Lanczos amplifies such differences by at most the
 condition of the recurrence over 20 steps, far below the asserted 1e-10.
+
+Every spawn is joined with a deadline and every group has a collective timeout, so a
+rank stuck in a collective fails the test instead of hanging it.
 """
 
 from __future__ import annotations
 
+import copy
+import datetime
 import os
 import tempfile
+import time
+import warnings
 
 import numpy as np
 import torch
@@ -20,6 +27,27 @@ from specdens.backends.torch.tracking import evaluate
 import specdens
 
 STEPS, PROBES = 20, 3
+DEADLINE = 120          # seconds for a spawned group to finish (each takes a few)
+
+
+def spawn(fn, args, nprocs):
+    """``mp.spawn`` joined with a deadline: processes still running then are killed and
+    the test fails (an error in a process is raised by ``join`` as usual)."""
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    end = time.monotonic() + DEADLINE
+    while not ctx.join(timeout=max(end - time.monotonic(), 0.1)):
+        if time.monotonic() >= end:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+            raise AssertionError(f"{fn.__name__} did not finish within {DEADLINE} s (hung in a "
+                                 "collective?)")
+
+
+def init_group(rank: int, world: int, init_file: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                         world_size=world,
+                                         timeout=datetime.timedelta(seconds=60))
 
 
 def problem():
@@ -35,8 +63,7 @@ def problem():
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}",
-                                         rank=rank, world_size=world)
+    init_group(rank, world, init_file)
     try:
         torch.set_num_threads(1)
         model, crit, batches = problem()
@@ -56,16 +83,79 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         except RuntimeError as exc:
             assert "disagree" in str(exc)
             open(os.path.join(out_dir, f"caught{rank}"), "w").close()
+        empty_shards(rank, world, out_dir)
+        padding_sampler(rank, world, out_dir)
     finally:
         torch.distributed.destroy_process_group()
+
+
+def empty_shards(rank: int, world: int, out_dir: str) -> None:
+    """Rank 1's shard is empty (an uneven split: ``Subset(ds, range(rank, N, world))`` with
+    fewer samples than ranks is the same case): it adds nothing, and every rank holds the
+    operators of all the data. Then every rank's shard is empty: every rank raises."""
+    from specdens.backends.torch import ggn
+
+    model, crit, batches = problem()
+    X = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    ds = torch.utils.data.TensorDataset(X, y)
+    mine = range(len(ds)) if rank == 0 else range(len(ds), len(ds))
+    shard = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, mine), batch_size=10)
+    op = hessian(model, crit, shard)
+    assert (op.num_samples, op.num_batches) == (37, 4 if rank == 0 else 0)
+    np.savez(os.path.join(out_dir, f"empty{rank}.npz"), hessian=op.to_dense().numpy(),
+             ggn=ggn(model, crit, shard).to_dense().numpy(),
+             forward=hessian(model, crit, shard, method="forward",
+                             graph_memory=0).matvec(torch.ones(op.shape[0],
+                                                               dtype=torch.float64)).numpy(),
+             grad=gradient(model, crit, shard).numpy(),
+             evaluated=np.array(evaluate(model, crit, shard)))
+    outcomes = []
+    for build in (lambda: hessian(model, crit, []), lambda: ggn(model, crit, []),
+                  lambda: gradient(model, crit, []), lambda: evaluate(model, crit, [])):
+        try:
+            build()
+            outcomes.append("finished")
+        except ValueError as exc:
+            outcomes.append(str(exc))
+    with open(os.path.join(out_dir, f"allempty{rank}"), "w") as fh:
+        fh.write("\n".join(outcomes))
+
+
+def padding_sampler(rank: int, world: int, out_dir: str) -> None:
+    """A DistributedSampler that pads (drop_last=False, 37 samples over 2 replicas) warns;
+    one over a multiple of the replicas, or with drop_last=True, does not."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    model, crit, batches = problem()
+    X = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    found = []
+    for size, drop_last in ((37, False), (36, False), (37, True)):
+        ds = torch.utils.data.TensorDataset(X[:size], y[:size])
+        sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=False,
+                                     drop_last=drop_last)
+        loader = torch.utils.data.DataLoader(ds, batch_size=10, sampler=sampler)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            hessian(model, crit, loader)
+        found.append(" | ".join(str(w.message) for w in caught
+                                if "DistributedSampler" in str(w.message)))
+    with open(os.path.join(out_dir, f"padding{rank}"), "w") as fh:
+        fh.write("\n".join(found))
 
 
 def test_two_gloo_ranks_match_single_process():
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.spawn(worker, args=(2, init_file, tmp), nprocs=2, join=True)
+        spawn(worker, (2, init_file, tmp), 2)
         ranks = [np.load(os.path.join(tmp, f"rank{r}.npz")) for r in range(2)]
         caught = [os.path.exists(os.path.join(tmp, f"caught{r}")) for r in range(2)]
+        empty = [dict(np.load(os.path.join(tmp, f"empty{r}.npz"))) for r in range(2)]
+        all_empty = [open(os.path.join(tmp, f"allempty{r}")).read().split("\n")
+                     for r in range(2)]
+        padding = [open(os.path.join(tmp, f"padding{r}")).read().split("\n")
+                   for r in range(2)]
     model, crit, batches = problem()
     single = specdens.lanczos(hessian(model, crit, batches), STEPS, num_probes=PROBES,
                               seed=0)
@@ -80,14 +170,39 @@ def test_two_gloo_ranks_match_single_process():
         assert np.abs(r["beta"] - single.beta).max() <= 1e-10 * scale
         assert np.abs(r["grad"] - g).max() <= 1e-12 * np.abs(g).max()
     assert caught == [True, True]
+    check_empty_shards(model, crit, batches, empty, all_empty)
+    for found in padding:   # one warning, naming the fix; none without padding
+        assert "pads the shards" in found[0] and "Subset(dataset, range(rank" in found[0]
+        assert found[1:] == ["", ""], found
+
+
+def check_empty_shards(model, crit, batches, empty, all_empty):
+    """Rank 1's empty shard: both ranks hold the single-process operators of all the
+    data. Rank 0 has the single process's batches in its order and rank 1 adds zeros, so
+    the sums are the same float64 sums (1e-12 relative leaves room for a reordering, ~1e-16
+    per product)."""
+    from specdens.backends.torch import ggn
+
+    ones = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    single = {"hessian": hessian(model, crit, batches).to_dense().numpy(),
+              "ggn": ggn(model, crit, batches).to_dense().numpy(),
+              "forward": hessian(model, crit, batches, method="forward").matvec(ones).numpy(),
+              "grad": gradient(model, crit, batches).numpy(),
+              "evaluated": np.array(evaluate(model, crit, batches))}
+    for r in empty:
+        for key, ref in single.items():
+            assert np.abs(r[key] - ref).max() <= 1e-12 * np.abs(ref).max(), key
+    for outcomes in all_empty:   # every rank raises, hessian, ggn, gradient and evaluate
+        assert len(outcomes) == 4
+        for outcome in outcomes:
+            assert outcome.startswith("data yielded no batches on any of the 2 ranks"), outcome
 
 
 def lifetime_worker(rank: int, init_file: str, out_dir: str) -> None:
     import gc
     import weakref
 
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}",
-                                         rank=0, world_size=1)
+    init_group(0, 1, init_file)
     default = weakref.ref(torch.distributed.group.WORLD)
     model, crit, batches = problem()
     op = hessian(model, crit, batches)
@@ -110,7 +225,7 @@ def test_operator_does_not_keep_the_default_group_alive():
     The group must be freed while the operator lives; using the operator afterwards
     raises torch's own error."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(lifetime_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=1, join=True)
+        spawn(lifetime_worker, (os.path.join(tmp, "init"), tmp), 1)
         freed = os.path.exists(os.path.join(tmp, "freed"))
         error = open(os.path.join(tmp, "error")).read() if os.path.exists(
             os.path.join(tmp, "error")) else None
@@ -119,10 +234,7 @@ def test_operator_does_not_keep_the_default_group_alive():
 
 
 def changing_data_worker(rank: int, init_file: str, out_dir: str) -> None:
-    import datetime
-
-    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                         world_size=2, timeout=datetime.timedelta(seconds=60))
+    init_group(rank, 2, init_file)
     try:
         torch.set_num_threads(1)
         torch.manual_seed(0)
@@ -147,8 +259,42 @@ def changing_data_worker(rank: int, init_file: str, out_dir: str) -> None:
                 outcome = f"{type(exc).__name__}: {exc}"
             with open(os.path.join(out_dir, f"{case}{rank}"), "w") as fh:
                 fh.write(outcome)
+        different_operators(rank, model, X, y, out_dir)
     finally:
         torch.distributed.destroy_process_group()
+
+
+DIFFERENT = {   # rank 1's deviation -> what the error must name
+    "params": ("the number of selected parameter scalars n: 18 on rank 0, 15 on rank 1",
+               "the selected parameters (names and shapes"),
+    "dtype": ("the dtype (the model's): torch.float64 on rank 0, torch.float32 on rank 1",),
+    "weight_decay": ("weight_decay: 0.0 on rank 0, 0.001 on rank 1",),
+    "gradient": ("the number of selected parameter scalars n: 18 on rank 0, 15 on rank 1",),
+}
+
+
+def different_operators(rank, model, X, y, out_dir):
+    """Rank 1 builds another operator (other parameters, dtype, weight decay): gloo
+    aborted the processes in the first product ("Received data size doesn't match
+    expected size"); the construction raises a RuntimeError on every rank instead."""
+    crit = torch.nn.CrossEntropyLoss()
+    shard = [(X[rank::2], y[rank::2])]
+    other = rank == 1
+    builds = {
+        "params": lambda: hessian(model, crit, shard, params="0.weight" if other else None),
+        "dtype": lambda: hessian(copy.deepcopy(model).float() if other else model, crit,
+                                 [(X[rank::2].float(), y[rank::2])] if other else shard),
+        "weight_decay": lambda: hessian(model, crit, shard, weight_decay=1e-3 * other),
+        "gradient": lambda: gradient(model, crit, shard, params="0.weight" if other else None),
+    }
+    for case, build in builds.items():
+        try:
+            specdens.lanczos(build(), 3, seed=0)
+            outcome = "finished"
+        except Exception as exc:
+            outcome = f"{type(exc).__name__}: {exc}"
+        with open(os.path.join(out_dir, f"{case}{rank}"), "w") as fh:
+            fh.write(outcome)
 
 
 def test_data_that_changes_on_one_rank_raises_on_every_rank():
@@ -157,10 +303,15 @@ def test_data_that_changes_on_one_rank_raises_on_every_rank():
     reduction carries it to every rank, and each one's Lanczos run raises, naming the
     cause."""
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(changing_data_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=2,
-                 join=True)
+        spawn(changing_data_worker, (os.path.join(tmp, "init"), tmp), 2)
         outcomes = {(case, r): open(os.path.join(tmp, f"{case}{r}")).read()
-                    for case in ("count", "values") for r in range(2)}
+                    for case in ("count", "values", *DIFFERENT) for r in range(2)}
     for key, outcome in outcomes.items():
+        if key[0] in DIFFERENT:     # ranks that built different operators: all raise
+            assert outcome.startswith("RuntimeError: the ranks built different operators"), \
+                (key, outcome)
+            for part in DIFFERENT[key[0]]:
+                assert part in outcome, (key, outcome)
+            continue
         assert outcome.startswith("FloatingPointError"), (key, outcome)
         assert "data that changed between passes" in outcome, (key, outcome)

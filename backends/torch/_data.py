@@ -9,6 +9,7 @@ a pass and divides by ``N = sum_b n_b`` of that same pass.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -56,9 +57,12 @@ class Batches:
     device
         Tensors in every batch (nested in tuples, lists and dicts) are moved there; their
         dtypes are kept.
+    allow_empty
+        Whether data that yields no batch is accepted (this rank's shard under a process
+        group, whose samples are counted over all ranks); otherwise it raises a ValueError.
     """
 
-    def __init__(self, data: Any, device: torch.device):
+    def __init__(self, data: Any, device: torch.device, *, allow_empty: bool = False):
         if is_single_batch(data):
             self._data: Iterable[Any] = [data]
         elif isinstance(data, Iterator):
@@ -72,14 +76,49 @@ class Batches:
             raise TypeError(f"data must be one (inputs, targets) batch or an iterable of "
                             f"batches (a DataLoader); got {type(data).__name__}")
         self.device = device
+        self.allow_empty = allow_empty
+        warn_padding_sampler(self._data)
 
     def __iter__(self) -> Iterator[Any]:
         empty = True
         for batch in self._data:
             empty = False
             yield to_device(batch, self.device)
-        if empty:
+        if empty and not self.allow_empty:
             raise ValueError("data yielded no batches")
+
+
+PADDING_WARNING = (
+    "the data is a DataLoader with a DistributedSampler(drop_last=False) over {size} "
+    "samples and {replicas} replicas: {size} is not a multiple of {replicas}, so the sampler "
+    "pads the shards by repeating {extra} sample(s), which then count twice in the Hessian "
+    "(and the gradient and the loss). Shard without padding instead, e.g. "
+    "DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), ...); an empty shard "
+    "is allowed")
+
+
+def warn_padding_sampler(data: Any) -> None:
+    """Warn when ``data`` is a ``DataLoader`` whose (batch) sampler is a
+    ``DistributedSampler`` that pads: ``drop_last=False`` and a data set whose size is not a
+    multiple of ``num_replicas``. The repeated samples silently change the operator."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    if not isinstance(data, DataLoader):
+        return
+    for sampler in (getattr(data, "sampler", None),
+                    getattr(getattr(data, "batch_sampler", None), "sampler", None)):
+        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+            continue
+        try:
+            size, replicas = len(sampler.dataset), int(sampler.num_replicas)
+        except TypeError:       # a data set without a length
+            continue
+        if replicas > 0 and size % replicas:
+            warnings.warn(PADDING_WARNING.format(size=size, replicas=replicas,
+                                                 extra=replicas - size % replicas),
+                          UserWarning, stacklevel=3)
+            return
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -23,7 +23,7 @@ from ._data import Batches, fingerprint
 from ._loss import BatchLoss
 from ._meter import SavedBytes
 from ._params import stack_columns, zeros_columns
-from .distributed import all_reduce_sum, stored_group
+from .distributed import agree_and_count, all_reduce_sum, no_data_error, stored_group
 
 _CHANGED_DATA = (
     "the data yielded different batches in this pass than when the operator was built (a "
@@ -41,7 +41,7 @@ class DataOperator(LinearOperatorBase):
     num_samples : float
         Samples over all batches (and all ranks).
     num_batches : int
-        Batches on this rank.
+        Batches on this rank (0 for an empty shard under a process group).
     num_stored : int
         Batches whose graphs are kept between products.
     graph_bytes : int
@@ -59,8 +59,10 @@ class DataOperator(LinearOperatorBase):
         self.space = space
         self.param_names = list(space.names)
         self.param_shapes = list(space.shapes)
-        self.batches = Batches(data, space.device)
         self.group = stored_group(process_group)
+        # with a process group, this rank's shard may be empty (more ranks than samples, or
+        # an uneven split): it then adds nothing, and only no data on any rank raises
+        self.batches = Batches(data, space.device, allow_empty=self.group is not None)
         self.weight_decay = _checks.finite_number(weight_decay, "weight_decay")
         self._leaves = loss.leaves()
         self._leaf_list = [self._leaves[n] for n in space.names]
@@ -98,13 +100,19 @@ class DataOperator(LinearOperatorBase):
             else:
                 self._counts.append(self.loss.count_of(batch))
             total += self._counts[-1]
-        self._fingerprints = torch.stack([f.to(self.space.device) for f in fps])
+        self._fingerprints = (torch.stack([f.to(self.space.device) for f in fps]) if fps
+                              else torch.zeros(0, dtype=torch.float64, device=self.space.device))
         self.num_batches = len(fps)
         self.num_stored = len(self._stored)
         self.graph_bytes = used
         self._local_count = total
-        t = torch.tensor(total, dtype=torch.float64, device=self.space.device)
-        self.num_samples = float(all_reduce_sum(t, self.group))
+        # one small collective, before any vector-sized one: the ranks' spaces must agree
+        self.num_samples = agree_and_count(
+            self.group, self.space.device, n=self.space.n, dtype=self.space.dtype,
+            names=self.space.names, shapes=self.space.shapes,
+            weight_decay=self.weight_decay, count=total)
+        if self.num_samples == 0:   # the same on every rank: all raise
+            raise no_data_error(self.group)
 
     def _regularizer_graph(self, regularizer: Any) -> Any:
         if regularizer is None:

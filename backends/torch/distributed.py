@@ -5,10 +5,17 @@ sums ``sum_b n_b (H_b v)`` and the sample counts ``sum_b n_b`` (both as float64 
 the operator's dtype), so every rank divides the same numbers and holds the same product.
 Lanczos is deterministic given its inputs, so every rank then runs the same recurrence;
 :func:`check_consistent` verifies it at the end.
+
+At construction, one small collective (:func:`agree_and_count`) sums the sample counts
+and checks that every rank built the same vector space (size, dtype, parameters, weight
+decay) before any vector-sized reduction. A rank's shard may be empty; only data that is
+empty on every rank raises, on every rank.
 """
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -60,6 +67,78 @@ def all_reduce_sum(tensor: torch.Tensor, group: Any) -> torch.Tensor:
         torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM,
                                      group=None if group is DEFAULT_GROUP else group)
     return tensor
+
+
+def no_data_error(group: Any) -> ValueError:
+    """The error of data that yielded no batch on any rank of ``group``: raised on every
+    rank, since all of them see the same all-reduced count of 0."""
+    pg = None if group is DEFAULT_GROUP else group
+    return ValueError(f"data yielded no batches on any of the "
+                      f"{torch.distributed.get_world_size(pg)} ranks (every rank's shard is "
+                      "empty)")
+
+
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def agree_and_count(group: Any, device: torch.device, *, n: int, dtype: torch.dtype,
+                    names: Sequence[str], shapes: Sequence[tuple[int, ...]],
+                    weight_decay: float, count: float) -> float:
+    """Check that every rank of ``group`` built the same vector space, and return the
+    sample count of all ranks (``count`` when ``group`` is None).
+
+    One ``all_gather`` of a fixed-size float64 descriptor per rank (``n``, the dtype, a
+    hash of the selected parameters' names and shapes, ``weight_decay``, and the local
+    sample count), called once at construction, before any vector-sized collective: ranks
+    whose vectors differ in size or dtype would otherwise abort inside gloo ("Received
+    data size doesn't match expected size") or hang, and ranks with other parameters or
+    weight decay would silently mix different operators.
+
+    Raises
+    ------
+    RuntimeError
+        On every rank, when the descriptors differ; names what differs and on which ranks.
+    """
+    if group is None:
+        return count
+    digest = hashlib.sha256(repr([(str(a), tuple(int(d) for d in s))
+                                  for a, s in zip(names, shapes, strict=True)]).encode())
+    code = _DTYPES.index(dtype) if dtype in _DTYPES else 100 + int.from_bytes(
+        hashlib.sha256(str(dtype).encode()).digest()[:4], "big")
+    # a 48-bit hash is exact in float64
+    local = [float(n), float(code), float(int.from_bytes(digest.digest()[:6], "big")),
+             float(weight_decay), float(count)]
+    pg = None if group is DEFAULT_GROUP else group
+    if torch.distributed.get_backend(pg) != "nccl":
+        device = torch.device("cpu")
+    mine = torch.tensor(local, dtype=torch.float64, device=device)
+    gathered = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(pg))]
+    torch.distributed.all_gather(gathered, mine, group=pg)
+    rows = [g.cpu().tolist() for g in gathered]
+    fields = [("the number of selected parameter scalars n", lambda r: int(r[0])),
+              ("the dtype (the model's)",
+               lambda r: str(_DTYPES[int(r[1])]) if r[1] < len(_DTYPES)
+               else str(dtype) if r[1] == code else f"another dtype (code {int(r[1])})"),
+              ("the selected parameters (names and shapes; hash)", lambda r: f"{int(r[2]):012x}"),
+              ("weight_decay", lambda r: r[3])]
+    diffs = []
+    for what, show in fields:
+        by_value: dict[Any, list[int]] = {}
+        for rank, row in enumerate(rows):
+            by_value.setdefault(show(row), []).append(rank)
+        if len(by_value) > 1:
+            diffs.append(f"{what}: " + ", ".join(f"{v} on rank{'s' if len(r) > 1 else ''} "
+                                                  f"{', '.join(map(str, r))}"
+                                                  for v, r in by_value.items()))
+    if diffs:
+        raise RuntimeError(
+            "the ranks built different operators: " + "; ".join(diffs) + ". Every rank must "
+            "pass the same model (dtype included), params and weight_decay")
+    # the same sum, in the same order, on every rank
+    total = 0.0
+    for row in rows:
+        total += row[4]
+    return total
 
 
 def check_consistent(result: Any, group: Any = None) -> None:

@@ -11,7 +11,7 @@ from specdens import _checks
 
 from ._data import Batches
 from ._loss import BatchLoss
-from .distributed import all_reduce_sum, resolve_group
+from .distributed import agree_and_count, all_reduce_sum, no_data_error, resolve_group
 
 
 def gradient(
@@ -62,14 +62,20 @@ def gradient(
     acc = torch.zeros(space.n, dtype=space.dtype, device=space.device)
     total = 0.0
     with torch.enable_grad():
-        for batch in Batches(data, space.device):
+        # with a process group, this rank's shard may be empty (it adds nothing)
+        for batch in Batches(data, space.device, allow_empty=group is not None):
             value, count = loss(batch, leaves)
             grads = torch.autograd.grad(value, leaf_list, allow_unused=True)
             acc.add_(space.flatten(grads), alpha=count)
             total += count
+        # one small collective before the vector-sized one: the ranks' spaces must agree
+        total = agree_and_count(group, space.device, n=space.n, dtype=space.dtype,
+                                names=space.names, shapes=space.shapes,
+                                weight_decay=weight_decay, count=total)
+        if total == 0:      # the same on every rank: all raise
+            raise no_data_error(group)
         all_reduce_sum(acc, group)
-        t = all_reduce_sum(torch.tensor(total, dtype=torch.float64, device=space.device), group)
-        g = acc / t.to(acc.dtype)
+        g = acc / total
         if weight_decay:
             g = g + float(weight_decay) * space.flatten([loss.primal[n] for n in space.names])
         if regularizer is not None:

@@ -173,6 +173,12 @@ def hessian(
         ``torch.distributed`` group to reduce over (default: the default group when
         ``torch.distributed`` is initialised). Each rank passes over its own shard; the
         products and counts are all-reduced, so every rank holds the Hessian of all data.
+        A rank's shard may be empty (more ranks than samples); data that is empty on every
+        rank raises a ValueError on every rank. Every rank must build the same operator
+        (model dtype, ``params``, ``weight_decay``): the construction checks it in one
+        small collective and raises a RuntimeError on every rank, naming the difference.
+        A ``DataLoader`` whose ``DistributedSampler`` pads the shards (repeated samples,
+        which count twice) gets a warning.
 
     Returns
     -------

@@ -19,7 +19,7 @@ from specdens.tracker import SpectrumRecord, SpectrumTracker
 
 from ._data import Batches, batch_count
 from ._loss import BatchLoss, split_batch
-from .distributed import all_reduce_sum, resolve_group
+from .distributed import all_reduce_sum, no_data_error, resolve_group
 from .gradient import gradient
 from .hessian import hessian
 
@@ -160,7 +160,8 @@ def evaluate(
     sums = [0.0, 0.0, 0.0, 0.0]
     acc_ok = accuracy is not False and criterion is not None
     with torch.no_grad():
-        for batch in Batches(data, loss.space.device):
+        # with a process group, this rank's shard may be empty (it adds nothing)
+        for batch in Batches(data, loss.space.device, allow_empty=group is not None):
             value, count = loss(batch, loss.primal)
             sums[0] += float(value) * count
             sums[1] += count
@@ -182,6 +183,8 @@ def evaluate(
     reduced = all_reduce_sum(torch.tensor(sums + [float(acc_ok), 1.0], dtype=torch.float64,
                                           device=loss.space.device), group).tolist()
     loss_sum, total, correct, counted, ok_ranks, ranks = reduced
+    if total == 0:      # the same on every rank: all raise
+        raise no_data_error(group)
     has_acc = ok_ranks == ranks and counted > 0
     return loss_sum / total, (correct / counted if has_acc else None)
 
