@@ -828,6 +828,12 @@ class SpectrumTracker:
         if extra is not None and not isinstance(extra, dict):
             raise TypeError(f"extra must be a dict of JSON values; got {type(extra).__name__}")
         extra_json = _plain(extra or {})
+        n = int(_checks.operator_of(op)[1])
+        if self.k and self.k >= n:
+            # (before the SLQ pass, whose products would be spent for nothing)
+            raise ValueError(f"k={self.k} eigenvalues were asked of an operator of size "
+                             f"n={n}; k must be smaller than n (make the tracker with a "
+                             "smaller k)")
         t0 = time.perf_counter()
         density = None
         if self.num_probes:

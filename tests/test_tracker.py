@@ -414,3 +414,21 @@ def test_torch_hook_records_and_leaves_the_model_unchanged(tmp_path):
     assert before.differences(model) == []
     with pytest.raises(TypeError, match="SpectrumTracker"):
         track(object(), model, crit, batches, step=5)
+
+
+def test_k_not_below_n_is_refused_before_any_product(tmp_path):
+    """k >= n cannot be computed by eigsh: refused at once, not after the SLQ pass had
+    spent its products."""
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return 2.0 * v
+
+    from specdens import aslinearoperator
+
+    op = aslinearoperator(matvec, shape=(3, 3), dtype="float64")
+    tr = SpectrumTracker(tmp_path / "s.jsonl", k=3, num_steps=3, num_probes=1)
+    with pytest.raises(ValueError, match="k=3 .* n=3"):
+        tr.record(0, op)
+    assert calls == []
