@@ -223,7 +223,9 @@ class SpectralDensity:
         Gauss quadrature rule of each probe; each row of ``weights`` sums to 1 and is 0
         past the step where the probe broke down.
     residuals : numpy.ndarray, shape (num_probes, num_steps)
-        Residual norm of each Ritz pair (distance bound to the spectrum).
+        Residual bound of each Ritz value (distance bound to the spectrum):
+        ``beta_m |s_mj|``, floored at the run's rounding (see
+        :func:`specdens.algorithms.quadrature.quadrature_rules`).
     lengths : numpy.ndarray
         Lanczos steps each probe reached.
     probe_scales : numpy.ndarray

@@ -4,7 +4,8 @@ The outlier rule
 ----------------
 A Ritz value ``theta`` (a node of one probe's Gauss rule) is reported as an outlier when
 
-1. it has **converged**: its residual bound ``beta_m |s_mj|`` (the distance from
+1. it has **converged**: its residual bound ``beta_m |s_mj|`` (floored at the run's
+   rounding, see :func:`specdens.algorithms.quadrature.quadrature_rules`; the distance from
    ``theta`` to the nearest eigenvalue is at most this) is ``<= rtol * scale``, with
    ``scale`` the largest ``|theta|`` over all probes; and
 2. it lies **well outside the bulk**: with ``lo`` and ``hi`` the quantiles of the SLQ

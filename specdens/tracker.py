@@ -11,7 +11,9 @@ vector (or a factory that builds them only when the step is due); the hooks
 The file
 --------
 JSON Lines (UTF-8), no pickle: the first line is a header
-``{"format": "specdens.SpectrumTracker", "version": 1, "created": ..., "meta": {...}}``,
+``{"format": "specdens.SpectrumTracker", "version": 1, "created": ..., "specdens_version":
+..., "meta": {...}, "settings": {...}}`` (a tracker continuing the file must have the same
+``meta`` and ``settings``),
 every further line one self-contained record ``{"type": "record", "run": ..., "step":
 ..., ...}`` (see :meth:`SpectrumRecord.to_json`). Floats are written with Python's
 shortest round-trip representation, so float64 values read back bit for bit; NaN and

@@ -383,7 +383,8 @@ def lanczos(
     mode, win, basis = _resolve(reorth, m, size, block, basis, window, max_basis_bytes,
                                 device, basis_dtype is not None)
     if return_basis and mode not in ("full", "partial"):
-        raise ValueError(f"return_basis=True needs reorth='full' (this run uses {mode!r})")
+        raise ValueError("return_basis=True needs reorth='full' or 'partial' "
+                         f"(this run uses {mode!r})")
     breakdown_tol = check_breakdown_tol(breakdown_tol, work)
     tol = jnp.asarray(breakdown_tol, work)
     if device is not None and not isinstance(device, jax.Device):

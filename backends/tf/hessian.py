@@ -62,8 +62,9 @@ def hessian(
         rounding (~1e-3 relative, not symmetric): pass a copy of the model with the
         layers under the variables' dtype (the message shows how). So does a float64
         model with layers left at Keras's default float32 policy (``Activation``,
-        ``Flatten``... built without ``dtype="float64"``), whose inputs Keras casts to
-        float32.
+        ``Flatten``... built without ``dtype="float64"``) at or after its first selected
+        variable, whose inputs Keras casts to float32; float32 preprocessing in front of
+        it (``Rescaling``, ``Normalization``) only rounds the data and is accepted.
     loss
         ``loss(targets, model(inputs))`` (the Keras order): a Keras loss object with
         reduction ``"sum_over_batch_size"`` (the default, the batch mean) or ``"sum"``

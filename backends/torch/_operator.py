@@ -39,7 +39,9 @@ class DataOperator(LinearOperatorBase):
     param_names, param_shapes : list
         The selected parameters, in the order of the flat vectors.
     num_samples : float
-        Samples over all batches (and all ranks).
+        The total weight ``sum_b n_b`` over all batches (and all ranks): samples, or for
+        ``CrossEntropyLoss``/``NLLLoss`` with class-index targets the criterion's own
+        denominator (class-weighted targets that are not ``ignore_index``).
     num_batches : int
         Batches on this rank (0 for an empty shard under a process group).
     num_stored : int

@@ -125,12 +125,15 @@ def hessian(
     data
         One batch, or a re-iterable of batches (a list, a ``DataLoader`` without shuffling:
         batches must be the same on every pass; a difference raises a RuntimeError). One
-        batch is a tensor, a dict, or a tuple/list whose first item is a tensor; with a
-        criterion, batches are ``(inputs, targets)``. Tensors move to the model's device.
+        batch is a tensor, a mapping (a dict, a tokenizer's ``BatchEncoding``), a
+        tuple/list whose first item is a tensor, or ``((x1, x2), y)`` / ``({...}, y)`` for a
+        model with several inputs; with a criterion, batches are ``(inputs, targets)``.
+        Tensors move to the model's device.
     loss_fn
         ``loss_fn(model, batch)`` for losses that are not ``criterion(model(x), y)``
         (language models, PINNs). It returns either the batch's *mean* loss (its sample
-        count is then ``batch_size_fn(batch)`` or ``len(batch[0])``), or a pair
+        count is then ``batch_size_fn(batch)`` or the leading dimension of the batch's
+        first tensor), or a pair
         ``(mean_loss, count)`` (e.g. the number of non-padding tokens). It may call any
         method of ``model``; their parameters are the operator's.
     params
@@ -138,7 +141,8 @@ def hessian(
         names, ``fnmatch`` glob patterns (``"layer1.*"``) or parameter tensors. Vectors
         follow ``model.named_parameters()`` order; see ``op.param_names``.
     batch_size_fn
-        ``batch_size_fn(batch) -> count`` of samples in a batch (default ``len(batch[0])``;
+        ``batch_size_fn(batch) -> count`` of samples in a batch (default: the leading
+        dimension of the batch's first tensor, that of ``inputs`` or of its first tensor;
         for ``CrossEntropyLoss``/``NLLLoss`` with class-index targets, the criterion's own
         denominator, the class weights of the targets that are not ``ignore_index``, so
         that the operator is the Hessian of the criterion on all the data at once).

@@ -195,7 +195,7 @@ def lanczos(
         Memory budget of the basis for ``reorth="auto"`` (default: half of the free
         memory of the operator's device).
     return_basis
-        Keep the Lanczos vectors (needs ``reorth="full"``).
+        Keep the Lanczos vectors (needs ``reorth="full"`` or ``"partial"``).
     check_every
         Read alpha and beta back every this many steps to stop early on NaN/Inf or when
         every probe has broken down (default: every step for numpy, never otherwise).
@@ -244,6 +244,10 @@ def lanczos(
     CheckpointError
         When ``checkpoint`` names a file of another operator, other settings, or not a
         specdens checkpoint.
+    ValueError
+        When the operator is too small in magnitude for the arithmetic (its vectors'
+        squares underflow; see :func:`check_scale`), or ``breakdown_tol`` is not in
+        [0, 1).
     """
     random_probes = probes is None or isinstance(probes, str)
     check_seed(seed, reproducible_for=("checkpoint=" if checkpoint is not None and random_probes
@@ -327,7 +331,8 @@ def _lanczos(
     block = num_probes if block_size is None else _checks.positive_int(block_size, "block_size")
     block = min(block, num_probes)
     if return_basis and reorth not in ("full", "partial", "auto"):
-        raise ValueError(f"return_basis=True needs reorth='full' (this run uses {reorth!r})")
+        raise ValueError("return_basis=True needs reorth='full' or 'partial' "
+                         f"(this run uses {reorth!r})")
 
     saved = None
     if checkpoint is not None:
@@ -365,7 +370,8 @@ def _lanczos(
         _check_symmetry(op, seed, wdt)
         matvecs += 2
     if return_basis and mode not in ("full", "partial"):
-        raise ValueError(f"return_basis=True needs reorth='full' (this run uses {mode!r})")
+        raise ValueError("return_basis=True needs reorth='full' or 'partial' "
+                         f"(this run uses {mode!r})")
     if check_every is None:
         check_every = 1 if _array.is_host_namespace(xp) else 0
     tick = make_progress(progress, "lanczos")
