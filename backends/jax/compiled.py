@@ -405,7 +405,7 @@ def lanczos(
             for o in outs]
     return _result(host, outs, scales, mode=mode, win=win, m=m, n=size, seed=seed,
                    explicit=explicit is not None, kind=kind, work=work, basis=basis,
-                   op_dtype=product, keep=return_basis, t0=t0)
+                   product=product, keep=return_basis, t0=t0)
 
 
 def slq(op: Any, *, num_steps: int = 90, num_probes: int = 1, seed: int = 0,
@@ -459,7 +459,7 @@ def _resolve(reorth: str, m: int, n: int, block: int, basis: str, window: int,
 
 def _result(host: list[dict], outs: list[dict], scales: list[Any], *, mode: str, win: int,
             m: int, n: int, seed: int, explicit: bool, kind: str, work: str, basis: str,
-            op_dtype: Any, keep: bool, t0: float) -> LanczosResult:
+            product: Any, keep: bool, t0: float) -> LanczosResult:
     asymmetry = float("nan")
     if mode != "none":
         rel = []
@@ -469,7 +469,7 @@ def _result(host: list[dict], outs: list[dict], scales: list[Any], *, mode: str,
                                                               np.finfo(float).tiny)
             rel.append(float(np.max(np.where(np.isfinite(r), r, 0.0))))
         asymmetry = max(rel)
-    eps = max(_array.finfo_eps(op_dtype), _array.finfo_eps(work), _array.finfo_eps(basis))
+    eps = max(_array.finfo_eps(product), _array.finfo_eps(work), _array.finfo_eps(basis))
     check_scale(np.concatenate([h["alpha"] for h in host]).astype(np.float64),
                 np.concatenate([h["beta"] for h in host]).astype(np.float64), work, n)
     alpha, beta, lengths, breakdown = finish_coefficients(
@@ -482,7 +482,7 @@ def _result(host: list[dict], outs: list[dict], scales: list[Any], *, mode: str,
         num_steps=m, reorth=mode, window=win if mode == "local" else None,
         seed=None if explicit else seed, probe_kind="explicit" if explicit else kind,
         probe_indices=np.arange(k), probe_scales=np.concatenate(scales), dtype=work,
-        basis_dtype=basis, product_dtype=_array.dtype_name(op_dtype),
+        basis_dtype=basis, product_dtype=_array.dtype_name(product),
         matvecs=m * k, wall_time=time.perf_counter() - t0,
         asymmetry=asymmetry,
         basis=jnp.concatenate([o["basis"] for o in outs]) if keep else None,

@@ -87,9 +87,10 @@ class BatchLoss:
 
     # -- the loss -------------------------------------------------------------------
     @contextlib.contextmanager
-    def known_count(self, count: float) -> Iterator[None]:
+    def known_count(self, count: float | None) -> Iterator[None]:
         """Evaluate a batch whose count an earlier pass over the same data found (the
-        operators check that the data did not change) without counting it again."""
+        operators check that the data did not change) without counting it again; None:
+        count it."""
         self._known = count
         try:
             yield

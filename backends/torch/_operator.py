@@ -9,7 +9,6 @@ rebuilds the others in every product, weights batches by their sample counts, re
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable
 from typing import Any
@@ -186,8 +185,7 @@ class DataOperator(LinearOperatorBase):
                     continue
                 # (a batch beyond the first pass's makes the fingerprint check fail)
                 known = self._counts[i] if i < len(self._counts) else None
-                with self.loss.known_count(known) if known is not None \
-                        else contextlib.nullcontext():
+                with self.loss.known_count(known):
                     state, count = self._build(batch)
                 acc.add_(self._apply(state, V, False), alpha=count)
                 total += count
