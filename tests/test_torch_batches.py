@@ -209,3 +209,39 @@ def test_clear_errors():
     with pytest.raises(TypeError, match="needs a criterion"):
         tracking.evaluate(model, data=(X, y), loss_fn=lambda m, b: crit(m(b[0]), b[1]),
                           accuracy=lambda out, t: (out.argmax(1) == t).double().mean())
+
+
+def test_loaders_that_leave_out_or_repeat_samples_warn():
+    """A DataLoader that drops (``drop_last=True``, or a ``DistributedSampler`` with
+    ``drop_last=True``) or pads (a ``DistributedSampler`` with ``drop_last=False``) changes
+    the Hessian without an error: each gets one warning with the number of samples; a
+    loader that yields every sample once gets none. (The sampler takes ``num_replicas`` and
+    ``rank`` explicitly, so no process group is needed.)"""
+    import warnings
+
+    from torch.utils.data import DataLoader, TensorDataset
+    from torch.utils.data.distributed import DistributedSampler
+
+    model, X, y = model_and_data(n=20)
+    crit = torch.nn.CrossEntropyLoss()
+    ds = TensorDataset(X, y)
+
+    def caught(loader):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            op = hessian(model, crit, loader)
+        return [str(x.message) for x in w], op
+
+    found, op = caught(DataLoader(ds, batch_size=6, drop_last=True))
+    assert len(found) == 1 and "last 2 sample(s) are left out" in found[0], found
+    assert op.num_samples == 18  # what the loader yields: the operator is honest about it
+    found, _ = caught(DataLoader(ds, batch_size=6, sampler=DistributedSampler(
+        ds, num_replicas=3, rank=0, shuffle=False, drop_last=True)))
+    assert len(found) == 1 and "leaves 2 sample(s) out" in found[0], found
+    found, _ = caught(DataLoader(ds, batch_size=6, sampler=DistributedSampler(
+        ds, num_replicas=3, rank=0, shuffle=False)))
+    assert len(found) == 1 and "repeating 1 sample(s)" in found[0], found
+    for fine in (DataLoader(ds, batch_size=6), DataLoader(ds, batch_size=5, drop_last=True),
+                 DataLoader(ds, batch_size=6, sampler=DistributedSampler(
+                     ds, num_replicas=4, rank=0, shuffle=False, drop_last=True))):
+        assert caught(fine)[0] == []

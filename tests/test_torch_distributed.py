@@ -85,6 +85,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             open(os.path.join(out_dir, f"caught{rank}"), "w").close()
         empty_shards(rank, world, out_dir)
         padding_sampler(rank, world, out_dir)
+        failing_rank(rank, out_dir)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -123,8 +124,9 @@ def empty_shards(rank: int, world: int, out_dir: str) -> None:
 
 
 def padding_sampler(rank: int, world: int, out_dir: str) -> None:
-    """A DistributedSampler that pads (drop_last=False, 37 samples over 2 replicas) warns;
-    one over a multiple of the replicas, or with drop_last=True, does not."""
+    """A DistributedSampler that pads (drop_last=False, 37 samples over 2 replicas) warns,
+    as does one that drops (drop_last=True); one over a multiple of the replicas does
+    not."""
     from torch.utils.data.distributed import DistributedSampler
 
     model, crit, batches = problem()
@@ -145,6 +147,26 @@ def padding_sampler(rank: int, world: int, out_dir: str) -> None:
         fh.write("\n".join(found))
 
 
+def failing_rank(rank: int, out_dir: str) -> None:
+    """Rank 1's shard holds a batch the model cannot take: rank 1 raises the model's own
+    error and rank 0 an error naming rank 1, at once (without the shared failure flag, rank
+    0 waited in the collective until gloo's timeout), for every operator and evaluate."""
+    from specdens.backends.torch import ggn
+
+    model, crit, batches = problem()
+    shard = batches[:2] if rank == 0 else [batches[2], (batches[3][0][:, :2], batches[3][1])]
+    outcomes = []
+    for build in (lambda: hessian(model, crit, shard), lambda: ggn(model, crit, shard),
+                  lambda: gradient(model, crit, shard), lambda: evaluate(model, crit, shard)):
+        try:
+            build()
+            outcomes.append("finished")
+        except RuntimeError as exc:
+            outcomes.append(str(exc).replace("\n", " "))
+    with open(os.path.join(out_dir, f"failing{rank}"), "w") as fh:
+        fh.write("\n".join(outcomes))
+
+
 def test_two_gloo_ranks_match_single_process():
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
@@ -155,6 +177,8 @@ def test_two_gloo_ranks_match_single_process():
         all_empty = [open(os.path.join(tmp, f"allempty{r}")).read().split("\n")
                      for r in range(2)]
         padding = [open(os.path.join(tmp, f"padding{r}")).read().split("\n")
+                   for r in range(2)]
+        failing = [open(os.path.join(tmp, f"failing{r}")).read().split("\n")
                    for r in range(2)]
     model, crit, batches = problem()
     single = specdens.lanczos(hessian(model, crit, batches), STEPS, num_probes=PROBES,
@@ -171,9 +195,14 @@ def test_two_gloo_ranks_match_single_process():
         assert np.abs(r["grad"] - g).max() <= 1e-12 * np.abs(g).max()
     assert caught == [True, True]
     check_empty_shards(model, crit, batches, empty, all_empty)
-    for found in padding:   # one warning, naming the fix; none without padding
+    for found in padding:   # one warning each, naming the fix; none for an even split
         assert "pads the shards" in found[0] and "Subset(dataset, range(rank" in found[0]
-        assert found[1:] == ["", ""], found
+        assert found[1] == "", found
+        assert "leaves 1 sample(s) out" in found[2] and " | " not in found[2], found
+    assert len(failing[0]) == len(failing[1]) == 4, failing
+    for mine, theirs in zip(*failing, strict=True):   # rank 1's own error; rank 0 names it
+        assert mine.startswith("rank 1 raised an error during the pass over its data"), mine
+        assert "mat1 and mat2 shapes cannot be multiplied" in theirs, theirs
 
 
 def check_empty_shards(model, crit, batches, empty, all_empty):

@@ -95,12 +95,23 @@ PADDING_WARNING = (
     "(and the gradient and the loss). Shard without padding instead, e.g. "
     "DataLoader(Subset(dataset, range(rank, len(dataset), world_size)), ...); an empty shard "
     "is allowed")
+SAMPLER_DROP_WARNING = (
+    "the data is a DataLoader with a DistributedSampler(drop_last=True) over {size} samples "
+    "and {replicas} replicas: {size} is not a multiple of {replicas}, so the sampler leaves "
+    "{extra} sample(s) out of the Hessian (and the gradient and the loss). Shard without "
+    "dropping instead, e.g. DataLoader(Subset(dataset, range(rank, len(dataset), "
+    "world_size)), ...); an empty shard is allowed")
+BATCH_DROP_WARNING = (
+    "the data is a DataLoader with drop_last=True: its {size} samples are not a multiple of "
+    "batch_size={batch_size}, so the last {extra} sample(s) are left out of the Hessian (and "
+    "the gradient and the loss). Pass a DataLoader with drop_last=False to use all the data")
 
 
 def warn_padding_sampler(data: Any) -> None:
-    """Warn when ``data`` is a ``DataLoader`` whose (batch) sampler is a
-    ``DistributedSampler`` that pads: ``drop_last=False`` and a data set whose size is not a
-    multiple of ``num_replicas``. The repeated samples silently change the operator."""
+    """Warn when ``data`` is a ``DataLoader`` that repeats or leaves out samples, which
+    silently changes the operator: a ``DistributedSampler`` over a data set whose size is
+    not a multiple of ``num_replicas`` (it pads with ``drop_last=False`` and drops with
+    ``drop_last=True``), or ``drop_last=True`` with a last incomplete batch."""
     from torch.utils.data import DataLoader
     from torch.utils.data.distributed import DistributedSampler
 
@@ -108,17 +119,28 @@ def warn_padding_sampler(data: Any) -> None:
         return
     for sampler in (getattr(data, "sampler", None),
                     getattr(getattr(data, "batch_sampler", None), "sampler", None)):
-        if not isinstance(sampler, DistributedSampler) or sampler.drop_last:
+        if not isinstance(sampler, DistributedSampler):
             continue
         try:
             size, replicas = len(sampler.dataset), int(sampler.num_replicas)
         except TypeError:       # a data set without a length
             continue
         if replicas > 0 and size % replicas:
-            warnings.warn(PADDING_WARNING.format(size=size, replicas=replicas,
-                                                 extra=replicas - size % replicas),
+            text = SAMPLER_DROP_WARNING if sampler.drop_last else PADDING_WARNING
+            extra = size % replicas if sampler.drop_last else replicas - size % replicas
+            warnings.warn(text.format(size=size, replicas=replicas, extra=extra),
                           UserWarning, stacklevel=3)
+            break
+    batch_size = getattr(data, "batch_size", None)
+    if getattr(data, "drop_last", False) and batch_size:
+        try:
+            size = len(data.sampler)
+        except TypeError:       # an iterable data set without a length
             return
+        if size % batch_size:
+            warnings.warn(BATCH_DROP_WARNING.format(size=size, batch_size=batch_size,
+                                                    extra=size % batch_size),
+                          UserWarning, stacklevel=3)
 
 
 def to_device(batch: Any, device: torch.device) -> Any:

@@ -83,37 +83,46 @@ class DataOperator(LinearOperatorBase):
         self._counts: list[float] = []
         fps, total, used, full = [], 0.0, 0, self.graph_memory == 0
         exclude = list(self._leaf_list) + list(self.loss.frozen.values())
-        for i, batch in enumerate(self.batches):
-            fps.append(fingerprint(batch))
-            if i == 0 and check_determinism:
-                self.loss.check_deterministic(batch)
-            if not full:
-                with torch.enable_grad(), SavedBytes(exclude) as meter:
-                    state, count = self._build(batch)
-                self._counts.append(count)
-                if used + meter.nbytes <= self.graph_memory:
-                    self._stored.append((state, count))
-                    used += meter.nbytes
-                    total += count
-                    continue
-                full = True
-                del state
-            else:
-                self._counts.append(self.loss.count_of(batch))
-            total += self._counts[-1]
+        try:
+            for i, batch in enumerate(self.batches):
+                fps.append(fingerprint(batch))
+                if i == 0 and check_determinism:
+                    self.loss.check_deterministic(batch)
+                if not full:
+                    with torch.enable_grad(), SavedBytes(exclude) as meter:
+                        state, count = self._build(batch)
+                    self._counts.append(count)
+                    if used + meter.nbytes <= self.graph_memory:
+                        self._stored.append((state, count))
+                        used += meter.nbytes
+                        total += count
+                        continue
+                    full = True
+                    del state
+                else:
+                    self._counts.append(self.loss.count_of(batch))
+                total += self._counts[-1]
+        except Exception:
+            if self.group is not None:  # the other ranks learn of it, then this one raises
+                self._agree(total, failed=True)
+            raise
         self._fingerprints = (torch.stack([f.to(self.space.device) for f in fps]) if fps
                               else torch.zeros(0, dtype=torch.float64, device=self.space.device))
         self.num_batches = len(fps)
         self.num_stored = len(self._stored)
         self.graph_bytes = used
         self._local_count = total
-        # one small collective, before any vector-sized one: the ranks' spaces must agree
-        self.num_samples = agree_and_count(
-            self.group, self.space.device, n=self.space.n, dtype=self.space.dtype,
-            names=self.space.names, shapes=self.space.shapes,
-            weight_decay=self.weight_decay, count=total)
+        self.num_samples = self._agree(total)
         if self.num_samples == 0:   # the same on every rank: all raise
             raise no_data_error(self.group)
+
+    def _agree(self, count: float, *, failed: bool = False) -> float:
+        """One small collective, before any vector-sized one: the ranks' spaces must agree;
+        returns the count of all ranks' samples."""
+        return agree_and_count(
+            self.group, self.space.device, n=self.space.n, dtype=self.space.dtype,
+            names=self.space.names, shapes=self.space.shapes,
+            weight_decay=self.weight_decay, count=count, failed=failed)
 
     def _regularizer_graph(self, regularizer: Any) -> Any:
         if regularizer is None:

@@ -83,9 +83,16 @@ _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 def agree_and_count(group: Any, device: torch.device, *, n: int, dtype: torch.dtype,
                     names: Sequence[str], shapes: Sequence[tuple[int, ...]],
-                    weight_decay: float, count: float) -> float:
+                    weight_decay: float, count: float, failed: bool = False) -> float:
     """Check that every rank of ``group`` built the same vector space, and return the
     sample count of all ranks (``count`` when ``group`` is None).
+
+    ``failed``: this rank's own pass over its shard raised. Call this from the ``except``
+    block and re-raise after it: the rank still joins the collective, so that the other
+    ranks raise at once instead of waiting in it until the process group's timeout.
+    (Re-raising there, rather than keeping the exception in a variable, leaves no
+    reference cycle through its traceback: one that kept the process group alive past
+    ``destroy_process_group()`` aborted the process at exit.)
 
     One ``all_gather`` of a fixed-size float64 descriptor per rank (``n``, the dtype, a
     hash of the selected parameters' names and shapes, ``weight_decay``, and the local
@@ -98,6 +105,8 @@ def agree_and_count(group: Any, device: torch.device, *, n: int, dtype: torch.dt
     ------
     RuntimeError
         On every rank, when the descriptors differ; names what differs and on which ranks.
+        On the other ranks when some rank passes ``failed`` (that rank returns, to
+        re-raise its own error).
     """
     if group is None:
         return count
@@ -107,7 +116,7 @@ def agree_and_count(group: Any, device: torch.device, *, n: int, dtype: torch.dt
         hashlib.sha256(str(dtype).encode()).digest()[:4], "big")
     # a 48-bit hash is exact in float64
     local = [float(n), float(code), float(int.from_bytes(digest.digest()[:6], "big")),
-             float(weight_decay), float(count)]
+             float(weight_decay), float(count), float(failed)]
     pg = None if group is DEFAULT_GROUP else group
     if torch.distributed.get_backend(pg) != "nccl":
         device = torch.device("cpu")
@@ -115,6 +124,9 @@ def agree_and_count(group: Any, device: torch.device, *, n: int, dtype: torch.dt
     gathered = [torch.empty_like(mine) for _ in range(torch.distributed.get_world_size(pg))]
     torch.distributed.all_gather(gathered, mine, group=pg)
     rows = [g.cpu().tolist() for g in gathered]
+    if failed:
+        return count    # (the caller re-raises its own error)
+    raise_if_others_failed([r for r, row in enumerate(rows) if row[5]])
     fields = [("the number of selected parameter scalars n", lambda r: int(r[0])),
               ("the dtype (the model's)",
                lambda r: str(_DTYPES[int(r[1])]) if r[1] < len(_DTYPES)
@@ -139,6 +151,28 @@ def agree_and_count(group: Any, device: torch.device, *, n: int, dtype: torch.dt
     for row in rows:
         total += row[4]
     return total
+
+
+def raise_if_others_failed(failed: Sequence[int]) -> None:
+    """After a collective that told every rank which ranks failed (and that this one did
+    not): raise a RuntimeError naming them."""
+    if failed:
+        s = "s" if len(failed) > 1 else ""
+        raise RuntimeError(
+            f"rank{s} {', '.join(map(str, failed))} raised an error during the pass over "
+            f"{'their' if s else 'its'} data shard (see that rank's output); nothing was "
+            "built on this rank either")
+
+
+def failure_row(group: Any, failed: bool) -> list[float]:
+    """This rank's row of a ``(world size,)`` one-hot of failed ranks, to sum in an
+    all-reduce (empty when ``group`` is None)."""
+    if group is None:
+        return []
+    pg = None if group is DEFAULT_GROUP else group
+    row = [0.0] * torch.distributed.get_world_size(pg)
+    row[torch.distributed.get_rank(pg)] = float(failed)
+    return row
 
 
 def check_consistent(result: Any, group: Any = None) -> None:

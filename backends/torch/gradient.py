@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -63,15 +64,21 @@ def gradient(
     total = 0.0
     with torch.enable_grad():
         # with a process group, this rank's shard may be empty (it adds nothing)
-        for batch in Batches(data, space.device, allow_empty=group is not None):
-            value, count = loss(batch, leaves)
-            grads = torch.autograd.grad(value, leaf_list, allow_unused=True)
-            acc.add_(space.flatten(grads), alpha=count)
-            total += count
+        agree = functools.partial(agree_and_count, group, space.device, n=space.n,
+                                  dtype=space.dtype, names=space.names, shapes=space.shapes,
+                                  weight_decay=weight_decay)
+        try:
+            for batch in Batches(data, space.device, allow_empty=group is not None):
+                value, count = loss(batch, leaves)
+                grads = torch.autograd.grad(value, leaf_list, allow_unused=True)
+                acc.add_(space.flatten(grads), alpha=count)
+                total += count
+        except Exception:
+            if group is not None:   # the other ranks learn of it, then this one raises
+                agree(count=total, failed=True)
+            raise
         # one small collective before the vector-sized one: the ranks' spaces must agree
-        total = agree_and_count(group, space.device, n=space.n, dtype=space.dtype,
-                                names=space.names, shapes=space.shapes,
-                                weight_decay=weight_decay, count=total)
+        total = agree(count=total)
         if total == 0:      # the same on every rank: all raise
             raise no_data_error(group)
         all_reduce_sum(acc, group)

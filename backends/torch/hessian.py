@@ -181,8 +181,9 @@ def hessian(
         rank raises a ValueError on every rank. Every rank must build the same operator
         (model dtype, ``params``, ``weight_decay``): the construction checks it in one
         small collective and raises a RuntimeError on every rank, naming the difference.
-        A ``DataLoader`` whose ``DistributedSampler`` pads the shards (repeated samples,
-        which count twice) gets a warning.
+        A ``DataLoader`` that repeats or leaves out samples gets a warning: a
+        ``DistributedSampler`` that pads or drops to even the shards, or ``drop_last=True``
+        with an incomplete last batch.
 
     Returns
     -------

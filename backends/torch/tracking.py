@@ -19,7 +19,13 @@ from specdens.tracker import SpectrumRecord, SpectrumTracker
 
 from ._data import Batches, batch_count
 from ._loss import BatchLoss, split_batch
-from .distributed import all_reduce_sum, no_data_error, resolve_group
+from .distributed import (
+    all_reduce_sum,
+    failure_row,
+    no_data_error,
+    raise_if_others_failed,
+    resolve_group,
+)
 from .gradient import gradient
 from .hessian import hessian
 
@@ -159,30 +165,44 @@ def evaluate(
     # this rank's accuracy could be computed (0 or 1, summed: all ranks must agree)
     sums = [0.0, 0.0, 0.0, 0.0]
     acc_ok = accuracy is not False and criterion is not None
-    with torch.no_grad():
-        # with a process group, this rank's shard may be empty (it adds nothing)
-        for batch in Batches(data, loss.space.device, allow_empty=group is not None):
-            value, count = loss(batch, loss.primal)
-            sums[0] += float(value) * count
-            sums[1] += count
-            if acc_ok:
-                inputs, targets = split_batch(batch)
-                out = loss.outputs(inputs, loss.primal)
-                if callable(accuracy):
-                    samples = batch_count(batch, batch_size_fn)
-                    sums[2] += float(accuracy(out, targets)) * samples
-                    sums[3] += samples
-                elif _is_classification(out, targets):
-                    ignore = getattr(criterion, "ignore_index", None)
-                    keep = (targets != ignore) if isinstance(ignore, int) \
-                        else torch.ones_like(targets, dtype=torch.bool)
-                    sums[2] += float(((out.argmax(dim=1) == targets) & keep).sum())
-                    sums[3] += float(keep.sum())
-                else:
-                    acc_ok = False
-    reduced = all_reduce_sum(torch.tensor(sums + [float(acc_ok), 1.0], dtype=torch.float64,
-                                          device=loss.space.device), group).tolist()
-    loss_sum, total, correct, counted, ok_ranks, ranks = reduced
+
+    def reduce(*, failed: bool) -> list[float]:
+        # the sums of all ranks, and which ranks failed (a one-hot row of the world's size)
+        reduced = all_reduce_sum(torch.tensor(sums + [float(acc_ok), 1.0]
+                                              + failure_row(group, failed),
+                                              dtype=torch.float64, device=loss.space.device),
+                                 group).tolist()
+        if not failed:
+            raise_if_others_failed([r for r, f in enumerate(reduced[6:]) if f])
+        return reduced[:6]
+
+    try:
+        with torch.no_grad():
+            # with a process group, this rank's shard may be empty (it adds nothing)
+            for batch in Batches(data, loss.space.device, allow_empty=group is not None):
+                value, count = loss(batch, loss.primal)
+                sums[0] += float(value) * count
+                sums[1] += count
+                if acc_ok:
+                    inputs, targets = split_batch(batch)
+                    out = loss.outputs(inputs, loss.primal)
+                    if callable(accuracy):
+                        samples = batch_count(batch, batch_size_fn)
+                        sums[2] += float(accuracy(out, targets)) * samples
+                        sums[3] += samples
+                    elif _is_classification(out, targets):
+                        ignore = getattr(criterion, "ignore_index", None)
+                        keep = (targets != ignore) if isinstance(ignore, int) \
+                            else torch.ones_like(targets, dtype=torch.bool)
+                        sums[2] += float(((out.argmax(dim=1) == targets) & keep).sum())
+                        sums[3] += float(keep.sum())
+                    else:
+                        acc_ok = False
+    except Exception:
+        if group is not None:   # the other ranks learn of it, then this one raises
+            reduce(failed=True)
+        raise
+    loss_sum, total, correct, counted, ok_ranks, ranks = reduce(failed=False)
     if total == 0:      # the same on every rank: all raise
         raise no_data_error(group)
     has_acc = ok_ranks == ranks and counted > 0
