@@ -554,3 +554,29 @@ def test_float32_products_floor_the_residual_bounds(rng):
         assert np.all(dist <= d.residuals[valid] + 64 * np.finfo(float).eps * 9.0), name
         np.testing.assert_allclose([o.value for o in found], np.sort(exact)[-5:],
                                    rtol=4 * np.finfo(np.float32).eps * 9 / 5)
+
+
+@pytest.mark.parametrize("library", ["numpy", "torch"])
+@pytest.mark.parametrize("reorth", ["full", "partial"])
+def test_basis_of_a_run_stopped_early_is_zero_past_its_steps(library, reorth):
+    """numpy and torch make the basis without a zero fill (only written rows are read). A
+    run that stops early (every probe broke down: 3 distinct eigenvalues, so 3 steps)
+    returns rows it never wrote: they must be zero, not whatever memory held. Freed
+    NaN-filled memory of the basis's size is offered to the allocator first."""
+    A = sym_from_spectrum(np.repeat([1.0, 2.0, 5.0], 20), np.random.default_rng(3))
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        A = torch.from_numpy(A)
+    for _ in range(3):
+        junk = np.full((2, 12, 60), np.nan) if library == "numpy" else \
+            torch.full((2, 12, 60), float("nan"))
+        del junk
+        r = specdens.lanczos(A, 12, num_probes=2, seed=1, check_every=1, reorth=reorth,
+                             return_basis=True)
+        basis = np.asarray(r.basis)
+        assert (r.lengths == 3).all() and r.breakdown.all()
+        assert np.all(basis[:, 3:] == 0), basis[:, 3:]
+        # the written rows are orthonormal Lanczos vectors
+        for p in range(2):
+            G = basis[p, :3] @ basis[p, :3].T
+            assert np.abs(G - np.eye(3)).max() < 1e-12
