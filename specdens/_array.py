@@ -194,12 +194,20 @@ def xp_dtype(xp: Any, name: str) -> Any:
 
 
 def to_numpy(x: Any, dtype: Any = np.float64) -> np.ndarray:
-    """Copy an array of any supported library to a host numpy array of ``dtype``."""
+    """Copy an array of any supported library to a host numpy array of ``dtype``.
+
+    numpy has no bfloat16: a torch bfloat16 tensor is widened to float32 (exactly) on its
+    device first; JAX and TensorFlow hand numpy ``ml_dtypes.bfloat16`` arrays, which
+    numpy converts to ``dtype`` exactly.
+    """
     if isinstance(x, np.ndarray):
         return np.asarray(x, dtype=dtype)
     lib = library_name(x)
     if lib == "torch":
-        return x.detach().cpu().numpy().astype(dtype, copy=False)
+        x = x.detach()
+        if dtype_name(x.dtype) == "bfloat16":
+            x = x.float()  # torch refuses .numpy() on bfloat16
+        return x.cpu().numpy().astype(dtype, copy=False)
     if lib == "cupy":
         return x.get().astype(dtype, copy=False)
     if lib == "array_api_strict":

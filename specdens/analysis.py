@@ -52,8 +52,9 @@ CONCENTRATION_WHICH = ("LA", "SA", "LM")
 
 GAP_ROUNDING = 8
 """The rounding allowance of :func:`gradient_concentration`'s separation test, in units
-of ``eps * max|lambda|`` (``eps`` that of the dtype eigsh worked in). Beyond its residual
-a computed eigenvalue is exact to a few rounding units only: the Rayleigh quotient
+of ``eps * max|lambda|`` (``eps`` that of the dtype eigsh worked in or of the operator's
+products, whichever is larger, as for the ``tol`` of :func:`specdens.eigsh`). Beyond its
+residual a computed eigenvalue is exact to a few rounding units only: the Rayleigh quotient
 ``x^T A x`` of a converged unit ``x`` rounds by up to about ``2 eps |lambda|`` (observed:
 a Ritz value of the identity two units of ``eps / 2`` below 1), and a residual norm
 formed in floating point cannot resolve below about ``eps |lambda|``, so each of the two
@@ -243,7 +244,7 @@ def gradient_concentration(
         # The wanted eigenvalue next to the rest is itself only known to its residual,
         # and both to rounding (see GAP_ROUNDING): a gap within that is no separation
         # (e.g. a degenerate eigenvalue split by rounding).
-        eps = max(_array.finfo_eps(X.dtype), _array.finfo_eps(op.dtype))
+        eps = max(_array.finfo_eps(X.dtype), _array.finfo_eps(_checks.product_dtype(op)))
         scale = float(np.max(np.abs(vals)))
         separation = float(wr[edge]) + GAP_ROUNDING * eps * scale
     rnorm = float(np.sqrt(np.sum(resid[wanted] ** 2)))

@@ -93,6 +93,15 @@ def normal_quantile(confidence: float) -> float:
     return float(ndtri(0.5 + 0.5 * float(confidence)))
 
 
+def check_sigma(sigma: Any) -> float:
+    """A kernel width as a float; a ValueError unless it is positive and finite (a
+    negative width would flip a CDF, and 0 or NaN would divide by zero or give NaN)."""
+    sigma = float(sigma)
+    if not (sigma > 0 and np.isfinite(sigma)):
+        raise ValueError(f"sigma must be positive and finite; got {sigma}")
+    return sigma
+
+
 def estimate_from_samples(per_probe: np.ndarray, quadrature_error: Any = None) -> Estimate:
     """:class:`Estimate` from per-probe values (first axis: probes).
 
@@ -246,6 +255,12 @@ class SpectralDensity:
         the same vector), or None when unknown (e.g. probes of several seeds); with
         ``seed`` it identifies the probes, so that :meth:`concatenate` can refuse the same
         probe twice.
+    breakdown : numpy.ndarray of bool or None
+        Whether each probe's Lanczos recurrence broke down (its Krylov space became
+        invariant, so its rule is exact: ``quadrature_error`` 0), or None when unknown
+        (an estimate read from an older file); then a probe is taken to have broken
+        down when it stopped before ``num_steps``, which misses a breakdown at the last
+        step.
     """
 
     nodes: np.ndarray
@@ -265,6 +280,7 @@ class SpectralDensity:
     deflated_residuals: np.ndarray = field(default_factory=lambda: np.zeros(0))
     convergence: ProbeConvergence | None = None
     probe_indices: np.ndarray | None = None
+    breakdown: np.ndarray | None = None
 
     # -- construction -----------------------------------------------------------
     @classmethod
@@ -286,6 +302,7 @@ class SpectralDensity:
             matvecs=result.matvecs,
             extra=dict(extra),
             probe_indices=np.asarray(result.probe_indices, dtype=np.int64).copy(),
+            breakdown=np.asarray(result.breakdown, dtype=bool).copy(),
         )
 
     @classmethod
@@ -330,6 +347,8 @@ class SpectralDensity:
             probe_indices=(np.concatenate([p.probe_indices for p in parts])
                            if all(p.probe_indices is not None and p.seed == first.seed
                                   for p in parts) else None),
+            breakdown=(np.concatenate([p._breakdown_flags() for p in parts])
+                       if any(p.breakdown is not None for p in parts) else None),
         )
         fields.update(changes)
         return cls(**fields)
@@ -337,6 +356,12 @@ class SpectralDensity:
     @property
     def num_probes(self) -> int:
         return int(self.nodes.shape[0])
+
+    def _breakdown_flags(self) -> np.ndarray:
+        """``breakdown``, or where it is unknown, whether each probe stopped early."""
+        if self.breakdown is not None:
+            return np.asarray(self.breakdown, dtype=bool)
+        return np.asarray(self.lengths) < self.num_steps
 
     def _valid(self) -> np.ndarray:
         return np.arange(self.nodes.shape[1])[None, :] < self.lengths[:, None]
@@ -385,7 +410,7 @@ class SpectralDensity:
         """Grid over the Ritz values, padded by 5 kernel widths, spacing about sigma/3
         (at most 20001 uniform points, plus 17 points within 4 sigma of every Ritz value
         when that is coarser than sigma/3)."""
-        sigma = self.default_sigma() if sigma is None else float(sigma)
+        sigma = self.default_sigma() if sigma is None else check_sigma(sigma)
         b = self.bounds()
         lo, hi = b.lower - 5 * sigma, b.upper + 5 * sigma
         refine = num is None and 3 * (hi - lo) / sigma > 20001
@@ -422,9 +447,7 @@ class SpectralDensity:
         """
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r}; choose one of {', '.join(KERNELS)}")
-        sigma = self.default_sigma() if sigma is None else float(sigma)
-        if not (sigma > 0 and np.isfinite(sigma)):
-            raise ValueError(f"sigma must be positive and finite; got {sigma}")
+        sigma = check_sigma(self.default_sigma() if sigma is None else sigma)
         grid = self.default_grid(sigma) if grid is None else np.asarray(grid, dtype=np.float64)
         loc, mass = self.atoms()
         values = np.empty(grid.shape)
@@ -441,7 +464,10 @@ class SpectralDensity:
 
     def cdf(self, x: Any, *, sigma: float | None = None) -> np.ndarray:
         """Estimated fraction of eigenvalues ``<= x``: the quadrature's step function, or
-        its Gaussian smoothing of width ``sigma``."""
+        its Gaussian smoothing of width ``sigma`` (positive and finite, else a
+        ValueError)."""
+        if sigma is not None:
+            sigma = check_sigma(sigma)
         x = np.asarray(x, dtype=np.float64)
         loc, mass = self.atoms()
         order = np.argsort(loc)
@@ -451,7 +477,7 @@ class SpectralDensity:
             idx = np.searchsorted(loc, x, side="right")
             return np.where(idx > 0, cum[np.maximum(idx - 1, 0)], 0.0)
         flat = x.reshape(-1)
-        vals = ndtr((flat[:, None] - loc[None, :]) / float(sigma)) @ mass
+        vals = ndtr((flat[:, None] - loc[None, :]) / sigma) @ mass
         return vals.reshape(x.shape)
 
     # -- functionals ------------------------------------------------------------
@@ -472,7 +498,8 @@ class SpectralDensity:
 
     @cached_property
     def _previous(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        return previous_rules(self.nodes, self.weights, self.lengths, self.num_steps, self.n)
+        return previous_rules(self.nodes, self.weights, self.lengths, self.num_steps, self.n,
+                              self._breakdown_flags())
 
     def _quadrature_error(self, f: Callable[[np.ndarray], np.ndarray]) -> float:
         """Mean over probes of ``scale * |Q_m[f] - Q_{m-1}[f]|`` (NaN if undefined)."""
@@ -541,7 +568,8 @@ class SpectralDensity:
         adaptive probe count, ``convergence``. A deflated estimate is written as version 2
         with two more float64 arrays, ``deflated_eigenvalues`` and ``deflated_residuals``
         (version-1 readers refuse it rather than silently drop the atoms). An optional
-        int64 array ``probe_indices`` (num_probes) identifies the random probes.
+        int64 array ``probe_indices`` (num_probes) identifies the random probes, and an
+        optional bool array ``breakdown`` (num_probes) flags the probes that broke down.
         """
         meta = {
             "n": self.n, "num_steps": self.num_steps, "seed": self.seed, "reorth": self.reorth,
@@ -556,6 +584,8 @@ class SpectralDensity:
         )
         if self.probe_indices is not None:
             arrays["probe_indices"] = np.asarray(self.probe_indices, dtype=np.int64)
+        if self.breakdown is not None:
+            arrays["breakdown"] = np.asarray(self.breakdown, dtype=bool)
         version = FORMAT_VERSION
         if self.num_deflated:
             version = FORMAT_VERSION_DEFLATED
@@ -613,6 +643,8 @@ class SpectralDensity:
                          if meta.get("convergence") else None),
             probe_indices=(np.asarray(data["probe_indices"], dtype=np.int64)
                            if "probe_indices" in data else None),
+            breakdown=(np.asarray(data["breakdown"], dtype=bool)
+                       if "breakdown" in data else None),
         )
         out._validate(str(path))
         return out
@@ -625,6 +657,8 @@ class SpectralDensity:
         )
         if self.probe_indices is not None:
             shapes_ok = shapes_ok and self.probe_indices.shape == (k,)
+        if self.breakdown is not None:
+            shapes_ok = shapes_ok and self.breakdown.shape == (k,)
         if not shapes_ok:
             raise ValueError(f"{where} is a corrupt specdens file: inconsistent array shapes")
         if not (np.all(np.isfinite(self.nodes)) and np.all(np.isfinite(self.weights))):

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from .density import KERNELS, SpectralDensity
+from .density import KERNELS, SpectralDensity, check_sigma
 
 __all__ = [
     "RUN_VIEWS",
@@ -93,9 +93,7 @@ def smoothed_eigenvalue_density(eigenvalues: Any, grid: Any, *, sigma: float,
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}; choose one of {', '.join(KERNELS)}")
-    sigma = float(sigma)
-    if not (sigma > 0 and np.isfinite(sigma)):
-        raise ValueError(f"sigma must be positive and finite; got {sigma}")
+    sigma = check_sigma(sigma)
     lam = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
     x = np.asarray(grid, dtype=np.float64).reshape(-1)
     if lam.size == 0 or x.size == 0:

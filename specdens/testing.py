@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _array
+from . import _array, _checks
 from .density import SpectralDensity
 from .operators import aslinearoperator
 
@@ -35,13 +35,14 @@ def dense_eigenvalues(op: Any, *, symmetrize: bool = False) -> np.ndarray:
     float64 on the dense matrix.
 
     Raises a ValueError when the dense matrix is not symmetric to rounding (relative
-    asymmetry above ``sqrt(eps)`` of the operator's dtype) unless ``symmetrize=True``.
+    asymmetry above ``sqrt(eps)`` of the dtype whose rounding its products carry: the
+    operator's, or that of its least precise part) unless ``symmetrize=True``.
     """
     op = aslinearoperator(op)
     A = dense_matrix(op)
     asym = float(np.max(np.abs(A - A.T))) if A.size else 0.0
     scale = float(np.max(np.abs(A))) if A.size else 0.0
-    tol = np.sqrt(_array.finfo_eps(op.dtype)) * max(scale, np.finfo(float).tiny)
+    tol = np.sqrt(_array.finfo_eps(_checks.product_dtype(op))) * max(scale, np.finfo(float).tiny)
     if asym > tol and not symmetrize:
         raise ValueError(f"the operator is not symmetric (max |A - A^T| = {asym:.3e}, "
                          f"max |A| = {scale:.3e}); pass symmetrize=True to use (A + A^T) / 2")

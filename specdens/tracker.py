@@ -142,6 +142,7 @@ def _density_to_json(d: SpectralDensity) -> dict:
         "extra": _plain(d.extra),
         **({"probe_indices": [int(v) for v in d.probe_indices]}
            if d.probe_indices is not None else {}),
+        **({"breakdown": [bool(v) for v in d.breakdown]} if d.breakdown is not None else {}),
         **_deflation_to_json(d),
     }
 
@@ -182,6 +183,8 @@ def _density_from_json(x: dict) -> SpectralDensity:
         matvecs=int(x.get("matvecs", 0)), extra=dict(x.get("extra") or {}),
         probe_indices=(np.asarray(x["probe_indices"], dtype=np.int64)
                        if x.get("probe_indices") is not None else None),
+        breakdown=(np.asarray(x["breakdown"], dtype=bool)
+                   if x.get("breakdown") is not None else None),
         **_deflation_from_json(x),
     )
     d._validate("tracker record")

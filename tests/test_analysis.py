@@ -97,6 +97,29 @@ def test_degenerate_eigenvalues_are_not_separated(n, which):
     assert gradient_concentration(B, g, k=2, which="LA").error_estimate == math.inf
 
 
+@pytest.mark.parametrize("seed", range(10))
+def test_separation_allowance_follows_the_products_dtype(seed):
+    """A float32 matrix plus a float64 one has float32 products. Its two largest
+    eigenvalues, 5 and the next float32 (one ulp, 2**-21 = 0.8 eps32 * 5, apart), are
+    within the rounding allowance GAP_ROUNDING * eps32 * max|lambda| = 8 eps32 * 5,
+    so they are not separated: error_estimate is inf from every start vector (with
+    eps64 the allowance vanished, and a split of the pair by float32 rounding passed for
+    a gap from some start vectors)."""
+    from specdens.analysis import GAP_ROUNDING
+
+    n = 100
+    top = np.float32(5.0)
+    lam = np.concatenate([np.linspace(-1.0, 1.0, n - 2), [top, np.nextafter(top, np.inf)]])
+    A32 = np.diag(lam.astype(np.float32))
+    exact = np.linalg.eigvalsh(A32.astype(np.float64))
+    assert 0 < exact[-1] - exact[-2] < GAP_ROUNDING * np.finfo(np.float32).eps * 5.0
+    op = specdens.aslinearoperator(A32) + specdens.aslinearoperator(np.zeros((n, n)))
+    g = np.random.default_rng(seed).standard_normal(n)
+    c = gradient_concentration(op, g, k=1, seed=seed)
+    assert c.converged
+    assert c.error_estimate == math.inf
+
+
 def test_a_small_genuine_gap_is_separated():
     """The allowance is at rounding level: a relative gap of 1e-6 still gives a finite
     Davis-Kahan bound, which holds against numpy's eigh."""

@@ -205,3 +205,50 @@ def test_operator_that_returns_its_input_leaves_the_start_block_alone():
                                 False, 0, lambda j: None)
         assert torch.equal(V0, before)
         np.testing.assert_allclose(out["alpha"][:, 0], 1.0, rtol=1e-14)
+
+
+@pytest.mark.parametrize("library", ["torch", "jax"])
+def test_bfloat16_operator_outputs_reach_the_host(library, tmp_path):
+    """numpy has no bfloat16 (torch refused .numpy() on it; JAX hands numpy ml_dtypes
+    arrays): every path that copies an operator's output to the host widens it, exactly.
+    A = diag(1..40) is exact in bfloat16 (integers up to 256), and so are its products
+    with the unit and all-ones vectors. A Lanczos product with a unit Rademacher probe q
+    rounds q and A q, each entry by at most u = 2**-8, so alpha_1 = moments(1) is within
+    (2u + u**2) mean(lambda) < eps_bf16 * 1.01 * mean(lambda) of tr(A) / n."""
+    from specdens.analysis import gradient_concentration
+    from specdens.testing import dense_eigenvalues
+
+    lam = np.arange(1.0, 41.0)
+    n = lam.size
+    if library == "torch":
+        torch = pytest.importorskip("torch")
+        A = torch.diag(torch.asarray(lam)).to(torch.bfloat16)
+        g = torch.ones(n, dtype=torch.bfloat16)
+    else:
+        jnp = pytest.importorskip("jax.numpy")
+        A = jnp.diag(jnp.asarray(lam, dtype=jnp.float32)).astype(jnp.bfloat16)
+        g = jnp.ones(n, dtype=jnp.bfloat16)
+    eps_bf16 = 2.0**-7
+    np.testing.assert_array_equal(specdens.aslinearoperator(A).to_scipy().matvec(np.ones(n)),
+                                  lam)
+    np.testing.assert_array_equal(dense_eigenvalues(A), lam)
+    # the symmetry check and the checkpoint's fingerprint read products back
+    r = specdens.lanczos(A, 10, num_probes=2, seed=0, check_symmetry=True)
+    m1 = specdens.SpectralDensity.from_lanczos(r).moments(1).value
+    assert abs(m1 - lam.mean()) <= eps_bf16 * 1.01 * lam.mean()
+    ck = tmp_path / "ck.npz"
+    d = specdens.slq(A, num_steps=10, num_probes=2, seed=0, checkpoint=ck)
+    again = specdens.slq(A, num_steps=10, num_probes=2, seed=0, checkpoint=ck)  # resumed
+    np.testing.assert_array_equal(again.nodes, d.nodes)
+    assert abs(d.moments(1).value - lam.mean()) <= eps_bf16 * 1.01 * lam.mean()
+    # g = ones: 2/40 of it lies in the top two eigenvectors. The computed residuals are
+    # bfloat16 products, off by up to eps_bf16 ||A||; with them, each eigenvalue is
+    # within its residual, and (Davis-Kahan) the fraction within ||R||_F / delta, delta
+    # the distance from the Ritz values to the rest of the spectrum (38 and below).
+    c = gradient_concentration(A, g, k=2, seed=0)
+    slack = eps_bf16 * lam.max()
+    assert np.all(np.abs(c.eigenvalues - lam[-2:]) <= c.residuals + slack)
+    delta = float(np.min(c.eigenvalues)) - lam[-3]
+    assert delta > 0
+    bound = (np.sqrt(np.sum(c.residuals**2)) + np.sqrt(2) * slack) / delta
+    assert abs(c.fraction - 2 / n) <= bound

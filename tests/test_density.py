@@ -78,6 +78,20 @@ def test_cdf_is_a_distribution_function(dens):
     np.testing.assert_allclose(np.interp(5.0, g, cum), d.cdf(5.0, sigma=0.2), atol=1e-6)
 
 
+@pytest.mark.parametrize("sigma", [-0.01, 0.0, float("nan"), float("inf")])
+def test_smoothed_cdf_refuses_a_bad_kernel_width(sigma):
+    """The eigenvalues lie in [1, 2]: the smoothed CDF of width 0.01 is 0 at 0 and 1 at 3
+    (up to ndtr(-100) = 0), and a width that is not positive and finite is refused, by
+    cdf as by density and default_grid (a negative width gave the decreasing [1, 0.5, 0]
+    at [0, 1.5, 3], 0 divided by zero, NaN gave NaN and inf a flat 0.5)."""
+    d = specdens.slq(np.diag(np.linspace(1.0, 2.0, 100)), num_steps=20, num_probes=2)
+    np.testing.assert_allclose(d.cdf([0.0, 3.0], sigma=0.01), [0.0, 1.0], rtol=0, atol=1e-14)
+    for call in (lambda: d.cdf([0.0, 1.5, 3.0], sigma=sigma),
+                 lambda: d.density(sigma=sigma), lambda: d.default_grid(sigma)):
+        with pytest.raises(ValueError, match="sigma must be positive and finite"):
+            call()
+
+
 def test_moments_trace_and_stderr(dens):
     d, lam = dens
     est = d.moments([0, 1, 2])
@@ -127,6 +141,44 @@ def test_save_load_roundtrip(dens, tmp_path):
     with np.load(p, allow_pickle=False) as z:  # the documented format, readable without specdens
         assert str(z["format"]) == "specdens.SpectralDensity" and int(z["version"]) == 1
         assert json.loads(str(z["meta"]))["n"] == d.n
+
+
+def test_breakdown_at_the_last_step_gives_an_exact_rule(tmp_path):
+    """Five distinct eigenvalues: every Krylov space is invariant after 5 steps, so with
+    num_steps=5 the recurrence breaks down exactly at the last step (lengths ==
+    num_steps, which lengths < num_steps misses). The 5-point Gauss rule is then the
+    probe's measure itself: exact for every f, with quadrature_error 0 (as with
+    num_steps=6). For a Rademacher probe u of a diagonal matrix u^T f(A) u / n =
+    tr f(A) / n, so each probe's value is exact up to rounding."""
+    ev = np.repeat([1.0, 2.0, 3.0, 4.0, 5.0], 20)
+    A = np.diag(ev)
+    d = specdens.slq(A, num_steps=5, num_probes=2, seed=0)
+    assert d.lengths.tolist() == [5, 5]
+    m10, tr = d.moments(10), d.trace(np.exp)
+    assert m10.value == pytest.approx(np.mean(ev**10), rel=1e-12)
+    assert tr.value == pytest.approx(np.exp(ev).sum(), rel=1e-12)
+    assert m10.quadrature_error == 0.0 and tr.quadrature_error == 0.0
+    assert d.breakdown.tolist() == [True, True]
+    # the flags are kept by the file and by concatenate
+    d.save(tmp_path / "d.npz")
+    e = SpectralDensity.load(tmp_path / "d.npz")
+    np.testing.assert_array_equal(e.breakdown, d.breakdown)
+    assert e.moments(10).quadrature_error == 0.0
+    more = specdens.slq(A, num_steps=5, num_probes=1, seed=0, first_probe=2)
+    both = SpectralDensity.concatenate([d, more])
+    assert both.breakdown.tolist() == [True] * 3
+    assert both.trace(np.exp).quadrature_error == 0.0
+    # a file of an older specdens, without the flags, still loads; a breakdown is then
+    # recognised when it came before the last step
+    d6 = specdens.slq(A, num_steps=6, num_probes=2, seed=0)
+    d6.save(tmp_path / "d6.npz")
+    with np.load(tmp_path / "d6.npz", allow_pickle=False) as z:
+        data = {k: z[k] for k in z.files if k != "breakdown"}
+    np.savez(tmp_path / "old.npz", **data)
+    old = SpectralDensity.load(tmp_path / "old.npz")
+    assert old.breakdown is None
+    np.testing.assert_array_equal(old.nodes, d6.nodes)
+    assert old.moments(10).quadrature_error == 0.0
 
 
 def test_load_refuses_corrupt_and_foreign_files(dens, tmp_path):

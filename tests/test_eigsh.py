@@ -259,6 +259,26 @@ def test_float32_operator_float64_arithmetic():
     check_result(r, A, lam, "LA", 3, eps=EPS32)
 
 
+def test_float32_matrix_plus_float64_matrix_uses_the_products_eps():
+    """A float32 matrix plus a float64 one has dtype float64 but products carrying float32
+    rounding: eps32 sets the default tol and the symmetry test, as for the float32
+    matrix alone (not eps64, which read that rounding as asymmetry and set a tol below
+    it)."""
+    A32, A, lam = float32_problem(np.concatenate([np.linspace(-1, 1, 197), [1.5, 2, 3]]), 7)
+    n = A.shape[0]
+    op = aslinearoperator(A32) + aslinearoperator(np.zeros((n, n)))
+    assert op.dtype == np.float64
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no LanczosWarning, no EigshWarning
+        r = eigsh(op, 3)
+    assert r.tol == pytest.approx(np.sqrt(EPS32))
+    check_result(r, A, lam, "LA", 3, eps=EPS32)
+    # Adding exact zeros changes no product: the run is that of the float32 matrix.
+    alone = eigsh(aslinearoperator(A32), 3)
+    np.testing.assert_array_equal(r.eigenvalues, alone.eigenvalues)
+    assert (r.num_restarts, r.matvecs) == (alone.num_restarts, alone.matvecs)
+
+
 def test_jax_array_stays_jax():
     jax = pytest.importorskip("jax")
     if not hasattr(jax, "enable_x64"):

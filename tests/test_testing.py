@@ -28,6 +28,24 @@ def test_dense_eigenvalues_torch_float32(spectrum_matrix):
     np.testing.assert_allclose(ev, lam, atol=1e3 * np.finfo(np.float32).eps * 20)
 
 
+def test_dense_eigenvalues_symmetry_test_follows_the_products_dtype(rng):
+    """X^T X of a square float32 X plus a float64 matrix: dtype float64, products with
+    float32 rounding, so max|G - G^T| of the dense matrix is ~eps32 ||G||, above
+    sqrt(eps64) ||G|| but within the tolerance of the products, sqrt(eps32) ||G||:
+    symmetric. Each column is a float32 product X^T (X e_j) with inner products of
+    length n, off by at most gamma_n (|X|^T |X|) e_j (Higham, Thm 3.5), so by Weyl the
+    eigenvalues are within n eps32 || |X|^T |X| ||_F of those of the exact X^T X."""
+    n = 200
+    X32 = rng.standard_normal((n, n)).astype(np.float32)
+    X = specdens.aslinearoperator(X32)
+    op = X.T @ X + specdens.aslinearoperator(np.zeros((n, n)))
+    assert op.dtype == np.float64
+    X64 = X32.astype(np.float64)
+    exact = np.linalg.eigvalsh(X64.T @ X64)
+    bound = n * np.finfo(np.float32).eps * np.linalg.norm(np.abs(X64).T @ np.abs(X64))
+    np.testing.assert_allclose(dense_eigenvalues(op), exact, rtol=0, atol=bound)
+
+
 def test_dense_eigenvalues_refuses_nonsymmetric(rng):
     B = rng.standard_normal((20, 20))
     with pytest.raises(ValueError, match="not symmetric"):

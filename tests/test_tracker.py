@@ -46,7 +46,8 @@ def test_round_trip_is_exact(tmp_path, op):
     rec = tr.record(3, op, g, loss=0.25, accuracy=np.float64(0.5), extra={"lr": 0.1, "x": None})
     assert isinstance(rec, SpectrumRecord)
     (back,) = read_records(path)
-    for name in ("nodes", "weights", "residuals", "lengths", "probe_scales", "probe_indices"):
+    for name in ("nodes", "weights", "residuals", "lengths", "probe_scales", "probe_indices",
+                 "breakdown"):
         assert np.array_equal(getattr(back.density, name), getattr(rec.density, name)), name
     assert rec.density.probe_indices is not None
     assert np.array_equal(back.eigenvalues, rec.eigenvalues)
@@ -70,6 +71,20 @@ def test_round_trip_is_exact(tmp_path, op):
     assert header["format"] == "specdens.SpectrumTracker" and header["meta"] == {"lr": 0.1}
     assert SpectrumTracker.load(path)[0].to_json() == rec.to_json()
     assert "SpectrumRecord(run='a', step=3" in repr(rec)
+
+
+def test_breakdown_flags_round_trip(tmp_path):
+    """Five distinct eigenvalues and num_steps=5: the probes break down at the last step,
+    so their rules are exact (quadrature_error 0); the record keeps the flags that say
+    so."""
+    ev = np.repeat([1.0, 2.0, 3.0, 4.0, 5.0], 20)
+    path = tmp_path / "s.jsonl"
+    rec = SpectrumTracker(path, k=2, num_steps=5, num_probes=2).record(0, np.diag(ev))
+    (back,) = read_records(path)
+    assert back.density.moments(10).value == pytest.approx(np.mean(ev**10), rel=1e-12)
+    assert back.density.moments(10).quadrature_error == 0.0
+    assert rec.density.breakdown.tolist() == [True, True]
+    np.testing.assert_array_equal(back.density.breakdown, rec.density.breakdown)
 
 
 def test_progress_reaches_the_callback(tmp_path, op):

@@ -69,8 +69,10 @@ def _evaluator(target: Any) -> Callable[[SpectralDensity, dict], tuple[np.ndarra
     """A function (density, memo) -> (value, stderr, tolerance scale) over components."""
     desc = describe_target(target)
     if desc.startswith("moments"):
-        powers = [1] if target == "trace" else ([1, 2] if target == "moments" else
-                                                [int(p) for p in target])
+        if isinstance(target, str):  # first: == on an array target compares entrywise
+            powers = [1] if target == "trace" else [1, 2]
+        else:
+            powers = [int(p) for p in target]
 
         def moments(d: SpectralDensity, memo: dict) -> tuple:
             est = d.moments(np.asarray(powers))

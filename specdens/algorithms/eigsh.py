@@ -155,8 +155,11 @@ def eigsh(
         eigenvalue, and within ``(tol * anorm)**2 / gap`` when its eigenvalue is
         ``gap`` away from the others. Unlike ARPACK (``||r|| <= tol |theta_i|``) it does
         not stall on eigenvalues near zero. Default: ``sqrt(eps)``, ``eps`` the machine
-        epsilon of the working dtype or of the operator's dtype, whichever is larger
-        (1.5e-8 for float64, 3.5e-4 for float32); ``tol=0`` means ``eps``.
+        epsilon of the working dtype or of the dtype whose rounding the products carry,
+        whichever is larger (1.5e-8 for float64, 3.5e-4 for float32); ``tol=0`` means
+        ``eps``. The products carry the operator's dtype, or that of its least precise
+        part: a float32 matrix plus a float64 one has dtype float64 but float32 products,
+        and the float32 default.
     ncv
         Size of the Lanczos basis, ``k < ncv <= n``; default ``max(2k + 1, 20)`` capped
         at ``n``. Memory: the basis, ``ncv`` vectors of length ``n``, and as much again
@@ -243,7 +246,9 @@ def eigsh(
     _array.check_supported_dtype(op.dtype)
     work = _checks.work_dtype(dtype, op)
     wdt = _array.xp_dtype(xp, work)
-    eps = max(_array.finfo_eps(work), _array.finfo_eps(op.dtype))
+    # The products carry the rounding of their least precise part (e.g. a float32 term
+    # of a float64 sum), not necessarily of op.dtype.
+    eps = max(_array.finfo_eps(work), _array.finfo_eps(_checks.product_dtype(op)))
     tol = _resolve_tol(tol, eps)
     m = _resolve_ncv(ncv, k, n)
     maxiter = DEFAULT_MAXITER if maxiter is None else _checks.nonnegative_int(maxiter, "maxiter")

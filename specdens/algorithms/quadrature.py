@@ -120,7 +120,8 @@ def jacobi_from_rule(nodes: np.ndarray, weights: np.ndarray,
 
 
 def previous_rules(nodes: np.ndarray, weights: np.ndarray, lengths: np.ndarray, num_steps: int,
-                   n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                   n: int, breakdown: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The ``(L-1)``-point Gauss rule of each probe, next to its ``L``-point rule.
 
     The ``(L-1)``-point Gauss rule of the true probe measure equals that of its
@@ -128,11 +129,25 @@ def previous_rules(nodes: np.ndarray, weights: np.ndarray, lengths: np.ndarray, 
     the ``L``-point rule reproduces), so it is rebuilt from the stored nodes and weights
     with :func:`jacobi_from_rule`: no Lanczos coefficients need to be kept.
 
+    Parameters
+    ----------
+    nodes, weights : numpy.ndarray, shape (num_probes, num_steps)
+        The probes' Gauss rules.
+    lengths : numpy.ndarray of int, shape (num_probes,)
+        Steps each probe reached.
+    num_steps, n
+        The run's step count and the operator size.
+    breakdown : numpy.ndarray of bool, shape (num_probes,), optional
+        Whether each probe broke down (``breakdown`` of :class:`~specdens.LanczosResult`).
+        A breakdown may come at the last step (``L == num_steps``), which
+        ``L < num_steps`` misses; that is the test only without the flags (e.g. an
+        estimate read from an older file).
+
     Returns
     -------
     nodes_prev, weights_prev : numpy.ndarray, shape (num_probes, num_steps)
-        Zero-padded rules; a probe whose rule is exact (a breakdown, ``L < num_steps``,
-        or a full run, ``L == n``) gets its own rule back.
+        Zero-padded rules; a probe whose rule is exact (a breakdown, or a full run,
+        ``L == n``) gets its own rule back.
     defined : numpy.ndarray of bool
         False where no previous rule exists (``L == 1`` without a breakdown).
     """
@@ -140,9 +155,11 @@ def previous_rules(nodes: np.ndarray, weights: np.ndarray, lengths: np.ndarray, 
     out_nodes = np.zeros((k, m))
     out_weights = np.zeros((k, m))
     defined = np.ones(k, dtype=bool)
+    if breakdown is None:
+        breakdown = np.asarray(lengths) < num_steps
     for i in range(k):
         L = int(lengths[i])
-        exact = L < num_steps or L == n
+        exact = bool(breakdown[i]) or L == n
         if exact:
             out_nodes[i], out_weights[i, :L] = nodes[i], weights[i, :L]
             continue
