@@ -243,3 +243,32 @@ def test_checkpoint_argument_errors(tmp_path):
         specdens.lanczos(A, 3, checkpoint=3)
     with pytest.raises(TypeError, match="checkpoint_key"):
         specdens.lanczos(A, 3, checkpoint=tmp_path / "x.npz", checkpoint_key=5)
+
+
+def test_fingerprint_tolerance_follows_the_products_dtype():
+    """A float64 sum with a float32 part has float64 dtype but float32 products, whose
+    sums a GPU may round differently from run to run (~eps32 ||y||): the resume check
+    allows min(1e-2, 1e3 eps32) ||y|| for it, as for a float32 operator, where eps64 would
+    refuse a difference of 1e-8 ||y||. Another operator is still refused."""
+    import copy
+
+    from specdens.algorithms.checkpoint import check_fingerprint, operator_fingerprint
+
+    rng = np.random.default_rng(0)
+    B = rng.standard_normal((40, 40))
+    A32 = ((B + B.T) / 2).astype(np.float32)
+    op = specdens.aslinearoperator(A32) + specdens.aslinearoperator(np.zeros((40, 40)))
+    assert np.dtype(op.dtype) == np.float64
+    fp = operator_fingerprint(op)
+    assert fp["product_dtype"] == "float32"
+    jittered = copy.deepcopy(fp)
+    jittered["sketch"] = [v + 1e-8 * fp["sketch"][0] for v in fp["sketch"]]
+    check_fingerprint(jittered, fp, "ck.npz")       # accepted: within float32 rounding
+    other = operator_fingerprint(specdens.aslinearoperator(A32.astype(np.float64) * 1.001))
+    with pytest.raises(CheckpointError, match="fingerprint product"):
+        check_fingerprint(other, fp, "ck.npz")
+    pure = operator_fingerprint(specdens.aslinearoperator(A32.astype(np.float64)))
+    jittered = copy.deepcopy(pure)
+    jittered["sketch"] = [v + 1e-8 * pure["sketch"][0] for v in pure["sketch"]]
+    with pytest.raises(CheckpointError, match="fingerprint product"):
+        check_fingerprint(jittered, pure, "ck.npz")  # float64 products: 1e-8 is too much

@@ -17,7 +17,8 @@ identified by its shape, dtype, array library, and a sketch of one product ``y =
 with a fixed pseudo-random unit vector ``x`` (one extra matvec per call): ``||y||``,
 ``z^T y`` for a second fixed vector ``z``, and three entries of ``y``. A resumed run
 recomputes the sketch and refuses the checkpoint unless every number agrees to within
-``min(1e-2, 1e3 eps) ||y||`` (``eps`` of the operator's dtype), a tolerance that accepts
+``min(1e-2, 1e3 eps) ||y||`` (``eps`` of the dtype whose rounding the products carry: the
+operator's, or its least precise part's), a tolerance that accepts
 the run-to-run rounding differences of non-deterministic reductions on GPUs but rejects a
 different operator (or the same network at other weights) with overwhelming probability.
 """
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _array
+from .. import _array, _checks
 from .probes import draw_probe
 
 FINGERPRINT_SEED = 0x5EED_F1A9
@@ -111,6 +112,8 @@ def operator_fingerprint(op: Any, key: str | None = None) -> dict:
         "shape": [n, n],
         "dtype": _array.dtype_name(op.dtype),
         "library": op.array_library,
+        # (not compared: what the sketch's tolerance follows)
+        "product_dtype": _array.dtype_name(_checks.product_dtype(op)),
     }
     if key is not None:
         if not isinstance(key, str) or not key:
@@ -146,7 +149,7 @@ def check_fingerprint(saved: dict, current: dict, path: Any) -> None:
         return
     a = np.asarray(saved.get("sketch", []), dtype=np.float64)
     b = np.asarray(current["sketch"], dtype=np.float64)
-    eps = _array.finfo_eps(current["dtype"])
+    eps = _array.finfo_eps(current.get("product_dtype", current["dtype"]))
     tol = min(1e-2, 1e3 * eps) * max(abs(float(a[0])) if a.size else 0.0, np.finfo(float).tiny)
     if a.shape != b.shape or not np.all(np.abs(a - b) <= tol):
         raise CheckpointError(
