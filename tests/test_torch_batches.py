@@ -91,6 +91,37 @@ def test_class_index_losses_weigh_batches_by_their_counted_targets(criterion):
     assert rel(lengths, H_ref) > 1e-3
 
 
+class KLFromLogits(torch.nn.KLDivLoss):
+    """KLDivLoss of the model's logits against target probabilities."""
+
+    def forward(self, logits, target):
+        return super().forward(torch.nn.functional.log_softmax(logits, 1), target)
+
+
+@pytest.mark.filterwarnings("ignore:reduction:UserWarning")   # KLDivLoss's about 'mean'
+@pytest.mark.parametrize("method", ["graph", "forward"])
+def test_kl_div_batchmean_is_the_mean_over_samples(method):
+    """reduction='batchmean' (the sum over a sample's classes, averaged over the samples)
+    is a per-sample mean: uneven batches give the Hessian and the gradient of
+    KLDivLoss(reduction='batchmean') of all the data at once."""
+    model, X, _ = model_and_data()
+    g = torch.Generator().manual_seed(3)
+    P = torch.softmax(torch.randn(len(X), 3, generator=g, dtype=torch.float64), 1)
+    crit = KLFromLogits(reduction="batchmean")
+    batches = [(X[:10], P[:10]), (X[10:17], P[10:17]), (X[17:], P[17:])]
+    H_ref, g_ref = dense_hessian(model, lambda p: crit(functional_call(model, p, (X,)), P))
+    op = hessian(model, crit, batches, method=method)
+    assert op.num_samples == len(X)
+    assert rel(op.to_dense(), H_ref) <= TOL
+    assert rel(gradient(model, crit, batches), g_ref) <= TOL
+    loss, _ = tracking.evaluate(model, crit, batches)
+    with torch.no_grad():
+        assert loss == pytest.approx(float(crit(model(X), P)), rel=1e-13)
+    # 'mean' is another loss: the mean over every entry, 1/3 of this one
+    mean = hessian(model, KLFromLogits(reduction="mean"), batches, method=method)
+    assert rel(3 * mean.to_dense(), H_ref) <= TOL
+
+
 def test_a_batch_with_no_counted_target_is_refused():
     model, X, y = model_and_data()
     y = y.clone()

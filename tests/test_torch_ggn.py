@@ -94,3 +94,51 @@ def test_ggn_batchnorm_subset_weight_decay():
         assert rel(sub.to_dense(), G_ref[-12:, -12:]) <= TOL
     with pytest.raises(TypeError, match="needs a criterion"):
         ggn(model, None, batches)
+
+
+class KLFromLogits(torch.nn.KLDivLoss):
+    """KLDivLoss of the model's logits against target probabilities."""
+
+    def forward(self, logits, target):
+        return super().forward(torch.nn.functional.log_softmax(logits, 1), target)
+
+
+def test_ggn_kl_div_batchmean():
+    """KLDivLoss(reduction='batchmean') weighs batches by their samples: the GGN of the
+    loss of all the data at once."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(19, 4, generator=g, dtype=torch.float64)
+    P = torch.softmax(torch.randn(19, 3, generator=g, dtype=torch.float64), 1)
+    crit = KLFromLogits(reduction="batchmean")
+    batches = [(X[:8], P[:8]), (X[8:16], P[8:16]), (X[16:], P[16:])]
+    G_ref = dense_ggn(model, [(X, P)], crit)
+    for graph_memory in (None, 0):
+        assert rel(ggn(model, crit, batches, graph_memory=graph_memory).to_dense(),
+                   G_ref) <= TOL
+
+
+def test_ggn_of_parameters_the_outputs_do_not_use_is_zero():
+    class AuxHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(4, 3)
+            self.aux = torch.nn.Linear(4, 2)     # trained by another loss
+
+        def forward(self, x):
+            return self.head(x)
+
+    torch.manual_seed(0)
+    model = AuxHead().double()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(11, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (11,), generator=g)
+    crit = torch.nn.CrossEntropyLoss()
+    batches = [(X[:6], y[:6]), (X[6:], y[6:])]
+    G_ref = dense_ggn(model, [(X, y)], crit)[-10:, -10:]     # the aux block: exactly 0
+    assert G_ref.shape == (10, 10) and not G_ref.any()
+    for graph_memory in (None, 0):
+        op = ggn(model, crit, batches, params="aux.*", graph_memory=graph_memory)
+        assert torch.equal(op.to_dense(), G_ref)

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from specdens.backends.torch import ModelState, gradient, hessian
+from specdens.backends.torch import ModelState, gradient, hessian, tracking
 from specdens.backends.torch._state import normalisation_modes
 from torch.func import functional_call
 
@@ -224,6 +224,71 @@ def test_custom_loss_mean_with_batch_size_fn():
     assert rel(op2.to_dense(), H_ref) <= TOL
 
 
+def test_the_count_of_a_pair_wins_over_batch_size_fn():
+    """loss_fn returns (mean over the real tokens, their number): that count weighs the
+    batch, also with a batch_size_fn (for losses that return the mean only), on every
+    path: kept graphs, rebuilt ones (graph_memory=0) and method="forward"."""
+    model = mlp()
+    g = torch.Generator().manual_seed(7)
+    X = torch.randn(10, 6, 5, generator=g, dtype=torch.float64)   # 10 sequences of 6
+    y = torch.randint(0, 3, (10, 6), generator=g)
+    mask = torch.rand(10, 6, generator=g) < 0.5
+    mask[:, 0] = True
+    batches = [(X[:3], y[:3], mask[:3]), (X[3:], y[3:], mask[3:])]
+
+    def loss_fn(m, batch):
+        x, t, keep = batch
+        losses = torch.nn.functional.cross_entropy(m(x).transpose(1, 2), t, reduction="none")
+        return (losses * keep).sum() / keep.sum(), keep.sum()
+
+    H_ref = reference(model, [(X[mask], y[mask])], torch.nn.CrossEntropyLoss())
+    names = [n for n, _ in model.named_parameters()]
+    f, t0 = flat_loss(model, names, lambda fw: torch.nn.functional.cross_entropy(
+        fw(X[mask]), y[mask]))
+    g_ref = torch.func.grad(f)(t0)
+    for kw in ({}, {"graph_memory": 0}, {"method": "forward"},
+               {"graph_memory": 0, "check_determinism": False}):
+        op = hessian(model, data=batches, loss_fn=loss_fn,
+                     batch_size_fn=lambda b: len(b[0]), **kw)
+        assert op.num_samples == int(mask.sum()), kw
+        assert rel(op.to_dense(), H_ref) <= TOL, kw
+    g = gradient(model, data=batches, loss_fn=loss_fn, batch_size_fn=lambda b: len(b[0]))
+    assert rel(g, g_ref) <= TOL
+
+
+def test_loss_fn_that_differentiates_its_inputs():
+    """A physics-informed loss: the residual of u'' + u = 0 takes torch.autograd.grad of
+    the network with respect to its inputs, which needs grad enabled wherever the loss is
+    evaluated (the determinism check, the counts, evaluate)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(1, 6), torch.nn.Tanh(),
+                                torch.nn.Linear(6, 1)).double()
+    pts = torch.linspace(0, 1, 17, dtype=torch.float64)[:, None]
+
+    def residual(forward, x):
+        x = x.detach().requires_grad_(True)
+        u = forward(x)
+        (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+        (d2u,) = torch.autograd.grad(du.sum(), x, create_graph=True)
+        return ((d2u + u) ** 2).mean()
+
+    def loss_fn(m, batch):
+        return residual(m, batch[0])
+
+    names = [n for n, _ in model.named_parameters()]
+    f, t0 = flat_loss(model, names, lambda fw: residual(fw, pts))
+    H_ref = torch.autograd.functional.hessian(f, t0)
+    batches = [(pts[:9],), (pts[9:],)]
+    for kw in ({}, {"graph_memory": 0}):
+        op = hessian(model, data=batches, loss_fn=loss_fn, **kw)
+        assert rel(op.to_dense(), H_ref) <= TOL, kw
+    t = t0.clone().requires_grad_(True)
+    (g_ref,) = torch.autograd.grad(f(t), t)
+    assert rel(gradient(model, data=batches, loss_fn=loss_fn), g_ref) <= TOL
+    loss, acc = tracking.evaluate(model, data=batches, loss_fn=loss_fn)
+    assert loss == pytest.approx(float(f(t0).detach()), rel=1e-13) and acc is None
+
+
 def test_parameter_subset_by_glob_and_tensor():
     model = mlp()
     X, y = classification()
@@ -240,6 +305,73 @@ def test_parameter_subset_by_glob_and_tensor():
         hessian(model, crit, (X, y), params="5.*")
     with pytest.raises(ValueError, match="not a parameter"):
         hessian(model, crit, (X, y), params=[torch.zeros(3)])
+
+
+def test_exact_names_are_not_read_as_patterns():
+    """A ModuleDict key may hold fnmatch's special characters: "heads.h[1].weight" is that
+    parameter, not the pattern that matches "heads.h1.weight"."""
+
+    class Heads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.heads = torch.nn.ModuleDict({"h[1]": torch.nn.Linear(5, 3),
+                                              "h1": torch.nn.Linear(5, 3)})
+
+        def forward(self, x):
+            return self.heads["h[1]"](x) + self.heads["h1"](x) ** 2
+
+    torch.manual_seed(0)
+    model = Heads().double()
+    X, y = classification()
+    crit = torch.nn.CrossEntropyLoss()
+    op = hessian(model, crit, (X, y), params=["heads.h[1].weight"])
+    assert op.param_names == ["heads.h[1].weight"]
+    assert rel(op.to_dense(), reference(model, [(X, y)], crit,
+                                        names=["heads.h[1].weight"])) <= TOL
+    # without an exact match a string is still a pattern
+    assert hessian(model, crit, (X, y), params="heads.h[1].*").param_names == [
+        "heads.h1.weight", "heads.h1.bias"]
+
+
+def test_parameters_the_loss_does_not_use_give_zero_blocks():
+    """Only unused parameters selected (an auxiliary head), or a regularizer that does not
+    depend on the parameters: the exact blocks are zero, on every path."""
+
+    class AuxHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(5, 4)
+            self.head = torch.nn.Linear(4, 3)
+            self.aux = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(torch.tanh(self.body(x)))
+
+    torch.manual_seed(0)
+    model = AuxHead().double()
+    X, y = classification()
+    crit = torch.nn.CrossEntropyLoss()
+    batches = uneven(X, y, [10, 13])
+    names = ["aux.weight", "aux.bias"]
+    H_ref = reference(model, [(X, y)], crit, names=names)
+    assert H_ref.shape == (10, 10) and not H_ref.any()
+    for kw in ({}, {"graph_memory": 0}, {"method": "forward"}):
+        assert torch.equal(hessian(model, crit, batches, params="aux.*", **kw).to_dense(),
+                           H_ref), kw
+    assert torch.equal(gradient(model, crit, batches, params="aux.*"),
+                       torch.zeros(10, dtype=torch.float64))
+
+    def constant(p):
+        return torch.tensor(0.5, dtype=torch.float64)
+
+    H_all = reference(model, [(X, y)], crit)
+    for kw in ({}, {"graph_memory": 0}):
+        op = hessian(model, crit, batches, regularizer=constant, **kw)
+        assert rel(op.to_dense(), H_all) <= TOL
+    all_names = [n for n, _ in model.named_parameters()]
+    f, t0 = flat_loss(model, all_names, lambda fw: crit(fw(X), y))
+    g_ref = torch.func.grad(f)(t0)
+    assert rel(gradient(model, crit, batches, regularizer=constant), g_ref) <= TOL
 
 
 def test_frozen_parameters_are_left_out_by_default():
@@ -348,6 +480,26 @@ def test_operator_is_a_snapshot():
             model[0].weight.mul_(0.5)
 
 
+def test_operator_keeps_the_modes_it_was_built_in():
+    """Built in eval mode, the operator stays the Hessian of the eval-mode loss after
+    model.train() (dropout off), on every path; the user's modes are left as they are."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(16, 3)).double()
+    model.eval()
+    X, y = classification()
+    crit = torch.nn.CrossEntropyLoss()
+    batches = uneven(X, y, [10, 13])
+    H_ref = reference(model, [(X, y)], crit)
+    for kw in ({}, {"graph_memory": 0}, {"method": "forward"}):
+        op = hessian(model, crit, batches, **kw)
+        model.train()                             # training goes on
+        trained = ModelState.capture(model)
+        assert rel(op.to_dense(), H_ref) <= TOL, kw
+        assert trained.differences(model) == []   # still in training mode
+        model.eval()
+
+
 def test_dropout_in_train_mode_is_detected():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Dropout(0.5),
@@ -360,6 +512,47 @@ def test_dropout_in_train_mode_is_detected():
     hessian(model, crit, (X, y))
     model[1].train()
     hessian(model, crit, (X, y), check_determinism=False)  # opted out: builds
+
+
+def test_randomness_that_barely_moves_the_loss_is_detected():
+    """Dropout is refused by module, however little it moves the loss (here p = 0.001 moves
+    a float32 loss by ~1e-4 relative, inside the former sqrt(eps) = 3.5e-4 tolerance); other
+    randomness by a tolerance of a few rounding errors (64 eps relative). A dropout that
+    is off (p = 0, eval mode) or not called by the loss is accepted."""
+    torch.manual_seed(0)
+    X = torch.randn(2000, 20)
+    y = torch.randint(0, 5, (2000,))
+    model = torch.nn.Sequential(torch.nn.Linear(20, 256), torch.nn.Tanh(),
+                                torch.nn.Dropout(0.001), torch.nn.Linear(256, 5))
+    with pytest.raises(RuntimeError, match=r"not deterministic.*2 \(Dropout\)"):
+        hessian(model, torch.nn.CrossEntropyLoss(), (X, y), graph_memory=0)
+
+    calls = {"n": 0}
+
+    def drifting(m, batch):          # changes by 1e-12 relative at every evaluation
+        calls["n"] += 1
+        x, t = batch
+        return torch.nn.functional.cross_entropy(m(x), t) * (1 + 1e-12 * calls["n"])
+
+    X, y = classification()
+    with pytest.raises(RuntimeError, match="two evaluations of the loss"):
+        hessian(mlp(), data=(X, y), loss_fn=drifting)
+
+    class Unused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = mlp()
+            self.dropout = torch.nn.Dropout(0.5)   # used by another loss only
+            self.off = torch.nn.Dropout(0.0)
+
+        def forward(self, x):
+            return self.net(self.off(x))
+
+    model = Unused()
+    crit = torch.nn.CrossEntropyLoss()
+    op = hessian(model, crit, (X, y))
+    assert model.training and model.dropout.training
+    assert rel(op.to_dense(), reference(model, [(X, y)], crit)) <= TOL
 
 
 def test_data_that_changes_between_passes_is_detected():
@@ -375,6 +568,52 @@ def test_data_that_changes_between_passes_is_detected():
     batches.pop()
     with pytest.raises(RuntimeError, match="yielded 1 batches"):
         op @ v
+
+
+class Flips(torch.utils.data.Dataset):
+    """Images flipped left-right at random with probability p (RandomHorizontalFlip)."""
+
+    def __init__(self, X, y, p):
+        self.X, self.y, self.p = X, y, p
+
+    def __len__(self):
+        return len(self.X)
+
+    def __getitem__(self, i):
+        x = self.X[i]
+        return (x.flip(-1) if torch.rand(()) < self.p else x), self.y[i]
+
+
+def test_augmentations_that_keep_the_sum_are_detected():
+    """A random flip, a rotation, a permutation within the batch and a mixup with one
+    factor per batch keep each batch's sum: the fingerprint weighs entries by their
+    position, so the product raises all the same. Without augmentation the loader gives
+    the exact Hessian."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).double()
+    g = torch.Generator().manual_seed(2)
+    X = torch.randn(24, 1, 4, 4, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=g)
+    crit = torch.nn.CrossEntropyLoss()
+    fixed = torch.utils.data.DataLoader(Flips(X, y, 0.0), batch_size=8)
+    op = hessian(model, crit, fixed, graph_memory=0)
+    assert rel(op.to_dense(), reference(model, [(X, y)], crit)) <= TOL
+    v = torch.randn(op.shape[0], dtype=torch.float64, generator=g)
+
+    flips = torch.utils.data.DataLoader(Flips(X, y, 0.5), batch_size=8)
+    op = hessian(model, crit, flips, graph_memory=0)
+    with pytest.raises(RuntimeError, match="random augmentation"):
+        op @ v
+
+    perm = torch.randperm(8, generator=g)
+    for change in (lambda x: x.rot90(1, (-2, -1)), lambda x: x[perm],
+                   lambda x: 0.7 * x + 0.3 * x.flip(0)):
+        batches = uneven(X, y, [8, 16])
+        op = hessian(model, crit, batches, graph_memory=0)
+        op @ v
+        batches[0] = (change(batches[0][0]), batches[0][1])
+        with pytest.raises(RuntimeError, match="random augmentation"):
+            op @ v
 
 
 def test_dataloader_and_clear_errors():

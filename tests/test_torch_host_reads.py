@@ -92,9 +92,12 @@ def test_reads_do_not_grow_with_steps(monkeypatch, reorth, graph_memory, method)
     assert counts[40] == counts[10], counts
 
 
-def test_data_that_changes_between_passes_is_still_caught_on_a_device(monkeypatch):
+@pytest.mark.parametrize("change", [lambda x: x + 1.0, lambda x: x.flip(0)],
+                         ids=["shifted", "permuted"])
+def test_data_that_changes_between_passes_is_still_caught_on_a_device(monkeypatch, change):
     """Off the CPU the fingerprint check is not read back per product: a changed batch
-    makes the product NaN, which the engine reports at the end, naming the cause."""
+    (also one whose samples only change places) makes the product NaN, which the engine
+    reports at the end, naming the cause."""
     as_on_a_device(monkeypatch)
     model, data = model_and_data(2)
     passes = {"n": 0}
@@ -103,7 +106,7 @@ def test_data_that_changes_between_passes_is_still_caught_on_a_device(monkeypatc
         def __iter__(self):
             passes["n"] += 1
             for i, (x, y) in enumerate(data):
-                yield (x + 1.0 if passes["n"] == 4 and i == 1 else x), y
+                yield (change(x) if passes["n"] == 4 and i == 1 else x), y
 
     op = hessian(model, torch.nn.CrossEntropyLoss(), Changing(), graph_memory=0)
     with pytest.raises(FloatingPointError, match="data that changed between passes"):

@@ -203,15 +203,39 @@ def as_count(value: Any, what: str) -> float:
     return count
 
 
+# The golden ratio's fractional part: position i weighs frac((i + 1) * GOLDEN), a sequence
+# equidistributed in (0, 1), never 0, with no linear relation between positions
+GOLDEN = 0.6180339887498949
+
+
 def fingerprint(batch: Any) -> torch.Tensor:
-    """A float64 scalar summarising every tensor of ``batch`` (sum of its entries plus
-    their count), on the batch's device; the same data in the same order gives the same
-    value bit for bit."""
+    """Two float64 numbers summarising every tensor of ``batch``, on the batch's device:
+    the sum of its entries plus their count, and the sum of its entries weighted by their
+    position. The same data in the same order gives the same values bit for bit.
+
+    The weighted sum makes the fingerprint sensitive to order: a random flip or rotation,
+    a permutation within the batch or a mixup of its samples keeps the plain sum but moves
+    the weighted one. The tensor is seen as a matrix (its last dimension as columns) and
+    entry ``(i, j)`` weighs ``w(i) w(j)`` with ``w(i) = frac((i + 1) * 0.618...)``: weights
+    that are not linear in the position, so that changes symmetric about the middle (whose
+    first moment vanishes) move the sum too, and that take no more memory than a row and a
+    column. Everything stays on the device: no value is read back.
+    """
     total = None
     for t in _tensors(batch):
-        s = t.detach().to(torch.float64).sum() + t.numel()
+        x = t.detach().to(torch.float64)
+        cols = x.shape[-1] if x.dim() > 0 and x.shape[-1] > 0 else 1
+        x = x.reshape(x.numel() // cols, cols)
+        weighted = _position_weights(x.shape[0], x.device) @ (
+            x @ _position_weights(cols, x.device))
+        s = torch.stack([x.sum() + x.numel(), weighted])
         total = s if total is None else total + s
-    return total if total is not None else torch.zeros((), dtype=torch.float64)
+    return total if total is not None else torch.zeros(2, dtype=torch.float64)
+
+
+def _position_weights(n: int, device: torch.device) -> torch.Tensor:
+    """``frac((i + 1) * GOLDEN)`` for ``i < n``, float64, on ``device``."""
+    return torch.arange(1, n + 1, dtype=torch.float64, device=device).mul_(GOLDEN).frac_()
 
 
 def _tensors(batch: Any) -> Iterator[torch.Tensor]:

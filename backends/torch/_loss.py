@@ -1,8 +1,9 @@
 """The loss of one batch as a function of the selected parameters.
 
 The model is called through :func:`torch.func.functional_call` on clones of its
-parameters and buffers taken when the operator is built, so the operator is the Hessian
-at that point and nothing the computation does reaches the user's tensors.
+parameters and buffers taken when the operator is built, with every module in the
+train/eval mode it had then, so the operator is the Hessian at that point and nothing
+the computation does reaches the user's tensors.
 """
 
 from __future__ import annotations
@@ -14,10 +15,26 @@ from typing import Any
 
 import torch
 from torch.func import functional_call
+from torch.nn.modules.dropout import _DropoutNd
 
 from ._data import as_count, batch_count
 from ._params import ParamSpace, select_parameters
-from ._state import check_batchnorm, normalisation_modes
+from ._state import check_batchnorm, normalisation_modes, training_modes
+
+# How many rounding errors (eps relative) two evaluations of the loss of one batch may
+# differ by and still pass for deterministic. On the CPU a repeated evaluation is bit for
+# bit the same. On a GPU, kernels that accumulate with atomics (scatter_add/index_add, as
+# in graph networks; some cuDNN algorithms) sum in an order that varies between calls;
+# the rounding errors that reordering leaves in a loss (a mean of like-signed terms) are
+# random, partly cancel, and come to a few eps: 64 leaves room for them. Dropout moves a
+# loss by far more: p = 0.01 on 256 units x 2000 samples by 5e-4 relative, 4400 float32
+# eps. A model whose loss varies more on its device passes check_determinism=False.
+DETERMINISM_EPS = 64
+
+# Criterion reductions whose value is a mean over the batch (``"batchmean"``:
+# ``KLDivLoss``'s sum over a sample's entries, averaged over the samples) or a sum
+# (divided by the count here).
+REDUCTIONS = ("mean", "batchmean", "sum")
 
 
 class _Call(torch.nn.Module):
@@ -58,10 +75,11 @@ class BatchLoss:
             if not callable(criterion):
                 raise TypeError(f"criterion must be callable; got {type(criterion).__name__}")
             self.reduction = getattr(criterion, "reduction", "mean")
-            if self.reduction not in ("mean", "sum"):
+            if self.reduction not in REDUCTIONS:
                 raise ValueError(
                     f"criterion has reduction={self.reduction!r}; specdens needs a scalar "
-                    "loss: use reduction='mean' (or 'sum', divided by the batch size here)"
+                    "loss: use reduction='mean' (or 'batchmean' for KLDivLoss, or 'sum', "
+                    "divided by the batch size here)"
                 )
         self.model = model
         self.criterion = criterion
@@ -71,7 +89,13 @@ class BatchLoss:
         # value back from the device (a synchronisation) for every batch of every product
         self._known: float | None = None
         self.batch_size_fn = batch_size_fn
+        # whether loss_fn returns (mean_loss, count): learnt at its first call (None
+        # before); while it is not known, a count needs a forward pass (count_of)
+        self._pair: bool | None = None
         self.batchnorm = batchnorm
+        # every module's mode now, set again for every evaluation: the operator stays the
+        # loss of this point even if the model is switched to train() or eval() later
+        self.modes = training_modes(model)
         selected = select_parameters(model, params)
         self.space = ParamSpace(selected)
         chosen = {n for n, _ in selected}
@@ -121,14 +145,17 @@ class BatchLoss:
             if len(out) != 2:
                 raise ValueError(f"loss_fn returned a {type(out).__name__} of length {len(out)}; "
                                  "return the batch's mean loss, or (mean_loss, count)")
+            self._pair = True
             loss = out[0]
             count = self._known if self._known is not None else as_count(out[1], "loss_fn")
         else:
+            self._pair = False
             loss, count = out, batch_count(batch, self.batch_size_fn)
         return loss, count
 
     def scale(self, loss: Any, count: float) -> Any:
-        """The criterion's value as a mean over the batch's samples."""
+        """The criterion's value as a mean over the batch's samples (``'mean'`` and
+        ``'batchmean'`` are one already)."""
         return loss / count if self.reduction == "sum" else loss
 
     def __call__(self, batch: Any, params: dict[str, torch.Tensor]) -> tuple[Any, float]:
@@ -136,7 +163,7 @@ class BatchLoss:
         ``params`` (a dict by parameter name)."""
         mapping = dict(self.frozen)
         mapping.update({"model." + n: t for n, t in params.items()})
-        with normalisation_modes(self.model, self.batchnorm):
+        with normalisation_modes(self.model, self.batchnorm, self.modes):
             loss, count = functional_call(self._call, mapping, (batch,))
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise ValueError(
@@ -150,17 +177,20 @@ class BatchLoss:
         """``model(inputs)`` with the selected parameters set to ``params``."""
         mapping = dict(self.frozen)
         mapping.update({"model." + n: t for n, t in params.items()})
-        with normalisation_modes(self.model, self.batchnorm):
+        with normalisation_modes(self.model, self.batchnorm, self.modes):
             return functional_call(self._forward, mapping, (inputs,))
 
     def count_of(self, batch: Any) -> float:
-        """Samples in ``batch``, without a forward pass when the count does not come from
-        ``loss_fn``."""
+        """Samples in ``batch``: the count every evaluation of the loss gives (a pair's
+        count wins over ``batch_size_fn``), without a forward pass when it does not come
+        from ``loss_fn``."""
         if self.criterion is not None:
             return self._criterion_count(batch)
-        if self.batch_size_fn is not None:
+        if self.batch_size_fn is not None and self._pair is False:
             return batch_count(batch, self.batch_size_fn)
-        with torch.no_grad():
+        # grad enabled: loss_fn may differentiate with respect to its inputs (a PINN);
+        # the parameters are detached, so no graph of them is built
+        with torch.enable_grad():
             return self(batch, self.primal)[1]
 
     def leaves(self) -> dict[str, torch.Tensor]:
@@ -168,27 +198,62 @@ class BatchLoss:
         return {n: t.detach().requires_grad_(True) for n, t in self.primal.items()}
 
     def check_deterministic(self, batch: Any) -> None:
-        """Evaluate the loss of ``batch`` twice and raise when the values differ (dropout
-        or another random layer in training mode)."""
-        with torch.no_grad():
-            a, _ = self(batch, self.primal)
+        """Raise when the loss is random: a dropout module with ``p > 0`` that the loss
+        of ``batch`` calls in training mode, or two evaluations of it that differ by more
+        than ``DETERMINISM_EPS`` rounding errors (another random operation)."""
+        names = {id(m): f"{n or 'model'} ({type(m).__name__})"
+                 for n, m in self.model.named_modules()}
+        dropping: dict[int, str] = {}
+
+        def note(module: torch.nn.Module, args: Any) -> None:
+            if module.training and module.p > 0:
+                dropping[id(module)] = names[id(module)]
+
+        hooks = [m.register_forward_pre_hook(note) for m in self.model.modules()
+                 if isinstance(m, _DropoutNd)]
+        # grad enabled: loss_fn may differentiate with respect to its inputs (a PINN);
+        # the parameters are detached, so no graph of them is built
+        try:
+            with torch.enable_grad():
+                a, _ = self(batch, self.primal)
+        finally:
+            for h in hooks:
+                h.remove()
+        if dropping:
+            raise RuntimeError(
+                "the model is not deterministic: the loss calls "
+                f"{', '.join(dropping.values())} in training mode, which drops random units "
+                "at every evaluation. A Hessian needs a fixed function: call .eval() on the "
+                "dropout modules (or the model) before building the operator, or pass "
+                "check_determinism=False if the randomness is intended"
+            )
+        with torch.enable_grad():
             b, _ = self(batch, self.primal)
-        a, b = float(a), float(b)
+        a, b = float(a.detach()), float(b.detach())
         if not (math.isfinite(a) and math.isfinite(b)):
             raise FloatingPointError(f"the loss of the first batch is not finite ({a})")
-        tol = math.sqrt(torch.finfo(self.space.dtype).eps) * max(abs(a), abs(b), 1e-30)
+        tol = DETERMINISM_EPS * torch.finfo(self.space.dtype).eps * max(abs(a), abs(b), 1e-30)
         if abs(a - b) > tol:
-            random = [f"{n or 'model'} ({type(m).__name__})"
-                      for n, m in self.model.named_modules()
-                      if m.training and "dropout" in type(m).__name__.lower()]
-            hint = (f"; these modules are in training mode: {', '.join(random)}" if random
-                    else "")
             raise RuntimeError(
                 f"the model is not deterministic: two evaluations of the loss on the first "
-                f"batch gave {a!r} and {b!r}{hint}. A Hessian needs a fixed function: call "
-                ".eval() on the random layers (dropout), or pass check_determinism=False if "
-                "the randomness is intended"
+                f"batch gave {a!r} and {b!r}. A Hessian needs a fixed function: make the "
+                "random operations of the model or the loss deterministic (noise, "
+                "torch.nn.functional.dropout(training=True)), or pass check_determinism=False "
+                "if the randomness is intended"
             )
+
+
+def gradients(value: torch.Tensor, leaves: list[torch.Tensor], *,
+              grad_outputs: torch.Tensor | None = None,
+              create_graph: bool = False) -> list[torch.Tensor | None]:
+    """``torch.autograd.grad(value, leaves, grad_outputs)`` with ``None`` for a leaf that
+    ``value`` does not depend on (zero), and all ``None`` when it depends on none of them
+    (only parameters the loss does not use, a regularizer that ignores its arguments),
+    where autograd would raise."""
+    if not value.requires_grad:
+        return [None] * len(leaves)
+    return list(torch.autograd.grad(value, leaves, grad_outputs=grad_outputs,
+                                    create_graph=create_graph, allow_unused=True))
 
 
 def class_index_count(criterion: Any, targets: Any) -> float | None:

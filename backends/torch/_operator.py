@@ -19,7 +19,7 @@ import torch
 from specdens import LinearOperatorBase, _checks, _memory
 
 from ._data import Batches, fingerprint
-from ._loss import BatchLoss
+from ._loss import BatchLoss, gradients
 from ._meter import SavedBytes
 from ._params import stack_columns, zeros_columns
 from .distributed import agree_and_count, all_reduce_sum, no_data_error, stored_group
@@ -107,7 +107,8 @@ class DataOperator(LinearOperatorBase):
                 self._agree(total, failed=True)
             raise
         self._fingerprints = (torch.stack([f.to(self.space.device) for f in fps]) if fps
-                              else torch.zeros(0, dtype=torch.float64, device=self.space.device))
+                              else torch.zeros((0, 2), dtype=torch.float64,
+                                               device=self.space.device))
         self.num_batches = len(fps)
         self.num_stored = len(self._stored)
         self.graph_bytes = used
@@ -134,9 +135,7 @@ class DataOperator(LinearOperatorBase):
             r = regularizer(dict(self._leaves))
             if not isinstance(r, torch.Tensor) or r.numel() != 1:
                 raise ValueError("regularizer must return a scalar tensor")
-            grads = torch.autograd.grad(r.reshape(()), self._leaf_list, create_graph=True,
-                                        allow_unused=True)
-        return list(grads)
+            return gradients(r.reshape(()), self._leaf_list, create_graph=True)
 
     # -- subclass hooks -----------------------------------------------------------
     def _build(self, batch: Any) -> tuple[Any, float]:

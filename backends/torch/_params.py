@@ -23,8 +23,11 @@ def select_parameters(model: torch.nn.Module, params: Any) -> list[tuple[str, to
     params
         ``None``: every parameter with ``requires_grad=True``. A string or an iterable of
         strings: parameter names or ``fnmatch`` glob patterns (``"0.*"``, ``"*.weight"``);
-        each must match at least one parameter. An iterable of tensors: those parameters
-        (by identity); each must belong to ``model``. Strings and tensors may be mixed.
+        each must match at least one parameter. A string that is the exact name of a
+        parameter selects that parameter only, and is not read as a pattern (a
+        ``ModuleDict`` key may hold ``[``, ``]``, ``*`` or ``?``). An iterable of
+        tensors: those parameters (by identity); each must belong to ``model``. Strings
+        and tensors may be mixed.
     """
     named = list(model.named_parameters())
     if not named:
@@ -43,14 +46,15 @@ def select_parameters(model: torch.nn.Module, params: Any) -> list[tuple[str, to
         raise TypeError(f"params must be None, names, glob patterns or tensors; got "
                         f"{type(params).__name__}")
     wanted: set[str] = set()
+    names = [n for n, _ in named]
     by_id = {id(p): n for n, p in named}
     for item in params:
         if isinstance(item, str):
-            hits = [n for n, _ in named if fnmatch.fnmatchcase(n, item)]
+            hits = ([item] if item in names else
+                    [n for n in names if fnmatch.fnmatchcase(n, item)])
             if not hits:
                 raise ValueError(f"params: {item!r} matches no parameter of "
-                                 f"{type(model).__name__}; its parameters are "
-                                 f"{[n for n, _ in named]}")
+                                 f"{type(model).__name__}; its parameters are {names}")
             wanted.update(hits)
         elif isinstance(item, torch.Tensor):
             if id(item) not in by_id:

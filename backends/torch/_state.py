@@ -2,9 +2,10 @@
 
 specdens never changes the user's model: the operators work on clones of its parameters
 and buffers (through :func:`torch.func.functional_call`), never touch ``.grad`` (products
-go through :func:`torch.autograd.grad`) and only flip BatchNorm modes inside
-:func:`normalisation_modes`, which restores them. :class:`ModelState` lets callers and
-tests check this bit for bit.
+go through :func:`torch.autograd.grad`) and only set train/eval modes inside
+:func:`normalisation_modes` (every module back in the mode it had when the operator was
+built, BatchNorm in the requested one), which restores them. :class:`ModelState` lets
+callers and tests check this bit for bit.
 """
 
 from __future__ import annotations
@@ -108,21 +109,43 @@ def check_batchnorm(model: torch.nn.Module, batchnorm: str) -> None:
                                  "(track_running_stats=False); use batchnorm='batch'")
 
 
-@contextlib.contextmanager
-def normalisation_modes(model: torch.nn.Module, batchnorm: str) -> Iterator[None]:
-    """BatchNorm layers on batch or population statistics for the duration of the block.
+def training_modes(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """``(module, module.training)`` for every submodule of ``model`` (itself included):
+    the modes an operator evaluates the loss in, recorded when it is built."""
+    return [(m, m.training) for m in model.modules()]
 
-    ``"batch"``: ``training=True`` and ``track_running_stats=False``, so that the layer
-    normalises by the batch statistics and updates no running statistics (momentum-free);
-    ``"population"``: ``training=False`` (the running statistics). Other modules keep
-    their mode. Both flags are restored on exit, also after an exception.
+
+@contextlib.contextmanager
+def normalisation_modes(model: torch.nn.Module, batchnorm: str,
+                        modes: list[tuple[torch.nn.Module, bool]] | None = None
+                        ) -> Iterator[None]:
+    """The recorded train/eval modes, and BatchNorm layers on batch or population
+    statistics, for the duration of the block.
+
+    ``modes``: ``(module, training)`` pairs (:func:`training_modes` when the operator was
+    built) set first, so that the operator stays the function it was built for even if
+    the model is switched to ``train()`` or ``eval()`` afterwards (dropout, or any module
+    whose forward reads ``self.training``); None: the modules keep their current modes.
+    Then BatchNorm: ``"batch"``: ``training=True`` and ``track_running_stats=False``, so
+    that the layer normalises by the batch statistics and updates no running statistics
+    (momentum-free); ``"population"``: ``training=False`` (the running statistics). Every
+    flag is restored on exit, also after an exception.
 
     ``torch.nn.functional.scaled_dot_product_attention`` runs on its math kernel in the
     block: the fused kernels (flash, memory-efficient) have no second derivative, so a
     Hessian-vector product through them would raise.
     """
-    with _math_attention():
-        yield from _batchnorm_modes(model, batchnorm)
+    # the modules whose current mode is not the recorded one: set, and restored on exit
+    changed = [(m, m.training, recorded) for m, recorded in modes or ()
+               if m.training != recorded]
+    try:
+        for m, _, recorded in changed:
+            m.training = recorded
+        with _math_attention():
+            yield from _batchnorm_modes(model, batchnorm)
+    finally:
+        for m, current, _ in changed:
+            m.training = current
 
 
 def _math_attention() -> contextlib.AbstractContextManager:

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ._loss import BatchLoss, split_batch
+from ._loss import BatchLoss, gradients, split_batch
 from ._operator import DataOperator
 from ._params import stack_columns
 
@@ -34,9 +34,9 @@ class GGNOperator(DataOperator):
         value = self.loss.scale(self.loss.criterion(out_leaf, targets), count)
         (dl,) = torch.autograd.grad(value.reshape(()), out_leaf, create_graph=True)
         u = torch.zeros_like(out, requires_grad=True)
-        gu = torch.autograd.grad(out, self._leaf_list, grad_outputs=u, create_graph=True,
-                                 allow_unused=True)
-        return (out, out_leaf, dl, u, list(gu)), count
+        # (outputs that depend on none of the selected parameters: all None, G = 0)
+        gu = gradients(out, self._leaf_list, grad_outputs=u, create_graph=True)
+        return (out, out_leaf, dl, u, gu), count
 
     def _apply(self, state: Any, V: torch.Tensor, retain: bool) -> torch.Tensor:
         out, out_leaf, dl, u, gu = state

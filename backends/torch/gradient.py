@@ -11,7 +11,7 @@ import torch
 from specdens import _checks
 
 from ._data import Batches
-from ._loss import BatchLoss
+from ._loss import BatchLoss, gradients
 from .distributed import agree_and_count, all_reduce_sum, no_data_error, resolve_group
 
 
@@ -70,8 +70,7 @@ def gradient(
         try:
             for batch in Batches(data, space.device, allow_empty=group is not None):
                 value, count = loss(batch, leaves)
-                grads = torch.autograd.grad(value, leaf_list, allow_unused=True)
-                acc.add_(space.flatten(grads), alpha=count)
+                acc.add_(space.flatten(gradients(value, leaf_list)), alpha=count)
                 total += count
         except Exception:
             if group is not None:   # the other ranks learn of it, then this one raises
@@ -89,6 +88,5 @@ def gradient(
             r = regularizer(dict(leaves))
             if not isinstance(r, torch.Tensor) or r.numel() != 1:
                 raise ValueError("regularizer must return a scalar tensor")
-            g = g + space.flatten(torch.autograd.grad(r.reshape(()), leaf_list,
-                                                      allow_unused=True))
+            g = g + space.flatten(gradients(r.reshape(()), leaf_list))
     return g.detach()

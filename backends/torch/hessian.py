@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ._loss import BatchLoss
+from ._loss import BatchLoss, gradients
 from ._operator import DataOperator, graph_products
 from ._params import stack_columns
 
@@ -39,9 +39,7 @@ class HessianOperator(DataOperator):
             count = self.loss.count_of(batch)
             return (batch, count), count
         value, count = self.loss(batch, self._leaves)
-        grads = torch.autograd.grad(value, self._leaf_list, create_graph=True,
-                                    allow_unused=True)
-        return list(grads), count
+        return gradients(value, self._leaf_list, create_graph=True), count
 
     def _apply(self, state: Any, V: torch.Tensor, retain: bool) -> torch.Tensor:
         if self.method == "forward":
@@ -115,42 +113,53 @@ def hessian(
     ----------
     model
         A ``torch.nn.Module``. It is never modified: the operator works on clones of its
-        parameters and buffers taken here (so it stays the Hessian at this point even if
-        the model trains on), never writes ``.grad`` or ``requires_grad``, and restores any
-        mode it flips.
+        parameters and buffers taken here, with every module in the train/eval mode it
+        has here (so it stays the Hessian at this point even if the model trains on, or
+        is switched to ``train()`` or ``eval()``), never writes ``.grad`` or
+        ``requires_grad``, and restores any mode it sets.
     criterion
         ``criterion(model(inputs), targets)``, with ``reduction='mean'`` (the batch mean,
-        weighted by ``n_b``) or ``reduction='sum'`` (divided by ``n_b`` here);
-        ``reduction='none'`` raises a ValueError. Exclusive with ``loss_fn``.
+        weighted by ``n_b``), ``reduction='batchmean'`` (``KLDivLoss``: the sum over a
+        sample's entries averaged over the samples, a per-sample mean too) or
+        ``reduction='sum'`` (divided by ``n_b`` here); ``reduction='none'`` raises a
+        ValueError. Exclusive with ``loss_fn``.
     data
-        One batch, or a re-iterable of batches (a list, a ``DataLoader`` without shuffling:
-        batches must be the same on every pass; a difference raises a RuntimeError). One
-        batch is a tensor, a mapping (a dict, a tokenizer's ``BatchEncoding``), a
-        tuple/list whose first item is a tensor, or ``((x1, x2), y)`` / ``({...}, y)`` for a
-        model with several inputs; with a criterion, batches are ``(inputs, targets)``.
-        Tensors move to the model's device.
+        One batch, or a re-iterable of batches (a list, a ``DataLoader`` without shuffling
+        or random augmentation: batches must be the same on every pass; a difference,
+        also one that only moves entries, as a flip or a permutation within the batch
+        does, raises a RuntimeError). One batch is a tensor, a mapping (a dict, a
+        tokenizer's ``BatchEncoding``), a tuple/list whose first item is a tensor, or
+        ``((x1, x2), y)`` / ``({...}, y)`` for a model with several inputs; with a
+        criterion, batches are ``(inputs, targets)``. Tensors move to the model's device.
     loss_fn
         ``loss_fn(model, batch)`` for losses that are not ``criterion(model(x), y)``
         (language models, PINNs). It returns either the batch's *mean* loss (its sample
         count is then ``batch_size_fn(batch)`` or the leading dimension of the batch's
-        first tensor), or a pair
-        ``(mean_loss, count)`` (e.g. the number of non-padding tokens). It may call any
-        method of ``model``; their parameters are the operator's.
+        first tensor), or a pair ``(mean_loss, count)`` (e.g. the number of non-padding
+        tokens), whose count is the batch's weight even when ``batch_size_fn`` is given.
+        It may call any method of ``model``; their parameters are the operator's. It is
+        always evaluated with grad enabled, so it may differentiate with respect to its
+        inputs (``torch.autograd.grad``, for a PINN's residual) with ``method="graph"``
+        (``torch.func`` transforms, which ``"forward"`` uses, refuse it).
     params
         The parameters spanning the operator (default: those with ``requires_grad``):
-        names, ``fnmatch`` glob patterns (``"layer1.*"``) or parameter tensors. Vectors
-        follow ``model.named_parameters()`` order; see ``op.param_names``.
+        names, ``fnmatch`` glob patterns (``"layer1.*"``) or parameter tensors. A string
+        that is a parameter's exact name selects it and is not read as a pattern
+        (``ModuleDict`` keys may hold ``[``). Vectors follow ``model.named_parameters()``
+        order; see ``op.param_names``. Parameters the loss does not depend on give zero
+        rows and columns.
     batch_size_fn
         ``batch_size_fn(batch) -> count`` of samples in a batch (default: the leading
         dimension of the batch's first tensor, that of ``inputs`` or of its first tensor;
         for ``CrossEntropyLoss``/``NLLLoss`` with class-index targets, the criterion's own
         denominator, the class weights of the targets that are not ``ignore_index``, so
-        that the operator is the Hessian of the criterion on all the data at once).
+        that the operator is the Hessian of the criterion on all the data at once). Not
+        used for a ``loss_fn`` that returns ``(mean_loss, count)``: the pair's count wins.
     batchnorm
         ``"batch"`` (default, as in Ghorbani et al. 2019): BatchNorm layers normalise by
         the statistics of each batch, so the Hessian depends on the batching;
         ``"population"``: by their running statistics (eval-mode BatchNorm). Running
-        statistics are never updated. Other layers keep their current mode.
+        statistics are never updated. Other layers keep the mode they have at this call.
     weight_decay
         Adds ``weight_decay * I``, the Hessian of ``weight_decay / 2 * ||theta||^2``.
     regularizer
@@ -171,8 +180,11 @@ def hessian(
         Bytes the kept graphs may use (measured as the storages autograd saves); default
         half of the device's free memory. ``0`` keeps none.
     check_determinism
-        Evaluate the loss of the first batch twice and raise a RuntimeError if the values
-        differ (dropout in training mode).
+        Raise a RuntimeError if the loss is random: when the loss of the first batch calls
+        a dropout module (``torch.nn.Dropout`` and the other ``_DropoutNd``) with
+        ``p > 0`` in training mode, or when two evaluations of it differ by more than 64
+        rounding errors (``64 * eps`` relative; repeated evaluation on the CPU is bit for
+        bit the same, on a GPU atomics may reorder sums).
     process_group
         ``torch.distributed`` group to reduce over (default: the default group when
         ``torch.distributed`` is initialised). Each rank passes over its own shard; the

@@ -177,11 +177,13 @@ def evaluate(
         return reduced[:6]
 
     try:
-        with torch.no_grad():
+        # grad enabled: loss_fn may differentiate with respect to its inputs (a PINN); the
+        # parameters are detached, so no graph of them is built
+        with torch.enable_grad():
             # with a process group, this rank's shard may be empty (it adds nothing)
             for batch in Batches(data, loss.space.device, allow_empty=group is not None):
                 value, count = loss(batch, loss.primal)
-                sums[0] += float(value) * count
+                sums[0] += float(value.detach()) * count
                 sums[1] += count
                 if acc_ok:
                     inputs, targets = split_batch(batch)
