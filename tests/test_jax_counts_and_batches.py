@@ -6,7 +6,9 @@ loop's default basis dtype.
   mean loss over the real samples (float64). A NaN from a batch with samples still comes
   through; counts that are all 0, negative or NaN raise a ValueError.
 * A list of arrays is one batch (``(inputs, targets)``); when the loss fails on it, the
-  error says so and how to pass a list of one-array batches.
+  error says so and how to pass a list of one-array batches. A tuple whose inputs are a
+  dict, ``({"a": Xa, "b": Xb}, y)``, is one batch too; a list or tuple of dicts is a
+  sequence of dict batches.
 * ``specdens.backends.jax.lanczos`` picks the core's default basis dtype (float32 for a
   float32 operator, even with float64 arithmetic) and then agrees with the core.
 
@@ -160,6 +162,47 @@ def test_a_list_of_arrays_is_one_batch_and_a_failure_says_so():
     with pytest.raises(ValueError, match="ggn needs every batch to be"):
         ggn(lambda p, x: x @ p["w"], lambda o, t: jnp.mean(o), params, [X[:10], X[10:20],
                                                                        X[20:]])
+
+
+def test_a_tuple_of_dict_inputs_and_targets_is_one_batch():
+    """``({"a": Xa, "b": Xb}, y)`` is one batch (as in the TensorFlow backend), the same
+    as ``[({"a": Xa, "b": Xb}, y)]``: the Hessian and gradient of the loss on it (and
+    ``evaluate`` its value). A list of dicts, or a tuple of dicts only, stays a sequence
+    of dict batches."""
+    from jax.flatten_util import ravel_pytree
+    from specdens.backends.jax.tracking import evaluate
+
+    rng = np.random.default_rng(1)
+    Xa, Xb, y = rng.standard_normal((12, 3)), rng.standard_normal((12, 2)), rng.integers(
+        0, 2, 12)
+    params = {"wa": jnp.asarray(rng.standard_normal((3, 2))),
+              "wb": jnp.asarray(rng.standard_normal((2, 2)))}
+
+    def loss(p, batch):
+        inputs, t = batch
+        logits = jnp.tanh(inputs["a"] @ p["wa"] + inputs["b"] @ p["wb"])
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), t[:, None], 1))
+
+    one = ({"a": Xa, "b": Xb}, y)
+    flat, unravel = ravel_pytree(params)
+    H_ref = jax.hessian(lambda w: loss(unravel(w), one))(flat)
+    g_ref = jax.grad(lambda w: loss(unravel(w), one))(flat)
+    for data in (one, [one]):
+        op = hessian(loss, params, data)
+        assert (op.num_batches, op.num_samples) == (1, 12)
+        assert close(op.to_dense(), H_ref)
+        assert close(gradient(loss, params, data), g_ref)
+        assert evaluate(loss, params, data)[0] == pytest.approx(float(loss(params, one)),
+                                                                 rel=1e-12, abs=0)
+    # dict batches, in a list or a tuple: two batches of the mean loss over all 12
+    def dict_loss(p, batch):
+        return loss(p, ({"a": batch["a"], "b": batch["b"]}, batch["t"]))
+
+    halves = [{"a": Xa[:5], "b": Xb[:5], "t": y[:5]}, {"a": Xa[5:], "b": Xb[5:], "t": y[5:]}]
+    for data in (halves, tuple(halves)):
+        op = hessian(dict_loss, params, data)
+        assert (op.num_batches, op.num_samples) == (2, 12)
+        assert close(op.to_dense(), H_ref)
 
 
 def test_compiled_loop_has_the_cores_default_basis_dtype():

@@ -291,6 +291,47 @@ def test_loader_yielding_fresh_arrays_is_checked_by_checksum():
         list(batches)
 
 
+@pytest.mark.parametrize("arrays", ["numpy", "jax"])
+def test_loader_that_reorders_entries_is_detected(arrays):
+    """The checksum sees the order of the entries: a loader whose batches hold the same
+    values in another order (uint8 images flipped left-right, samples permuted within a
+    batch) on a later pass raises, for fresh numpy arrays (hashed) and fresh jax arrays
+    (sums on the device); the unchanged batches pass."""
+    rng = np.random.default_rng(6)
+    images = rng.integers(0, 256, size=(16, 4, 4)).astype(np.uint8)
+    y = rng.integers(0, 3, 16)
+    put = np.copy if arrays == "numpy" else jnp.asarray
+
+    class Loader:
+        def __init__(self):
+            self.change = None
+
+        def __iter__(self):
+            for i in (0, 8):
+                x, t = images[i:i + 8], y[i:i + 8]
+                if i == 8 and self.change == "flip":
+                    x = x[:, :, ::-1]
+                elif i == 8 and self.change == "permute":
+                    x, t = x[::-1], t[::-1]
+                yield put(x), put(t)
+
+    params = {"w": jnp.asarray(rng.standard_normal((16, 3)))}
+
+    def loss(p, batch):
+        x, t = batch
+        logits = (jnp.reshape(x, (x.shape[0], -1)) / 255.0) @ p["w"]
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), t[:, None], 1))
+
+    loader = Loader()
+    op = hessian(loss, params, loader)
+    v = jnp.ones(op.shape[0])
+    op @ v                                         # fresh arrays, same batches: fine
+    for change in ("flip", "permute"):
+        loader.change = change
+        with pytest.raises(RuntimeError, match="different batch at position 1"):
+            op @ v
+
+
 def test_clear_errors():
     params = mlp_params()
     X, y = classification()

@@ -363,6 +363,33 @@ def test_compiled_loop_on_arrays_callables_and_operators():
         lanczos(specdens.aslinearoperator(np.eye(3)), 2)
 
 
+def test_compiled_loop_on_combined_operators():
+    """Sums, scalings and shifts of operators (their products traced inside the compiled
+    loop, where the vectors are tracers with no device) give the eager engine's
+    coefficients, and those of the dense reference as a numpy matrix: the same probes,
+    products equal up to rounding (1e-12 * ||T||)."""
+    loss, params, batches = problem(h=4)
+    H = hessian(loss, params, batches)
+    Hd = np.asarray(H.to_dense())
+    A = spectrum_matrix(n=H.shape[0])
+    An = specdens.aslinearoperator(A)
+    cases = {"2 A": (An * 2.0, 2 * np.asarray(A)),
+             "H + I": (H.shift(1.0), Hd + np.eye(Hd.shape[0])),
+             "H - A / 2": (H - An / 2, Hd - np.asarray(A) / 2)}
+    for name, (op, dense) in cases.items():
+        eager = specdens.lanczos(op, 12, num_probes=2, seed=5)
+        ref = specdens.lanczos(dense, 12, num_probes=2, seed=5)
+        comp = lanczos(op, 12, num_probes=2, seed=5)
+        tol = 1e-12 * _tnorm(ref)
+        for r in (eager, comp):
+            assert np.max(np.abs(r.alpha - ref.alpha)) <= tol, name
+            assert np.max(np.abs(r.beta - ref.beta)) <= tol, name
+    d = slq(H * 2.0, num_steps=12, num_probes=2, seed=5)
+    d_ref = specdens.SpectralDensity.from_lanczos(specdens.lanczos(2 * Hd, 12, num_probes=2,
+                                                                   seed=5))
+    assert np.max(np.abs(d.nodes - d_ref.nodes)) <= 1e-12 * 2 * np.abs(Hd).sum(1).max()
+
+
 def test_basis_breakdown_and_nan():
     lam = np.repeat([1.0, 2.0, 4.0], 10)        # three distinct eigenvalues: breakdown at 3
     A = jnp.asarray(np.diag(lam))

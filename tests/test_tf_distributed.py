@@ -8,7 +8,9 @@ in a subprocess. Three replicas, not a power of two: Keras scales mean losses by
 one-sample batch); the all-reduced sums equal
 the one-device ones up to the order of the float64 sums (relative ~1e-16 per product),
 which Lanczos amplifies by at most the conditioning of the recurrence over 20 steps: far
-below the asserted 1e-10.
+below the asserted 1e-10. ``tracking.evaluate`` (the loss ``SpectrumCallback`` records)
+inside ``strategy.scope()`` is the data's mean loss (a few ulps from the one-device value
+of all the data at once), not a third of it.
 """
 
 from __future__ import annotations
@@ -79,6 +81,13 @@ SCRIPT = textwrap.dedent('''
     G1 = ggn(model_1, loss, batches).to_dense().numpy()
     Gd = ggn(model_d, loss, batches).to_dense().numpy()
     out["ggn"] = float(np.linalg.norm(Gd - G1) / np.linalg.norm(G1))
+    # the loss SpectrumCallback records, evaluated inside the scope (where Keras divides
+    # mean losses by the number of replicas): the mean over all samples all the same
+    from specdens.backends.tf.tracking import evaluate
+    with strategy.scope():
+        scoped = evaluate(model_d, loss, batches)[0]
+    mean = float(loss(y, model_1(X)))
+    out["evaluate"] = abs(scoped - mean) / mean
     out["unchanged"] = before.differences(model_d) == []
     print("RESULT " + json.dumps(out))
 ''')
@@ -100,4 +109,5 @@ def test_mirrored_strategy_three_logical_cpus_match_one_device(tmp_path):
     for key in ("list_alpha", "list_beta", "dataset_alpha", "dataset_beta", "dense", "ggn"):
         assert out[key] <= 1e-10, (key, out)
     assert out["grad"] <= 1e-12, out
+    assert out["evaluate"] <= 1e-12, out  # not 1/3 of it
     assert out["unchanged"]

@@ -676,6 +676,24 @@ def test_data_that_changes_between_passes_is_detected():
     with pytest.raises(RuntimeError, match="different batches"):
         for _ in range(5):  # a reshuffle that keeps every batch's sum is unlikely 5 times
             op @ v
+    # the same entries in another order: features flipped, samples permuted in a batch
+    batches = uneven(X, y, [10, 13])
+    op = hessian(model, xent(), batches)
+    op @ v
+    for changed in ((X[:10, ::-1], y[:10]), (X[9::-1], y[9::-1])):
+        batches[0] = changed
+        with pytest.raises(RuntimeError, match="different batches"):
+            op @ v
+    # a random flip in the pipeline (each sample's features reversed with probability 1/2;
+    # a generator whose state carries over between passes, as an unseeded op's does)
+    gen = tf.random.Generator.from_seed(1)
+    flip = (tf.data.Dataset.from_tensor_slices((X, y)).batch(10)
+            .map(lambda x, t: (tf.where(gen.uniform([tf.shape(x)[0], 1]) < 0.5,
+                                        tf.reverse(x, [1]), x), t)))
+    op = hessian(model, xent(), flip)
+    with pytest.raises(RuntimeError, match="different batches"):
+        for _ in range(5):  # 23 samples flipped alike on every pass: (1/2)^23 per pass
+            op @ v
 
 
 def test_dataset_and_clear_errors():
@@ -737,6 +755,28 @@ def test_float32_model_gives_float32_vectors_and_slq_runs():
     assert rel(op.to_dense().numpy().astype(np.float64), H64) <= 1e-5
     density = specdens.slq(op, num_steps=10, num_probes=2)
     assert density.n == op.shape[0]
+
+
+def test_core_trace_estimators_on_the_tf_hessian():
+    """``specdens.trace`` on the TensorFlow operator (the engine through the TF array
+    namespace: ``xp.all``, ``xp.empty``...): the exact trace (``num_matvecs >= n``) is
+    the dense reference's, and each randomised estimator gives what it gives on the
+    dense reference as a numpy matrix with the same seed (the same probes; the products
+    differ by rounding, 1e-10 relative)."""
+    model = mlp()
+    X, y = classification()
+    op = hessian(model, xent(), uneven(X, y, [10, 13]))
+    H = dense_hessian(model, [(X, y)], xent())
+    n = H.shape[0]
+    exact = specdens.trace(op, num_matvecs=n)
+    assert exact.method == "exact"
+    assert abs(exact.value - np.trace(H)) <= TOL * np.abs(H).sum()
+    for method in ("hutchinson", "hutch++", "xtrace"):
+        got = specdens.trace(op, num_matvecs=21, method=method, seed=3)
+        want = specdens.trace(H, num_matvecs=21, method=method, seed=3)
+        assert got.matvecs == want.matvecs, method
+        assert abs(got.value - want.value) <= TOL * np.abs(H).sum(), method
+        assert abs(got.stderr - want.stderr) <= TOL * want.stderr, method
 
 
 # -- GGN ----------------------------------------------------------------------------------

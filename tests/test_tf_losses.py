@@ -87,3 +87,42 @@ def test_losses_that_differ_outside_get_config_do_not_share_traces(case):
     again = hessian(model, make(second), (X, Y))
     assert again.kernel is op.kernel
     assert rel(again.to_dense(), H_second) <= TOL
+
+
+def test_ignore_class_weighs_batches_by_their_kept_targets():
+    """A Keras loss with ``ignore_class`` is a mean over the targets that are not ignored
+    (Keras divides by their number, not by the batch size): with the ignored targets
+    spread unevenly over the batches, and one batch of ignored targets only, the Hessian,
+    gradient and GGN are those of ``loss(y_all, model(X_all))`` (nested tapes on all the
+    data at once), and ``evaluate`` gives its value. Weighting batches by their size is
+    off by ~0.3 here; the linear model's GGN is its Hessian."""
+    from specdens.backends.tf import ggn
+    from specdens.backends.tf.tracking import evaluate
+
+    model = dense_model(seed=3)
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((24, 3))
+    y = rng.integers(0, 2, 24)
+    y[[0, 1, 2, 3, 5, 8, 13]] = -1           # 6 of batch 0, 1 of batch 1
+    y[20:] = -1                               # batch 2: nothing counts
+    batches = [(X[:10], y[:10]), (X[10:20], y[10:20]), (X[20:], y[20:])]
+    for reduction in ("sum_over_batch_size", "sum"):
+        loss = keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True, ignore_class=-1, reduction=reduction, dtype=F64)
+        mean = keras.losses.SparseCategoricalCrossentropy(from_logits=True, ignore_class=-1,
+                                                          dtype=F64)
+        H_ref, g_ref = exact(model, X, y, lambda t, p, mean=mean: mean(t, p))
+        op = hessian(model, loss, batches)
+        assert rel(op.to_dense(), H_ref) <= TOL, reduction
+        assert op.num_samples == 13.0, reduction  # 4 + 9 + 0 kept
+        assert rel(gradient(model, loss, batches), g_ref) <= TOL, reduction
+        assert rel(ggn(model, loss, batches).to_dense(), H_ref) <= TOL, reduction
+        value, acc = evaluate(model, loss, batches)
+        out = model(X).numpy()
+        assert value == pytest.approx(float(mean(y, out)), rel=1e-12, abs=0), reduction
+        keep = y != -1
+        assert acc == pytest.approx(float(np.mean(out[keep].argmax(1) == y[keep])))
+    # the reference is the mean over the kept samples
+    plain = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=F64)
+    H_kept, _ = exact(model, X[keep], y[keep], lambda t, p: plain(t, p))
+    assert rel(H_ref, H_kept) <= TOL

@@ -297,6 +297,42 @@ def test_namespace_functions_match_numpy():
         tnp.matrix_transpose(t(v))
 
 
+def test_namespace_reductions_to_bool_and_empty():
+    """``all``/``any`` (the engine's finiteness and convergence checks) as numpy's, with
+    ``axis`` and ``keepdims``; ``empty`` allocates a tensor of the shape, dtype and device
+    asked for (its contents are written before they are read)."""
+    m = np.array([[1.0, 0.0, 2.0], [3.0, 4.0, 5.0]])
+    t = tf.constant(m)
+    for fn, ref in ((tnp.all, np.all), (tnp.any, np.any)):
+        for x in (m, m > 2.5, np.zeros((2, 3)), np.ones((2, 3), bool)):
+            got = fn(tf.constant(x))
+            assert isinstance(got, tf.Tensor) and got.dtype == tf.bool
+            assert bool(got) == bool(ref(x))
+            for axis in (0, 1, (0, 1)):
+                np.testing.assert_array_equal(fn(tf.constant(x), axis=axis).numpy(),
+                                              ref(x, axis=axis))
+            np.testing.assert_array_equal(fn(tf.constant(x), axis=1, keepdims=True).numpy(),
+                                          ref(x, axis=1, keepdims=True))
+    assert bool(tnp.all(tnp.isfinite(t))) and not bool(tnp.any(t < 0))
+    e = tnp.empty((2, 3), dtype=tnp.float32, device=CPU)
+    assert isinstance(e, tf.Tensor) and e.shape == (2, 3) and e.dtype == tf.float32
+    assert e.device == CPU and tnp.empty(4).dtype == tf.float64
+
+
+def test_namespace_has_every_function_the_engine_calls():
+    """Every ``xp.<name>`` in the engine's source (specdens/) exists in the TensorFlow
+    namespace: a name the engine starts to use must be added there too."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(specdens.__file__).parent
+    names = set()
+    for path in root.rglob("*.py"):
+        names.update(re.findall(r"\bxp\.([A-Za-z_]\w*)", path.read_text()))
+    assert {"all", "any", "empty", "asarray", "matmul"} <= names
+    assert sorted(n for n in names if not hasattr(tnp, n)) == []
+
+
 def test_set_rows_writes_one_row_along_one_axis():
     rng = np.random.default_rng(5)
     Q = tf.zeros((2, 4, 3), tf.float64)

@@ -49,3 +49,40 @@ def test_jax_track(tmp_path):
     ref = gradient_concentration(H, g, 2)
     assert rec.concentration.fraction == pytest.approx(ref.fraction, abs=1e-5)
     assert [r.step for r in read_records(tmp_path / "s.jsonl")] == [0]
+
+
+def test_evaluate_skips_batches_with_no_samples():
+    """A batch whose count is 0 (all padding: its masked mean loss is 0/0) counts for
+    nothing in ``evaluate`` (the loss ``track`` records), as in the Hessian: the value is
+    the mean loss of the real samples (float64, a few ulps: 1e-12 relative), not NaN. Counts
+    that are all 0 raise."""
+    from specdens.backends.jax.tracking import evaluate
+
+    rng = np.random.default_rng(2)
+    X, y = rng.standard_normal((23, 3)), rng.integers(0, 2, 23)
+    params = {"w": rng.standard_normal((3, 2)), "b": rng.standard_normal(2)}
+
+    def per_sample(p, x, t):
+        logp = jax.nn.log_softmax(jnp.tanh(x @ p["w"] + p["b"]) * 3)
+        return -jnp.take_along_axis(logp, t[:, None], axis=1)[:, 0]
+
+    def loss_fn(p, batch):  # (mean over the kept samples, their number)
+        x, t, keep = batch
+        count = jnp.sum(keep)
+        return jnp.sum(per_sample(p, x, t) * keep) / count, count
+
+    def accuracy_fn(p, batch):
+        x, t, keep = batch
+        hit = jnp.argmax(x @ p["w"] + p["b"], axis=1) == t
+        return jnp.sum(hit * keep) / jnp.sum(keep)
+
+    with jax.enable_x64(True):
+        params = {k: jnp.asarray(v) for k, v in params.items()}
+        data = [(X[:10], y[:10], np.ones(10)), (X[10:], y[10:], np.zeros(13))]
+        exact = float(jnp.mean(per_sample(params, jnp.asarray(X[:10]), jnp.asarray(y[:10]))))
+        hits = np.argmax(X[:10] @ np.asarray(params["w"]) + np.asarray(params["b"]), 1)
+        value, acc = evaluate(loss_fn, params, data, accuracy_fn=accuracy_fn)
+        assert value == pytest.approx(exact, rel=1e-12, abs=0)
+        assert acc == pytest.approx(float(np.mean(hits == y[:10])), rel=1e-12)
+        with pytest.raises(ValueError, match="every batch has a count of 0"):
+            evaluate(loss_fn, params, data[1:])

@@ -20,8 +20,9 @@ traceable: use shapes or ``jnp`` functions, not ``float(...)`` or numpy.
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -39,11 +40,22 @@ def is_array(x: Any) -> bool:
 
 
 def is_single_batch(data: Any) -> bool:
-    """``data`` is one batch: an array, a dict, or a tuple/list whose first item is an
-    array (``(inputs, targets)``)."""
+    """``data`` is one batch: an array, a dict, a tuple/list whose first item is an array
+    (``(inputs, targets)``), or a tuple whose first item is a mapping and whose items are
+    not all mappings (``({"image": x, "mask": m}, targets)``, as in the TensorFlow
+    backend).
+
+    A list of dicts, or a tuple of dicts only, is a sequence of batches (dict batches):
+    wrap a batch whose inputs and targets are both dicts in a list,
+    ``[(inputs, targets)]``."""
     if is_array(data) or isinstance(data, dict):
         return True
-    return isinstance(data, (tuple, list)) and len(data) > 0 and is_array(data[0])
+    if not isinstance(data, (tuple, list)) or not data:
+        return False
+    if is_array(data[0]):
+        return True
+    return (isinstance(data, tuple) and isinstance(data[0], Mapping)
+            and not all(isinstance(item, Mapping) for item in data))
 
 
 def one_batch_hint(data: Any, advice: str) -> str | None:
@@ -114,24 +126,44 @@ def signature(batch: Any) -> tuple:
     return (treedef, tuple((tuple(x.shape), np.dtype(x.dtype).name) for x in leaves))
 
 
-def checksum(batch: Any) -> float:
-    """A float64 summary of every leaf (sum of entries plus their count); the same data in
-    the same order gives the same value bit for bit. Jax leaves are summed on their
-    device and read back."""
-    total = 0.0
+def checksum(batch: Any) -> tuple:
+    """A summary of every leaf of ``batch`` that changes when its values or their order
+    change (a random flip, a shuffle within the batch); the same data in the same order
+    gives the same summary bit for bit.
+
+    A numpy leaf is summarised by a hash of its bytes, on the host. A jax leaf, by the sum
+    of its entries and their sum weighted by position (entry ``i`` of the ``s`` entries
+    of the flattened leaf by ``(i + 1) / s``), computed on its device in float64 (float32
+    without ``jax_enable_x64``) and read back together: one small transfer per leaf.
+    """
+    out: list[Any] = []
     for leaf in jax.tree_util.tree_leaves(batch):
         if isinstance(leaf, jax.Array):
-            s = float(jnp.sum(leaf.astype(jnp.float32 if not jax.config.read(
-                "jax_enable_x64") else jnp.float64)))
+            out.extend(np.asarray(jax.device_get(_device_sums(leaf))).tolist())
         else:
-            s = float(np.sum(np.asarray(leaf, dtype=np.float64)))
-        total += s + leaf.size
-    return total
+            arr = np.ascontiguousarray(leaf)
+            out.append(hashlib.blake2b(arr.view(np.uint8), digest_size=16).digest())
+    return tuple(out)
 
 
-def _same(a: float, b: float | None) -> bool:
+@jax.jit
+def _device_sums(leaf: Any) -> Any:
+    """``[sum of entries, sum weighted by (i + 1) / size]`` of a jax leaf, on its device."""
+    dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+    x = jnp.ravel(leaf).astype(dtype)
+    position = jnp.arange(1, x.size + 1, dtype=dtype) / max(x.size, 1)
+    return jnp.stack([jnp.sum(x), jnp.sum(x * position)])
+
+
+def _same(a: tuple, b: tuple | None) -> bool:
     """Equal checksums (NaN data gives NaN sums on both passes)."""
-    return a == b or (b is not None and math.isnan(a) and math.isnan(b))
+    if b is None or len(a) != len(b):
+        return False
+
+    def nan(x: Any) -> bool:
+        return isinstance(x, float) and math.isnan(x)
+
+    return all(x == y or (nan(x) and nan(y)) for x, y in zip(a, b, strict=True))
 
 
 class Batches:
@@ -146,8 +178,9 @@ class Batches:
     check
         Whether :meth:`passes` verifies that each pass yields the batches of the first
         one: the same array objects (free), or failing that the same shapes, dtypes and
-        checksums (a host sum for numpy leaves; for jax leaves that are new objects, a sum
-        on their device read back, one small transfer per batch).
+        :func:`checksum` values, which see the order of the entries too (a hash of the
+        bytes of numpy leaves; for jax leaves that are new objects, two sums on their
+        device read back, one small transfer per leaf).
 
     Attributes
     ----------
@@ -173,7 +206,7 @@ class Batches:
         keep = isinstance(self._data, (list, tuple))
         self._refs: list[list[Any] | None] = []
         self._sigs: list[tuple] = []
-        self._sums: list[float | None] = []
+        self._sums: list[tuple | None] = []
         for batch in self._iterate():
             leaves = jax.tree_util.tree_leaves(batch)
             self._refs.append(leaves if keep else None)

@@ -335,8 +335,10 @@ def lanczos(
         An operator of :mod:`specdens.backends.jax` (its product runs inside the program,
         over every batch: the data set is then held in device memory, stacked by batch
         shape), a square jax array, a specdens operator on jax arrays whose ``_matmat``
-        is traceable (its arrays become constants of the program), or a callable
-        ``matvec(v)`` on jax vectors with ``n=``.
+        is traceable (its arrays become constants of the program), such as a sum,
+        scaling or shift of the others (``2 * H``, ``H.shift(1.0)``, ``H - A``: an
+        operator of this backend in one runs its eager pass inside the program, with the
+        data as constants), or a callable ``matvec(v)`` on jax vectors with ``n=``.
     num_steps, num_probes, probes, seed, reorth, window, dtype, basis_dtype, block_size,
     max_basis_bytes, return_basis, breakdown_tol
         As in :func:`specdens.lanczos`. ``check_every``, ``check_symmetry`` and

@@ -106,9 +106,11 @@ def hessian(
         operator inside ``with jax.enable_x64(True):``); float64 params without it raise a
         TypeError rather than silently computing in float32.
     data
-        One batch (an array, a dict, or a tuple/list whose first item is an array) or a
-        re-iterable of batches (a list, a loader that can be iterated again; a one-shot
-        generator raises a TypeError). A batch is any pytree of arrays; numpy batches move
+        One batch (an array, a dict, a tuple/list whose first item is an array, or a
+        tuple ``(inputs, targets)`` whose inputs are a dict and whose targets are not) or
+        a re-iterable of batches (a list, a loader that can be iterated again; a one-shot
+        generator raises a TypeError; a list of dicts, or a tuple of dicts only, is
+        several batches). A batch is any pytree of arrays; numpy batches move
         to the device on every pass, jax arrays stay where they are (pass device arrays
         to keep the data on the device).
     mask
@@ -134,7 +136,8 @@ def hessian(
         Mesh axis name(s) to shard the samples over (default: all of them).
     check_data
         Check that every pass yields the batches of the first one (free for a list of
-        arrays, whose objects are compared; a checksum otherwise) and raise a RuntimeError
+        arrays, whose objects are compared; otherwise a checksum that also sees the order
+        of the entries, so a random flip or a shuffle is caught) and raise a RuntimeError
         otherwise.
 
     Returns

@@ -10,6 +10,7 @@ immutable).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -94,7 +95,12 @@ def evaluate(loss_fn: Callable[[Any, Any], Any], params: Any, data: Any, *,
              ) -> tuple[float, float | None]:
     """The mean loss over all samples of ``data`` (batches weighted by their counts, as
     the Hessian weights them; no regularisation term) and the mean accuracy
-    (``accuracy_fn``, or None)."""
+    (``accuracy_fn``, or None).
+
+    As in the Hessian, a batch whose count is 0 (all padding, with ``loss_fn`` returning
+    ``(mean_loss, count)``) counts for nothing, although its mean loss is 0/0; counts
+    must be finite and non-negative, and their total positive (a ValueError otherwise).
+    """
     if data is None:
         raise TypeError("evaluate needs data: one batch or a re-iterable of batches")
     batches = [data] if is_single_batch(data) else data
@@ -108,10 +114,16 @@ def evaluate(loss_fn: Callable[[Any, Any], Any], params: Any, data: Any, *,
             value = out
             count = float(batch_size_fn(batch) if batch_size_fn is not None
                           else default_count(batch))
+        if not (math.isfinite(count) and count >= 0):
+            raise ValueError(f"a batch has a sample count of {count}; counts must be finite "
+                             "and >= 0")
+        if count == 0:
+            continue  # an empty batch: its 0/0 mean loss does not count, as in _pass.weighted
         loss_sum += float(np.asarray(jax.device_get(value))) * count
         total += count
         if accuracy_fn is not None:
             acc_sum += float(np.asarray(jax.device_get(accuracy_fn(params, batch)))) * count
     if total <= 0:
-        raise ValueError("data yielded no samples")
+        raise ValueError("data yielded no samples (every batch has a count of 0): the mean "
+                         "loss is undefined")
     return loss_sum / total, (acc_sum / total if accuracy_fn is not None else None)

@@ -60,6 +60,7 @@ class BatchLoss:
         if loss is not None:
             _check_loss_dtype(loss, self.space.dtype)
         self._keras_unscale = _keras_unscale(loss)
+        self.ignore_class = ignore_class_of(loss)
         self._fn_takes_training = loss_fn is not None and _takes_training(loss_fn)
 
     # -- identity of the traced computation ---------------------------------------------
@@ -94,8 +95,17 @@ class BatchLoss:
             if self.loss_fn is not None:
                 return self._custom(batch)
             inputs, targets = split_batch(batch)
-            count = count_of(batch, inputs, self.batch_size_fn)
+            count = self.loss_count(batch, inputs, targets)
             return self.output_loss(targets, self.adapter.call(inputs), count), count
+
+    def loss_count(self, batch: Any, inputs: Any, targets: Any) -> tf.Tensor:
+        """The count of an ``(inputs, targets)`` batch of a ``loss`` (float64):
+        ``batch_size_fn(batch)`` when given; else, for a Keras loss with ``ignore_class``,
+        its own denominator (:func:`kept_count`); else the leading dimension of the
+        inputs."""
+        if self.batch_size_fn is None and self.ignore_class is not None:
+            return kept_count(targets, self.ignore_class, self.loss.dtype)
+        return count_of(batch, inputs, self.batch_size_fn)
 
     def output_loss(self, targets: Any, outputs: Any, count: Any) -> tf.Tensor:
         """The batch-mean loss of ``outputs`` (``loss(targets, outputs)``, divided by
@@ -135,7 +145,7 @@ class BatchLoss:
         """Samples in ``batch`` (float64), without a forward pass when the count does not
         come from ``loss_fn``."""
         if self.loss is not None:
-            return count_of(batch, split_batch(batch)[0], self.batch_size_fn)
+            return self.loss_count(batch, *split_batch(batch))
         if self.batch_size_fn is not None:
             return count_of(batch, None, self.batch_size_fn)
         return self(values, self.handles(values), batch)[1]
@@ -335,6 +345,35 @@ def _keras_unscale(loss: Any) -> Callable[[Any], Any] | None:
         return value
 
     return unscale
+
+
+def ignore_class_of(loss: Any) -> Any:
+    """The ``ignore_class`` of a Keras loss object that sets one
+    (``keras.losses.SparseCategoricalCrossentropy(ignore_class=-1)``, or a
+    ``LossFunctionWrapper`` that passes one to its function), else None."""
+    keras = sys.modules.get("keras")
+    if loss is None or keras is None or not isinstance(loss, keras.losses.Loss):
+        return None
+    kwargs = getattr(loss, "_fn_kwargs", None)
+    return kwargs.get("ignore_class") if isinstance(kwargs, dict) else None
+
+
+def kept_count(targets: Any, ignore_class: Any, dtype: Any) -> tf.Tensor:
+    """The denominator of a Keras loss with ``ignore_class``: the number of target entries
+    that are not ``ignore_class`` (float64).
+
+    Keras masks the ignored targets out of the loss and divides the sum over the others
+    by their number (``reduce_weighted_values``: with the mask, the ``sum_over_batch_size``,
+    ``mean`` and ``mean_with_sample_weight`` reductions all divide by the mask's sum), over
+    every target entry, so a sequence loss with ``(N, T)`` targets counts tokens. Weighting
+    batches by it makes the data set's loss ``loss(y_all, model(X_all))`` whatever the
+    batching; a batch whose targets are all ignored counts 0 (Keras's loss of it is 0) and
+    contributes nothing. The targets are compared in the loss's ``dtype``, as Keras does.
+    """
+    dtype = tf.as_dtype(dtype)
+    y = tf.cast(tf.convert_to_tensor(targets), dtype)
+    keep = tf.not_equal(y, tf.cast(ignore_class, dtype))
+    return tf.reduce_sum(tf.cast(keep, tf.float64))
 
 
 def _takes_training(fn: Callable[..., Any]) -> bool:

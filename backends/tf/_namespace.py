@@ -8,11 +8,12 @@ their device; no array data goes through numpy (only :func:`set_rows` builds its
 integer index on the host).
 
 The functions follow the array API standard (2023.12) for exactly the arguments the
-engine passes: ``asarray, zeros, ones, zeros_like, ones_like, astype, reshape, matmul,
-matrix_transpose, sum, max, maximum, minimum, sqrt, abs, where, stack, concat, isfinite,
-result_type`` and the dtypes ``bool, float16, bfloat16, float32, float64, int32, int64``.
-Slicing, broadcasting and the arithmetic and comparison operators are TensorFlow's own
-(``tf.Tensor`` has no in-place operators, so ``w -= x`` rebinds ``w``, as for JAX).
+engine passes: ``asarray, zeros, ones, empty, arange, zeros_like, ones_like, astype,
+reshape, matmul, matrix_transpose, sum, max, all, any, maximum, minimum, sqrt, abs, where,
+stack, concat, isfinite, result_type`` and the dtypes ``bool, float16, bfloat16,
+float32, float64, int32, int64``. Slicing, broadcasting and the arithmetic and
+comparison operators are TensorFlow's own (``tf.Tensor`` has no in-place operators, so
+``w -= x`` rebinds ``w``, as for JAX).
 :func:`set_rows` is the write into a preallocated array (``x[index] = value``).
 
 References
@@ -113,6 +114,12 @@ def arange(start: int, /, stop: int | None = None, step: int = 1, *, dtype: Any 
         return tf.range(start, stop, step, dtype=_dtype(dtype) or tf.int64)
 
 
+def empty(shape: int | Sequence[int], *, dtype: Any = None, device: Any = None) -> tf.Tensor:
+    """An array of ``shape`` to be written into (default dtype float64, as numpy): zeros,
+    since TensorFlow has no uninitialised tensors."""
+    return zeros(shape, dtype=dtype, device=device)
+
+
 def zeros_like(x: Any, /, *, dtype: Any = None, device: Any = None) -> tf.Tensor:
     with _on(device if device is not None else x.device):
         return tf.zeros(tf.shape(x), dtype=_dtype(dtype) or x.dtype)
@@ -146,7 +153,7 @@ def result_type(*arrays_and_dtypes: Any) -> tf.DType:
         raise ValueError("result_type needs at least one array or dtype")
     if len(set(dts)) == 1:
         return dts[0]
-    if all(d in _FLOAT_RANK for d in dts):
+    if builtins.all(d in _FLOAT_RANK for d in dts):
         rank = builtins.max(_FLOAT_RANK[d] for d in dts)
         return {1: tf.float32, 2: tf.float32, 3: tf.float64}[rank]
     raise TypeError(f"no promotion rule here for dtypes {sorted(d.name for d in dts)}")
@@ -248,6 +255,23 @@ def sum(x: Any, /, *, axis: int | tuple[int, ...] | None = None, dtype: Any = No
 def max(x: Any, /, *, axis: int | tuple[int, ...] | None = None,  # noqa: A001
         keepdims: builtins.bool = False) -> tf.Tensor:
     return tf.reduce_max(x, axis=axis, keepdims=keepdims)
+
+
+def all(x: Any, /, *, axis: int | tuple[int, ...] | None = None,  # noqa: A001
+        keepdims: builtins.bool = False) -> tf.Tensor:
+    """Whether every element (along ``axis``) is true; numbers count as ``x != 0``."""
+    return tf.reduce_all(_as_bool(x), axis=axis, keepdims=keepdims)
+
+
+def any(x: Any, /, *, axis: int | tuple[int, ...] | None = None,  # noqa: A001
+        keepdims: builtins.bool = False) -> tf.Tensor:
+    """Whether some element (along ``axis``) is true; numbers count as ``x != 0``."""
+    return tf.reduce_any(_as_bool(x), axis=axis, keepdims=keepdims)
+
+
+def _as_bool(x: Any) -> tf.Tensor:
+    x = tf.convert_to_tensor(x)
+    return x if x.dtype == tf.bool else tf.not_equal(x, tf.zeros((), x.dtype))
 
 
 # -- writes -------------------------------------------------------------------------

@@ -71,7 +71,11 @@ def hessian(
         (divided by ``n_b`` here), or a callable returning the batch mean; ``"none"``
         raises a ValueError. A Keras loss computes in its own dtype (float32 unless created
         with ``dtype=`` or after ``keras.config.set_floatx``); one less precise than the
-        variables raises a TypeError. Exclusive with ``loss_fn``.
+        variables raises a TypeError. A Keras loss with ``ignore_class``
+        (``SparseCategoricalCrossentropy(ignore_class=-1)``) is a mean over the targets
+        that are not ignored, and each batch counts as many of them (Keras's own
+        denominator), so the operator is that of ``loss(y_all, model(X_all))`` however
+        the ignored targets fall into batches. Exclusive with ``loss_fn``.
     data
         One batch, a ``tf.data.Dataset`` of batches, or a re-iterable of batches (a list,
         a ``keras.utils.PyDataset``): batches must be the same on every pass (no
@@ -96,7 +100,8 @@ def hessian(
         ``op.param_names``.
     batch_size_fn
         ``batch_size_fn(batch) -> count`` of samples in a batch (default: the leading
-        dimension of the inputs), called inside the traced function.
+        dimension of the inputs, or the targets that are not ``ignore_class`` for a Keras
+        loss with one), called inside the traced function.
     batchnorm
         ``"batch"`` (default, as in Ghorbani et al. 2019): Keras ``BatchNormalization``
         layers normalise by the statistics of each batch, so the Hessian depends on the

@@ -25,7 +25,7 @@ import tensorflow as tf
 from specdens.tracker import SpectrumRecord, SpectrumTracker
 
 from ._data import is_single_batch
-from ._loss import _reduction
+from ._loss import _keras_unscale, _reduction, ignore_class_of, kept_count
 from .gradient import gradient
 from .hessian import hessian
 
@@ -130,33 +130,52 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
     accuracy, with BatchNorm on batch statistics (``training=True``, inside a
     ``keras.StatelessScope`` so that no moving statistic changes) or on its moving
     statistics (``training=False``); the model is not changed. No regularisation term.
-    A Keras loss with ``reduction="sum"`` gives each batch's total, which counts as is
-    (the mean over the data is the same as with the default reduction, as in
-    :func:`specdens.backends.tf.hessian`); ``reduction="none"`` raises a ValueError."""
+
+    Batches are weighted as in :func:`specdens.backends.tf.hessian`: a Keras loss with
+    ``reduction="sum"`` gives each batch's total, which counts as is (the mean over the
+    data is the same as with the default reduction); ``reduction="none"`` raises a
+    ValueError. A Keras loss with ``ignore_class`` averages over the targets that are not
+    ``ignore_class`` (and so does the accuracy); a batch whose targets are all ignored
+    counts for nothing. Inside a ``tf.distribute`` strategy's scope, Keras divides a mean
+    loss by the number of replicas; that scaling is undone, so the value is the data's
+    mean loss in or out of a scope."""
     if batchnorm not in ("batch", "population"):
         raise ValueError(f"batchnorm={batchnorm!r}; choose 'batch' or 'population'")
     has_bn = any(isinstance(layer, keras.layers.BatchNormalization)
                  for layer in getattr(model, "_flatten_layers", lambda: [])())
     training = batchnorm == "batch" and has_bn
     reduction = _reduction(loss)  # "mean" or "sum" (the batch's total, divided by n)
+    unscale = _keras_unscale(loss) if reduction == "mean" else None  # as output_loss
+    ignore = ignore_class_of(loss)
     batches = [data] if is_single_batch(data) else data
-    total = loss_sum = correct = 0.0
+    total = loss_sum = correct = samples = 0.0
     acc_ok = accuracy is None
     for batch in batches:
         x, y = batch[0], batch[1]
         with keras.StatelessScope():
             out = model(x, training=training)
-        n = float(tf.shape(out)[0].numpy())
-        value = float(loss(y, out))
+        if ignore is None:
+            n = float(tf.shape(out)[0].numpy())
+        else:  # the loss's own denominator, as BatchLoss.loss_count
+            n = float(kept_count(y, ignore, loss.dtype).numpy())
+        if n == 0:
+            continue  # no sample (or every target ignored): the batch counts for nothing
+        value = loss(y, out)
+        if unscale is not None:
+            value = unscale(value)
+        value = float(value)
         loss_sum += value if reduction == "sum" else value * n  # as BatchLoss.output_loss
         total += n
         if acc_ok:
             yv = np.asarray(y)
             ov = np.asarray(out)
             if ov.ndim == 2 and yv.ndim == 1 and yv.dtype.kind in "iu":
-                correct += float(np.sum(np.argmax(ov, axis=1) == yv))
+                keep = yv != ignore if ignore is not None else np.ones(yv.shape, bool)
+                correct += float(np.sum((np.argmax(ov, axis=1) == yv) & keep))
+                samples += float(np.sum(keep))
             else:
                 acc_ok = False
     if total <= 0:
-        raise ValueError("data yielded no samples")
-    return loss_sum / total, (correct / total if acc_ok else None)
+        raise ValueError("data yielded no samples (every batch is empty, or all its targets "
+                         "are the loss's ignore_class)")
+    return loss_sum / total, (correct / samples if acc_ok and samples > 0 else None)

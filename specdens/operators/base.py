@@ -93,7 +93,10 @@ class LinearOperatorBase:
                 "name its library: aslinearoperator(..., xp=...))."
             )
         dev = _array.device_of(v)
-        if not _array.same_device(dev, self.device):
+        # A JAX tracer (a vector inside jax.jit or jax.vmap: the compiled Lanczos loop
+        # running a composite operator) has no device yet, and array_api_compat reports
+        # None: its placement is the compiled program's, so there is nothing to check.
+        if dev is not None and not _array.same_device(dev, self.device):
             raise ValueError(
                 f"{what}: this operator's vectors live on device {self.device}; got one on {dev}"
             )
