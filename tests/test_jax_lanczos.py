@@ -426,6 +426,20 @@ def test_float32_without_x64():
                                    atol=e.tol * 1.0 + 10 * 40 * 1.2e-7)
         with pytest.raises(TypeError, match="jax_enable_x64"):
             specdens.eigsh(A, k=2, dtype="float64")
+        # every entry point refuses float64 arithmetic it cannot have (trace, diagonal
+        # and kpm with given bounds ran it in float32, and kpm then refused its own
+        # rounding of mu_0 against a float64 tolerance)
+        for run in (lambda: specdens.trace(A, num_matvecs=20, dtype="float64"),
+                    lambda: specdens.diagonal(A, num_matvecs=20, dtype="float64"),
+                    lambda: specdens.kpm(A, 10, 2, bounds=(-0.1, 1.1), dtype="float64")):
+            with pytest.raises(TypeError, match="jax_enable_x64"):
+                run()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            t = specdens.trace(A, num_matvecs=40)   # n products: the exact trace
+            d = specdens.kpm(A, 10, 2, bounds=(-0.1, 1.1))
+        assert abs(float(t.value) - 20.0) <= 40 * 40 * 1.2e-7   # tr = 20, float32 sums
+        assert abs(float(d.moments([1]).value[0]) - 0.5) < 0.1   # 2 probes of mean 0.5
     ref = specdens.lanczos(np.diag(np.linspace(0.0, 1.0, 40)), 10, num_probes=2)
     # float32 CGS2 Lanczos: rounding ~ m * eps32 * ||A||
     np.testing.assert_allclose(r.alpha, ref.alpha, atol=10 * 10 * 1.2e-7)

@@ -373,8 +373,7 @@ def kpm(
         raise ValueError(f"widen must be finite and >= 0; got {widen}")
     xp, device = op.xp, op.device
     _array.check_supported_dtype(op.dtype)
-    has64 = _array.supports_float64(xp, device)
-    work = _checks.float_dtype_name(dtype, "dtype", default="float64" if has64 else "float32")
+    work = _checks.work_dtype(dtype, op)
     wdt = _array.xp_dtype(xp, work)
     matvecs = 0
     lanczos_bounds = None

@@ -159,9 +159,7 @@ class _Ctx:
         self.op, self.n = _checks.operator_of(op)
         self.xp, self.device = self.op.xp, self.op.device
         _array.check_supported_dtype(self.op.dtype)
-        has64 = _array.supports_float64(self.xp, self.device)
-        self.work = _checks.float_dtype_name(dtype, "dtype",
-                                             default="float64" if has64 else "float32")
+        self.work = _checks.work_dtype(dtype, self.op)
         self.wdt = _array.xp_dtype(self.xp, self.work)
         self.matvecs = 0
 
