@@ -38,7 +38,7 @@ import numpy as np
 from specdens.backends.jax import gradient, hessian
 from specdens.backends.jax.tracking import evaluate
 
-from .investigate import BATCHNORM_EPS, BATCHNORM_MOMENTUM, sample_order
+from .investigate import BATCHNORM_EPS, BATCHNORM_MOMENTUM, hessian_batches, sample_order
 
 NAME = "jax"
 BATCHNORM_TEXT = ("written out in the JAX model with PyTorch's semantics: epsilon 1e-5, "
@@ -169,9 +169,9 @@ class Run:
         bs = config.batch_size
         if name == "bn-batch":
             # Batch statistics depend on the batching: the Hessian's batches are fixed ones
-            # of the training batch size.
-            self.hess_data = [(self.Xtr[i:i + bs], self.ytr[i:i + bs])
-                              for i in range(0, self.n_train, bs)]
+            # of the training batch size, the same on every backend (hessian_batches).
+            self.hess_data = [(self.Xtr[a:b], self.ytr[a:b])
+                              for a, b in hessian_batches(self.n_train, bs)]
         else:
             self.hess_data = (self.Xtr, self.ytr)  # one batch: the same mean loss
         self.batchnorm = self.mode

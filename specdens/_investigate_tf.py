@@ -45,7 +45,7 @@ except ImportError as exc:  # pragma: no cover - Keras ships with TensorFlow >= 
 from specdens.backends.tf import gradient, hessian
 from specdens.backends.tf.tracking import evaluate
 
-from .investigate import BATCHNORM_EPS, BATCHNORM_MOMENTUM, sample_order
+from .investigate import BATCHNORM_EPS, BATCHNORM_MOMENTUM, hessian_batches, sample_order
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(f"Keras runs on {keras.backend.backend()!r}; --backend tf needs "
@@ -129,9 +129,9 @@ class Run:
         bs = config.batch_size
         if name == "bn-batch":
             # Batch statistics depend on the batching: the Hessian's batches are fixed ones
-            # of the training batch size.
-            self.hess_data = [(self.Xtr[i:i + bs], self.ytr[i:i + bs])
-                              for i in range(0, self.n_train, bs)]
+            # of the training batch size, the same on every backend (hessian_batches).
+            self.hess_data = [(self.Xtr[a:b], self.ytr[a:b])
+                              for a, b in hessian_batches(self.n_train, bs)]
             self.bn_mode = "batch"
         else:
             self.hess_data = (self.Xtr, self.ytr)  # one batch: the same mean loss

@@ -18,6 +18,8 @@ import torch
 from specdens.backends.torch import gradient
 from specdens.backends.torch.tracking import evaluate, track
 
+from .investigate import hessian_batches
+
 NAME = "torch"
 BATCHNORM_TEXT = "`torch.nn.BatchNorm1d`: eps 1e-5, momentum 0.1"
 INIT_TEXT = "PyTorch's default initialisation (`torch.manual_seed(seed)`)"
@@ -99,9 +101,9 @@ class Run:
         bs = config.batch_size
         if name == "bn-batch":
             # Batch statistics depend on the batching: the Hessian's batches are fixed ones
-            # of the training batch size.
-            self.hess_data = [(self.Xtr[i:i + bs], self.ytr[i:i + bs])
-                              for i in range(0, self.n_train, bs)]
+            # of the training batch size, the same on every backend (hessian_batches).
+            self.hess_data = [(self.Xtr[a:b], self.ytr[a:b])
+                              for a, b in hessian_batches(self.n_train, bs)]
             self.bn_mode = "batch"
         else:
             self.hess_data = [(self.Xtr, self.ytr)]  # one batch: the same mean loss

@@ -83,7 +83,8 @@ class GradientConcentration:
     residuals : numpy.ndarray, shape (k,)
         Their residual norms ``||A x_i - lambda_i x_i||`` (from :func:`specdens.eigsh`).
     gradient_norm : float
-        ``||g||``.
+        ``||g||``, computed as ``max|g| * ||g / max|g|||`` (``inf`` only when ``||g||``
+        exceeds the largest float64).
     which : str
         ``"LA"`` (the ``k`` largest eigenvalues), ``"SA"`` (the ``k`` smallest) or
         ``"LM"`` (the ``k`` largest in magnitude).
@@ -159,7 +160,9 @@ def gradient_concentration(
     g
         The vector, shape ``(n,)``, in the operator's array library and on its device,
         e.g. :func:`specdens.backends.torch.gradient` with the same options. Must be
-        finite and non-zero.
+        finite and non-zero; any scale works (``g`` is divided by its largest absolute
+        entry before it is projected and squared, so that no square overflows or
+        underflows).
     k
         Number of eigenvectors, ``1 <= k < n``.
     which
@@ -213,7 +216,7 @@ def gradient_concentration(
                          "or 'LM' (largest magnitude)")
     if k >= n:
         raise ValueError(f"k={k} must be smaller than the operator size n={n}")
-    gvec = _check_vector(op, g, n)
+    gvec, gmax = _check_vector(op, g, n)
     if dtype is None and not _array.supports_float64(op.xp, op.device):
         dtype = "float32"  # e.g. JAX without jax_enable_x64
     kk = k + 1 if k + 1 < n else k
@@ -221,7 +224,9 @@ def gradient_concentration(
                 dtype=dtype)
     xp = op.xp
     X = res.eigenvectors
-    gw = xp.astype(gvec, X.dtype)
+    # Scaled by max|g| (in g's dtype, before the cast) so that no square overflows or
+    # underflows: the fraction is scale-free, and ||g|| = max|g| * ||g / max|g|||.
+    gw = xp.astype(gvec / gmax, X.dtype)
     coef = _array.to_numpy(xp.matmul(xp.matrix_transpose(X), gw))
     gnorm2 = float(_array.to_numpy(xp.sum(gw * gw)))
     vals, resid = res.eigenvalues, res.residuals
@@ -259,7 +264,7 @@ def gradient_concentration(
         overlaps=np.asarray(overlaps, dtype=np.float64),
         eigenvalues=np.asarray(vals[wanted], dtype=np.float64),
         residuals=np.asarray(resid[wanted], dtype=np.float64),
-        gradient_norm=math.sqrt(gnorm2),
+        gradient_norm=gmax * math.sqrt(gnorm2),
         which=which,
         gap=gap,
         error_estimate=err,
@@ -280,7 +285,9 @@ def _split(vals: np.ndarray, k: int, which: str) -> tuple[np.ndarray, int | None
     return np.array([i for i in range(m) if i != extra]), extra
 
 
-def _check_vector(op: Any, g: Any, n: int) -> Any:
+def _check_vector(op: Any, g: Any, n: int) -> tuple[Any, float]:
+    """``g`` checked against the operator (library, shape, device, dtype; finite and
+    non-zero), and its largest absolute entry."""
     lib = _array.library_name(g)
     if lib != op.array_library:
         raise TypeError(f"g is a {lib} array but the operator works on {op.array_library} "
@@ -299,7 +306,7 @@ def _check_vector(op: Any, g: Any, n: int) -> Any:
                          "has no meaningful concentration")
     if not np.any(g64 != 0):
         raise ValueError("g is zero; the concentration ||P g||^2 / ||g||^2 is undefined")
-    return g
+    return g, float(np.max(np.abs(g64)))
 
 
 def negative_mass(density: SpectralDensity, *, tol: float = 0.0) -> Estimate:

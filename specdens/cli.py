@@ -14,7 +14,9 @@ Usage::
 :meth:`specdens.SpectralDensity.save`) and ``STEM-summary.json``
 (:func:`specdens.summary.summarize` plus the input, the settings and timings), and
 prints a short summary. Usage errors (a missing file, an unknown example, bad options)
-print one line to stderr and exit with status 2; a failed computation exits with 1.
+print one line to stderr and exit with status 2; a failed computation (also a valid
+matrix too small in magnitude for float64 arithmetic, entries around 1e-300) prints one
+line and exits with 1.
 """
 
 from __future__ import annotations
@@ -162,9 +164,9 @@ def _add_investigate(sub: Any) -> None:
                     help=f"SLQ probes (default {d.probes})")
     ip.add_argument("--k", type=_positive_int, default=d.k,
                     help=f"top eigenvalues and gradient-concentration dimension (default {d.k}, "
-                         "the number of classes)")
+                         "the number of classes); smaller than the number of parameters")
     ip.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                    help=f"SGD batch size (default {d.batch_size})")
+                    help=f"SGD batch size, at least 2 (BatchNorm; default {d.batch_size})")
     ip.add_argument("--lr", type=_positive_float, default=d.lr,
                     help=f"SGD learning rate (default {d.lr})")
     ip.add_argument("--seed", type=_nonnegative_int, default=d.seed,
@@ -338,6 +340,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     import numpy as np
 
     from . import __version__
+    from .algorithms.lanczos import ScaleError
     from .algorithms.slq import slq
     from .summary import summarize
 
@@ -353,7 +356,9 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     try:
         density = slq(op, num_steps=args.steps, num_probes=args.probes, seed=args.seed,
                       reorth=args.reorth, probes=args.probe_kind, progress=not args.quiet)
-    except (FloatingPointError, MemoryError) as exc:
+    except (FloatingPointError, MemoryError, ScaleError) as exc:
+        # (ScaleError: a valid matrix whose scale the arithmetic cannot resolve, entries
+        # ~1e-300, is a failure of the computation on this input)
         _error(f"the computation failed: {exc}")
         return EXIT_FAILURE
     t_slq = time.perf_counter()

@@ -28,6 +28,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 from scipy.special import ndtr, ndtri
 
+from .algorithms.checkpoint import atomic_write_npz
 from .algorithms.lanczos import LanczosResult
 from .algorithms.quadrature import previous_rules, quadrature_rules
 
@@ -570,6 +571,11 @@ class SpectralDensity:
         (version-1 readers refuse it rather than silently drop the atoms). An optional
         int64 array ``probe_indices`` (num_probes) identifies the random probes, and an
         optional bool array ``breakdown`` (num_probes) flags the probes that broke down.
+
+        The file is replaced atomically (written to a temporary file in the same folder,
+        then renamed over ``path``): when the metadata cannot be stored (``extra`` holding
+        a value JSON cannot hold raises a TypeError) or the write fails, an existing file
+        at ``path`` is left as it was.
         """
         meta = {
             "n": self.n, "num_steps": self.num_steps, "seed": self.seed, "reorth": self.reorth,
@@ -591,13 +597,10 @@ class SpectralDensity:
             version = FORMAT_VERSION_DEFLATED
             arrays["deflated_eigenvalues"] = np.asarray(self.deflated_eigenvalues, np.float64)
             arrays["deflated_residuals"] = np.asarray(self.deflated_residuals, np.float64)
-        with open(path, "wb") as fh:
-            np.savez(
-                fh,
-                format=np.array(FORMAT_NAME), version=np.array(version),
-                meta=np.array(json.dumps(meta, default=_json_default)),
-                **arrays,
-            )
+        # serialise first: metadata that JSON cannot hold raises before any file is touched
+        meta_json = json.dumps(meta, default=_json_default)
+        atomic_write_npz(path, {"format": np.array(FORMAT_NAME), "version": np.array(version),
+                                "meta": np.array(meta_json), **arrays})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> SpectralDensity:
@@ -722,4 +725,5 @@ def _json_default(obj: Any) -> Any:
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    raise TypeError(f"cannot store {type(obj).__name__} in a specdens result file's metadata")
+    raise TypeError(f"cannot store {type(obj).__name__} in a specdens result file's metadata; "
+                    "convert it to a JSON value (str, number, bool, None, list or dict)")

@@ -12,7 +12,8 @@ digits (shipped with scikit-learn, no download): the same MLP trained three ways
 ``bn-batch``
     Linear-BatchNorm-ReLU layers, normalising by the statistics of each mini-batch in
     training (the usual BatchNorm); its Hessian is taken with batch statistics over fixed
-    batches of the training batch size (as in the paper).
+    batches of the training batch size (as in the paper; a last batch of one sample is
+    merged into the one before it: :func:`hessian_batches`).
 ``bn-population``
     The same layers normalising by population statistics in training: before each step
     the running averages are updated from the mini-batch (PyTorch's momentum 0.1), then
@@ -38,7 +39,8 @@ with the backend's own Hessian, gradient and records
 :mod:`specdens.backends.tf`). The three mean the same thing: the same architecture,
 data split, SGD of PyTorch's semantics (momentum buffer, weight decay added to the
 gradient), BatchNorm of PyTorch's semantics (epsilon 1e-5; running averages with
-momentum 0.1 and the unbiased batch variance), record schedule and record contents. They
+momentum 0.1 and the unbiased batch variance), the ``bn-batch`` Hessian's batches
+(:func:`hessian_batches`), record schedule and record contents. They
 differ in their random draws: torch initialises and orders the batches with torch's
 generator; JAX and TensorFlow draw the same distributions (PyTorch's default
 initialisation) with numpy, so that those two start from the same weights and see the
@@ -58,6 +60,7 @@ import json
 import math
 import platform
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,7 +70,14 @@ import numpy as np
 
 from . import _checks
 from ._progress import ProgressBar
-from .tracker import SpectrumRecord, SpectrumTracker, log_spaced_steps, read_records
+from .tracker import (
+    SpectrumRecord,
+    SpectrumTracker,
+    TrackerFileError,
+    TrackerFileWarning,
+    log_spaced_steps,
+    read_records,
+)
 
 __all__ = [
     "BACKENDS",
@@ -77,6 +87,7 @@ __all__ = [
     "RUNS",
     "InvestigationConfig",
     "InvestigationResult",
+    "hessian_batches",
     "load_backend",
     "run_investigation",
     "sample_order",
@@ -92,6 +103,9 @@ _FRAMEWORKS = {"torch": ("torch", "torch", "specdens[torch]"),
 
 RUNS = ("no-bn", "bn-batch", "bn-population")
 """The three trainings, in the order they run."""
+
+CLASSES = 10
+"""Classes of the digits, the outputs of the MLP."""
 
 BATCHNORM_EPS = 1e-5
 """BatchNorm's epsilon (PyTorch's default), on every backend."""
@@ -154,9 +168,14 @@ class InvestigationConfig:
         SLQ settings (Lanczos steps per probe, probes).
     k : int
         Top eigenvalues and the dimension of the gradient's projection (the number of
-        classes, 10).
+        classes, 10); smaller than the number of parameters of every run
+        (:meth:`parameters`).
     batch_size, lr, momentum, weight_decay : number
         SGD settings; the weight decay term is part of the Hessian and the gradient.
+        ``batch_size`` is at least 2 when a BatchNorm run is trained (a BatchNorm
+        training step needs two samples); the ``bn-batch`` Hessian's batches are
+        ``batch_size`` consecutive training samples, a last batch of one sample being
+        merged into the one before it (see :func:`hessian_batches`).
     seed : int
         Seeds the data split, the initialisation (the same for the three runs), the
         batch order and the probes.
@@ -212,6 +231,25 @@ class InvestigationConfig:
             raise ValueError(f"runs={self.runs!r}; choose distinct names among "
                              f"{', '.join(RUNS)}")
         object.__setattr__(self, "runs", runs)
+        if self.batch_size < 2 and any(r != "no-bn" for r in runs):
+            raise ValueError("batch_size must be at least 2 for the BatchNorm runs: a "
+                             "BatchNorm training step normalises by the statistics of its "
+                             "batch, which one sample does not have")
+        n, run = min((self.parameters(r), r) for r in runs)
+        if self.k >= n:
+            raise ValueError(f"k={self.k} must be smaller than the number of parameters "
+                             f"(the Hessian's size): run {run} has {n} (width {self.width}, "
+                             f"depth {self.depth}); choose a smaller k or a wider or deeper "
+                             "MLP")
+
+    def parameters(self, run: str) -> int:
+        """The number of parameters of ``run``'s MLP (the size of its Hessian): the
+        linear layers' weights and biases, and with BatchNorm a scale and a shift per
+        hidden unit."""
+        if run not in RUNS:
+            raise ValueError(f"run={run!r}; choose one of {', '.join(RUNS)}")
+        n = sum(n_out * n_in + n_out for n_out, n_in in _layer_shapes(self, CLASSES))
+        return n + (2 * self.width * self.depth if run != "no-bn" else 0)
 
     def schedule(self) -> list[int]:
         """The recorded steps."""
@@ -233,7 +271,8 @@ class InvestigationResult:
     out_dir : Path
     files : dict
         Paths by role: ``records``, ``report``, ``summary`` and one per figure (figures are
-        missing when matplotlib is not installed).
+        missing when matplotlib is not installed, and a figure matplotlib cannot draw,
+        e.g. a log axis of a diverged run's values, is skipped: ``notes`` says so).
     summary : dict
         The numbers of ``summary.json`` (per run and per recorded step, and the verdicts).
     wall_time : float
@@ -304,6 +343,26 @@ def torch_default_weights(config: InvestigationConfig, classes: int = 10
         W = rng.uniform(-bound, bound, size=(n_out, n_in))
         b = rng.uniform(-bound, bound, size=n_out)
         out.append((W, b))
+    return out
+
+
+def hessian_batches(n_train: int, batch_size: int) -> list[tuple[int, int]]:
+    """The ``(start, stop)`` of the fixed batches of the ``bn-batch`` run's Hessian, on
+    every backend: consecutive training samples, ``batch_size`` at a time; a last batch of
+    one sample (``n_train % batch_size == 1``) is merged into the one before it, since
+    BatchNorm's batch statistics need two samples (other remainders stay a smaller last
+    batch).
+
+    >>> hessian_batches(11, 5)
+    [(0, 5), (5, 11)]
+    >>> hessian_batches(12, 5)
+    [(0, 5), (5, 10), (10, 12)]
+    """
+    n_train = _checks.positive_int(n_train, "n_train")
+    batch_size = _checks.positive_int(batch_size, "batch_size")
+    out = [(i, min(i + batch_size, n_train)) for i in range(0, n_train, batch_size)]
+    if len(out) > 1 and out[-1][1] - out[-1][0] == 1:
+        out[-2:] = [(out[-2][0], n_train)]
     return out
 
 
@@ -397,12 +456,18 @@ def run_investigation(config: InvestigationConfig, out_dir: str | Path, *,
     resume
         Continue an existing record file of the same settings (steps already recorded
         are not computed again; the training is replayed, deterministically, to reach
-        the later ones). Without it an existing record file is an error.
+        the later ones). Without it an existing record file is an error. A record file
+        without records (left by a run that failed before its first record) counts as
+        absent either way: it is replaced.
     progress
         ``True`` for a progress bar on stderr (shown on runs longer than 2 s), or a
         callable ``(done, total)`` counting recorded steps.
     figures
-        Draw the figures (needs matplotlib).
+        Draw the figures (needs matplotlib). A figure that cannot be drawn is skipped
+        with a note in the summary and the report, and values outside
+        :data:`LOG_AXIS_RANGE` (a diverged run's loss, say) are left out of the log axes
+        of ``loss.png``, also with a note: the summary and the report are always
+        written.
     initial_weights
         ``[(W, b), ...]``, one pair per linear layer in PyTorch's layout (``W`` of shape
         ``(out, in)``), to start every run from (BatchNorm parameters start at 1 and 0);
@@ -417,10 +482,11 @@ def run_investigation(config: InvestigationConfig, out_dir: str | Path, *,
     Raises
     ------
     FileExistsError
-        When ``out_dir`` holds a record file and ``resume`` is False.
+        When ``out_dir`` holds a record file with records and ``resume`` is False.
     ValueError
         For a record file of other settings (with ``resume``), or initial weights of
-        other shapes.
+        other shapes. (Settings that cannot run, such as ``k`` not below the number of
+        parameters, are refused earlier, by :class:`InvestigationConfig`.)
     ImportError
         When the backend's framework is missing (:func:`load_backend`).
     """
@@ -430,7 +496,11 @@ def run_investigation(config: InvestigationConfig, out_dir: str | Path, *,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rec_path = out / RECORD_FILE
-    if rec_path.exists() and rec_path.stat().st_size > 0 and not resume:
+    if rec_path.exists() and not _holds_records(rec_path):
+        # A record file without records (left by a run that failed before its first
+        # record): nothing to continue or to lose, so start afresh, with these settings.
+        rec_path.unlink()
+    if rec_path.exists() and not resume:
         raise FileExistsError(f"{rec_path} exists; pass resume=True (--resume) to continue it, "
                               "or choose another output folder")
     tick: Callable | None
@@ -482,9 +552,12 @@ def run_investigation(config: InvestigationConfig, out_dir: str | Path, *,
     files = {"records": rec_path}
     if figures:
         try:
-            files.update(_write_figures(records, out, config.runs))
+            drawn, figure_notes = _write_figures(records, out, config.runs)
         except ImportError as exc:
             notes.append(f"figures skipped: {exc}")
+        else:
+            files.update(drawn)
+            notes += figure_notes
     summary = summarize_runs(records, config, run_info)
     wall = time.perf_counter() - t0
     summary["backend"] = backend_info
@@ -501,6 +574,18 @@ def run_investigation(config: InvestigationConfig, out_dir: str | Path, *,
     files["report"].write_text(render_report(summary, files))
     return InvestigationResult(out_dir=out, files=files, summary=summary, wall_time=wall,
                                notes=tuple(notes))
+
+
+def _holds_records(path: Path) -> bool:
+    """Whether the record file at ``path`` holds a record, or is not a readable tracker
+    file (which is then not ours to remove): False for an empty file, a file holding only
+    a (possibly torn) header."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TrackerFileWarning)
+            return bool(read_records(path))
+    except (TrackerFileError, OSError):
+        return True
 
 
 def _train_run(run: Any, config: InvestigationConfig, tracker: SpectrumTracker,
@@ -562,7 +647,18 @@ def _train_run(run: Any, config: InvestigationConfig, tracker: SpectrumTracker,
 
 
 # -- figures ------------------------------------------------------------------------------
-def _write_figures(records: list[SpectrumRecord], out: Path, runs: tuple) -> dict:
+LOG_AXIS_RANGE = (1e-100, 1e100)
+"""Values a log axis of the figures shows: a diverged run's loss (1e276, say) is left out
+of it, since matplotlib's log axis fails on spans near float64's range."""
+
+
+def _write_figures(records: list[SpectrumRecord], out: Path, runs: tuple
+                   ) -> tuple[dict, list[str]]:
+    """Draw the figures into ``out``: ``({role: path}, notes)``. A figure matplotlib
+    cannot draw (a ValueError or an arithmetic error, e.g. the overflow of a log axis
+    spanning hundreds of decades) is skipped, with a note; values outside
+    :data:`LOG_AXIS_RANGE` are left out of the log axes of ``loss.png``, with a note.
+    Raises ImportError when matplotlib is missing."""
     from .plotting import plot_runs, plot_series, require_matplotlib
 
     require_matplotlib()
@@ -570,21 +666,62 @@ def _write_figures(records: list[SpectrumRecord], out: Path, runs: tuple) -> dic
     from matplotlib.figure import Figure
 
     present = [r for r in runs if any(rec.run == r for rec in records)]
-    files = {}
+    files: dict[str, Path] = {}
+    notes: list[str] = []
+
+    def draw(role: str, make: Callable[[], tuple[Any, list[str]]]) -> None:
+        path = out / FIGURES[role]
+        try:
+            fig, fig_notes = make()
+            fig.savefig(path, dpi=120)
+        except (ValueError, ArithmeticError) as exc:
+            path.unlink(missing_ok=True)  # no partial or stale figure under this name
+            notes.append(f"figure {path.name} skipped: matplotlib could not draw it "
+                         f"({type(exc).__name__}: {exc})")
+        else:
+            files[role] = path
+            notes.extend(fig_notes)
+
     for view in ("densities", "heatmap", "top_eigenvalues", "concentration"):
-        fig = plot_runs(records, view, runs=present)
-        path = out / FIGURES[view]
-        fig.savefig(path, dpi=120)
-        files[view] = path
-    fig = Figure(figsize=(11, 3.8), layout="constrained")
-    FigureCanvasAgg(fig)
-    plot_series(records, "loss", fig.add_subplot(1, 3, 1), runs=present, yscale="log")
-    plot_series(records, "edge_ratio", fig.add_subplot(1, 3, 2), runs=present, yscale="log")
-    plot_series(records, "num_outliers", fig.add_subplot(1, 3, 3), runs=present)
-    path = out / FIGURES["loss"]
-    fig.savefig(path, dpi=120)
-    files["loss"] = path
-    return files
+        draw(view, lambda view=view: (plot_runs(records, view, runs=present), []))
+
+    def loss_figure() -> tuple[Any, list[str]]:
+        fig = Figure(figsize=(11, 3.8), layout="constrained")
+        FigureCanvasAgg(fig)
+        left_out = {}
+        for j, name in enumerate(("loss", "edge_ratio")):
+            ax = plot_series(records, name, fig.add_subplot(1, 3, j + 1), runs=present,
+                             yscale="log")
+            left_out[name] = _leave_out_of_log_axis(ax)
+        plot_series(records, "num_outliers", fig.add_subplot(1, 3, 3), runs=present)
+        if not any(left_out.values()):
+            return fig, []
+        lo, hi = LOG_AXIS_RANGE
+        return fig, [f"{FIGURES['loss']}: "
+                     + ", ".join(f"{n} value(s) of the {name.replace('_', ' ')}"
+                                 for name, n in left_out.items() if n)
+                     + f" outside [{lo:.0e}, {hi:.0e}] (a diverged run) are left out of its "
+                     "log axes; summary.json and the tables hold them"]
+
+    draw("loss", loss_figure)
+    return files, notes
+
+
+def _leave_out_of_log_axis(ax: Any) -> int:
+    """Blank the points of ``ax``'s curves outside :data:`LOG_AXIS_RANGE` (a gap in the
+    curve) and rescale the axis; the number of points left out."""
+    lo, hi = LOG_AXIS_RANGE
+    count = 0
+    for line in ax.get_lines():
+        y = np.asarray(line.get_ydata(), dtype=np.float64)
+        bad = np.isfinite(y) & (y > 0) & ((y < lo) | (y > hi))
+        if bad.any():
+            count += int(bad.sum())
+            line.set_ydata(np.where(bad, np.nan, y))
+    if count:
+        ax.relim()
+        ax.autoscale_view()
+    return count
 
 
 # -- numbers and verdicts -----------------------------------------------------------------

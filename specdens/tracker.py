@@ -422,12 +422,24 @@ def log_spaced_steps(last: int, num: int, *, first: int = 1,
 
 
 # -- the file ---------------------------------------------------------------------------
+# How every header line begins (``json.dumps`` of the header dict, "format" first).
+_HEADER_START = b'{"format": ' + json.dumps(FORMAT_NAME).encode("ascii")
+
+
+def _may_be_torn_header(raw: bytes) -> bool:
+    """Whether ``raw``, a first line cut short or not valid JSON, can be a header line
+    torn by a crash: only a prefix of one (or a line beginning like one) can; anything
+    else is a foreign file, which must not be cut off."""
+    return raw.startswith(_HEADER_START) or _HEADER_START.startswith(raw)
+
+
 def _scan(path: Path) -> tuple[dict | None, list[tuple[int, dict]], int, str | None]:
     """Parse a tracker file: header, ``(line number, record JSON)`` pairs, the byte length
     of the intact part, and a description of a torn last line (None if there is none).
 
     Raises :class:`TrackerFileError` for a damaged line before the last one, a foreign
-    file or another version.
+    file (also one whose only line is not a tracker header, with or without a final
+    newline: it is not taken for a torn header) or another version.
     """
     data = path.read_bytes()
     lines = data.split(b"\n")
@@ -441,6 +453,12 @@ def _scan(path: Path) -> tuple[dict | None, list[tuple[int, dict]], int, str | N
         last_piece = idx == len(pieces) - 1
         if last_piece:
             if raw:
+                if header is None and not _may_be_torn_header(raw):
+                    raise TrackerFileError(
+                        f"{path} is not a specdens tracker file (its first line has no "
+                        f"final newline and does not begin like a tracker header, "
+                        f"{_HEADER_START.decode()}...); it is left unchanged: give the tracker "
+                        "another path")
                 torn = f"line {lineno} has no final newline ({len(raw)} bytes)"
             break
         try:
@@ -448,6 +466,11 @@ def _scan(path: Path) -> tuple[dict | None, list[tuple[int, dict]], int, str | N
             if not isinstance(obj, dict):
                 raise ValueError("not a JSON object")
         except (UnicodeDecodeError, ValueError) as exc:
+            if header is None and not _may_be_torn_header(raw):
+                raise TrackerFileError(
+                    f"{path} is not a specdens tracker file (its first line is not a tracker "
+                    f"header: {exc}); it is left unchanged: give the tracker another path"
+                ) from None
             if idx == len(pieces) - 2 and not pieces[-1][1]:
                 torn = f"line {lineno} is not valid JSON ({exc})"
                 break
@@ -560,7 +583,9 @@ class SpectrumTracker:
     ----------
     path
         The JSON Lines file (created with its header if missing or empty; continued if it
-        exists, after cutting off a torn last line).
+        exists, after cutting off a torn last line). Any other file, also a one-line file
+        without a final newline that does not begin like a tracker header, is refused
+        with a :class:`TrackerFileError` and left unchanged.
     run
         Name of this run's records (several runs may share a file).
     steps

@@ -69,6 +69,28 @@ def test_diagonal_operator_exact_fraction_and_overlaps():
     assert lm.gap == pytest.approx(10.0, abs=1e-6)  # |-40| - |30|
 
 
+@pytest.mark.parametrize("dtype, scale", [
+    ("float64", 1e160), ("float64", 1e-170), ("float64", 1e300), ("float64", 1e-300),
+    ("float32", 1e20), ("float32", 1e-22), ("float32", 1e35),
+])
+def test_gradient_of_any_scale_gives_the_exact_fraction(dtype, scale):
+    """The fraction is scale-free: squaring g without scaling overflowed (NaN, or a
+    plausible 0.0 in float32) or underflowed (NaN) for large or small finite g."""
+    A = np.diag(np.arange(1.0, 101.0)).astype(dtype)
+    g = np.zeros(100, dtype=dtype)
+    g[-1], g[0] = 3.0 * scale, 4.0 * scale  # 9 of 25 in the top eigenvector
+    assert np.all(np.isfinite(g)) and np.all(g[[0, -1]] != 0)
+    c = gradient_concentration(A, g, k=1, dtype=dtype)
+    eps = float(np.finfo(dtype).eps)
+    # Davis-Kahan with the separation 100 - 99 = 1, plus rounding
+    tol = float(np.sqrt(np.sum(c.residuals**2))) + 10 * eps
+    assert abs(c.fraction - 9 / 25) <= tol
+    np.testing.assert_allclose(c.overlaps, [9 / 25], rtol=0, atol=tol)
+    exact_norm = 5.0 * float(np.abs(g[0])) / 4.0  # ||(3s, 4s)|| = 5s, s as stored
+    assert c.gradient_norm == pytest.approx(exact_norm, rel=10 * eps)
+    assert math.isfinite(c.error_estimate) and c.converged
+
+
 @pytest.mark.parametrize("n", [10, 300])
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
 def test_degenerate_eigenvalues_are_not_separated(n, which):
@@ -150,6 +172,7 @@ def test_gap_unknown_when_no_next_eigenvalue():
     [
         (np.zeros(50), 3, "LA", ValueError, "zero"),
         (np.full(50, np.nan), 3, "LA", ValueError, "NaN"),
+        (np.r_[np.inf, np.ones(49)], 3, "LA", ValueError, "Inf"),
         (np.ones(49), 3, "LA", ValueError, "shape"),
         (np.ones((50, 1)), 3, "LA", ValueError, "shape"),
         (np.ones(50), 50, "LA", ValueError, "smaller than the operator size"),

@@ -186,6 +186,26 @@ def test_bad_matrix_files_exit_2(tmp_path, capsys, name, content, needles):
     one_line_error(capsys, *needles)
 
 
+def test_a_matrix_too_small_for_the_arithmetic_exits_1(tmp_path, capsys):
+    """A valid symmetric matrix scaled by 1e-310: slq's ValueError about the operator's
+    scale is a failed computation (one line, exit 1), not a traceback; the same matrix at
+    a resolvable scale runs."""
+    path = tmp_path / "tiny.npy"
+    np.save(path, symmetric_dense(50) * 1e-310)
+    assert main(["spectrum", str(path), "--out", str(tmp_path / "o"), *FAST]) == 1
+    err = one_line_error(capsys, "the computation failed", "the operator's scale",
+                         "too small for float64")
+    assert err.startswith("specdens: error:")
+    assert not (tmp_path / "o" / "tiny-slq.npz").exists()
+    np.save(path, symmetric_dense(50) * 1e-100)
+    assert main(["spectrum", str(path), "--out", str(tmp_path / "o"), "--no-plot",
+                 *FAST]) == 0
+    exact = np.linalg.eigvalsh(symmetric_dense(50) * 1e-100)
+    summary = json.loads((tmp_path / "o" / "tiny-summary.json").read_text())
+    assert summary["range"]["min"] == pytest.approx(exact[0], rel=1e-8)
+    assert summary["range"]["max"] == pytest.approx(exact[-1], rel=1e-8)
+
+
 def test_version_help_and_examples(capsys):
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"specdens {specdens.__version__}"

@@ -143,6 +143,28 @@ def test_save_load_roundtrip(dens, tmp_path):
         assert json.loads(str(z["meta"]))["n"] == d.n
 
 
+def test_failed_save_leaves_the_old_file_intact(dens, tmp_path):
+    """Metadata JSON cannot hold raises before the file is touched, and a save replaces
+    the file atomically: the old result stays readable, no temporary file is left."""
+    import dataclasses
+
+    d, _ = dens
+    p = tmp_path / "r.npz"
+    d.save(p)
+    before = p.read_bytes()
+    bad = dataclasses.replace(d, extra={"when": np.datetime64("2024-01-01")})
+    with pytest.raises(TypeError, match="cannot store"):
+        bad.save(p)
+    assert p.read_bytes() == before
+    np.testing.assert_array_equal(SpectralDensity.load(p).nodes, d.nodes)
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["r.npz"]
+    # a good save replaces it, at exactly the path given (no ".npz" appended)
+    dataclasses.replace(d, extra={"when": "2024-01-01"}).save(p)
+    assert SpectralDensity.load(p).extra == {"when": "2024-01-01"}
+    d.save(tmp_path / "plain")
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["plain", "r.npz"]
+
+
 def test_breakdown_at_the_last_step_gives_an_exact_rule(tmp_path):
     """Five distinct eigenvalues: every Krylov space is invariant after 5 steps, so with
     num_steps=5 the recurrence breaks down exactly at the last step (lengths ==

@@ -405,6 +405,61 @@ def test_a_run_diverging_at_a_recorded_step_is_noted_not_fatal(tmp_path):
     assert report.count("Diverged (non-finite loss or parameters) at step") == len(RUNS)
 
 
+DIVERGING = dict(width=4, depth=1, steps=4, records=3, lanczos_steps=10, probes=1, k=2,
+                 lr=1e30, runs=("bn-population",))
+
+
+def test_a_huge_finite_loss_is_left_out_of_the_log_axes(tmp_path):
+    """lr=1e30 in float64: the loss grows to ~1e265 and stays finite, so the run is not
+    diverged, but a log axis spanning 265 decades overflowed in matplotlib and no summary
+    or report was written (OverflowError). The values outside LOG_AXIS_RANGE are left out
+    of loss.png with a note; every output is written."""
+    cfg = InvestigationConfig(**DIVERGING)
+    res = run_investigation(cfg, tmp_path, progress=False)
+    from specdens.investigate import LOG_AXIS_RANGE
+
+    records = read_records(res.files["records"])
+    losses = [r.loss for r in records]
+    assert max(losses) > 1e250 and all(math.isfinite(v) for v in losses)  # the premise
+    for name in ["summary.json", "report.md", *FIGURES.values()]:
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / FIGURES["loss"]).read_bytes()[:8] == PNG_MAGIC
+    summary = json.loads(res.files["summary"].read_text())
+    left_out = sum(1 for v in losses if not LOG_AXIS_RANGE[0] <= v <= LOG_AXIS_RANGE[1])
+    note = [n for n in summary["notes"] if n.startswith("loss.png:")]
+    assert len(note) == 1 and f"{left_out} value(s) of the loss" in note[0]
+    assert note[0] in res.files["report"].read_text()
+    assert summary["runs"]["bn-population"]["final"]["loss"] == losses[-1]  # kept in full
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_a_figure_that_cannot_be_drawn_is_skipped_with_a_note(tmp_path, monkeypatch):
+    """Top eigenvalues of ~1e276 on the log axis of top_eigenvalues.png: matplotlib
+    cannot draw it (OverflowError); the figure is skipped with a note in the summary and
+    the report, the other figures, the summary and the report are written."""
+    import dataclasses
+
+    from specdens import investigate
+
+    def huge(path, **kw):
+        return [dataclasses.replace(r, eigenvalues=r.eigenvalues * 1e276) if r.step else r
+                for r in read_records(path, **kw)]
+
+    monkeypatch.setattr(investigate, "read_records", huge)
+    cfg = InvestigationConfig(**{**DIVERGING, "lr": 0.1})
+    res = run_investigation(cfg, tmp_path, progress=False)
+    assert "top_eigenvalues" not in res.files
+    assert not (tmp_path / FIGURES["top_eigenvalues"]).exists()
+    for role in ("densities", "heatmap", "concentration", "loss"):
+        assert res.files[role].read_bytes()[:8] == PNG_MAGIC, role
+    summary = json.loads(res.files["summary"].read_text())
+    (note,) = [n for n in summary["notes"] if "top_eigenvalues.png" in n]
+    assert note.startswith("figure top_eigenvalues.png skipped: matplotlib could not draw")
+    report = res.files["report"].read_text()
+    assert note in report and "](top_eigenvalues.png)" not in report
+    assert "](densities.png)" in report
+
+
 def test_a_floating_point_error_of_a_finite_state_is_not_a_divergence(tmp_path, monkeypatch):
     """Only a non-finite state counts as divergence: a FloatingPointError raised by the
     recording of a finite state (a bug) propagates."""
@@ -445,6 +500,125 @@ def test_run_finite_sees_non_finite_parameters_and_loss(backend, name):
         with trainer.session(cfg):
             run = trainer.Run(name, cfg, data, w)
             assert run.finite() is expect, (scale, expect)
+
+
+# -- k, batch sizes and leftover record files -------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "jax", "tf"])
+def test_parameter_count_is_that_of_the_model(backend):
+    """InvestigationConfig.parameters, computed from the layer shapes before any
+    training, is each backend's model's count."""
+    from specdens.investigate import _digits, load_backend
+
+    pytest.importorskip({"torch": "torch", "jax": "jax", "tf": "tensorflow"}[backend])
+    data = _digits(0)
+    for width, depth in [(1, 1), (3, 2)]:
+        cfg = InvestigationConfig(width=width, depth=depth, k=1, backend=backend)
+        trainer = load_backend(backend)
+        with trainer.session(cfg):
+            for name in RUNS:
+                run = trainer.Run(name, cfg, data, torch_default_weights(cfg))
+                assert cfg.parameters(name) == run.parameters, (width, depth, name)
+    assert InvestigationConfig(width=1, depth=1, k=1).parameters("no-bn") == 64 + 1 + 10 + 10
+
+
+def test_k_not_below_the_parameter_count_is_a_usage_error(tmp_path, capsys):
+    """--k 85 for the 85 parameters of width 1, depth 1 (no-bn): one line, exit 2, no
+    file (before: a ValueError traceback from eigsh after training had started, and a
+    header-only records.jsonl)."""
+    argv = ["investigate", "--width", "1", "--depth", "1", "--steps", "2", "--records", "2",
+            "--lanczos-steps", "10", "--probes", "2", "--out", str(tmp_path), "-q"]
+    assert main([*argv, "--k", "85"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specdens: error: k=85 must be smaller than the number of "
+                          "parameters") and "run no-bn has 85" in err
+    assert err.count("\n") == 1 and not (tmp_path / "records.jsonl").exists()
+    InvestigationConfig(width=1, depth=1, k=84)  # one below: allowed
+    InvestigationConfig(width=1, depth=1, k=86, runs=("bn-batch",))  # 87 with BatchNorm
+    with pytest.raises(ValueError, match="run bn-batch has 87"):
+        InvestigationConfig(width=1, depth=1, k=87, runs=("bn-batch", "bn-population"))
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_record_file_without_records_does_not_block_a_rerun(tmp_path, resume):
+    """A run that fails before its first record leaves a records.jsonl holding only the
+    header (of its settings): a rerun, with or without resume and with other settings,
+    starts afresh (before: "exists; pass --resume", or with --resume "records another
+    experiment")."""
+    from specdens.tracker import SpectrumTracker
+
+    path = tmp_path / "records.jsonl"
+    SpectrumTracker(path, run="no-bn", k=100, num_steps=10, num_probes=2,
+                    meta={"k": 100, "width": 1})
+    assert read_header(path) is not None and read_records(path) == []
+    cfg = InvestigationConfig(width=4, depth=1, steps=1, records=2, lanczos_steps=4,
+                              probes=1, k=1, runs=("no-bn",))
+    res = run_investigation(cfg, tmp_path, resume=resume, progress=False, figures=False)
+    assert read_header(path)["meta"]["k"] == 1
+    assert [r.step for r in read_records(path)] == cfg.schedule() == [0, 1]
+    assert res.summary["runs"]["no-bn"]["records"][0]["step"] == 0
+    # a file with records still needs resume, and a foreign file is not removed
+    with pytest.raises(FileExistsError, match="pass resume=True"):
+        run_investigation(cfg, tmp_path, progress=False, figures=False)
+    path.write_text('{"accuracy": 0.97}')
+    with pytest.raises(FileExistsError):
+        run_investigation(cfg, tmp_path, progress=False, figures=False)
+    assert path.read_text() == '{"accuracy": 0.97}'
+
+
+def test_hessian_batches_merge_a_one_sample_remainder():
+    from specdens.investigate import hessian_batches
+
+    assert hessian_batches(1536, 128) == [(i, i + 128) for i in range(0, 1536, 128)]
+    assert hessian_batches(1536, 307) == [(0, 307), (307, 614), (614, 921), (921, 1228),
+                                          (1228, 1536)]
+    assert hessian_batches(1536, 1535) == [(0, 1536)]
+    assert hessian_batches(1536, 2000) == [(0, 1536)]
+    assert hessian_batches(1536, 10) == [(i, min(i + 10, 1536)) for i in range(0, 1536, 10)]
+    for bs in (2, 5, 7, 307, 512, 1535):
+        b = hessian_batches(1536, bs)
+        assert b[0][0] == 0 and b[-1][1] == 1536
+        assert all(x[1] == y[0] for x, y in zip(b, b[1:], strict=False))
+        assert min(stop - start for start, stop in b) >= 2
+
+
+@pytest.mark.parametrize("backend", ["torch", "jax", "tf"])
+def test_every_backend_takes_the_same_hessian_batches(backend):
+    """bs=5: 1536 = 307 * 5 + 1; every backend merges the one-sample remainder (torch
+    kept it and BatchNorm refused it; JAX normalised one sample by itself)."""
+    from specdens.investigate import _digits, load_backend
+
+    pytest.importorskip({"torch": "torch", "jax": "jax", "tf": "tensorflow"}[backend])
+    cfg = InvestigationConfig(width=4, depth=1, k=1, batch_size=5, backend=backend,
+                              runs=("bn-batch",))
+    data = _digits(0)
+    trainer = load_backend(backend)
+    with trainer.session(cfg):
+        run = trainer.Run("bn-batch", cfg, data, torch_default_weights(cfg))
+    sizes = [int(np.shape(x)[0]) for x, _ in run.hess_data]
+    assert sizes == [5] * 306 + [6] and run.hessian_batches == 307
+    x_all = np.concatenate([np.asarray(x) for x, _ in run.hess_data])
+    np.testing.assert_array_equal(x_all, np.asarray(data["x_train"], dtype=x_all.dtype))
+
+
+def test_a_batch_size_leaving_one_sample_runs_on_torch(tmp_path):
+    """bs=307 (1536 = 5 * 307 + 1) on torch: the bn-batch Hessian's last batch of one
+    sample raised "Expected more than 1 value per channel when training"."""
+    cfg = InvestigationConfig(width=4, depth=1, steps=1, records=2, lanczos_steps=6,
+                              probes=1, k=1, batch_size=307, runs=("bn-batch",))
+    res = run_investigation(cfg, tmp_path, progress=False, figures=False)
+    run = res.summary["runs"]["bn-batch"]
+    assert run["hessian_batches"] == 5 and [r["step"] for r in run["records"]] == [0, 1]
+    assert all(math.isfinite(r["loss"]) for r in run["records"])
+
+
+def test_batch_size_one_is_a_usage_error(tmp_path, capsys):
+    assert main(["investigate", "--batch-size", "1", "--out", str(tmp_path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specdens: error: batch_size must be at least 2")
+    assert not (tmp_path / "records.jsonl").exists()
+    InvestigationConfig(batch_size=1, runs=("no-bn",))  # no BatchNorm: one sample is fine
+    with pytest.raises(ValueError, match="at least 2"):
+        InvestigationConfig(batch_size=1, runs=("no-bn", "bn-population"))
 
 
 # -- verdicts -----------------------------------------------------------------------------

@@ -237,6 +237,41 @@ def test_damaged_middle_line_and_foreign_files_are_refused(tmp_path, op):
     assert read_records(empty) == []
 
 
+@pytest.mark.parametrize("content", [
+    json.dumps({"accuracy": 0.97, "epochs": 30}).encode(),  # json.dump: no final newline
+    b"important notes",
+    b"hello\n",  # not JSON, with its newline
+    b"[1, 2]\n",
+], ids=["json-dump", "text", "text-newline", "json-list"])
+def test_foreign_one_line_file_is_refused_and_left_unchanged(tmp_path, content):
+    """A user's one-line file is not a torn tracker header: refused, never cut off."""
+    path = tmp_path / "results.json"
+    path.write_bytes(content)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrackerFileWarning)
+        with pytest.raises(TrackerFileError, match="not a specdens tracker file"):
+            SpectrumTracker(path, **FAST)
+        with pytest.raises(TrackerFileError, match="not a specdens tracker file"):
+            read_records(path)
+    assert path.read_bytes() == content
+
+
+def test_torn_header_is_cut_off_and_rewritten(tmp_path, op):
+    """A prefix of a header line (a crash while creating the file) is still a torn
+    header: cut off with a warning, and a fresh header written."""
+    path = tmp_path / "s.jsonl"
+    SpectrumTracker(path, **FAST)
+    header = path.read_bytes()
+    for cut in (5, 40, len(header) - 1):
+        path.write_bytes(header[:cut])
+        with pytest.warns(TrackerFileWarning, match="torn last line"):
+            assert read_records(path) == [] and read_header(path) is None
+        with pytest.warns(TrackerFileWarning, match="cutting off"):
+            tr = SpectrumTracker(path, **FAST)
+        assert read_header(path)["format"] == "specdens.SpectrumTracker"
+        assert tr.due(0)
+
+
 def test_meta_of_another_experiment_is_refused(tmp_path, op):
     path = tmp_path / "s.jsonl"
     SpectrumTracker(path, meta={"lr": 0.1, "width": 64}, **FAST)

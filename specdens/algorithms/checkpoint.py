@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
+import stat
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -46,15 +47,26 @@ class CheckpointError(ValueError):
     from other settings."""
 
 
-def atomic_savez(path: str | os.PathLike, header: dict, arrays: dict[str, np.ndarray]) -> None:
-    """Write ``arrays`` and the JSON ``header`` to ``path`` atomically (temp file + fsync +
-    :func:`os.replace`)."""
+def atomic_write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` with :func:`numpy.savez` to exactly ``path``, atomically.
+
+    The file is written to a temporary file in the same folder (``.NAME.*.tmp``),
+    flushed to disk (``fsync``) and renamed over ``path`` with :func:`os.replace`: an
+    error or a crash at any moment leaves either the old file or the new one, never a
+    truncated one. The new file has the permissions of the file it replaces, or those
+    a plain ``open(path, "wb")`` would give. Serialise everything that can fail (JSON
+    entries) before calling this.
+    """
     path = Path(path)
     folder = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _create_temp(folder, path.name)
     try:
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except OSError:  # no old file (or no permission to read it): keep the umask's
+            pass
         with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, header=np.array(json.dumps(header, allow_nan=True)), **arrays)
+            np.savez(fh, **arrays)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -74,6 +86,26 @@ def atomic_savez(path: str | os.PathLike, header: dict, arrays: dict[str, np.nda
         pass
     finally:
         os.close(dfd)
+
+
+def _create_temp(folder: Path, name: str) -> tuple[int, Path]:
+    """A new, empty ``folder/.NAME.RANDOM.tmp`` opened for writing, created with mode
+    0o666 less the umask (as ``open`` does; :func:`tempfile.mkstemp` gives 0o600)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    for _ in range(100):
+        tmp = folder / f".{name}.{secrets.token_hex(6)}.tmp"
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {folder / name}")
+
+
+def atomic_savez(path: str | os.PathLike, header: dict, arrays: dict[str, np.ndarray]) -> None:
+    """Write ``arrays`` and the JSON ``header`` to ``path`` atomically (temp file + fsync +
+    :func:`os.replace`; see :func:`atomic_write_npz`)."""
+    header_json = json.dumps(header, allow_nan=True)
+    atomic_write_npz(path, {"header": np.array(header_json), **arrays})
 
 
 def read_npz(path: str | os.PathLike, fmt: str, version: int) -> tuple[dict, dict]:

@@ -514,6 +514,11 @@ def check_breakdown_tol(value: Any, work: Any) -> float:
     return float(value)
 
 
+class ScaleError(ValueError):
+    """An operator too small in magnitude for the Lanczos arithmetic (see
+    :func:`check_scale`): valid input that this dtype cannot resolve."""
+
+
 def check_scale(alpha: np.ndarray, beta: np.ndarray, work: str, n: int) -> None:
     """Raise when the operator is too small in magnitude for the arithmetic's dtype.
 
@@ -531,7 +536,7 @@ def check_scale(alpha: np.ndarray, beta: np.ndarray, work: str, n: int) -> None:
     scale = float(np.max(np.abs(alpha), initial=0.0) + np.max(beta, initial=0.0))
     floor = float(np.sqrt(finfo.tiny) * np.sqrt(n) / np.sqrt(finfo.eps))
     if 0.0 < scale < floor:
-        raise ValueError(
+        raise ScaleError(
             f"the operator's scale (||T|| ~ {scale:.1e}) is too small for {work} arithmetic "
             f"(below {floor:.1e}): the squares of the Lanczos vectors' entries underflow and "
             "the recurrence stops on false breakdowns. Multiply the operator by a power of "
