@@ -39,7 +39,7 @@ from typing import Any
 import tensorflow as tf
 
 from ._data import fingerprint, relaxed_spec, spec_key
-from ._loss import BatchLoss, split_batch
+from ._loss import BatchLoss, output_mask, split_batch, with_mask
 from ._moments import exact_moments
 from .distributed import run_and_sum
 
@@ -335,7 +335,9 @@ def _columns(fn: Any, V: Any, space: Any) -> Any:
 def _ggn_product(loss: BatchLoss, values: list[Any], batch: Any, V: Any, block: str
                  ) -> tuple[Any, Any]:
     """``J^T H_out J V`` column by column: ``J v`` by a forward accumulator, ``H_out``
-    by forward-over-back in the outputs, ``J^T`` by the tape of the forward pass."""
+    by forward-over-back in the outputs (with their Keras mask, if any: the loss of the
+    outputs is the one the Hessian differentiates), ``J^T`` by the tape of the forward
+    pass."""
     space = loss.space
     handles = loss.handles(values)
     inputs, targets = split_batch(batch)
@@ -350,7 +352,9 @@ def _ggn_product(loss: BatchLoss, values: list[Any], batch: Any, V: Any, block: 
                 raise TypeError(f"ggn needs a model whose output is one tensor; got "
                                 f"{type(out).__name__}")
             jv = acc.jvp(out, unconnected_gradients=ZERO)
-        fixed = tf.stop_gradient(out)
+        # the loss of the outputs as they are, Keras mask included (a stop_gradient drops
+        # it, and a Keras loss would then average over the masked entries too)
+        fixed = with_mask(tf.stop_gradient(out), output_mask(out))
         with tf.autodiff.ForwardAccumulator(fixed, jv) as acc_out:
             with tf.GradientTape() as t_out:
                 t_out.watch(fixed)

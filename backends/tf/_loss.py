@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -16,7 +17,7 @@ import tensorflow as tf
 
 from ._data import as_count, count_of
 from ._params import ParamSpace, select_variables
-from ._state import ModelAdapter
+from ._state import ModelAdapter, _sublayers
 
 MEAN_REDUCTIONS = ("sum_over_batch_size", "mean", "mean_with_sample_weight", "auto")
 
@@ -61,7 +62,24 @@ class BatchLoss:
             _check_loss_dtype(loss, self.space.dtype)
         self._keras_unscale = _keras_unscale(loss)
         self.ignore_class = ignore_class_of(loss)
+        self.reads_mask = reads_output_mask(loss)
         self._fn_takes_training = loss_fn is not None and _takes_training(loss_fn)
+        # why a loss_fn's bare mean is over masked outputs (None: it is not): refused
+        # where the model's outputs are known to carry a mask; a subclassed model whose
+        # mask-making layers may or may not reach its outputs gets a warning instead
+        # (a mask consumed on the way, by an RNN or a pooling layer, changes nothing)
+        self._masked_outputs = None
+        reason = masked_outputs_reason(model) if loss_fn is not None else None
+        if reason is not None and batch_size_fn is None:
+            if reason.startswith(MAYBE_MASKED):
+                warnings.warn(
+                    f"{reason}. If they do and loss_fn applies a Keras loss object to "
+                    "them, its mean is over the unmasked entries, not the batch's samples: "
+                    "return (mean_loss, count) from loss_fn with that count, or pass "
+                    "batch_size_fn, or the batches would be weighed wrongly", UserWarning,
+                    stacklevel=4)
+            else:
+                self._masked_outputs = reason
 
     # -- identity of the traced computation ---------------------------------------------
     def key(self) -> tuple:
@@ -95,17 +113,28 @@ class BatchLoss:
             if self.loss_fn is not None:
                 return self._custom(batch)
             inputs, targets = split_batch(batch)
-            count = self.loss_count(batch, inputs, targets)
-            return self.output_loss(targets, self.adapter.call(inputs), count), count
+            outputs = self.adapter.call(inputs)
+            count = self.loss_count(batch, inputs, targets, outputs)
+            return self.output_loss(targets, outputs, count), count
 
-    def loss_count(self, batch: Any, inputs: Any, targets: Any) -> tf.Tensor:
-        """The count of an ``(inputs, targets)`` batch of a ``loss`` (float64):
-        ``batch_size_fn(batch)`` when given; else, for a Keras loss with ``ignore_class``,
-        its own denominator (:func:`kept_count`); else the leading dimension of the
-        inputs."""
-        if self.batch_size_fn is None and self.ignore_class is not None:
+    def loss_count(self, batch: Any, inputs: Any, targets: Any, outputs: Any) -> tf.Tensor:
+        """The count of an ``(inputs, targets)`` batch of a ``loss`` (float64), the
+        denominator of the loss's mean: ``batch_size_fn(batch)`` when given; else, when
+        ``outputs`` (the model's, at trace time) carry a Keras mask, the Keras loss's own
+        denominator, the mask's entries that count (:func:`masked_count`; a plain callable
+        loss of masked outputs raises a ValueError, since its denominator is unknown);
+        else, for a Keras loss with ``ignore_class``, the targets that are not ignored
+        (:func:`kept_count`); else the leading dimension of the inputs."""
+        if self.batch_size_fn is not None:
+            return count_of(batch, inputs, self.batch_size_fn)
+        mask = output_mask(outputs)
+        if mask is not None:
+            if not self.reads_mask:
+                raise ValueError(_plain_loss_of_masked_outputs(self.loss))
+            return masked_count(mask, targets, outputs, self.loss)
+        if self.ignore_class is not None:
             return kept_count(targets, self.ignore_class, self.loss.dtype)
-        return count_of(batch, inputs, self.batch_size_fn)
+        return count_of(batch, inputs, None)
 
     def output_loss(self, targets: Any, outputs: Any, count: Any) -> tf.Tensor:
         """The batch-mean loss of ``outputs`` (``loss(targets, outputs)``, divided by
@@ -133,6 +162,17 @@ class BatchLoss:
                 raise ValueError(f"loss_fn returned a {type(out).__name__} of length {len(out)}; "
                                  "return the batch's mean loss, or (mean_loss, count)")
             return _scalar(out[0], "loss_fn"), as_count(out[1], "loss_fn")
+        if self.batch_size_fn is None and self._masked_outputs is not None:
+            raise ValueError(
+                f"loss_fn returned the batch's mean only, but {self._masked_outputs}: a Keras "
+                "loss of masked outputs is a mean over their unmasked entries (Keras divides "
+                "by the mask's sum), not over the batch's samples, and specdens cannot see "
+                "inside loss_fn what the mean divided by. Return (mean_loss, count) from "
+                "loss_fn with count that denominator (for Embedding(mask_zero=True) on "
+                "tokens x: tf.math.count_nonzero(x)), or pass batch_size_fn=lambda batch: "
+                "..., or pass the Keras loss object as loss= (batches (inputs, targets)): "
+                "specdens then counts the mask as Keras does"
+            )
         inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         return _scalar(out, "loss_fn"), count_of(batch, inputs, self.batch_size_fn)
 
@@ -142,10 +182,16 @@ class BatchLoss:
             return self.adapter.call(inputs)
 
     def count(self, values: list[Any], batch: Any) -> Any:
-        """Samples in ``batch`` (float64), without a forward pass when the count does not
-        come from ``loss_fn``."""
+        """Samples in ``batch`` (float64). With a ``loss`` and no ``batch_size_fn``, the
+        model is called to see whether its outputs carry a Keras mask (whose sum is then
+        the count): in the traced function only the operations the count depends on run
+        (the mask's, or none), the rest of the forward pass is pruned."""
         if self.loss is not None:
-            return self.loss_count(batch, *split_batch(batch))
+            inputs, targets = split_batch(batch)
+            outputs = None
+            if self.batch_size_fn is None:
+                outputs = self.outputs(values, self.handles(values), inputs)
+            return self.loss_count(batch, inputs, targets, outputs)
         if self.batch_size_fn is not None:
             return count_of(batch, None, self.batch_size_fn)
         return self(values, self.handles(values), batch)[1]
@@ -374,6 +420,114 @@ def kept_count(targets: Any, ignore_class: Any, dtype: Any) -> tf.Tensor:
     y = tf.cast(tf.convert_to_tensor(targets), dtype)
     keep = tf.not_equal(y, tf.cast(ignore_class, dtype))
     return tf.reduce_sum(tf.cast(keep, tf.float64))
+
+
+def output_mask(outputs: Any) -> Any:
+    """The Keras mask attached to ``outputs`` (``Embedding(mask_zero=True)`` or
+    ``Masking`` propagated to them by the layers after it), else None: what a Keras loss
+    reads with ``backend.get_keras_mask(y_pred)`` in ``Loss.__call__`` (for one tensor
+    of outputs; a list or dict of them carries none)."""
+    if outputs is None or sys.modules.get("keras") is None:
+        return None
+    try:
+        from keras.src.backend import get_keras_mask
+    except ImportError:  # pragma: no cover - a Keras that keeps masks elsewhere
+        return getattr(outputs, "_keras_mask", None)
+    return get_keras_mask(outputs)
+
+
+def with_mask(tensor: Any, mask: Any) -> Any:
+    """``tensor`` with the Keras mask ``mask`` attached (``tf.stop_gradient`` and other
+    ops return tensors without one); ``tensor`` unchanged when ``mask`` is None."""
+    if mask is None:
+        return tensor
+    try:
+        from keras.src.backend import set_keras_mask
+    except ImportError:  # pragma: no cover
+        tensor._keras_mask = mask
+        return tensor
+    set_keras_mask(tensor, mask)
+    return tensor
+
+
+def reads_output_mask(loss: Any) -> bool:
+    """Whether ``loss`` applies a Keras mask of its ``y_pred``: a Keras loss object whose
+    ``__call__`` is ``keras.losses.Loss.__call__`` (every loss of Keras; a subclass that
+    overrides ``__call__`` may not)."""
+    keras = sys.modules.get("keras")
+    if loss is None or keras is None or not isinstance(loss, keras.losses.Loss):
+        return False
+    return type(loss).__call__ is keras.losses.Loss.__call__
+
+
+def masked_count(mask: Any, targets: Any, outputs: Any, loss: Any) -> tf.Tensor:
+    """The denominator of a Keras loss of outputs that carry the Keras mask ``mask``: the
+    sum of the mask (float64), and with ``ignore_class`` of the mask's entries whose
+    target is not ignored.
+
+    Keras's ``Loss.__call__`` takes the mask of ``y_pred`` (``get_keras_mask``), ands it
+    with the mask its ``call`` attaches to the per-entry losses (``ignore_class``: the
+    targets that are not ignored, shaped as the outputs without the class axis), and
+    ``reduce_weighted_values`` -> ``apply_mask`` weighs the unmasked losses by
+    ``total / valid`` (``valid = sum(mask)``, ``divide_no_nan``) before the mean over all
+    ``total`` entries: the ``sum_over_batch_size`` and ``mean`` reductions are the sum of
+    the unmasked losses over ``valid``, ``mean_with_sample_weight`` divides that sum by
+    the sum of the 0/1 mask too, and ``sum`` is the sum (divided by this count here). So
+    a sequence model with ``(N, T)`` masked outputs counts its unmasked timesteps, and a
+    fully masked batch counts 0 (Keras's loss of it is 0). The mask is summed in the
+    loss's dtype, as Keras does."""
+    dtype = tf.as_dtype(loss.dtype)
+    m = tf.convert_to_tensor(mask)
+    ignore = ignore_class_of(loss)
+    if ignore is not None:
+        kwargs = getattr(loss, "_fn_kwargs", {}) or {}
+        out_shape = tf.shape(outputs)
+        rank = outputs.shape.rank
+        axis = kwargs.get("axis", -1)
+        axis = axis + rank if axis < 0 else axis
+        res_shape = tf.concat([out_shape[:axis], out_shape[axis + 1:]], 0)
+        y = tf.cast(tf.convert_to_tensor(targets), dtype)
+        kept = tf.reshape(tf.not_equal(y, tf.cast(ignore, dtype)), res_shape)
+        m = tf.logical_and(tf.cast(m, tf.bool), kept)  # Keras: in_mask & out_mask
+    return tf.cast(tf.reduce_sum(tf.cast(m, dtype)), tf.float64)
+
+
+MAYBE_MASKED = "the model has layers that make a Keras mask"
+
+
+def masked_outputs_reason(model: Any) -> str | None:
+    """Why a Keras model's outputs may carry a Keras mask (a phrase), or None: a model
+    with symbolic outputs (functional, ``Sequential``) by their masks; another (a
+    subclassed model) by its mask-making layers (``Embedding(mask_zero=True)``,
+    ``Masking``)."""
+    keras = sys.modules.get("keras")
+    if keras is None or not isinstance(model, keras.Layer):
+        return None
+    try:
+        outputs = model.outputs
+    except (AttributeError, ValueError):
+        outputs = None
+    if outputs is not None:
+        flat = tf.nest.flatten(outputs)
+        if any(output_mask(o) is not None for o in flat):
+            return "the model's outputs carry a Keras mask"
+        return None
+    makers = [layer.name for layer in _sublayers(model)
+              if isinstance(layer, keras.layers.Masking) or getattr(layer, "mask_zero", False)]
+    if makers:
+        return (f"{MAYBE_MASKED} ({', '.join(makers[:6])}), which may reach its outputs")
+    return None
+
+
+def _plain_loss_of_masked_outputs(loss: Any) -> str:
+    return (
+        f"the model's outputs carry a Keras mask (Embedding(mask_zero=True), Masking...), and "
+        f"a Keras loss object divides by the mask's sum, but the loss {loss!r} is not a "
+        "keras.losses.Loss that applies it (a plain callable, or a subclass with its own "
+        "__call__), so specdens cannot tell what its mean divides by. Pass a Keras loss "
+        "object (each batch then counts its unmasked entries), or batch_size_fn=lambda "
+        "batch: <the count the loss divides by>, or loss_fn returning (mean_loss, count)"
+    )
 
 
 def _takes_training(fn: Callable[..., Any]) -> bool:

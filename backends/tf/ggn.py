@@ -39,7 +39,9 @@ def ggn(
 
     ``G = sum_b (n_b / N) J_b^T H_b J_b + weight_decay * I`` with ``J_b`` the Jacobian of
     ``model(inputs_b)`` (all outputs of the batch, so BatchNorm on batch statistics is
-    included) and ``H_b`` the Hessian of ``loss(targets_b, outputs)`` in the outputs.
+    included) and ``H_b`` the Hessian of ``loss(targets_b, outputs)`` in the outputs. When
+    the outputs carry a Keras mask, ``H_b`` is that of the loss of the masked outputs (the
+    mean over the unmasked entries, as in the Hessian) and ``n_b`` the mask's sum.
 
     Parameters
     ----------

@@ -75,7 +75,13 @@ def hessian(
         (``SparseCategoricalCrossentropy(ignore_class=-1)``) is a mean over the targets
         that are not ignored, and each batch counts as many of them (Keras's own
         denominator), so the operator is that of ``loss(y_all, model(X_all))`` however
-        the ignored targets fall into batches. Exclusive with ``loss_fn``.
+        the ignored targets fall into batches. Likewise for outputs that carry a Keras
+        mask (``Embedding(mask_zero=True)`` or ``Masking`` passed on to them, as by
+        ``GRU(return_sequences=True)`` or ``Dense`` on a sequence): a Keras loss object
+        divides by the mask's sum (with ``ignore_class``, its entries whose target is not
+        ignored), and each batch counts that sum (a fully masked batch counts 0 and adds
+        nothing); a plain callable ``loss`` of masked outputs raises a ValueError unless
+        ``batch_size_fn`` gives its denominator. Exclusive with ``loss_fn``.
     data
         One batch, a ``tf.data.Dataset`` of batches, or a re-iterable of batches (a list,
         a ``keras.utils.PyDataset``): batches must be the same on every pass (no
@@ -90,7 +96,11 @@ def hessian(
         (its count is then ``batch_size_fn(batch)`` or the leading dimension of the first
         tensor of the batch) or a pair ``(mean_loss, count)``. If it takes a ``training``
         keyword, it receives the flag of ``batchnorm``. Its calls of the model read the
-        snapshot.
+        snapshot. A ``loss_fn`` that returns the mean only, without ``batch_size_fn``, of a
+        model whose outputs carry (or, for a subclassed model with
+        ``Embedding(mask_zero=True)`` or ``Masking`` layers, may carry) a Keras mask
+        raises a ValueError: a Keras loss of them divides by the mask's sum, which
+        specdens cannot see; return ``(mean_loss, count)``.
     params
         The variables spanning the operator (default: ``model.trainable_variables`` of a
         floating dtype, so a ``tf.Module``'s integer counter is left out): names (Keras
@@ -100,8 +110,9 @@ def hessian(
         ``op.param_names``.
     batch_size_fn
         ``batch_size_fn(batch) -> count`` of samples in a batch (default: the leading
-        dimension of the inputs, or the targets that are not ``ignore_class`` for a Keras
-        loss with one), called inside the traced function.
+        dimension of the inputs; for a Keras ``loss``, the sum of the outputs' Keras mask
+        when they carry one, else the targets that are not ``ignore_class`` when it has
+        one), called inside the traced function.
     batchnorm
         ``"batch"`` (default, as in Ghorbani et al. 2019): Keras ``BatchNormalization``
         layers normalise by the statistics of each batch, so the Hessian depends on the

@@ -25,7 +25,16 @@ import tensorflow as tf
 from specdens.tracker import SpectrumRecord, SpectrumTracker
 
 from ._data import is_single_batch
-from ._loss import _keras_unscale, _reduction, ignore_class_of, kept_count
+from ._loss import (
+    _keras_unscale,
+    _plain_loss_of_masked_outputs,
+    _reduction,
+    ignore_class_of,
+    kept_count,
+    masked_count,
+    output_mask,
+    reads_output_mask,
+)
 from .gradient import gradient
 from .hessian import hessian
 
@@ -136,9 +145,14 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
     data is the same as with the default reduction); ``reduction="none"`` raises a
     ValueError. A Keras loss with ``ignore_class`` averages over the targets that are not
     ``ignore_class`` (and so does the accuracy); a batch whose targets are all ignored
-    counts for nothing. Inside a ``tf.distribute`` strategy's scope, Keras divides a mean
-    loss by the number of replicas; that scaling is undone, so the value is the data's
-    mean loss in or out of a scope."""
+    counts for nothing. So does a Keras loss of outputs that carry a Keras mask
+    (``Embedding(mask_zero=True)``, ``Masking``): each batch counts the mask's sum (with
+    ``ignore_class``, its entries whose target is not ignored), as Keras divides by it,
+    and a fully masked batch counts for nothing (the accuracy of ``(batch, classes)``
+    outputs with a ``(batch,)`` mask counts the unmasked samples); a plain callable loss
+    of masked outputs raises a ValueError. Inside a ``tf.distribute`` strategy's scope,
+    Keras divides a mean loss by the number of replicas; that scaling is undone, so the
+    value is the data's mean loss in or out of a scope."""
     if batchnorm not in ("batch", "population"):
         raise ValueError(f"batchnorm={batchnorm!r}; choose 'batch' or 'population'")
     has_bn = any(isinstance(layer, keras.layers.BatchNormalization)
@@ -154,12 +168,17 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
         x, y = batch[0], batch[1]
         with keras.StatelessScope():
             out = model(x, training=training)
-        if ignore is None:
+        mask = output_mask(out)  # the loss's own denominator, as BatchLoss.loss_count
+        if mask is not None:
+            if not reads_output_mask(loss):
+                raise ValueError(_plain_loss_of_masked_outputs(loss))
+            n = float(masked_count(mask, y, out, loss).numpy())
+        elif ignore is None:
             n = float(tf.shape(out)[0].numpy())
-        else:  # the loss's own denominator, as BatchLoss.loss_count
+        else:
             n = float(kept_count(y, ignore, loss.dtype).numpy())
         if n == 0:
-            continue  # no sample (or every target ignored): the batch counts for nothing
+            continue  # no sample (every target ignored, every output masked): counts nothing
         value = loss(y, out)
         if unscale is not None:
             value = unscale(value)
@@ -171,6 +190,12 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
             ov = np.asarray(out)
             if ov.ndim == 2 and yv.ndim == 1 and yv.dtype.kind in "iu":
                 keep = yv != ignore if ignore is not None else np.ones(yv.shape, bool)
+                if mask is not None:
+                    mv = np.asarray(mask)
+                    if mv.shape != yv.shape:
+                        acc_ok = False
+                        continue
+                    keep &= mv.astype(bool)
                 correct += float(np.sum((np.argmax(ov, axis=1) == yv) & keep))
                 samples += float(np.sum(keep))
             else:
