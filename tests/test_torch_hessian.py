@@ -408,6 +408,53 @@ def test_weight_decay_and_regularizer():
     assert float(torch.linalg.norm(g - g_ref) / torch.linalg.norm(g_ref)) <= TOL
 
 
+@pytest.mark.parametrize("block", ["loop", "batched"])
+def test_forward_method_with_mse(block):
+    """torch.func.jvp of torch.func.grad of mse_loss(reduction='mean') raised "ZeroTensors
+    are immutable" inside torch (2.13): the forward-mode derivative of its backward
+    writes into the implicit zero tangent of the targets. The targets enter the jvp with
+    an explicit zero tangent instead: the exact Hessian, as torch.func.hessian gives (and
+    for reduction='sum', which worked, still)."""
+    model = mlp()
+    X, _ = classification()
+    Y = torch.randn(len(X), 3, generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64)
+    batches = uneven(X, Y, [10, 10, 3])
+    for reduction in ("mean", "sum"):
+        crit = torch.nn.MSELoss(reduction=reduction)
+        op = hessian(model, crit, batches, method="forward", block=block)
+        H_ref = reference(model, batches, lambda out, y, crit=crit: crit(out, y) / (
+            len(y) if crit.reduction == "sum" else 1))
+        assert rel(op.to_dense(), H_ref) <= TOL, reduction
+        assert rel(hessian(model, crit, batches).to_dense(), H_ref) <= TOL  # as "graph"
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")
+def test_forward_method_refuses_a_loss_torch_func_cannot_differentiate():
+    """Losses whose backward has no forward-mode derivative in torch (huber_loss,
+    soft_margin_loss), and mse_loss called in a loss_fn (whose targets are constants of
+    the function), raise at construction with the cause and the way out, not a bare torch
+    error in the first product; method="graph" computes them."""
+    model = mlp()
+    X, _ = classification()
+    Y = torch.randn(len(X), 3, generator=torch.Generator().manual_seed(3),
+                    dtype=torch.float64)
+    batches = uneven(X, Y, [10, 13])
+
+    def mse_fn(m, batch):
+        return torch.nn.functional.mse_loss(m(batch[0]), batch[1])
+
+    for kw in ({"criterion": torch.nn.HuberLoss()}, {"criterion": torch.nn.SoftMarginLoss()},
+               {"loss_fn": mse_fn}):
+        for block in ("loop", "batched"):
+            with pytest.raises(RuntimeError, match=r"method='forward' cannot differentiate "
+                               r"this loss.*Use method='graph'"):
+                hessian(model, data=batches, method="forward", block=block, **kw)
+        crit = kw.get("criterion") or (lambda out, y: torch.nn.functional.mse_loss(out, y))
+        H_ref = reference(model, batches, crit, engine="autograd")   # (torch.func fails too)
+        assert rel(hessian(model, data=batches, **kw).to_dense(), H_ref) <= TOL, kw
+
+
 def test_gradient_uneven_batches_and_grad_untouched():
     model = mlp()
     X, y = classification()

@@ -20,6 +20,7 @@ from torch.nn.modules.dropout import _DropoutNd
 from ._data import as_count, batch_count
 from ._params import ParamSpace, select_parameters
 from ._state import check_batchnorm, normalisation_modes, training_modes
+from .distributed import describe
 
 # How many rounding errors (eps relative) two evaluations of the loss of one batch may
 # differ by and still pass for deterministic. On the CPU a repeated evaluation is bit for
@@ -192,6 +193,14 @@ class BatchLoss:
         # the parameters are detached, so no graph of them is built
         with torch.enable_grad():
             return self(batch, self.primal)[1]
+
+    def description(self) -> str:
+        """What this loss is, the same in every process for the same loss (see
+        :func:`~specdens.backends.torch.distributed.describe`): the criterion with its
+        settings, or ``loss_fn``; ``batch_size_fn``."""
+        what = (describe(self.criterion) if self.criterion is not None
+                else f"loss_fn={describe(self.loss_fn)}")
+        return f"{what}, batch_size_fn={describe(self.batch_size_fn)}"
 
     def leaves(self) -> dict[str, torch.Tensor]:
         """Fresh leaf copies of the selected parameters that require grad."""

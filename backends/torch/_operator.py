@@ -21,13 +21,27 @@ from specdens import LinearOperatorBase, _checks, _memory
 from ._data import Batches, fingerprint
 from ._loss import BatchLoss, gradients
 from ._meter import SavedBytes
-from ._params import stack_columns, zeros_columns
-from .distributed import agree_and_count, all_reduce_sum, no_data_error, stored_group
+from ._params import stack_columns
+from .distributed import (
+    InputChecksum,
+    agree_and_count,
+    all_reduce_sum,
+    join_failed,
+    no_data_error,
+    stored_group,
+    world_size,
+)
 
 _CHANGED_DATA = (
     "the data yielded different batches in this pass than when the operator was built (a "
     "shuffling DataLoader or random augmentation?); products need the same batches on "
     "every pass: use shuffle=False and deterministic transforms")
+
+
+_DIFFERENT_VECTORS = (
+    "the ranks multiplied different vectors in the same product: every rank must call the "
+    "estimator (lanczos, slq, eigsh, trace, diagonal...) with the same arguments (seed, "
+    "num_steps, num_probes, k...), so that every rank holds the same vectors")
 
 
 class DataOperator(LinearOperatorBase):
@@ -51,6 +65,8 @@ class DataOperator(LinearOperatorBase):
 
     symmetric = True
 
+    kind = ""   # the function that builds it (a name of distributed.KINDS)
+
     def __init__(self, loss: BatchLoss, data: Any, *, weight_decay: float,
                  regularizer: Callable[[dict], Any] | None, graph_memory: int | None,
                  check_determinism: bool, process_group: Any, store: bool):
@@ -61,51 +77,76 @@ class DataOperator(LinearOperatorBase):
         self.param_names = list(space.names)
         self.param_shapes = list(space.shapes)
         self.group = stored_group(process_group)
-        # with a process group, this rank's shard may be empty (more ranks than samples, or
-        # an uneven split): it then adds nothing, and only no data on any rank raises
-        self.batches = Batches(data, space.device, allow_empty=self.group is not None)
-        self.weight_decay = _checks.finite_number(weight_decay, "weight_decay")
-        self._leaves = loss.leaves()
-        self._leaf_list = [self._leaves[n] for n in space.names]
-        self._reg_grads = self._regularizer_graph(regularizer)
-        if graph_memory is None:
-            graph_memory = _memory.available_bytes(torch_xp, space.device) // 2
-        if isinstance(graph_memory, bool) or not isinstance(graph_memory, int) \
-                or graph_memory < 0:
-            raise ValueError(f"graph_memory must be a number of bytes >= 0 or None; got "
-                             f"{graph_memory!r}")
-        self.graph_memory = graph_memory if store else 0
-        self._setup(check_determinism)
+        # everything this rank does on its own, which may raise on this rank alone: the
+        # rank then still joins the construction's collective, flagged as failed, so that
+        # the others raise at once instead of waiting in it
+        try:
+            self._check_options()
+            # with a process group, this rank's shard may be empty (more ranks than
+            # samples, or an uneven split): it then adds nothing, and only no data on any
+            # rank raises
+            self.batches = Batches(data, space.device, allow_empty=self.group is not None)
+            self.weight_decay = _checks.finite_number(weight_decay, "weight_decay")
+            self._leaves = loss.leaves()
+            self._leaf_list = [self._leaves[n] for n in space.names]
+            self._reg_grads = self._regularizer_graph(regularizer)
+            if graph_memory is None:
+                graph_memory = _memory.available_bytes(torch_xp, space.device) // 2
+            if isinstance(graph_memory, bool) or not isinstance(graph_memory, int) \
+                    or graph_memory < 0:
+                raise ValueError(f"graph_memory must be a number of bytes >= 0 or None; got "
+                                 f"{graph_memory!r}")
+            self.graph_memory = graph_memory if store else 0
+            total = self._first_pass(check_determinism)
+            self._checksum = (InputChecksum(world_size(self.group), space.n, space.dtype,
+                                            space.device)
+                              if self.group is not None else None)
+        except Exception:
+            join_failed(self.group, space.device)   # the others learn of it; this rank raises
+            raise
+        # one small collective, before any vector-sized one: the ranks' operators must
+        # agree; the count of all ranks' samples
+        self.num_samples = agree_and_count(self.group, loss, kind=self.kind, count=total,
+                                           weight_decay=self.weight_decay,
+                                           regularizer=regularizer)
+        if self.num_samples == 0:   # the same on every rank: all raise
+            raise no_data_error(self.group)
+
+    def _check_options(self) -> None:
+        """Validate a subclass's options (in the construction's ``try``)."""
+
+    def _check_first_batch(self, batch: Any) -> None:
+        """Check that a product can be computed, on the first batch (in the construction's
+        ``try``)."""
 
     # -- construction: one pass ---------------------------------------------------
-    def _setup(self, check_determinism: bool) -> None:
+    def _first_pass(self, check_determinism: bool) -> float:
+        """Pass over this rank's shard: count it, keep the graphs that fit, fingerprint the
+        batches; this rank's count."""
         self._stored: list[tuple[Any, float]] = []
         self._counts: list[float] = []
         fps, total, used, full = [], 0.0, 0, self.graph_memory == 0
         exclude = list(self._leaf_list) + list(self.loss.frozen.values())
-        try:
-            for i, batch in enumerate(self.batches):
-                fps.append(fingerprint(batch))
-                if i == 0 and check_determinism:
+        for i, batch in enumerate(self.batches):
+            fps.append(fingerprint(batch))
+            if i == 0:
+                if check_determinism:
                     self.loss.check_deterministic(batch)
-                if not full:
-                    with torch.enable_grad(), SavedBytes(exclude) as meter:
-                        state, count = self._build(batch)
-                    self._counts.append(count)
-                    if used + meter.nbytes <= self.graph_memory:
-                        self._stored.append((state, count))
-                        used += meter.nbytes
-                        total += count
-                        continue
-                    full = True
-                    del state
-                else:
-                    self._counts.append(self.loss.count_of(batch))
-                total += self._counts[-1]
-        except Exception:
-            if self.group is not None:  # the other ranks learn of it, then this one raises
-                self._agree(total, failed=True)
-            raise
+                self._check_first_batch(batch)
+            if not full:
+                with torch.enable_grad(), SavedBytes(exclude) as meter:
+                    state, count = self._build(batch)
+                self._counts.append(count)
+                if used + meter.nbytes <= self.graph_memory:
+                    self._stored.append((state, count))
+                    used += meter.nbytes
+                    total += count
+                    continue
+                full = True
+                del state
+            else:
+                self._counts.append(self.loss.count_of(batch))
+            total += self._counts[-1]
         self._fingerprints = (torch.stack([f.to(self.space.device) for f in fps]) if fps
                               else torch.zeros((0, 2), dtype=torch.float64,
                                                device=self.space.device))
@@ -113,17 +154,7 @@ class DataOperator(LinearOperatorBase):
         self.num_stored = len(self._stored)
         self.graph_bytes = used
         self._local_count = total
-        self.num_samples = self._agree(total)
-        if self.num_samples == 0:   # the same on every rank: all raise
-            raise no_data_error(self.group)
-
-    def _agree(self, count: float, *, failed: bool = False) -> float:
-        """One small collective, before any vector-sized one: the ranks' spaces must agree;
-        returns the count of all ranks' samples."""
-        return agree_and_count(
-            self.group, self.space.device, n=self.space.n, dtype=self.space.dtype,
-            names=self.space.names, shapes=self.space.shapes,
-            weight_decay=self.weight_decay, count=count, failed=failed)
+        return total
 
     def _regularizer_graph(self, regularizer: Any) -> Any:
         if regularizer is None:
@@ -155,8 +186,14 @@ class DataOperator(LinearOperatorBase):
 
     def _matmat(self, V: torch.Tensor) -> torch.Tensor:
         self._check_block(V)
+        n, k = V.shape
+        # one buffer for the reduction: the block (stored column by column, as
+        # stack_columns does) and, with a process group, the checksum of V
+        extra = self._checksum.size if self._checksum is not None else 0
+        buf = torch.zeros(k * n + extra, dtype=self.dtype, device=self.device)
+        acc = buf[:k * n].view(k, n).T
         with torch.enable_grad():
-            acc, total, changed = self._pass(V)
+            total, changed = self._pass(V, acc)
         if total != self._local_count:
             if self._raises_at_once():
                 raise RuntimeError(_CHANGED_DATA)
@@ -165,12 +202,27 @@ class DataOperator(LinearOperatorBase):
             # data that changed between passes, found but not raised here (see
             # _raises_at_once): the product is made NaN, on every rank through the
             # reduction, and the engine reports it, with this cause among those it names
-            acc = torch.where(changed, torch.full_like(acc, math.nan), acc)
-        all_reduce_sum(acc, self.group)
+            acc.masked_fill_(changed, math.nan)
+        local = None
+        if extra:
+            local = self._checksum(V)
+            buf[k * n:] = local
+        all_reduce_sum(buf, self.group)
         # the global count is the one found when the operator was built (the batches are
         # the same, checked above): a Python number, so no host-to-device copy, which
         # would synchronise with the device at every product
         out = acc / self.num_samples
+        if local is not None:
+            # ranks that multiplied different vectors (another seed...): every
+            # rank finds it in the same product. On the CPU that costs no synchronisation
+            # and every rank raises here; elsewhere the product is made NaN on every rank
+            # and the engine reports it at its end
+            differs = self._checksum.differs(buf[k * n:], local)
+            if self._host_checks():
+                if bool(differs):
+                    raise RuntimeError(_DIFFERENT_VECTORS)
+            else:
+                out.masked_fill_(differs, math.nan)
         if self.weight_decay:
             out = out + self.weight_decay * V
         if self._reg_grads is not None:
@@ -179,8 +231,9 @@ class DataOperator(LinearOperatorBase):
                                            retain=True, batched=False)
         return out
 
-    def _pass(self, V: torch.Tensor) -> tuple[torch.Tensor, float, torch.Tensor | None]:
-        acc = zeros_columns(V.shape, dtype=self.dtype, device=self.device)
+    def _pass(self, V: torch.Tensor, acc: torch.Tensor) -> tuple[float, torch.Tensor | None]:
+        """Add this rank's ``sum_b n_b P_b V`` to ``acc``; its count, and whether the data
+        changed (see :meth:`_check_fingerprints`)."""
         total, changed = 0.0, None
         if self._stored:
             self._apply_stored(V, acc)
@@ -199,7 +252,7 @@ class DataOperator(LinearOperatorBase):
                 total += count
                 del state
             changed = self._check_fingerprints(fps)
-        return acc, total, changed
+        return total, changed
 
     def _check_block(self, V: torch.Tensor) -> None:
         if V.dtype != self.dtype:

@@ -143,8 +143,3 @@ def stack_columns(cols: list[torch.Tensor]) -> torch.Tensor:
     block row-wise is a strided gather (6x slower per vector operation at k = 2)."""
     return torch.stack(cols, dim=0).T
 
-
-def zeros_columns(shape: tuple[int, int], *, dtype: torch.dtype,
-                  device: torch.device) -> torch.Tensor:
-    """An ``(n, k)`` block of zeros stored column by column, like :func:`stack_columns`."""
-    return torch.zeros((shape[1], shape[0]), dtype=dtype, device=device).T

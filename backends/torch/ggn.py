@@ -17,11 +17,14 @@ import torch
 from ._loss import BatchLoss, gradients, split_batch
 from ._operator import DataOperator
 from ._params import stack_columns
+from .distributed import join_failed, resolve_group
 
 
 class GGNOperator(DataOperator):
     """``G v`` by ``J v`` (the double-vjp trick on the kept output graph), then ``H_out``,
     then ``J^T``: three backwards per vector, no forward pass while graphs are kept."""
+
+    kind = "ggn"
 
     def _build(self, batch: Any) -> tuple[Any, float]:
         inputs, targets = split_batch(batch)
@@ -96,11 +99,16 @@ def ggn(
     gradient descent, Neural Computation 14(7). J. Martens (2020), New insights and
     perspectives on the natural gradient method, JMLR 21.
     """
-    if criterion is None:
-        raise TypeError("ggn needs a criterion(outputs, targets): the GGN splits the loss into "
-                        "the model's outputs and a loss of those outputs")
-    loss = BatchLoss(model, criterion, None, batch_size_fn=batch_size_fn, params=params,
-                     batchnorm=batchnorm)
+    group = resolve_group(process_group)
+    try:
+        if criterion is None:
+            raise TypeError("ggn needs a criterion(outputs, targets): the GGN splits the loss "
+                            "into the model's outputs and a loss of those outputs")
+        loss = BatchLoss(model, criterion, None, batch_size_fn=batch_size_fn, params=params,
+                         batchnorm=batchnorm)
+    except Exception:
+        join_failed(group)  # the other ranks learn of it, then this one raises
+        raise
     return GGNOperator(loss, data, weight_decay=weight_decay, regularizer=None,
                        graph_memory=graph_memory, check_determinism=check_determinism,
                        process_group=process_group, store=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -12,7 +11,13 @@ from specdens import _checks
 
 from ._data import Batches
 from ._loss import BatchLoss, gradients
-from .distributed import agree_and_count, all_reduce_sum, no_data_error, resolve_group
+from .distributed import (
+    agree_and_count,
+    all_reduce_sum,
+    join_failed,
+    no_data_error,
+    resolve_group,
+)
 
 
 def gradient(
@@ -50,43 +55,46 @@ def gradient(
     via Hessian Eigenvalue Density, ICML (section 4: the gradient and the outlier
     eigenspace).
     """
-    if data is None:
-        raise TypeError("gradient needs data: one (inputs, targets) batch or an iterable of "
-                        "batches")
-    weight_decay = _checks.finite_number(weight_decay, "weight_decay")
-    loss = BatchLoss(model, criterion, loss_fn, batch_size_fn=batch_size_fn, params=params,
-                     batchnorm=batchnorm)
-    space = loss.space
     group = resolve_group(process_group)
-    leaves = loss.leaves()
-    leaf_list = [leaves[n] for n in space.names]
-    acc = torch.zeros(space.n, dtype=space.dtype, device=space.device)
-    total = 0.0
     with torch.enable_grad():
-        # with a process group, this rank's shard may be empty (it adds nothing)
-        agree = functools.partial(agree_and_count, group, space.device, n=space.n,
-                                  dtype=space.dtype, names=space.names, shapes=space.shapes,
-                                  weight_decay=weight_decay)
         try:
+            if data is None:
+                raise TypeError("gradient needs data: one (inputs, targets) batch or an "
+                                "iterable of batches")
+            weight_decay = _checks.finite_number(weight_decay, "weight_decay")
+            loss = BatchLoss(model, criterion, loss_fn, batch_size_fn=batch_size_fn,
+                             params=params, batchnorm=batchnorm)
+            space = loss.space
+            leaves = loss.leaves()
+            leaf_list = [leaves[n] for n in space.names]
+            acc = torch.zeros(space.n, dtype=space.dtype, device=space.device)
+            total = 0.0
+            # with a process group, this rank's shard may be empty (it adds nothing)
             for batch in Batches(data, space.device, allow_empty=group is not None):
                 value, count = loss(batch, leaves)
                 acc.add_(space.flatten(gradients(value, leaf_list)), alpha=count)
                 total += count
+            reg = None
+            if regularizer is not None:
+                if not callable(regularizer):
+                    raise TypeError("regularizer must be a callable(params: dict[str, "
+                                    "Tensor]) -> scalar tensor")
+                r = regularizer(dict(leaves))
+                if not isinstance(r, torch.Tensor) or r.numel() != 1:
+                    raise ValueError("regularizer must return a scalar tensor")
+                reg = space.flatten(gradients(r.reshape(()), leaf_list))
         except Exception:
-            if group is not None:   # the other ranks learn of it, then this one raises
-                agree(count=total, failed=True)
+            join_failed(group)  # the other ranks learn of it, then this one raises
             raise
-        # one small collective before the vector-sized one: the ranks' spaces must agree
-        total = agree(count=total)
+        # one small collective before the vector-sized one: the ranks must agree
+        total = agree_and_count(group, loss, kind="gradient", count=total,
+                                weight_decay=weight_decay, regularizer=regularizer)
         if total == 0:      # the same on every rank: all raise
             raise no_data_error(group)
         all_reduce_sum(acc, group)
         g = acc / total
         if weight_decay:
             g = g + float(weight_decay) * space.flatten([loss.primal[n] for n in space.names])
-        if regularizer is not None:
-            r = regularizer(dict(leaves))
-            if not isinstance(r, torch.Tensor) or r.numel() != 1:
-                raise ValueError("regularizer must return a scalar tensor")
-            g = g + space.flatten(gradients(r.reshape(()), leaf_list))
+        if reg is not None:
+            g = g + reg
     return g.detach()

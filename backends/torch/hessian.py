@@ -7,12 +7,27 @@ from typing import Any
 
 import torch
 
-from ._loss import BatchLoss, gradients
+from ._loss import BatchLoss, gradients, split_batch
 from ._operator import DataOperator, graph_products
 from ._params import stack_columns
+from .distributed import join_failed, resolve_group
 
 METHODS = ("graph", "forward")
 BLOCKS = ("loop", "batched")
+
+
+# torch.func's forward-over-reverse fails inside torch for some losses: backward formulas
+# without a forward-mode derivative (NotImplementedError "Trying to use forward AD with
+# huber_loss_backward ..."), or whose forward-mode derivative writes into the zero tangent
+# of a tensor the function closes over (RuntimeError "ZeroTensors are immutable": mse_loss
+# with reduction='mean' and its targets, torch 2.13)
+_FORWARD_AD_FAILURES = ("forward AD", "ZeroTensors are immutable")
+_FORWARD_AD_FAILED = (
+    "method='forward' cannot differentiate this loss: torch.func's forward-over-reverse "
+    "(torch.func.jvp of torch.func.grad) failed inside torch ({cause}): some of torch's "
+    "backward formulas have no forward-mode derivative (huber_loss, soft_margin_loss...) or "
+    "break under it (mse_loss with reduction='mean' called in a loss_fn). Use "
+    "method='graph' (the default), which needs no forward-mode derivative")
 
 
 class HessianOperator(DataOperator):
@@ -22,15 +37,28 @@ class HessianOperator(DataOperator):
     (``param_names`` order) in the model's dtype and on its device.
     """
 
+    kind = "hessian"
+
     def __init__(self, loss: BatchLoss, data: Any, *, method: str, block: str, **kw: Any):
-        if method not in METHODS:
-            raise ValueError(f"method={method!r}; choose 'graph' (reverse-over-reverse on kept "
-                             "first-order graphs) or 'forward' (torch.func forward-over-reverse)")
-        if block not in BLOCKS:
-            raise ValueError(f"block={block!r}; choose 'loop' or 'batched'")
         self.method = method
         self.block = block
         super().__init__(loss, data, store=method == "graph", **kw)
+
+    def _check_options(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r}; choose 'graph' (reverse-over-reverse on "
+                             "kept first-order graphs) or 'forward' (torch.func "
+                             "forward-over-reverse)")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block={self.block!r}; choose 'loop' or 'batched'")
+
+    def _check_first_batch(self, batch: Any) -> None:
+        if self.method == "forward":
+            # one product on the first batch, so that a loss torch.func cannot
+            # differentiate raises here, at construction (on every rank), not in a product
+            zero = torch.zeros((self.space.n, 1), dtype=self.dtype, device=self.device)
+            with torch.enable_grad():   # (as in a product)
+                self._apply((batch, self.loss.count_of(batch)), zero, False)
 
     def _build(self, batch: Any) -> tuple[Any, float]:
         if self.method == "forward":
@@ -63,24 +91,42 @@ class HessianOperator(DataOperator):
                                     batched=self.block == "batched"), alpha=count)
 
     def _forward_over_reverse(self, batch: Any, V: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._jvp_of_grad(batch, V)
+        except (RuntimeError, NotImplementedError) as exc:
+            if not any(s in str(exc) for s in _FORWARD_AD_FAILURES):
+                raise
+            cause = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            raise RuntimeError(_FORWARD_AD_FAILED.format(cause=cause)) from exc
+
+    def _jvp_of_grad(self, batch: Any, V: torch.Tensor) -> torch.Tensor:
         names = self.space.names
+        # floating-point targets of a criterion enter the jvp as primals with a zero
+        # tangent (which changes nothing) rather than as constants of the function: the
+        # forward-mode derivative of mse_loss's backward writes into a constant's implicit
+        # zero tangent, which raises ("ZeroTensors are immutable", torch 2.13)
+        inputs, targets = (split_batch(batch) if self.loss.criterion is not None
+                           else (None, None))
+        dual = isinstance(targets, torch.Tensor) and targets.is_floating_point()
+        zero = (torch.zeros_like(targets),) if dual else ()
 
-        def grad_fn(p: dict) -> dict:
-            return torch.func.grad(lambda q: self.loss(batch, q)[0])(p)
+        def grad_fn(p: dict, *t: torch.Tensor) -> dict:
+            b = (inputs, t[0]) if dual else batch
+            return torch.func.grad(lambda q: self.loss(b, q)[0])(p)
 
-        primal = self.loss.primal
+        primals = (self.loss.primal, targets) if dual else (self.loss.primal,)
         if self.block == "batched":
             tangents = dict(zip(names, self.space.split_block(V), strict=True))
 
             def one(t: dict) -> dict:
-                return torch.func.jvp(grad_fn, (primal,), (t,))[1]
+                return torch.func.jvp(grad_fn, primals, (t, *zero))[1]
 
             out = torch.func.vmap(one)(tangents)
             return self.space.flatten_block([out[n] for n in names], V.shape[1])
         cols = []
         for j in range(V.shape[1]):
             tangent = dict(zip(names, self.space.split(V[:, j]), strict=True))
-            _, hv = torch.func.jvp(grad_fn, (primal,), (tangent,))
+            _, hv = torch.func.jvp(grad_fn, primals, (tangent, *zero))
             cols.append(self.space.flatten([hv[n] for n in names]))
         return stack_columns(cols)
 
@@ -170,7 +216,13 @@ def hessian(
         while ``graph_memory`` allows; a product is then one extra backward per vector
         (``torch.autograd.grad`` with ``retain_graph``). Batches past the budget rebuild
         their graph in every product (double backward). ``"forward"``: forward-over-
-        reverse with ``torch.func.jvp`` of ``torch.func.grad``, no kept graphs.
+        reverse with ``torch.func.jvp`` of ``torch.func.grad``, no kept graphs; one
+        product on the first batch at construction checks that ``torch.func`` can
+        differentiate the loss, and raises a RuntimeError naming the cause where it
+        cannot (torch has no forward-mode derivative of some backward formulas:
+        ``huber_loss``, ``soft_margin_loss``; ``mse_loss`` called in a ``loss_fn`` breaks
+        under it, while a criterion's floating-point targets enter the jvp with a zero
+        tangent, which avoids that).
     block
         How ``matmat`` treats k vectors within its single pass over the data: ``"loop"``
         (default, k backwards) or ``"batched"`` (one vectorised backward,
@@ -191,8 +243,14 @@ def hessian(
         products and counts are all-reduced, so every rank holds the Hessian of all data.
         A rank's shard may be empty (more ranks than samples); data that is empty on every
         rank raises a ValueError on every rank. Every rank must build the same operator
-        (model dtype, ``params``, ``weight_decay``): the construction checks it in one
-        small collective and raises a RuntimeError on every rank, naming the difference.
+        (the same function, model dtype, criterion and its settings or ``loss_fn``,
+        ``batch_size_fn``, ``params``, ``batchnorm``, ``weight_decay``, ``regularizer``):
+        the construction checks it in one small collective and raises a RuntimeError on
+        every rank, naming the difference; a rank that raises before or during its pass
+        over its shard makes the others raise at once. Each product checks that every
+        rank multiplies the same vectors (an estimator called with another ``seed`` on
+        some rank): a RuntimeError on every rank on the CPU; elsewhere the product is made
+        NaN on every rank and the estimator raises.
         A ``DataLoader`` that repeats or leaves out samples gets a warning: a
         ``DistributedSampler`` that pads or drops to even the shards, or ``drop_last=True``
         with an incomplete last batch.
@@ -215,11 +273,16 @@ def hessian(
     >>> op = hessian(model, torch.nn.CrossEntropyLoss(), loader)      # doctest: +SKIP
     >>> density = specdens.slq(op, num_steps=90, num_probes=10)      # doctest: +SKIP
     """
-    if data is None:
-        raise TypeError("hessian needs data: one (inputs, targets) batch or an iterable of "
-                        "batches")
-    loss = BatchLoss(model, criterion, loss_fn, batch_size_fn=batch_size_fn, params=params,
-                     batchnorm=batchnorm)
+    group = resolve_group(process_group)
+    try:
+        if data is None:
+            raise TypeError("hessian needs data: one (inputs, targets) batch or an iterable "
+                            "of batches")
+        loss = BatchLoss(model, criterion, loss_fn, batch_size_fn=batch_size_fn,
+                         params=params, batchnorm=batchnorm)
+    except Exception:
+        join_failed(group)  # the other ranks learn of it, then this one raises
+        raise
     return HessianOperator(loss, data, method=method, block=block, weight_decay=weight_decay,
                            regularizer=regularizer, graph_memory=graph_memory,
                            check_determinism=check_determinism, process_group=process_group)

@@ -19,13 +19,7 @@ from specdens.tracker import SpectrumRecord, SpectrumTracker
 
 from ._data import Batches, batch_count
 from ._loss import BatchLoss, split_batch
-from .distributed import (
-    all_reduce_sum,
-    failure_row,
-    no_data_error,
-    raise_if_others_failed,
-    resolve_group,
-)
+from .distributed import agree_and_sum, join_failed, no_data_error, resolve_group
 from .gradient import gradient
 from .hessian import hessian
 
@@ -139,7 +133,9 @@ def evaluate(
 
     With ``torch.distributed`` initialised (or a ``process_group``), ``data`` is this
     rank's shard and both values are those of all the ranks' data together, the same on
-    every rank (as for the Hessian and the gradient).
+    every rank (as for the Hessian and the gradient). Every rank must call it with the
+    same model, criterion or ``loss_fn``, ``params`` and ``batchnorm``: one small
+    collective sums the ranks' values and checks that, as :func:`hessian` does.
 
     Returns
     -------
@@ -148,35 +144,23 @@ def evaluate(
     accuracy : float or None
         See :func:`track`; None when not computed.
     """
-    if data is None:
-        raise TypeError("evaluate needs data: one (inputs, targets) batch or an iterable of "
-                        "batches")
-    if accuracy is not None and accuracy is not False and not callable(accuracy):
-        raise TypeError("accuracy must be None (automatic), False or a callable(outputs, "
-                        "targets)")
-    if callable(accuracy) and criterion is None:
-        raise TypeError("accuracy=callable(outputs, targets) needs a criterion and "
-                        "(inputs, targets) batches; with loss_fn, compute the accuracy in your "
-                        "own code and pass it in extra=")
     group = resolve_group(process_group)
-    loss = BatchLoss(model, criterion, loss_fn, batch_size_fn=batch_size_fn, params=params,
-                     batchnorm=batchnorm)
-    # loss sum, its weight, correct predictions, samples they are counted over; and whether
-    # this rank's accuracy could be computed (0 or 1, summed: all ranks must agree)
-    sums = [0.0, 0.0, 0.0, 0.0]
-    acc_ok = accuracy is not False and criterion is not None
-
-    def reduce(*, failed: bool) -> list[float]:
-        # the sums of all ranks, and which ranks failed (a one-hot row of the world's size)
-        reduced = all_reduce_sum(torch.tensor(sums + [float(acc_ok), 1.0]
-                                              + failure_row(group, failed),
-                                              dtype=torch.float64, device=loss.space.device),
-                                 group).tolist()
-        if not failed:
-            raise_if_others_failed([r for r, f in enumerate(reduced[6:]) if f])
-        return reduced[:6]
-
     try:
+        if data is None:
+            raise TypeError("evaluate needs data: one (inputs, targets) batch or an iterable "
+                            "of batches")
+        if accuracy is not None and accuracy is not False and not callable(accuracy):
+            raise TypeError("accuracy must be None (automatic), False or a callable(outputs, "
+                            "targets)")
+        if callable(accuracy) and criterion is None:
+            raise TypeError("accuracy=callable(outputs, targets) needs a criterion and "
+                            "(inputs, targets) batches; with loss_fn, compute the accuracy in "
+                            "your own code and pass it in extra=")
+        loss = BatchLoss(model, criterion, loss_fn, batch_size_fn=batch_size_fn,
+                         params=params, batchnorm=batchnorm)
+        # loss sum, its weight, correct predictions, samples they are counted over
+        sums = [0.0, 0.0, 0.0, 0.0]
+        acc_ok = accuracy is not False and criterion is not None
         # grad enabled: loss_fn may differentiate with respect to its inputs (a PINN); the
         # parameters are detached, so no graph of them is built
         with torch.enable_grad():
@@ -201,13 +185,15 @@ def evaluate(
                     else:
                         acc_ok = False
     except Exception:
-        if group is not None:   # the other ranks learn of it, then this one raises
-            reduce(failed=True)
+        join_failed(group)  # the other ranks learn of it, then this one raises
         raise
-    loss_sum, total, correct, counted, ok_ranks, ranks = reduce(failed=False)
+    # the sums of all ranks (one small collective, which checks that the ranks agree), and
+    # on how many ranks the accuracy could not be computed (all must compute it)
+    loss_sum, total, correct, counted, not_ok = agree_and_sum(
+        group, loss, kind="evaluate", sums=sums + [float(not acc_ok)])
     if total == 0:      # the same on every rank: all raise
         raise no_data_error(group)
-    has_acc = ok_ranks == ranks and counted > 0
+    has_acc = not not_ok and counted > 0
     return loss_sum / total, (correct / counted if has_acc else None)
 
 
