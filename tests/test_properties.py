@@ -64,17 +64,30 @@ def test_full_run_reproduces_every_moment_of_the_probe(lam, seed):
 @settings(max_examples=30, deadline=None)
 @given(lam=spectra, seed=st.integers(0, 2**31),
        shift=st.floats(-100, 100).filter(lambda s: s == 0.0 or abs(s) >= 1e-100))
-def test_shift_moves_nodes(lam, seed, shift):
+def test_shift_moves_the_quadrature_rule(lam, seed, shift):
+    """Lanczos is shift invariant, T(A + sI) = T(A) + sI, so the rule of A + sI is the rule
+    of A moved by s.
+
+    An L-node Gauss rule is fixed by its moments of degree < 2L, and those are what is
+    compared. Nodes and weights themselves are not well conditioned: when the number of
+    steps reaches the number of distinct eigenvalues, rounding gives the probe a component
+    of size ~eps in a direction the exact Krylov space misses, and the last nodes move by up
+    to ~1e5 eps ||A|| (measured), differently in each run. The moments are: the computed T
+    is exact for a perturbation of A of norm ~ k eps ||A||, which moves the moment of degree
+    p of the rule scaled to [-1, 1] by ~ p k eps (measured at most 6 p eps in 3600 cases).
+    """
     A = _matrix(lam, seed)
-    d0 = specdens.slq(A, num_steps=min(10, lam.size), seed=seed)
-    d1 = specdens.slq(A + shift * np.eye(lam.size), num_steps=min(10, lam.size), seed=seed)
-    scale = np.max(np.abs(lam)) + abs(shift) + 1e-300
-    if (d0.lengths == d1.lengths).all():
-        # A breakdown whose rounding is above the tolerance (an invariant Krylov space
-        # after a large-to-small beta) is not detected: the run continues with a block
-        # uncoupled to rounding, whose nodes differ between the two runs and carry weights
-        # ~(beta / ||T||)^2 <~ 1e-20. The nodes that carry the rule are compared.
-        for i in range(d0.nodes.shape[0]):
-            a = d0.nodes[i][d0.weights[i] > 1e-12]
-            b = d1.nodes[i][d1.weights[i] > 1e-12]
-            np.testing.assert_allclose(np.sort(b), np.sort(a) + shift, atol=1e-7 * scale)
+    steps = min(10, lam.size)
+    d0 = specdens.slq(A, num_steps=steps, seed=seed)
+    d1 = specdens.slq(A + shift * np.eye(lam.size), num_steps=steps, seed=seed)
+    scale = np.max(np.abs(lam)) + abs(shift)
+    if scale == 0.0:
+        np.testing.assert_array_equal(d1.nodes, d0.nodes)
+        return
+    for i in range(d0.nodes.shape[0]):
+        x0 = (d0.nodes[i] + shift) / scale
+        x1 = d1.nodes[i] / scale
+        for p in range(1, 2 * min(d0.lengths[i], d1.lengths[i])):
+            m0 = np.sum(d0.weights[i] * x0**p)
+            m1 = np.sum(d1.weights[i] * x1**p)
+            assert abs(m1 - m0) <= 10 * p * steps * EPS, (p, m0, m1)
