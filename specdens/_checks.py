@@ -94,3 +94,20 @@ def product_dtype(op: Any) -> Any:
     """The dtype whose rounding an operator's products carry: its own, unless it wraps a
     lower-precision operator and says so (``op.product_dtype``, as deflation does)."""
     return getattr(op, "product_dtype", op.dtype)
+
+
+def agree_on_run(op: Any, what: str, **settings: Any) -> None:
+    """Tell ``op``, before an estimator's first product, which run starts: ``what`` (the
+    estimator) and the settings that fix how many products it makes and of which block
+    sizes.
+
+    Operators whose products are collectives across processes (a torch operator built with
+    a process group) check there that every process starts the same run, and raise on
+    every process when one differs: ranks that would make different numbers of products
+    would otherwise wait for each other in a product until the group's timeout. Other
+    operators do nothing; composite ones pass it to their parts
+    (:meth:`~specdens.operators.LinearOperatorBase.agree_on_run`).
+    """
+    hook = getattr(op, "agree_on_run", None)
+    if callable(hook):
+        hook(what, settings)

@@ -88,6 +88,7 @@ def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
         empty_shards(rank, world, out_dir)
         padding_sampler(rank, world, out_dir)
         failing_rank(rank, out_dir)
+        different_settings(rank, op, out_dir)
     finally:
         torch.distributed.destroy_process_group()
 
@@ -121,9 +122,12 @@ def different_vectors(rank, op, out_dir):
     """check_consistent takes every estimator's result (it refused EigshResult,
     TraceEstimate and DiagonalEstimate with a TypeError) and finds one ulp of difference.
     An estimator run with another seed on each rank multiplied different vectors: every
-    rank got wrong numbers, with only misleading warnings. The product's all-reduce carries
-    a checksum of its input, and every rank raises in the first product: at once on the
-    CPU; as on a GPU (no value read back), through NaN products the engine reports. The
+    rank got wrong numbers, with only misleading warnings. The run's start names the seed
+    (different_settings); the vectors can also differ where no setting shows it (explicit
+    probes, ``v0``), which the start check (switched off here) cannot see: the product's
+    all-reduce carries a checksum of its input, and every rank raises in the first product:
+    at once on the CPU; as on a GPU (no value read back), through NaN products the engine
+    reports. The
     checksum reads nothing back: the reads do not grow with the steps (as in
     test_torch_host_reads, here with a process group)."""
     import dataclasses
@@ -147,6 +151,7 @@ def different_vectors(rank, op, out_dir):
             outcomes.append(f"{name} check: {exc}")
         for where in ("cpu", "device"):
             with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(DataOperator, "agree_on_run", lambda self, what, settings: None)
                 if where == "device":
                     mp.setattr(DataOperator, "_host_checks", lambda self: False)
                 try:
@@ -246,6 +251,20 @@ def padding_sampler(rank: int, world: int, out_dir: str) -> None:
         fh.write("\n".join(found))
 
 
+def outcomes_of(cases) -> list[str]:
+    """``"expected || outcome"`` for each ``(call, expected)``: "finished", or the error's
+    type and message on one line."""
+    outcomes = []
+    for call, expected in cases:
+        try:
+            call()
+            outcome = "finished"
+        except Exception as exc:
+            outcome = f"{type(exc).__name__}: {exc}".replace("\n", " ")
+        outcomes.append(f"{expected} || {outcome}")
+    return outcomes
+
+
 def failing_rank(rank: int, out_dir: str) -> None:
     """Rank 1 raises while building: in its pass over its shard (a batch the model cannot
     take), or before it, checking its arguments (a generator for data, a pattern that
@@ -302,15 +321,48 @@ def failing_rank(rank: int, out_dir: str) -> None:
         (lambda: evaluate(model, crit, shard, batchnorm=mine("batch", "nope")),
          "batchnorm='nope'"),
     ]
-    outcomes = []
-    for build, expected in builds:
-        try:
-            build()
-            outcome = "finished"
-        except Exception as exc:
-            outcome = f"{type(exc).__name__}: {exc}".replace("\n", " ")
-        outcomes.append(f"{expected} || {outcome}")
+    outcomes = outcomes_of(builds)
     with open(os.path.join(out_dir, f"failing{rank}"), "w") as fh:
+        fh.write("\n".join(outcomes))
+
+
+def different_settings(rank: int, op, out_dir: str) -> None:
+    """Ranks that start an estimator with settings that change how many products it makes,
+    or their block sizes, raise at the start, on every rank, naming the setting and each
+    rank's value. (They waited in a product until the group's timeout: rank 0 done after
+    10 Lanczos steps, rank 1 waiting for its 11th product.) Composite operators pass the
+    check to their parts. After all of them, the ranks still run together."""
+    def mine(value_0, value_1):
+        return value_1 if rank == 1 else value_0
+
+    cases = [   # (run, what the error must name)
+        (lambda: specdens.lanczos(op, mine(10, 12), num_probes=2),
+         "started lanczos() with different settings: num_steps: 10 on rank 0, 12 on rank 1"),
+        (lambda: specdens.slq(op, num_steps=8, num_probes=mine(2, 3)),
+         "num_probes: 2 on rank 0, 3 on rank 1"),
+        (lambda: specdens.slq(op, num_steps=8, num_probes=4, block_size=mine(4, 2)),
+         "block_size: 4 on rank 0, 2 on rank 1"),
+        (lambda: specdens.slq(op, num_steps=8, seed=mine(0, 1)), "seed: 0 on rank 0, 1 on rank 1"),
+        (lambda: specdens.lanczos(op, 8, reorth=mine("full", "local")),
+         "reorth: 'full' on rank 0, 'local' on rank 1"),
+        (lambda: specdens.eigsh(op, k=mine(2, 3)), "started eigsh() with different settings: "
+         "k: 2 on rank 0, 3 on rank 1"),
+        (lambda: specdens.trace(op, num_matvecs=mine(12, 16)),
+         "started trace() with different settings: num_matvecs: 12 on rank 0, 16 on rank 1"),
+        (lambda: specdens.diagonal(op, num_matvecs=12, block_size=mine(64, 4)),
+         "started diagonal() with different settings: block_size: 64 on rank 0, 4 on rank 1"),
+        (lambda: specdens.kpm(op, num_moments=mine(20, 30), bounds=(-5, 5)),
+         "started kpm() with different settings: num_moments: 20 on rank 0, 30 on rank 1"),
+        (lambda: (specdens.trace if rank == 0 else specdens.diagonal)(op, num_matvecs=12),
+         "the ranks started different computations"),
+        (lambda: specdens.lanczos((2.0 * op).shift(1.0), mine(6, 7)),
+         "num_steps: 6 on rank 0, 7 on rank 1"),
+    ]
+    outcomes = outcomes_of(cases)
+    after = specdens.lanczos(op, 6, num_probes=2)
+    check_consistent(after)
+    outcomes.append(f"after || {after.alpha.tolist()}")
+    with open(os.path.join(out_dir, f"settings{rank}"), "w") as fh:
         fh.write("\n".join(outcomes))
 
 
@@ -328,6 +380,8 @@ def test_two_gloo_ranks_match_single_process():
                    for r in range(2)]
         failing = [open(os.path.join(tmp, f"failing{r}")).read().split("\n")
                    for r in range(2)]
+        settings = [open(os.path.join(tmp, f"settings{r}")).read().split("\n")
+                    for r in range(2)]
     model, crit, batches = problem()
     single = specdens.lanczos(hessian(model, crit, batches), STEPS, num_probes=PROBES,
                               seed=0)
@@ -352,6 +406,13 @@ def test_two_gloo_ranks_match_single_process():
         mine, (expected, theirs) = mine.split(" || ")[1], theirs.split(" || ")
         assert mine.startswith("RuntimeError: rank 1 raised an error while building"), mine
         assert expected in theirs, (expected, theirs)
+    assert settings[0][-1] == settings[1][-1], settings    # then the ranks run together
+    for outcomes in settings:   # every rank raises at the start, naming what differs
+        assert len(outcomes) == 12, outcomes
+        for line in outcomes[:-1]:
+            expected, outcome = line.split(" || ")
+            assert outcome.startswith("RuntimeError: the ranks started "), outcome
+            assert expected in outcome, (expected, outcome)
 
 
 def check_empty_shards(model, crit, batches, empty, all_empty):

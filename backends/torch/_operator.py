@@ -25,6 +25,7 @@ from ._params import stack_columns
 from .distributed import (
     InputChecksum,
     agree_and_count,
+    agree_on_run,
     all_reduce_sum,
     join_failed,
     no_data_error,
@@ -258,6 +259,12 @@ class DataOperator(LinearOperatorBase):
         if V.dtype != self.dtype:
             raise TypeError(f"the operator has dtype {self.dtype} (the model's); got a vector "
                             f"of dtype {V.dtype}. Cast it: v.to({self.dtype})")
+
+    def agree_on_run(self, what: str, settings: dict[str, Any]) -> None:
+        """With a process group: check that every rank starts the same run
+        (:func:`~specdens.backends.torch.distributed.agree_on_run`)."""
+        if self.group is not None:
+            agree_on_run(self.group, self.device, what, settings)
 
     def _host_checks(self) -> bool:
         """Whether reading a value of the operator's device costs no synchronisation."""

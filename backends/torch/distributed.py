@@ -11,7 +11,10 @@ and checks that every rank built the same thing (function, vector space, loss, B
 mode, weight decay, regularizer) before any vector-sized reduction; a rank that raised
 while building joins it flagged as failed (:func:`join_failed`), so that the others raise
 at once. A rank's shard may be empty; only data that is empty on every rank raises, on
-every rank. Each product's all-reduce carries a checksum of the vectors it multiplies
+every rank. Each estimator, before its first product, gathers its name and settings
+(:func:`agree_on_run`): ranks that would make different numbers of products, or products
+of other block sizes, raise there instead of waiting in a product until the group's
+timeout. Each product's all-reduce carries a checksum of the vectors it multiplies
 (:class:`InputChecksum`), which finds ranks that multiply different ones.
 """
 
@@ -276,6 +279,96 @@ def raise_if_others_failed(failed: Sequence[int]) -> None:
             f"(checking {'their' if s else 'its'} arguments or passing over "
             f"{'their' if s else 'its'} data shard; see that rank's output); nothing was "
             "built on this rank either")
+
+
+# settings an estimator's run start can carry (agree_on_run), each as _SLOTS numbers
+_RUN_FIELDS = 15
+_SLOTS = 3
+_NUMBER, _BOOL, _TEXT, _NONE, _HASHED = 1.0, 2.0, 3.0, 4.0, 5.0
+
+
+def _encoded(value: Any) -> list[float]:
+    """A setting as :data:`_SLOTS` exact float64 numbers: a tag and the value (a number;
+    text of up to 12 bytes, 6 per number; else a 48-bit hash of its repr)."""
+    if value is None:
+        return [_NONE, 0.0, 0.0]
+    if isinstance(value, (bool, np.bool_)):
+        return [_BOOL, float(value), 0.0]
+    if isinstance(value, (int, np.integer)) and abs(int(value)) < 2**53:
+        return [_NUMBER, float(value), 0.0]
+    if isinstance(value, (float, np.floating)) and math.isfinite(value):
+        return [_NUMBER, float(value), 0.0]
+    if isinstance(value, str) and len(value.encode()) <= 12:
+        raw = value.encode().ljust(12, b"\0")
+        return [_TEXT, float(int.from_bytes(raw[:6], "big")),
+                float(int.from_bytes(raw[6:], "big"))]
+    return [_HASHED, _hash48(repr(value)), 0.0]
+
+
+def _decoded(slots: Sequence[float]) -> str:
+    """How :func:`_encoded` numbers show in a message."""
+    tag, a, b = slots
+    if tag == _NONE:
+        return "None"
+    if tag == _BOOL:
+        return repr(bool(a))
+    if tag == _NUMBER:
+        return repr(int(a)) if a.is_integer() and abs(a) < 2**53 else repr(a)
+    if tag == _TEXT:
+        raw = int(a).to_bytes(6, "big") + int(b).to_bytes(6, "big")
+        return repr(raw.rstrip(b"\0").decode(errors="replace"))
+    return f"another value (hash {int(a):012x})"
+
+
+def agree_on_run(group: Any, device: torch.device | None, what: str,
+                 settings: dict[str, Any]) -> None:
+    """Check that every rank of ``group`` starts the same run: the estimator ``what``
+    with the same ``settings`` (:func:`specdens._checks.agree_on_run`), in one small
+    ``all_gather`` before the run's first product.
+
+    The number of products a run makes and their block sizes follow from its settings
+    (``num_steps``, ``num_probes``, ``k``, ``num_matvecs``, ``block_size``...); a rank
+    that made fewer would leave the others waiting in a product until the process group's
+    timeout (30 minutes by default), and blocks of other sizes abort inside gloo.
+
+    Raises
+    ------
+    RuntimeError
+        On every rank, when the ranks started different estimators or the same one with
+        different settings; names them, each rank's value and the ranks.
+    """
+    keys = sorted(settings)
+    if len(keys) > _RUN_FIELDS:
+        raise ValueError(f"at most {_RUN_FIELDS} settings")
+    row = [_hash48(repr((what, keys)))]
+    for key in keys:
+        row += _encoded(settings[key])
+    row += [0.0] * (1 + _RUN_FIELDS * _SLOTS - len(row))
+    rows = _gather_rows(group, device, row)
+    if all(r == row for r in rows):
+        return
+    advice = ("Every rank must call the estimators with the same arguments (only the data "
+              "shard differs); ranks that differ would wait for each other in a product "
+              "until the process group's timeout")
+    other = [rank for rank, r in enumerate(rows) if r[0] != row[0]]
+    if other:
+        raise RuntimeError(
+            f"the ranks started different computations: this rank {what}() (with settings "
+            f"{', '.join(keys)}), rank{'s' if len(other) > 1 else ''} "
+            f"{', '.join(map(str, other))} another estimator or another internal step. "
+            + advice)
+    diffs = []
+    for i, key in enumerate(keys):
+        by_value: dict[str, list[int]] = {}
+        for rank, r in enumerate(rows):
+            shown = _decoded(r[1 + _SLOTS * i: 1 + _SLOTS * (i + 1)])
+            by_value.setdefault(shown, []).append(rank)
+        if len(by_value) > 1:
+            diffs.append(f"{key}: " + ", ".join(
+                f"{v} on rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}"
+                for v, r in by_value.items()))
+    raise RuntimeError(f"the ranks started {what}() with different settings: "
+                       + "; ".join(diffs) + ". " + advice)
 
 
 # splitmix64's constants, as signed 64-bit integers (torch's int64 arithmetic wraps)

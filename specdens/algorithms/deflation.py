@@ -76,6 +76,9 @@ class DeflatedOperator(LinearOperatorBase):
         # the rounding of the products is that of ``A``'s dtype, not of the projections
         self.product_dtype = _checks.product_dtype(op)
 
+    def parts(self) -> tuple[Any, ...]:
+        return (self.op,)
+
     def project(self, X: Any) -> Any:
         """``(I - V V^T) X`` for a block ``X`` of shape ``(n, b)``."""
         xp = self.xp

@@ -264,6 +264,8 @@ def eigsh(
     eps_work = _array.finfo_eps(work)
     breakdown_tol = max(min(eps_work ** (2.0 / 3.0), tight), 100 * eps_work)
     dev = _array.creation_device(op)
+    _checks.agree_on_run(op, "eigsh", k=k, which=which, tol=tol, ncv=m, maxiter=maxiter,
+                         seed=int(seed), v0=v0 is not None, dtype=work)
 
     q = _start_vector(op, v0, rng, wdt)
     V = xp.zeros((m, n), dtype=wdt, device=dev)

@@ -375,6 +375,12 @@ def kpm(
     _array.check_supported_dtype(op.dtype)
     work = _checks.work_dtype(dtype, op)
     wdt = _array.xp_dtype(xp, work)
+    block = num_probes if block_size is None else min(_checks.positive_int(block_size,
+                                                                           "block_size"),
+                                                      num_probes)
+    _checks.agree_on_run(op, "kpm", num_moments=N, num_probes=num_probes, block_size=block,
+                         seed=seed, probes=probes, dtype=work, bounds=bounds is not None,
+                         bound_steps=bound_steps if bounds is None else None)
     matvecs = 0
     lanczos_bounds = None
     if bounds is None:
@@ -391,10 +397,6 @@ def kpm(
         if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
             raise ValueError(f"bounds must be finite with a < b; got {bounds!r}")
     center, half = _widened(lo, hi, widen)
-
-    block = num_probes if block_size is None else min(_checks.positive_int(block_size,
-                                                                           "block_size"),
-                                                      num_probes)
     K = N // 2
     mus, scales = [], []
     for start in range(0, num_probes, block):

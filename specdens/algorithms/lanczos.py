@@ -339,6 +339,21 @@ def _lanczos(
         raise ValueError("return_basis=True needs reorth='full' or 'partial' "
                          f"(this run uses {reorth!r})")
 
+    # (a resumed run takes its checkpoint's choice instead)
+    planned = _resolve_reorth(reorth, m, n, block, basis_name, window, max_basis_bytes, xp,
+                              device, basis_fixed=basis_dtype is not None)
+    if check_every is None:
+        check_every = 1 if _array.is_host_namespace(xp) else 0
+    else:
+        check_every = _checks.nonnegative_int(check_every, "check_every")
+    _checks.agree_on_run(
+        op, "lanczos", num_steps=m, num_probes=num_probes, block_size=block,
+        first_probe=first_probe, seed=None if explicit is not None else int(seed),
+        probes=kind, reorth=planned[0], window=planned[1], basis_dtype=planned[2],
+        dtype=work, check_every=check_every, check_symmetry=bool(check_symmetry),
+        checkpoint=checkpoint is not None,
+        resume=checkpoint is not None and os.path.exists(checkpoint))
+
     saved = None
     if checkpoint is not None:
         settings = {
@@ -363,9 +378,7 @@ def _lanczos(
         res = saved[0]["resolved"]
         mode, win, basis_name = res["reorth"], int(res["window"]), res["basis_dtype"]
     else:
-        mode, win, basis_name = _resolve_reorth(reorth, m, n, block, basis_name, window,
-                                                max_basis_bytes, xp, device,
-                                                basis_fixed=basis_dtype is not None)
+        mode, win, basis_name = planned
     wdt, bdt = _array.xp_dtype(xp, work), _array.xp_dtype(xp, basis_name)
     breakdown_tol = check_breakdown_tol(breakdown_tol, work)
     matvecs = 0
@@ -377,8 +390,6 @@ def _lanczos(
     if return_basis and mode not in ("full", "partial"):
         raise ValueError("return_basis=True needs reorth='full' or 'partial' "
                          f"(this run uses {mode!r})")
-    if check_every is None:
-        check_every = 1 if _array.is_host_namespace(xp) else 0
     tick = make_progress(progress, "lanczos")
     total_steps = m * ((num_probes + block - 1) // block)
 

@@ -309,6 +309,8 @@ def trace(
     minimum = {"hutchinson": 1, "hutch++": 3, "xtrace": 4, "xnystrace": 2}[method]
     m = _check_num_matvecs(num_matvecs, minimum, method)
     block_size = _checks.positive_int(block_size, "block_size")
+    _checks.agree_on_run(ctx.op, "trace", method=method, num_matvecs=m, block_size=block_size,
+                         seed=seed, dtype=ctx.work)
     if m >= ctx.n:
         return _exact_trace(ctx, block_size)
     if method == "hutchinson":
@@ -575,6 +577,8 @@ def diagonal(
     minimum = {"hutchinson": 1, "hutch++": 3, "xdiag": 4, "xnysdiag": 2}[method]
     m = _check_num_matvecs(num_matvecs, minimum, method)
     block_size = _checks.positive_int(block_size, "block_size")
+    _checks.agree_on_run(ctx.op, "diagonal", method=method, num_matvecs=m,
+                         block_size=block_size, seed=seed, dtype=ctx.work)
     if m >= ctx.n:
         return _exact_diagonal(ctx, block_size)
     if method in ("hutchinson", "hutch++"):

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _array
+from .. import _array, _checks
 
 
 class LinearOperatorBase:
@@ -100,6 +100,20 @@ class LinearOperatorBase:
             raise ValueError(
                 f"{what}: this operator's vectors live on device {self.device}; got one on {dev}"
             )
+
+    # -- runs -------------------------------------------------------------------
+    def parts(self) -> tuple[Any, ...]:
+        """The operators this one applies in its products (composites: their terms and
+        factors); ``()`` for an operator of its own."""
+        return ()
+
+    def agree_on_run(self, what: str, settings: dict[str, Any]) -> None:
+        """Called by every estimator before its first product, with its name and the
+        settings that fix how many products it makes (:func:`specdens._checks.agree_on_run`).
+        Operators whose products are collectives across processes check that every
+        process starts the same run; this one passes it to its :meth:`parts`."""
+        for part in self.parts():
+            _checks.agree_on_run(part, what, **settings)
 
     def __matmul__(self, other: Any) -> Any:
         if isinstance(other, LinearOperatorBase) or _looks_like_operator(other):

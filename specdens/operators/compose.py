@@ -63,6 +63,9 @@ class SumOperator(LinearOperatorBase):
     def _matvec(self, v: Any) -> Any:
         return _apply(self, self.a, "matvec", v) + _apply(self, self.b, "matvec", v)
 
+    def parts(self) -> tuple[LinearOperatorBase, ...]:
+        return (self.a, self.b)
+
     def _transpose(self) -> LinearOperatorBase:
         return SumOperator(self.a.T, self.b.T)
 
@@ -81,6 +84,9 @@ class ProductOperator(LinearOperatorBase):
 
     def _matvec(self, v: Any) -> Any:
         return _apply(self, self.a, "matvec", _apply(self, self.b, "matvec", v))
+
+    def parts(self) -> tuple[LinearOperatorBase, ...]:
+        return (self.a, self.b)
 
     def _transpose(self) -> LinearOperatorBase:
         return ProductOperator(self.b.T, self.a.T)
@@ -101,6 +107,9 @@ class ScaledOperator(LinearOperatorBase):
     def _matvec(self, v: Any) -> Any:
         return self.c * self.a.matvec(v)
 
+    def parts(self) -> tuple[LinearOperatorBase, ...]:
+        return (self.a,)
+
     def _transpose(self) -> LinearOperatorBase:
         return ScaledOperator(self.a.T, self.c)
 
@@ -119,6 +128,9 @@ class ShiftedOperator(LinearOperatorBase):
 
     def _matvec(self, v: Any) -> Any:
         return self.a.matvec(v) + self.s * v
+
+    def parts(self) -> tuple[LinearOperatorBase, ...]:
+        return (self.a,)
 
     def _transpose(self) -> LinearOperatorBase:
         return ShiftedOperator(self.a.T, self.s)
@@ -139,6 +151,9 @@ class TransposedOperator(LinearOperatorBase):
         if hasattr(self.a, "rmatmat"):
             return self.a.rmatmat(V)
         return self.xp.stack([self.a.rmatvec(V[:, i]) for i in range(V.shape[1])], axis=1)
+
+    def parts(self) -> tuple[LinearOperatorBase, ...]:
+        return (self.a,)
 
     def _transpose(self) -> LinearOperatorBase:
         return self.a
