@@ -406,8 +406,19 @@ class SpectrumStats:
         larger (both are Rayleigh quotients, never above the true largest eigenvalue).
     edge_ratio : float
         ``largest / bulk.upper``: how far the top eigenvalue stands above the bulk's upper
-        edge (the ``1 - tail`` quantile of the spectrum without its outliers). NaN when
-        ``bulk.upper <= 0``, where the ratio has no meaning.
+        edge (the ``1 - tail`` quantile of the spectrum without its outliers). A bulk edge
+        within the estimate's rounding floor of 0, ``|bulk.upper| <= floor``, counts as 0
+        and gives ``inf`` (e.g. a low-rank positive semi-definite matrix: its bulk is
+        exactly 0, and the Ritz values there are rounding residues of either sign, which
+        gave ratios of 1e15 to 1e18 or NaN); NaN when ``largest`` is within the floor of 0
+        too, or when the edge is below ``-floor`` (a negative bulk edge), where the ratio
+        has no meaning. ``floor`` is the smallest residual bound of the Ritz values, capped
+        at ``rtol * bulk.scale``: residual bounds are floored at the run's rounding,
+        ``4 eps max|theta|`` with ``eps`` of the arithmetic or of the products, whichever is
+        coarser (:func:`specdens.algorithms.quadrature.quadrature_rules`), and a Ritz value
+        that has converged (an outlier; every one after a breakdown) sits at that floor;
+        until one has, no value is resolved finer than ``rtol * bulk.scale``, the outlier
+        rule's convergence tolerance.
     num_top_above : int or None
         How many of ``eigenvalues`` lie above ``bulk.upper_threshold`` (outliers by the
         same rule, but counted on accurately computed eigenvalues, so a tight cluster of
@@ -495,7 +506,13 @@ def spectrum_stats(
         # exceeds the largest eigenvalue (to rounding): the larger is the better estimate.
         largest = max(largest, float(np.max(ev)))
         above = int(np.sum(ev > edges.upper_threshold))
-    ratio = largest / edges.upper if edges.upper > 0 else float("nan")
+    floor = _edge_floor(density, edges.scale, rtol)
+    if edges.upper > floor:
+        ratio = largest / edges.upper
+    elif edges.upper >= -floor and largest > floor:
+        ratio = math.inf  # the bulk edge is 0 to rounding: the top stands infinitely above
+    else:
+        ratio = float("nan")
     neg = negative_mass(density, tol=negative_tol)
     return SpectrumStats(
         outliers=found,
@@ -508,3 +525,13 @@ def spectrum_stats(
         negative_mass_bounds=negative_mass_bounds(density, tol=negative_tol),
         rule={"tail": tail, "gap": gap, "rtol": rtol, "negative_tol": negative_tol},
     )
+
+
+def _edge_floor(density: SpectralDensity, scale: float, rtol: float) -> float:
+    """The rounding floor of ``SpectrumStats.edge_ratio``: the smallest residual bound of
+    the Ritz values (the run's rounding floor once one has converged), capped at
+    ``rtol * scale``."""
+    valid = np.arange(density.nodes.shape[1])[None, :] < density.lengths[:, None]
+    res = np.asarray(density.residuals, dtype=np.float64)[valid]
+    smallest = float(np.min(res)) if res.size else math.inf
+    return min(smallest, rtol * scale)

@@ -14,9 +14,12 @@ Usage::
 :meth:`specdens.SpectralDensity.save`) and ``STEM-summary.json``
 (:func:`specdens.summary.summarize` plus the input, the settings and timings), and
 prints a short summary. Usage errors (a missing file, an unknown example, bad options)
-print one line to stderr and exit with status 2; a failed computation (also a valid
-matrix too small in magnitude for float64 arithmetic, entries around 1e-300) prints one
-line and exits with 1.
+print one line to stderr and exit with status 2, and so does a matrix file that cannot
+be read (:class:`specdens.matrix_io.MatrixFileError`: corrupt, truncated, out of range,
+too large for the memory, not symmetric...); a failed computation (also a valid matrix
+too small or too large in magnitude for its arithmetic, entries around 1e-300 or 1e160 in
+float64, which names the remedy: scale the matrix by a power of ten and the spectrum
+back) prints one line and exits with 1.
 """
 
 from __future__ import annotations
@@ -299,9 +302,9 @@ def _investigate_summary(result: Any) -> str:
     return "\n".join(lines)
 
 
-def _load_input(args: argparse.Namespace) -> tuple[Any, dict, str, Any]:
-    """The operator, a description of the input, the output stem and the exact spectrum
-    (examples only)."""
+def _load_input(args: argparse.Namespace) -> tuple[Any, dict, str, Any, Any]:
+    """The operator, a description of the input, the output stem, the exact spectrum
+    (examples only) and the matrix read from the file (None for an example)."""
     from .examples import get_example
     from .matrix_io import MatrixFileError, describe_matrix, load_matrix
     from .operators import aslinearoperator
@@ -317,7 +320,7 @@ def _load_input(args: argparse.Namespace) -> tuple[Any, dict, str, Any]:
         info = {"kind": "example", "example": args.example, "n": n, "seed": args.seed,
                 "description": getattr(op, "description", ""),
                 "params": getattr(op, "params", {})}
-        return op, info, f"{args.example}-n{n}", getattr(op, "eigenvalues", None)
+        return op, info, f"{args.example}-n{n}", getattr(op, "eigenvalues", None), None
     if args.n is not None:
         raise UsageError("--n sets the size of an --example; a matrix file has its own size")
     path = Path(args.path)
@@ -333,7 +336,36 @@ def _load_input(args: argparse.Namespace) -> tuple[Any, dict, str, Any]:
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
-    return aslinearoperator(A, symmetric=True), info, stem or "matrix", None
+    return aslinearoperator(A, symmetric=True), info, stem or "matrix", None, A
+
+
+def _overflow_message(A: Any) -> str | None:
+    """Why a finite matrix ``A`` (as read from a file) made the computation overflow, or
+    None when its scale cannot explain it.
+
+    The Lanczos vectors' norms are ``sqrt(w^T w)`` with ``||w|| <= ||A q|| <= ||A||_2 <=
+    n max|a_ij|``, and the second moment averages squared Ritz values, which are at most
+    ``||A||_2^2``: these overflow only when ``||A||_2`` passes ``sqrt(max)`` of the dtype
+    (1.3e154 in float64, 1.8e19 in float32). A finite matrix makes the engine see NaN or
+    Inf only then, and it reports the operator; this names the scale instead.
+    """
+    import numpy as np
+    import scipy.sparse
+
+    values = A.data if scipy.sparse.issparse(A) else np.asarray(A)
+    if values.size == 0:
+        return None
+    big = float(np.max(np.abs(values)))
+    finfo = np.finfo(A.dtype)
+    limit = float(np.sqrt(finfo.max))
+    if not (np.isfinite(big) and big * A.shape[0] >= limit):
+        return None
+    power = 10.0 ** math.floor(math.log10(big))
+    return (f"the matrix's scale (largest entry {big:.1e}) is too large for {A.dtype} "
+            f"arithmetic: squares (the Lanczos vectors' squared norms, the second moment) "
+            f"overflow once ||A|| passes {limit:.1e}. Divide the matrix by a power of ten "
+            f"(e.g. A / {power:.0e}) and multiply the spectrum back (eigenvalues, bounds and "
+            f"outliers by {power:.0e}, moments tr(A^p)/n by {power:.0e}^p)")
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> int:
@@ -345,7 +377,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     from .summary import summarize
 
     t_start = time.perf_counter()
-    op, info, stem, exact = _load_input(args)
+    op, info, stem, exact, matrix = _load_input(args)
     out_dir: Path = args.out
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -354,15 +386,25 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     t_loaded = time.perf_counter()
 
     try:
-        density = slq(op, num_steps=args.steps, num_probes=args.probes, seed=args.seed,
-                      reorth=args.reorth, probes=args.probe_kind, progress=not args.quiet)
+        # (numpy's overflow warnings are not shown: an overflow gives NaN or Inf, which
+        # specdens refuses with the error below, so that the failure is one line)
+        with np.errstate(over="ignore", invalid="ignore"):
+            density = slq(op, num_steps=args.steps, num_probes=args.probes, seed=args.seed,
+                          reorth=args.reorth, probes=args.probe_kind, progress=not args.quiet)
+            t_slq = time.perf_counter()
+            density = dataclasses.replace(density, extra={**density.extra, "input": info})
+            # before any file is written: the second moment of a matrix near the overflow
+            # scale overflows here (tr(A^2)/n > 1.8e308) after the run itself went through
+            summary = summarize(density)
     except (FloatingPointError, MemoryError, ScaleError) as exc:
         # (ScaleError: a valid matrix whose scale the arithmetic cannot resolve, entries
-        # ~1e-300, is a failure of the computation on this input)
-        _error(f"the computation failed: {exc}")
+        # ~1e-300, is a failure of the computation on this input; so is one whose squares
+        # overflow, entries ~1e160, which the engine reports as NaN or Inf from the
+        # operator: for a finite matrix read from a file it is named as a scale problem)
+        why = (_overflow_message(matrix)
+               if isinstance(exc, FloatingPointError) and matrix is not None else None)
+        _error(f"the computation failed: {why or exc}")
         return EXIT_FAILURE
-    t_slq = time.perf_counter()
-    density = dataclasses.replace(density, extra={**density.extra, "input": info})
 
     files: dict[str, Path] = {}
     plot_note = None
@@ -377,7 +419,6 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     files["summary"] = out_dir / f"{stem}-summary.json"
     t_plot = time.perf_counter()
 
-    summary = summarize(density)
     summary["input"] = info
     summary["settings"] = {
         "steps": args.steps, "probes": args.probes, "seed": args.seed,

@@ -39,6 +39,22 @@ FORMAT_VERSION_DEFLATED = 2
 """Version of files holding deflated eigenvalues, which older readers would drop."""
 READABLE_VERSIONS = (FORMAT_VERSION, FORMAT_VERSION_DEFLATED)
 KERNELS = ("gaussian", "lorentzian")
+GRID_PAD = float(np.sqrt(2.0 * np.log(1.0 / np.finfo(np.float64).eps)))
+"""Half-width, in kernel widths, of the padding and of the windows of
+:meth:`SpectralDensity.default_grid`: ``sqrt(2 ln(1/eps))`` (8.49 for float64), where
+the Gaussian kernel ``exp(-t^2/2)`` has fallen to ``eps`` of its peak (the mass beyond is
+``2e-17``)."""
+GRID_POINTS_PER_SIGMA = 3
+"""Grid points per kernel width where the default grid is fine (the trapezoid rule then
+integrates a Gaussian to rounding: its error is about ``2 exp(-2 pi^2 9)``)."""
+GRID_MIN_POINTS = 1001
+GRID_MAX_UNIFORM = 20001
+"""A uniform default grid has between ``GRID_MIN_POINTS`` and ``GRID_MAX_UNIFORM`` points;
+a wider range gets a non-uniform grid (see :meth:`SpectralDensity.default_grid`)."""
+GRID_GROWTH = 1.1
+"""Ratio of consecutive spacings between the windows of a non-uniform default grid. The
+trapezoid rule over a step from ``x`` to ``r x`` overestimates a Lorentzian's ``1/x^2``
+tail by ``(r + 1/r)/2 - 1`` (0.45% for 1.1); the Gaussian is negligible there."""
 
 
 @dataclass(frozen=True)
@@ -252,10 +268,13 @@ class SpectralDensity:
     extra : dict
         Free-form metadata (JSON-serialisable), e.g. the deflation settings.
     probe_indices : numpy.ndarray or None
-        Index of each probe in ``seed``'s streams (random probe ``i`` of a seed is always
-        the same vector), or None when unknown (e.g. probes of several seeds); with
-        ``seed`` it identifies the probes, so that :meth:`concatenate` can refuse the same
-        probe twice.
+        Index of each probe in its seed's streams (random probe ``i`` of a seed is always
+        the same vector), or None when unknown; with the probe's seed it identifies the
+        probe, so that :meth:`concatenate` can refuse the same probe twice.
+    probe_seeds : tuple of int or None
+        The seed of each probe when the probes come from several seeds (a
+        :meth:`concatenate` of runs with different seeds; ``seed`` is then None), else
+        None: every random probe is then of ``seed``.
     breakdown : numpy.ndarray of bool or None
         Whether each probe's Lanczos recurrence broke down (its Krylov space became
         invariant, so its rule is exact: ``quadrature_error`` 0), or None when unknown
@@ -282,6 +301,7 @@ class SpectralDensity:
     convergence: ProbeConvergence | None = None
     probe_indices: np.ndarray | None = None
     breakdown: np.ndarray | None = None
+    probe_seeds: tuple[int, ...] | None = None
 
     # -- construction -----------------------------------------------------------
     @classmethod
@@ -312,7 +332,10 @@ class SpectralDensity:
 
         The parts must share ``n``, ``num_steps``, the probe kind and the deflated
         eigenvalues; wall times and matvecs add up (``changes`` overrides fields of the
-        result, e.g. ``matvecs`` when the parts share an eigensolver run).
+        result, e.g. ``matvecs`` when the parts share an eigensolver run). Parts of
+        different seeds give ``seed=None`` and keep each probe's seed in ``probe_seeds``
+        (with ``probe_indices``), so that a later concatenation still recognises their
+        probes.
 
         The probes must be distinct: a repeated probe is not an independent sample, and
         would shrink the standard errors for nothing. A ``ValueError`` is raised when the
@@ -325,6 +348,7 @@ class SpectralDensity:
             raise ValueError("concatenate needs at least one SpectralDensity")
         first = parts[0]
         _check_distinct_probes(parts)
+        seed, probe_seeds, probe_indices = _merged_probe_identity(parts)
         for p in parts[1:]:
             if (p.n, p.num_steps, p.probe_kind) != (first.n, first.num_steps, first.probe_kind):
                 raise ValueError("concatenate needs estimates with the same n, num_steps and "
@@ -337,7 +361,7 @@ class SpectralDensity:
             residuals=np.concatenate([p.residuals for p in parts]),
             lengths=np.concatenate([p.lengths for p in parts]),
             probe_scales=np.concatenate([p.probe_scales for p in parts]),
-            n=first.n, num_steps=first.num_steps, seed=first.seed, reorth=first.reorth,
+            n=first.n, num_steps=first.num_steps, seed=seed, reorth=first.reorth,
             probe_kind=first.probe_kind,
             wall_time=float(sum(p.wall_time for p in parts)),
             matvecs=int(sum(p.matvecs for p in parts)),
@@ -345,11 +369,10 @@ class SpectralDensity:
             deflated_eigenvalues=first.deflated_eigenvalues.copy(),
             deflated_residuals=first.deflated_residuals.copy(),
             convergence=None,
-            probe_indices=(np.concatenate([p.probe_indices for p in parts])
-                           if all(p.probe_indices is not None and p.seed == first.seed
-                                  for p in parts) else None),
+            probe_indices=probe_indices,
             breakdown=(np.concatenate([p._breakdown_flags() for p in parts])
                        if any(p.breakdown is not None for p in parts) else None),
+            probe_seeds=probe_seeds,
         )
         fields.update(changes)
         return cls(**fields)
@@ -357,6 +380,23 @@ class SpectralDensity:
     @property
     def num_probes(self) -> int:
         return int(self.nodes.shape[0])
+
+    def _probe_seed_list(self) -> list[int] | None:
+        """The seed of each random probe, or None when unknown (explicit probes)."""
+        if self.probe_kind == "explicit":
+            return None
+        if self.probe_seeds is not None:
+            return [int(s) for s in self.probe_seeds]
+        if self.seed is None:
+            return None
+        return [int(self.seed)] * self.num_probes
+
+    def _probe_keys(self) -> list[tuple[int, int]] | None:
+        """``(seed, index)`` of each random probe, or None when not recorded."""
+        seeds = self._probe_seed_list()
+        if seeds is None or self.probe_indices is None:
+            return None
+        return list(zip(seeds, (int(i) for i in np.asarray(self.probe_indices)), strict=True))
 
     def _breakdown_flags(self) -> np.ndarray:
         """``breakdown``, or where it is unknown, whether each probe stopped early."""
@@ -408,23 +448,52 @@ class SpectralDensity:
         return 1e-3 * scale if scale > 0 else 1e-3
 
     def default_grid(self, sigma: float | None = None, *, num: int | None = None) -> np.ndarray:
-        """Grid over the Ritz values, padded by 5 kernel widths, spacing about sigma/3
-        (at most 20001 uniform points, plus 17 points within 4 sigma of every Ritz value
-        when that is coarser than sigma/3)."""
+        """The grid :meth:`density` uses by default: the Ritz values (and deflated
+        eigenvalues) padded by ``GRID_PAD`` kernel widths (about 8.5), where the Gaussian
+        kernel has fallen to ``eps`` (float64) of its peak.
+
+        When a uniform grid of spacing ``sigma / 3`` takes at most 20001 points (at least
+        1001), that is the grid. A wider range (a bulk near zero and far outliers: more
+        than about 6700 kernel widths) gets a **non-uniform** grid instead: around every
+        Ritz value a window of ``GRID_PAD`` widths on each side with uniform spacing
+        ``sigma / 3`` (windows that overlap are merged), and between the windows, where the
+        Gaussian kernel is below ``eps`` of its peak, points whose spacing grows
+        geometrically (by ``GRID_GROWTH``) from ``sigma / 3`` up to the spacing of 20001
+        uniform points, so that the rule's intervals never jump from a peak's flank to a
+        coarse step. Integrate the values with the trapezoid rule
+        (``numpy.trapezoid(values, grid)``), not ``sum(values) * (grid[1] - grid[0])``: on
+        either kind of grid it gives the total mass of the Gaussian-smoothed density to
+        about ``eps * max|theta| / sigma`` (the rounding of the grid points themselves).
+
+        ``num`` asks for ``num`` uniform points over the same padded range instead.
+        """
         sigma = self.default_sigma() if sigma is None else check_sigma(sigma)
         b = self.bounds()
-        lo, hi = b.lower - 5 * sigma, b.upper + 5 * sigma
-        refine = num is None and 3 * (hi - lo) / sigma > 20001
-        if num is None:
-            num = int(np.clip(np.ceil(3 * (hi - lo) / sigma), 1001, 20001))
-        grid = np.linspace(lo, hi, num)
-        if refine:
-            # A wide range with a narrow kernel: add points around every Ritz value so
-            # that no peak falls between grid points.
-            loc, _ = self.atoms()
-            local = np.unique(loc)[:, None] + sigma * np.linspace(-4, 4, 17)[None, :]
-            grid = np.unique(np.concatenate([grid, local.reshape(-1)]))
-        return grid
+        pad = GRID_PAD * sigma
+        lo, hi = b.lower - pad, b.upper + pad
+        if num is not None:
+            return np.linspace(lo, hi, num)
+        fine = sigma / GRID_POINTS_PER_SIGMA
+        uniform = int(np.ceil((hi - lo) / fine)) + 1
+        if uniform <= GRID_MAX_UNIFORM:
+            return np.linspace(lo, hi, max(uniform, GRID_MIN_POINTS))
+        # A wide range with a narrow kernel: fine windows around the Ritz values, graded
+        # spacing in between (the kernel is negligible there, but an interval of the
+        # coarse spacing next to a window's edge would still count its last value over
+        # thousands of widths).
+        coarse = (hi - lo) / (GRID_MAX_UNIFORM - 1)
+        loc = np.unique(self.atoms()[0])
+        if loc.size == 0:
+            loc = np.array([b.lower, b.upper])
+        split = np.flatnonzero(np.diff(loc) > 2 * pad) + 1
+        starts = np.concatenate([[loc[0]], loc[split]]) - pad
+        ends = np.concatenate([loc[split - 1], [loc[-1]]]) + pad
+        pieces = []
+        for j, (a, c) in enumerate(zip(starts, ends, strict=True)):
+            pieces.append(np.linspace(a, c, int(np.ceil((c - a) / fine)) + 1))
+            if j + 1 < starts.size:
+                pieces.append(_graded_points(c, starts[j + 1], fine, coarse, GRID_GROWTH))
+        return np.unique(np.concatenate(pieces))
 
     def density(self, grid: Any = None, *, sigma: float | None = None,
                 kernel: str = "gaussian") -> tuple[np.ndarray, np.ndarray]:
@@ -439,12 +508,27 @@ class SpectralDensity:
             width (default: :meth:`default_sigma`).
         kernel
             ``"gaussian"`` or ``"lorentzian"``; both are normalised exactly on the real
-            line, so the density integrates to the total mass (1 for Rademacher and
-            sphere probes) with no renormalisation on the grid.
+            line, so the density integrates over the real line to the total mass (1 for
+            Rademacher and sphere probes) with no renormalisation on the grid.
 
         Returns
         -------
         grid, values : numpy.ndarray
+            The default grid is not always uniform (see :meth:`default_grid`): integrate
+            with the trapezoid rule, ``numpy.trapezoid(values, grid)``.
+
+        Notes
+        -----
+        On the default grid the trapezoid rule recovers the Gaussian-smoothed density's
+        total mass to rounding (the grid reaches ``GRID_PAD`` widths past the extreme
+        Ritz values, where the kernel is below ``eps`` of its peak). The Lorentzian's
+        tails are heavy, ``1/(pi t^2)``, and no grid of a plottable extent holds them:
+        the default grid holds the mass ``sum_i m_i (atan((b - x_i)/sigma) - atan((a -
+        x_i)/sigma)) / pi`` of the atoms ``(x_i, m_i)`` of :meth:`atoms`, with ``a, b``
+        the grid's ends: at least ``(2/pi) atan(GRID_PAD) = 0.925`` of the total mass
+        (the minimum, for a single point spectrum; an atom ``d`` widths inside an end
+        misses about ``1 / (pi d)`` of its mass beyond it). Pass a wider ``grid`` for
+        more of it.
         """
         if kernel not in KERNELS:
             raise ValueError(f"kernel={kernel!r}; choose one of {', '.join(KERNELS)}")
@@ -466,7 +550,7 @@ class SpectralDensity:
     def cdf(self, x: Any, *, sigma: float | None = None) -> np.ndarray:
         """Estimated fraction of eigenvalues ``<= x``: the quadrature's step function, or
         its Gaussian smoothing of width ``sigma`` (positive and finite, else a
-        ValueError)."""
+        ValueError). NaN where ``x`` is NaN."""
         if sigma is not None:
             sigma = check_sigma(sigma)
         x = np.asarray(x, dtype=np.float64)
@@ -476,7 +560,9 @@ class SpectralDensity:
         if sigma is None:
             cum = np.cumsum(mass)
             idx = np.searchsorted(loc, x, side="right")
-            return np.where(idx > 0, cum[np.maximum(idx - 1, 0)], 0.0)
+            # (searchsorted puts NaN after every location: it would read as 1)
+            return np.where(np.isnan(x), np.nan,
+                            np.where(idx > 0, cum[np.maximum(idx - 1, 0)], 0.0))
         flat = x.reshape(-1)
         vals = ndtr((flat[:, None] - loc[None, :]) / sigma) @ mass
         return vals.reshape(x.shape)
@@ -537,7 +623,11 @@ class SpectralDensity:
         return self._estimate(per, self.n * self._quadrature_error(g))
 
     def fraction_negative(self, tol: float = 0.0) -> float:
-        """Estimated fraction of eigenvalues below ``-tol``."""
+        """Estimated fraction of eigenvalues below ``-tol`` (``tol`` finite and ``>= 0``,
+        else a ValueError, as for :func:`specdens.negative_mass`)."""
+        tol = float(tol)
+        if not (tol >= 0 and np.isfinite(tol)):
+            raise ValueError(f"tol must be finite and >= 0; got {tol}")
         return float(self._estimate(self._per_probe(lambda t: (t < -tol).astype(float))).value)
 
     def bounds(self) -> SpectralBounds:
@@ -569,8 +659,10 @@ class SpectralDensity:
         adaptive probe count, ``convergence``. A deflated estimate is written as version 2
         with two more float64 arrays, ``deflated_eigenvalues`` and ``deflated_residuals``
         (version-1 readers refuse it rather than silently drop the atoms). An optional
-        int64 array ``probe_indices`` (num_probes) identifies the random probes, and an
-        optional bool array ``breakdown`` (num_probes) flags the probes that broke down.
+        int64 array ``probe_indices`` (num_probes) identifies the random probes, with
+        ``seed``, or, for probes of several seeds, with the list ``probe_seeds`` of
+        ``meta`` (one seed per probe; older readers ignore it), and an optional bool
+        array ``breakdown`` (num_probes) flags the probes that broke down.
 
         The file is replaced atomically (written to a temporary file in the same folder,
         then renamed over ``path``): when the metadata cannot be stored (``extra`` holding
@@ -584,6 +676,8 @@ class SpectralDensity:
         }
         if self.convergence is not None:
             meta["convergence"] = self.convergence.to_dict()
+        if self.probe_seeds is not None:
+            meta["probe_seeds"] = [int(v) for v in self.probe_seeds]
         arrays = dict(
             nodes=self.nodes, weights=self.weights, residuals=self.residuals,
             lengths=self.lengths.astype(np.int64), probe_scales=self.probe_scales,
@@ -614,7 +708,11 @@ class SpectralDensity:
             raise ValueError(
                 f"{path} is not a specdens SpectralDensity file (no '{FORMAT_NAME}' tag)"
             )
-        version = int(data.get("version", -1))
+        try:
+            version = int(data.get("version", -1))
+        except (TypeError, ValueError):
+            raise ValueError(f"{path} is a corrupt specdens file: bad version "
+                             f"{data['version']!r}") from None
         if version not in READABLE_VERSIONS:
             raise ValueError(f"{path} has format version {version}; this specdens reads versions "
                              f"{', '.join(map(str, READABLE_VERSIONS))}")
@@ -628,27 +726,11 @@ class SpectralDensity:
             meta = json.loads(str(data["meta"]))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path} is a corrupt specdens file: bad meta ({exc})") from None
-        out = cls(
-            nodes=np.asarray(data["nodes"], dtype=np.float64),
-            weights=np.asarray(data["weights"], dtype=np.float64),
-            residuals=np.asarray(data["residuals"], dtype=np.float64),
-            lengths=np.asarray(data["lengths"], dtype=np.int64),
-            probe_scales=np.asarray(data["probe_scales"], dtype=np.float64),
-            n=int(meta["n"]), num_steps=int(meta["num_steps"]), seed=meta.get("seed"),
-            reorth=meta.get("reorth", "full"), probe_kind=meta.get("probe_kind", "rademacher"),
-            wall_time=float(meta.get("wall_time", float("nan"))),
-            matvecs=int(meta.get("matvecs", 0)), extra=meta.get("extra", {}),
-            deflated_eigenvalues=np.asarray(data.get("deflated_eigenvalues", np.zeros(0)),
-                                            dtype=np.float64),
-            deflated_residuals=np.asarray(data.get("deflated_residuals", np.zeros(0)),
-                                          dtype=np.float64),
-            convergence=(ProbeConvergence.from_dict(meta["convergence"])
-                         if meta.get("convergence") else None),
-            probe_indices=(np.asarray(data["probe_indices"], dtype=np.int64)
-                           if "probe_indices" in data else None),
-            breakdown=(np.asarray(data["breakdown"], dtype=bool)
-                       if "breakdown" in data else None),
-        )
+        _check_meta(meta, str(path))
+        try:
+            out = cls(**_fields_from_file(data, meta))
+        except (TypeError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path} is a corrupt specdens file: bad meta ({exc})") from None
         out._validate(str(path))
         return out
 
@@ -662,14 +744,27 @@ class SpectralDensity:
             shapes_ok = shapes_ok and self.probe_indices.shape == (k,)
         if self.breakdown is not None:
             shapes_ok = shapes_ok and self.breakdown.shape == (k,)
+        if self.probe_seeds is not None:
+            shapes_ok = shapes_ok and len(self.probe_seeds) == k
         if not shapes_ok:
             raise ValueError(f"{where} is a corrupt specdens file: inconsistent array shapes")
+        if self.num_steps != m:
+            raise ValueError(f"{where} is a corrupt specdens file: num_steps={self.num_steps} "
+                             f"but the rules have {m} steps")
+        if not self.n >= int(np.max(self.lengths, initial=1)):
+            raise ValueError(f"{where} is a corrupt specdens file: n={self.n} is smaller than "
+                             "the rules' length (a Krylov space of R^n has at most n dimensions)")
         if not (np.all(np.isfinite(self.nodes)) and np.all(np.isfinite(self.weights))):
             raise ValueError(f"{where} is a corrupt specdens file: non-finite nodes or weights")
         if np.any(self.lengths < 1) or np.any(self.lengths > m) or np.any(self.weights < 0):
             raise ValueError(f"{where} is a corrupt specdens file: invalid lengths or weights")
         if not np.allclose(self.weights.sum(axis=1), 1.0, atol=1e-8):
             raise ValueError(f"{where} is a corrupt specdens file: weights do not sum to 1")
+        if not np.all(np.isfinite(self.probe_scales) & (self.probe_scales >= 0)):
+            raise ValueError(f"{where} is a corrupt specdens file: probe scales must be finite "
+                             "and >= 0")
+        if not np.all(self.residuals[self._valid()] >= 0):  # also refuses NaN
+            raise ValueError(f"{where} is a corrupt specdens file: NaN or negative residuals")
         d, r = self.deflated_eigenvalues, self.deflated_residuals
         if d.ndim != 1 or r.shape != d.shape or not np.all(np.isfinite(d)) or d.size >= self.n:
             raise ValueError(f"{where} is a corrupt specdens file: invalid deflated eigenvalues")
@@ -696,6 +791,72 @@ class SpectralDensity:
         )
 
 
+def _check_meta(meta: Any, where: str) -> None:
+    """Refuse a result file's ``meta`` that is not an object with a positive integer ``n``
+    and ``num_steps`` and, when present, a list of non-negative integer ``probe_seeds``."""
+    if not isinstance(meta, dict):
+        raise ValueError(f"{where} is a corrupt specdens file: meta is not a JSON object")
+    for name in ("n", "num_steps"):
+        if name not in meta:
+            raise ValueError(f"{where} is a corrupt specdens file: meta has no {name!r} field")
+        value = meta[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{where} is a corrupt specdens file: meta field {name!r} must be "
+                             f"a positive integer; got {value!r}")
+    seeds = meta.get("probe_seeds")
+    if seeds is not None and not (isinstance(seeds, list) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in seeds)):
+        raise ValueError(f"{where} is a corrupt specdens file: meta field 'probe_seeds' must be "
+                         "a list of non-negative integers")
+
+
+def _fields_from_file(data: dict, meta: dict) -> dict:
+    """The constructor arguments of :class:`SpectralDensity` from a result file's arrays
+    and its checked ``meta``."""
+    seeds = meta.get("probe_seeds")
+    return dict(
+        nodes=np.asarray(data["nodes"], dtype=np.float64),
+        weights=np.asarray(data["weights"], dtype=np.float64),
+        residuals=np.asarray(data["residuals"], dtype=np.float64),
+        lengths=np.asarray(data["lengths"], dtype=np.int64),
+        probe_scales=np.asarray(data["probe_scales"], dtype=np.float64),
+        n=meta["n"], num_steps=meta["num_steps"], seed=meta.get("seed"),
+        reorth=meta.get("reorth", "full"), probe_kind=meta.get("probe_kind", "rademacher"),
+        wall_time=float(meta.get("wall_time", float("nan"))),
+        matvecs=int(meta.get("matvecs", 0)), extra=meta.get("extra", {}),
+        deflated_eigenvalues=np.asarray(data.get("deflated_eigenvalues", np.zeros(0)),
+                                        dtype=np.float64),
+        deflated_residuals=np.asarray(data.get("deflated_residuals", np.zeros(0)),
+                                      dtype=np.float64),
+        convergence=(ProbeConvergence.from_dict(meta["convergence"])
+                     if meta.get("convergence") else None),
+        probe_indices=(np.asarray(data["probe_indices"], dtype=np.int64)
+                       if "probe_indices" in data else None),
+        breakdown=(np.asarray(data["breakdown"], dtype=bool)
+                   if "breakdown" in data else None),
+        probe_seeds=tuple(seeds) if seeds is not None else None,
+    )
+
+
+def _graded_points(a: float, b: float, first: float, largest: float,
+                   growth: float) -> np.ndarray:
+    """Points strictly between ``a < b`` whose spacing is ``first`` next to both ends and
+    grows by ``growth`` per step towards the middle, up to ``largest``."""
+    gap = b - a
+    steps = [first]
+    while steps[-1] < largest:
+        steps.append(min(steps[-1] * growth, largest))
+    offsets = np.cumsum(steps)
+    offsets = offsets[offsets < gap / 2]
+    left, right = a + offsets, b - offsets[::-1]
+    # the middle, at the spacing the grading reached
+    start = left[-1] if left.size else a
+    end = right[0] if right.size else b
+    step = steps[min(offsets.size, len(steps) - 1)]
+    middle = np.linspace(start, end, int(np.ceil((end - start) / step)) + 1)[1:-1]
+    return np.concatenate([left, middle, right])
+
+
 def _check_distinct_probes(parts: list[SpectralDensity]) -> None:
     """Refuse parts that repeat an estimate, or a random probe (same seed and index)."""
     for i, p in enumerate(parts):
@@ -707,10 +868,7 @@ def _check_distinct_probes(parts: list[SpectralDensity]) -> None:
                 )
     seen: dict[tuple[int, int], int] = {}
     for i, p in enumerate(parts):
-        if p.seed is None or p.probe_indices is None or p.probe_kind == "explicit":
-            continue
-        for idx in np.asarray(p.probe_indices).tolist():
-            key = (int(p.seed), int(idx))
+        for key in p._probe_keys() or ():
             if key in seen:
                 raise ValueError(
                     f"concatenate got probe {key[1]} of seed {key[0]} twice (parts {seen[key]} "
@@ -718,6 +876,23 @@ def _check_distinct_probes(parts: list[SpectralDensity]) -> None:
                     "the standard error. Use other seeds or disjoint first_probe ranges"
                 )
             seen[key] = i
+
+
+def _merged_probe_identity(
+        parts: list[SpectralDensity]) -> tuple[Any, tuple[int, ...] | None, Any]:
+    """``seed``, ``probe_seeds`` and ``probe_indices`` of the concatenation of ``parts``."""
+    first = parts[0]
+    indices = (np.concatenate([np.asarray(p.probe_indices, dtype=np.int64) for p in parts])
+               if all(p.probe_indices is not None for p in parts) else None)
+    if all(p.seed == first.seed and p.probe_seeds is None for p in parts):
+        return first.seed, None, indices
+    seeds = [p._probe_seed_list() for p in parts]
+    if any(s is None for s in seeds):
+        return None, None, None  # some probes' identity is unknown: none is kept
+    flat = tuple(s for part in seeds for s in part)
+    if len(set(flat)) == 1:
+        return flat[0], None, indices
+    return None, (flat if indices is not None else None), indices
 
 
 def _json_default(obj: Any) -> Any:

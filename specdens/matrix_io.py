@@ -9,7 +9,11 @@
 =====================  ================================================================
 
 Pickled data is never loaded. The matrix must be real, square, finite and symmetric:
-anything else raises :class:`MatrixFileError` with the reason.
+anything else raises :class:`MatrixFileError` with the reason, and so does every file that
+cannot be read: a corrupt or truncated one (a header declaring more data than the file
+holds is refused before anything is allocated; a scipy sparse matrix's index arrays are
+checked in full, out-of-range indices included), one whose values overflow their type, and
+one whose matrix does not fit in memory.
 
 References
 ----------
@@ -19,9 +23,11 @@ initial design. NIST IR 5935.
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +80,8 @@ def load_matrix(path: str | os.PathLike, *, key: str | None = None,
     FileNotFoundError
         When ``path`` does not exist.
     MatrixFileError
-        For an unknown file type, a corrupt file, or a matrix that is not 2-D, square,
+        For an unknown file type, a corrupt or truncated file, values out of their type's
+        range, a matrix too large for the memory, or a matrix that is not 2-D, square,
         real, finite or symmetric.
     """
     path = Path(path)
@@ -85,18 +92,52 @@ def load_matrix(path: str | os.PathLike, *, key: str | None = None,
     suffix = _suffix(path)
     if key is not None and suffix != ".npz":
         raise MatrixFileError(f"key={key!r} applies to .npz files only, not to {path}")
-    if suffix == ".npy":
-        A = _load_npy(path)
-    elif suffix == ".npz":
-        A = _load_npz(path, key)
-    elif suffix in (".mtx", ".mtx.gz"):
-        A = _load_mtx(path)
-    else:
+    readers = {".npy": lambda: _load_npy(path), ".npz": lambda: _load_npz(path, key),
+               ".mtx": lambda: _load_mtx(path), ".mtx.gz": lambda: _load_mtx(path)}
+    if suffix not in readers:
         raise MatrixFileError(
             f"{path}: unsupported file type {suffix or '(no extension)'!r}; specdens reads "
             ".npy, .npz (numpy.savez or scipy.sparse.save_npz) and Matrix Market .mtx/.mtx.gz"
         )
-    return _check(A, path, check_symmetric)
+    try:
+        try:
+            A = readers[suffix]()
+        except (MatrixFileError, MemoryError):
+            raise
+        except Exception as exc:
+            # whatever else numpy's, scipy's or zlib's readers raise on a malformed file
+            # (each reader names the usual ones): the file is unreadable, not the program
+            raise MatrixFileError(f"{path} is not a readable {suffix} file "
+                                  f"({type(exc).__name__}: {exc})") from None
+        return _check(A, path, check_symmetric)
+    except MemoryError as exc:
+        raise MatrixFileError(f"{path} holds a matrix too large for the memory available "
+                              f"({exc})") from None
+
+
+def _npy_header_check(fh: Any, available: int, path: Path, kind: str, header: str) -> None:
+    """Refuse a ``.npy`` stream (positioned at its start) whose header is malformed or
+    declares more data than the ``available`` bytes of the stream: the reader would
+    allocate the declared size first (a 200000 x 200000 header over 64 bytes asked for
+    298 GiB). Streams of other format versions are left to numpy."""
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(fh)
+        elif version == (2, 0):
+            shape, _, dtype = np.lib.format.read_array_header_2_0(fh)
+        else:
+            return
+    except (ValueError, TypeError, SyntaxError, OverflowError, EOFError) as exc:
+        raise MatrixFileError(f"{path} is not a readable {kind} (bad header: {exc})") from None
+    if dtype.hasobject:
+        return  # refused as pickled data by numpy, with its own message
+    declared = math.prod(int(d) for d in shape) * dtype.itemsize
+    left = available - fh.tell()
+    if declared > left:
+        raise MatrixFileError(
+            f"{path} is truncated or corrupt: {header} declares a {dtype} array of shape "
+            f"{tuple(shape)} ({declared} bytes) but only {max(left, 0)} bytes follow")
 
 
 def _load_npy(path: Path) -> np.ndarray:
@@ -104,6 +145,9 @@ def _load_npy(path: Path) -> np.ndarray:
         magic = fh.read(6)
     if magic != b"\x93NUMPY":
         raise MatrixFileError(f"{path} is not a readable .npy file (no NumPy header)")
+    with open(path, "rb") as fh:
+        _npy_header_check(fh, os.fstat(fh.fileno()).st_size, path, ".npy file",
+                          "its .npy header")
     try:
         return np.load(path, allow_pickle=False)
     except ValueError as exc:
@@ -119,6 +163,12 @@ def _load_npz(path: Path, key: str | None) -> Any:
     if not zipfile.is_zipfile(path):
         raise MatrixFileError(f"{path} is not a readable .npz file (not a zip archive)")
     try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if info.filename.endswith(".npy"):
+                    with archive.open(info) as fh:
+                        _npy_header_check(fh, info.file_size, path, ".npz file",
+                                          f"the .npy header of its member {info.filename}")
         with np.load(path, allow_pickle=False) as z:
             files = list(z.files)
             if _SPARSE_NPZ_KEYS <= set(files) and key is None:
@@ -150,7 +200,8 @@ def _load_npz(path: Path, key: str | None) -> Any:
             raise MatrixFileError(f"{path} holds pickled objects, which specdens does not "
                                   "load") from None
         raise MatrixFileError(f"{path} is not a readable .npz file ({exc})") from None
-    except (OSError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError) as exc:
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile, pickle.UnpicklingError,
+            zlib.error, NotImplementedError, RuntimeError, TypeError, OverflowError) as exc:
         raise MatrixFileError(f"{path} is not a readable .npz file ({exc})") from None
 
 
@@ -158,18 +209,67 @@ def _load_sparse_npz(path: Path) -> Any:
     import scipy.sparse
 
     try:
-        return scipy.sparse.load_npz(path)
-    except (ValueError, OSError, KeyError, TypeError, zipfile.BadZipFile) as exc:
+        A = scipy.sparse.load_npz(path)
+    except (ValueError, OSError, KeyError, TypeError, IndexError, OverflowError,
+            zipfile.BadZipFile, zlib.error) as exc:
         raise MatrixFileError(f"{path} is not a readable scipy sparse .npz file ({exc})") from None
+    return _checked_sparse(A, path)
+
+
+def _checked_sparse(A: Any, path: Path) -> Any:
+    """``A`` as CSR with its index arrays checked in full (scipy's own construction checks
+    only their lengths and dtypes: an index out of range or an index pointer that
+    decreases then fails later, with a misleading message or a crash)."""
+    try:
+        if hasattr(A, "check_format"):
+            A.check_format(full_check=True)
+        A = A.tocsr()
+        A.check_format(full_check=True)
+        A.sum_duplicates()
+    except (ValueError, IndexError, TypeError, OverflowError) as exc:
+        raise MatrixFileError(f"{path} holds a corrupt sparse matrix ({exc})") from None
+    return A
 
 
 def _load_mtx(path: Path) -> Any:
     import scipy.io
 
     try:
+        if _suffix(path) == ".mtx":  # (compressed, the size of the data is not known)
+            rows, cols, entries, fmt, field, symmetry = scipy.io.mminfo(str(path))
+            _mtx_size_check(path, int(rows), int(cols), int(entries), fmt, field, symmetry)
         return scipy.io.mmread(str(path))
-    except (ValueError, OSError, EOFError, IndexError, TypeError) as exc:
+    except MatrixFileError:
+        raise
+    except (ValueError, OSError, EOFError, IndexError, TypeError, OverflowError,
+            RuntimeError) as exc:
+        # (OverflowError: an integer entry or a dimension beyond 64 bits)
         raise MatrixFileError(f"{path} is not a readable Matrix Market file ({exc})") from None
+
+
+def _mtx_size_check(path: Path, rows: int, cols: int, entries: int, fmt: str, field: str,
+                    symmetry: str) -> None:
+    """Refuse a Matrix Market header that declares more entries than the file can hold:
+    the reader allocates the declared size first (a 100000 x 100000 array header over one
+    value asked for 74.5 GiB). Each stored entry takes at least 2 bytes (a digit and a
+    separator) in array format and 4 in coordinate format (``i j`` and, unless the field
+    is pattern, a value)."""
+    if fmt == "array":
+        if symmetry == "symmetric" or symmetry == "hermitian":
+            stored = rows * (rows + 1) // 2 if rows == cols else rows * cols
+        elif symmetry == "skew-symmetric":
+            stored = rows * (rows - 1) // 2 if rows == cols else rows * cols
+        else:
+            stored = rows * cols
+        least = 2 * stored - 1
+    else:
+        least = (4 if field == "pattern" else 6) * entries - 1
+    size = path.stat().st_size
+    if least > size:
+        raise MatrixFileError(
+            f"{path} is truncated or corrupt: its header declares a {rows} x {cols} {fmt} "
+            f"matrix with {entries} entries, which take at least {least} bytes, but the file "
+            f"has {size}")
 
 
 def _check(A: Any, path: Path, check_symmetric: bool) -> Any:
@@ -194,11 +294,14 @@ def _check(A: Any, path: Path, check_symmetric: bool) -> Any:
                               "real symmetric matrices only")
     if kind not in "biuf":
         raise MatrixFileError(f"{path} holds {A.dtype} data, not numbers")
-    if A.dtype not in (np.float32, np.float64):
+    if kind == "f" and A.dtype.itemsize in (4, 8):
+        native = np.dtype(np.float32 if A.dtype.itemsize == 4 else np.float64)
+        if A.dtype != native:  # e.g. big-endian '>f4': the same precision, native order
+            A = A.astype(native)
+    else:
         A = A.astype(np.float64)
     if sparse:
-        A = A.tocsr()
-        A.sum_duplicates()
+        A = _checked_sparse(A, path)
         values = A.data
     else:
         values = A

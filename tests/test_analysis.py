@@ -401,3 +401,27 @@ def test_negative_mass_bounds_contain_the_exact_fraction():
     assert widths[0] > widths[1] > widths[2]  # more Lanczos steps resolve it better
     st = spectrum_stats(d, negative_tol=0.1)
     assert st.negative_mass_bounds == (lo, hi)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_edge_ratio_of_a_low_rank_psd_matrix_is_inf(dtype):
+    """A rank-3 positive semi-definite matrix: 397 eigenvalues are exactly 0, so the bulk
+    edge is 0 and the Ritz values there are rounding residues of either sign (1e-18 to
+    1e-15 in float64, ~1e-7 in float32). The ratio was 1e15 to 1e18, or NaN when the
+    residue was negative; an edge within the rounding floor (the smallest residual bound,
+    4 eps max|theta| once a Ritz value has converged) now counts as 0: inf, documented.
+    The floor is far below any real bulk edge: the spiked spectrum's ratio is unchanged
+    (test_spectrum_stats_against_the_known_spectrum), and a negative edge stays NaN."""
+    n = 400
+    for seed in range(6):
+        X = np.random.default_rng(seed).standard_normal((n, 3))
+        A = (X @ np.diag([1.0, 2.0, 3.0]) @ X.T / n).astype(dtype)
+        density = specdens.slq(A, num_steps=10, num_probes=4, seed=seed)
+        st = spectrum_stats(density)
+        exact = np.linalg.eigvalsh(A.astype(np.float64))
+        assert abs(st.bulk.upper) <= 4 * np.finfo(dtype).eps * np.max(np.abs(exact))
+        assert st.edge_ratio == math.inf, (seed, st.bulk.upper, st.edge_ratio)
+        assert st.num_outliers == 3
+        assert st.largest == pytest.approx(exact[-1], rel=1e-5)
+    # the zero matrix: no top above the bulk either, the ratio has no meaning
+    assert math.isnan(spectrum_stats(specdens.slq(np.zeros((5, 5)), num_steps=3)).edge_ratio)

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -293,3 +295,132 @@ def test_load_matrix_types(tmp_path):
     with pytest.raises(MatrixFileError, match="not symmetric"):
         load_matrix(tmp_path / "b.npy")
     assert load_matrix(tmp_path / "b.npy", check_symmetric=False).shape == (5, 5)
+
+
+def _sparse_npz(path, **arrays):
+    """A scipy sparse .npz written member by member, so that it can be corrupt."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as z:
+        for name, value in arrays.items():
+            buf = io.BytesIO()
+            np.save(buf, value)
+            z.writestr(name + ".npy", buf.getvalue())
+
+
+def _npy_header(path, shape, descr="<f8", data=b"\0" * 64):
+    with open(path, "wb") as fh:
+        np.lib.format.write_array_header_1_0(
+            fh, {"descr": descr, "fortran_order": False, "shape": shape})
+        fh.write(data)
+
+
+def test_unreadable_matrix_files_are_matrix_file_errors(tmp_path, capsys):
+    """Files that escaped as OverflowError (an integer beyond 64 bits in a .mtx),
+    MemoryError (a header declaring a 100000 x 100000 array over one value, a .npy
+    header declaring 298 GiB over 64 bytes) or ValueError (a sparse .npz whose index
+    pointer decreases, from sum_duplicates) or zlib.error (a damaged compressed .npz), with
+    a traceback from the command line: each
+    is now a MatrixFileError, and `specdens spectrum` prints one line and exits 2. A
+    sparse index out of range was reported as 'not symmetric' (or crashed the process):
+    it is a corrupt file."""
+    mm = "%%MatrixMarket matrix "
+    cases = {
+        "int.mtx": (mm + "coordinate integer symmetric\n2 2 2\n1 1 99999999999999999999\n"
+                    "2 1 1\n", "Integer out of range"),
+        "dims.mtx": (mm + "coordinate real symmetric\n99999999999999999999 "
+                     "99999999999999999999 1\n1 1 1\n", "Integer out of range"),
+        "bigdense.mtx": (mm + "array real general\n100000 100000\n1\n",
+                         "declares a 100000 x 100000 array matrix"),
+        "bigcoo.mtx": (mm + "coordinate real general\n3 3 1000000000\n1 1 1\n",
+                       "truncated or corrupt"),
+    }
+    for name, (text, _) in cases.items():
+        (tmp_path / name).write_text(text)
+    _npy_header(tmp_path / "hugehdr.npy", (200000, 200000))
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "hugemember.npz", "w") as z:
+        _npy_header(tmp_path / "member.npy", (100000, 100000))
+        z.write(tmp_path / "member.npy", "H.npy")
+    csr = dict(format=np.array(b"csr"), shape=np.array([3, 3]))
+    _sparse_npz(tmp_path / "indptr.npz", **csr, data=np.ones(2), indices=np.array([0, 1]),
+                indptr=np.array([0, 2, 1, 2]))
+    _sparse_npz(tmp_path / "index.npz", **csr, data=np.ones(2), indices=np.array([0, 5]),
+                indptr=np.array([0, 1, 2, 2]))
+    _sparse_npz(tmp_path / "index2.npz", **csr, data=np.ones(1), indices=np.array([5]),
+                indptr=np.array([0, 1, 1, 1]))
+    np.savez_compressed(tmp_path / "deflate.npz", H=np.eye(200))
+    damaged = bytearray((tmp_path / "deflate.npz").read_bytes())
+    damaged[60] ^= 0xFF  # inside the compressed stream: zlib.error, not a zip error
+    damaged[61] ^= 0x55
+    (tmp_path / "deflate.npz").write_bytes(bytes(damaged))
+    expected = {
+        **{name: needle for name, (_, needle) in cases.items()},
+        "deflate.npz": "not a readable .npz file",
+        "hugehdr.npy": "declares a float64 array of shape (200000, 200000)",
+        "hugemember.npz": "member H.npy",
+        "indptr.npz": "corrupt sparse matrix",
+        "index.npz": "corrupt sparse matrix (indices must be < 3)",
+        "index2.npz": "corrupt sparse matrix (indices must be < 3)",
+    }
+    for name, needle in expected.items():
+        with pytest.raises(MatrixFileError, match=re.escape(needle)):
+            load_matrix(tmp_path / name)
+        assert main(["spectrum", str(tmp_path / name), "--out", str(tmp_path / "o"),
+                     "-q"]) == 2
+        err = one_line_error(capsys, name, needle)
+        assert "not symmetric" not in err
+
+
+def test_a_matrix_too_large_for_the_memory_is_a_matrix_file_error(tmp_path, monkeypatch):
+    """A reader's MemoryError (a valid file declaring more than the memory holds; a
+    compressed .mtx.gz cannot be checked against its size first) is a MatrixFileError."""
+    path = tmp_path / "big.mtx.gz"
+    scipy.io.mmwrite(tmp_path / "big.mtx", np.eye(3))
+    import gzip
+
+    path.write_bytes(gzip.compress((tmp_path / "big.mtx").read_bytes()))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("Unable to allocate 74.5 GiB for an array")
+
+    monkeypatch.setattr(scipy.io, "mmread", no_memory)
+    with pytest.raises(MatrixFileError, match="too large for the memory available"):
+        load_matrix(path)
+
+
+def test_big_endian_float32_stays_float32(tmp_path):
+    """A big-endian float32 .npy ('>f4') came back as float64 (the dtype comparison saw
+    the byte order); it is float32 in native byte order, as are the float64 ones."""
+    A = symmetric_dense(6)
+    for descr, native in ((">f4", np.float32), (">f8", np.float64), ("<f4", np.float32)):
+        np.save(tmp_path / "a.npy", A.astype(descr))
+        got = load_matrix(tmp_path / "a.npy")
+        assert got.dtype == np.dtype(native) and got.dtype.isnative, descr
+        np.testing.assert_array_equal(got, A.astype(native))
+
+
+def test_a_matrix_too_large_for_the_arithmetic_exits_1_naming_the_scale(tmp_path, capsys):
+    """Eigenvalues 1e160, 2e160, 3e160 (a valid, finite, symmetric matrix): the squared
+    norms overflow float64 and the engine reports NaN or Inf from the operator, which the
+    command line passed on as 'a broken matvec'. It now names the scale and the remedy,
+    like the tiny-scale message; just below the overflow the summary's second moment
+    overflowed with a traceback. 1e150 runs. (numpy's overflow warnings are not shown.)"""
+    path = tmp_path / "huge.npy"
+    for scale in (1e160, 1e154):
+        np.save(path, scale * np.diag([1.0, 2.0, 3.0] + [0.5] * 20))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # a RuntimeWarning would print more than one line
+            assert main(["spectrum", str(path), "--out", str(tmp_path / "o"), *FAST]) == 1
+        err = one_line_error(capsys, "the computation failed", "too large for float64",
+                             "Divide the matrix by a power of ten",
+                             "multiply the spectrum back")
+        assert "broken matvec" not in err
+        assert not (tmp_path / "o" / "huge-slq.npz").exists()
+    np.save(path, 1e150 * np.diag([1.0, 2.0, 3.0]))
+    assert main(["spectrum", str(path), "--out", str(tmp_path / "o"), "--no-plot",
+                 *FAST]) == 0
+    summary = json.loads((tmp_path / "o" / "huge-summary.json").read_text())
+    assert summary["range"]["max"] == pytest.approx(3e150, rel=1e-12)

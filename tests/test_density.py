@@ -276,4 +276,177 @@ def test_concatenate_refuses_repeated_probes(spectrum_matrix, tmp_path):
     np.testing.assert_array_equal(both.probe_indices, np.arange(5))
     assert both.num_probes == 5 and both.seed == 2
     other = SpectralDensity.concatenate([d, specdens.slq(A, num_steps=10, num_probes=3, seed=3)])
-    assert other.num_probes == 6 and other.probe_indices is None  # two seeds: no one index
+    assert other.num_probes == 6 and other.seed is None  # two seeds: each probe keeps its own
+    assert other.probe_seeds == (2, 2, 2, 3, 3, 3)
+    np.testing.assert_array_equal(other.probe_indices, [0, 1, 2, 0, 1, 2])
+
+
+def test_probes_of_several_seeds_keep_their_identity(tmp_path):
+    """Parts of different seeds: the result's seed is None (not the first part's), each
+    probe keeps its seed, and a later concatenation that repeats one of them is refused,
+    also after a save and load (the identity was dropped, so the same probes of seed 1
+    were accepted twice). Files without per-probe seeds (older ones, or one seed) load."""
+    A = np.diag(np.linspace(0.0, 1.0, 50))
+    s1 = specdens.slq(A, num_steps=5, num_probes=2, seed=1)
+    s2 = specdens.slq(A, num_steps=5, num_probes=2, seed=2)
+    mixed = SpectralDensity.concatenate([s1, s2])
+    assert mixed.seed is None and mixed.probe_seeds == (1, 1, 2, 2)
+    np.testing.assert_array_equal(mixed.probe_indices, [0, 1, 0, 1])
+    again = specdens.slq(A, num_steps=5, num_probes=2, seed=1)  # probes 0 and 1 of seed 1
+    with pytest.raises(ValueError, match="probe 0 of seed 1 twice"):
+        SpectralDensity.concatenate([mixed, again])
+    mixed.save(tmp_path / "mixed.npz")
+    loaded = SpectralDensity.load(tmp_path / "mixed.npz")
+    assert loaded.seed is None and loaded.probe_seeds == (1, 1, 2, 2)
+    np.testing.assert_array_equal(loaded.probe_indices, mixed.probe_indices)
+    np.testing.assert_array_equal(loaded.nodes, mixed.nodes)
+    with pytest.raises(ValueError, match="probe 1 of seed 2 twice"):
+        SpectralDensity.concatenate([specdens.slq(A, num_steps=5, num_probes=1, seed=2,
+                                                  first_probe=1), loaded])
+    # disjoint probes still combine, and the identities follow
+    more = SpectralDensity.concatenate(
+        [loaded, specdens.slq(A, num_steps=5, num_probes=2, seed=1, first_probe=2)])
+    assert more.probe_seeds == (1, 1, 2, 2, 1, 1)
+    np.testing.assert_array_equal(more.probe_indices, [0, 1, 0, 1, 2, 3])
+    # one seed throughout: no per-probe list, in memory or in the file
+    one = SpectralDensity.concatenate(
+        [s1, specdens.slq(A, num_steps=5, num_probes=2, seed=1, first_probe=2)])
+    assert one.seed == 1 and one.probe_seeds is None
+    one.save(tmp_path / "one.npz")
+    with np.load(tmp_path / "one.npz") as z:
+        assert "probe_seeds" not in json.loads(str(z["meta"]))
+    assert SpectralDensity.load(tmp_path / "one.npz").probe_seeds is None
+
+
+def _wide(outliers, seed=0):
+    """A bulk of 300 eigenvalues in [-1e-4, 1e-3] and far outliers (a Hessian's shape)."""
+    rng = np.random.default_rng(seed)
+    lam = np.concatenate([rng.uniform(-1e-4, 1e-3, 300), outliers])
+    return specdens.slq(np.diag(lam), num_steps=40, num_probes=3, seed=seed)
+
+
+@pytest.mark.parametrize("outliers", [[1e6], [-3e4, 2e5], [40.0, 7e3, 5e5]])
+@pytest.mark.parametrize("sigma", [None, 1e-6, 4e-5])
+def test_wide_spectrum_default_grid_integrates_to_the_total_mass(outliers, sigma):
+    """Range / sigma above ~6700 gives a non-uniform default grid. Its trapezoid integral
+    is the Gaussian density's total mass (1) to rounding; it was 2.68 when the windows
+    around the Ritz values stopped 4 widths out (the kernel still e^-8 of its peak) and
+    the next interval jumped to the coarse grid.
+
+    Tolerance: within the windows the spacing is uniform, h = sigma/3, where the
+    trapezoid rule's error on a Gaussian is 2 exp(-2 pi^2 9) ~ 1e-77; at the windows'
+    edges and in the graded gaps the kernel is below eps of its peak and the intervals
+    grow geometrically from sigma/3, so they add O(eps). What remains is the rounding of
+    the grid points themselves, |u| <= eps |x| / 2: the rule on the rounded points
+    differs from the rule on exact ones by at most max|u| (h^2 / 6) int |phi'''|, with
+    int |phi'''| = 1.38 / sigma^3 for a unit Gaussian of width sigma, i.e.
+    0.0128 eps max|x| / sigma; doubled, plus 100 eps for the summation."""
+    d = _wide(np.array(outliers))
+    s = d.default_sigma() if sigma is None else sigma
+    grid, values = d.density(sigma=sigma)
+    dx = np.diff(grid)
+    assert np.all(dx > 0) and not np.allclose(dx, dx[0])  # the refined, non-uniform grid
+    loc, mass = d.atoms()
+    eps = np.finfo(np.float64).eps
+    tol = 2 * 0.0128 * eps * np.max(np.abs(loc)) / s + 100 * eps
+    assert abs(np.trapezoid(values, grid) - mass.sum()) <= tol
+    # every Ritz value sits in a window of spacing <= sigma/3 reaching GRID_PAD widths out
+    from specdens.density import GRID_PAD
+    for x in loc[:: max(1, loc.size // 40)]:
+        inside = grid[(grid >= x - GRID_PAD * s) & (grid <= x + GRID_PAD * s)]
+        assert np.max(np.diff(inside)) <= s / 3 * (1 + 1e-6)
+        assert inside[0] - (x - GRID_PAD * s) <= s / 3
+        assert (x + GRID_PAD * s) - inside[-1] <= s / 3
+
+
+def _lorentzian_mass_on(d, a, b, sigma):
+    loc, mass = d.atoms()
+    return float(np.sum(mass * (np.arctan((b - loc) / sigma) - np.arctan((a - loc) / sigma)))
+                 / np.pi)
+
+
+@pytest.mark.parametrize("case", ["single", "narrow", "wide"])
+def test_lorentzian_default_grid_holds_the_documented_mass(case):
+    """The Lorentzian's tails are heavy: the default grid holds the documented share of
+    its mass, sum m_i (atan((b - x_i)/s) - atan((a - x_i)/s)) / pi, at least (2/pi)
+    atan(GRID_PAD) = 0.925 (a single point spectrum; it was (2/pi) atan(5) = 0.874 with
+    5 widths of padding), and the trapezoid rule on the grid recovers that share.
+
+    Tolerance: on the uniform parts (spacing sigma/3) the rule's error on a Lorentzian,
+    aliasing exp(-2 pi 3) plus the end corrections (h^2/12) |f'| at GRID_PAD widths, is
+    below 1e-5; over a graded step from x to r x the rule overestimates a 1/x^2 tail by
+    (r + 1/r)/2 - 1 (r = GRID_GROWTH), and the tails beyond GRID_PAD widths hold at most
+    1 - (2/pi) atan(GRID_PAD) of the mass."""
+    pad = np.sqrt(2 * np.log(1 / np.finfo(np.float64).eps))  # GRID_PAD, as documented
+    if case == "single":
+        d = specdens.slq(np.array([[1.0]]), num_steps=1, num_probes=1)
+    elif case == "narrow":
+        d = specdens.slq(np.diag(np.linspace(0.0, 1.0, 100)), num_steps=30, num_probes=3)
+    else:
+        d = _wide(np.array([3e3, 5e5]))
+    s = d.default_sigma()
+    grid, values = d.density(kernel="lorentzian")
+    held = _lorentzian_mass_on(d, grid[0], grid[-1], s)
+    floor = 2 / np.pi * np.arctan(pad)
+    assert held >= floor - 1e-15
+    if case == "single":
+        assert held == pytest.approx(floor, rel=1e-12)
+    from specdens.density import GRID_GROWTH, GRID_PAD
+    assert GRID_PAD == pytest.approx(pad, rel=1e-15)
+    tol = 1e-5 + ((GRID_GROWTH + 1 / GRID_GROWTH) / 2 - 1) * (1 - floor)
+    assert abs(np.trapezoid(values, grid) - held) <= tol
+    # the Gaussian on the same default grid: the whole mass (to the grid's rounding, as in
+    # test_wide_spectrum_default_grid_integrates_to_the_total_mass)
+    g, v = d.density()
+    np.testing.assert_array_equal(g, grid)
+    eps = np.finfo(np.float64).eps
+    tol = 2 * 0.0128 * eps * np.max(np.abs(d.atoms()[0])) / s + 100 * eps
+    assert abs(np.trapezoid(v, g) - 1.0) <= tol
+
+
+def test_load_refuses_meta_that_is_missing_or_contradicts_the_arrays(tmp_path):
+    """A meta without n was a bare KeyError, a meta that is not an object a TypeError,
+    and a meta contradicting the arrays (num_steps, or an n smaller than the rules'
+    length) loaded; each is now a ValueError naming the file and the field."""
+    d = specdens.slq(np.diag([1.0, 2.0, 3.0]), num_steps=3, num_probes=2)
+    d.save(tmp_path / "ok.npz")
+    with np.load(tmp_path / "ok.npz") as z:
+        data = dict(z)
+    meta = json.loads(str(data["meta"]))
+    cases = [
+        ("non.npz", {k: v for k, v in meta.items() if k != "n"}, "meta has no 'n' field"),
+        ("nosteps.npz", {k: v for k, v in meta.items() if k != "num_steps"},
+         "meta has no 'num_steps' field"),
+        ("nstr.npz", {**meta, "n": "3"}, "'n' must be a positive integer"),
+        ("list.npz", [1, 2], "meta is not a JSON object"),
+        ("steps.npz", {**meta, "num_steps": 99}, "num_steps=99 but the rules have 3 steps"),
+        ("small.npz", {**meta, "n": 2}, "n=2 is smaller than the rules' length"),
+        ("seeds.npz", {**meta, "probe_seeds": [1]}, "inconsistent array shapes"),
+        ("badseeds.npz", {**meta, "probe_seeds": [1, -2]}, "'probe_seeds'"),
+        ("conv.npz", {**meta, "convergence": {"bogus": 1}}, "bad meta"),
+    ]
+    for name, m, needle in cases:
+        np.savez(tmp_path / name, **{**data, "meta": np.array(json.dumps(m))})
+        with pytest.raises(ValueError, match=needle) as info:
+            SpectralDensity.load(tmp_path / name)
+        assert f"{name} is a corrupt specdens file" in str(info.value)
+    np.savez(tmp_path / "ver.npz", **{**data, "version": np.array("abc")})
+    with pytest.raises(ValueError, match="ver.npz is a corrupt specdens file: bad version"):
+        SpectralDensity.load(tmp_path / "ver.npz")
+    np.savez(tmp_path / "scales.npz", **{**data, "probe_scales": np.array([-1.0, 3.0])})
+    with pytest.raises(ValueError, match="probe scales"):
+        SpectralDensity.load(tmp_path / "scales.npz")
+    assert SpectralDensity.load(tmp_path / "ok.npz").n == 3
+
+
+def test_fraction_negative_refuses_a_bad_tol_and_the_step_cdf_keeps_nan():
+    """fraction_negative(tol=nan) returned 0 and tol=-1.5 the fraction below +1.5, where
+    negative_mass refuses both; the step CDF read NaN as +inf (1.0)."""
+    d = specdens.slq(np.diag([-1.0, 1.0, 2.0, 3.0]), num_steps=4, num_probes=2, seed=0)
+    assert d.fraction_negative(tol=0.5) == pytest.approx(0.25)
+    for tol in (float("nan"), -1.5, float("inf")):
+        with pytest.raises(ValueError, match="tol must be finite and >= 0"):
+            d.fraction_negative(tol=tol)
+    assert np.isnan(d.cdf(np.nan))
+    np.testing.assert_allclose(d.cdf([np.nan, 0.0, 10.0]), [np.nan, 0.25, 1.0])
+    assert np.isnan(d.cdf(np.nan, sigma=1.0))
