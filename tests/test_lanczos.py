@@ -500,6 +500,27 @@ def test_operators_too_small_for_the_arithmetic_are_refused(rng):
     assert np.all(specdens.slq(Z, num_steps=5, dtype="float32").nodes == 0.0)
 
 
+@pytest.mark.parametrize(("scale", "dtype"), [(1e160, "float64"), (1e300, "float64"),
+                                              (1e25, "float32")])
+def test_operators_too_large_for_the_arithmetic_are_refused_as_such(rng, scale, dtype):
+    """Eigenvalues ~1e160 in float64 (1e25 in float32) arithmetic: every product is finite
+    but the squares of its entries overflow, beta reads inf, and the run blamed the
+    operator ("returned NaN or Inf... a broken matvec"). It is a ScaleError naming the
+    scale and the remedy; one power of ten smaller than sqrt(max) / ||A|| runs, and the
+    rule then is the scaled rule of the unit matrix, to rounding."""
+    n = 40
+    lam = np.linspace(1.0, 3.0, n)
+    A = sym_from_spectrum(lam, rng)
+    with np.errstate(all="ignore"), pytest.raises(specdens.algorithms.lanczos.ScaleError,
+                                                  match=f"too large for {dtype}"):
+        specdens.slq(scale * A, num_steps=10, dtype=dtype)
+    small = float(np.sqrt(np.finfo(dtype).max)) / 10 / lam[-1] / np.sqrt(n)
+    d = specdens.slq(small * A, num_steps=10, dtype=dtype)
+    ref = specdens.slq(A, num_steps=10, dtype=dtype)
+    eps = float(np.finfo(dtype).eps)
+    np.testing.assert_allclose(d.nodes / small, ref.nodes, rtol=0, atol=1e3 * eps * lam[-1])
+
+
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_half_precision_operators_run_every_step(rng, dtype):
     """The breakdown threshold is 100 eps of the arithmetic (float64), not of the products:

@@ -477,7 +477,7 @@ def _result(host: list[dict], outs: list[dict], scales: list[Any], *, mode: str,
     alpha, beta, lengths, breakdown = finish_coefficients(
         np.concatenate([h["alpha"] for h in host]).astype(np.float64),
         np.concatenate([h["beta"] for h in host]).astype(np.float64),
-        np.concatenate([h["act"] for h in host]).astype(bool), asymmetry, eps)
+        np.concatenate([h["act"] for h in host]).astype(bool), asymmetry, eps, work)
     k = alpha.shape[0]
     return LanczosResult(
         alpha=alpha, beta=beta, lengths=lengths, breakdown=breakdown, n=n,

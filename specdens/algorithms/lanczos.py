@@ -348,7 +348,7 @@ def _lanczos(
         check_every = _checks.nonnegative_int(check_every, "check_every")
     _checks.agree_on_run(
         op, "lanczos", num_steps=m, num_probes=num_probes, block_size=block,
-        first_probe=first_probe, seed=None if explicit is not None else int(seed),
+        first_probe=first_probe, seed=None if explicit is not None else seed,
         probes=kind, reorth=planned[0], window=planned[1], basis_dtype=planned[2],
         dtype=work, check_every=check_every, check_symmetry=bool(check_symmetry),
         checkpoint=checkpoint is not None,
@@ -464,7 +464,7 @@ def _lanczos(
     alpha, beta, lengths, breakdown = finish_coefficients(
         np.concatenate([d["alpha"] for d in done], axis=0),
         np.concatenate([d["beta"] for d in done], axis=0),
-        np.concatenate([d["active"] for d in done], axis=0), asymmetry, eps_eff)
+        np.concatenate([d["active"] for d in done], axis=0), asymmetry, eps_eff, work)
     return LanczosResult(
         alpha=alpha,
         beta=beta,
@@ -557,7 +557,7 @@ def check_scale(alpha: np.ndarray, beta: np.ndarray, work: str, n: int) -> None:
 
 
 def finish_coefficients(alpha: np.ndarray, beta: np.ndarray, active: np.ndarray,
-                        asymmetry: float, eps: float
+                        asymmetry: float, eps: float, work: Any = None
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(alpha, beta, lengths, breakdown)`` of a finished run, for every Lanczos loop.
 
@@ -566,7 +566,7 @@ def finish_coefficients(alpha: np.ndarray, beta: np.ndarray, active: np.ndarray,
     past it are zeroed; warns (:class:`LanczosWarning`, pointing at the caller of the
     public function) when the largest relative ``asymmetry`` exceeds ``sqrt(eps)``.
     """
-    _raise_on_nonfinite(alpha, beta, 0)
+    _raise_on_nonfinite(alpha, beta, 0, work)
     m = alpha.shape[1]
     stopped = ~active
     breakdown = stopped.any(axis=1)
@@ -841,7 +841,7 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         if check_every and ((j + 1) % check_every == 0) and j + 1 < m:
             a_h = _array.to_numpy(xp.stack(al, axis=1))
             b_h = _array.to_numpy(xp.stack(be, axis=1))
-            _raise_on_nonfinite(a_h, b_h, first_probe)
+            _raise_on_nonfinite(a_h, b_h, first_probe, wdt)
             if not bool(_array.to_numpy(xp.stack(ac, axis=1), bool)[:, -1].any()):
                 steps_run = j + 1
                 if unfilled:
@@ -1002,10 +1002,26 @@ def _pad(a: np.ndarray, m: int, value: Any = 0.0) -> np.ndarray:
     return out
 
 
-def _raise_on_nonfinite(alpha: np.ndarray, beta: np.ndarray, first_probe: int) -> None:
+def _raise_on_nonfinite(alpha: np.ndarray, beta: np.ndarray, first_probe: int,
+                        work: Any = None) -> None:
+    """Raise on the first non-finite coefficient: a :class:`ScaleError` where only the
+    norm overflowed (a finite ``alpha``, ``beta = inf``: the squares of a finite vector's
+    entries beyond ``sqrt(max)``), else a ``FloatingPointError`` blaming the products.
+    ``work``: the arithmetic's dtype (default: the coefficients')."""
     bad = ~(np.isfinite(alpha) & np.isfinite(beta))
     if bad.any():
         probe, step = np.argwhere(bad)[np.argmin(np.argwhere(bad)[:, 1])]
+        if np.isfinite(alpha[probe, step]) and beta[probe, step] == np.inf:
+            dtype = np.dtype(alpha.dtype if work is None else _array.dtype_name(work))
+            scale = max(float(np.max(np.abs(alpha[:, : step + 1]))),
+                        float(np.max(beta[:, :step], initial=0.0)))
+            raise ScaleError(
+                f"the operator's scale (||T|| ~ {scale:.1e} or more) is too large for "
+                f"{dtype.name} arithmetic: the squares of the Lanczos vectors' entries "
+                f"overflow (beyond {np.sqrt(np.finfo(dtype).max):.1e}) at step {int(step) + 1} "
+                f"for probe {int(probe) + first_probe}. Divide the operator by a power of "
+                "ten and multiply the spectrum back"
+                + (", or use dtype='float64'" if dtype != np.float64 else ""))
         raise FloatingPointError(
             f"the operator returned NaN or Inf at Lanczos step {int(step) + 1} for probe "
             f"{int(probe) + first_probe}; specdens never averages such values in. Check the "
