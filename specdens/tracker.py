@@ -143,6 +143,8 @@ def _density_to_json(d: SpectralDensity) -> dict:
         **({"probe_indices": [int(v) for v in d.probe_indices]}
            if d.probe_indices is not None else {}),
         **({"breakdown": [bool(v) for v in d.breakdown]} if d.breakdown is not None else {}),
+        **({"probe_seeds": [int(v) for v in d.probe_seeds]}
+           if d.probe_seeds is not None else {}),
         **_deflation_to_json(d),
     }
 
@@ -185,6 +187,8 @@ def _density_from_json(x: dict) -> SpectralDensity:
                        if x.get("probe_indices") is not None else None),
         breakdown=(np.asarray(x["breakdown"], dtype=bool)
                    if x.get("breakdown") is not None else None),
+        probe_seeds=(tuple(int(v) for v in x["probe_seeds"])
+                     if x.get("probe_seeds") is not None else None),
         **_deflation_from_json(x),
     )
     d._validate("tracker record")
@@ -220,7 +224,9 @@ def _stats_to_json(s: SpectrumStats) -> dict:
                      for o in s.outliers],
         "bulk": {k: _f(getattr(s.bulk, k)) for k in
                  ("lower", "upper", "width", "lower_threshold", "upper_threshold", "scale")},
-        "largest": _f(s.largest), "edge_ratio": _f(s.edge_ratio),
+        "largest": _f(s.largest),
+        # inf (a bulk edge at 0 to rounding) differs from NaN (no edge ratio): kept apart
+        "edge_ratio": "inf" if s.edge_ratio == math.inf else _f(s.edge_ratio),
         "num_top_above": s.num_top_above, "negative_mass": _f(s.negative_mass),
         "negative_mass_stderr": _f(s.negative_mass_stderr),
         "negative_mass_bounds": [_f(v) for v in s.negative_mass_bounds],
@@ -236,7 +242,8 @@ def _stats_from_json(x: dict) -> SpectrumStats:
                                side=str(o["side"])) for o in x["outliers"]),
         bulk=Bulk(**{k: _nan(b[k]) for k in ("lower", "upper", "width", "lower_threshold",
                                               "upper_threshold", "scale")}),
-        largest=_nan(x["largest"]), edge_ratio=_nan(x["edge_ratio"]),
+        largest=_nan(x["largest"]),
+        edge_ratio=float("inf") if x["edge_ratio"] == "inf" else _nan(x["edge_ratio"]),
         num_top_above=x.get("num_top_above"), negative_mass=_nan(x["negative_mass"]),
         negative_mass_stderr=_nan(x["negative_mass_stderr"]),
         negative_mass_bounds=tuple(_nan(v) for v in x.get("negative_mass_bounds",

@@ -14,6 +14,7 @@ import warnings
 import numpy as np
 import pytest
 
+import specdens
 from specdens.analysis import gradient_concentration, spectrum_stats
 from specdens.examples import hessian_like
 from specdens.tracker import (
@@ -482,3 +483,26 @@ def test_k_not_below_n_is_refused_before_any_product(tmp_path):
     with pytest.raises(ValueError, match="k=3 .* n=3"):
         tr.record(0, op)
     assert calls == []
+
+
+def test_inf_edge_ratio_and_probe_seeds_round_trip(tmp_path):
+    """A low-rank positive semi-definite matrix (a GGN's shape) has its bulk edge at 0 to
+    rounding: its edge ratio is inf, which the record keeps apart from NaN (it was written
+    as null and read back as NaN). A density concatenated from two seeds keeps each
+    probe's seed through a record, so repeats are still refused after reading it back."""
+    from specdens.tracker import _density_from_json, _density_to_json
+
+    rng = np.random.default_rng(0)
+    U = np.linalg.qr(rng.standard_normal((60, 3)))[0]
+    A = (U * np.array([5.0, 3.0, 2.0])) @ U.T
+    path = tmp_path / "s.jsonl"
+    rec = SpectrumTracker(path, k=2, num_steps=10, num_probes=2).record(0, A)
+    assert rec.stats.edge_ratio == np.inf
+    (back,) = read_records(path)
+    assert back.stats.edge_ratio == np.inf
+    d = specdens.SpectralDensity.concatenate([specdens.slq(A, num_steps=5, seed=1),
+                                              specdens.slq(A, num_steps=5, seed=2)])
+    again = _density_from_json(json.loads(json.dumps(_density_to_json(d))))
+    assert again.probe_seeds == d.probe_seeds == (1, 2)
+    with pytest.raises(ValueError, match="probe 0 of seed 2 twice"):
+        specdens.SpectralDensity.concatenate([again, specdens.slq(A, num_steps=5, seed=2)])
