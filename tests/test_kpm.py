@@ -67,7 +67,8 @@ def test_kpm_equals_jackson_damped_slq_moments(example):
     x = np.linspace(k.center - k.half_width, k.center + k.half_width, 50)
     np.testing.assert_allclose(k2.cdf(x), k.cdf(x), atol=1e-11)
     assert k.lanczos_bounds is not None
-    assert k.matvecs == 40 + 4 * 60  # bounds (40 Lanczos steps) + floor(120 / 2) per probe
+    # bounds (40 Lanczos steps from each of 2 Gaussian probes) + floor(120 / 2) per probe
+    assert k.matvecs == 2 * 40 + 4 * 60
 
 
 def test_resolution_bound_against_the_probe_measure_and_agreement_with_slq(example):
@@ -237,3 +238,59 @@ def test_zero_operator_gives_the_kernel_of_an_atom_at_zero(bounds):
     lo, hi = k.bounds().interval
     total = float(k.cdf(hi) - k.cdf(lo))
     assert total == pytest.approx(1.0, abs=tol)
+
+
+def _block_matrix():
+    """diag(0 .. 1) with the block [[0, 5], [5, 0]] in the corner: eigenvalues -5 and 5
+    with eigenvectors (1, -1, 0, ...) and (1, 1, 0, ...) / sqrt(2). A Rademacher vector
+    has u_1 = +-u_2, so it is orthogonal to one of the two, for every seed."""
+    A = np.diag(np.linspace(0.0, 1.0, 50))
+    A[0, 0] = A[1, 1] = 0.0
+    A[0, 1] = A[1, 0] = 5.0
+    return A
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_default_interval_encloses_eigenvalues_a_rademacher_probe_misses(seed):
+    """The bounds' Lanczos probes are Gaussian (orthogonal to a fixed vector with
+    probability 0). Review: with one Rademacher probe, kpm failed on the block matrix for
+    20 of 20 seeds (interval [0.016, 5.02]) and on [[2, 1], [1, 2]] (interval [3, 3]: the
+    probe (1, +-1) / sqrt(2) is an eigenvector)."""
+    for A, N, probes in [(_block_matrix(), 50, 10), (np.array([[2.0, 1.0], [1.0, 2.0]]), 10, 2)]:
+        lam = np.linalg.eigvalsh(A)
+        k = specdens.kpm(A, N, probes, seed=seed)
+        lo, hi = k.bounds().interval
+        assert lo < lam[0] and lam[-1] < hi, (A.shape, seed, (lo, hi))
+        assert np.all(np.abs(k.chebyshev_moments) <= 1 + 1e3 * N * np.finfo(float).eps)
+        # the interval is tight: widened by 1% of the half-width around the spectrum
+        assert k.half_width == pytest.approx(1.01 * (lam[-1] - lam[0]) / 2, rel=1e-6)
+
+
+class _NaNAfter:
+    """A matrix whose products turn to NaN after ``good`` of them (a broken operator)."""
+
+    def __init__(self, A, good):
+        self.A, self.left = A, good
+        self.shape, self.dtype = A.shape, A.dtype
+
+    def matvec(self, v):
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, V):
+        self.left -= 1
+        return self.A @ V if self.left >= 0 else np.full((self.shape[0], V.shape[1]), np.nan)
+
+
+def test_recurrence_overflow_blames_the_interval_not_the_operator(rng):
+    """With bounds far too narrow the recurrence T_k(B) u grows until the products (or
+    the map to B) overflow; that is the interval's fault, reported as such (review: 'the
+    operator returned NaN or Inf'). An operator that returns NaN for a vector of the
+    recurrence that had not grown is still blamed."""
+    X = rng.standard_normal((30, 30))
+    A = X + X.T  # spectrum within about [-16, 16]
+    with np.errstate(all="ignore"):
+        for N, bounds in [(50, (-1.0, 1.0)), (2000, (-1.0, 1.0)), (200, (0.0, 1e-100))]:
+            with pytest.raises(ValueError, match="spectrum is not inside the KPM interval"):
+                specdens.kpm(A, N, 2, bounds=bounds)
+        with pytest.raises(FloatingPointError, match="operator returned NaN or Inf"):
+            specdens.kpm(_NaNAfter(A, 3), 20, 2, bounds=(-40.0, 40.0))

@@ -307,3 +307,147 @@ def test_results_are_frozen_with_useful_reprs(psd):
 def test_bad_arguments(psd, call, exc, match):
     with pytest.raises(exc, match=match):
         call(psd)
+
+
+# -- scale, rounding and argument checks ------------------------------------------------
+def _sym(n=30, seed=0, psd=False):
+    X = np.random.default_rng(seed).standard_normal((n, n))
+    return X @ X.T if psd else X + X.T
+
+
+# Powers of two from ~1e-301 to ~1e301: c * A is then exactly representable (checked) and
+# every floating-point operation on values scaled by c is the scaled operation, so
+# est(c A) / c equals est(A) except where a library routine (BLAS/LAPACK norms) picks a
+# scale-dependent accumulation: a few ulps. The old code squared or inverted the scale
+# (||A W||_F^2, the columns of R^{-T} ~ 1/c, sums of squared deviations).
+_SCALES = [2.0**k for k in (-1000, -664, -532, -300, 300, 515, 664, 1000)]
+
+
+def _assert_scales(fn, A, method, ulps=16):
+    eps = np.finfo(np.float64).eps
+    base = fn(A, num_matvecs=10, method=method, seed=1)
+    bv, bs = np.asarray(base.value), np.asarray(base.stderr)
+    for c in _SCALES:
+        assert np.array_equal((c * A) / c, A)  # the operator can represent c A exactly
+        e = fn(c * A, num_matvecs=10, method=method, seed=1)
+        v, se = np.asarray(e.value) / c, np.asarray(e.stderr) / c
+        assert np.all(np.isfinite(v)) and np.all(np.isfinite(se)), (method, c)
+        assert np.max(np.abs(v - bv)) <= ulps * eps * np.max(np.abs(bv)), (method, c, v, bv)
+        assert np.max(np.abs(se - bs)) <= ulps * eps * np.max(np.abs(bs)), (method, c, se, bs)
+
+
+@pytest.mark.parametrize("fn, method", [(specdens.trace, "xtrace"),
+                                        (specdens.diagonal, "xdiag")])
+def test_xtrace_and_xdiag_scale_with_the_operator(fn, method):
+    """est(c A) / c = est(A) for c from 2^-1000 to 2^1000 (review: 2.349 instead of 1.375
+    at c ~ 1e-160, NaN at 1e200, a standard error of 0 at 1e-300)."""
+    _assert_scales(fn, _sym(), method)
+
+
+@pytest.mark.parametrize("fn, method", [(specdens.trace, "xnystrace"),
+                                        (specdens.diagonal, "xnysdiag")])
+def test_nystrom_estimates_scale_with_the_operator(fn, method):
+    """The same for XNysTrace / XNysDiag on a PSD matrix (review: exactly 0 with standard
+    error 0 at c = 1e-200, a scipy error about infs at 1e155)."""
+    _assert_scales(fn, _sym(psd=True), method)
+
+
+@pytest.mark.parametrize("fn, method", [(specdens.trace, "hutchinson"),
+                                        (specdens.trace, "hutch++"),
+                                        (specdens.diagonal, "hutchinson"),
+                                        (specdens.diagonal, "hutch++")])
+def test_standard_errors_scale_with_the_operator(fn, method):
+    """stderr(c A) / c = stderr(A) (review: Inf at c = 1e155, 0 at 1e-200: the squared
+    deviations left the floating-point range)."""
+    _assert_scales(fn, _sym(), method)
+
+
+def test_estimates_beyond_the_floating_range_are_refused():
+    """tr(1e307 I_30) = 3e308 is not a float64: every trace method raises instead of
+    returning Inf or NaN, while the diagonal (1e307) is estimated with finite standard
+    errors (Hutchinson: every sample is 1e307 up to an ulp, so the value is too and the
+    standard error is at rounding level, where a plain sum of the samples overflowed)."""
+    A = 1e307 * np.eye(30)
+    with np.errstate(all="ignore"):
+        for method in ("hutchinson", "hutch++", "xtrace", "xnystrace"):
+            with pytest.raises(FloatingPointError, match="not finite"):
+                specdens.trace(A, num_matvecs=10, method=method)
+        with pytest.raises(FloatingPointError, match="not finite"):
+            specdens.trace(A, num_matvecs=30, method="hutchinson")  # exact
+        d = specdens.diagonal(A, num_matvecs=10, method="hutchinson")
+        eps = np.finfo(float).eps  # as for the diagonal matrix above: w_j^2 = 1 to an ulp
+        np.testing.assert_allclose(d.value, np.full(30, 1e307), rtol=8 * eps, atol=0)
+        assert np.all(d.stderr <= 16 * eps * 1e307)
+        for method in ("hutch++", "xdiag", "xnysdiag"):
+            d = specdens.diagonal(A, num_matvecs=10, method=method)
+            assert np.all(np.isfinite(d.value)) and np.all(np.isfinite(d.stderr)), method
+
+
+def _float32_operators(A):
+    torch = pytest.importorskip("torch")
+    return [("numpy float32", A.astype(np.float32), {}),
+            ("dtype='float32'", A, {"dtype": "float32"}),
+            ("torch float32", torch.tensor(A, dtype=torch.float32), {})]
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_nystrom_with_float32_products(seed):
+    """A PSD rank-3 matrix of small integers (exact in float32) with s = 20 test vectors,
+    products in float32 (a float32 matrix, a torch float32 tensor, dtype='float32').
+    Review: refused as indefinite, or diagonal errors of 3 to 7, because the shift nu used
+    float64's eps while the products carry float32 rounding.
+
+    Bound: in exact arithmetic with the shift nu, leave-one-out estimate i is off by
+    w^T E w - tr E (trace) and by w * (E w) - diag(E) (diagonal), where w is test vector
+    i and E = A_nu - Nyström(A_nu) with the other test vectors Om (E is PSD). Since
+    x^T E x = min_y (x - Om y)^T A_nu (x - Om y), the y with A (x - Om y) = 0 gives
+    x^T E x <= nu (||x|| + a ||U^T x||)^2, a = ||Om|| / sigma_3(U^T Om), U a basis of
+    range(A); and |(E w)_j| <= sqrt(E_jj w^T E w). The estimate is the mean over i of
+    these; the float32 rounding of A W is of the order of nu (what nu = sqrt(n) eps32
+    ||A W||_F is chosen for): a factor 2."""
+    rng = np.random.default_rng(0)
+    n, m = 60, 20
+    L = rng.integers(-3, 4, size=(n, 3)).astype(np.float64)
+    A = L @ L.T
+    U = np.linalg.svd(L, full_matrices=False)[0]
+    eps32 = float(np.finfo(np.float32).eps)
+    ctx = _Ctx(A, None)
+
+    def bounds(kind):
+        Om = np.asarray(ctx.vectors(kind, seed, _SKETCH, m))
+        nu = np.sqrt(n) * eps32 * np.linalg.norm(A @ Om)
+        tr, dg = [], []
+        for i in range(m):
+            rest, w = np.delete(Om, i, axis=1), Om[:, i]
+            a = np.linalg.norm(rest, 2) / np.linalg.svd(U.T @ rest, compute_uv=False)[-1]
+            e_jj = nu * (1 + a * np.linalg.norm(U, axis=1)) ** 2
+            wEw = nu * (np.linalg.norm(w) + a * np.linalg.norm(U.T @ w)) ** 2
+            tr.append(max(wEw, e_jj.sum()))
+            dg.append(e_jj + np.abs(w) * np.sqrt(e_jj * wEw))
+        return 2 * np.mean(tr), 2 * np.mean(dg, axis=0)
+
+    tol_trace, _ = bounds("sphere")
+    _, tol_diag = bounds("rademacher")
+    assert tol_trace < 5e-3 * np.trace(A) and np.max(tol_diag) < 0.5  # not vacuous
+    for name, op, kw in _float32_operators(A):
+        t = specdens.trace(op, num_matvecs=m, method="xnystrace", seed=seed, **kw)
+        assert abs(t.value - np.trace(A)) <= tol_trace, (name, t, tol_trace)
+        d = specdens.diagonal(op, num_matvecs=m, method="xnysdiag", seed=seed, **kw)
+        err = np.abs(np.asarray(d.value, dtype=np.float64) - np.diag(A))
+        assert np.all(err <= tol_diag), (name, np.max(err / tol_diag))
+
+
+def test_slq_trace_takes_no_num_probes_and_is_exact_from_n_products():
+    """trace(method='slq') refuses num_probes (it is num_matvecs // num_steps) with its own
+    message, not an internal 'multiple values' TypeError; with num_matvecs >= n and no f
+    it returns the exact trace like every other method, while tr f(A) stays an SLQ
+    estimate."""
+    A = _sym()
+    with pytest.raises(TypeError, match=r"takes no num_probes.*num_matvecs // num_steps"):
+        specdens.trace(A, method="slq", num_probes=5)
+    e = specdens.trace(A, method="slq", num_matvecs=300, num_steps=30)
+    assert (e.method, e.stderr, e.matvecs) == ("exact", 0.0, 30)
+    assert e.value == pytest.approx(np.trace(A), rel=0, abs=30 * np.finfo(float).eps
+                                    * np.abs(np.diag(A)).sum())
+    f = specdens.trace(A, method="slq", num_matvecs=300, num_steps=30, f=np.abs)
+    assert f.method == "slq" and f.matvecs == 300

@@ -29,10 +29,21 @@ differs from the spectrum by the Hutchinson noise, as for SLQ. Moments ``tr(A^p)
 ``p < N`` come from the undamped Chebyshev moments and are exact per probe (unbiased).
 
 Spectral bounds come from a short Lanczos run (:func:`specdens.lanczos`, ``bound_steps``
-steps from a probe of its own): the extreme Ritz values widened by their residual norms,
-then the half-width multiplied by ``1 + widen`` so that the spectrum lies strictly inside
-``(-1, 1)``. A spectrum that still leaks out makes ``|mu_k| > 1`` grow exponentially; that
-is detected and reported (pass ``bounds=`` to fix).
+steps from each of ``2`` Gaussian probes of their own, in one block): the smallest and
+largest Ritz values over both probes, each widened by its residual norm, then the
+half-width multiplied by ``1 + widen`` so that the spectrum lies strictly inside
+``(-1, 1)``. The probes are Gaussian, not Rademacher: a Rademacher vector is orthogonal to
+fixed vectors with positive probability (to ``(1, -1, 0, ...)`` with probability 1/2, and
+for the block ``[[0, 5], [5, 0]]`` always to one of its eigenvectors), and then no number
+of steps finds that eigenvalue, while a Gaussian vector is orthogonal to a fixed vector
+with probability 0. A Krylov space still reaches an extreme eigenvalue only as fast as
+the probe's component along it allows (Kuczyński & Woźniakowski, 1992); the second probe
+makes a bound that falls short of it much less likely (both must fall short), for
+``bound_steps`` more products in the same block. A spectrum that still leaks out makes
+``|mu_k| > 1`` grow exponentially; that is detected and reported (pass ``bounds=`` to
+fix), as is a recurrence that overflows because the interval is far too narrow (the
+operator is blamed only when it returns NaN or Inf for a vector the recurrence had not
+yet blown up).
 
 References
 ----------
@@ -40,6 +51,8 @@ A. Weiße, G. Wellein, A. Alvermann, H. Fehske (2006), The kernel polynomial met
 Mod. Phys. 78, 275-306.
 L. Lin, Y. Saad, C. Yang (2016), Approximating spectral densities of large matrices. SIAM
 Review 58(1).
+J. Kuczyński, H. Woźniakowski (1992), Estimating the largest eigenvalue by the power and
+Lanczos algorithms with a random start. SIAM J. Matrix Anal. Appl. 13(4).
 """
 
 from __future__ import annotations
@@ -60,6 +73,7 @@ from .probes import PROBE_KINDS, check_seed, probe_block
 
 KERNELS = ("jackson", "dirichlet")
 _BOUND_PROBE = 1 << 41  # probe index of the bounds' Lanczos run (a stream of its own)
+_BOUND_PROBES = 2       # Gaussian probes of the bounds' Lanczos run (see the module notes)
 
 
 def jackson_damping(num_moments: int) -> np.ndarray:
@@ -334,9 +348,10 @@ def kpm(
         Gibbs oscillations, negative values).
     bounds
         An interval ``(a, b)`` containing the spectrum (then widened by ``widen``);
-        default: found by a Lanczos run of ``bound_steps`` steps.
+        default: found by a Lanczos run of ``bound_steps`` steps from each of two
+        Gaussian probes (see the module notes).
     bound_steps
-        Lanczos steps for the bounds.
+        Lanczos steps for the bounds (``2 * bound_steps`` products).
     widen
         Relative widening of the half-width (Weiße et al. use 0.01), so that the spectrum
         lies strictly inside ``(-1, 1)`` after the map.
@@ -353,9 +368,11 @@ def kpm(
     ------
     ValueError
         For bad arguments, or when the Chebyshev moments show that the spectrum is not
-        inside the interval (``|mu_k| > 1``): pass wider ``bounds``.
+        inside the interval (``|mu_k| > 1``, or a recurrence that overflows): pass wider
+        ``bounds``.
     FloatingPointError
-        When the operator returns NaN or Inf.
+        When the operator returns NaN or Inf for a vector of the recurrence that is still
+        of norm at most 1 (up to rounding), i.e. not because of the interval.
     """
     t0 = time.perf_counter()
     op, n = _checks.operator_of(op)
@@ -384,8 +401,9 @@ def kpm(
     matvecs = 0
     lanczos_bounds = None
     if bounds is None:
-        r = _lanczos(op, _checks.positive_int(bound_steps, "bound_steps"), num_probes=1,
-                     seed=seed, first_probe=_BOUND_PROBE, dtype=work)
+        r = _lanczos(op, _checks.positive_int(bound_steps, "bound_steps"),
+                     num_probes=_BOUND_PROBES, probes="gaussian", seed=seed,
+                     first_probe=_BOUND_PROBE, dtype=work)
         lanczos_bounds = SpectralDensity.from_lanczos(r).bounds()
         lo, hi = lanczos_bounds.interval
         matvecs += r.matvecs
@@ -398,26 +416,42 @@ def kpm(
             raise ValueError(f"bounds must be finite with a < b; got {bounds!r}")
     center, half = _widened(lo, hi, widen)
     K = N // 2
+    eps = _array.finfo_eps(work)
+    tol = 1e3 * N * eps  # |mu_k| <= 1 and ||T_k(B) u||^2 <= 1 up to this, when inside
+
+    def outside(what: str) -> ValueError:
+        return ValueError(
+            f"the spectrum is not inside the KPM interval [{center - half:.6g}, "
+            f"{center + half:.6g}]: {what}. Pass bounds=(a, b) enclosing the spectrum, more "
+            "bound_steps, or a larger widen.")
+
     mus, scales = [], []
     for start in range(0, num_probes, block):
         idx = range(start, min(start + block, num_probes))
         U, sc = probe_block(probes, n, seed, idx, xp, device, wdt)
-        mu, used = _moments_block(op, U, N, K, center, half, wdt)
+        mu, used, bad_product, input_norms = _moments_block(op, U, N, K, center, half, wdt)
         matvecs += used
+        if bad_product is not None:
+            # The j-th product's input is t_j = T_j(B) u with ||t_j||^2 <= 1 when the
+            # spectrum is inside the interval: a non-finite product of a vector that had
+            # not grown is the operator's doing; of one that had, the interval's.
+            grown = input_norms[:, : bad_product + 1]
+            if np.all(np.isfinite(grown)) and float(np.max(grown)) <= 1 + tol:
+                raise FloatingPointError(
+                    "the operator returned NaN or Inf during the Chebyshev recurrence "
+                    f"(product {bad_product + 1}, of a vector of norm <= 1); specdens never "
+                    "averages such values in. Check the operator.")
+            raise outside("the Chebyshev recurrence T_k(B) u grew until the operator's "
+                          "products overflowed")
+        if not np.all(np.isfinite(mu)):
+            raise outside("the Chebyshev recurrence T_k(B) u overflowed (the operator's "
+                          "products were finite)")
         mus.append(mu)
         scales.append(sc)
     mu = np.concatenate(mus, axis=0)
-    if not np.all(np.isfinite(mu)):
-        raise FloatingPointError("the operator returned NaN or Inf during the Chebyshev "
-                                 "recurrence; specdens never averages such values in")
-    eps = _array.finfo_eps(work)
     excess = float(np.max(np.abs(mu)))
-    if excess > 1 + 1e3 * N * eps:
-        raise ValueError(
-            f"the spectrum is not inside the KPM interval [{center - half:.6g}, "
-            f"{center + half:.6g}]: a Chebyshev moment has |mu_k| = {excess:.3g} > 1. Pass "
-            "bounds=(a, b) enclosing the spectrum, more bound_steps, or a larger widen."
-        )
+    if excess > 1 + tol:
+        raise outside(f"a Chebyshev moment has |mu_k| = {excess:.3g} > 1")
     return KPMDensity(
         chebyshev_moments=mu, probe_scales=np.concatenate(scales), center=float(center),
         half_width=float(half), n=n, num_moments=N, kernel=kernel, seed=seed,
@@ -427,13 +461,18 @@ def kpm(
 
 
 def _moments_block(op: Any, U: Any, N: int, K: int, center: float, half: float, wdt: Any
-                   ) -> tuple[np.ndarray, int]:
-    """Chebyshev moments ``mu_0 .. mu_{N-1}`` of the rows of ``U`` (unit probes)."""
+                   ) -> tuple[np.ndarray, int, int | None, np.ndarray]:
+    """Chebyshev moments ``mu_0 .. mu_{N-1}`` of the rows of ``U`` (unit probes), the
+    products used, the index of the first product whose output (the operator's, before
+    the map to ``B``) was not finite (None if all were), and ``||t_j||^2`` per row for
+    ``j = 0 .. K`` (``t_j``, the input of product ``j``)."""
     xp = op.xp
+    finite = []  # per product: were the operator's values finite? (read once, at the end)
 
     def apply(T: Any) -> Any:  # B T for rows T: (A T^T)^T
         AT = _array.detached(op.matmat(xp.astype(xp.matrix_transpose(T), op.dtype, copy=False)))
         AT = xp.matrix_transpose(xp.astype(AT, wdt, copy=False))
+        finite.append(xp.all(xp.isfinite(AT)))
         return (AT - center * T) / half
 
     def rowdot(a: Any, b: Any) -> Any:
@@ -454,6 +493,8 @@ def _moments_block(op: Any, U: Any, N: int, K: int, center: float, half: float, 
         dots_adj.append(rowdot(t, t_prev))
     sq = _array.to_numpy(xp.stack(dots_sq, axis=1))
     adj = _array.to_numpy(xp.stack(dots_adj, axis=1))
+    ok = _array.to_numpy(xp.stack(finite), bool)
+    bad = None if bool(np.all(ok)) else int(np.argmin(ok))
     mu = np.zeros((k_rows, N))
     mu0 = sq[:, 0]
     mu[:, 0] = mu0
@@ -463,4 +504,4 @@ def _moments_block(op: Any, U: Any, N: int, K: int, center: float, half: float, 
             mu[:, 2 * k] = 2 * sq[:, k] - mu0
         if 2 * k + 1 < N and k + 1 <= K:
             mu[:, 2 * k + 1] = 2 * adj[:, k] - mu[:, 1]
-    return mu, used
+    return mu, used, bad, sq

@@ -30,6 +30,20 @@ products with unit vectors.
 The ``n x s`` blocks stay in the operator's array library and on its device; the
 ``s x s`` matrices of the sketching methods are solved on the host in float64.
 
+Scale: the estimates are equivariant under ``A -> c A`` (``est(c A) = c est(A)`` up to
+rounding) for every ``c`` at which the operator's products are representable. The
+sketching methods work in units of a power of two near ``max |R|`` (XTrace, XDiag) or
+``max |A W|`` (the Nyström methods), so that no square or inverse of the operator's
+scale is formed, and the standard errors are computed from samples divided by their
+largest magnitude (per entry for the diagonal). An estimate that still leaves the
+floating range (a trace beyond ``1.8e308``) is refused with a ``FloatingPointError``
+rather than returned as Inf or NaN.
+
+Rounding: the Nyström shift ``nu`` and the tests for a negative ``w^T A w`` and a
+numerically rank-deficient sketch use ``eps_eff``, the larger of the working dtype's
+epsilon and that of the dtype the operator's products are rounded to (a float32
+operator, or ``dtype="float32"``), as :func:`specdens.lanczos` does.
+
 References
 ----------
 M. F. Hutchinson (1989), A stochastic estimator of the trace of the influence matrix for
@@ -161,6 +175,10 @@ class _Ctx:
         _array.check_supported_dtype(self.op.dtype)
         self.work = _checks.work_dtype(dtype, self.op)
         self.wdt = _array.xp_dtype(self.xp, self.work)
+        # the rounding the products carry: the working dtype's, or coarser when the
+        # operator computes (or says it computes) in a lower precision
+        self.eps = max(_array.finfo_eps(self.work),
+                       _array.finfo_eps(_checks.product_dtype(self.op)))
         self.matvecs = 0
 
     def apply(self, X: Any) -> Any:
@@ -195,6 +213,12 @@ class _Ctx:
     def t(self, A: Any) -> Any:
         return self.xp.matrix_transpose(A)
 
+    def absmax(self, X: Any) -> float:
+        """``max |X|`` on the host (0 for an empty array)."""
+        if X.shape[0] == 0 or X.shape[1] == 0:
+            return 0.0
+        return float(self.host(self.xp.max(self.xp.abs(X))))
+
 
 def _orth(ctx: _Ctx, Y: Any) -> tuple[Any, np.ndarray]:
     """Thin QR of ``Y`` (``n x s``): ``Q`` on the device, ``R`` on the host."""
@@ -218,19 +242,52 @@ def _check_num_matvecs(num_matvecs: Any, minimum: int, method: str) -> int:
     return m
 
 
-def _numerical_rank(R: np.ndarray) -> tuple[int, np.ndarray]:
-    """Rank of ``R`` (to ``s * eps * sigma_max``) and its left singular vectors."""
+def _numerical_rank(R: np.ndarray, eps: float) -> tuple[int, np.ndarray]:
+    """Rank of ``R`` (to ``s * eps * sigma_max``, ``eps`` the products' rounding) and its
+    left singular vectors."""
     U, sv, _ = np.linalg.svd(R)
-    tol = R.shape[0] * np.finfo(float).eps * (sv[0] if sv.size else 0.0)
+    tol = R.shape[0] * eps * (sv[0] if sv.size else 0.0)
     return int(np.sum(sv > tol)), U
 
 
-def _finish_scalar(samples: np.ndarray, offset: float, matvecs: int, method: str, n: int
-                   ) -> TraceEstimate:
+def _pow2_scale(amax: float) -> float:
+    """A power of two within a factor 2 of ``amax > 0`` (1 for 0): dividing by it is
+    exact, and brings ``amax`` into ``[1, 2)``. It is at most ``amax``, so it is
+    representable in the dtype ``amax`` came from (float32's largest power of two is
+    ``2^127``; ``amax`` itself may be subnormal)."""
+    if not (amax > 0.0 and math.isfinite(amax)):
+        return 1.0
+    return math.ldexp(1.0, math.frexp(amax)[1] - 1)
+
+
+def _not_finite(what: str) -> FloatingPointError:
+    return FloatingPointError(
+        f"the {what} is not finite: the operator's values are so large that the estimate "
+        "(or the sums that form it) leave the floating-point range; specdens does not "
+        "return Inf or NaN as an estimate. Scale the operator down.")
+
+
+def _scaled_std(samples: np.ndarray) -> float:
+    """``std(samples, ddof=1)`` computed from ``samples / max |samples|``: the squares
+    neither overflow nor underflow at any representable scale."""
+    amax = float(np.max(np.abs(samples)))
+    if amax == 0.0 or not math.isfinite(amax):
+        return 0.0 if amax == 0.0 else float("nan")
+    return float(np.std(samples / amax, ddof=1)) * amax
+
+
+def _finish_scalar(samples: np.ndarray, offset: float, matvecs: int, method: str, n: int,
+                   scale: float = 1.0) -> TraceEstimate:
+    """Mean and standard error of ``scale * (offset + samples)``."""
     samples = np.asarray(samples, dtype=np.float64)
     k = samples.size
-    se = float(np.std(samples, ddof=1) / math.sqrt(k)) if k > 1 else float("nan")
-    return TraceEstimate(float(offset + np.mean(samples)), se, matvecs, method, n, k)
+    if not np.all(np.isfinite(samples)) or not math.isfinite(offset):
+        raise _not_finite("trace estimate")
+    se = _scaled_std(samples) / math.sqrt(k) * scale if k > 1 else float("nan")
+    value = (offset + float(np.mean(samples))) * scale
+    if not math.isfinite(value) or (k > 1 and not math.isfinite(se)):
+        raise _not_finite("trace estimate")
+    return TraceEstimate(value, se, matvecs, method, n, k)
 
 
 # -- trace ------------------------------------------------------------------------------
@@ -258,8 +315,10 @@ def trace(
         Hutch++ a third each for the sketch, for ``A Q`` and for the Hutchinson part;
         XTrace half for ``s = num_matvecs // 2`` test vectors and half for ``A Q``;
         XNysTrace all as test vectors; SLQ ``num_matvecs // num_steps`` probes of
-        ``num_steps`` Lanczos steps. With ``num_matvecs >= n`` (and no ``f``) the exact
-        trace is computed from ``n`` products.
+        ``num_steps`` Lanczos steps. With ``num_matvecs >= n`` and no ``f`` the exact
+        trace is computed from ``n`` products with unit vectors, whatever the method
+        (``"slq"`` included: its other arguments then have nothing to do); ``tr f(A)``
+        is always estimated by SLQ.
     method
         ``"xtrace"`` (the default without ``f``), ``"hutchinson"``, ``"hutch++"``,
         ``"xnystrace"`` or ``"slq"`` (the default with ``f``); see the module notes.
@@ -276,7 +335,9 @@ def trace(
     dtype
         Working dtype, ``"float64"`` (default where available) or ``"float32"``.
     **slq_kwargs
-        For ``method="slq"``: more arguments of :func:`specdens.slq` (e.g. ``deflate``).
+        For ``method="slq"``: more arguments of :func:`specdens.slq` (e.g. ``deflate``),
+        but not ``num_probes``: here it is ``num_matvecs // num_steps`` (for a probe count,
+        call :func:`trace_functions`).
 
     Returns
     -------
@@ -289,6 +350,11 @@ def trace(
         ``"slq"``, or, with ``"xnystrace"``, an operator that is not positive
         semi-definite (a negative ``w^T A w`` or a Gram matrix ``W^T A W`` that is not
         positive definite).
+    TypeError
+        For arguments of :func:`specdens.slq` with another method, or ``num_probes``.
+    FloatingPointError
+        When the operator returns NaN or Inf, or the estimate leaves the floating-point
+        range.
     """
     if method is None:
         method = "slq" if f is not None else "xtrace"
@@ -299,9 +365,22 @@ def trace(
                          f"method='slq' (got method={method!r})")
     if slq_kwargs and method != "slq":
         raise TypeError(f"unexpected arguments for method={method!r}: {', '.join(slq_kwargs)}")
+    if "num_probes" in slq_kwargs:
+        raise TypeError(
+            "trace(method='slq') takes no num_probes: it runs num_matvecs // num_steps probes "
+            f"of num_steps Lanczos steps (num_probes={slq_kwargs['num_probes']!r} would be "
+            f"num_matvecs=num_probes * num_steps); for a probe count, call trace_functions")
     if method == "slq":
         num_steps = _checks.positive_int(num_steps, "num_steps")
         m = _check_num_matvecs(num_matvecs, 2 * num_steps, "slq")
+        op = _checks.operator_of(op)[0]
+        if f is None and m >= int(op.shape[0]):
+            # tr(A) itself, and the budget reaches n: exact, as for the other methods
+            ctx = _Ctx(op, dtype)
+            block_size = _checks.positive_int(block_size, "block_size")
+            _checks.agree_on_run(ctx.op, "trace", method=method, num_matvecs=m,
+                                 block_size=block_size, seed=seed, dtype=ctx.work)
+            return _exact_trace(ctx, block_size)
         out = trace_functions(op, [f if f is not None else (lambda t: t)], num_steps=num_steps,
                               num_probes=m // num_steps, seed=seed, dtype=dtype, **slq_kwargs)
         return out[0]
@@ -332,6 +411,8 @@ def _exact_trace(ctx: _Ctx, block_size: int) -> TraceEstimate:
         E[np.arange(start, stop), np.arange(stop - start)] = 1.0
         Y = ctx.host(ctx.apply(ctx.dev(E)))
         total += float(np.sum(Y[np.arange(start, stop), np.arange(stop - start)]))
+    if not math.isfinite(total):
+        raise _not_finite("trace")
     return TraceEstimate(total, 0.0, ctx.matvecs, "exact", n, n)
 
 
@@ -371,22 +452,38 @@ def _xtrace_parts(ctx: _Ctx, s: int, seed: int, kind: str):
     return Om, Q, R, Z
 
 
+def _unit_columns_of_inverse_transpose(R: np.ndarray) -> np.ndarray:
+    """The columns of ``R^{-T}`` normalised to unit length, for ``R`` of full numerical
+    rank scaled to ``max |R|`` in ``[1, 2)`` (so ``||R^{-1}|| <= 1 / (s eps)``: the
+    squares of the column norms stay far inside the floating range)."""
+    s = R.shape[0]
+    Sm = solve_triangular(R, np.eye(s), lower=False).T
+    return Sm / np.linalg.norm(Sm, axis=0)[None, :]
+
+
 def _xtrace(ctx: _Ctx, s: int, seed: int) -> TraceEstimate:
     Om, Q, R, Z = _xtrace_parts(ctx, s, seed, "sphere")
-    H = ctx.host(ctx.mm(ctx.t(Q), Z))
+    if not np.all(np.isfinite(R)):
+        raise _not_finite("sketch A W (its QR factor)")
+    # work in units of rho ~ max |R| ~ the operator's scale: R^{-1} then neither overflows
+    # nor underflows (the results are multiplied back by rho at the end)
+    rho = _pow2_scale(float(np.max(np.abs(R))) if R.size else 0.0)
+    R = R / rho
+    H = ctx.host(ctx.mm(ctx.t(Q), Z)) / rho
     W = ctx.host(ctx.mm(ctx.t(Q), Om))
-    T = ctx.host(ctx.mm(ctx.t(Z), Om))
-    rank, U = _numerical_rank(R)
+    T = ctx.host(ctx.mm(ctx.t(Z), Om)) / rho
+    rank, U = _numerical_rank(R, ctx.eps)
     if rank < s:
         # A Omega has rank r < s, so A has rank r and Q U_r spans its range: the trace is
         # tr(U_r^T H U_r) exactly.
         Ur = U[:, :rank]
-        return TraceEstimate(float(np.trace(Ur.T @ H @ Ur)), 0.0, ctx.matvecs, "xtrace",
-                             ctx.n, s)
+        value = float(np.trace(Ur.T @ H @ Ur)) * rho
+        if not math.isfinite(value):
+            raise _not_finite("trace estimate")
+        return TraceEstimate(value, 0.0, ctx.matvecs, "xtrace", ctx.n, s)
     # Leave-one-out: span(Y without column i) = Q (I - s_i s_i^T) with s_i the unit
     # column i of R^{-T}; the estimate i is tr(P_i A) + x_i^T A x_i, x_i = (I - P_i) w_i.
-    Sm = solve_triangular(R, np.eye(s), lower=False).T
-    Sm /= np.linalg.norm(Sm, axis=0)[None, :]
+    Sm = _unit_columns_of_inverse_transpose(R)
     HS = H @ Sm
     low = np.trace(H) - np.einsum("ij,ij->j", Sm, HS)
     c = np.einsum("ij,ij->j", Sm, W)                       # s_i^T w_i
@@ -398,31 +495,37 @@ def _xtrace(ctx: _Ctx, s: int, seed: int) -> TraceEstimate:
     sr = np.einsum("ij,ij->j", Sm, R)
     sHs = np.einsum("ij,ij->j", Sm, HS)
     resid = wHw - tw + c * (ts - wHs - sHw + sr) + c * c * sHs
-    return _finish_scalar(low + resid, 0.0, ctx.matvecs, "xtrace", ctx.n)
+    return _finish_scalar(low + resid, 0.0, ctx.matvecs, "xtrace", ctx.n, scale=rho)
 
 
 def _nystrom_parts(ctx: _Ctx, s: int, seed: int, kind: str):
-    """``B = Y_nu C^{-1}``, ``X = C^{-T}``, the shift and the test vectors of XNysTrace
-    (``B`` and ``X`` are None when ``Y = A W`` is exactly 0: every estimate is then 0)."""
+    """``B = Y_nu C^{-1}``, ``X = C^{-T}``, the shift, the test vectors of XNysTrace and
+    the unit ``scale`` (a power of two near ``max |A W|``) that ``B B^T`` and ``nu`` are
+    measured in (``B`` and ``X`` are None when ``Y = A W`` is exactly 0: every estimate
+    is then 0)."""
     Om = ctx.vectors(kind, seed, _SKETCH, s)
     Y = ctx.apply(Om)
+    amax = ctx.absmax(Y)
+    if amax == 0.0:
+        # A W = 0: the Nyström approximation and every residual term w^T A w vanish, so
+        # each estimate is exactly 0 (the zero operator is positive semi-definite).
+        return Om, None, None, 0.0, 1.0
+    unit = _pow2_scale(amax)
+    Y = Y / unit  # exact (a power of two); max |Y| in [1, 2): no square over/underflows
     G = ctx.host(ctx.mm(ctx.t(Om), Y))
     G = 0.5 * (G + G.T)
     d = np.diag(G)
     scale = float(np.max(np.abs(G))) if G.size else 0.0
-    if np.any(d < -s * np.finfo(float).eps * scale * 10):
+    if np.any(d < -s * ctx.eps * scale * 10):
         i = int(np.argmin(d))
         raise ValueError(
             f"the Nyström methods need a positive semi-definite operator, but w^T A w = "
             f"{d[i]:.3e} < 0 for a test vector: the operator is indefinite. Use "
             "method='xtrace' (or 'hutch++') for indefinite operators."
         )
-    fro = float(np.sqrt(np.sum(_colsums(ctx, Y * Y))))
-    if fro == 0.0:
-        # A W = 0: the Nyström approximation and every residual term w^T A w vanish, so
-        # each estimate is exactly 0 (the zero operator is positive semi-definite).
-        return Om, None, None, 0.0
-    nu = float(math.sqrt(ctx.n) * np.finfo(float).eps * fro)
+    fro = float(np.sqrt(np.sum(_colsums(ctx, Y * Y))))  # in [1, 2 sqrt(n s))
+    # the shift of Epperly, Tropp & Webber, at the rounding eps_eff the products carry
+    nu = float(math.sqrt(ctx.n) * ctx.eps * fro)
     Y = Y + nu * Om
     G = G + nu * ctx.host(ctx.mm(ctx.t(Om), Om))
     try:
@@ -436,14 +539,14 @@ def _nystrom_parts(ctx: _Ctx, s: int, seed: int, kind: str):
     Cinv = solve_triangular(C, np.eye(s), lower=False)
     B = ctx.mm(Y, ctx.dev(Cinv))
     X = Cinv.T  # C^{-T}; column i is C^{-T} e_i
-    return Om, B, X, nu
+    return Om, B, X, nu, unit
 
 
 def _xnystrace(ctx: _Ctx, s: int, seed: int) -> TraceEstimate:
     # Nyström A_nu ~ B B^T from all s test vectors; leaving out vector i removes the rank
     # one term v_i v_i^T, v_i = Y_nu G^{-1} e_i / sqrt((G^{-1})_ii), and the residual term
     # w_i^T (A_nu - Ahat_(i)) w_i equals 1 / (G^{-1})_ii.
-    Om, B, X, nu = _nystrom_parts(ctx, s, seed, "sphere")
+    Om, B, X, nu, unit = _nystrom_parts(ctx, s, seed, "sphere")
     del Om
     if B is None:
         return _finish_scalar(np.zeros(s), 0.0, ctx.matvecs, "xnystrace", ctx.n)
@@ -452,7 +555,7 @@ def _xnystrace(ctx: _Ctx, s: int, seed: int) -> TraceEstimate:
     BX = ctx.mm(B, ctx.dev(X))
     v2 = _colsums(ctx, BX * BX) / g
     samples = trA - v2 + 1.0 / g
-    return _finish_scalar(samples, -ctx.n * nu, ctx.matvecs, "xnystrace", ctx.n)
+    return _finish_scalar(samples, -ctx.n * nu, ctx.matvecs, "xnystrace", ctx.n, scale=unit)
 
 
 # -- trace of functions by SLQ -------------------------------------------------------------
@@ -505,31 +608,64 @@ def trace_functions(
 # -- diagonal ---------------------------------------------------------------------------
 class _Welford:
     """Running mean and sum of squared deviations of columns, merged block by block
-    (Chan, Golub & LeVeque, 1983): no cancellation when the mean dwarfs the spread."""
+    (Chan, Golub & LeVeque, 1983): no cancellation when the mean dwarfs the spread.
+
+    Each row is kept in units of its largest magnitude so far (``mean`` and ``m2`` of
+    ``X / S``, ``m2`` in units of ``S^2``): the squares of the deviations neither
+    overflow nor underflow at any representable scale of the samples."""
 
     def __init__(self) -> None:
         self.count = 0
-        self.mean: Any = None
-        self.m2: Any = None
+        self.scale: Any = None   # max |X| per row so far (0 for rows of zeros)
+        self.mean: Any = None    # in units of scale
+        self.m2: Any = None      # in units of scale^2
+
+    @staticmethod
+    def _safe(xp: Any, S: Any) -> Any:
+        return xp.where(S > 0, S, xp.ones_like(S))
 
     def add(self, xp: Any, X: Any) -> None:
         b = int(X.shape[1])
-        mean_b = xp.sum(X, axis=1) / b
-        dev = X - mean_b[:, None]
+        S_b = xp.max(xp.abs(X), axis=1)
+        S = S_b if self.count == 0 else xp.maximum(self.scale, S_b)
+        unit = self._safe(xp, S)
+        Xs = X / unit[:, None]
+        mean_b = xp.sum(Xs, axis=1) / b
+        dev = Xs - mean_b[:, None]
         m2_b = xp.sum(dev * dev, axis=1)
         if self.count == 0:
-            self.count, self.mean, self.m2 = b, mean_b, m2_b
+            self.count, self.scale, self.mean, self.m2 = b, S, mean_b, m2_b
             return
+        r = self.scale / unit  # <= 1: the old statistics in the new units
+        mean_a, m2_a = self.mean * r, self.m2 * (r * r)
         total = self.count + b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (b / total)
-        self.m2 = self.m2 + m2_b + delta * delta * (self.count * b / total)
+        delta = mean_b - mean_a
+        self.mean = mean_a + delta * (b / total)
+        self.m2 = m2_a + m2_b + delta * delta * (self.count * b / total)
+        self.scale = S
         self.count = total
+
+    def value(self, xp: Any) -> Any:
+        return self.mean * self._safe(xp, self.scale)
 
     def stderr(self, xp: Any) -> Any:
         if self.count < 2:
             return self.mean * float("nan")
-        return xp.sqrt(self.m2 / (self.count - 1) / self.count)
+        return xp.sqrt(self.m2 / (self.count - 1) / self.count) * self._safe(xp, self.scale)
+
+
+def _finish_diagonal(ctx: _Ctx, acc: _Welford, method: str, unit: float = 1.0
+                     ) -> DiagonalEstimate:
+    """The estimate from the accumulated samples (in units of ``unit``)."""
+    xp = ctx.xp
+    value = acc.value(xp) * unit
+    stderr = acc.stderr(xp) * unit
+    finite = xp.all(xp.isfinite(value))
+    if acc.count > 1:
+        finite = xp.logical_and(finite, xp.all(xp.isfinite(stderr)))
+    if not bool(_array.to_numpy(finite, bool)):
+        raise _not_finite("diagonal estimate")
+    return DiagonalEstimate(value, stderr, ctx.matvecs, method, ctx.n, acc.count)
 
 
 def diagonal(
@@ -567,6 +703,9 @@ def diagonal(
     ValueError
         For an unknown method, a budget too small for it, or an indefinite operator with
         ``"xnysdiag"``.
+    FloatingPointError
+        When the operator returns NaN or Inf, or the estimate leaves the floating-point
+        range.
     """
     method = _DIAGONAL_ALIASES.get(method, method)
     if method not in DIAGONAL_METHODS:
@@ -601,18 +740,31 @@ def diagonal(
             if Q is not None:
                 AW = AW - ctx.mm(Q, ctx.mm(H, ctx.mm(ctx.t(Q), W)))
             acc.add(xp, W * AW)
-        value = acc.mean if base is None else acc.mean + base
-        return DiagonalEstimate(value, acc.stderr(xp), ctx.matvecs, method, ctx.n, acc.count)
+        out = _finish_diagonal(ctx, acc, method)
+        if base is None:
+            return out
+        value = out.value + base
+        if not bool(_array.to_numpy(xp.all(xp.isfinite(value)), bool)):
+            raise _not_finite("diagonal estimate")
+        return DiagonalEstimate(value, out.stderr, ctx.matvecs, method, ctx.n, acc.count)
+    unit = 1.0
     if method == "xdiag":
         s = m // 2
         Om, Q, R, Z = _xtrace_parts(ctx, s, seed, "rademacher")
-        rank, U = _numerical_rank(R)
+        if not np.all(np.isfinite(R)):
+            raise _not_finite("sketch A W (its QR factor)")
+        # in units of a power of two near max |R| (see _xtrace)
+        unit = _pow2_scale(float(np.max(np.abs(R))) if R.size else 0.0)
+        R = R / unit
+        Z = Z / unit
+        rank, U = _numerical_rank(R, ctx.eps)
         if rank < s:  # exact: A = P A with P the projector on range(A) = range(Q U_r)
             Ur = ctx.dev(U[:, :rank])
-            value = xp.sum(ctx.mm(Q, Ur) * ctx.mm(Z, Ur), axis=1)
+            value = xp.sum(ctx.mm(Q, Ur) * ctx.mm(Z, Ur), axis=1) * unit
+            if not bool(_array.to_numpy(xp.all(xp.isfinite(value)), bool)):
+                raise _not_finite("diagonal estimate")
             return DiagonalEstimate(value, value * 0.0, ctx.matvecs, method, ctx.n, s)
-        Sm = solve_triangular(R, np.eye(s), lower=False).T
-        Sm /= np.linalg.norm(Sm, axis=0)[None, :]
+        Sm = _unit_columns_of_inverse_transpose(R)
         sr = np.einsum("ij,ij->j", Sm, R)            # s_i^T r_i
         QS = ctx.mm(Q, ctx.dev(Sm))
         ZS = ctx.mm(Z, ctx.dev(Sm))
@@ -622,7 +774,7 @@ def diagonal(
         D = base[:, None] - QS * ZS + Om * QS * ctx.dev(sr[None, :])
     else:  # xnysdiag
         s = m
-        Om, B, X, nu = _nystrom_parts(ctx, s, seed, "rademacher")
+        Om, B, X, nu, unit = _nystrom_parts(ctx, s, seed, "rademacher")
         if B is None:
             D = xp.zeros_like(Om)
         else:
@@ -633,7 +785,7 @@ def diagonal(
             D = (base[:, None] - V * V + Om * V * ctx.dev(1.0 / np.sqrt(g)[None, :])) - nu
     acc = _Welford()
     acc.add(xp, D)
-    return DiagonalEstimate(acc.mean, acc.stderr(xp), ctx.matvecs, method, ctx.n, acc.count)
+    return _finish_diagonal(ctx, acc, method, unit)
 
 
 def _exact_diagonal(ctx: _Ctx, block_size: int) -> DiagonalEstimate:
