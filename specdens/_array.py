@@ -180,7 +180,8 @@ def check_supported_dtype(dtype: Any, what: str = "operator") -> str:
     if name not in SUPPORTED_DTYPES:
         raise TypeError(
             f"{what} dtype {name} is not supported. Supported dtypes: {', '.join(SUPPORTED_DTYPES)}"
-            " (integer matrices are converted to float64 by aslinearoperator)."
+            " (aslinearoperator converts integer matrices to float64, or to float32 where the"
+            " library has no float64)."
         )
     return name
 

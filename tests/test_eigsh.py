@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from specdens import LanczosWarning, aslinearoperator
 from specdens._array import to_numpy
 from specdens.algorithms.eigsh import WHICH, EigshResult, EigshWarning, eigsh
+from specdens.algorithms.lanczos import ScaleError
 
 EPS64 = 2.0**-52
 EPS32 = 2.0**-23
@@ -532,3 +533,185 @@ def test_size_one_and_empty_operators():
         eigsh(np.ones((1, 1)), 1)
     with pytest.raises(ValueError, match="size 0"):
         eigsh(np.zeros((0, 0)), 1)
+
+
+# -- scale, start vectors, operators that write into their input ---------------------------
+
+
+@pytest.mark.parametrize("scale", [1e160, 1e-130])
+def test_any_scale_in_float64(scale):
+    """||A|| = 5e160: sum(w * w) would overflow (above ~1.3e154) and was reported as the
+    operator returning Inf. Norms are scaled, so the run is that of A / scale up to
+    rounding: the same tests hold relative to ||A||. (1e-130: above the ScaleError floor,
+    where squares of the residual's entries would underflow.)"""
+    lam = np.linspace(1.0, 5.0, 50)
+    A = matrix_with_spectrum(lam, seed=3) * scale
+    r = eigsh(A, 3, which="LA")
+    assert r.converged and np.all(np.isfinite(r.residuals))
+    norm = 5.0 * scale
+    slack = 10 * r.ncv * EPS64 * norm
+    np.testing.assert_allclose(r.eigenvalues, np.linalg.eigvalsh(A)[-3:], rtol=0,
+                               atol=r.tol * norm + slack)
+    X = to_numpy(r.eigenvectors)
+    R = (A / scale) @ X - X * (r.eigenvalues / scale)  # residuals, computed at scale 1
+    np.testing.assert_allclose(r.residuals / scale, np.linalg.norm(R, axis=0), rtol=0,
+                               atol=slack / scale)
+
+
+def test_large_scale_in_float32():
+    """A float32 operator with ||A|| = 5e21 in float32 arithmetic (squares overflow above
+    ~1.8e19): float32 tolerances, i.e. tol = sqrt(eps32) relative to ||A||."""
+    lam = np.linspace(1.0, 5.0, 50)
+    A = (matrix_with_spectrum(lam, seed=3) * 1e21).astype(np.float32)
+    r = eigsh(A, 3, which="LA", dtype="float32")
+    assert r.converged and r.dtype == "float32"
+    assert abs(r.tol - np.sqrt(EPS32)) < 1e-12
+    norm = 5e21
+    ref = np.linalg.eigvalsh(A.astype(np.float64))[-3:]
+    np.testing.assert_allclose(r.eigenvalues, ref, rtol=0,
+                               atol=r.tol * norm + 10 * r.ncv * EPS32 * norm)
+
+
+def test_overflow_of_the_arithmetic_does_not_blame_the_operator():
+    """Finite products beyond float32's range (a float64 operator of norm 1e40 run in
+    float32) are an operator too large for the arithmetic (ScaleError, as lanczos
+    raises); an operator returning Inf is still named."""
+    A = matrix_with_spectrum(np.linspace(1.0, 5.0, 30), seed=3) * 1e40
+    op = aslinearoperator(lambda v: np.full(30, np.inf), shape=(30, 30), dtype="float64")
+    with np.errstate(all="ignore"):  # (numpy's own warnings on the way to the error)
+        with pytest.raises(ScaleError, match="too large for float32 arithmetic.*float64"):
+            eigsh(A, 2, dtype="float32")
+        with pytest.raises(FloatingPointError, match="operator returned NaN or Inf"):
+            eigsh(op, 2)
+    # too small: refused as documented (squares of its vectors' entries underflow)
+    with pytest.raises(ScaleError, match="too small for float64"):
+        eigsh(A * 1e-190, 2)
+
+
+@pytest.mark.parametrize("scale", [1e200, 1e-200, 1e300])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_v0_of_any_scale(scale, dtype):
+    """v0 is divided by its largest entry (a power of ten times ones becomes ones
+    exactly) before anything is squared or converted, so the run is the one from
+    ones: bit for bit."""
+    A = np.diag(np.arange(1.0, 41.0))
+    ref = eigsh(A, 2, v0=np.ones(40), dtype=dtype)
+    r = eigsh(A, 2, v0=np.full(40, scale), dtype=dtype)
+    np.testing.assert_array_equal(r.eigenvalues, ref.eigenvalues)
+    assert r.converged
+
+
+class _ScratchOperator:
+    """A correct product that then reuses its input as scratch space."""
+
+    def __init__(self, A):
+        self.A = A
+        self.shape, self.dtype = A.shape, A.dtype
+
+    def matvec(self, v):
+        return self.matmat(v[:, None])[:, 0]
+
+    def matmat(self, V):
+        out = self.A @ V
+        V[...] = 0
+        return out
+
+
+def test_operator_writing_into_its_input_is_caught():
+    """The protocol forbids writing into the input; like lanczos, eigsh checks the
+    first product (where reading back is free) instead of returning wrong values."""
+    torch = pytest.importorskip("torch")
+    A = matrix_with_spectrum(np.linspace(1.0, 10.0, 50), seed=4)
+    for M in (A, torch.asarray(A)):
+        with pytest.raises(ValueError, match="changed the vectors it was given"):
+            eigsh(_ScratchOperator(M), 3)
+
+
+# -- converged results do not miss wanted eigenvalues ----------------------------------------
+
+
+def _review_case(seed: int, trial: int):
+    """Trial ``trial`` of a seeded stream of small random problems (random spectra of
+    six kinds: Gaussian, half-integers, one value repeated, three outliers over a bulk
+    of width 1e-3, nearly zero, clustered at 1; random k, which, ncv and tol)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(trial + 1):
+        n = int(rng.integers(3, 80))
+        kind = rng.integers(0, 6)
+        if kind == 0:
+            ev = rng.standard_normal(n)
+        elif kind == 1:
+            ev = np.round(rng.standard_normal(n) * 2) / 2
+        elif kind == 2:
+            ev = np.concatenate([np.full(int(rng.integers(1, n)), rng.standard_normal()),
+                                 rng.standard_normal(n)])[:n]
+        elif kind == 3:
+            ev = np.concatenate([rng.standard_normal(3) * 10,
+                                 rng.standard_normal(n) * 1e-3])[:n]
+        elif kind == 4:
+            ev = np.zeros(n)
+            ev[: int(rng.integers(0, 4))] = rng.standard_normal()
+        else:
+            ev = 1 + 1e-7 * rng.standard_normal(n)
+        Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        A = (Q * ev) @ Q.T
+        A = (A + A.T) / 2
+        k = int(rng.integers(1, n))
+        which = ["LA", "SA", "LM", "BE"][rng.integers(0, 4)]
+        kw = {}
+        if rng.random() < 0.3:
+            kw["ncv"] = int(rng.integers(k + 1, n + 1))
+        if rng.random() < 0.3:
+            kw["tol"] = float(10 ** rng.uniform(-12, -3))
+    return A, k, which, kw
+
+
+def _check_not_missing(r: EigshResult, A: np.ndarray, k: int, which: str) -> None:
+    """A converged result holds the wanted eigenvalues: each within tol * anorm (the
+    convergence test's bound) plus the rounding allowance of its exact counterpart."""
+    lam = np.linalg.eigvalsh(A)
+    want = expected(lam, k, which)
+    atol = r.tol * r.anorm + 10 * r.ncv * EPS64 * max(float(np.max(np.abs(lam))), 1.0)
+    if which == "LM":  # a tie between lambda and -lambda may be broken either way
+        np.testing.assert_allclose(np.sort(np.abs(r.eigenvalues)), np.sort(np.abs(want)),
+                                   rtol=0, atol=atol)
+    else:
+        np.testing.assert_allclose(r.eigenvalues, want, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("seed, trial", [(3, 298), (4, 80), (4, 55), (5, 274)])
+def test_converged_result_misses_no_wanted_eigenvalue(seed, trial):
+    """Found converged and wrong before: (3, 298), SA k=18 over a bulk of width 1e-3,
+    missed -5.143e-4 (its eigenvector barely in the start vector) and returned the next
+    one; (4, 80), LA k=6 with an eigenvalue of multiplicity 50, returned it once and
+    the next distinct one in place of the copy; (4, 55), LM, and (5, 274), LA k=31,
+    likewise. The search from a random vector after convergence finds them."""
+    A, k, which, kw = _review_case(seed, trial)
+    r = eigsh(A, k, which=which, **kw)
+    assert r.converged
+    _check_not_missing(r, A, k, which)
+
+
+@pytest.mark.parametrize("seed, trial", [(1, 76), (4, 41), (5, 68)])
+def test_small_basis_reports_no_convergence_instead_of_a_wrong_result(seed, trial):
+    """ncv = k + 1 leaves the search one vector: it does not converge within maxiter,
+    and the result says so (it was reported converged, and wrong, before)."""
+    A, k, which, kw = _review_case(seed, trial)
+    assert kw["ncv"] == k + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", EigshWarning)
+        r = eigsh(A, k, which=which, **kw)
+    if r.converged:
+        _check_not_missing(r, A, k, which)
+
+
+def test_converged_results_are_right_on_random_problems():
+    """A small sweep of the same stream (another seed): every converged result holds
+    the wanted eigenvalues."""
+    for trial in range(40):
+        A, k, which, kw = _review_case(6, trial)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", EigshWarning)
+            r = eigsh(A, k, which=which, **kw)
+        if r.converged:
+            _check_not_missing(r, A, k, which)

@@ -793,3 +793,212 @@ def test_jax_x64_does_not_leak() -> None:
         assert jnp.ones(2, dtype=jnp.float64).dtype == jnp.float64
     assert jnp.ones(2).dtype == jnp.float32
     assert not jax.config.jax_enable_x64
+
+
+# -- dtypes are dtype objects ---------------------------------------------------------------
+def test_callable_and_protocol_dtypes_are_numpy_dtypes() -> None:
+    """numpy's namespace names the scalar types (numpy.float64, a class with no .name or
+    .itemsize); operators report numpy dtypes, as their arrays and scipy do."""
+    S = sym()
+    ops = [aslinearoperator(lambda v: S @ v, shape=(N, N), dtype=dt)
+           for dt in ("float64", np.float64, np.dtype("float64"), float)]
+    ops += [aslinearoperator(MatvecOnly(S)), aslinearoperator(MatvecOnly(S), dtype="float32"),
+            aslinearoperator(lambda v: v, shape=(N, N), dtype=jnp.float32)]
+    for op in ops:
+        assert isinstance(op.dtype, np.dtype), op.dtype
+        assert op.dtype.itemsize in (4, 8) and op.dtype.name in ("float32", "float64")
+        assert op.dtype == np.dtype(op.dtype.name)
+    assert aslinearoperator(lambda v: v, shape=(N, N), dtype="float64",
+                            xp="torch").dtype is torch.float64
+    assert aslinearoperator(lambda v: v, shape=(N, N), dtype="float64",
+                            xp=xps).dtype == xps.float64
+
+
+# -- keywords on operators that are already operators -----------------------------------------
+def test_symmetric_keyword_applies_to_specdens_operators_on_a_copy() -> None:
+    S = sym()
+    f = aslinearoperator(lambda v: S @ v, shape=(N, N), dtype="float64")
+    g = aslinearoperator(f, symmetric=True)
+    assert g.symmetric is True and g.T is g
+    assert_close(g.rmatvec(np.ones(N)), S @ np.ones(N), 1e-12)
+    # the operator passed in is left as it was
+    assert f.symmetric is None
+    with pytest.raises(TypeError, match="does not know its transpose"):
+        _ = f.T
+    # no keyword, or one that changes nothing: the same object
+    assert aslinearoperator(f) is f and aslinearoperator(g, symmetric=True) is g
+    # symmetric=False on a symmetric operator: a copy that uses its own transpose
+    d = aslinearoperator(S, symmetric=True)
+    e = aslinearoperator(d, symmetric=False)
+    assert e.symmetric is False and d.symmetric is True and e.T is not e
+    assert_close(e.T.to_dense(), S.T, 1e-12)
+
+
+def test_dtype_keyword_converts_operators_and_scipy_operators() -> None:
+    """dtype= converts a specdens operator or a scipy LinearOperator instead of being
+    ignored: a matrix is converted, anything else wrapped (the products convert at
+    the boundary and keep the coarser rounding)."""
+    M = nonsym()
+    x = np.random.default_rng(7).standard_normal(N)
+    f = aslinearoperator(lambda v: M @ v, shape=(N, N), dtype="float64")
+    cases = [f, aslinearoperator(M), aslinearoperator(sp.csr_array(M)), f + f,
+             spla.aslinearoperator(M), _custom_scipy(M)]
+    factors = [1.0, 1.0, 1.0, 2.0, 1.0, 1.0]
+    for obj, c in zip(cases, factors, strict=True):
+        op = aslinearoperator(obj, dtype="float32")
+        assert op.dtype == np.float32, type(obj)
+        y = op.matvec(x.astype(np.float32))
+        assert y.dtype == np.float32 and y.shape == (N,)
+        assert_close(y, c * M @ x, F32)
+        assert specdens._array.dtype_name(specdens._checks.product_dtype(op)) == "float32"
+    assert f.dtype == np.float64  # left as it was
+    # float64 vectors around a float32 operator: float32 products, reported as such
+    t32 = aslinearoperator(torch.asarray(M, dtype=torch.float32))
+    w = aslinearoperator(lambda v: t32.matvec(v), shape=(N, N), dtype=torch.float32)
+    op = aslinearoperator(w, dtype="float64")
+    assert op.dtype == torch.float64
+    y = op.matvec(torch.asarray(x))
+    assert y.dtype == torch.float64
+    assert_close(y, M @ x, F32)
+    assert specdens._checks.product_dtype(op) == torch.float32
+    # the transpose of a converted operator is converted too
+    assert_close(aslinearoperator(_custom_scipy(M), dtype="float32").T.to_dense(), M.T, F32)
+    with pytest.raises(TypeError, match="not supported"):
+        aslinearoperator(f, dtype="int32")
+
+
+# -- scipy's LinearOperator names ----------------------------------------------------------
+def test_scipy_linear_operator_names() -> None:
+    """dot, A * x, rmatvec, rmatmat, transpose(), .H, adjoint() and ndim mean what they
+    mean for scipy.sparse.linalg.LinearOperator (real operators: the adjoint is the
+    transpose)."""
+    M = nonsym()
+    rng = np.random.default_rng(8)
+    x, X = rng.standard_normal(N), rng.standard_normal((N, 3))
+    ref = spla.aslinearoperator(M)
+    for op in (aslinearoperator(M), aslinearoperator(WithRmatvec(M)),
+               aslinearoperator(_custom_scipy(M)), aslinearoperator(sp.csr_array(M))):
+        assert op.ndim == ref.ndim == 2
+        for got, want in ((op.dot(x), ref.dot(x)), (op * x, ref * x),
+                          (op.dot(X), ref.dot(X)), (op * X, ref * X),
+                          (op.dot(x[:, None]), ref.dot(x[:, None])),
+                          (op.rmatvec(x), ref.rmatvec(x)), (op.rmatmat(X), ref.rmatmat(X)),
+                          (op.H.matvec(x), ref.H.matvec(x)),
+                          (op.adjoint().matvec(x), ref.adjoint().matvec(x)),
+                          (op.transpose().matvec(x), ref.transpose().matvec(x)),
+                          (op.T.matmat(X[:, :0]), M.T @ X[:, :0])):
+            assert np.shape(got) == np.shape(want)
+            np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(op.dot(2.0).to_dense(), 2 * M)
+        np.testing.assert_allclose(op.dot(op).to_dense(), M @ M)
+    # symmetric operators are their own transpose; an unknown transpose is refused
+    S = sym()
+    cb = aslinearoperator(lambda v: S @ v, shape=(N, N), dtype="float64", symmetric=True)
+    np.testing.assert_allclose(cb.rmatvec(x), S @ x)
+    assert cb.H is cb and cb.adjoint() is cb and cb.transpose() is cb
+    unknown = aslinearoperator(lambda v: M @ v, shape=(N, N), dtype="float64")
+    with pytest.raises(TypeError, match="does not know its transpose"):
+        unknown.rmatvec(x)
+    # x * A for an array is no elementwise product: refused, naming @
+    op = aslinearoperator(M)
+    with pytest.raises(TypeError, match="x @ A"):
+        _ = x * op
+    with pytest.raises(TypeError, match="A @ B"):
+        _ = op * op
+    with pytest.raises(ValueError, match=r"dot: expected"):
+        op.dot(np.ones((N, 2, 2)))
+    # torch tensors: A * t is the product, in torch
+    t = aslinearoperator(torch.asarray(M))
+    assert_close(t * torch.asarray(x), M @ x, 1e-12)
+
+
+# -- (n, 0) blocks ----------------------------------------------------------------------------
+def test_matmat_of_an_empty_block() -> None:
+    """An (n, 0) block gives an (n, 0) array of the operator's library and dtype for
+    every operator (the column-by-column fallbacks used to stack an empty list)."""
+    S, M = sym(), nonsym()
+    f = aslinearoperator(lambda v: S @ v, shape=(N, N), dtype="float64", symmetric=True)
+    tf_ = aslinearoperator(lambda v: v, shape=(N, N), dtype="float64", xp="torch")
+    ops = [f, f + f, 2 * f, f.shift(1.0), aslinearoperator(WithRmatvec(M)).T,
+           aslinearoperator(MatvecOnly(M)), aslinearoperator(S), tf_, tf_ @ tf_]
+    for op in ops:
+        Z = op.matmat(op.xp.zeros((N, 0), dtype=op.dtype))
+        assert tuple(Z.shape) == (N, 0), op
+        assert specdens._array.library_name(Z) == op.array_library
+        assert specdens._array.dtype_name(Z.dtype) == specdens._array.dtype_name(op.dtype)
+    assert f.to_scipy().matmat(np.zeros((N, 0))).shape == (N, 0)
+    with jax_x64():
+        j = aslinearoperator(lambda v: v, shape=(N, N), dtype=jnp.float64)
+        assert tuple(j.matmat(jnp.zeros((N, 0))).shape) == (N, 0)
+
+
+# -- shapes -------------------------------------------------------------------------------------
+def test_shapes_must_be_non_negative_integers() -> None:
+    for shape in ((2.5, 2.5), (2.0, 2.0), ("3", "3"), (None, None)):
+        with pytest.raises(ValueError, match=r"two integers"):
+            aslinearoperator(lambda v: v, shape=shape, dtype="float64")
+    with pytest.raises(ValueError, match=r"non-negative.*\(-1, -1\)"):
+        aslinearoperator(lambda v: v, shape=(-1, -1), dtype="float64")
+    # integers of any kind are fine
+    op = aslinearoperator(lambda v: v, shape=(np.int64(3), torch.tensor(3).item()),
+                          dtype="float64")
+    assert op.shape == (3, 3) and all(type(s) is int for s in op.shape)
+
+
+def test_products_of_the_wrong_shape_are_errors() -> None:
+    """A (1, n) row for a vector (e.g. from a numpy.matrix) is reported at the product,
+    naming both shapes, not broadcast into a wrong result or a later obscure error."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PendingDeprecationWarning)
+        M = np.asmatrix(np.diag([1.0, 2.0, 3.0]))
+    g = aslinearoperator(lambda v: M @ v, shape=(3, 3), dtype="float64", symmetric=True)
+    with pytest.raises(ValueError, match=r"matvec: .*returned shape \(1, 3\).*expected \(3,\)"):
+        g.matvec(np.ones(3))
+    with pytest.raises(ValueError, match=r"returned shape \(1, 3\).*expected \(3,\)"):
+        g.matmat(np.ones((3, 2)))
+    h = aslinearoperator(lambda v: np.ones((3, 3)), shape=(3, 3), dtype="float64")
+    with pytest.raises(ValueError, match=r"returned shape \(3, 3\).*expected \(3,\)"):
+        h.matvec(np.ones(3))
+
+    class BadBlock(WithMatmat):
+        def matmat(self, V):
+            return self.A @ V[:, :1]
+
+    with pytest.raises(ValueError, match=r"matmat: .*returned shape \(7, 1\).*\(7, 2\)"):
+        aslinearoperator(BadBlock(sym())).matmat(np.ones((N, 2)))
+    with pytest.raises(ValueError, match=r"returned shape \(1, 3\)"):
+        specdens.eigsh(g, k=1)
+
+
+# -- integer matrices -------------------------------------------------------------------------
+def test_integer_matrices_become_the_widest_float_the_library_holds() -> None:
+    """float64, or float32 where the library has no float64 (JAX without x64), with no
+    warning from the library about a float64 it cannot make."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        op = aslinearoperator(jnp.eye(3, dtype=jnp.int32))
+    assert op.dtype == jnp.float32
+    assert_close(op.matvec(jnp.ones(3, dtype=jnp.float32)), np.ones(3), 0)
+    with jax_x64():
+        assert aslinearoperator(jnp.eye(3, dtype=jnp.int32)).dtype == jnp.float64
+    assert aslinearoperator(np.eye(3, dtype=np.int32)).dtype == np.float64
+    # and the error for an integer dtype says so
+    with pytest.raises(TypeError, match=f"int32 is not supported.*{SUPPORTED}.*float64, or "
+                                        "float32 where its library has no float64"):
+        aslinearoperator(lambda v: v, shape=(3, 3), dtype="int32")
+    with pytest.raises(TypeError, match="int64 is not supported.*floating"):
+        aslinearoperator(spla.aslinearoperator(np.eye(3, dtype=np.int64)))
+
+
+def test_zero_dimensional_real_arrays_scale_like_numbers():
+    """``A * np.array(2.0)`` and ``A * torch.tensor(2.0)`` (a 0-d loss-scale tensor, say)
+    are scalar products, as ``A * 2.0`` is; they raised numpy's "does not support ufuncs"
+    or "unsupported operand" errors. A complex 0-d array is refused by name."""
+    torch = pytest.importorskip("torch")
+    D = np.diag([1.0, 2.0, 3.0])
+    A = specdens.aslinearoperator(D)
+    for c in (np.array(2.0), torch.tensor(2.0), np.float32(2.0)):
+        np.testing.assert_array_equal((A * c).to_dense(), 2.0 * D)
+        np.testing.assert_array_equal((c * A).to_dense(), 2.0 * D)
+    with pytest.raises(TypeError, match="real scalar"):
+        A * np.array(2j)

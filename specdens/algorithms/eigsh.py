@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from .. import _array, _checks
-from .lanczos import LanczosWarning, check_scale
+from . import _buffers
+from .lanczos import LanczosWarning, ScaleError, _reads_are_free, check_scale
 
 WHICH = ("LA", "SA", "LM", "BE")
 """Parts of the spectrum :func:`eigsh` computes."""
@@ -66,8 +67,9 @@ class EigshResult:
         with the dropped couplings of locked vectors (see Notes of :func:`eigsh`).
     converged : bool
         Whether every wanted pair met ``residual_estimates <= tol * anorm``, the search
-        for missed copies (when one ran) left the eigenvalues unchanged, and the explicit
-        ``residuals`` are at most ``tol * anorm`` plus the rounding allowance
+        for missed eigenvalues (from a random vector orthogonal to the converged pairs,
+        see Notes of :func:`eigsh`) converged and left the eigenvalues unchanged, and the
+        explicit ``residuals`` are at most ``tol * anorm`` plus the rounding allowance
         ``10 * ncv * eps * anorm``.
     num_converged : int
         How many of the ``k`` pairs met the test.
@@ -132,9 +134,16 @@ def eigsh(
     matrix products); the projected ``ncv x ncv`` matrix is diagonalised on the host; the
     wanted Ritz pairs and the ones nearest to them (``k + (ncv - k) // 2`` in all) are
     kept and the basis is expanded again from the Lanczos residual (Wu & Simon, 2000).
-    Vectors stay in the operator's array library and on its device; per restart only
-    ``ncv``-sized numbers cross between host and device (and a random start vector for
-    each search for missed copies, see Notes).
+    Once they have converged, a search from a random vector orthogonal to them looks
+    for wanted eigenvalues the basis missed (see Notes). Vectors stay in the operator's
+    array library and on its device; per restart only ``ncv``-sized numbers cross
+    between host and device (and a random start vector for each search).
+
+    Two differences from ``scipy.sparse.linalg.eigsh`` are deliberate: the default
+    ``which`` is ``"LA"`` (the largest algebraic eigenvalues, the top of a Hessian's
+    spectrum), not scipy's ``"LM"``, and the result is an :class:`EigshResult`, not a
+    tuple ``(w, v)``: write ``r = eigsh(A, k)`` and use ``r.eigenvalues`` and
+    ``r.eigenvectors``.
 
     Parameters
     ----------
@@ -143,9 +152,9 @@ def eigsh(
     k
         Number of eigenpairs, ``1 <= k < n``.
     which
-        ``"LA"``: largest algebraic; ``"SA"``: smallest algebraic; ``"LM"``: largest
-        magnitude; ``"BE"``: both ends, ``k // 2`` from the low end and the rest from the
-        high end (as ARPACK).
+        ``"LA"`` (default): largest algebraic; ``"SA"``: smallest algebraic; ``"LM"``:
+        largest magnitude (scipy's default); ``"BE"``: both ends, ``k // 2`` from the low
+        end and the rest from the high end (as ARPACK).
     tol
         Relative accuracy. A Ritz pair ``(theta_i, x_i)`` is converged when its Lanczos
         residual estimate satisfies ``beta_m |s_{m,i}| <= tol * anorm``, ``anorm`` the
@@ -166,13 +175,14 @@ def eigsh(
         for a moment at each restart.
     maxiter
         Largest number of thick restarts (default 1000); ``0`` runs a single Lanczos
-        expansion of ``ncv`` steps.
+        expansion of ``ncv`` steps (with no search for missed eigenvalues, so that the
+        result is reported converged only when ``ncv = n``).
     v0
         Start vector of shape ``(n,)`` in the operator's array library (default: a
-        Gaussian vector drawn from ``seed``).
+        Gaussian vector drawn from ``seed``): any finite non-zero vector, of any scale.
     seed
         Seed of the numpy generator that draws the start vector and the random vectors
-        of the searches for missed copies of repeated eigenvalues (see Notes).
+        of the searches for missed eigenvalues (see Notes).
     dtype
         Dtype of the Lanczos vectors and arithmetic: ``"float64"`` (default where the
         operator's library and device hold it; else ``"float32"``, e.g. JAX without
@@ -185,12 +195,23 @@ def eigsh(
     -------
     EigshResult
         Eigenvalues in ascending order, eigenvectors, explicit residual norms and
-        convergence information.
+        convergence information (not scipy's tuple ``(w, v)``).
 
     Raises
     ------
     ValueError
-        For ``k``, ``ncv``, ``which``, ``tol``, ``maxiter`` or ``v0`` out of range.
+        For ``k``, ``ncv``, ``which``, ``tol``, ``maxiter`` or ``v0`` out of range, or an
+        operator that writes into the vectors it is given (caught at the first product
+        where reading them back is free: numpy, and PyTorch on the CPU).
+    ScaleError
+        (``specdens.algorithms.lanczos.ScaleError``, a ``ValueError``) When the operator
+        is too small in magnitude for the working dtype: ``||A||`` below about
+        ``sqrt(tiny / eps) sqrt(n)`` (``1e-146 sqrt(n)`` in float64, ``3e-16 sqrt(n)``
+        in float32), as for :func:`specdens.lanczos` and :func:`specdens.slq`; multiply
+        the operator by a power of ten and divide the eigenvalues back. Large operators
+        need nothing (norms are computed with scaling): only one whose finite products
+        give coefficients beyond the working dtype's range (``~1e38`` in float32) is
+        refused, the same way.
     FloatingPointError
         When the operator returns NaN or Inf; names the restart and the Lanczos step.
 
@@ -211,24 +232,38 @@ def eigsh(
     rows of the basis (``4 n ncv`` flops), with the same array shapes at every step so
     that JAX and GPU libraries reuse their compiled kernels.
 
-    Repeated eigenvalues: a Krylov space from one start vector holds one direction of
-    each eigenspace, so in exact arithmetic Lanczos sees each distinct eigenvalue once.
-    When the space becomes invariant (exactly, or to within ``tol``) or two wanted Ritz
-    values agree to within ``tol * anorm``, ``eigsh`` locks the converged wanted vectors
-    (drops their coupling to the rest, once it is below ``tol * anorm / (2 sqrt(ncv))``,
-    and adds the dropped couplings to the residual estimates of the other pairs) and goes
-    on from a random vector orthogonal to them; it stops once such a search ends with
-    the wanted values unchanged. This finds every copy when Krylov spaces
-    become invariant (few distinct eigenvalues, low rank), and further copies of an
-    eigenvalue of which rounding errors revealed two. A repeated eigenvalue of which
-    only one copy surfaced, without a breakdown, may still be returned once: as with
-    ARPACK, multiplicities may be missed.
+    Missed eigenvalues: a Krylov space from one start vector holds one direction of
+    each eigenspace, so in exact arithmetic Lanczos sees each distinct eigenvalue once;
+    and an eigenvector the start vector barely touched (in a cluster of eigenvalues
+    closer than the others) may surface only after the wanted Ritz values have
+    converged, so that converged values can still miss a wanted eigenvalue. Therefore,
+    once the wanted pairs have converged, ``eigsh`` locks them (drops their coupling to
+    the rest, once it is below ``tol * anorm / (2 sqrt(ncv))``, and adds the dropped
+    couplings to the residual estimates of the other pairs) and goes on from a random
+    vector orthogonal to them, until the extreme Ritz pair of that complement has
+    converged too; a value it finds beyond the wanted ones joins them and the search
+    runs again, and the run stops once a search leaves the wanted values unchanged
+    (only a basis that spans the whole space, ``ncv = n``, skips it). This finds every
+    copy of a repeated eigenvalue and every eigenvalue of a cluster that the wanted set
+    needs, with probability 1 over the random vectors, as long as the search's own
+    extreme Ritz value converges to the complement's extreme eigenvalue; it is not a
+    proof (a search can itself converge before a barely-touched eigenvector surfaces,
+    however unlikely for a random start). It costs about as many products as converging
+    the eigenvalue next to the wanted ones: typically 1.5 to 2.5 times those of the
+    wanted pairs alone.
 
-    The result agrees with ``scipy.sparse.linalg.eigsh`` (``which`` and the ascending
-    order of the eigenvalues are the same; scipy returns another order with
-    ``return_eigenvectors=False``) up to the two tolerances. ``"SM"`` is not offered:
-    Lanczos converges slowly to interior eigenvalues; use ``"SA"`` on a positive
-    semi-definite operator, or shift-and-invert outside specdens.
+    Comparison with ``scipy.sparse.linalg.eigsh``: ``which`` means the same and the
+    eigenvalues come in the same ascending order (scipy returns another order with
+    ``return_eigenvectors=False``), but the defaults differ (``"LA"`` here, ``"LM"``
+    there) and so do the tolerances: ARPACK's test ``||r_i|| <= tol |theta_i|`` is
+    relative to each eigenvalue, much stricter here than ``tol * anorm`` for
+    eigenvalues near zero, so the two may differ by up to ``tol * anorm`` on such
+    eigenvalues. Neither method is certain to find every wanted eigenvalue (ARPACK
+    returns each distinct eigenvalue of a repeated one once unless a restart reveals a
+    copy); on cases where one misses a copy or a clustered eigenvalue the other may
+    not, so agreement is not a guarantee either way. ``"SM"`` is not offered: Lanczos
+    converges slowly to interior eigenvalues; use ``"SA"`` on a positive semi-definite
+    operator, or shift-and-invert outside specdens.
     """
     t0 = time.perf_counter()
     op, n = _checks.operator_of(op)
@@ -264,10 +299,11 @@ def eigsh(
     eps_work = _array.finfo_eps(work)
     breakdown_tol = max(min(eps_work ** (2.0 / 3.0), tight), 100 * eps_work)
     dev = _array.creation_device(op)
+    bounds = _scale_bounds(work, n)
     _checks.agree_on_run(op, "eigsh", k=k, which=which, tol=tol, ncv=m, maxiter=maxiter,
                          seed=int(seed), v0=v0 is not None, dtype=work)
 
-    q = _start_vector(op, v0, rng, wdt)
+    q = _start_vector(op, v0, rng, wdt, bounds)
     V = xp.zeros((m, n), dtype=wdt, device=dev)
     consts = (
         xp.zeros((n,), dtype=wdt, device=dev),
@@ -293,22 +329,16 @@ def eigsh(
     matvecs = 0
     restarts = 0
     checked = False
-    suspect = False  # a breakdown, an invariant subspace or a repeated wanted value seen
     check_values = None  # the wanted values when the last random restart began
     while True:
-        V, q_next, a, b, ok, cyc_asym, steps = _expand(
-            op, V, q, L, l, m, wdt, consts, anorm, breakdown_tol, eager, checked
+        V, q_next, a, b, ok, cyc_asym, steps, out_max = _expand(
+            op, V, q, L, l, m, wdt, consts, anorm, breakdown_tol, eager, checked, bounds
         )
         checked = True
         matvecs += steps
         bad = ~(np.isfinite(a) & np.isfinite(b))
         if bad.any():
-            step = int(np.argmax(bad))
-            raise FloatingPointError(
-                f"the operator returned NaN or Inf at restart {restarts}, Lanczos step "
-                f"{l + step + 1} of {m}; check the operator (an overflowing loss, a float16 "
-                "model, a broken matvec) and run again."
-            )
+            _raise_nonfinite(out_max, int(np.argmax(bad)), restarts, l, m, work)
         broke = not bool(ok.all())
         steps_valid = int(np.argmin(ok)) + 1 if broke else len(a)
         p = l + steps_valid
@@ -322,7 +352,7 @@ def eigsh(
         S[np.arange(L), np.arange(L)] = 1.0
         S[L:, L:] = S_r
         raw = np.concatenate([dropped, np.abs(beta_res * S_r[-1, :])])
-        leak = float(np.sqrt(np.sum(dropped**2)))
+        leak = math.hypot(*dropped.tolist())  # (no overflowing squares at any scale)
         estimates = np.concatenate([dropped, np.hypot(raw[L:], leak)])
         anorm = max(anorm, float(np.max(np.abs(theta))))
         asym = max(asym, cyc_asym)
@@ -338,36 +368,54 @@ def eigsh(
         num_rest = int(np.sum(wanted >= L))
         rest_done = L == 0 or bool(np.all(converged_mask[rest[: min(num_rest + 1, k)]]))
         searched = nconv == k and rest_done
-        # A Krylov space holds one direction per eigenspace: after an invariant subspace
-        # (exact, or to within tol) or a wanted value found twice, further copies may hide
-        # in the complement. Then the wanted vectors are locked and the search goes on
-        # from a random vector orthogonal to them, until it leaves the wanted values
-        # unchanged. If the search ends in an invariant subspace, that subspace holds an
-        # eigenvector of each distinct eigenvalue of the complement (with probability 1).
-        invariant = broke or beta_res <= tol * anorm
-        repeated = values is not None and bool(np.any(np.diff(values) <= tol * anorm))
-        suspect = suspect or invariant or repeated
-        done = searched and (p == n or not suspect or (
+        # A Krylov space holds one direction per eigenspace, and only small components of
+        # eigenvectors the start vector barely touched: converged Ritz values may miss a
+        # copy of a repeated eigenvalue, or a distinct eigenvalue in a tight cluster. So
+        # once the wanted pairs have converged they are locked, and the search goes on
+        # from a random vector orthogonal to them until the complement's own extreme Ritz
+        # pair has converged too and the wanted values are unchanged (a value it finds
+        # beyond them joins them, and the search runs again). If the search ends in an
+        # invariant subspace, that subspace holds an eigenvector of each distinct
+        # eigenvalue of the complement (with probability 1). Only a basis that spans the
+        # whole space (p == n) needs no search.
+        done = searched and (p == n or (
             check_values is not None
             and float(np.max(np.abs(values - check_values))) <= tol * anorm))
         if done or (restarts >= maxiter and p >= k):
             break
 
-        # Thick restart: keep the wanted Ritz vectors and the unlocked ones next to them
-        # (locked vectors that are not wanted make room for the search).
-        extra = order[k:][order[k:] >= L][: max(min(p, m - 1, k + (m - k) // 2) - k, 0)]
-        keep = np.concatenate([order[:k], extra])
         # Vectors are locked after an exact breakdown (all kept ones), or to look for
-        # missed copies once the wanted ones have converged to tight * anorm, so that
+        # missed eigenvalues once the wanted ones have converged to tight * anorm, so that
         # leak <= tol * anorm / 2 and the search can still converge.
         lockable = (np.arange(p) < L) | (raw <= tight * anorm)
         fresh = broke or (searched and bool(np.all(lockable[wanted])))
+        if fresh and not broke:
+            # A random restart keeps the wanted vectors only, locked: their unconverged
+            # neighbours would need their couplings, and converged ones would only hide
+            # part of the complement the search is to explore.
+            keep = order[:k]
+        else:
+            # Thick restart: the wanted Ritz vectors and the unlocked ones next to them.
+            budget = min(p, m - 1, k + (m - k) // 2)
+            held = order[:0]
+            if not fresh:
+                # Locked vectors that are no longer wanted stay locked (those with the
+                # largest dropped couplings, as room allows) until the next random
+                # restart: the unlocked Ritz vectors were computed with them in the
+                # basis, and without them the projected matrix would miss their
+                # couplings to them (up to the dropped coupling, tight * anorm). Those
+                # locked at an invariant subspace (coupling below the breakdown
+                # threshold) make room for the search.
+                held = order[k:][order[k:] < L]
+                held = held[raw[held] > breakdown_tol * anorm]
+                held = held[np.argsort(-raw[held], kind="stable")][: max(budget - k, 0)]
+            extra = order[k:][order[k:] >= L][: max(budget - k - len(held), 0)]
+            keep = np.concatenate([order[:k], held, extra])
         if broke:
             dropped_new = np.concatenate([dropped, np.abs(beta_last * S_r[-1, :])])
         else:
             dropped_new = raw
         if fresh:
-            keep = keep if broke else keep[lockable[keep]]
             L = len(keep)
             check_values = values
         else:
@@ -378,7 +426,7 @@ def eigsh(
         theta_locked, theta_keep = theta[keep[:L]], theta[keep[L:]]
         dropped = dropped_new[keep[:L]]
         if fresh:
-            q = _random_orthogonal(op, V, rng, wdt)
+            q = _random_orthogonal(op, V, rng, wdt, bounds)
             coupling = np.zeros(0)
         else:
             q = q_next
@@ -393,8 +441,14 @@ def eigsh(
                    copy=False)
     matvecs += k
     R = AX - X * _array.from_numpy(values[None, :], xp, device, wdt)
-    residuals = _array.to_numpy(xp.sqrt(xp.sum(R * R, axis=0)))
+    residuals = _array.to_numpy(_norm(xp, R, bounds, axis=0))
     if not np.all(np.isfinite(residuals)):
+        if bool(_array.to_numpy(xp.all(xp.isfinite(AX)), bool)):
+            raise ScaleError(
+                f"the operator's scale (anorm = {anorm:.1e}) is too large for {work} "
+                "arithmetic: the residuals of the Ritz pairs overflow. Divide the operator "
+                "by a power of ten and multiply the eigenvalues back"
+                + (", or use dtype='float64'" if work != "float64" else ""))
         raise FloatingPointError(
             "the operator returned NaN or Inf in the final residual check "
             f"(restart {restarts}); check the operator and run again."
@@ -418,8 +472,8 @@ def eigsh(
         if nconv < k:
             why = f"only {nconv} of {k} eigenpairs (which={which!r}) converged to tol={tol:.2e}"
         elif not done:
-            why = ("the search for further copies of repeated eigenvalues (beyond the "
-                   f"locked eigenvectors) has not converged to tol={tol:.2e}")
+            why = ("the search for missed eigenvalues (from a random vector orthogonal to "
+                   f"the converged eigenvectors) has not converged to tol={tol:.2e}")
         else:
             why = (f"the explicit residuals (largest {float(np.max(residuals)):.2e}) exceed "
                    f"tol * anorm = {tol * anorm:.2e}")
@@ -450,7 +504,7 @@ def eigsh(
     )
 
 
-def _expand(op, V, q, L, l, m, wdt, consts, anorm, breakdown_tol, eager, checked):
+def _expand(op, V, q, L, l, m, wdt, consts, anorm, breakdown_tol, eager, checked, bounds):
     """Lanczos steps ``l .. m-1`` from the unit vector ``q`` (row ``l`` of the basis).
 
     Rows ``0 .. l-1`` of ``V`` hold kept Ritz vectors (the first ``L`` locked), ``q`` is
@@ -458,26 +512,59 @@ def _expand(op, V, q, L, l, m, wdt, consts, anorm, breakdown_tol, eager, checked
     shape whatever the step (one compiled kernel per shape for JAX and GPU libraries).
     Returns the basis, the next unit Lanczos vector, and on the host the diagonal, the
     residual norms, the acceptance flag of each step, the largest coupling to older
-    vectors (the symmetry check) and the number of products. Values stay on the device
-    during the expansion: a breakdown zeroes the following vectors and is found on the
-    host afterwards (numpy arrays are read every step, to stop at once).
+    vectors (the symmetry check), the number of products and ``max |A q|`` of each step
+    (NaN or Inf where the operator's output was). Values stay on the device during the
+    expansion: a breakdown zeroes the following vectors and is found on the host
+    afterwards (numpy arrays are read every step, to stop at once).
+
+    A product whose largest entry is outside ``bounds`` (see :func:`_scale_bounds`) is
+    divided by it before the Gram-Schmidt sweeps, and ``alpha`` and ``beta`` multiplied
+    back, so that no square overflows or underflows at any scale of the operator;
+    products inside them are not touched (the arithmetic is then exactly that of an
+    unscaled recurrence).
     """
     xp = op.xp
     n = V.shape[1]
     zero, one, zeros_m, index = consts
-    alphas, betas, oks, asyms = [], [], [], []
+    alphas, betas, oks, asyms, out_max = [], [], [], [], []
     beta_prev = None
     anorm_dev = xp.asarray(anorm, dtype=wdt, device=_array.creation_device(op))
+    # A product wider than the arithmetic (a float64 operator, float32 vectors) is scaled
+    # before the conversion, which could overflow.
+    narrowing = _array.finfo_eps(op.dtype) < _array.finfo_eps(wdt)
     steps = 0
     for j in range(l, m):
         V = _array.set_rows(V, (j, slice(None)), q)
-        Aq = _array.detached(op.matmat(xp.reshape(xp.astype(q, op.dtype, copy=False), (n, 1))))
+        q_op = xp.reshape(xp.astype(q, op.dtype, copy=False), (n, 1))
+        before = None
+        if not checked:
+            # (the engine's own check: an operator that writes into its input is caught
+            # at the first product where reading the values back is free)
+            bufs = _buffers.StepBuffers(xp, 1, n, wdt, wdt, op.dtype,
+                                        _array.creation_device(op), prev_owned=False,
+                                        host=_reads_are_free(op))
+            before = bufs.snapshot(q_op)
+        Aq = _array.detached(op.matmat(q_op))
         steps += 1
         if not checked:
+            if before is not None:
+                bufs.check_unchanged(q_op, before)
             _checks.check_product(op, Aq, 1)
             checked = True
-        w = xp.astype(Aq[:, 0], wdt, copy=False)
-        # CGS2 against all rows (the rows after j are zero).
+        if narrowing:
+            s = xp.max(xp.abs(Aq[:, 0]))
+            scale = _scale(xp, s, bounds, xp.ones_like(s))
+            w = xp.astype(Aq[:, 0] / scale, wdt)
+            scale = xp.astype(scale, wdt)
+        else:
+            w = xp.astype(Aq[:, 0], wdt, copy=False)
+            s = xp.max(xp.abs(w))
+            scale = _scale(xp, s, bounds, one)
+            if not eager or bool(scale != one):
+                w = w / scale
+        out_max.append(s)
+        # CGS2 against all rows (the rows after j are zero); h, alpha and w in units of
+        # scale.
         h = xp.matmul(V, w)
         alpha = xp.sum(q * w)
         w = w - xp.matmul(h, V)
@@ -486,15 +573,16 @@ def _expand(op, V, q, L, l, m, wdt, consts, anorm, breakdown_tol, eager, checked
             # Lanczos vectors, kept rows L..l-1 couple only to row l; the locked rows < L
             # may keep a dropped coupling up to the tolerance and are not checked).
             older = (index >= L) & (index < j - 1)
-            asyms.append(xp.max(xp.where(older, xp.abs(h), zeros_m)))
+            asyms.append(scale * xp.max(xp.where(older, xp.abs(h), zeros_m)))
         h2 = xp.matmul(V, w)
-        alpha = alpha + xp.sum(q * w)
+        alpha = (alpha + xp.sum(q * w)) * scale
         w = w - xp.matmul(h2, V)
-        beta = xp.sqrt(xp.sum(w * w))
+        nrm = xp.sqrt(xp.sum(w * w))
+        beta = nrm * scale
         bound = xp.abs(alpha) + beta + (beta_prev if beta_prev is not None else 0.0)
         anorm_dev = xp.maximum(anorm_dev, bound)
         ok = beta > breakdown_tol * anorm_dev
-        safe = xp.where(ok, beta, one)
+        safe = xp.where(ok, nrm, one)
         q = xp.where(ok, w / safe, zero)
         beta_prev = beta
         alphas.append(alpha)
@@ -506,7 +594,68 @@ def _expand(op, V, q, L, l, m, wdt, consts, anorm, breakdown_tol, eager, checked
     b = _array.to_numpy(xp.stack(betas))
     ok_h = _array.to_numpy(xp.stack(oks), bool)
     cyc_asym = float(np.max(_array.to_numpy(xp.stack(asyms)))) if asyms else 0.0
-    return V, q, a, b, ok_h, cyc_asym, steps
+    return V, q, a, b, ok_h, cyc_asym, steps, _array.to_numpy(xp.stack(out_max))
+
+
+def _scale_bounds(work: str, n: int) -> tuple[float, float]:
+    """``(lo, hi)``: vectors of length ``n`` whose largest entry is in ``[lo, hi]`` have
+    their norms computed as ``sqrt(sum(x * x))`` directly; others are divided by their
+    largest entry first.
+
+    ``hi = sqrt(max / n) / 2``: the squares of a vector of norm up to ``sqrt(n) hi`` (as
+    the Gram-Schmidt sweeps may leave it) sum to less than the largest float.
+    ``lo = sqrt(n tiny / eps) / (100 eps)``: squares below ``tiny`` (subnormal or
+    flushed to zero) change a sum of squares by at most ``n tiny``, which is at most
+    ``eps beta^2`` for every ``beta >= sqrt(n tiny / eps)``; the recurrence accepts only
+    ``beta >= 100 eps ||T|| >= 100 eps max|A q|``, so products whose largest entry is at
+    least ``lo`` need no scaling. Unscaled at ``n = 1e6``: ``4.5e-130`` to ``6.7e150`` in
+    float64, ``2.6e-8`` to ``9.2e15`` in float32.
+    """
+    fi = np.finfo(work)
+    eps, root_n = float(fi.eps), math.sqrt(n)
+    return (math.sqrt(float(fi.tiny) / eps) * root_n / (100.0 * eps),
+            math.sqrt(float(fi.max)) / root_n / 2.0)
+
+
+def _scale(xp: Any, s: Any, bounds: tuple[float, float], one: Any) -> Any:
+    """``s`` (a vector's largest absolute entry, a device scalar or a row of them) where
+    it is outside ``bounds`` and not 0, else 1. NaN gives 1 and Inf gives Inf, so that a
+    non-finite vector stays non-finite."""
+    lo, hi = bounds
+    return xp.where((s > hi) | ((s < lo) & (s > 0)), s, one)
+
+
+def _norm(xp: Any, x: Any, bounds: tuple[float, float], axis: int | None = None) -> Any:
+    """The 2-norm of ``x`` (of its columns with ``axis=0``) on its device, with no square
+    overflowing or underflowing at any scale (see :func:`_scale_bounds`)."""
+    s = xp.max(xp.abs(x), axis=axis)
+    scale = _scale(xp, s, bounds, xp.ones_like(s))
+    y = x / (scale if axis is None else xp.reshape(scale, (1, -1)))
+    return xp.sqrt(xp.sum(y * y, axis=axis)) * scale
+
+
+def _raise_nonfinite(out_max: np.ndarray, step: int, restarts: int, l: int, m: int,
+                     work: str) -> None:
+    """Raise for the first non-finite ``alpha`` or ``beta`` (at expansion step ``step``):
+    a ``FloatingPointError`` naming the operator when its output was non-finite, else a
+    :class:`ScaleError` (finite products whose coefficients overflow the arithmetic)."""
+    bad_out = ~np.isfinite(out_max[: step + 1])
+    if bad_out.any():
+        step = int(np.argmax(bad_out))
+        raise FloatingPointError(
+            f"the operator returned NaN or Inf at restart {restarts}, Lanczos step "
+            f"{l + step + 1} of {m}; check the operator (an overflowing loss, a float16 "
+            "model, a broken matvec) and run again."
+        )
+    # (as the Lanczos engine does: valid input that this dtype cannot resolve)
+    raise ScaleError(
+        f"the operator's scale is too large for {work} arithmetic: the Lanczos "
+        f"coefficients overflow at restart {restarts}, Lanczos step {l + step + 1} of {m} "
+        f"(the operator's output is finite, largest entry "
+        f"{float(np.max(out_max[: step + 1])):.1e}). Divide the operator by a power of ten "
+        "and multiply the eigenvalues back"
+        + (", or use dtype='float64'" if work != "float64" else "")
+    )
 
 
 def _projected_matrix(theta: np.ndarray, coupling: np.ndarray, alpha: np.ndarray,
@@ -544,7 +693,8 @@ def _priority(theta: np.ndarray, which: str) -> np.ndarray:
     return np.asarray(order, dtype=np.intp)
 
 
-def _start_vector(op: Any, v0: Any, rng: np.random.Generator, wdt: Any) -> Any:
+def _start_vector(op: Any, v0: Any, rng: np.random.Generator, wdt: Any,
+                  bounds: tuple[float, float]) -> Any:
     xp, n = op.xp, int(op.shape[0])
     if v0 is None:
         v = _array.from_numpy(rng.standard_normal(n), xp, op.device, wdt)
@@ -558,10 +708,17 @@ def _start_vector(op: Any, v0: Any, rng: np.random.Generator, wdt: Any) -> Any:
         if str(_array.device_of(v0)) != str(op.device):
             raise ValueError(f"v0 is on device {_array.device_of(v0)}; the operator's vectors "
                              f"live on {op.device}")
-        v = xp.astype(v0, wdt)
-    nrm = float(_array.to_numpy(xp.sqrt(xp.sum(v * v))))
-    if not math.isfinite(nrm) or nrm == 0.0:
-        raise ValueError(f"v0 must be finite and non-zero (its norm is {nrm})")
+        v = v0
+        if _array.dtype_name(v.dtype) not in _array.SUPPORTED_DTYPES:
+            v = xp.astype(v, wdt)  # (integers, booleans)
+        # Divided by its largest entry first where its scale calls for it (in its own
+        # dtype, before the conversion): any finite non-zero v0 is accepted.
+        s = xp.max(xp.abs(v))
+        big = float(_array.to_numpy(s))
+        if not math.isfinite(big) or big == 0.0:
+            raise ValueError(f"v0 must be finite and non-zero (its largest entry is {big})")
+        v = xp.astype(v / _scale(xp, s, bounds, xp.ones_like(s)), wdt)
+    nrm = float(_array.to_numpy(_norm(xp, v, bounds)))
     return v / nrm
 
 
@@ -572,14 +729,15 @@ def _padded(Y: np.ndarray, rows: int, cols: int, op: Any, wdt: Any) -> Any:
     return _array.from_numpy(out, op.xp, op.device, wdt)
 
 
-def _random_orthogonal(op: Any, B: Any, rng: np.random.Generator, wdt: Any) -> Any:
+def _random_orthogonal(op: Any, B: Any, rng: np.random.Generator, wdt: Any,
+                       bounds: tuple[float, float]) -> Any:
     """A unit random vector orthogonal to the rows of ``B`` (orthonormal or zero), by CGS2."""
     xp, n = op.xp, int(op.shape[0])
     for _ in range(10):
         w = _array.from_numpy(rng.standard_normal(n), xp, op.device, wdt)
         for _sweep in range(2):
             w = w - xp.matmul(xp.matmul(B, w), B)
-        nrm = float(_array.to_numpy(xp.sqrt(xp.sum(w * w))))
+        nrm = float(_array.to_numpy(_norm(xp, w, bounds)))
         if nrm > 1e-3:  # a Gaussian vector of norm ~sqrt(n) keeps ~sqrt(n - l) of it
             return w / nrm
     raise RuntimeError("could not draw a vector orthogonal to the kept Ritz vectors")

@@ -2,6 +2,7 @@
 
 from .base import LinearOperatorBase
 from .compose import (
+    CastOperator,
     ProductOperator,
     ScaledOperator,
     ShiftedOperator,
@@ -19,6 +20,7 @@ from .wrappers import (
 
 __all__ = [
     "CallableOperator",
+    "CastOperator",
     "DenseOperator",
     "LinearOperator",
     "LinearOperatorBase",

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .. import _array, _checks
-from .base import LinearOperatorBase
+from .base import LinearOperatorBase, own_method
 
 
 def _coarsest_products(*ops: LinearOperatorBase) -> Any:
@@ -136,6 +136,31 @@ class ShiftedOperator(LinearOperatorBase):
         return ShiftedOperator(self.a.T, self.s)
 
 
+class CastOperator(LinearOperatorBase):
+    """An operator seen with vectors of another dtype: each product converts its input
+    to the wrapped operator's dtype and its output back (``aslinearoperator(op,
+    dtype=...)`` for an operator that is not a matrix). The products keep the rounding
+    of the coarser of the two dtypes (``product_dtype``)."""
+
+    def __init__(self, a: LinearOperatorBase, dtype: Any):
+        super().__init__(a.shape, dtype, a.xp, a.device)
+        self.a = a
+        self.symmetric = a.symmetric
+        self.product_dtype = max((_checks.product_dtype(a), dtype), key=_array.finfo_eps)
+
+    def _matmat(self, V: Any) -> Any:
+        return _apply(self, self.a, "matmat", V)
+
+    def _matvec(self, v: Any) -> Any:
+        return _apply(self, self.a, "matvec", v)
+
+    def parts(self) -> tuple[LinearOperatorBase, ...]:
+        return (self.a,)
+
+    def _transpose(self) -> LinearOperatorBase:
+        return CastOperator(self.a.T, self.dtype)
+
+
 class TransposedOperator(LinearOperatorBase):
     """``A^T`` through the wrapped operator's ``rmatvec``/``rmatmat``."""
 
@@ -145,12 +170,22 @@ class TransposedOperator(LinearOperatorBase):
         self.product_dtype = _checks.product_dtype(a)
 
     def _matvec(self, v: Any) -> Any:
-        return self.a.rmatvec(v)
+        return self._rmatvec()(v)
 
     def _matmat(self, V: Any) -> Any:
-        if hasattr(self.a, "rmatmat"):
-            return self.a.rmatmat(V)
-        return self.xp.stack([self.a.rmatvec(V[:, i]) for i in range(V.shape[1])], axis=1)
+        rmatmat = own_method(self.a, "rmatmat")
+        if rmatmat is not None:
+            return rmatmat(V)
+        if V.shape[1] == 0:
+            return self._empty_block()
+        rmatvec = self._rmatvec()
+        return self.xp.stack([rmatvec(V[:, i]) for i in range(V.shape[1])], axis=1)
+
+    def _rmatvec(self) -> Any:
+        """The wrapped operator's own ``rmatvec`` (not the generic one, which would come
+        back here through the transpose)."""
+        own = own_method(self.a, "rmatvec")
+        return own if own is not None else self.a._rmatvec
 
     def parts(self) -> tuple[LinearOperatorBase, ...]:
         return (self.a,)

@@ -18,7 +18,8 @@ class LinearOperator(Protocol):
     The engine reuses the memory of the vectors it passes (as scipy's ARPACK-based
     ``eigsh`` does): ``matvec`` and ``matmat`` must neither write into their input nor
     keep it, or a view of it, past the call (copy it if you need to). A write into the
-    input is caught at the first product on the host.
+    input is caught at the first product where reading it back is free (numpy, PyTorch
+    on the CPU), by the Lanczos engine (``lanczos``, ``slq``) and by ``eigsh``.
 
     The algorithms of specdens assume the operator is symmetric; see
     ``lanczos(..., check_symmetry=True)`` for a cheap check.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib
 from collections.abc import Callable
 from typing import Any
@@ -40,10 +41,38 @@ def _resolve_namespace(xp: Any, dtype: Any) -> Any:
     return xp
 
 
+_INTEGER_MATRICES = ("an integer or boolean matrix given without dtype= becomes float64, or "
+                     "float32 where its library has no float64: JAX without jax_enable_x64")
+
+
+def _check_dtype(dtype: Any, what: str = "operator", hint: str = _INTEGER_MATRICES) -> str:
+    """The name of a supported dtype; a ``TypeError`` listing the supported ones (and,
+    for integers, ``hint``) otherwise."""
+    name = _array.dtype_name(dtype)
+    if name.startswith(("int", "uint", "bool")):
+        raise TypeError(f"{what} dtype {name} is not supported. Supported dtypes: "
+                        f"{', '.join(_array.SUPPORTED_DTYPES)} ({hint}).")
+    return _array.check_supported_dtype(dtype, what)
+
+
 def _library_dtype(xp: Any, dtype: Any) -> Any:
-    """``dtype`` as the dtype object of namespace ``xp``."""
-    name = _array.check_supported_dtype(dtype)
-    return _array.xp_dtype(xp, name)
+    """``dtype`` as the dtype object of namespace ``xp``: a ``numpy.dtype`` for the
+    libraries whose arrays report one (numpy, CuPy, JAX), whose namespaces name the
+    scalar types (``numpy.float64``, a class without ``.name`` or ``.itemsize``)."""
+    name = _check_dtype(dtype)
+    out = _array.xp_dtype(xp, name)
+    if isinstance(out, type):
+        try:
+            return np.dtype(out)
+        except TypeError:
+            pass
+    return out
+
+
+def _float_for_integers(xp: Any, device: Any) -> str:
+    """The dtype integer and boolean matrices become: float64, or float32 where the
+    library has no float64 (JAX without ``jax_enable_x64``, PyTorch on MPS)."""
+    return "float64" if _array.supports_float64(xp, device) else "float32"
 
 
 class DenseOperator(LinearOperatorBase):
@@ -55,8 +84,8 @@ class DenseOperator(LinearOperatorBase):
             raise ValueError(f"a matrix operator needs a 2-D array; got shape {tuple(A.shape)}")
         name = _array.dtype_name(A.dtype)
         if name.startswith(("int", "uint", "bool")):
-            A = xp.astype(A, xp.float64)
-        _array.check_supported_dtype(A.dtype, "matrix")
+            A = xp.astype(A, _array.xp_dtype(xp, _float_for_integers(xp, _array.device_of(A))))
+        _check_dtype(A.dtype, "matrix")
         super().__init__(tuple(A.shape), A.dtype, xp, _array.device_of(A))
         self.A = A
         self.symmetric = symmetric
@@ -90,7 +119,7 @@ class SparseOperator(LinearOperatorBase):
 
         if A.dtype.kind in "iub":
             A = A.astype(np.float64)
-        _array.check_supported_dtype(A.dtype, "sparse matrix")
+        _check_dtype(A.dtype, "sparse matrix")
         super().__init__(A.shape, A.dtype, npx, "cpu")
         self.A = A.tocsr()
         self.symmetric = symmetric
@@ -112,7 +141,8 @@ class ScipyOperator(LinearOperatorBase):
         import array_api_compat.numpy as npx
 
         dtype = A.dtype if A.dtype is not None else np.dtype(np.float64)
-        _array.check_supported_dtype(dtype, "scipy LinearOperator")
+        _check_dtype(dtype, "scipy LinearOperator",
+                     hint="declare the LinearOperator's dtype as a floating one")
         super().__init__(A.shape, np.dtype(dtype), npx, "cpu")
         self.A = A
         self.symmetric = symmetric
@@ -198,25 +228,40 @@ def aslinearoperator(
         ``matvec`` (optionally ``matmat``, ``device``, ``xp``), or a callable computing
         ``A @ v`` (then ``shape`` and ``dtype`` are required).
     shape, dtype
-        Required for callables; for arrays, ``dtype`` converts and ``shape`` must match.
+        ``shape`` (two non-negative integers) is required for callables, and must match
+        otherwise. ``dtype`` is required for callables and declares the dtype of a
+        protocol object's vectors; it converts arrays and sparse matrices (an integer or
+        boolean matrix becomes float64 without it, or float32 where the library has no
+        float64: JAX without ``jax_enable_x64``); a specdens operator or a scipy
+        ``LinearOperator`` of another dtype is wrapped so that its vectors have this
+        dtype (each product converts its input to the wrapped operator's dtype and its
+        output back: a float32 operator wrapped as float64 still has float32 products,
+        and eigsh's default tolerance stays float32's).
     xp, device
         Array namespace (module or name: ``"numpy"``, ``"torch"``, ``"jax"``) and device
         of the vectors, for callables and protocol objects that do not say.
     symmetric
-        Declares the operator symmetric (``.T`` is then the operator itself).
+        Declares the operator symmetric (``.T`` is then the operator itself), or not
+        (``False``). For an operator that is already a specdens one, a shallow copy
+        carries the declaration: the operator passed in is never changed.
 
     Returns
     -------
     LinearOperatorBase
+        ``obj`` itself when it is a specdens operator and no keyword changes it.
 
     Notes
     -----
     The algorithms reuse the memory of the vectors they pass to ``matvec`` and
     ``matmat`` (as scipy's ARPACK-based ``eigsh`` does): a callable or an object of yours
     must neither write into its input nor keep it, or a view of it, past the call.
+
+    The operators also answer scipy's ``LinearOperator`` calls: ``dot``, ``A * x`` for
+    an array (the product, as in scipy), ``rmatvec``, ``rmatmat``, ``transpose()``,
+    ``.H`` and ``adjoint()`` (the transpose: operators are real) and ``ndim``.
     """
     if isinstance(obj, LinearOperatorBase):
-        op = obj
+        op = _with_declarations(obj, dtype=dtype, symmetric=symmetric)
     elif isinstance(obj, (list, tuple)):
         raise TypeError(
             f"aslinearoperator got a {type(obj).__name__}; pass an array (e.g. numpy.asarray(obj))"
@@ -225,7 +270,8 @@ def aslinearoperator(
         op = SparseOperator(obj if dtype is None else obj.astype(_np_dtype(dtype)),
                             symmetric=symmetric)
     elif _is_scipy_linear_operator(obj):
-        op = ScipyOperator(obj, symmetric=symmetric)
+        op = _with_declarations(ScipyOperator(obj, symmetric=symmetric), dtype=dtype,
+                                symmetric=None)
     elif isinstance(obj, np.matrix):
         return aslinearoperator(np.asarray(obj), shape=shape, dtype=dtype, symmetric=symmetric)
     elif hasattr(obj, "__array_namespace__") or _is_array_api_obj(obj):
@@ -254,6 +300,29 @@ def aslinearoperator(
     return op
 
 
+def _with_declarations(op: LinearOperatorBase, *, dtype: Any,
+                       symmetric: bool | None) -> LinearOperatorBase:
+    """``op`` with another dtype and symmetry declaration where asked for, never changed
+    itself: a converting wrapper for the dtype (see :class:`~.compose.CastOperator`), a
+    shallow copy for ``symmetric``."""
+    if dtype is not None:
+        name = _check_dtype(dtype)
+        if name != _array.dtype_name(op.dtype):
+            dt = _library_dtype(op.xp, name)
+            if type(op) is DenseOperator:  # a matrix is converted, as an array is
+                op = DenseOperator(op.xp.astype(op.A, dt), symmetric=op.symmetric)
+            elif type(op) is SparseOperator:
+                op = SparseOperator(op.A.astype(dt), symmetric=op.symmetric)
+            else:
+                from .compose import CastOperator
+
+                op = CastOperator(op, dt)
+    if symmetric is not None and op.symmetric != bool(symmetric):
+        op = copy.copy(op)
+        op.symmetric = bool(symmetric)
+    return op
+
+
 def _from_protocol(obj: Any, *, dtype: Any, xp: Any, device: Any,
                    symmetric: bool | None) -> LinearOperatorBase:
     shape = tuple(obj.shape)
@@ -270,7 +339,7 @@ def _from_protocol(obj: Any, *, dtype: Any, xp: Any, device: Any,
 
 
 def _np_dtype(dtype: Any) -> np.dtype:
-    return np.dtype(_array.check_supported_dtype(dtype))
+    return np.dtype(_check_dtype(dtype))
 
 
 def _is_scipy_sparse(obj: Any) -> bool:
