@@ -399,10 +399,12 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     except (FloatingPointError, MemoryError, ScaleError) as exc:
         # (ScaleError: a valid matrix whose scale the arithmetic cannot resolve, entries
         # ~1e-300, is a failure of the computation on this input; so is one whose squares
-        # overflow, entries ~1e160, which the engine reports as NaN or Inf from the
-        # operator: for a finite matrix read from a file it is named as a scale problem)
+        # overflow, entries ~1e160, which the engine reports as a ScaleError of the
+        # operator (or, in the summary's moments, NaN or Inf): for a finite matrix read from
+        # a file it is named as a scale problem of the matrix, with the power of ten to use)
         why = (_overflow_message(matrix)
-               if isinstance(exc, FloatingPointError) and matrix is not None else None)
+               if isinstance(exc, (FloatingPointError, ScaleError)) and matrix is not None
+               else None)
         _error(f"the computation failed: {why or exc}")
         return EXIT_FAILURE
 

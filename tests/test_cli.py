@@ -404,7 +404,7 @@ def test_big_endian_float32_stays_float32(tmp_path):
 
 def test_a_matrix_too_large_for_the_arithmetic_exits_1_naming_the_scale(tmp_path, capsys):
     """Eigenvalues 1e160, 2e160, 3e160 (a valid, finite, symmetric matrix): the squared
-    norms overflow float64 and the engine reports NaN or Inf from the operator, which the
+    norms overflow float64 and the engine reported NaN or Inf from the operator, which the
     command line passed on as 'a broken matvec'. It now names the scale and the remedy,
     like the tiny-scale message; just below the overflow the summary's second moment
     overflowed with a traceback. 1e150 runs. (numpy's overflow warnings are not shown.)"""

@@ -269,6 +269,10 @@ def any(x: Any, /, *, axis: int | tuple[int, ...] | None = None,  # noqa: A001
     return tf.reduce_any(_as_bool(x), axis=axis, keepdims=keepdims)
 
 
+def logical_and(x1: Any, x2: Any, /) -> tf.Tensor:
+    return tf.logical_and(_as_bool(x1), _as_bool(x2))
+
+
 def _as_bool(x: Any) -> tf.Tensor:
     x = tf.convert_to_tensor(x)
     return x if x.dtype == tf.bool else tf.not_equal(x, tf.zeros((), x.dtype))
