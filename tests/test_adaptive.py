@@ -172,3 +172,32 @@ def test_bad_adaptive_arguments(case, kwargs, exc, match):
     A, _ = case
     with pytest.raises(exc, match=match):
         specdens.slq(A, num_steps=4, **kwargs)
+
+
+def test_the_stopping_rule_does_not_depend_on_the_target_s_scale():
+    """target = c x: the rule compares quantile * stderr with rtol |value|, which does
+    not depend on c. Computed on the raw values, c = 1e160 overflowed the squares in the
+    standard error (Inf: never converged, 'inf times the tolerance') and c = 1e-300
+    underflowed them (0: converged on the first round). In units of the largest value
+    the histories agree up to rounding: each per-probe value c sum_j w_j theta_j carries
+    about (m + 2) roundings more than c times that of x, and the standard error, a
+    difference of values, amplifies a relative error by max|value| / spread."""
+    rng = np.random.default_rng(0)
+    A = sym_from_spectrum(np.linspace(1.0, 3.0, 200), rng)
+    m = 20
+    runs = {}
+    for c in (1.0, 1e160, 1e-300):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            d = specdens.slq(A, num_steps=m, num_probes="auto", target=lambda x, c=c: c * x,
+                             rtol=1e-2, max_probes=30, probe_block=5)
+        assert all("inf times" not in str(w.message) for w in caught)
+        runs[c] = d.convergence
+    per = d._per_probe(lambda x: x)
+    eps = np.finfo(np.float64).eps
+    for c in (1e160, 1e-300):
+        assert [k for k, _ in runs[c].history] == [k for k, _ in runs[1.0].history]
+        for (k, r), (_, r1) in zip(runs[c].history, runs[1.0].history, strict=True):
+            amplification = np.max(np.abs(per[:k])) / np.std(per[:k], ddof=1)
+            assert np.isfinite(r) and abs(r - r1) <= 10 * (m + 2) * eps * amplification * r1
+        assert runs[c].converged == runs[1.0].converged

@@ -307,3 +307,116 @@ def test_jax_crash_and_resume_is_bit_identical_to_an_uninterrupted_checkpointed_
     bound = 100 * 12 * np.finfo(np.float64).eps * scale
     assert np.abs(r.alpha - plain.alpha).max() <= bound
     assert np.abs(r.beta - plain.beta).max() <= bound
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stopped_at(A, path, at, **kw):
+    """A checkpointed run of 20 steps (3 probes in blocks of 2, saves every 5 steps)
+    stopped when progress reaches ``at``; returns the settings."""
+    kw = {"num_probes": 3, "block_size": 2, "checkpoint_every": 5, **kw}
+
+    def stop(done, total):
+        if done == at:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        specdens.lanczos(A, 20, checkpoint=path, progress=stop, **kw)
+    return kw
+
+
+def _edit(path, change):
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: np.array(z[k]) for k in z.files}
+    header = json.loads(str(arrays.pop("header")))
+    change(header, arrays)
+    np.savez(path, header=np.array(json.dumps(header)), **arrays)
+
+
+def test_a_numpy_scalar_breakdown_tol_is_saved_as_the_float_it_is(tmp_path):
+    """breakdown_tol=np.float32(...) crashed the first save (not JSON serialisable)."""
+    A = hessian_like(60)
+    ref = specdens.lanczos(A, 20, num_probes=3, block_size=2)
+    path = tmp_path / "c.npz"
+    kw = _stopped_at(A, path, 12, breakdown_tol=np.float32(1e-10))
+    header = json.loads(str(np.load(path)["header"]))
+    assert header["settings"]["breakdown_tol"] == float(np.float32(1e-10))
+    r = specdens.lanczos(A, 20, checkpoint=path, **{**kw, "breakdown_tol": float(
+        np.float32(1e-10))})
+    np.testing.assert_array_equal(r.alpha, ref.alpha)
+
+
+def test_settings_are_stored_resolved(tmp_path):
+    """A default passed explicitly on resume (basis_dtype, breakdown_tol) was refused as
+    another setting; files that stored a default as null still resume."""
+    A = hessian_like(60)
+    ref = specdens.lanczos(A, 20, num_probes=3, block_size=2)
+    for explicit in ({"basis_dtype": "float64"}, {"breakdown_tol": 100 * np.finfo(float).eps},
+                     {"basis_dtype": "float64", "breakdown_tol": 100 * np.finfo(float).eps}):
+        path = tmp_path / f"d{len(explicit)}{sorted(explicit)[0]}.npz"
+        kw = _stopped_at(A, path, 12)
+        r = specdens.lanczos(A, 20, checkpoint=path, **kw, **explicit)
+        np.testing.assert_array_equal(r.alpha, ref.alpha)
+        np.testing.assert_array_equal(r.beta, ref.beta)
+    header = json.loads(str(np.load(path)["header"]))
+    assert header["settings"]["basis_dtype"] == "float64"
+    assert header["settings"]["breakdown_tol"] == 100 * np.finfo(float).eps
+    # the format before: defaults stored as null
+    path = tmp_path / "old.npz"
+    kw = _stopped_at(A, path, 12)
+    _edit(path, lambda h, a: h["settings"].update(basis_dtype=None, breakdown_tol=None))
+    r = specdens.lanczos(A, 20, checkpoint=path, **kw)
+    np.testing.assert_array_equal(r.alpha, ref.alpha)
+    # a real difference is still refused, with the values that ran
+    path = tmp_path / "f32.npz"
+    kw = _stopped_at(A, path, 12)
+    with pytest.raises(CheckpointError, match="basis_dtype='float64' there, 'float32' now"):
+        specdens.lanczos(A, 20, checkpoint=path, basis_dtype="float32", **kw)
+
+
+def _set(section, key, value):
+    return lambda h, a: h[section].__setitem__(key, value)
+
+
+def _array_edit(key, f):
+    return lambda h, a: a.__setitem__(key, f(a[key]))
+
+
+@pytest.mark.parametrize("at, change, field", [
+    (12, _set("progress", "step", 25), "progress.step"),  # beyond num_steps: was accepted
+    (12, _set("progress", "step", 0), "progress.step"),
+    (12, _set("progress", "step", "x"), "progress.step"),
+    (12, _set("progress", "blocks_done", 5), "progress.blocks_done"),
+    (12, lambda h, a: h.pop("progress"), "progress is missing"),
+    (12, lambda h, a: h.pop("fingerprint"), "fingerprint is missing"),
+    (12, lambda h, a: h.pop("settings"), "settings is missing"),
+    (12, _set("resolved", "basis_dtype", "int8"), "resolved.basis_dtype"),
+    (12, _set("resolved", "reorth", "bogus"), "resolved.reorth"),
+    (12, _array_edit("cur_Q", lambda x: x[:, :, :5]), "cur_Q has shape"),
+    (12, _array_edit("cur_q", lambda x: x[:1]), "cur_q has shape"),
+    (12, _array_edit("cur_al", lambda x: x[:, :3]), "cur_al has shape"),
+    (12, _array_edit("cur_q", lambda x: np.array(["a"])), "cur_q has shape"),
+    (12, _array_edit("cur_q", lambda x: x * np.nan), "cur_q has NaN or Inf"),
+    (32, _array_edit("done0_alpha", lambda x: x[:, :3]), "done0_alpha has shape"),
+    (32, _array_edit("done0_active", lambda x: x.astype(float)), "done0_active has"),
+])
+def test_corrupt_checkpoints_are_refused_naming_the_field(tmp_path, at, change, field):
+    """Hand-edited or foreign but well-formed files: a step beyond num_steps returned a
+    wrong result; others escaped as KeyError, a broadcast ValueError or KeyError 'int8';
+    a NaN state vector was reported as the operator changing its input."""
+    A = hessian_like(60)
+    path = tmp_path / "c.npz"
+    kw = _stopped_at(A, path, at)
+    _edit(path, change)
+    with pytest.raises(CheckpointError, match=rf"{path}.*{field}"):
+        specdens.lanczos(A, 20, checkpoint=path, **kw)
+
+
+def test_a_missing_checkpoint_folder_is_refused_before_any_product(tmp_path):
+    op, count = _crashing(hessian_like(60), None)
+    path = tmp_path / "missing" / "c.npz"
+    with pytest.raises(FileNotFoundError, match=r"folder .*missing.* does not exist"):
+        specdens.lanczos(op, 20, checkpoint=path)
+    assert count["n"] == 0

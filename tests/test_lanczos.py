@@ -404,6 +404,102 @@ def test_partial_reorthogonalisation_at_float32_precision(operator_dtype, basis_
     assert np.max(np.abs(ritz[0] - ritz[1])) <= 100 * eps32 * norm
 
 
+def _clustered(width=1e-11):
+    """n = 120, three clusters of 40 eigenvalues of the given width at -1, 0.5 and 2."""
+    rng = np.random.default_rng(2)
+    Q, _ = np.linalg.qr(rng.standard_normal((120, 120)))
+    for w in (1e-6, 1e-9, width):  # (the draws of the reviewer's reproduction)
+        lam = np.concatenate([c + w * rng.standard_normal(40) for c in (-1.0, 0.5, 2.0)])
+    A = (Q * lam) @ Q.T
+    return 0.5 * (A + A.T)
+
+
+def _two_eigenvalues(n=80, seed=2):
+    """Eigenvalues -1 and 2 (n / 2 each): every probe's Krylov space has dimension 2."""
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (Q * np.repeat([-1.0, 2.0], n // 2)) @ Q.T
+    return 0.5 * (A + A.T)
+
+
+@pytest.mark.parametrize("reorth", ["partial", "full"])
+@pytest.mark.parametrize("case", [
+    # betas of 2e-11 ||T||: above the default breakdown_tol (100 eps64) but below eps32,
+    # the basis's rounding (Ritz values at -15.4 for a spectrum in [-1, 2])
+    ("clustered", 40, dict(num_probes=1, basis_dtype="float32")),
+    # breakdown_tol=0: the probes go on past the breakdowns at ~eps ||T|| (alpha grew to
+    # 8e17 in float32 arithmetic; Ritz values at 1e44 with a float32 basis)
+    ("two", 60, dict(num_probes=2, dtype="float32", breakdown_tol=0.0)),
+    ("two", 60, dict(num_probes=2, basis_dtype="float32", breakdown_tol=0.0)),
+    ("two", 60, dict(num_probes=2, breakdown_tol=0.0)),
+    # ... up to m = n with a float32 basis under float64 arithmetic: past the breakdown
+    # the first two sweeps leave float32-basis rounding that the float64 noise does not
+    # dominate (a third sweep; Ritz values at 1e8 ||A|| before)
+    ("two30", 30, dict(num_probes=3, basis_dtype="float32", breakdown_tol=0.0)),
+])
+@pytest.mark.parametrize("device", [False, True])
+def test_probes_past_the_rounding_of_beta_stay_orthogonal(reorth, case, device, monkeypatch):
+    """A probe whose beta is below the rounding that Simon's recurrence resolves, but
+    above breakdown_tol, stays active: its next vector (mostly rounding) must be
+    reorthogonalised. The Ritz values then lie in the spectrum up to the rounding of m
+    steps, m eps ||A|| (eps the coarsest dtype's), nothing reads as asymmetry, and the
+    basis is orthogonal to CGS2's 10 m eps (full) or semi-orthogonal, sqrt(eps) (partial).
+    On a device (the DGKS test deferred) partial reorthogonalisation does not run the
+    block again: both sweeps run where the estimate says that the first cancels, as on
+    the host; full reorthogonalisation runs it again with both sweeps (its first pass,
+    discarded, may overflow)."""
+    from specdens.algorithms import lanczos as engine
+    from specdens.algorithms.quadrature import quadrature_rules
+
+    name, m, kw = case
+    A = {"clustered": _clustered, "two": _two_eigenvalues,
+         "two30": lambda: _two_eigenvalues(30, 0)}[name]()
+    lam = np.linalg.eigvalsh(A)
+    norm = float(np.max(np.abs(lam)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no LanczosWarning, no overflow
+        host = specdens.lanczos(A, m, reorth=reorth, return_basis=True, **kw)
+    r = host
+    if device:
+        calls = []
+        run_block = engine._run_block
+        monkeypatch.setattr(engine, "_run_block", lambda *a, **k: calls.append(
+            k.get("both_sweeps", False)) or run_block(*a, **k))
+        monkeypatch.setattr(engine, "_reads_are_free", lambda op: False)
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("error", LanczosWarning)
+            r = specdens.lanczos(A, m, reorth=reorth, return_basis=True, **kw)
+        if reorth == "partial":
+            assert calls == [False]
+            np.testing.assert_array_equal(r.alpha, host.alpha)
+            np.testing.assert_array_equal(r.beta, host.beta)
+    eps = max(np.finfo(r.dtype).eps, np.finfo(r.basis_dtype).eps)
+    nodes, _, _ = quadrature_rules(r)
+    orth_tol = 10 * m * eps if reorth == "full" else np.sqrt(eps)
+    for i in range(r.num_probes):
+        L = int(r.lengths[i])
+        assert L > 2  # not stopped: the betas are above breakdown_tol
+        assert np.all(nodes[i, :L] >= lam[0] - m * eps * norm)
+        assert np.all(nodes[i, :L] <= lam[-1] + m * eps * norm)
+        Q = np.asarray(r.basis[i][:L], dtype=np.float64)
+        assert np.max(np.abs(Q @ Q.T - np.eye(L))) <= orth_tol
+
+
+@pytest.mark.parametrize("reorth", ["full", "partial"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_vector_that_gram_schmidt_cannot_orthogonalise_ends_its_probe(reorth, dtype):
+    """A = -1e6 I: every Krylov space is invariant after one step. torch's products leave
+    beta ~ 1e-22 there, not 0, so with breakdown_tol=0 the probes went on from that
+    rounding, every 'new' vector a copy of the first (|q_1^T q_2| = 1). Three sweeps that
+    all cancel mean the vector is in the basis's span to working precision: the probe
+    stops whatever breakdown_tol."""
+    torch = pytest.importorskip("torch")
+    r = specdens.lanczos(torch.tensor(-1e6 * np.eye(12)), 14, num_probes=3, reorth=reorth,
+                         dtype=dtype, breakdown_tol=0.0)
+    assert np.all(r.lengths == 1) and r.breakdown.all()
+    np.testing.assert_allclose(r.alpha[:, 0], -1e6, rtol=4 * np.finfo(dtype).eps)
+
+
 # --------------------------------------------------------------------------- deferred DGKS
 
 
@@ -601,3 +697,20 @@ def test_basis_of_a_run_stopped_early_is_zero_past_its_steps(library, reorth):
         for p in range(2):
             G = basis[p, :3] @ basis[p, :3].T
             assert np.abs(G - np.eye(3)).max() < 1e-12
+
+
+def test_a_non_finite_product_input_is_not_reported_as_changed():
+    """NaN != NaN: an input with NaN entries read as written into by the operator."""
+    from specdens.algorithms._buffers import StepBuffers
+
+    bufs = StepBuffers(np, 1, 3, np.float64, np.float64, np.float64, None, prev_owned=True,
+                       host=True)
+    x = np.array([[1.0, np.nan, 2.0]])
+    with pytest.raises(FloatingPointError, match="NaN or Inf entries before the product"):
+        bufs.check_unchanged(x, bufs.snapshot(x))
+    y = np.array([[1.0, 3.0, 2.0]])
+    before = bufs.snapshot(y)
+    bufs.check_unchanged(y, before)
+    y[0, 1] = np.nan  # an operator that writes into its input is still caught
+    with pytest.raises(ValueError, match="changed the vectors"):
+        bufs.check_unchanged(y, before)

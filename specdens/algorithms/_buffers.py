@@ -109,7 +109,13 @@ class StepBuffers:
         return self.xp.asarray(q_op, copy=True)
 
     def check_unchanged(self, q_op: Any, before: Any) -> None:
-        """Raise if the operator wrote into its input."""
+        """Raise if the operator wrote into its input, or (``FloatingPointError``) if that
+        input was not finite to begin with: NaN compares unequal to itself, so such an
+        input would otherwise read as changed, and it is not the operator's fault."""
+        if not bool(self.xp.all(self.xp.isfinite(before))):
+            raise FloatingPointError(
+                "the vectors given to the operator have NaN or Inf entries before the "
+                "product (the start vectors or a restored state, not the operator's output)")
         if not bool(self.xp.all(q_op == before)):
             raise ValueError(
                 "the operator changed the vectors it was given: specdens reuses their memory "

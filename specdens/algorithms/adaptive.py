@@ -15,6 +15,12 @@ tolerance is ``max(atol, rtol * max_x density(x))`` at every grid point. The int
 covers the SLQ estimate's *expectation*; the quadrature (bias) error is reported apart,
 by :attr:`specdens.Estimate.quadrature_error`.
 
+The rule is evaluated on the per-probe values in units of each component's largest
+``|value|`` (see :func:`scaled_ratio`), so that it does not depend on the target's scale:
+``f = c x`` stops after the same rounds for ``c = 1``, ``1e160`` or ``1e-300`` (on the raw
+values the squares in the standard error overflow to Inf or underflow to 0). NaN or Inf
+per-probe values raise ``FloatingPointError``.
+
 Stopping when the estimated standard error first falls below the tolerance favours
 rounds whose standard error happens to be underestimated, so the coverage of the final
 interval is somewhat below the nominal level when the run stops after few rounds; the
@@ -64,9 +70,10 @@ def describe_target(target: Any) -> str:
     return f"moments {powers}"
 
 
-def _evaluator(target: Any) -> Callable[[SpectralDensity, dict], tuple[np.ndarray, np.ndarray,
-                                                                         np.ndarray]]:
-    """A function (density, memo) -> (value, stderr, tolerance scale) over components."""
+def _evaluator(target: Any) -> tuple[Callable[[SpectralDensity, dict], np.ndarray], bool]:
+    """A function (density, memo) -> per-probe values (probes x components), and whether
+    the tolerance is relative to each component (moments, traces) or to the largest
+    (a density: ``rtol * max_x density(x)``)."""
     desc = describe_target(target)
     if desc.startswith("moments"):
         if isinstance(target, str):  # first: == on an array target compares entrywise
@@ -74,28 +81,51 @@ def _evaluator(target: Any) -> Callable[[SpectralDensity, dict], tuple[np.ndarra
         else:
             powers = [int(p) for p in target]
 
-        def moments(d: SpectralDensity, memo: dict) -> tuple:
-            est = d.moments(np.asarray(powers))
-            v = np.atleast_1d(np.asarray(est.value, dtype=float))
-            return v, np.atleast_1d(np.asarray(est.stderr, dtype=float)), np.abs(v)
-        return moments
+        def moments(d: SpectralDensity, memo: dict) -> np.ndarray:
+            return np.stack([d._per_probe(lambda t, q=q: t**q) for q in powers], axis=1)
+        return moments, True
     if desc == "density":
-        def density(d: SpectralDensity, memo: dict) -> tuple:
+        def density(d: SpectralDensity, memo: dict) -> np.ndarray:
             if "grid" not in memo:  # fixed by the first round
                 memo["sigma"] = d.default_sigma()
                 memo["grid"] = d.default_grid(memo["sigma"])
-            per = per_probe_density(d, memo["grid"], memo["sigma"])
-            k = per.shape[0]
-            v = per.mean(axis=0)
-            se = per.std(axis=0, ddof=1) / np.sqrt(k)
-            return v, se, np.full_like(v, np.max(np.abs(v)))
-        return density
+            return per_probe_density(d, memo["grid"], memo["sigma"])
+        return density, False
 
-    def trace_of_f(d: SpectralDensity, memo: dict) -> tuple:
-        est = d.trace(target)
-        v = np.atleast_1d(np.asarray(est.value, dtype=float)) / d.n
-        return v, np.atleast_1d(np.asarray(est.stderr, dtype=float)) / d.n, np.abs(v)
-    return trace_of_f
+    def trace_of_f(d: SpectralDensity, memo: dict) -> np.ndarray:
+        return d._per_probe(target)[:, None]  # tr f(A) / n per probe
+    return trace_of_f, True
+
+
+def scaled_ratio(per: np.ndarray, *, relative: bool, rtol: float, atol: float,
+                 quantile: float) -> np.ndarray:
+    """``quantile * stderr / max(atol, rtol * scale)`` per component, from per-probe values
+    (probes x components; ``scale`` is ``|value|``, or ``max |value|`` over components when
+    not ``relative``).
+
+    Computed in units of each component's largest ``|per-probe value|``, where the mean
+    and the standard error cannot overflow (squares of values beyond 1e154 would, and an
+    Inf standard error never met the tolerance) nor underflow; the ratio does not depend
+    on the units. Non-finite per-probe values raise ``FloatingPointError``."""
+    per = np.asarray(per, dtype=np.float64)
+    if not np.all(np.isfinite(per)):
+        raise FloatingPointError(
+            "a per-probe estimate is NaN or Inf (the function returned non-finite values at "
+            "some Ritz values or nodes?); specdens never averages such values in")
+    k = per.shape[0]
+    unit = np.max(np.abs(per), axis=0)
+    unit = np.where(unit > 0, unit, 1.0)
+    x = per / unit
+    value = x.mean(axis=0)
+    stderr = x.std(axis=0, ddof=1) / np.sqrt(k)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        if relative:
+            tol = np.maximum(atol / unit, rtol * np.abs(value))
+        else:
+            # the largest |value| is at most the largest |per-probe value|: finite
+            tol = np.maximum(atol, rtol * float(np.max(np.abs(value) * unit))) / unit
+        return np.where(tol > 0, quantile * stderr / np.where(tol > 0, tol, 1.0),
+                        np.where(stderr > 0, np.inf, 0.0))
 
 
 def per_probe_density(d: SpectralDensity, grid: np.ndarray, sigma: float) -> np.ndarray:
@@ -125,7 +155,7 @@ def run_adaptive(run_round: Callable[[int, int], SpectralDensity], *, target: An
     they are added to the result's ``matvecs`` once.
     """
     normal_quantile(confidence)  # validates
-    evaluate = _evaluator(target)
+    evaluate, relative = _evaluator(target)
     desc = describe_target(target)
     memo: dict = {}
     parts: list[SpectralDensity] = []
@@ -139,12 +169,9 @@ def run_adaptive(run_round: Callable[[int, int], SpectralDensity], *, target: An
         parts.append(run_round(used, count))
         used += count
         d = SpectralDensity.concatenate(parts) if len(parts) > 1 else parts[0]
-        value, stderr, scale = evaluate(d, memo)
         q = float(student_t.ppf(0.5 + 0.5 * confidence, used - 1))
-        tol = np.maximum(atol, rtol * scale)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ratio = np.where(tol > 0, q * stderr / np.where(tol > 0, tol, 1.0),
-                             np.where(stderr > 0, np.inf, 0.0))
+        ratio = scaled_ratio(evaluate(d, memo), relative=relative, rtol=rtol, atol=atol,
+                             quantile=q)
         worst = float(np.max(ratio))
         history.append((used, worst))
         if worst <= 1.0:

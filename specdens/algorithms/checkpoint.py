@@ -9,6 +9,15 @@ run's progress. It is written to a temporary file in the same folder, flushed to
 and Windows: a process killed at any moment leaves either the previous checkpoint or the
 new one, never a torn file (at worst a stray ``.NAME.*.tmp`` file, which is never read).
 
+The ``settings`` are stored as they ran, defaults resolved (the Lanczos basis dtype and
+breakdown tolerance, except that ``reorth="auto"`` without a ``basis_dtype`` stores None:
+it was free to choose), so that passing a default explicitly on resume is the same run.
+Files written before (``null`` for a default) are read with ``null`` standing for the
+default and resume. A file is read with ``allow_pickle=False`` and then checked before
+use: the header's sections (:func:`check_header`), and, by the reader, every field and
+array against the run that resumes it; anything that does not fit raises
+:class:`CheckpointError` naming the file and the field.
+
 Operator fingerprint
 --------------------
 Unless the caller gives a ``key`` (any string naming the operator, e.g. a model
@@ -135,6 +144,50 @@ def read_npz(path: str | os.PathLike, fmt: str, version: int) -> tuple[dict, dic
         raise CheckpointError(f"{path} has checkpoint version {header.get('version')}; this "
                               f"specdens reads version {version}")
     return header, arrays
+
+
+def check_folder(path: str | os.PathLike) -> None:
+    """Refuse a checkpoint path whose folder does not exist or cannot be written to,
+    before any work (the first save would fail only after a round of products, naming
+    its temporary file)."""
+    folder = Path(path).parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint={str(path)!r}: the folder {str(folder)!r} does not "
+                                "exist; create it first, or choose another path")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(f"checkpoint={str(path)!r}: the folder {str(folder)!r} is not "
+                              "writable; choose another path")
+
+
+def check_header(header: dict, path: Any) -> None:
+    """Refuse a header whose sections are missing or malformed (a hand-edited or foreign
+    but well-formed file), naming the field: ``settings``, ``resolved`` and ``progress``
+    objects, and a ``fingerprint`` with the operator's shape, dtype, library and a
+    ``key`` or a ``sketch`` of finite numbers."""
+    def bad(field: str, what: str) -> CheckpointError:
+        return CheckpointError(f"{path} is corrupt or not written by this specdens: {field} "
+                               f"{what}; delete it to start afresh")
+
+    for section in ("settings", "fingerprint", "resolved", "progress"):
+        if not isinstance(header.get(section), dict):
+            raise bad(section, "is missing" if section not in header else "is not an object")
+    fp = header["fingerprint"]
+    shape = fp.get("shape")
+    if not (isinstance(shape, list) and len(shape) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in shape)):
+        raise bad("fingerprint.shape", f"is {shape!r}")
+    for field in ("dtype", "library"):
+        if not isinstance(fp.get(field), str):
+            raise bad(f"fingerprint.{field}", f"is {fp.get(field)!r}")
+    if "key" in fp:
+        if not isinstance(fp["key"], str):
+            raise bad("fingerprint.key", f"is {fp['key']!r}")
+    else:
+        sketch = fp.get("sketch")
+        if not (isinstance(sketch, list) and sketch and all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                for v in sketch)):
+            raise bad("fingerprint.sketch", f"is {sketch!r}")
 
 
 def operator_fingerprint(op: Any, key: str | None = None) -> dict:

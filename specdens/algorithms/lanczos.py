@@ -157,7 +157,9 @@ def lanczos(
         ``num_probes`` must then be left at 1 or equal ``k`` (else ``ValueError``).
     probes
         ``"rademacher"`` (default), ``"gaussian"`` or ``"sphere"``, or explicit start
-        vectors: an array of shape ``(n,)`` or ``(n, k)`` in the operator's library.
+        vectors: an array of shape ``(n,)`` or ``(n, k)`` in the operator's library and
+        on its device, real (float, integer or bool), finite and non-zero; each is
+        normalised in units of its largest entry, so any scale works.
     seed
         Probe ``i`` depends on ``(seed, i)`` only (counter-based seeding). A non-negative
         integer; ``None`` draws fresh, irreproducible probes (refused with ``checkpoint``).
@@ -192,8 +194,8 @@ def lanczos(
     block_size
         Probes per block (default: all). Probe ``i`` is the same vector whatever it is.
     max_basis_bytes
-        Memory budget of the basis for ``reorth="auto"`` (default: half of the free
-        memory of the operator's device).
+        Memory budget of the basis for ``reorth="auto"``, a number of bytes >= 0 (default:
+        half of the free memory of the operator's device).
     return_basis
         Keep the Lanczos vectors (needs ``reorth="full"`` or ``"partial"``).
     check_every
@@ -204,7 +206,10 @@ def lanczos(
     breakdown_tol
         A probe stops when ``beta <= breakdown_tol * ||T||``, i.e. when its Krylov space is
         invariant to rounding (default: ``100 eps`` of the arithmetic's dtype; see
-        :func:`default_breakdown_tol`).
+        :func:`default_breakdown_tol`). A probe that goes on past the rounding of its
+        basis (a float32 basis, ``breakdown_tol=0``) is reorthogonalised with up to three
+        Gram-Schmidt sweeps, and stops when all three cancel: its new vector is then in
+        the basis's span to working precision, whatever ``breakdown_tol``.
     first_probe
         Index of the first random probe: the run uses probes ``first_probe, ...,
         first_probe + num_probes - 1`` of ``seed``'s streams, so that runs over disjoint
@@ -224,8 +229,11 @@ def lanczos(
         instead of deferring the test for the second, so it agrees with a run without a
         checkpoint to rounding (~1e-14 relative in float64), not bit for bit. A finished
         run leaves its complete state: calling again returns the result without
-        recomputing it (delete the file to start afresh). Each save writes the whole
-        Lanczos basis (``num_steps * block * n`` values): choose ``checkpoint_every`` so
+        recomputing it (delete the file to start afresh). Settings are compared as they
+        run (a default passed explicitly is the default), and a file that does not fit
+        this run (a field or an array's shape or dtype, a step outside ``(0, num_steps)``)
+        is refused naming the field. The checkpoint's folder must exist. Each save writes
+        the whole Lanczos basis (``num_steps * block * n`` values): choose ``checkpoint_every`` so
         that this is cheap next to that many products. The result's ``matvecs`` counts
         the products of the recurrence over all sessions plus this session's own extra
         products (the fingerprint and the symmetry check).
@@ -248,7 +256,9 @@ def lanczos(
         When the operator returns NaN or Inf; names the step and the probe.
     CheckpointError
         When ``checkpoint`` names a file of another operator, other settings, or not a
-        specdens checkpoint.
+        specdens checkpoint, or one that is corrupt (names the field).
+    FileNotFoundError
+        When the checkpoint's folder does not exist (before any product).
     ValueError
         When the operator is too small in magnitude for the arithmetic (its vectors'
         squares underflow; see :func:`check_scale`), or ``breakdown_tol`` is not in
@@ -319,6 +329,7 @@ def _lanczos(
     if checkpoint is not None:
         if not isinstance(checkpoint, (str, os.PathLike)):
             raise TypeError(f"checkpoint must be a path; got {checkpoint!r}")
+        checkpoint_mod.check_folder(checkpoint)
         checkpoint_every = (DEFAULT_CHECKPOINT_EVERY if checkpoint_every is None
                             else _checks.positive_int(checkpoint_every, "checkpoint_every"))
     xp, device = op.xp, op.device
@@ -362,21 +373,26 @@ def _lanczos(
             "seed": None if explicit is not None else int(seed), "probe_kind": kind,
             "probes_sha256": None if explicit is None else _probes_hash(explicit),
             "reorth": reorth, "window": window, "dtype": work,
-            "basis_dtype": basis_name if basis_dtype is not None else None,
-            "block_size": block, "breakdown_tol": breakdown_tol,
+            # the values that run (defaults resolved), except that "auto" may choose the
+            # basis dtype unless it was given (None)
+            "basis_dtype": (None if reorth == "auto" and basis_dtype is None
+                            else basis_name),
+            "block_size": block, "breakdown_tol": check_breakdown_tol(breakdown_tol, work),
             "return_basis": bool(return_basis), "probe_map": probe_map_tag,
         }
         fingerprint = checkpoint_mod.operator_fingerprint(op, checkpoint_key)
         if os.path.exists(checkpoint):
             header, arrays = checkpoint_mod.read_npz(checkpoint, CHECKPOINT_FORMAT,
                                                      CHECKPOINT_VERSION)
+            checkpoint_mod.check_header(header, checkpoint)
             checkpoint_mod.check_fingerprint(header["fingerprint"], fingerprint, checkpoint)
-            checkpoint_mod.check_settings(header["settings"], settings, checkpoint)
+            resolved = _check_resolved(header, checkpoint, m)
+            checkpoint_mod.check_settings(_resolved_settings(header["settings"], resolved),
+                                          _resolved_settings(settings, resolved), checkpoint)
             saved = (header, arrays)
 
     if saved is not None:
-        res = saved[0]["resolved"]
-        mode, win, basis_name = res["reorth"], int(res["window"]), res["basis_dtype"]
+        mode, win, basis_name = resolved
     else:
         mode, win, basis_name = planned
     wdt, bdt = _array.xp_dtype(xp, work), _array.xp_dtype(xp, basis_name)
@@ -397,8 +413,10 @@ def _lanczos(
     resume_state = None
     lanczos_matvecs = 0
     if saved is not None:
-        done, resume_state, lanczos_matvecs = _restore(saved[0], saved[1], op, wdt, bdt,
-                                                       return_basis)
+        done, resume_state, lanczos_matvecs = _restore(
+            saved[0], saved[1], op, wdt, bdt, return_basis, path=checkpoint, m=m,
+            num_probes=num_probes, block=block, mode=mode, win=win, work=work,
+            basis_name=basis_name)
 
     def save(block_state: dict | None) -> None:
         _save_checkpoint(checkpoint, settings, fingerprint,
@@ -419,8 +437,8 @@ def _lanczos(
                                                       first_probe + idx.stop),
                                  xp, device, wdt)
         else:
-            V0 = _normalised_rows(xp.astype(xp.matrix_transpose(explicit[:, idx.start:idx.stop]),
-                                            wdt), xp)
+            V0 = _normalised_rows(xp.matrix_transpose(explicit[:, idx.start:idx.stop]), xp,
+                                  work)
             sc = np.ones(len(idx))
         if V0 is not None and probe_map is not None:
             V0, sc = probe_map(V0, sc)
@@ -444,6 +462,13 @@ def _lanczos(
             lanczos_matvecs += out["matvecs"]
             out = _run_block(op, V0, m, mode, win, wdt, bdt, breakdown_tol, check_every,
                              return_basis, idx.start, lambda j: None, both_sweeps=True)
+            if out["missed_sweep"]:
+                # the second sweep cancelled as well for a vector that stays active (a
+                # step past a breakdown that breakdown_tol lets through): once more with
+                # three sweeps at every step
+                lanczos_matvecs += out["matvecs"]
+                out = _run_block(op, V0, m, mode, win, wdt, bdt, breakdown_tol, check_every,
+                                 return_basis, idx.start, lambda j: None, three_sweeps=True)
         lanczos_matvecs += out["matvecs"]
         done.append({
             "alpha": out["alpha"], "beta": out["beta"], "active": out["active"],
@@ -637,54 +662,143 @@ def _save_checkpoint(path, settings, fingerprint, resolved, done, block_state, m
     checkpoint_mod.atomic_savez(path, header, arrays)
 
 
-def _restore(header: dict, arrays: dict, op: Any, wdt: Any, bdt: Any,
-             return_basis: bool) -> tuple[list[dict], dict | None, int]:
-    """Finished blocks, the running block's state (or None) and the products spent."""
+def _corrupt(path: Any, field: str, what: str) -> checkpoint_mod.CheckpointError:
+    return checkpoint_mod.CheckpointError(
+        f"{path} is corrupt or not written by this specdens: {field} {what}; delete it to "
+        "start afresh")
+
+
+def _int_field(d: dict, key: str, path: Any, where: str, lo: int, hi: int | None = None) -> int:
+    """``d[key]``, an integer in ``[lo, hi]``, or a CheckpointError naming it."""
+    v = d.get(key)
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo or (hi is not None and v > hi):
+        span = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        raise _corrupt(path, f"{where}.{key}", f"is {v!r}, not an integer {span}")
+    return v
+
+
+def _check_resolved(header: dict, path: Any, m: int) -> tuple[str, int, str]:
+    """The reorthogonalisation mode, window and basis dtype a checkpoint ran with."""
+    res = header["resolved"]
+    mode = res.get("reorth")
+    if mode not in ("full", "partial", "local", "none"):
+        raise _corrupt(path, "resolved.reorth", f"is {mode!r}")
+    win = _int_field(res, "window", path, "resolved", 1, m)
+    basis = res.get("basis_dtype")
+    if basis not in ("float32", "float64"):
+        raise _corrupt(path, "resolved.basis_dtype", f"is {basis!r}, not float32 or float64")
+    return mode, win, basis
+
+
+def _resolved_settings(settings: dict, resolved: tuple[str, int, str]) -> dict:
+    """``settings`` with the defaults of checkpoints written before settings were stored
+    resolved (None: the default basis dtype, which the run's resolved one is, and the
+    default breakdown tolerance of its dtype), and with the basis dtype that ``"auto"``
+    chose where it was free to (None)."""
+    out = dict(settings)
+    if out.get("basis_dtype") is None:
+        out["basis_dtype"] = resolved[2]
+    if out.get("breakdown_tol") is None and out.get("dtype") in ("float32", "float64"):
+        out["breakdown_tol"] = default_breakdown_tol(out["dtype"])
+    return out
+
+
+def _entry(arrays: dict, key: str, path: Any, shape: tuple, dtype: Any) -> np.ndarray:
+    """Array ``key`` of a checkpoint, checked for its shape and dtype."""
+    if key not in arrays:
+        raise _corrupt(path, key, "is missing")
+    a = arrays[key]
+    if a.dtype != np.dtype(dtype) or a.shape != tuple(shape):
+        raise _corrupt(path, key, f"has shape {a.shape} and dtype {a.dtype}; expected "
+                                  f"{tuple(shape)} and {np.dtype(dtype)}")
+    return a
+
+
+def _restore(header: dict, arrays: dict, op: Any, wdt: Any, bdt: Any, return_basis: bool, *,
+             path: Any, m: int, num_probes: int, block: int, mode: str, win: int, work: str,
+             basis_name: str) -> tuple[list[dict], dict | None, int]:
+    """Finished blocks, the running block's state (or None) and the products spent, each
+    checked against the run (header fields, and every array's shape and dtype); a
+    CheckpointError names the file and the first field that does not fit."""
     xp, device = op.xp, op.device
+    n = int(op.shape[0])
     prog = header["progress"]
-    try:
-        done = []
-        for i in range(int(prog["blocks_done"])):
-            d = {name: arrays[f"done{i}_{name}"] for name in ("alpha", "beta", "active", "scales")}
-            d["active"] = d["active"].astype(bool)
-            d["asymmetry"] = float(arrays[f"done{i}_asymmetry"])
-            d["basis"] = d["last"] = None
-            if return_basis:
-                d["basis"] = _array.from_numpy(arrays[f"done{i}_basis"], xp, device, bdt)
-                d["last"] = _array.from_numpy(arrays[f"done{i}_last"], xp, device, wdt)
-            done.append(d)
-        state = None
-        if prog.get("step") is not None:
-            dev_dt = {"work": wdt, "basis": bdt, "bool": xp.bool}
-            state = {"step": int(prog["step"]), "matvecs": int(prog["block_matvecs"]),
-                     "scales": arrays["cur_scales"]}
-            for name, kind in _STATE_ARRAYS.items():
-                key = f"cur_{name}"
-                if key not in arrays:
-                    state[name] = None
-                    continue
-                # A fresh copy: the restored arrays are laid out like the ones of a run
-                # that was never interrupted.
-                host = np.array(arrays[key], copy=True)
-                if kind == "host":
-                    state[name] = host
-                elif name in ("al", "be", "ac"):
-                    state[name] = [_array.from_numpy(np.ascontiguousarray(host[:, t]), xp,
-                                                     device, dev_dt[kind])
-                                   for t in range(host.shape[1])]
-                else:
-                    state[name] = _array.from_numpy(host, xp, device, dev_dt[kind])
-            if bool(prog.get("has_basis")) and state["Q"] is None:
-                raise KeyError("cur_Q")
-        return done, state, int(prog["matvecs"]) - (state["matvecs"] if state else 0)
-    except (KeyError, ValueError, TypeError) as exc:
-        raise checkpoint_mod.CheckpointError(
-            f"the checkpoint is corrupt (missing or bad entry {exc}); delete it to start afresh"
-        ) from None
+    num_blocks = (num_probes + block - 1) // block
+    blocks_done = _int_field(prog, "blocks_done", path, "progress", 0, num_blocks)
+    if prog.get("complete") is not (blocks_done == num_blocks):
+        raise _corrupt(path, "progress.complete", f"is {prog.get('complete')!r} with "
+                                                  f"{blocks_done} of {num_blocks} blocks done")
+    total = _int_field(prog, "matvecs", path, "progress", 0)
+    f64 = np.float64
+    done = []
+    for i in range(blocks_done):
+        k = min(block, num_probes - i * block)
+        d = {name: _entry(arrays, f"done{i}_{name}", path, (k, m), dt)
+             for name, dt in (("alpha", f64), ("beta", f64), ("active", bool))}
+        d["scales"] = _entry(arrays, f"done{i}_scales", path, (k,), f64)
+        d["asymmetry"] = float(_entry(arrays, f"done{i}_asymmetry", path, (), f64))
+        d["basis"] = d["last"] = None
+        if return_basis:
+            d["basis"] = _array.from_numpy(
+                _entry(arrays, f"done{i}_basis", path, (k, m, n), basis_name), xp, device, bdt)
+            d["last"] = _array.from_numpy(
+                _entry(arrays, f"done{i}_last", path, (k, n), work), xp, device, wdt)
+        done.append(d)
+    if prog.get("step") is None:
+        return done, None, total
+    if blocks_done == num_blocks:
+        raise _corrupt(path, "progress.step", "is set in a finished run")
+    step = _int_field(prog, "step", path, "progress", 1, m - 1)
+    k = min(block, num_probes - blocks_done * block)
+    has_basis = mode != "none"
+    if prog.get("has_basis") is not has_basis:
+        raise _corrupt(path, "progress.has_basis", f"is {prog.get('has_basis')!r} for "
+                                                   f"reorth={mode!r}")
+    state = {"step": step, "matvecs": _int_field(prog, "block_matvecs", path, "progress", 0,
+                                                 total)}
+    shapes = {"q": (k, n), "q_prev": (k, n), "beta_prev": (k,), "anorm": (k,), "asym": (k,),
+              "active": (k,), "Q": (k, win if mode == "local" else m, n), "al": (k, step),
+              "be": (k, step), "ac": (k, step), "omega": (k, m + 1), "omega_prev": (k, m + 1),
+              "omega_alpha": (k, m), "omega_beta": (k, m), "omega_force": (),
+              "omega_sweeps": ()}
+    dtypes = {"work": work, "basis": basis_name, "bool": bool, "host": f64}
+    host: dict[str, np.ndarray] = {}
+    for name, kind in _STATE_ARRAYS.items():
+        if (name == "Q" and not has_basis) or (name.startswith("omega") and mode != "partial"):
+            if f"cur_{name}" in arrays:
+                raise _corrupt(path, f"cur_{name}", f"is present for reorth={mode!r}")
+            continue
+        host[name] = _entry(arrays, f"cur_{name}", path, shapes[name], dtypes[kind])
+    state["scales"] = _entry(arrays, "cur_scales", path, (k,), f64)
+    # NaN or Inf in the coefficients: the operator's, as in the run that saved them
+    _raise_on_nonfinite(host["al"], host["be"], blocks_done * block, work)
+    for name, a in host.items():
+        if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+            raise _corrupt(path, f"cur_{name}", "has NaN or Inf entries (its coefficients "
+                                                "are finite)")
+    if not (np.all(np.isfinite(state["scales"])) and np.all(state["scales"] > 0)):
+        raise _corrupt(path, "cur_scales", "has entries that are not positive and finite")
+    dev_dt = {"work": wdt, "basis": bdt, "bool": xp.bool}
+    for name, kind in _STATE_ARRAYS.items():
+        if name not in host:
+            state[name] = None
+            continue
+        # A fresh copy: the restored arrays are laid out like the ones of a run that was
+        # never interrupted.
+        a = np.array(host[name], copy=True)
+        if kind == "host":
+            state[name] = a
+        elif name in ("al", "be", "ac"):
+            state[name] = [_array.from_numpy(np.ascontiguousarray(a[:, t]), xp, device,
+                                             dev_dt[kind]) for t in range(a.shape[1])]
+        else:
+            state[name] = _array.from_numpy(a, xp, device, dev_dt[kind])
+    return done, state, total - state["matvecs"]
 
 
 def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, first_probe,
-               on_step, *, state=None, save=None, save_every=0, both_sweeps=False) -> dict:
+               on_step, *, state=None, save=None, save_every=0, both_sweeps=False,
+               three_sweeps=False) -> dict:
     """The recurrence for one block of probes (rows of ``V0``, unit norm, dtype ``wdt``).
 
     ``state`` resumes a block from a checkpoint (``V0`` is then ignored); ``save(state)``
@@ -735,11 +849,16 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     # step (``both_sweeps``), which is also what a checkpointed run does. Cancellation in
     # full reorthogonalisation is rare (at breakdowns, where the vector is dropped anyway),
     # so the device reads the basis twice per step instead of four times.
-    conditional = not both_sweeps and _reads_are_free(op)
-    deferred = (not both_sweeps and not conditional and save is None and state is None
+    # A run with both sweeps tests the second one there in turn (``watch_third``), and a
+    # block in which it cancelled too for a vector that stays active runs once more with
+    # three sweeps at every step (``three_sweeps``); the host tests a third sweep directly.
+    rerun = both_sweeps or three_sweeps
+    conditional = not rerun and _reads_are_free(op)
+    deferred = (not rerun and not conditional and save is None and state is None
                 and Q is not None)
-    missed = (xp.zeros((k,), dtype=xp.bool, device=_array.creation_device(op)) if deferred
-              else None)
+    watch_third = both_sweeps and not three_sweeps and Q is not None
+    missed = (xp.zeros((k,), dtype=xp.bool, device=_array.creation_device(op))
+              if deferred or watch_third else None)
     # the rounding that feeds the loss of orthogonality: of the products too (a float32
     # operator under float64 arithmetic loses orthogonality at float32 speed)
     eps_omega = max(_array.finfo_eps(wdt), _array.finfo_eps(bdt),
@@ -781,19 +900,24 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         if locked is not None:
             w = locked(w)  # out of a subspace the operator deflates (see DeflatedOperator)
         beta = needed = None
+        third = False  # whether a third Gram-Schmidt sweep ran
         sweep_needed = Q is not None
         if omega is not None:
             # Simon's estimate of the new vector's orthogonality to the older ones
             beta_now = xp.sqrt(_rowdot(xp, w, w))
             host = _array.to_numpy(xp.stack([alpha, beta_now, beta_prev, anorm], axis=0))
-            sweep_needed = omega.advance(j, *host, eps=eps_omega, n=n)
+            sweep_needed = omega.advance(j, *host, eps=eps_omega, n=n, tol=tol)
             if not sweep_needed:
                 beta = beta_now
         if sweep_needed:
             Qs = Q[:, : j + 1, :] if (mode != "local" and not fixed_shapes) else Q
-            removed = None  # ||h||^2 of the first sweep
-            for sweep in range(2):
-                if sweep == 1 and (conditional or deferred):
+            removed = None  # ||h||^2 of the last sweep
+            # (where Simon's estimate says that the first sweep cancels, the second and
+            # third run without the test, which a device would otherwise defer and answer
+            # by running the whole block again)
+            both = omega is not None and omega.cancels
+            for sweep in range(3):
+                if sweep == 1 and (conditional or deferred) and not both:
                     # Daniel, Gragg, Kaufman & Stewart (1976): a second sweep is needed
                     # only when the first removed more than half of ||w||^2 (cancellation),
                     # i.e. (by Pythagoras, ||w||^2 = ||w'||^2 + ||h||^2) when ||w'|| < ||h||
@@ -805,12 +929,25 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
                     if not bool(xp.any(norm1 < removed)):
                         beta = xp.sqrt(norm1)
                         break
+                if sweep == 2 and not (both or three_sweeps):
+                    # The second sweep cancels too when the vector is numerically in the
+                    # basis's span but for what the basis's rounding leaves (a step past
+                    # a breakdown with breakdown_tol below that rounding, e.g. a float32
+                    # basis under float64 arithmetic): a third sweep, tested on the host
+                    # (on a device: deferred, see watch_third)
+                    if not conditional:
+                        break
+                    norm2 = _rowdot(xp, w, w)
+                    if not bool(xp.any(norm2 < removed)):
+                        beta = xp.sqrt(norm2)
+                        break
+                third = sweep == 2
                 h = _basis.project(xp, Qs, bufs.in_basis_dtype(w))
                 w = _basis.subtract_combination(xp, w, h, Qs, scratch=bufs.scratch)
                 hw = h if same_basis else xp.astype(h, wdt)
                 alpha = alpha + hw[:, slot]
+                removed = xp.sum(hw * hw, axis=1)
                 if sweep == 0:
-                    removed = xp.sum(hw * hw, axis=1)
                     older = xp.abs(hw)
                     if Qs.shape[1] == j + 1:
                         older = older[:, :j] if j > 0 else None
@@ -827,8 +964,16 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
             beta = xp.sqrt(_rowdot(xp, w, w))
         anorm = xp.maximum(anorm, xp.abs(alpha) + beta + beta_prev)
         active = active & (beta > tol * anorm)
+        if third:
+            # a third sweep that cancels as well: the vector is in the basis's span up to
+            # what its rounding can resolve, and cannot be orthonormalised; its Krylov
+            # space is invariant to working precision whatever breakdown_tol says (tested
+            # on the device: no read)
+            active = active & ~(beta * beta < removed)
         if needed is not None:
             missed = missed | (needed & active)
+        if watch_third and sweep_needed and not third:  # (the second sweep ran)
+            missed = missed | ((beta * beta < removed) & active)
         al.append(alpha)
         be.append(beta)
         ac.append(active)
@@ -841,6 +986,13 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         if check_every and ((j + 1) % check_every == 0) and j + 1 < m:
             a_h = _array.to_numpy(xp.stack(al, axis=1))
             b_h = _array.to_numpy(xp.stack(be, axis=1))
+            if (missed is not None
+                    and not (np.all(np.isfinite(a_h)) and np.all(np.isfinite(b_h)))
+                    and bool(_array.to_numpy(missed, bool).any())):
+                # a skipped second sweep explains it (a vector that stayed active after
+                # a cancelled first sweep): the block runs again with both sweeps
+                steps_run = j + 1
+                break
             _raise_on_nonfinite(a_h, b_h, first_probe, wdt)
             if not bool(_array.to_numpy(xp.stack(ac, axis=1), bool)[:, -1].any()):
                 steps_run = j + 1
@@ -871,7 +1023,7 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         out["last"] = q
     out["reorth_steps"] = omega.sweeps if omega is not None else None
     # (read once, at the end: whether a deferred second sweep was needed)
-    out["missed_sweep"] = deferred and bool(_array.to_numpy(missed, bool).any())
+    out["missed_sweep"] = missed is not None and bool(_array.to_numpy(missed, bool).any())
     return out
 
 
@@ -889,6 +1041,16 @@ class _Omega:
     are reorthogonalised against all older vectors, and their estimates reset to
     ``sqrt(n) eps``.
 
+    A step whose ``beta`` is at its own rounding (``beta <= eps ||T||``, with ``eps`` the
+    coarsest of the arithmetic's, the basis's and the products' dtypes) has no estimate
+    (the recurrence divides by ``beta``). A probe stops there only when ``beta <=
+    breakdown_tol ||T||``, which may be far lower (``100 eps`` of float64 by default, 0 if
+    asked); a probe that goes on (a *weak* step) continues from a vector that is mostly
+    rounding, so that vector and the next one are reorthogonalised, with three
+    Gram-Schmidt sweeps (the first two cancel). Three sweeps also run, untested, wherever
+    an estimate reaches 1 (the first sweep then cancels), so that a device neither reads
+    the test back nor runs the block again for them.
+
     H. D. Simon (1984), The Lanczos algorithm with partial reorthogonalization, Math.
     Comp. 42(165); R. M. Larsen (1998), Lanczos bidiagonalization with partial
     reorthogonalization (PROPACK).
@@ -900,6 +1062,7 @@ class _Omega:
         self.alphas, self.betas = alphas, betas
         self.force = force
         self.sweeps = sweeps
+        self.cancels = False  # whether the last step's first sweep will cancel (advance)
 
     @classmethod
     def start(cls, k: int, m: int) -> _Omega:
@@ -921,14 +1084,25 @@ class _Omega:
                 "omega_sweeps": np.asarray(self.sweeps)}
 
     def advance(self, j: int, alpha: np.ndarray, beta: np.ndarray, beta_prev: np.ndarray,
-                anorm: np.ndarray, *, eps: float, n: int) -> bool:
+                anorm: np.ndarray, *, eps: float, n: int, tol: float) -> bool:
         """Estimates for ``q_{j+1}`` from step ``j``'s coefficients; True when it must be
-        reorthogonalised (then its estimates are reset)."""
+        reorthogonalised (then its estimates are reset).
+
+        ``tol`` is the breakdown tolerance: a probe whose ``beta`` is at the rounding of
+        a step (``beta <= eps ||T||``) has no meaningful estimate, but unless ``beta <=
+        tol ||T||`` it stays active, and its next vector, mostly rounding noise, is then
+        reorthogonalised at this step and the next one (``weak``)."""
         self.alphas[:, j], self.betas[:, j] = alpha, beta
         a, b = self.alphas, self.betas
         new = np.zeros_like(self.cur)
         norm = np.maximum(np.maximum(anorm, np.abs(alpha) + beta + beta_prev), np.finfo(float).tiny)
         live = beta > eps * norm
+        # Active before this step (beta_prev > 0; all are at the first step) and not sure
+        # to break down at it: the engine stops a probe when beta <= tol ||T||, computed
+        # on the device in the arithmetic's dtype, so half of that is a safe margin (a
+        # probe below it breaks down whether or not a sweep runs).
+        entering = beta_prev > 0 if j > 0 else np.ones(beta.shape, dtype=bool)
+        weak = entering & ~live & (beta > 0.5 * tol * norm)
         # rounding of one step: inner products and products of length n accumulate
         # about sqrt(n) eps (Larsen's PROPACK uses the same scale)
         rounding = eps * np.sqrt(n)
@@ -945,12 +1119,19 @@ class _Omega:
         new[:, j + 1] = 1.0
         new[~live] = 0.0
         new[~live, j + 1] = 1.0
-        reorth = self.force or bool(np.any(np.abs(new[:, : j + 1]) > np.sqrt(eps)))
+        weak_any = bool(np.any(weak))
+        loss = np.abs(new[:, : j + 1]).max(axis=1)
+        reorth = self.force or weak_any or bool(np.any(loss > np.sqrt(eps)))
+        # a vector whose estimated loss of orthogonality reaches 1 is mostly made of older
+        # vectors (or of rounding, when weak): the first Gram-Schmidt sweep will cancel
+        self.cancels = weak_any or bool(np.any(entering & (beta > 0.5 * tol * norm)
+                                               & (loss >= 1.0)))
         if reorth:
             new = new.copy()
             new[:, : j + 1] = rounding
-            # Simon: the vector after a reorthogonalised one is reorthogonalised too
-            self.force = not self.force
+            # Simon: the vector after a reorthogonalised one is reorthogonalised too (and
+            # always the one after a weak step)
+            self.force = weak_any or not self.force
             self.sweeps += 1
         self.prev, self.cur = self.cur, new
         return reorth
@@ -1059,6 +1240,14 @@ def _resolve_reorth(reorth, m, n, block, basis_name, window, budget, xp, device,
     better than local reorthogonalisation); else a local window; else none.
     """
     win = min(window, m)
+    if budget is not None:
+        if isinstance(budget, (bool, np.bool_)) or not isinstance(
+                budget, (int, float, np.integer, np.floating)):
+            raise TypeError(f"max_basis_bytes must be a number of bytes (or None: half the "
+                            f"free memory); got {budget!r}")
+        if not np.isfinite(budget) or budget < 0:
+            raise ValueError(f"max_basis_bytes must be a finite number of bytes >= 0; got "
+                             f"{budget!r}")
     if reorth != "auto":
         return reorth, win, basis_name
     if budget is None:
@@ -1087,22 +1276,62 @@ def _parse_probes(probes: Any, op: Any, num_probes: int) -> tuple[Any, str]:
     if lib != op.array_library:
         raise TypeError(f"probes are {lib} arrays but the operator works on "
                         f"{op.array_library} arrays")
+    name = _array.dtype_name(probes.dtype)
+    if name.startswith("complex"):
+        raise TypeError(f"probes are complex ({name}); specdens handles real symmetric "
+                        "operators and real start vectors only")
+    if name not in _PROBE_DTYPES:
+        raise TypeError(f"probes have dtype {name}; pass real start vectors (a float, "
+                        "integer or bool array)")
+    dev = _array.device_of(probes)
+    if dev is not None and not _array.same_device(dev, op.device):
+        raise ValueError(f"probes are on device {dev}; the operator's vectors live on "
+                         f"{op.device}: move the start vectors there")
     V = probes
     if len(V.shape) == 1:
         V = xp.reshape(V, (-1, 1))
     if len(V.shape) != 2 or V.shape[0] != op.shape[0]:
         raise ValueError(f"probes must have shape ({op.shape[0]},) or ({op.shape[0]}, k); "
                          f"got {tuple(probes.shape)}")
+    if int(V.shape[1]) == 0:
+        raise ValueError(f"probes has shape {tuple(probes.shape)}: no start vectors; pass "
+                         f"at least one (shape ({op.shape[0]},) or ({op.shape[0]}, k))")
     if num_probes not in (1, int(V.shape[1])):
         # 1 is the default: it cannot be told apart from an explicit num_probes=1
         raise ValueError(f"num_probes={num_probes} but probes holds {int(V.shape[1])} start "
                          "vectors; the explicit vectors set the number of probes (leave "
                          "num_probes out or make it equal)")
-    host_norms = np.linalg.norm(_array.to_numpy(V), axis=0)
-    if not np.all(np.isfinite(host_norms)) or np.any(host_norms == 0):
-        raise ValueError("probes must be finite and non-zero")
+    # Once for the run, k values read back: each vector's largest |entry| and finiteness
+    # (no norm: the squares of finite entries overflow or underflow; see _normalised_rows)
+    X = V if _array.dtype_name(V.dtype) in _FLOAT_NAMES else xp.astype(
+        V, _array.xp_dtype(xp, "float32"))
+    big, finite = (_array.to_numpy(a) for a in (xp.max(xp.abs(X), axis=0),
+                                                 xp.all(xp.isfinite(X), axis=0)))
+    for i in range(big.size):
+        if not (finite[i] and np.isfinite(big[i])):
+            raise ValueError(f"probes must be finite and non-zero: start vector {i} has "
+                             "NaN or Inf entries")
+        if big[i] == 0:
+            raise ValueError(f"probes must be finite and non-zero: start vector {i} is zero")
     return V, "explicit"
 
 
-def _normalised_rows(V: Any, xp: Any) -> Any:
-    return V / xp.sqrt(xp.sum(V * V, axis=1))[:, None]
+_FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
+_PROBE_DTYPES = _FLOAT_NAMES + ("bool", "int8", "int16", "int32", "int64", "uint8",
+                                "uint16", "uint32", "uint64")
+
+
+def _normalised_rows(V: Any, xp: Any, work: str) -> Any:
+    """Rows of ``V`` (start vectors in any real dtype) as unit vectors in ``work``.
+
+    Each row is divided by its largest |entry| before its norm is taken, in float64 when
+    the vectors or the arithmetic are float64 (else float32): the norm of a finite vector
+    needs no square outside the dtype's range then (entries 1e-30 or 1e22 in float32,
+    1e-200 or 1e200 in float64 would underflow to 0 or overflow to Inf, or lose digits as
+    subnormals), and the rows are converted to ``work`` only once they are unit vectors.
+    """
+    wide = "float64" in (_array.dtype_name(V.dtype), work)
+    X = xp.astype(V, _array.xp_dtype(xp, "float64" if wide else "float32"))
+    X = X / xp.max(xp.abs(X), axis=1)[:, None]
+    X = X / xp.sqrt(xp.sum(X * X, axis=1))[:, None]
+    return xp.astype(X, _array.xp_dtype(xp, work))
