@@ -161,11 +161,14 @@ def _gram_schmidt(Q: Any, w: Any, j: Any) -> tuple[Any, Any]:
 
 
 def _omega_advance(om: dict, j: Any, alpha: Any, beta: Any, beta_prev: Any, anorm: Any,
-                   *, eps: float, n: int) -> tuple[dict, Any]:
+                   *, eps: float, n: int, tol: Any) -> tuple[dict, Any]:
     """Simon's recurrence for the estimates of ``|q_{j+1}^T q_i|``, on the device: the
     core's ``_Omega.advance`` (see there) with fixed shapes. ``om`` holds ``cur`` and
     ``prev`` (``(k, m + 1)``), the coefficients so far (``(k, m)``), ``force`` and
     ``sweeps``; returns the advanced state and whether the new vector is reorthogonalised.
+    ``tol``: the breakdown tolerance; a probe whose ``beta`` is at a step's rounding but
+    above ``tol ||T||`` goes on (a weak step): that vector and the next one are
+    reorthogonalised, as in the core.
     """
     dt = om["cur"].dtype
     a = om["alpha"].at[:, j].set(alpha.astype(dt))
@@ -183,6 +186,10 @@ def _omega_advance(om: dict, j: Any, alpha: Any, beta: Any, beta_prev: Any, anor
     norm = jnp.maximum(jnp.maximum(anorm, jnp.abs(alpha) + beta + beta_prev),
                        jnp.finfo(dt).tiny)
     live = beta > eps * norm
+    # active before this step and not sure to break down at it (half of the engine's
+    # breakdown test, which runs in the arithmetic's dtype: a safe margin)
+    entering = (beta_prev > 0) | (j == 0)
+    weak = jnp.any(entering & ~live & (beta > 0.5 * tol * norm))
     rounding = eps * float(np.sqrt(n))
     safe = jnp.where(live, beta, jnp.ones_like(beta))
     t = (b_i * w_ip1 + (a_i - alpha[:, None]) * cur + b_im1 * w_im1
@@ -193,11 +200,11 @@ def _omega_advance(om: dict, j: Any, alpha: Any, beta: Any, beta_prev: Any, anor
     new = jnp.where(i == j, (rounding * norm / safe)[:, None], new)
     new = jnp.where(i == j + 1, 1.0, new)
     new = jnp.where(live[:, None], new, jnp.where(i == j + 1, 1.0, 0.0))
-    reorth = om["force"] | jnp.any((i <= j) & (jnp.abs(new) > float(np.sqrt(eps))))
+    reorth = om["force"] | weak | jnp.any((i <= j) & (jnp.abs(new) > float(np.sqrt(eps))))
     # reorthogonalised: the estimates reset; Simon: the next vector is reorthogonalised too
     new = jnp.where(reorth & (i <= j), rounding, new).astype(dt)
     out = {"cur": new, "prev": cur, "alpha": a, "beta": b,
-           "force": jnp.where(reorth, ~om["force"], om["force"]),
+           "force": jnp.where(reorth, weak | ~om["force"], om["force"]),
            "sweeps": om["sweeps"] + reorth.astype(om["sweeps"].dtype)}
     return out, reorth
 
@@ -256,21 +263,29 @@ def _run(apply: Callable[[Any, Any], Any], operand: Any, V0: Any, tol: Any, *, m
                 alpha = alpha + jax.lax.dynamic_index_in_dim(hw, slot, axis=1, keepdims=False)
                 return w - (corr if same else corr.astype(wdt)), alpha, hw
 
-            def sweeps(wa: tuple[Any, Any]) -> tuple[Any, Any, Any]:
+            def cancels(w: Any, hw: Any) -> Any:
+                # Daniel, Gragg, Kaufman & Stewart (1976): a sweep cancelled when it
+                # removed more than half of ||w||^2, i.e. ||w'|| < ||h|| (Pythagoras)
+                return jnp.any(_rowdot(w, w) < jnp.sum(hw * hw, axis=1))
+
+            def again(wa: tuple[Any, Any]) -> tuple[Any, Any]:
+                # the second sweep; a third when the second cancelled too (a vector
+                # mostly made of rounding past a breakdown, as in the core)
                 w, alpha, hw = sweep(*wa)
-                # Daniel, Gragg, Kaufman & Stewart (1976): the second sweep only when the
-                # first removed more than half of ||w||^2, i.e. ||w'|| < ||h||
-                # (Pythagoras); decided on the device by lax.cond, so nothing is read back
-                cancelled = jnp.any(_rowdot(w, w) < jnp.sum(hw * hw, axis=1))
-                w, alpha = jax.lax.cond(cancelled, lambda wa: sweep(*wa)[:2],
-                                        lambda wa: wa, (w, alpha))
+                return jax.lax.cond(cancels(w, hw), lambda wa: sweep(*wa)[:2],
+                                    lambda wa: wa, (w, alpha))
+
+            def sweeps(wa: tuple[Any, Any]) -> tuple[Any, Any, Any]:
+                # (decided on the device by lax.cond, so nothing is read back)
+                w, alpha, hw = sweep(*wa)
+                w, alpha = jax.lax.cond(cancels(w, hw), again, lambda wa: wa, (w, alpha))
                 return w, alpha, hw
 
             if mode == "partial":
                 # Simon's estimate of the new vector's orthogonality to the older ones
                 s["omega"], needed = _omega_advance(
                     s["omega"], j, alpha, jnp.sqrt(_rowdot(w, w)), beta_prev, anorm,
-                    eps=eps_omega, n=n)
+                    eps=eps_omega, n=n, tol=tol)
                 w, alpha = jax.lax.cond(needed, lambda wa: sweeps(wa)[:2], lambda wa: wa,
                                         (w, alpha))
             else:
