@@ -119,10 +119,24 @@ def check_sigma(sigma: Any) -> float:
     return sigma
 
 
+def pow2_units(amax: Any) -> Any:
+    """Powers of two within a factor 2 of ``amax`` (elementwise; 1 where ``amax`` is 0 or
+    not finite): dividing by them is exact, and brings ``amax`` into ``[1, 2)``, where
+    squares neither overflow nor underflow. A float for a scalar ``amax``."""
+    a = np.asarray(amax, dtype=np.float64)
+    ok = (a > 0) & np.isfinite(a)
+    out = np.where(ok, np.ldexp(1.0, np.frexp(np.where(ok, a, 1.0))[1] - 1), 1.0)
+    return out if out.ndim else float(out)
+
+
 def estimate_from_samples(per_probe: np.ndarray, quadrature_error: Any = None) -> Estimate:
     """:class:`Estimate` from per-probe values (first axis: probes).
 
-    Refuses non-finite values: a NaN is never averaged in.
+    Refuses non-finite values: a NaN is never averaged in. The mean and standard error are
+    computed in units of a power of two near each component's largest ``|value|``
+    (:func:`pow2_units`): the same bits as without units wherever the squared deviations
+    are normal numbers, and no overflow to Inf (values beyond 1e154) or underflow to 0
+    (below 1e-154) elsewhere.
     """
     per_probe = np.asarray(per_probe, dtype=np.float64)
     if not np.all(np.isfinite(per_probe)):
@@ -131,8 +145,11 @@ def estimate_from_samples(per_probe: np.ndarray, quadrature_error: Any = None) -
             "some Ritz values or nodes?); specdens never averages such values in"
         )
     k = per_probe.shape[0]
-    mean = per_probe.mean(axis=0)
-    stderr = per_probe.std(axis=0, ddof=1) / np.sqrt(k) if k > 1 else np.full_like(mean, np.nan)
+    unit = pow2_units(np.max(np.abs(per_probe), axis=0, initial=0.0))
+    x = per_probe / unit
+    mean = x.mean(axis=0) * unit
+    stderr = (x.std(axis=0, ddof=1) / np.sqrt(k) * unit if k > 1
+              else np.full_like(mean, np.nan))
     if quadrature_error is None:
         quadrature_error = np.full_like(mean, np.nan)
     quad = np.asarray(quadrature_error, dtype=np.float64)

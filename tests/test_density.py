@@ -450,3 +450,19 @@ def test_fraction_negative_refuses_a_bad_tol_and_the_step_cdf_keeps_nan():
     assert np.isnan(d.cdf(np.nan))
     np.testing.assert_allclose(d.cdf([np.nan, 0.0, 10.0]), [np.nan, 0.25, 1.0])
     assert np.isnan(d.cdf(np.nan, sigma=1.0))
+
+
+def test_standard_errors_do_not_overflow_or_underflow_with_the_scale():
+    """The per-probe moments of an operator of scale 1e100 are ~1e200: their squared
+    deviations overflowed and moments(2) reported stderr inf (0 at 1e-100, claiming an
+    exact estimate). In units of a power of two (exact) the standard error scales with
+    the operator: the same bits at c = 2^k for these c."""
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(rng.standard_normal((50, 50)))[0]
+    A = (Q * np.linspace(1.0, 3.0, 50)) @ Q.T
+    ref = specdens.slq(A, num_steps=10, num_probes=4).moments(np.array([1, 2]))
+    for k in (330, -330):
+        c = 2.0**k
+        m = specdens.slq(c * A, num_steps=10, num_probes=4).moments(np.array([1, 2]))
+        np.testing.assert_array_equal(m.value / c ** np.array([1, 2]), ref.value)
+        np.testing.assert_array_equal(m.stderr / c ** np.array([1, 2]), ref.stderr)

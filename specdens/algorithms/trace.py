@@ -69,7 +69,7 @@ import numpy as np
 from scipy.linalg import solve_triangular
 
 from .. import _array, _checks
-from ..density import normal_quantile
+from ..density import estimate_from_samples, normal_quantile, pow2_units
 from .probes import probe_block
 
 TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "xnystrace", "slq")
@@ -250,30 +250,11 @@ def _numerical_rank(R: np.ndarray, eps: float) -> tuple[int, np.ndarray]:
     return int(np.sum(sv > tol)), U
 
 
-def _pow2_scale(amax: float) -> float:
-    """A power of two within a factor 2 of ``amax > 0`` (1 for 0): dividing by it is
-    exact, and brings ``amax`` into ``[1, 2)``. It is at most ``amax``, so it is
-    representable in the dtype ``amax`` came from (float32's largest power of two is
-    ``2^127``; ``amax`` itself may be subnormal)."""
-    if not (amax > 0.0 and math.isfinite(amax)):
-        return 1.0
-    return math.ldexp(1.0, math.frexp(amax)[1] - 1)
-
-
 def _not_finite(what: str) -> FloatingPointError:
     return FloatingPointError(
         f"the {what} is not finite: the operator's values are so large that the estimate "
         "(or the sums that form it) leave the floating-point range; specdens does not "
         "return Inf or NaN as an estimate. Scale the operator down.")
-
-
-def _scaled_std(samples: np.ndarray) -> float:
-    """``std(samples, ddof=1)`` computed from ``samples / max |samples|``: the squares
-    neither overflow nor underflow at any representable scale."""
-    amax = float(np.max(np.abs(samples)))
-    if amax == 0.0 or not math.isfinite(amax):
-        return 0.0 if amax == 0.0 else float("nan")
-    return float(np.std(samples / amax, ddof=1)) * amax
 
 
 def _finish_scalar(samples: np.ndarray, offset: float, matvecs: int, method: str, n: int,
@@ -283,8 +264,9 @@ def _finish_scalar(samples: np.ndarray, offset: float, matvecs: int, method: str
     k = samples.size
     if not np.all(np.isfinite(samples)) or not math.isfinite(offset):
         raise _not_finite("trace estimate")
-    se = _scaled_std(samples) / math.sqrt(k) * scale if k > 1 else float("nan")
-    value = (offset + float(np.mean(samples))) * scale
+    est = estimate_from_samples(samples)   # (in units where no square overflows)
+    se = est.stderr * scale if k > 1 else float("nan")
+    value = (offset + est.value) * scale
     if not math.isfinite(value) or (k > 1 and not math.isfinite(se)):
         raise _not_finite("trace estimate")
     return TraceEstimate(value, se, matvecs, method, n, k)
@@ -467,7 +449,7 @@ def _xtrace(ctx: _Ctx, s: int, seed: int) -> TraceEstimate:
         raise _not_finite("sketch A W (its QR factor)")
     # work in units of rho ~ max |R| ~ the operator's scale: R^{-1} then neither overflows
     # nor underflows (the results are multiplied back by rho at the end)
-    rho = _pow2_scale(float(np.max(np.abs(R))) if R.size else 0.0)
+    rho = pow2_units(float(np.max(np.abs(R))) if R.size else 0.0)
     R = R / rho
     H = ctx.host(ctx.mm(ctx.t(Q), Z)) / rho
     W = ctx.host(ctx.mm(ctx.t(Q), Om))
@@ -510,7 +492,7 @@ def _nystrom_parts(ctx: _Ctx, s: int, seed: int, kind: str):
         # A W = 0: the Nyström approximation and every residual term w^T A w vanish, so
         # each estimate is exactly 0 (the zero operator is positive semi-definite).
         return Om, None, None, 0.0, 1.0
-    unit = _pow2_scale(amax)
+    unit = pow2_units(amax)
     Y = Y / unit  # exact (a power of two); max |Y| in [1, 2): no square over/underflows
     G = ctx.host(ctx.mm(ctx.t(Om), Y))
     G = 0.5 * (G + G.T)
@@ -754,7 +736,7 @@ def diagonal(
         if not np.all(np.isfinite(R)):
             raise _not_finite("sketch A W (its QR factor)")
         # in units of a power of two near max |R| (see _xtrace)
-        unit = _pow2_scale(float(np.max(np.abs(R))) if R.size else 0.0)
+        unit = pow2_units(float(np.max(np.abs(R))) if R.size else 0.0)
         R = R / unit
         Z = Z / unit
         rank, U = _numerical_rank(R, ctx.eps)
