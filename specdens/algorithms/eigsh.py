@@ -31,7 +31,7 @@ import numpy as np
 
 from .. import _array, _checks
 from . import _buffers
-from .lanczos import LanczosWarning, ScaleError, _reads_are_free, check_scale
+from .lanczos import LanczosWarning, ScaleError, _normalised_rows, _reads_are_free, check_scale
 
 WHICH = ("LA", "SA", "LM", "BE")
 """Parts of the spectrum :func:`eigsh` computes."""
@@ -711,13 +711,12 @@ def _start_vector(op: Any, v0: Any, rng: np.random.Generator, wdt: Any,
         v = v0
         if _array.dtype_name(v.dtype) not in _array.SUPPORTED_DTYPES:
             v = xp.astype(v, wdt)  # (integers, booleans)
-        # Divided by its largest entry first where its scale calls for it (in its own
-        # dtype, before the conversion): any finite non-zero v0 is accepted.
-        s = xp.max(xp.abs(v))
-        big = float(_array.to_numpy(s))
+        big = float(_array.to_numpy(xp.max(xp.abs(v))))
         if not math.isfinite(big) or big == 0.0:
             raise ValueError(f"v0 must be finite and non-zero (its largest entry is {big})")
-        v = xp.astype(v / _scale(xp, s, bounds, xp.ones_like(s)), wdt)
+        # (normalised as lanczos normalises explicit probes: divided by its largest entry
+        # before its norm is taken, so any finite non-zero v0 is accepted)
+        return _normalised_rows(xp.reshape(v, (1, n)), xp, _array.dtype_name(wdt))[0]
     nrm = float(_array.to_numpy(_norm(xp, v, bounds)))
     return v / nrm
 
