@@ -25,7 +25,16 @@ from typing import Any
 
 import numpy as np
 
-from .density import KERNELS, SpectralDensity, check_sigma
+from .density import (
+    GRID_GROWTH,
+    GRID_MAX_UNIFORM,
+    GRID_MIN_POINTS,
+    GRID_POINTS_PER_SIGMA,
+    KERNELS,
+    SpectralDensity,
+    _graded_points,
+    check_sigma,
+)
 
 __all__ = [
     "RUN_VIEWS",
@@ -67,20 +76,26 @@ def smoothed_eigenvalue_density(eigenvalues: Any, grid: Any, *, sigma: float,
     """``(1/n) sum_i k_sigma(x - lambda_i)`` on ``grid``: known eigenvalues smoothed by the
     kernel :meth:`SpectralDensity.density` uses, for a like-for-like comparison.
 
-    On an evenly spaced grid the eigenvalues within half a grid step of it are first
-    binned to the grid (an error of at most half a grid step in each location, a sixth
-    of ``sigma`` on the default grid) and the bins convolved with the kernel by FFT, so a
-    million eigenvalues cost little. Eigenvalues outside the grid are never binned to its
-    ends (that drew false peaks there): a few add their exact kernel values; many (a zoom
-    into a large spectrum) are binned on the grid extended at the same step as far as
-    they reach, up to 2**21 points, and the rest summed exactly. For the Gaussian only
-    eigenvalues within ``40 sigma`` of the grid count: a term farther away is below
-    ``exp(-800)``, zero in float64. On another grid the whole sum is computed exactly.
+    On an evenly spaced grid whose step ``h`` is at most ``sigma / 3`` (``BIN_MAX_STEP``
+    kernel widths; the grids of :func:`plot_density` are) the eigenvalues within half a
+    grid step of it are first binned to the grid and the bins convolved with the kernel by
+    FFT, so a million eigenvalues cost little. Binning moves each eigenvalue by at most
+    ``h / 2 <= sigma / 6``, which changes the density by at most ``(h / 2) sup|k'|``:
+    ``exp(-1/2) / 6 = 0.101`` of the kernel's peak ``k(0)`` for the Gaussian and
+    ``3 sqrt(3) / 48 = 0.108`` of it for the Lorentzian (the density itself is at most
+    ``k(0)``). A coarser even grid would move an eigenvalue by up to ``h / 2`` and draw it
+    at full height far from where it is, so there, and on any other grid, the whole sum
+    is computed exactly. Eigenvalues outside a binned grid are never binned to its ends
+    (that drew false peaks there): a few add their exact kernel values; many (a zoom into
+    a large spectrum) are binned on the grid extended at the same step as far as they
+    reach, up to 2**21 points, and the rest summed exactly. For the Gaussian only
+    eigenvalues within ``40 sigma`` of a grid point count, binned or summed exactly: a
+    term farther away is below ``exp(-800)``, zero in float64.
 
     Parameters
     ----------
     eigenvalues
-        The spectrum, 1-D.
+        The spectrum, 1-D, finite.
     grid
         Points to evaluate at, 1-D.
     sigma, kernel
@@ -90,17 +105,29 @@ def smoothed_eigenvalue_density(eigenvalues: Any, grid: Any, *, sigma: float,
     -------
     numpy.ndarray
         The density at ``grid``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown kernel, a ``sigma`` that is not positive and finite, or NaN or
+        infinite eigenvalues (they have no place on the axis; drop them first).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}; choose one of {', '.join(KERNELS)}")
     sigma = check_sigma(sigma)
     lam = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
     x = np.asarray(grid, dtype=np.float64).reshape(-1)
+    bad = np.count_nonzero(~np.isfinite(lam))
+    if bad:
+        raise ValueError(f"eigenvalues hold {bad} NaN or infinite value(s) of {lam.size}; "
+                         "drop them (e.g. eigenvalues[numpy.isfinite(eigenvalues)]) or fix "
+                         "the computation that produced them")
     if lam.size == 0 or x.size == 0:
         return np.zeros(x.shape)
     steps = np.diff(x)
     uniform = x.size > 2 and steps[0] > 0 and np.allclose(steps, steps[0], rtol=1e-6, atol=0)
-    if not uniform:
+    # the same slack as the uniformity test, for the rounding of numpy.linspace
+    if not uniform or steps[0] > BIN_MAX_STEP * sigma * (1 + 1e-6):
         return _direct_sum(x, lam, sigma, kernel) / lam.size
     from scipy.signal import fftconvolve
 
@@ -111,7 +138,7 @@ def smoothed_eigenvalue_density(eigenvalues: Any, grid: Any, *, sigma: float,
     # extended at the same step as far as they reach (40 sigma for the Gaussian: a term
     # farther away is below exp(-800), zero in float64), up to EXTENDED_POINTS points,
     # and only those beyond it are summed exactly.
-    reach = 40 * sigma if kernel == "gaussian" else np.inf
+    reach = GAUSSIAN_REACH * sigma if kernel == "gaussian" else np.inf
     near = (lam > x[0] - reach) & (lam < x[-1] + reach)
     pos = np.rint((lam - x[0]) / h)
     outside = near & ((pos < 0) | (pos > x.size - 1))
@@ -143,25 +170,77 @@ def smoothed_eigenvalue_density(eigenvalues: Any, grid: Any, *, sigma: float,
 # bin the others (an FFT of twice that length, well under a second).
 DIRECT_TERMS = 2**24
 EXTENDED_POINTS = 2**21
+BIN_MAX_STEP = 1.0 / 3.0
+"""The largest step of an even grid, in kernel widths, on which
+:func:`smoothed_eigenvalue_density` bins the eigenvalues (each then moves by at most a
+sixth of ``sigma``); on a coarser grid it sums the kernel exactly."""
+GAUSSIAN_REACH = 40.0
+"""Kernel widths beyond which a Gaussian term is ``exp(-800)``, zero in float64."""
+_CHUNK_TERMS = 2**22
 
 
 def _direct_sum(x: np.ndarray, lam: np.ndarray, sigma: float, kernel: str) -> np.ndarray:
-    """``sum_i k_sigma(x - lambda_i)`` at each ``x``, in chunks of about 4M terms."""
-    out = np.empty(x.shape)
-    chunk = max(1, 2**22 // lam.size)
-    for s in range(0, x.size, chunk):
-        out[s:s + chunk] = _kernel(x[s:s + chunk, None] - lam[None, :], sigma, kernel).sum(1)
+    """``sum_i k_sigma(x - lambda_i)`` at each ``x``, in chunks of about 4M terms.
+
+    For the Gaussian only the eigenvalues within ``GAUSSIAN_REACH`` widths of a chunk of
+    (sorted) points are summed: the others' terms are exactly zero in float64, so the sum
+    is the same up to the order of its additions, and a wide grid of many points costs
+    about the points near the spectrum times its size, not all points times its size.
+    """
+    out = np.zeros(x.shape)
+    if x.size == 0 or lam.size == 0:
+        return out
+    if kernel != "gaussian":
+        chunk = max(1, _CHUNK_TERMS // lam.size)
+        for s in range(0, x.size, chunk):
+            out[s:s + chunk] = _kernel(x[s:s + chunk, None] - lam[None, :], sigma,
+                                       kernel).sum(1)
+        return out
+    lam = np.sort(lam)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    reach = GAUSSIAN_REACH * sigma
+    first = np.searchsorted(lam, xs - reach, side="left")
+    stop = np.searchsorted(lam, xs + reach, side="right")
+    s = 0
+    while s < xs.size:
+        e = min(xs.size, s + max(1, _CHUNK_TERMS // max(1, int(stop[s] - first[s]))))
+        while e - s > 1 and (e - s) * int(stop[e - 1] - first[s]) > _CHUNK_TERMS:
+            e = s + (e - s) // 2
+        a, b = int(first[s]), int(stop[e - 1])
+        if b > a:
+            out[order[s:e]] = _kernel(xs[s:e, None] - lam[None, a:b], sigma, kernel).sum(1)
+        s = e
+    out[np.isnan(x)] = np.nan  # as the full sum gives (searchsorted puts NaN past the end)
     return out
 
 
 def _plot_grid(density: SpectralDensity, sigma: float) -> np.ndarray:
-    """The default grid of :meth:`SpectralDensity.default_grid`, padded by 2% of the
-    range on each side as well so that extreme outliers do not sit on the frame."""
+    """The grid :func:`plot_density` draws on: the Ritz values' range padded by ``5 sigma``
+    or 2% of the range on each side, whichever is more, so that extreme outliers do not
+    sit on the frame.
+
+    Where an even grid of step ``sigma / 3`` takes at most ``GRID_MAX_UNIFORM`` (20001)
+    points that is the grid (at least ``GRID_MIN_POINTS``, 1001). A wider range takes
+    :meth:`SpectralDensity.default_grid` (fine windows of step ``sigma / 3`` around every
+    Ritz value, graded spacing between them) extended to the padding by graded points: an
+    even grid capped at 20001 points would step over the kernel's peaks and lose them.
+    """
     b = density.bounds()
     pad = max(5 * sigma, 0.02 * (b.upper - b.lower))
     lo, hi = b.lower - pad, b.upper + pad
-    num = int(np.clip(np.ceil(3 * (hi - lo) / sigma), 1001, 20001))
-    return np.linspace(lo, hi, num)
+    fine = sigma / GRID_POINTS_PER_SIGMA
+    num = int(np.ceil((hi - lo) / fine)) + 1  # a step of at most sigma / 3
+    if num <= GRID_MAX_UNIFORM:
+        return np.linspace(lo, hi, max(num, GRID_MIN_POINTS))
+    grid = density.default_grid(sigma)
+    coarse = (hi - lo) / (GRID_MAX_UNIFORM - 1)
+    pieces = [grid]
+    if lo < grid[0]:
+        pieces += [[lo], _graded_points(lo, float(grid[0]), fine, coarse, GRID_GROWTH)]
+    if hi > grid[-1]:
+        pieces += [_graded_points(float(grid[-1]), hi, fine, coarse, GRID_GROWTH), [hi]]
+    return np.unique(np.concatenate(pieces))
 
 
 def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool = True,
@@ -184,7 +263,11 @@ def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool 
     sigma, kernel, grid
         Passed to :meth:`SpectralDensity.density` (defaults: the median Ritz-value gap,
         a Gaussian, and the Ritz values' range padded by 5 sigma or 2% of the range,
-        whichever is more, with about 3 points per sigma, 1001 to 20001 points).
+        whichever is more: an even grid of step at most ``sigma / 3`` when that takes
+        1001 to 20001 points, else the graded grid of
+        :meth:`SpectralDensity.default_grid`, with a step of ``sigma / 3`` within 8.5
+        sigma of every Ritz value, extended to the padding, so that no peak falls
+        between grid points).
     floor
         Relative floor of the log axis, in ``(0, 1)``.
     reference
@@ -194,7 +277,8 @@ def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool 
         Legend label of ``reference``.
     mark_outliers
         Mark the outliers of :func:`specdens.summary.outliers` with triangles above
-        the curve.
+        the curve (near the top of the axis, also when the curve is zero throughout);
+        they get a legend entry only when there are some.
     **kwargs
         Passed to ``ax.plot`` for the SLQ curve (``color``, ``label``, ``lw``...).
 
@@ -210,7 +294,7 @@ def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool 
     require_matplotlib()
     if not 0.0 < floor < 1.0:
         raise ValueError(f"floor must be in (0, 1); got {floor}")
-    sigma = density.default_sigma() if sigma is None else float(sigma)
+    sigma = density.default_sigma() if sigma is None else check_sigma(sigma)
     if grid is None:
         grid = _plot_grid(density, sigma)
     x, values = density.density(grid, sigma=sigma, kernel=kernel)
@@ -230,26 +314,33 @@ def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool 
     if log_density:
         values = np.maximum(values, lowest)
         ref = None if ref is None else np.maximum(ref, lowest)
+        ylim = (lowest, top * 4 if top > 0 else 1.0)
+    else:
+        ylim = (0.0, top * 1.1 if top > 0 else 1.0)
     ax.plot(x, values, **kwargs)
+    labelled = bool(kwargs["label"]) and not str(kwargs["label"]).startswith("_")
     if ref is not None:
         ax.plot(x, ref, color="0.35", lw=0.9, ls="--", label=reference_label, zorder=1)
+        labelled = True
     if mark_outliers:
         from .summary import outliers
 
         found = np.array([o.value for o in outliers(density)])
         if found.size:
-            at = 1.8 * top if log_density else 1.04 * top
+            # 1.8 top on a log axis up to 4 top, 1.04 top on a linear one up to 1.1 top;
+            # the same fraction of the axis when the curve is 0 (not 0 itself, which a
+            # log axis cannot show)
+            at = ylim[1] * (0.45 if log_density else 1.04 / 1.1)
             ax.plot(found, np.full(found.shape, at), ls="none", marker="v", ms=5,
                     color="tab:red", label=f"outliers ({found.size})")
+            labelled = True
     if log_density:
         ax.set_yscale("log")
-        ax.set_ylim(lowest, top * 4 if top > 0 else 1.0)
-    else:
-        ax.set_ylim(0.0, top * 1.1 if top > 0 else 1.0)
+    ax.set_ylim(*ylim)
     ax.set_xlim(float(np.min(x)), float(np.max(x)))
     ax.set_xlabel("eigenvalue")
     ax.set_ylabel("density (log scale)" if log_density else "density")
-    if ref is not None or mark_outliers or kwargs.get("label"):
+    if labelled:
         ax.legend(loc="best", fontsize="small")
     return ax
 
@@ -316,7 +407,8 @@ def plot_densities_over_time(records: Any, ax: Any = None, *, run: str | None = 
         :class:`~specdens.tracker.SpectrumRecord` objects (e.g.
         :func:`specdens.tracker.read_records`), of one run or with ``run`` given.
     ax
-        matplotlib axes (default: pyplot's current axes).
+        matplotlib axes (default: pyplot's current axes, taken only once the input has
+        been checked, so a refused call leaves no new figure open).
     run
         The run to draw.
     steps
@@ -327,7 +419,8 @@ def plot_densities_over_time(records: Any, ax: Any = None, *, run: str | None = 
         Kernel width for every curve (default: each density's own,
         :meth:`SpectralDensity.default_sigma`).
     floor, log_density
-        As in :func:`plot_density`; the floor is relative to the highest curve.
+        As in :func:`plot_density`; the floor is relative to the highest curve. Each
+        curve is drawn on its density's grid of :func:`plot_density`.
     cmap
         Colour map from the earliest (dark) to the latest step.
 
@@ -335,9 +428,11 @@ def plot_densities_over_time(records: Any, ax: Any = None, *, run: str | None = 
     -------
     matplotlib.axes.Axes
     """
-    ax = _gca(ax)
+    matplotlib = require_matplotlib()
     if not 0.0 < floor < 1.0:
         raise ValueError(f"floor must be in (0, 1); got {floor}")
+    sigma = None if sigma is None else check_sigma(sigma)
+    colour_map = matplotlib.colormaps[cmap]
     recs = _run_records(records, run, need_density=True)
     if steps is not None:
         wanted = {int(s) for s in steps}
@@ -347,17 +442,16 @@ def plot_densities_over_time(records: Any, ax: Any = None, *, run: str | None = 
         recs = [r for r in recs if r.step in wanted]
     else:
         recs = _pick(recs, max(1, int(max_curves)))
-    import matplotlib
-
-    colours = matplotlib.colormaps[cmap](np.linspace(0.0, 0.9, len(recs)))
+    colours = colour_map(np.linspace(0.0, 0.9, len(recs)))
     curves = []
     for r in recs:
         d = r.density
-        sg = d.default_sigma() if sigma is None else float(sigma)
+        sg = d.default_sigma() if sigma is None else sigma
         x, y = d.density(_plot_grid(d, sg), sigma=sg)
         curves.append((r.step, x, y))
     top = max(float(np.max(y)) for _, _, y in curves)
     lowest = floor * top if top > 0 else floor
+    ax = _gca(ax)
     for (step, x, y), c in zip(curves, colours, strict=True):
         ax.plot(x, np.maximum(y, lowest) if log_density else y, color=c, lw=1.1,
                 label=f"step {step}")
@@ -379,15 +473,17 @@ def plot_density_heatmap(records: Any, ax: Any = None, *, run: str | None = None
     Every record's density is evaluated on one eigenvalue grid (``num_points`` points over
     the range of all records, or ``eigenvalue_range``) with its own kernel width, widened
     to at least 1.5 grid spacings so that no outlier falls between grid points. Columns
-    are the records in step order (labelled with their steps).
+    are the records in step order (labelled with their steps). With ``ax=None`` pyplot's
+    current axes are taken only once the input has been checked.
 
     Returns
     -------
     matplotlib.axes.Axes
     """
-    ax = _gca(ax)
+    matplotlib = require_matplotlib()
     if not 0.0 < floor < 1.0:
         raise ValueError(f"floor must be in (0, 1); got {floor}")
+    matplotlib.colormaps[cmap]  # an unknown name fails here, before a figure is made
     recs = _run_records(records, run, need_density=True)
     if eigenvalue_range is None:
         lo = min(r.density.bounds().lower for r in recs)
@@ -412,6 +508,7 @@ def plot_density_heatmap(records: Any, ax: Any = None, *, run: str | None = None
     image = np.log10(np.maximum(image, floor * top if top > 0 else floor))
     xedges = np.arange(len(recs) + 1) - 0.5
     yedges = np.concatenate([grid - h / 2, [grid[-1] + h / 2]])
+    ax = _gca(ax)
     mesh = ax.pcolormesh(xedges, yedges, image, cmap=cmap, shading="flat")
     ax.figure.colorbar(mesh, ax=ax, label="log10 density")
     ticks = np.arange(len(recs))
@@ -423,19 +520,30 @@ def plot_density_heatmap(records: Any, ax: Any = None, *, run: str | None = None
     return ax
 
 
-def plot_top_eigenvalues(records: Any, ax: Any = None, *, run: str | None = None,
-                         bulk_edge: bool = True, yscale: str | None = None) -> Any:
-    """The recorded top eigenvalues over training, with the bulk's upper edge and the
-    outlier threshold of :func:`specdens.summary.bulk` (dashed and dotted).
+def _edge_lines(recs: list, which: str) -> list[tuple[str | None, str, np.ndarray]]:
+    """``(label, linestyle, values)`` of the bulk edges and outlier thresholds drawn next
+    to eigenvalues of kind ``which``: the upper ones for ``"LA"``, the lower ones for
+    ``"SA"``, both for ``"LM"``; none when no record holds statistics."""
+    def field(name: str) -> np.ndarray:
+        return np.array([getattr(r.stats.bulk, name) if r.stats else np.nan for r in recs],
+                        dtype=np.float64)
 
-    ``yscale``: ``"log"`` (default when every value drawn is positive) or ``"linear"``.
+    sides = {"LA": ("upper",), "SA": ("lower",)}.get(which, ("upper", "lower"))
+    lines: list[tuple[str | None, str, np.ndarray]] = []
+    for i, side in enumerate(sides):
+        edge = field(side)
+        if not np.any(np.isfinite(edge)):
+            return []
+        plural = "s" if len(sides) > 1 else ""
+        lines.append((f"bulk edge{plural}" if i == 0 else None, "--", edge))
+        lines.append((f"outlier threshold{plural}" if i == 0 else None, ":",
+                      field(f"{side}_threshold")))
+    return lines
 
-    Returns
-    -------
-    matplotlib.axes.Axes
-    """
-    ax = _gca(ax)
-    recs = _run_records(records, run)
+
+def _top_eigenvalue_data(recs: list, bulk_edge: bool) -> tuple:
+    """``steps, vals, lines``: the records' eigenvalues (descending, one row per record,
+    NaN-padded) and the edge lines of :func:`_edge_lines` (none without ``bulk_edge``)."""
     k = max((r.eigenvalues.size for r in recs), default=0)
     if k == 0:
         raise ValueError("the records hold no eigenvalues (tracker built with k=0)")
@@ -444,28 +552,55 @@ def plot_top_eigenvalues(records: Any, ax: Any = None, *, run: str | None = None
     for i, r in enumerate(recs):
         desc = np.sort(r.eigenvalues)[::-1]
         vals[i, : desc.size] = desc
-    drawn = [vals]
+    lines = _edge_lines(recs, recs[-1].which) if bulk_edge else []
+    return steps, vals, lines
+
+
+def _auto_yscale(arrays: list) -> str:
+    """``"log"`` when every finite value drawn is positive (and there is one), else
+    ``"linear"``."""
+    values = np.concatenate([np.ravel(v) for v in arrays]) if arrays else np.zeros(0)
+    values = values[np.isfinite(values)]
+    return "log" if values.size and np.all(values > 0) else "linear"
+
+
+def plot_top_eigenvalues(records: Any, ax: Any = None, *, run: str | None = None,
+                         bulk_edge: bool = True, yscale: str | None = None) -> Any:
+    """The recorded extreme eigenvalues over training, with the bulk edge and the outlier
+    threshold of :func:`specdens.summary.bulk` on their side (dashed and dotted).
+
+    The side follows the records' ``which``: the upper edge and threshold next to the
+    largest eigenvalues (``"LA"``), the lower ones next to the smallest (``"SA"``), and
+    both edges and both thresholds next to the largest in magnitude (``"LM"``), which may
+    lie on either side of the bulk.
+
+    ``yscale``: ``"log"`` (default when every value drawn, edges included, is positive)
+    or ``"linear"``. With ``ax=None`` pyplot's current axes are taken only once the input
+    has been checked.
+
+    Returns
+    -------
+    matplotlib.axes.Axes
+    """
     import matplotlib
 
+    require_matplotlib()
+    if yscale is not None and yscale not in ("log", "linear"):
+        raise ValueError(f"yscale={yscale!r}; choose 'log' or 'linear'")
+    recs = _run_records(records, run)
+    steps, vals, lines = _top_eigenvalue_data(recs, bulk_edge)
+    if yscale is None:
+        yscale = _auto_yscale([vals] + [y for _, _, y in lines])
+    k = vals.shape[1]
     colours = matplotlib.colormaps["plasma"](np.linspace(0.0, 0.85, k))
     which = recs[-1].which
     name = {"LA": "largest", "SA": "smallest", "LM": "largest |.|"}.get(which, which)
+    ax = _gca(ax)
     for i in range(k):
         ax.plot(steps, vals[:, i], color=colours[i], lw=1.0, marker=".", ms=3,
                 label=f"{k} {name} eigenvalues" if i == 0 else None)
-    if bulk_edge:
-        edge = np.array([r.stats.bulk.upper if r.stats else np.nan for r in recs])
-        thr = np.array([r.stats.bulk.upper_threshold if r.stats else np.nan for r in recs])
-        if np.any(np.isfinite(edge)):
-            ax.plot(steps, edge, color="0.3", ls="--", lw=1.0, label="bulk edge")
-            ax.plot(steps, thr, color="0.3", ls=":", lw=1.0, label="outlier threshold")
-            drawn += [edge, thr]
-    values = np.concatenate([np.ravel(v) for v in drawn])
-    values = values[np.isfinite(values)]
-    if yscale is None:
-        yscale = "log" if values.size and np.all(values > 0) else "linear"
-    if yscale not in ("log", "linear"):
-        raise ValueError(f"yscale={yscale!r}; choose 'log' or 'linear'")
+    for label, ls, y in lines:
+        ax.plot(steps, y, color="0.3", ls=ls, lw=1.0, label=label)
     ax.set_yscale(yscale)
     _step_axis(ax, steps)
     ax.set_ylabel("eigenvalue")
@@ -477,25 +612,32 @@ def plot_gradient_concentration(records: Any, ax: Any = None, *,
                                 runs: Any = None) -> Any:
     """``||P_k g||^2 / ||g||^2`` over training, one curve per run.
 
+    The step axis spans the steps of the runs drawn (``runs``, default all). With
+    ``ax=None`` pyplot's current axes are taken only once the input has been checked.
+
     Returns
     -------
     matplotlib.axes.Axes
     """
-    ax = _gca(ax)
+    require_matplotlib()
     recs = [r for r in records if r.concentration is not None]
     if not recs:
         raise ValueError("the records hold no gradient concentration (recorded without a "
                          "gradient, or with k=0)")
     names = sorted({r.run for r in recs}) if runs is None else list(runs)
+    curves = []
     for name in names:
         rs = sorted((r for r in recs if r.run == name), key=lambda r: r.step)
         if not rs:
             raise ValueError(f"no gradient concentration recorded for run {name!r}")
+        curves.append((name, rs))
+    ax = _gca(ax)
+    for name, rs in curves:
         k = rs[-1].concentration.k
         ax.plot([r.step for r in rs], [r.concentration.fraction for r in rs], marker="o",
                 ms=3, lw=1.2, label=f"{name} (k = {k})")
     ax.set_ylim(-0.02, 1.02)
-    _step_axis(ax, [r.step for r in recs])
+    _step_axis(ax, [r.step for _, rs in curves for r in rs])
     ax.set_ylabel("gradient in top-k eigenspace")
     ax.legend(loc="best", fontsize="small")
     return ax
@@ -507,7 +649,8 @@ def plot_series(records: Any, name: str, ax: Any = None, *, runs: Any = None,
     ``accuracy``, ``top_eigenvalue``, ``edge_ratio``, ``num_outliers``,
     ``negative_mass``...), one curve per run; missing (NaN) values leave gaps.
 
-    ``yscale``: ``"linear"`` or ``"log"``.
+    ``yscale``: ``"linear"`` or ``"log"``. With ``ax=None`` pyplot's current axes are
+    taken only once the input has been checked.
 
     Returns
     -------
@@ -515,25 +658,40 @@ def plot_series(records: Any, name: str, ax: Any = None, *, runs: Any = None,
     """
     from .tracker import series
 
-    ax = _gca(ax)
+    require_matplotlib()
     if yscale not in ("log", "linear"):
         raise ValueError(f"yscale={yscale!r}; choose 'log' or 'linear'")
     recs = list(records)
     names = list(dict.fromkeys(r.run for r in recs)) if runs is None else list(runs)
     if not names:
         raise ValueError("no records to plot")
-    last = []
+    curves = []
     for run in names:
         steps, values = series(recs, name, run=run)
         if steps.size == 0:
             raise ValueError(f"no records of run {run!r}")
+        curves.append((run, steps, values))
+    ax = _gca(ax)
+    for run, steps, values in curves:
         ax.plot(steps, values, marker="o", ms=3, lw=1.2, label=run)
-        last.append(steps.max())
     ax.set_yscale(yscale)
-    _step_axis(ax, last)
+    _step_axis(ax, [steps.max() for _, steps, _ in curves])
     ax.set_ylabel(name.replace("_", " "))
     ax.legend(loc="best", fontsize="small")
     return ax
+
+
+# Keywords plot_runs sets itself, never passed on from its **kwargs.
+_RUN_PANEL_OWN = ("records", "ax", "run", "runs")
+
+
+def _panel_keywords(function: Any) -> set[str]:
+    """The keywords of a panel function that :func:`plot_runs` passes on."""
+    import inspect
+
+    return {p.name for p in inspect.signature(function).parameters.values()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+            and p.name not in _RUN_PANEL_OWN}
 
 
 def plot_runs(records: Any, view: str = "overview", *, runs: Any = None,
@@ -550,17 +708,28 @@ def plot_runs(records: Any, view: str = "overview", *, runs: Any = None,
         (:func:`plot_top_eigenvalues`): one panel per run with shared axes where the
         quantities compare; ``"concentration"``: one panel with a curve per run;
         ``"overview"``: a row of each of the three per-run views plus the concentration.
+        The top-eigenvalue panels share their y axis and so one scale: log only when
+        every value drawn in every run is positive (or the ``yscale`` given).
     runs
         The runs, in column order (default: in order of first appearance).
     figsize
         Figure size in inches (default: 4.2 per column).
     **kwargs
-        Passed to the per-panel function.
+        Keywords of the panel functions (e.g. ``floor``, ``cmap``, ``sigma``,
+        ``yscale``), each passed to those panels whose function takes it (``floor`` and
+        ``cmap`` to both the density curves and the heat map in the ``"overview"``);
+        :func:`plot_gradient_concentration` takes none. ``run``, ``runs`` and ``ax`` are
+        set by ``plot_runs``.
 
     Returns
     -------
     matplotlib.figure.Figure
         Drawn with the Agg canvas, without pyplot: save it with ``fig.savefig(path)``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown view, no runs, or a keyword that no panel of the view takes.
     """
     require_matplotlib()
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -568,6 +737,16 @@ def plot_runs(records: Any, view: str = "overview", *, runs: Any = None,
 
     if view not in RUN_VIEWS:
         raise ValueError(f"view={view!r}; choose one of {', '.join(RUN_VIEWS)}")
+    per_run = {"densities": plot_densities_over_time, "heatmap": plot_density_heatmap,
+               "top_eigenvalues": plot_top_eigenvalues}
+    rows = [] if view == "concentration" else list(per_run) if view == "overview" else [view]
+    accepted = {row: _panel_keywords(per_run[row]) for row in rows}
+    taken = set().union(*accepted.values())
+    unknown = sorted(set(kwargs) - taken)
+    if unknown:
+        takes = ", ".join(sorted(taken)) if taken else "no keywords"
+        raise ValueError(f"plot_runs(view={view!r}) got keyword(s) {', '.join(unknown)} that "
+                         f"no panel of the view takes; it takes {takes}")
     recs = list(records)
     if runs is None:
         runs = list(dict.fromkeys(r.run for r in recs))
@@ -578,11 +757,17 @@ def plot_runs(records: Any, view: str = "overview", *, runs: Any = None,
     if view == "concentration":
         fig = Figure(figsize=figsize or (6.5, 4.0), layout="constrained")
         FigureCanvasAgg(fig)
-        plot_gradient_concentration(recs, fig.add_subplot(), runs=runs, **kwargs)
+        plot_gradient_concentration(recs, fig.add_subplot(), runs=runs)
         return fig
-    per_run = {"densities": plot_densities_over_time, "heatmap": plot_density_heatmap,
-               "top_eigenvalues": plot_top_eigenvalues}
-    rows = list(per_run) if view == "overview" else [view]
+    options = {row: {k: v for k, v in kwargs.items() if k in accepted[row]} for row in rows}
+    if "top_eigenvalues" in options and options["top_eigenvalues"].get("yscale") is None:
+        # shared y axes have one scale: log only if every run's values are positive
+        bulk_edge = options["top_eigenvalues"].get("bulk_edge", True)
+        drawn = []
+        for name in runs:
+            _, vals, lines = _top_eigenvalue_data(_run_records(recs, name), bulk_edge)
+            drawn += [vals] + [y for _, _, y in lines]
+        options["top_eigenvalues"]["yscale"] = _auto_yscale(drawn)
     nrow = len(rows) + (1 if view == "overview" else 0)
     fig = Figure(figsize=figsize or (4.2 * ncol, 3.4 * nrow), layout="constrained")
     FigureCanvasAgg(fig)
@@ -592,7 +777,7 @@ def plot_runs(records: Any, view: str = "overview", *, runs: Any = None,
         for j, name in enumerate(runs):
             share = first if row == "top_eigenvalues" else None
             ax = fig.add_subplot(grid[i, j], sharey=share)
-            per_run[row](recs, ax, run=name, **kwargs)
+            per_run[row](recs, ax, run=name, **options[row])
             ax.set_title(f"{name}", fontsize="medium")
             first = first or ax
     if view == "overview":

@@ -313,8 +313,8 @@ def summarize(density: SpectralDensity, **outlier_options: Any) -> dict:
         ``tr(A^2)/n``), each ``{"value", "stderr"}`` with the standard error over probes
         (``None`` for one probe); ``trace`` (``n`` times the first moment);
         ``outliers`` (a list of :class:`Outlier` as dicts) and ``outlier_rule`` (its
-        parameters); ``timings`` (``wall_time`` of the Lanczos run in seconds);
-        ``matvecs``; ``sigma`` (the default kernel width).
+        parameters as Python floats, ``side`` a string); ``timings`` (``wall_time`` of
+        the Lanczos run in seconds); ``matvecs``; ``sigma`` (the default kernel width).
     """
     b = density.bounds()
     m1, m2 = density.moments(1), density.moments(2)
@@ -328,6 +328,9 @@ def summarize(density: SpectralDensity, **outlier_options: Any) -> dict:
     rule = {"tail": 0.01, "gap": 0.5, "rtol": 1e-6, "side": "both"}
     rule.update(outlier_options)
     found = outliers(density, **rule)
+    # echoed as plain floats and strings (numpy scalars such as float32 are not JSON)
+    rule = {key: str(value) if key == "side" else float(value)
+            for key, value in rule.items()}
     return {
         "n": int(density.n),
         "steps": int(density.num_steps),

@@ -303,3 +303,273 @@ def test_runs_side_by_side(records):
     assert len(fig.axes) == 2 and fig.axes[0].get_title() == "b"  # panel and colour bar
     with pytest.raises(ValueError, match="view"):
         plot_runs(records, "spectrogram")
+
+
+# -- reviewed bugs ----------------------------------------------------------------------
+def _sym(lam, seed=0):
+    n = len(lam)
+    Q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((n, n)))
+    A = (Q * np.asarray(lam, dtype=np.float64)) @ Q.T
+    return (A + A.T) / 2
+
+
+def _track(path, run, lam, steps, *, which="LA", k=2, gradient=False):
+    """Records of ``run`` in ``path``: the matrix of spectrum ``lam`` scaled by 1 + step/10."""
+    from specdens.tracker import SpectrumTracker
+
+    A = _sym(lam)
+    g = np.random.default_rng(1).standard_normal(len(lam)) if gradient else None
+    tr = SpectrumTracker(path, run=run, k=k, which=which, num_steps=20, num_probes=2)
+    for step in steps:
+        tr.record(step, A * (1 + step / 10), g)
+
+
+@pytest.fixture(scope="module")
+def wide():
+    """A bulk of 199 eigenvalues in [0, 1] and one at 1e5: about 5e6 kernel widths."""
+    lam = np.concatenate([np.linspace(0.0, 1.0, 199), [1e5]])
+    return specdens.slq(_sym(lam), num_steps=40, num_probes=3, seed=0)
+
+
+def _check_wide_curve(d, x, y, sigma, lowest):
+    """The curve is the exact SLQ density on its grid (floored), the grid has a point
+    within sigma / 6 of every Ritz value, and so the plotted outlier peak is at least
+    exp(-(1/6 + delta/sigma)^2 / 2) of the density at the outlier's Ritz value (every
+    Gaussian term of the Ritz values within delta of it is, at the nearest grid point)."""
+    np.testing.assert_array_equal(y, np.maximum(d.density(x, sigma=sigma)[1], lowest))
+    theta = np.unique(d.atoms()[0])
+    i = np.clip(np.searchsorted(x, theta), 1, x.size - 1)
+    nearest = np.minimum(np.abs(x[i] - theta), np.abs(x[i - 1] - theta))
+    assert np.all(nearest <= sigma / 6 * (1 + 1e-9))
+    top = d.bounds().upper
+    group = theta[np.abs(theta - top) < 10 * sigma]
+    delta = float(np.max(np.abs(group - top)))
+    peak = d.density(np.array([top]), sigma=sigma)[1][0]
+    near = np.abs(x - top) < 10 * sigma
+    assert y[near].max() >= np.exp(-0.5 * (1 / 6 + delta / sigma) ** 2) * peak
+
+
+def test_wide_spectrum_plot_grid_resolves_every_peak(wide, tmp_path):
+    """An outlier 5e6 kernel widths from the bulk: the even grid capped at 20001 points
+    stepped 270 sigma and drew the whole curve at the floor. The plot grid is now
+    the density's graded default grid, padded: a step of sigma / 3 around every Ritz
+    value, and the trapezoid rule over it holds the total mass (1) to about
+    eps * max|theta| / sigma (SpectralDensity.default_grid)."""
+    from specdens.plotting import plot_densities_over_time
+
+    sigma = wide.default_sigma()
+    ax = new_axes()
+    plot_density(wide, ax)
+    x, y = ax.get_lines()[0].get_data()
+    lowest = ax.get_ylim()[0]
+    _check_wide_curve(wide, x, y, sigma, lowest)
+    b = wide.bounds()
+    pad = 0.02 * (b.upper - b.lower)
+    assert x[0] == pytest.approx(b.lower - pad) and x[-1] == pytest.approx(b.upper + pad)
+    eps = np.finfo(np.float64).eps
+    mass = np.trapezoid(wide.density(x, sigma=sigma)[1], x)
+    assert abs(mass - 1.0) <= 64 * eps * 1e5 / sigma
+    # the same grid for each curve over training
+    lam = np.concatenate([np.linspace(0.0, 1.0, 59), [1e5]])
+    _track(tmp_path / "w.jsonl", "w", lam, (0,), k=1)
+    from specdens.tracker import read_records
+
+    recs = read_records(tmp_path / "w.jsonl")
+    ax = new_axes()
+    plot_densities_over_time(recs, ax)
+    d = recs[0].density
+    x, y = ax.get_lines()[0].get_data()
+    _check_wide_curve(d, x, y, d.default_sigma(), ax.get_ylim()[0])
+
+
+@pytest.mark.parametrize("log_density", [True, False])
+def test_outlier_marks_stay_visible_on_a_zero_curve(wide, log_density):
+    """A grid on which the density is 0 throughout (top = 0): the marks were drawn at
+    1.8 * 0 = 0, nowhere on a log axis; now near the top of the axis as on any curve."""
+    ax = new_axes()
+    grid = np.linspace(-1e5, 2e5, 5)  # no point within 2.5e4 of a Ritz value
+    plot_density(wide, ax, grid=grid, mark_outliers=True, log_density=log_density)
+    assert np.all(ax.get_lines()[0].get_ydata() == (1e-8 if log_density else 0.0))
+    marks = ax.get_lines()[-1]
+    assert marks.get_label() == "outliers (1)"
+    lo, hi = ax.get_ylim()
+    (mark_y,) = set(marks.get_ydata())
+    assert lo < mark_y < hi and mark_y > 0
+    assert ax.get_xlim()[0] < marks.get_xdata()[0] < ax.get_xlim()[1]
+
+
+@pytest.mark.parametrize("kernel", ["gaussian", "lorentzian"])
+def test_smoothed_eigenvalue_density_bins_only_on_grids_of_step_at_most_sigma_over_3(kernel):
+    """Binning moves an eigenvalue by up to h/2: on a grid of step 20 sigma the one at
+    10.4, 8 sigma from every grid point, was drawn at full height 7.98 at x = 10 (exact
+    1.01e-13). Above h = sigma/3 the sum is exact (to the rounding of a few terms); at
+    h = sigma/3 it is binned, within (h/2) sup|k'| per unit mass of the exact sum."""
+    sigma = 0.05
+    lam = np.array([10.4, 37.0, 55.123, 55.2])
+    for grid in (np.linspace(0.0, 100.0, 101), np.linspace(9.0, 12.0, 3 * 20 + 2)):
+        assert grid[1] - grid[0] > sigma / 3
+        got = smoothed_eigenvalue_density(lam, grid, sigma=sigma, kernel=kernel)
+        np.testing.assert_allclose(got, _exact_smoothed(lam, grid, sigma, kernel),
+                                   rtol=1e-12, atol=0)
+    grid = np.linspace(0.0, 100.0, 6001)  # h = sigma / 3
+    got = smoothed_eigenvalue_density(lam, grid, sigma=sigma, kernel=kernel)
+    h = grid[1] - grid[0]
+    slope = (np.exp(-0.5) / (sigma**2 * np.sqrt(2 * np.pi)) if kernel == "gaussian"
+             else 3 * np.sqrt(3) / (8 * np.pi * sigma**2))
+    eps = np.finfo(np.float64).eps
+    err = np.max(np.abs(got - _exact_smoothed(lam, grid, sigma, kernel)))
+    assert err <= 0.5 * h * slope + 1e3 * eps * got.max()
+
+
+def test_smoothed_eigenvalue_density_refuses_non_finite_eigenvalues():
+    """NaN was left out of the sum but counted in 1/n on an even grid (half the density,
+    no error) and gave NaN on an uneven one."""
+    for bad in (np.nan, np.inf, -np.inf):
+        for grid in (np.linspace(-1, 1, 5), np.array([-1, -0.5, 0, 0.6, 1.0])):
+            with pytest.raises(ValueError, match="1 NaN or infinite value"):
+                smoothed_eigenvalue_density([0.0, bad], grid, sigma=0.1)
+
+
+@pytest.fixture(scope="module")
+def signed_records(tmp_path_factory):
+    """Run "neg" with eigenvalues in [-10, -1], run "pos" in [1, 10]; steps 0 and 10."""
+    from specdens.tracker import read_records
+
+    path = tmp_path_factory.mktemp("signed") / "r.jsonl"
+    _track(path, "neg", -np.linspace(1, 10, 40), (0, 10), gradient=True)
+    _track(path, "pos", np.linspace(1, 10, 40), (0, 1, 10), gradient=True)
+    return read_records(path)
+
+
+def test_plot_runs_top_eigenvalue_panels_share_one_scale(signed_records):
+    """The shared y axis took the last run's scale (log), and the negative run's curves
+    vanished; log now only when every run's values are positive."""
+    from specdens.plotting import plot_runs
+
+    fig = plot_runs(signed_records, "top_eigenvalues")
+    assert [ax.get_yscale() for ax in fig.axes] == ["linear", "linear"]
+    neg = fig.axes[0]
+    lo, hi = neg.get_ylim()
+    y = np.concatenate([ln.get_ydata() for ln in neg.get_lines()])
+    assert np.all((y >= lo) & (y <= hi))
+    fig = plot_runs(signed_records, "top_eigenvalues", runs=["pos"])
+    assert fig.axes[0].get_yscale() == "log"
+    fig = plot_runs(signed_records, "top_eigenvalues", yscale="linear", runs=["pos"])
+    assert fig.axes[0].get_yscale() == "linear"
+
+
+def test_top_eigenvalues_draw_the_edge_on_the_side_of_which(tmp_path):
+    """which="SA" drew the bulk's upper edge and threshold next to the smallest
+    eigenvalues; now the lower ones, and both for "LM"."""
+    from specdens.plotting import plot_top_eigenvalues
+    from specdens.tracker import read_records
+
+    lam = np.concatenate([np.linspace(-1, 1, 58), [-8.0, 6.0]])
+    for which in ("SA", "LM"):
+        _track(tmp_path / f"{which}.jsonl", which, lam, (0, 1), which=which)
+    rs = read_records(tmp_path / "SA.jsonl")
+    ax = new_axes()
+    plot_top_eigenvalues(rs, ax)
+    lines = {ln.get_label(): ln.get_ydata() for ln in ax.get_lines()}
+    np.testing.assert_array_equal(lines["bulk edge"], [r.stats.bulk.lower for r in rs])
+    np.testing.assert_array_equal(lines["outlier threshold"],
+                                  [r.stats.bulk.lower_threshold for r in rs])
+    assert ax.get_yscale() == "linear"
+    rs = read_records(tmp_path / "LM.jsonl")
+    ax = new_axes()
+    plot_top_eigenvalues(rs, ax)
+    edges = [ln for ln in ax.get_lines() if ln.get_linestyle() in ("--", ":")]
+    labels = [ln.get_label() for ln in edges]
+    assert labels[:2] == ["bulk edges", "outlier thresholds"]
+    assert all(label.startswith("_") for label in labels[2:])  # one legend entry each
+    for ln, name in zip(edges, ("upper", "upper_threshold", "lower", "lower_threshold"),
+                        strict=True):
+        np.testing.assert_array_equal(ln.get_ydata(), [getattr(r.stats.bulk, name) for r in rs])
+
+
+def test_plot_runs_passes_each_panel_only_its_keywords(records):
+    """Every keyword went to every panel of the overview (a TypeError from the first that
+    lacks it) and "concentration" passed them to a function taking none."""
+    from matplotlib.collections import QuadMesh
+
+    from specdens.plotting import plot_runs
+
+    fig = plot_runs(records, "overview", runs=["a"], floor=1e-3, sigma=0.2)
+    dens, heat = fig.axes[0], fig.axes[1]
+    y = np.concatenate([ln.get_ydata() for ln in dens.get_lines()])
+    assert dens.get_ylim()[0] == pytest.approx(1e-3 * y.max()) and y.min() >= 1e-3 * y.max()
+    rec = [r for r in records if r.run == "a" and r.step == 0][0]
+    x0 = dens.get_lines()[0].get_xdata()
+    np.testing.assert_array_equal(dens.get_lines()[0].get_ydata(), np.maximum(
+        rec.density.density(x0, sigma=0.2)[1], 1e-3 * y.max()))
+    (mesh,) = [c for c in heat.collections if isinstance(c, QuadMesh)]
+    image = mesh.get_array()
+    assert image.min() == pytest.approx(image.max() - 3.0)  # log10 of the 1e-3 floor
+    with pytest.raises(ValueError, match="floor that no panel.*takes no keywords"):
+        plot_runs(records, "concentration", floor=1e-3)
+    with pytest.raises(ValueError, match="bogus"):
+        plot_runs(records, "overview", bogus=1)
+    with pytest.raises(ValueError, match="sigma"):
+        plot_runs(records, "heatmap", sigma=0.1)
+    with pytest.raises(ValueError, match="run"):
+        plot_runs(records, "densities", run="a")
+
+
+def test_gradient_concentration_step_axis_spans_the_runs_drawn(signed_records):
+    """runs=["neg"] (steps 0 and 10) sized the step axis by every run's steps; the axis
+    ends at 1.3 times the last step drawn."""
+    import dataclasses
+
+    from specdens.plotting import plot_gradient_concentration
+
+    short = [r for r in signed_records if r.run == "neg"]
+    longer = [dataclasses.replace(r, step=r.step * 10_000) for r in signed_records
+              if r.run == "pos"]  # steps 0, 10_000, 100_000
+    ax = new_axes()
+    plot_gradient_concentration(short + longer, ax, runs=["neg"])
+    assert ax.get_xlim() == pytest.approx((-0.3, 13.0))
+    ax = new_axes()
+    plot_gradient_concentration(short + longer, ax)
+    assert ax.get_xlim() == pytest.approx((-0.3, 130_000.0))
+
+
+def test_refused_calls_leave_no_pyplot_figure_open(records):
+    """With ax=None the current axes were taken (a figure made) before the input was
+    checked, so a refused call left a figure open."""
+    import matplotlib.pyplot as plt
+
+    from specdens import plotting
+
+    calls = [
+        (plotting.plot_series, (records, "bogus"), {}),
+        (plotting.plot_densities_over_time, (records,), {}),  # several runs
+        (plotting.plot_densities_over_time, (records,), {"run": "a", "steps": [7]}),
+        (plotting.plot_density_heatmap, (records,), {"run": "c"}),
+        (plotting.plot_density_heatmap, (records,), {"run": "a", "num_points": 1}),
+        (plotting.plot_top_eigenvalues, (records,), {"run": "a", "yscale": "symlog"}),
+        (plotting.plot_gradient_concentration, (records,), {"runs": ["c"]}),
+    ]
+    before = plt.get_fignums()
+    try:
+        for function, args, kwargs in calls:
+            with pytest.raises(ValueError):
+                function(*args, **kwargs)
+            assert plt.get_fignums() == before, function.__name__
+    finally:
+        for num in set(plt.get_fignums()) - set(before):
+            plt.close(num)
+
+
+def test_mark_outliers_without_outliers_adds_no_legend():
+    """No outliers found and no labels: legend() warned "No artists with labels"."""
+    import warnings
+
+    d = specdens.slq(uniform(200).to_dense(), num_steps=20, num_probes=2, seed=0)
+    from specdens.summary import outliers
+
+    assert outliers(d) == ()
+    ax = new_axes()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_density(d, ax, mark_outliers=True)
+    assert ax.get_legend() is None and len(ax.get_lines()) == 1

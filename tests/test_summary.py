@@ -58,3 +58,21 @@ def test_negative_fraction_without_deflation_is_the_quadrature_estimate():
     assert lo - 4 * nm.stderr <= exact <= hi + 4 * nm.stderr
     one = summarize(specdens.slq(A, num_steps=40, num_probes=1))["negative_fraction"]
     assert one["stderr"] is None  # one probe: no standard error
+
+
+def test_outlier_rule_is_plain_json_for_numpy_options():
+    """Options given as numpy scalars were echoed unchanged in ``outlier_rule``, and
+    ``json.dumps`` failed on a float32 although the digest is meant for JSON. They are
+    now Python floats (and ``side`` a str) of the same values."""
+    import json
+
+    A = _matrix(40, np.linspace(-1.0, 1.0, 40))
+    d = specdens.slq(A, num_steps=10, num_probes=3, seed=np.int64(3))
+    options = {"tail": np.float32(0.02), "gap": np.float64(0.5), "rtol": np.float32(1e-6),
+               "side": np.str_("upper")}
+    s = summarize(d, **options)
+    rule = s["outlier_rule"]
+    assert rule == {k: (str(v) if k == "side" else float(v)) for k, v in options.items()}
+    assert all(type(v) is (str if k == "side" else float) for k, v in rule.items())
+    assert type(s["seed"]) is int
+    assert json.loads(json.dumps(s))["outlier_rule"] == rule
