@@ -22,7 +22,12 @@ Everything follows the PyTorch run (:mod:`specdens._investigate_torch`) step for
   ``theta -= lr * buf``.
 
 The spectrum is of the same Keras model, through :mod:`specdens.backends.tf` (which
-evaluates it at a snapshot of its variables and never writes to it).
+evaluates it at a snapshot of its variables and never writes to it). Its flat vectors
+hold the Dense kernels in Keras's ``(in, out)`` layout; :meth:`Run.record` hands the
+engine the Hessian and the gradient in PyTorch's order instead (``(out, in)`` kernels:
+:class:`TorchOrder`, a fixed permutation of the entries), as the JAX backend's are, so
+that the SLQ probes and eigsh's start vectors of a seed are the same vectors on the three
+backends and the densities agree, not only the permutation-invariant numbers.
 
 Importing this module imports TensorFlow and Keras, and needs Keras on its TensorFlow
 backend.
@@ -42,6 +47,7 @@ try:
 except ImportError as exc:  # pragma: no cover - Keras ships with TensorFlow >= 2.16
     raise ImportError(f"Keras 3 is missing ({exc})") from exc
 
+from specdens import LinearOperatorBase, _checks
 from specdens.backends.tf import gradient, hessian
 from specdens.backends.tf.tracking import evaluate
 
@@ -93,6 +99,64 @@ def set_weights(model: Any, weights: list) -> None:
     for layer, (W, b) in zip(dense, weights, strict=True):
         layer.kernel.assign(np.asarray(W).T)
         layer.bias.assign(np.asarray(b))
+
+
+def torch_order(shapes: list) -> np.ndarray:
+    """The permutation from the flat vectors of Keras variables of ``shapes`` (Dense
+    kernels ``(in, out)``, biases and BatchNorm vectors 1-D) to PyTorch's: entry ``i`` of
+    the torch-ordered vector is entry ``perm[i]`` of the Keras-ordered one (a kernel
+    ``K`` of shape ``(in, out)`` is flattened as ``K.T``, torch's ``(out, in)`` weight).
+    """
+    parts = []
+    start = 0
+    for shape in shapes:
+        size = int(np.prod(shape, dtype=np.int64))
+        idx = np.arange(start, start + size, dtype=np.int64)
+        if len(shape) == 2:
+            idx = idx.reshape(shape).T.reshape(-1)
+        elif len(shape) != 1:
+            raise ValueError(f"unexpected variable shape {shape} in the MLP")
+        parts.append(idx)
+        start += size
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+class TorchOrder(LinearOperatorBase):
+    """``op`` seen in PyTorch's parameter order: ``P op P^T`` for the permutation ``P``
+    of :func:`torch_order` (``(P v)[i] = v[perm[i]]``). Each product is ``op``'s product
+    between two gathers of the block's rows, on the operator's own namespace and device
+    (the same products, the same rounding). :meth:`to_torch` permutes a vector (the
+    gradient) alike."""
+
+    def __init__(self, op: Any, perm: np.ndarray):
+        super().__init__(op.shape, op.dtype, op.xp, op.device)
+        perm = np.asarray(perm, dtype=np.int64)
+        if perm.shape != (op.shape[0],) or not np.array_equal(np.sort(perm),
+                                                              np.arange(op.shape[0])):
+            raise ValueError("perm must be a permutation of the operator's indices")
+        self.op = op
+        self.symmetric = op.symmetric
+        self.product_dtype = _checks.product_dtype(op)
+        self._perm = op.xp.asarray(perm, device=op.device)
+        self._inverse = op.xp.asarray(np.argsort(perm), device=op.device)
+
+    def to_torch(self, v: Any) -> Any:
+        """A flat vector in Keras's order as PyTorch's."""
+        return tf.gather(v, self._perm, axis=0)
+
+    def _matmat(self, V: Any) -> Any:
+        return tf.gather(self.op.matmat(tf.gather(V, self._inverse, axis=0)), self._perm,
+                         axis=0)
+
+    def _matvec(self, v: Any) -> Any:
+        return tf.gather(self.op.matvec(tf.gather(v, self._inverse, axis=0)), self._perm,
+                         axis=0)
+
+    def parts(self) -> tuple[Any, ...]:
+        return (self.op,)
+
+    def _transpose(self) -> LinearOperatorBase:  # (a Hessian is its own: not called)
+        return TorchOrder(self.op.T, self._perm.numpy())
 
 
 class Run:
@@ -214,12 +278,16 @@ class Run:
 
     def record(self, tracker: Any, step: int, extra: dict) -> None:
         """Record the spectrum at ``step`` (with the gradient's data and weight-decay
-        parts, the parameter norm and the test accuracy in ``extra``)."""
+        parts, the parameter norm and the test accuracy in ``extra``).
+
+        The Hessian and the gradient go to the tracker in PyTorch's parameter order
+        (:class:`TorchOrder`), so that a seed's probes are the vectors torch and JAX use."""
         wd = self.config.weight_decay
-        op = hessian(self.model, self.loss, self.hess_data, batchnorm=self.bn_mode,
-                     weight_decay=wd)
-        g = gradient(self.model, self.loss, self.hess_data, batchnorm=self.bn_mode,
-                     weight_decay=wd)
+        keras_op = hessian(self.model, self.loss, self.hess_data, batchnorm=self.bn_mode,
+                           weight_decay=wd)
+        op = TorchOrder(keras_op, torch_order(keras_op.param_shapes))
+        g = op.to_torch(gradient(self.model, self.loss, self.hess_data,
+                                 batchnorm=self.bn_mode, weight_decay=wd))
         g_data = gradient(self.model, self.loss, self.hess_data, batchnorm=self.bn_mode)
         loss, acc = evaluate(self.model, self.loss, self.hess_data, batchnorm=self.bn_mode)
         pnorm = float(np.sqrt(sum(np.sum(np.square(np.asarray(v.numpy(), dtype=np.float64)))

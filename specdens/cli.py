@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_investigate(sub: Any) -> None:
     """The ``investigate`` subcommand (the logic is in :mod:`specdens.investigate`)."""
-    from .investigate import BACKENDS, InvestigationConfig
+    from .investigate import BACKENDS, TRAIN_SAMPLES, InvestigationConfig
 
     d = InvestigationConfig()
     ip = sub.add_parser(
@@ -169,7 +169,8 @@ def _add_investigate(sub: Any) -> None:
                     help=f"top eigenvalues and gradient-concentration dimension (default {d.k}, "
                          "the number of classes); smaller than the number of parameters")
     ip.add_argument("--batch-size", type=_positive_int, default=d.batch_size,
-                    help=f"SGD batch size, at least 2 (BatchNorm; default {d.batch_size})")
+                    help=f"SGD batch size, at least 2 (BatchNorm) and at most the "
+                    f"{TRAIN_SAMPLES} training samples (default {d.batch_size})")
     ip.add_argument("--lr", type=_positive_float, default=d.lr,
                     help=f"SGD learning rate (default {d.lr})")
     ip.add_argument("--seed", type=_nonnegative_int, default=d.seed,

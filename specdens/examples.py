@@ -203,6 +203,68 @@ def _quantiles_from_density(density: Callable[[np.ndarray], np.ndarray], a: floa
     return a + (b - a) * (1 - np.cos(phi_p)) / 2
 
 
+def _one_minus_sqrt(ratio: float) -> float:
+    """``|1 - sqrt(ratio)|`` as ``|1 - ratio| / (1 + sqrt(ratio))``: to rounding also for
+    a ratio near 1, where ``1 - sqrt(ratio)`` would lose most of its digits."""
+    return abs(1.0 - ratio) / (1.0 + np.sqrt(ratio))
+
+
+def _mp_angle_cdf(theta: np.ndarray, ratio: float) -> np.ndarray:
+    """The CDF of the Marchenko-Pastur bulk (its continuous part, normalised to mass 1) at
+    ``x = a + 4 sqrt(ratio) sin^2(theta / 2)``, ``theta`` in ``[0, pi]``, in closed form.
+
+    With ``x = c - d cos(theta)`` (``c = 1 + ratio``, ``d = 2 sqrt(ratio)``) the density
+    ``sqrt((b - x)(x - a)) / (2 pi ratio x) dx`` is ``d^2 sin^2(theta) / (2 pi ratio (c -
+    d cos(theta))) d theta``, whose integral from 0 is ``d sin(theta) + c theta - 2 |1 -
+    ratio| arctan(sqrt(b / a) tan(theta / 2))``. Written with ``arctan(k t) = theta / 2 +
+    arctan((k - 1) t / (1 + k t^2))`` (``t = tan(theta / 2)``, ``k = sqrt(b / a)``) it is
+
+        d sin(theta) + 2 min(1, ratio) theta
+            - 2 |1 - ratio| arctan(2 min(s, 1) t / (|1 - s| + (1 + s) t^2)),  s = sqrt(ratio),
+
+    finite at ``a = 0`` (``ratio = 1``: the arctan term drops) and without the
+    cancellation of the first form for a small or a large ratio; its value at ``pi`` is
+    ``2 pi min(1, ratio)``, the normaliser.
+    """
+    s = np.sqrt(ratio)
+    d = 2 * s
+    m1 = min(1.0, ratio)
+    t = np.tan(theta / 2)
+    integral = d * np.sin(theta) + 2 * m1 * theta
+    e = _one_minus_sqrt(ratio)
+    if ratio != 1.0:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            corr = np.arctan(2 * min(s, 1.0) * t / (e + (1 + s) * t * t))
+        corr = np.where(theta > 0, corr, 0.0)  # (0 / 0 where e = 0 to rounding)
+        integral = integral - 2 * abs(1 - ratio) * corr
+    return integral / (2 * np.pi * m1)
+
+
+def _mp_quantiles(ratio: float, p: np.ndarray) -> np.ndarray:
+    """Quantiles ``F^{-1}(p)`` of the Marchenko-Pastur bulk (:func:`_mp_angle_cdf`): the
+    closed-form CDF inverted by bisection in ``theta``, bracketed on a grid first, to
+    the rounding of ``theta`` (relative, also for the smallest quantiles when the lower
+    edge ``a`` is 0 or nearly so); ``x = a + 4 sqrt(ratio) sin^2(theta / 2)`` keeps that
+    relative accuracy near ``a = 0`` (``c - d cos(theta)`` would cancel)."""
+    p = np.asarray(p, dtype=np.float64)
+    a = _one_minus_sqrt(ratio) ** 2
+    if p.size == 0:
+        return np.zeros(0)
+    grid = np.linspace(0.0, np.pi, 4097)
+    cdf = np.maximum.accumulate(_mp_angle_cdf(grid, ratio))
+    j = np.clip(np.searchsorted(cdf, p, side="right") - 1, 0, grid.size - 2)
+    lo, hi = grid[j], grid[j + 1]
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if np.all((mid == lo) | (mid == hi)):  # adjacent floats: as fine as theta gets
+            break
+        below = _mp_angle_cdf(mid, ratio) < p
+        lo = np.where(below, mid, lo)
+        hi = np.where(below, hi, mid)
+    theta = (lo + hi) / 2
+    return a + 4 * np.sqrt(ratio) * np.sin(theta / 2) ** 2
+
+
 # -- the examples -----------------------------------------------------------------------
 def hessian_like(n: int = DEFAULT_N, *, seed: int = 0, num_outliers: int = 10,
                  negative_fraction: float = 0.4) -> SpectrumOperator:
@@ -231,6 +293,8 @@ def hessian_like(n: int = DEFAULT_N, *, seed: int = 0, num_outliers: int = 10,
     SpectrumOperator
         With ``.eigenvalues`` the exact spectrum and ``.outliers`` the outliers.
     """
+    if isinstance(num_outliers, bool) or not isinstance(num_outliers, (int, np.integer)):
+        raise TypeError(f"num_outliers must be an integer; got {num_outliers!r}")
     num_outliers = int(num_outliers)
     if num_outliers < 0:
         raise ValueError(f"num_outliers must be >= 0; got {num_outliers}")
@@ -256,7 +320,7 @@ def hessian_like(n: int = DEFAULT_N, *, seed: int = 0, num_outliers: int = 10,
 
 
 def marchenko_pastur(n: int = DEFAULT_N, *, seed: int = 0, ratio: float = 0.5,
-                     spikes: Any = (5.0, 8.0, 12.0)) -> SpectrumOperator:
+                     spikes: Any = None) -> SpectrumOperator:
     """A sample covariance matrix: the Marchenko-Pastur law plus spikes.
 
     The bulk of ``n - len(spikes)`` eigenvalues is the Marchenko-Pastur law of ratio
@@ -265,7 +329,7 @@ def marchenko_pastur(n: int = DEFAULT_N, *, seed: int = 0, ratio: float = 0.5,
     (1 + sqrt(ratio))^2]``, and for ``ratio > 1`` an atom of mass ``1 - 1 / ratio`` at
     zero. The spikes are extra eigenvalues above the edge ``b`` (a spiked covariance
     model, Baik, Ben Arous & Peche, 2005); the default ``(5, 8, 12)`` lies well above
-    ``b = 2.91`` of the default ratio 0.5.
+    ``b = 2.91`` of the default ratio 0.5 (and of every ratio up to 0.5).
 
     Parameters
     ----------
@@ -276,7 +340,10 @@ def marchenko_pastur(n: int = DEFAULT_N, *, seed: int = 0, ratio: float = 0.5,
     ratio
         ``n / samples``, positive.
     spikes
-        Isolated eigenvalues added to the bulk (may be empty).
+        Isolated eigenvalues added to the bulk (may be empty); each above ``b`` (a
+        ValueError otherwise). Default: ``(5, 8, 12)`` times ``max(1, b / b0)``, ``b0 =
+        (1 + sqrt(0.5))^2`` the edge of ratio 0.5, so that they stand as far above the
+        bulk, relative to its edge, for every ratio.
 
     Returns
     -------
@@ -287,17 +354,22 @@ def marchenko_pastur(n: int = DEFAULT_N, *, seed: int = 0, ratio: float = 0.5,
     ratio = float(ratio)
     if not (ratio > 0 and np.isfinite(ratio)):
         raise ValueError(f"ratio must be positive and finite; got {ratio}")
+    a, b = _one_minus_sqrt(ratio) ** 2, (1 + np.sqrt(ratio)) ** 2
+    if spikes is None:
+        spikes = np.array([5.0, 8.0, 12.0]) * max(1.0, b / (1 + np.sqrt(0.5)) ** 2)
     spikes = np.sort(np.asarray(spikes, dtype=np.float64).reshape(-1))
     n = _check_n(n, spikes.size + 2)
-    a, b = (1 - np.sqrt(ratio)) ** 2, (1 + np.sqrt(ratio)) ** 2
+    if not np.all(np.isfinite(spikes)):
+        raise ValueError(f"spikes must be finite; got {spikes.tolist()}")
+    if spikes.size and not spikes[0] > b:
+        raise ValueError(
+            f"spikes must lie above the bulk's edge b = (1 + sqrt(ratio))^2 = {b:.6g} of "
+            f"ratio {ratio:g}; got {spikes.tolist()} (pass larger spikes, or spikes=())")
     m = n - spikes.size
     n_zero = int(round((1 - 1 / ratio) * m)) if ratio > 1 else 0
     m_bulk = m - n_zero
 
-    def rho(x: np.ndarray) -> np.ndarray:
-        return np.sqrt(np.maximum((b - x) * (x - a), 0.0)) / (2 * np.pi * ratio * x)
-
-    bulk = _quantiles_from_density(rho, a, b, _midpoints(m_bulk))
+    bulk = _mp_quantiles(ratio, _midpoints(m_bulk))
     op = SpectrumOperator(
         np.concatenate([np.zeros(n_zero), bulk, spikes]), seed=seed, name="marchenko_pastur",
         description=(f"Marchenko-Pastur, ratio {ratio:g}, bulk [{a:.4g}, {b:.4g}], plus "

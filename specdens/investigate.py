@@ -107,6 +107,13 @@ RUNS = ("no-bn", "bn-batch", "bn-population")
 CLASSES = 10
 """Classes of the digits, the outputs of the MLP."""
 
+TRAIN_SAMPLES = 1536
+"""Training samples of the digits split (:func:`_digits`; the other 261 are the test
+split): the largest batch size."""
+
+MAX_SEED = 2**64 - 1
+"""The largest seed (torch's generators take 64-bit seeds)."""
+
 BATCHNORM_EPS = 1e-5
 """BatchNorm's epsilon (PyTorch's default), on every backend."""
 BATCHNORM_MOMENTUM = 0.1
@@ -152,6 +159,8 @@ written before the default run and are not adjusted to its outcome."""
 class InvestigationConfig:
     """Settings of :func:`run_investigation` (the defaults are the command line's).
 
+    Integer settings may be numpy integers; they are stored as Python ints.
+
     Attributes
     ----------
     backend : str
@@ -172,13 +181,15 @@ class InvestigationConfig:
         (:meth:`parameters`).
     batch_size, lr, momentum, weight_decay : number
         SGD settings; the weight decay term is part of the Hessian and the gradient.
-        ``batch_size`` is at least 2 when a BatchNorm run is trained (a BatchNorm
+        ``batch_size`` is at most the number of training samples
+        (:data:`TRAIN_SAMPLES`, 1536: an epoch is cut into full batches, the incomplete
+        last one dropped) and at least 2 when a BatchNorm run is trained (a BatchNorm
         training step needs two samples); the ``bn-batch`` Hessian's batches are
         ``batch_size`` consecutive training samples, a last batch of one sample being
         merged into the one before it (see :func:`hessian_batches`).
     seed : int
         Seeds the data split, the initialisation (the same for the three runs), the
-        batch order and the probes.
+        batch order and the probes; at most ``2**64 - 1`` (:data:`MAX_SEED`).
     dtype : str
         ``"float64"`` or ``"float32"`` for the model, the data and the products (JAX:
         float64 inside a ``jax.enable_x64`` scope around the investigation only).
@@ -213,10 +224,16 @@ class InvestigationConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"backend={self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        # Stored as Python ints (a numpy integer is accepted and converted): torch's
+        # generators and the JSON header take those only.
         for name in ("width", "depth", "steps", "records", "lanczos_steps", "probes", "k",
                      "batch_size", "threads"):
-            _checks.positive_int(getattr(self, name), name)
-        _checks.nonnegative_int(self.seed, "seed")
+            object.__setattr__(self, name, _checks.positive_int(getattr(self, name), name))
+        seed = _checks.nonnegative_int(self.seed, "seed")
+        if seed > MAX_SEED:
+            raise ValueError(f"seed must be at most 2**64 - 1 = {MAX_SEED} (torch's "
+                             f"generators take 64-bit seeds); got {seed}")
+        object.__setattr__(self, "seed", seed)
         for name in ("lr", "momentum", "weight_decay"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
@@ -231,6 +248,11 @@ class InvestigationConfig:
             raise ValueError(f"runs={self.runs!r}; choose distinct names among "
                              f"{', '.join(RUNS)}")
         object.__setattr__(self, "runs", runs)
+        if self.batch_size > TRAIN_SAMPLES:
+            raise ValueError(f"batch_size={self.batch_size} is larger than the training "
+                             f"set ({TRAIN_SAMPLES} samples): an epoch is cut into full "
+                             f"batches, so no batch could be drawn; choose at most "
+                             f"{TRAIN_SAMPLES}")
         if self.batch_size < 2 and any(r != "no-bn" for r in runs):
             raise ValueError("batch_size must be at least 2 for the BatchNorm runs: a "
                              "BatchNorm training step normalises by the statistics of its "
@@ -299,7 +321,7 @@ def _digits(seed: int) -> dict:
     X = np.asarray(d.data, dtype=np.float64)
     y = np.asarray(d.target, dtype=np.int64)
     perm = np.random.default_rng(seed).permutation(len(y))
-    tr, te = perm[:1536], perm[1536:]
+    tr, te = perm[:TRAIN_SAMPLES], perm[TRAIN_SAMPLES:]
     mean = X[tr].mean(axis=0)
     std = X[tr].std(axis=0)
     std[std == 0] = 1.0
@@ -605,6 +627,9 @@ def _train_run(run: Any, config: InvestigationConfig, tracker: SpectrumTracker,
     and propagates."""
     bs = config.batch_size
     n_train = run.n_train
+    if bs > n_train:  # (InvestigationConfig refuses it for the digits already)
+        raise ValueError(f"batch_size={bs} is larger than the training set ({n_train} "
+                         "samples): no full batch can be drawn")
     order = run.permutation()
     pos = 0
     epoch = 0

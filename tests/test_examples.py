@@ -153,3 +153,101 @@ def test_spectrum_operator_validation():
     np.testing.assert_array_equal(op.eigenvalues, [1.0, 2.0, 3.0])
     np.testing.assert_allclose(np.linalg.eigvalsh(op.to_dense()), [1.0, 2.0, 3.0], atol=1e-14)
     assert "SpectrumOperator" in repr(op)
+
+
+def _mp_reference_quantile(ratio, p):
+    """``F^{-1}(p)`` of the Marchenko-Pastur bulk (its continuous part normalised to 1),
+    independently of the module: scipy's ``quad`` of the density, in the substitutions
+    ``x = a + u^2`` (mass of ``[a, x]``) and ``x = b - v^2`` (mass of ``[x, b]``), which
+    make the integrands bounded also when ``a = 0``, inverted by ``brentq`` (a quantile
+    of the upper tail from ``(a + b) / 2`` up, where ``b - v^2`` stays away from 0)."""
+    from scipy import integrate, optimize
+
+    s = np.sqrt(ratio)
+    a = (abs(1 - ratio) / (1 + s)) ** 2  # (1 - sqrt(ratio))^2 without cancellation
+    b = (1 + s) ** 2
+    w = b - a
+    norm = np.pi * min(1.0, ratio)  # 2 pi ratio times the continuous mass min(1, r) / r
+
+    def lower(x):
+        U = np.sqrt(max(x - a, 0.0))
+        # the integrand rises from 0 to its plateau around u = sqrt(a): break points at
+        # sqrt(a) times powers of 10, so that quad resolves the rise however small a is
+        pts = [np.sqrt(a) * 10.0**k for k in range(40) if 0 < np.sqrt(a) * 10.0**k < U]
+        return integrate.quad(lambda u: u * u * np.sqrt(max(w - u * u, 0.0)) / (a + u * u),
+                              0.0, U, points=pts or None, epsabs=0, epsrel=1e-13,
+                              limit=200)[0] / norm
+
+    def upper(x):
+        return integrate.quad(lambda v: v * v * np.sqrt(max(w - v * v, 0.0)) / (b - v * v),
+                              0.0, np.sqrt(max(b - x, 0.0)), epsabs=0, epsrel=1e-13,
+                              limit=200)[0] / norm
+
+    if p < 0.9:
+        g, lo = (lambda x: lower(x) - p), a
+    else:  # the upper tail, above the midpoint of [a, b] (F there is below 0.9)
+        g, lo = (lambda x: (1 - p) - upper(x)), (a + b) / 2
+    return optimize.brentq(g, lo, b, xtol=1e-300, rtol=4 * np.finfo(float).eps, maxiter=500)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.999999, 0.5, 2.0])
+def test_marchenko_pastur_quantiles_match_an_independent_reference(ratio):
+    """The bulk is the quantiles ``F^{-1}((i + 1/2) / m)`` of the MP law to float64
+    accuracy, also at ``ratio = 1`` (lower edge 0, where the density is infinite: it used
+    to give NaN) and just below it (lower edge 2.5e-13: the smallest eigenvalues used to
+    be 2% off). The reference CDF is accurate to quad's ``epsrel`` 1e-13; since the CDF
+    grows at least like ``sqrt(x - a)`` at the lower edge (and its complement like
+    ``(b - x)^(3/2)`` at the upper one), that is at most 2e-13 relative in ``x``, plus
+    brentq's 4 eps: 3e-13."""
+    m = 600
+    n = 2 * m if ratio > 1 else m  # ratio 2: half of the spectrum is the atom at 0
+    op = marchenko_pastur(n, ratio=ratio, spikes=())
+    lam = op.eigenvalues
+    assert np.all(np.isfinite(lam))
+    a, b = op.edges
+    if ratio > 1:
+        assert np.sum(lam == 0) == n - m
+        lam = lam[n - m:]
+    assert lam.size == m and a < lam[0] and lam[-1] < b
+    for i in (0, 1, 2, m // 2, m - 2, m - 1):
+        ref = _mp_reference_quantile(ratio, (i + 0.5) / m)
+        assert lam[i] == pytest.approx(ref, rel=3e-13, abs=0), (ratio, i)
+
+
+def test_marchenko_pastur_spikes_lie_above_the_bulk():
+    """The spikes are outliers above the edge ``b``: one inside the bulk is refused (it
+    used to be reported in ``.outliers``)."""
+    b = (1 + np.sqrt(0.5)) ** 2
+    with pytest.raises(ValueError, match="above the bulk's edge"):
+        marchenko_pastur(100, ratio=0.5, spikes=(1.0,))
+    with pytest.raises(ValueError, match="above the bulk's edge"):
+        marchenko_pastur(100, ratio=0.5, spikes=(b, 5.0))
+    with pytest.raises(ValueError, match="above the bulk's edge"):
+        marchenko_pastur(100, ratio=2.0, spikes=(5.0,))  # b = 5.83: 5 is inside
+    with pytest.raises(ValueError, match="finite"):
+        marchenko_pastur(100, spikes=(np.inf,))
+    op = marchenko_pastur(100, ratio=0.5, spikes=(3.0,))
+    np.testing.assert_array_equal(op.outliers, [3.0])
+
+
+@pytest.mark.parametrize("bad", [2.7, True, 3.0, "3"])
+def test_hessian_like_num_outliers_must_be_an_integer(bad):
+    """As ``n``: 2.7 used to be truncated to 2 outliers and True taken as 1."""
+    with pytest.raises(TypeError, match="num_outliers must be an integer"):
+        hessian_like(30, num_outliers=bad)
+    op = hessian_like(30, num_outliers=np.int64(3))
+    assert op.outliers.size == 3 and op.params["num_outliers"] == 3
+    assert type(op.params["num_outliers"]) is int
+
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 2.0, 10.0])
+def test_marchenko_pastur_default_spikes_stand_above_the_bulk_for_every_ratio(ratio):
+    """The default spikes are (5, 8, 12) up to ratio 0.5 and scale with the edge ``b``
+    beyond, so every ratio has outliers at the same relative height above the bulk."""
+    b = (1 + np.sqrt(ratio)) ** 2
+    b0 = (1 + np.sqrt(0.5)) ** 2
+    op = marchenko_pastur(200, ratio=ratio)
+    np.testing.assert_allclose(op.outliers, np.array([5.0, 8.0, 12.0]) * max(1.0, b / b0),
+                               rtol=4 * np.finfo(float).eps)
+    assert op.outliers[0] > 1.7 * b
+    np.testing.assert_array_equal(np.sort(op.eigenvalues)[-3:], op.outliers)

@@ -222,10 +222,15 @@ def test_backends_agree_with_torch_at_the_same_weights(backend_run, torch_refere
     below n * eps = 2e-13 relative; 1e-12); each top eigenvalue is a Ritz value within its
     residual norm of an eigenvalue, so two backends' values differ by at most the sum of
     their residuals plus rounding (1e-12 of the largest); the concentration is within
-    its Davis-Kahan ``error_estimate`` of the exact one on each backend. On JAX the flat
-    vectors are ordered as torch's, so the SLQ probes are the same vectors and the
+    its Davis-Kahan ``error_estimate`` of the exact one on each backend. JAX and
+    TensorFlow hand the engine flat vectors ordered as torch's (TensorFlow permutes its
+    ``(in, out)`` Dense kernels), so the SLQ probes are the same vectors and the
     densities' nodes and weights agree too (to 1e-8, sqrt(eps): Lanczos amplifies the
-    rounding of the products)."""
+    rounding of the products), and with them the numbers derived from the densities: the
+    outlier count (equal), the bulk edge (a Ritz value: 1e-8 of the largest eigenvalue),
+    the negative mass (a sum of at most ``lanczos_steps`` = 12 weights of the one probe:
+    12e-8) and the edge ratio (the largest eigenvalue, from the density or eigsh, over the
+    bulk edge: their relative errors added)."""
     backend, rc, out, _ = backend_run
     assert rc == 0
     ref = {(r.run, r.step): r for r in read_records(torch_reference.files["records"])}
@@ -250,9 +255,18 @@ def test_backends_agree_with_torch_at_the_same_weights(backend_run, torch_refere
             assert b.extra["minibatch_loss"] == pytest.approx(a.extra["minibatch_loss"],
                                                               rel=1e-12), key
         assert b.density.n == a.density.n
-        if backend == "jax":
-            assert np.allclose(b.density.nodes, a.density.nodes, rtol=0, atol=1e-8 * lam1)
-            assert np.allclose(b.density.weights, a.density.weights, rtol=0, atol=1e-8)
+        assert np.allclose(b.density.nodes, a.density.nodes, rtol=0, atol=1e-8 * lam1), key
+        assert np.allclose(b.density.weights, a.density.weights, rtol=0, atol=1e-8), key
+        sa, sb = a.stats, b.stats
+        assert sb.num_outliers == sa.num_outliers, key
+        assert abs(sb.bulk.upper - sa.bulk.upper) <= 1e-8 * lam1, key
+        assert abs(sb.negative_mass - sa.negative_mass) <= 12 * 1e-8, key
+        # the largest eigenvalue: the larger of the top Ritz value of the density and
+        # eigsh's (tolerances above)
+        d_largest = float(np.max(tol)) + 1e-8 * lam1
+        assert abs(sb.largest - sa.largest) <= d_largest, key
+        rel = d_largest / abs(sa.largest) + 1e-8 * lam1 / abs(sa.bulk.upper)
+        assert sb.edge_ratio == pytest.approx(sa.edge_ratio, rel=rel, abs=0), key
     # the schema of the summaries is the same (check_outputs checked the keys); only the
     # backend's own entries differ
     ref_summary = torch_reference.summary
@@ -619,6 +633,73 @@ def test_batch_size_one_is_a_usage_error(tmp_path, capsys):
     InvestigationConfig(batch_size=1, runs=("no-bn",))  # no BatchNorm: one sample is fine
     with pytest.raises(ValueError, match="at least 2"):
         InvestigationConfig(batch_size=1, runs=("no-bn", "bn-population"))
+
+
+def test_numpy_integers_are_stored_as_python_ints(tmp_path):
+    """numpy integers pass the checks and are stored converted: np.int64 seed used to
+    crash torch's ``Generator.manual_seed``, and ``meta()`` (the record header) was not
+    JSON-serialisable."""
+    ints = dict(width=np.int64(4), depth=np.int32(1), steps=np.int64(1),
+                records=np.int64(2), lanczos_steps=np.int64(4), probes=np.uint8(1),
+                k=np.int64(1), batch_size=np.int64(512), threads=np.int64(1),
+                seed=np.int64(0))
+    cfg = InvestigationConfig(runs=("no-bn",), **ints)
+    for name in ints:
+        assert type(getattr(cfg, name)) is int, name
+    assert cfg == InvestigationConfig(runs=("no-bn",), **{k: int(v) for k, v in ints.items()})
+    meta = json.loads(json.dumps(cfg.meta()))
+    assert meta["seed"] == 0 and meta["width"] == 4
+    res = run_investigation(cfg, tmp_path, progress=False, figures=False)
+    assert read_header(res.files["records"])["meta"]["batch_size"] == 512
+    assert [r["step"] for r in res.summary["runs"]["no-bn"]["records"]] == [0, 1]
+
+
+def test_a_seed_beyond_64_bits_is_refused(tmp_path, capsys):
+    """torch's generators take 64-bit seeds: 2**64 used to pass the config and crash the
+    run (a traceback from the command line)."""
+    InvestigationConfig(seed=2**64 - 1)
+    with pytest.raises(ValueError, match=r"seed must be at most 2\*\*64 - 1"):
+        InvestigationConfig(seed=2**64)
+    assert main(["investigate", "--seed", str(2**64), "--out", str(tmp_path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specdens: error: seed must be at most 2**64 - 1")
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "records.jsonl").exists()
+
+
+def test_a_batch_size_above_the_training_set_is_refused(tmp_path, capsys):
+    """The digits' training split has 1536 samples and an epoch is cut into full batches:
+    a larger batch size used to train full-batch silently, with the header recording the
+    larger size and the epoch counter one too high."""
+    from specdens.investigate import _digits
+
+    n_train = len(_digits(0)["y_train"])
+    assert n_train == 1536
+    InvestigationConfig(batch_size=n_train)
+    with pytest.raises(ValueError, match=f"batch_size={n_train + 1} is larger than the "
+                                         f"training set \\({n_train} samples\\)"):
+        InvestigationConfig(batch_size=n_train + 1)
+    assert main(["investigate", "--batch-size", "5000", "--out", str(tmp_path), "-q"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("specdens: error: batch_size=5000 is larger than the training "
+                          "set (1536 samples)")
+    assert not (tmp_path / "records.jsonl").exists()
+
+
+def test_the_training_loop_refuses_a_batch_larger_than_the_run_data():
+    """The loop's own guard, for a run with fewer samples than the config allows."""
+    from specdens.investigate import _train_run
+
+    class Tiny:
+        n_train = 100
+
+        def permutation(self):
+            raise AssertionError("not reached")
+
+    cfg = InvestigationConfig(batch_size=128, runs=("no-bn",))
+    with pytest.raises(ValueError, match=r"batch_size=128 is larger than the training set "
+                                         r"\(100 samples\)"):
+        _train_run(Tiny(), cfg, None, [0], None, 0, 1)
 
 
 # -- verdicts -----------------------------------------------------------------------------
