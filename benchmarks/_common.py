@@ -81,6 +81,20 @@ def diagonal_operator(d: Any) -> Any:
     return DiagonalOperator(d)
 
 
+def count_matvecs(op: Any) -> list[int]:
+    """Count ``op.matvec`` calls from now on (this instance only): ``count[0]`` grows by
+    one per call of the returned list."""
+    count = [0]
+    matvec = op.matvec
+
+    def counted(v: Any) -> Any:
+        count[0] += 1
+        return matvec(v)
+
+    op.matvec = counted
+    return count
+
+
 def available_bytes() -> int:
     """Free host memory in bytes: what the engine's ``reorth="auto"`` budget halves."""
     from specdens._memory import host_available_bytes

@@ -14,12 +14,19 @@ transformer encoder block), it prints Markdown tables of:
 * **SLQ**: time per Lanczos step of ``specdens.slq`` (90 steps, 1 probe, full
   reorthogonalisation), with and without building the operator, and of the engine alone
   (a diagonal operator of the same size), against our own product and against
-  PyHessian's ``density`` (when installed), alternating, medians;
+  PyHessian's ``density`` (when installed), alternating, medians. PyHessian puts its
+  copy of the model in eval mode (BatchNorm on its running statistics), so every
+  specdens operator of this table is built with ``batchnorm="population"`` (the same
+  Hessian; no effect on models without BatchNorm): like for like;
 * **block of probes**: ``op.matmat`` on k vectors (one pass over the data) against k
   single ``op.matvec`` calls, with graphs rebuilt per product (where a block saves k - 1
   forward and backward passes) and with ``block="batched"`` (one vectorised backward);
 * **memory**: peak GPU memory of ``specdens.slq`` for each reorthogonalisation mode
   (``torch.cuda.max_memory_allocated`` above what the operator itself holds).
+
+The products, block and memory tables compare specdens with itself, on specdens's
+default ``batchnorm="batch"`` (BatchNorm on the statistics of the batch, as in training);
+every table heading states the BatchNorm mode it ran in.
 
 Every table names the card. ``--smoke`` runs tiny versions on the CPU (the test suite
 does, so that the script never rots); figures from the CPU mean nothing.
@@ -152,7 +159,15 @@ def timed(fn: Callable[[], Any], device: Any, reps: int) -> float:
     return _common.median(ts)
 
 
+# BatchNorm modes: PyHessian's comparison runs in eval mode (running statistics), the
+# tables of specdens against itself in specdens's default (batch statistics)
+BN_VS_PYHESSIAN = "population"
+BN_OWN = "batch"
+
+
 def products(model: Any, batch: Any, device: Any, reps: int) -> dict[str, float]:
+    """Milliseconds of a gradient and of each product method, ``batchnorm="batch"`` (the
+    model is in train mode, so the gradient uses batch statistics too)."""
     import torch
     from specdens.backends.torch import hessian
 
@@ -165,7 +180,7 @@ def products(model: Any, batch: Any, device: Any, reps: int) -> dict[str, float]
     out = {"gradient": timed(grad, device, reps)}
     for label, kw in (("HVP, kept graph", {}), ("HVP, double backward", {"graph_memory": 0}),
                       ("HVP, forward-over-reverse", {"method": "forward"})):
-        op = hessian(model, crit, batch, **kw)
+        op = hessian(model, crit, batch, batchnorm=BN_OWN, **kw)
         v = torch.randn(op.shape[0], device=device)
         out[label] = timed(lambda op=op, v=v: op.matvec(v), device, reps)
         del op
@@ -181,6 +196,12 @@ def slq_per_step(model: Any, batch: Any, device: Any, steps: int, repeats: int,
     steps`` is ``specdens.slq`` on the built operator; ``engine alone`` is
     ``specdens.slq`` on a diagonal operator of the same size (one elementwise product),
     the engine's own time per step.
+
+    PyHessian evaluates the Hessian of its copy of the model in eval mode (its constructor
+    calls ``model.eval()``: BatchNorm on the running statistics), so the specdens
+    operators here (the SLQ rows and ``own product``) are built with
+    ``batchnorm="population"``, the same Hessian. specdens's default, ``"batch"``, is a
+    different matrix on a model with BatchNorm.
     """
     import torch
     from specdens.backends.torch import hessian
@@ -199,7 +220,7 @@ def slq_per_step(model: Any, batch: Any, device: Any, steps: int, repeats: int,
     for rep in range(-1, repeats):  # rep -1 is an untimed warm-up
         sync(device)
         t0 = time.perf_counter()
-        op = hessian(model, crit, batch)
+        op = hessian(model, crit, batch, batchnorm=BN_VS_PYHESSIAN)
         sync(device)
         t1 = time.perf_counter()
         specdens.slq(op, num_steps=steps, num_probes=1, seed=rep + 1)
@@ -246,7 +267,7 @@ def block_speedup(model: Any, batch: Any, device: Any, k: int, reps: int) -> lis
     for label, kw in (("graph rebuilt per product", {"graph_memory": 0}),
                       ("kept graph, block='batched'", {"block": "batched"}),
                       ("kept graph, block='loop'", {})):
-        op = hessian(model, crit, batch, **kw)
+        op = hessian(model, crit, batch, batchnorm=BN_OWN, **kw)
         V = torch.randn(op.shape[0], k, device=device)
         t_block = timed(lambda op=op, V=V: op.matmat(V), device, reps)
         t_single = timed(lambda op=op, V=V: [op.matvec(V[:, j]) for j in range(k)], device,
@@ -267,7 +288,7 @@ def memory_per_mode(model: Any, batch: Any, device: Any, steps: int,
     rows = []
     cuda = str(device).startswith("cuda")
     for mode in ("full", "local", "none"):
-        op = hessian(model, torch.nn.CrossEntropyLoss(), batch)
+        op = hessian(model, torch.nn.CrossEntropyLoss(), batch, batchnorm=BN_OWN)
         if cuda:
             sync(device)
             base = torch.cuda.memory_allocated(device)
@@ -443,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         if "products" in parts:
             prod = products(model, batch, device, reps)
+            print(f"Products, {bn_note(model, BN_OWN)}:\n")
             print(_common.markdown_table(["product", "ms"],
                                          [[k, f"{1e3 * v:.2f}"] for k, v in prod.items()]))
         if "slq" in parts:
@@ -450,22 +472,38 @@ def main(argv: list[str] | None = None) -> int:
             rows = [[k, f"{1e3 * v:.2f}", f"{v / slq['own product']:.2f}",
                      f"{v / slq['PyHessian']:.2f}" if "PyHessian" in slq else "n/a"]
                     for k, v in slq.items()]
-            print(f"\nSLQ, {args.steps} steps x 1 probe, medians of {args.repeats}:\n")
+            same = bn_note(model, BN_VS_PYHESSIAN)
+            same = ("no BatchNorm layer" if same.startswith("no") else
+                    f"specdens with {same}, PyHessian in eval mode (the same)")
+            print(f"\nSLQ, {args.steps} steps x 1 probe, medians of {args.repeats}; {same}; "
+                  "like for like:\n")
             print(_common.markdown_table(["", "ms / step", "/ own product", "/ PyHessian"],
                                          rows))
         if "block" in parts:
-            print(f"\nBlock of {args.block} probes against {args.block} single products:\n")
+            print(f"\nBlock of {args.block} probes against {args.block} single products, "
+                  f"{bn_note(model, BN_OWN)}:\n")
             print(_common.markdown_table(
                 ["operator", "k", "block ms", "k singles ms", "speed-up"],
                 block_speedup(model, batch, device, args.block, reps)))
         if "memory" in parts:
             probes = 1 if args.smoke else 4
-            print(f"\nPeak memory of slq ({args.steps} steps x {probes} probes) per mode:\n")
+            print(f"\nPeak memory of slq ({args.steps} steps x {probes} probes) per mode, "
+                  f"{bn_note(model, BN_OWN)}:\n")
             print(_common.markdown_table(
                 ["reorth", "wall s", "peak above operator GiB", "float32 basis GiB"],
                 memory_per_mode(model, batch, device, args.steps, probes)))
         print(f"\n({name}: {time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def bn_note(model: Any, mode: str) -> str:
+    """The BatchNorm mode a table ran in, in words."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    if not any(isinstance(m, _BatchNorm) for m in model.modules()):
+        return "no BatchNorm layer"
+    what = "running statistics" if mode == "population" else "batch statistics"
+    return f'batchnorm="{mode}" (BatchNorm on {what})'
 
 
 def _importable(module: str) -> bool:

@@ -34,7 +34,9 @@ Four parts:
 * ``real``: the same claim on a real network of n >= 1e6: the Hessian of the digits MLP
   64-1024-1024-10 (1,126,410 parameters, 1,797 samples, PyTorch, ``--threads``),
   ``specdens.lanczos`` (full, float32 basis) alternating with the same number of its
-  products alone, ``--repeats`` pairs, in a child process.
+  products alone, ``--repeats`` pairs, in a child process. Each repetition also runs
+  ``dtype="float32"`` (float32 vector arithmetic instead of the default float64), which
+  shows what the float64 arithmetic's conversions cost.
 
 Modes are ``REORTH[:BASIS_DTYPE]``: ``full``, ``partial``, ``local`` (window
 ``--window``), ``none``, with a float32 or float64 basis.
@@ -286,6 +288,7 @@ def real_claim_child(steps: int, repeats: int, smoke: bool) -> dict[str, Any]:
     ``matmat``, which the engine calls once per step), which splits the run into the
     products and the engine without the drift between two runs 10-20 s apart."""
     import bench_torch
+    import numpy as np
     import torch
     from specdens.backends.torch import hessian
 
@@ -307,25 +310,35 @@ def real_claim_child(steps: int, repeats: int, smoke: bool) -> dict[str, Any]:
         inside.append(time.perf_counter() - t0)
         return out
 
-    pairs = []
+    def timed_run(rep: int, dtype: str | None) -> tuple[float, float, Any]:
+        """(wall seconds, seconds inside the products, result) of one Lanczos run."""
+        inside.clear()
+        op.matmat = timed_matmat  # (this instance only)
+        try:
+            t0 = time.perf_counter()
+            r = specdens.lanczos(op, steps, reorth="full", basis_dtype="float32", seed=rep,
+                                 dtype=dtype)
+            return time.perf_counter() - t0, sum(inside), r
+        finally:
+            del op.matmat
+
+    pairs, float32_runs = [], []
     for rep in range(repeats):
         t0 = time.perf_counter()
         for _ in range(steps):
             op.matvec(v)
         t_products = time.perf_counter() - t0
-        inside.clear()
-        op.matmat = timed_matmat  # (this instance only)
-        try:
-            t0 = time.perf_counter()
-            r = specdens.lanczos(op, steps, reorth="full", basis_dtype="float32", seed=rep)
-            t_lanczos = time.perf_counter() - t0
-        finally:
-            del op.matmat
-        pairs.append([t_lanczos, t_products, sum(inside)])
+        t_lanczos, t_inside, r = timed_run(rep, None)
+        pairs.append([t_lanczos, t_products, t_inside])
+        t32, t32_inside, r32 = timed_run(rep, "float32")
+        # the largest Ritz values of the two runs (same probe): what float32 arithmetic
+        # changes in the result
+        top = [float(np.linalg.eigvalsh(x.tridiagonal_matrix(0))[-1]) for x in (r, r32)]
+        float32_runs.append([t32, t32_inside, *top])
     return {"status": "ok", "n": int(op.shape[0]), "width": width,
             "samples": int(len(data[0][0])),
             "threads": torch.get_num_threads(), "steps": steps, "basis": r.basis_dtype,
-            "pairs": pairs}
+            "dtype": r.dtype, "pairs": pairs, "float32_runs": float32_runs}
 
 
 def real_claim(args: argparse.Namespace) -> dict[str, Any]:
@@ -346,14 +359,21 @@ def real_claim_table(r: dict[str, Any]) -> str:
     if r.get("status") != "ok":
         return f"real network: {r.get('status')}"
     rows = []
-    for i, (t_lanczos, t_products, t_inside) in enumerate(r["pairs"]):
+    # (results of before the float32 runs were added have none)
+    nan = float("nan")
+    f32 = r.get("float32_runs") or [[nan, nan, nan, nan]] * len(r["pairs"])
+    for i, ((t_lanczos, t_products, t_inside), (t32, t32_in, top64, top32)) in enumerate(
+            zip(r["pairs"], f32, strict=True)):
         rows.append([str(i + 1), fmt(1e3 * t_products / r["steps"]),
                      fmt(1e9 * t_products / r["steps"] / r["n"]), fmt(t_products),
                      fmt(t_lanczos), fmt(t_inside),
                      f"{100 * (t_lanczos - t_inside) / t_inside:.1f} %",
                      f"{100 * (t_inside / t_products - 1):+.1f} %",
-                     f"{100 * (t_lanczos / t_products - 1):.1f} %"])
+                     f"{100 * (t_lanczos / t_products - 1):.1f} %",
+                     f"{100 * (t32 - t32_in) / t32_in:.1f} %",
+                     f"{abs(top32 - top64) / abs(top64):.1e}"])
     engine = [(t_l - t_i) / t_i for t_l, _, t_i in r["pairs"]]
+    engine32 = [(t - t_i) / t_i for t, t_i, *_ in f32]
     slower = [t_i / t_p - 1 for _, t_p, t_i in r["pairs"]]
     over = [t_l / t_p - 1 for t_l, t_p, _ in r["pairs"]]
 
@@ -363,13 +383,20 @@ def real_claim_table(r: dict[str, Any]) -> str:
     return (_common.markdown_table(
         ["pair", "product ms", "ns / param", "products alone s", "Lanczos s",
          "its products s", "engine / its products", "its products / alone",
-         "Lanczos / products alone - 1"], rows)
+         "Lanczos / products alone - 1", "engine / its products, float32 arithmetic",
+         "largest Ritz value, float32 against float64 arithmetic"], rows)
             + f"\n\nHessian of the digits MLP 64-{r['width']}-{r['width']}-10: n = {r['n']:,}, "
             f"{r['samples']} samples, {r['threads']} thread(s), {r['steps']} steps, full "
-            f"reorthogonalisation, {r['basis']} basis.\n\n"
+            f"reorthogonalisation, {r['basis']} basis, {r.get('dtype', 'float64')} "
+            "arithmetic (the default) unless the column says otherwise.\n\n"
             f"- Engine time over the products of the same run (no drift between runs): median "
             f"{100 * _common.median(engine):.1f} %, max {100 * max(engine):.1f} %; < 10 %: "
             f"{verdict(engine)}.\n"
+            f"- The same with dtype='float32' (float32 vectors: no conversions between the "
+            f"float32 products and basis and float64 vectors): median "
+            f"{100 * _common.median(engine32):.1f} %; < 10 %: {verdict(engine32)}. Its "
+            f"largest Ritz value differs from the float64 run's on the same probe by the "
+            f"relative amount in the last column.\n"
             f"- The products inside the run against the same number alone (the engine's "
             f"sweeps through the basis evict the model's data from the caches, and the "
             f"machine drifts between runs): median {100 * _common.median(slower):+.1f} %.\n"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +16,27 @@ HEADERS = {
     "bench_engine_overhead.py": ["implementation", "median s", "min s", "max s"],
     "bench_scale.py": ["mode", "wall s", "peak RSS GiB"],
     # competitors that are not installed become "not run" rows, never a failure
-    "bench_torch.py": ["tool", "ms / step", "total s"],
+    # matvecs: every tool's counted products (curvlinops makes more than steps x probes)
+    "bench_torch.py": ["tool", "ms / step", "total s", "setup s", "SLQ s", "W1 / range",
+                       "matvecs"],
     # the GPU script runs its tiny models on the CPU with --smoke
     "bench_gpu.py": ["product", "ms"],
     # W1 at each budget: one column per budget of matvecs (--smoke: 20 and 80)
     "bench_accuracy.py": ["problem", "tool", "20 matvecs", "80 matvecs"],
     "bench_scaling.py": ["n", "mode", "steps", "probes", "wall s", "ms / step"],
+}
+
+
+# Lines each script must print (what it compares, and in which mode), checked in --smoke.
+EXPECTED_LINES = {
+    # the baseline loop does what specdens does (second pass only when the first cancelled)
+    "bench_engine_overhead.py": ["tridiagonals agree: yes", "ran the second Gram-Schmidt pass",
+                                 "| numpy loop, always 2 passes |"],
+    # specdens against PyHessian on the same (eval-mode BatchNorm) Hessian
+    "bench_gpu.py": ['specdens with batchnorm="population"'],
+    "bench_torch.py": ["*ms / step*: (setup + SLQ) / matvecs"],
+    "bench_accuracy.py": ["## Verdict per budget", "Speed is compared among the PyTorch "
+                          "tools only"],
 }
 
 
@@ -41,3 +57,39 @@ def test_benchmark_smoke(script: str) -> None:
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
     want = HEADERS[script]
     assert any(cells[: len(want)] == want for cells in _header_cells(proc.stdout)), proc.stdout
+    for line in EXPECTED_LINES.get(script, []):
+        assert line in proc.stdout, (line, proc.stdout)
+    if script == "bench_accuracy.py":
+        _check_accuracy_verdict(proc.stdout)
+
+
+def _check_accuracy_verdict(stdout: str) -> None:
+    """No verdict names as most accurate a tool whose cell spent more than the budget, and
+    matfree is never the "fastest" (its JAX times are not compared with PyTorch's)."""
+    table = next(rows for rows in _tables(stdout) if rows[0][:2] == ["problem", "tool"])
+    budgets = [int(h.split()[0]) for h in table[0][2:]]
+    cell = {(r[0], r[1], b): c for r in table[1:] for b, c in zip(budgets, r[2:], strict=True)}
+    verdicts = re.findall(r"^\* (\w+), (\d+) matvecs: most accurate (\S+) \(.*$", stdout,
+                          flags=re.M)
+    assert verdicts, stdout
+    for problem, budget, tool in verdicts:
+        assert "(over:" not in cell[(problem, tool, int(budget))], (problem, budget, tool)
+    assert "fastest PyTorch tool within 2x of it: matfree" not in stdout
+
+
+def _tables(stdout: str) -> list[list[list[str]]]:
+    """Each Markdown table of ``stdout`` as rows of cells (header first, no rule line)."""
+    tables: list[list[list[str]]] = []
+    current: list[list[str]] | None = None
+    for line in stdout.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if all(set(c) <= {"-", ":"} for c in cells):
+                continue
+            if current is None:
+                current = []
+                tables.append(current)
+            current.append(cells)
+        else:
+            current = None
+    return tables
