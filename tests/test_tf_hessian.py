@@ -30,6 +30,9 @@ from specdens.backends.tf._moments import exact_moments  # noqa: E402
 import specdens  # noqa: E402
 
 TOL = 1e-10
+# for the checks of reviewed bugs: a few hundred float64 ulps of the norm (the same
+# sums in another order), far from the errors they had (O(1))
+TOL64 = 300 * float(np.finfo(np.float64).eps)
 F64 = "float64"
 
 
@@ -434,6 +437,66 @@ def test_tf_module_integer_variables_are_left_out():
     for params in (["step"], [module.step], ["w", "step"]):
         with pytest.raises(TypeError, match="not floating-point: 'step' \\(int32\\)"):
             hessian(module, mse, (X, Y), params=params)
+
+
+def test_tf_module_with_a_replaced_variable_is_not_served_a_stale_trace():
+    """A tf.Module attribute given a new tf.Variable between two operators: the traced
+    functions of the first captured the old variable, and a kernel cached by the
+    selection and the number of variables only gave the new operator the Hessian at the
+    old weights. The new operator and gradient are those of the new variable (nested
+    tapes, float64: a few ulps apart); the first operator, whose module no longer reads
+    its variable, says so (its products were 0)."""
+
+    class Lin(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = tf.Variable(np.linspace(-1.0, 1.0, 6).reshape(3, 2), name="w")
+
+        def __call__(self, x):
+            return tf.tanh(x @ self.w)
+
+    def mse(t, p):
+        return tf.reduce_mean((t - p) ** 2)
+
+    rng = np.random.default_rng(5)
+    X, Y = rng.standard_normal((9, 3)), rng.standard_normal((9, 2))
+    batches = uneven(X, Y, [5, 4])
+    module = Lin()
+    H_old, _ = module_tape_hessian(module, [module.w], lambda: mse(Y, module(X)))
+    op_old = hessian(module, mse, batches)
+    assert rel(op_old.to_dense(), H_old) <= TOL64  # traced with the first variable
+    gradient(module, mse, batches)
+    module.w = tf.Variable(3.0 * module.w.numpy() + 0.5, name="w")  # a new object
+    H_new, g_new = module_tape_hessian(module, [module.w], lambda: mse(Y, module(X)))
+    assert rel(H_new, H_old) > 1e-2  # the weights differ
+    op_new = hessian(module, mse, batches)
+    assert rel(op_new.to_dense(), H_new) <= TOL64
+    assert rel(gradient(module, mse, batches), g_new) <= TOL64
+    with pytest.raises(RuntimeError, match="were replaced"):  # it reads the new one now
+        op_old.to_dense()
+
+
+def test_gradient_refuses_negative_and_nan_counts_as_the_operators_do():
+    """A loss_fn's count of a batch that is negative or NaN: gradient raises the
+    ValueError of hessian and ggn (it checked only that the total was > 0, and silently
+    dropped the batch while subtracting its count from the total). Valid counts weigh
+    the batches: the gradient is the tape gradient of all the data."""
+    model = mlp()
+    X, y = classification()
+
+    def loss_fn(m, batch):
+        x, t, count = batch
+        return xent()(t, m(x)), count
+
+    def data(last):
+        return [(X[:10], y[:10], np.array(10.0)), (X[10:], y[10:], np.array(last))]
+
+    for bad in (-1.0, np.nan):
+        for build in (hessian, gradient):
+            with pytest.raises(ValueError, match="finite and >= 0"):
+                build(model, loss_fn=loss_fn, data=data(bad))
+    g = gradient(model, loss_fn=loss_fn, data=data(13.0))
+    assert rel(g, dense_gradient(model, [(X, y)], xent())) <= TOL64
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])

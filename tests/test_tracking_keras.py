@@ -72,3 +72,56 @@ def test_evaluate_with_a_sum_reduction_is_the_mean_loss():
         assert acc is None
     with pytest.raises(ValueError, match="reduction='none'"):
         evaluate(model, keras.losses.MeanSquaredError(reduction="none"), batches)
+
+
+def test_callback_weighs_gradient_and_loss_by_batch_size_fn_as_the_hessian(tmp_path):
+    """SpectrumCallback(..., batch_size_fn=f): the recorded gradient and loss weigh the
+    batches by f, as the Hessian does (they weighed them by their sizes). Here every batch
+    counts 1 (batches of 3 and 9 samples): references are the plain means of the batches'
+    float64 tape gradients and losses (a few ulps apart: 300 eps64 relative)."""
+    import tensorflow as tf
+    from specdens.backends.tf.tracking import SpectrumCallback, evaluate
+
+    F64 = "float64"
+    tol = 300 * float(np.finfo(np.float64).eps)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,), dtype=F64),
+                              keras.layers.Dense(4, activation="tanh", dtype=F64),
+                              keras.layers.Dense(2, dtype=F64)])
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((12, 3)), rng.integers(0, 2, 12)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=F64)
+    batches = [(X[:3], y[:3]), (X[3:], y[3:])]
+
+    def one(batch):
+        return tf.constant(1.0, tf.float64)
+
+    grads, values = [], []
+    for x, t in batches:
+        with tf.GradientTape() as tape:
+            value = loss(t, model(x))
+        g = tape.gradient(value, model.trainable_variables)
+        grads.append(tf.concat([tf.reshape(v, [-1]) for v in g], 0).numpy())
+        values.append(float(value))
+    g_ref, loss_ref = np.mean(grads, axis=0), float(np.mean(values))
+
+    tracker = SpectrumTracker(tmp_path / "s.jsonl", steps=[0], k=1, num_steps=4,
+                              num_probes=1)
+    seen = {}
+    record = tracker.record
+
+    def spy(step, op, gradient=None, **kw):
+        seen["op"], seen["g"] = op, gradient.numpy()
+        return record(step, op, gradient, **kw)
+
+    tracker.record = spy
+    cb = SpectrumCallback(tracker, loss, batches, batch_size_fn=one)
+    cb.set_model(model)
+    cb.on_train_batch_begin(0)
+    assert seen["op"].num_samples == 2.0  # the Hessian's counts: 1 per batch
+    assert np.linalg.norm(seen["g"] - g_ref) <= tol * np.linalg.norm(g_ref)
+    assert abs(cb.records[0].loss - loss_ref) <= tol * abs(loss_ref)
+    assert abs(evaluate(model, loss, batches, batch_size_fn=one)[0] - loss_ref) \
+        <= tol * abs(loss_ref)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        evaluate(model, loss, batches, batch_size_fn=lambda b: -1.0)

@@ -180,7 +180,13 @@ class Batches:
         one: the same array objects (free), or failing that the same shapes, dtypes and
         :func:`checksum` values, which see the order of the entries too (a hash of the
         bytes of numpy leaves; for jax leaves that are new objects, two sums on their
-        device read back, one small transfer per leaf).
+        device read back, one small transfer per leaf). The identity check accepts a
+        batch of a list or tuple whose leaves are the very objects of the first pass
+        without looking at their values: a numpy array changed in place between products
+        (``batch[0][:] *= 3``, a reused buffer, in-place augmentation) is *not* detected,
+        and the next product silently uses the new values. Keeping the arrays of a list
+        of batches unchanged while an operator uses them is the caller's responsibility
+        (jax arrays are immutable and cannot change so).
 
     Attributes
     ----------

@@ -80,11 +80,12 @@ class Batches:
     def as_dataset(self) -> tf.data.Dataset:
         """The batches as a ``tf.data.Dataset`` (re-iterated on every pass), for
         ``tf.distribute``: a dataset as is, other data through ``from_generator`` with the
-        relaxed signature of the first batch."""
+        signature of all the batches (:func:`merged_spec`: the sample dimension left
+        unknown, and every other dimension in which the batches differ, such as sequence
+        batches of different lengths)."""
         if self.dataset is not None:
             return self.dataset
-        first = next(iter(self))
-        spec = relaxed_spec(first)
+        spec = merged_spec(self._data)
         return tf.data.Dataset.from_generator(lambda: iter(self), output_signature=spec)
 
 
@@ -93,13 +94,53 @@ def relaxed_spec(batch: Any) -> Any:
     every tensor of rank >= 1 left unknown, so that one trace serves every batch size."""
 
     def spec(t: Any) -> tf.TensorSpec:
-        t = tf.convert_to_tensor(t)
-        shape = t.shape.as_list()
+        shape, dtype = _shape_dtype(t)
         if shape:
             shape[0] = None
-        return tf.TensorSpec(shape, t.dtype)
+        return tf.TensorSpec(shape, dtype)
 
     return tf.nest.map_structure(spec, batch)
+
+
+def _shape_dtype(t: Any) -> tuple[list, tf.DType]:
+    """The shape (a list) and dtype of a tensor, a variable or an array (without copying
+    it), or of anything else as ``tf.convert_to_tensor`` makes it."""
+    if isinstance(t, (tf.Tensor, tf.Variable)):
+        return t.shape.as_list(), t.dtype
+    if isinstance(t, np.ndarray) and t.dtype.kind in "biufc":
+        return list(t.shape), tf.as_dtype(t.dtype)
+    t = tf.convert_to_tensor(t)
+    return t.shape.as_list(), t.dtype
+
+
+def merged_spec(batches: Iterable[Any]) -> Any:
+    """One spec structure that every batch of ``batches`` fits (one pass; no batch is
+    kept): :func:`relaxed_spec` with every dimension in which two batches differ (or
+    whose rank differs) left unknown too. Batches of different structures or dtypes raise
+    a ValueError."""
+    merged = None
+    for i, batch in enumerate(batches):
+        spec = relaxed_spec(batch)
+        if merged is None:
+            merged = spec
+            continue
+        try:
+            tf.nest.assert_same_structure(merged, spec)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"batch {i} is structured differently from batch 0 ({err}); "
+                             "every batch must have the same structure") from None
+
+        def merge(a: tf.TensorSpec, b: tf.TensorSpec, i: int = i) -> tf.TensorSpec:
+            if a.dtype != b.dtype:
+                raise ValueError(f"batch {i} holds a tensor of dtype {b.dtype.name} where "
+                                 f"batch 0 holds {a.dtype.name}; every batch must have the "
+                                 "same dtypes")
+            return tf.TensorSpec(a.shape.most_specific_compatible_shape(b.shape), a.dtype)
+
+        merged = tf.nest.map_structure(merge, merged, spec)
+    if merged is None:
+        raise ValueError("data yielded no batches")
+    return merged
 
 
 def spec_key(spec: Any) -> tuple:

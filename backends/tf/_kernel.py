@@ -60,8 +60,10 @@ def kernel_for(loss: BatchLoss, *, method: str, block: str, strategy: Any,
         per_model = collections.OrderedDict()
         _KERNELS[loss.model] = per_model
     kernel = per_model.get(key)
-    if kernel is None or kernel.strategy is not strategy:
-        kernel = Kernel(method=method, block=block, strategy=strategy, regularizer=regularizer)
+    if kernel is None or kernel.strategy is not strategy \
+            or not kernel.same_variables(loss.adapter.variables):
+        kernel = Kernel(method=method, block=block, strategy=strategy, regularizer=regularizer,
+                        variables=loss.adapter.variables)
         per_model[key] = kernel
         while len(per_model) > _MAX_KERNELS_PER_MODEL:
             per_model.popitem(last=False)
@@ -80,7 +82,8 @@ class Kernel:
         ``"info"``, ``"value"``, ``"reg_hvp"``, ``"reg_grad"``).
     """
 
-    def __init__(self, *, method: str, block: str, strategy: Any, regularizer: Any):
+    def __init__(self, *, method: str, block: str, strategy: Any, regularizer: Any,
+                 variables: list[Any] | None = None):
         if method not in METHODS:
             raise ValueError(f"method={method!r}; choose 'reverse' (back-over-back) or "
                              "'forward' (forward-over-back, tf.autodiff.ForwardAccumulator)")
@@ -92,11 +95,19 @@ class Kernel:
         self.regularizer = regularizer
         self.traces: collections.Counter = collections.Counter()
         self._loss_ref: Any = None
+        # the model's variables of the traces (weakly: their ids are in the cache key,
+        # and an id may be reused by a new variable once the old one is gone)
+        self._variable_refs = [_weak(v) for v in (variables or [])]
         self._seen: dict[str, set] = collections.defaultdict(set)
         self._functions = {
             name: tf.function(_exact(getattr(self, "_" + name)), autograph=False)
             for name in ("info", "value", "hvp", "ggn", "grad", "reg_hvp", "reg_grad")
         }
+
+    def same_variables(self, variables: list[Any]) -> bool:
+        """Whether ``variables`` are the very objects this kernel was traced with."""
+        return len(variables) == len(self._variable_refs) and all(
+            ref() is v for ref, v in zip(self._variable_refs, variables, strict=True))
 
     def bind(self, loss: BatchLoss) -> None:
         """Use ``loss`` (equal in configuration to the one of any earlier trace) for new
@@ -239,6 +250,14 @@ class Kernel:
             raise ValueError(f"regularizer must return a floating scalar; got shape "
                              f"{tuple(r.shape)} and dtype {r.dtype.name}")
         return tf.reshape(r, [])
+
+
+def _weak(obj: Any) -> Callable[[], Any]:
+    """A weak reference to ``obj`` (a strong one where it takes none)."""
+    try:
+        return weakref.ref(obj)
+    except TypeError:  # pragma: no cover - variables take weak references
+        return lambda: obj
 
 
 def _exact(fn: Callable[..., Any]) -> Callable[..., Any]:

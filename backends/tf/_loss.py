@@ -83,9 +83,14 @@ class BatchLoss:
 
     # -- identity of the traced computation ---------------------------------------------
     def key(self) -> tuple:
-        """What a traced function of this loss depends on besides its tensor arguments."""
+        """What a traced function of this loss depends on besides its tensor arguments:
+        among others the identities (``id``) of the model's variables, which a traced
+        function captures (a ``tf.Module`` attribute given a new ``tf.Variable`` needs a
+        new trace). An ``id`` can be reused once its variable is gone: the kernel keeps
+        weak references to the variables it was traced with and is rebuilt when they are
+        not the current ones (:func:`specdens.backends.tf._kernel.kernel_for`)."""
         return (self.adapter.keras, self.adapter.training, tuple(self.selected),
-                len(self.adapter.variables), _callable_key(self.loss),
+                tuple(id(v) for v in self.adapter.variables), _callable_key(self.loss),
                 _callable_key(self.loss_fn), _callable_key(self.batch_size_fn),
                 self.reduction)
 
@@ -143,13 +148,14 @@ class BatchLoss:
         Under a ``tf.distribute`` strategy a Keras loss with a mean reduction returns the
         mean of the replica's share divided by the number of replicas (Keras's convention,
         so that gradients sum over replicas); the division is undone here, since specdens
-        weights every share by its own sample count.
+        weights every share by its own sample count. A Keras loss whose ``call`` returns a
+        scalar (the batch mean already) is not divided by Keras, and is left as it is.
         """
         value = _scalar(self.loss(targets, outputs), "the loss")
         if self.reduction == "sum":
             value = value / tf.cast(count, value.dtype)
         elif self._keras_unscale is not None:
-            value = self._keras_unscale(value)
+            value = self._keras_unscale(value, targets, outputs)
         return value
 
     def _custom(self, batch: Any) -> tuple[Any, Any]:
@@ -367,12 +373,16 @@ def _check_autocast_layers(adapter: ModelAdapter, dtype: tf.DType,
         )
 
 
-def _keras_unscale(loss: Any) -> Callable[[Any], Any] | None:
+def _keras_unscale(loss: Any) -> Callable[[Any, Any, Any], Any] | None:
     """The exact inverse of Keras's scaling of mean losses by the number of replicas, for
-    a Keras loss object (None for other losses, or a Keras without that convention).
+    a Keras loss object (None for other losses, or a Keras without that convention):
+    ``unscale(value, targets, outputs)`` for ``value = loss(targets, outputs)``.
 
-    Keras multiplies by ``ops.cast(1.0 / num_replicas, dtype)``, a float32 constant cast
-    to the loss's dtype, and its own ``unscale_loss_for_distribution`` multiplies back by
+    Keras scales only where it reduces: ``reduce_values`` returns the weighted per-entry
+    losses unchanged when they are a scalar or empty (a subclass whose ``call`` returns
+    the batch mean already), and otherwise multiplies their mean by
+    ``ops.cast(1.0 / num_replicas, dtype)`` (:func:`keras_scales_loss` tells which, from
+    the static shapes). Keras's own ``unscale_loss_for_distribution`` multiplies back by
     ``num_replicas``: ``3 * fl32(1/3) = 1 + 3e-8``, a float64 operator off by 3e-8 under
     three replicas (exact for powers of two). Dividing by the same constant Keras
     multiplied by undoes it to the last bit."""
@@ -384,13 +394,52 @@ def _keras_unscale(loss: Any) -> Callable[[Any], Any] | None:
     except ImportError:  # pragma: no cover - a Keras that does not scale
         return None
 
-    def unscale(value: Any) -> Any:
+    def unscale(value: Any, targets: Any, outputs: Any) -> Any:
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1:
+        if replicas > 1 and keras_scales_loss(loss, targets, outputs):
             value = value / keras.ops.cast(1.0 / replicas, value.dtype)
         return value
 
     return unscale
+
+
+def keras_scales_loss(loss: Any, targets: Any, outputs: Any) -> bool:
+    """Whether Keras's ``Loss.__call__`` of ``(targets, outputs)`` scales its value by
+    ``1 / num_replicas`` under a ``tf.distribute`` strategy: the condition of Keras's
+    ``reduce_values`` (a mean reduction of weighted per-entry losses that are neither a
+    scalar nor of static shape ``(0,)``), applied to the values ``Loss.__call__`` reduces.
+
+    Those are ``loss.call`` of the inputs converted to the loss's dtype, multiplied by the
+    weights of the Keras masks (of ``outputs``, and the one ``call`` attaches to its
+    result) after Keras's ``squeeze_or_expand_to_same_rank``: only static shapes are read.
+    In a traced function the extra ``call`` is pruned (nothing depends on it); eagerly it
+    costs one more evaluation of the loss, and it is made only under several replicas. A
+    subclass that overrides ``__call__`` is assumed to reduce through ``Loss.__call__``."""
+    from keras import ops
+    from keras.src import tree
+    from keras.src.losses import loss as keras_loss
+
+    reduction = getattr(loss, "reduction", "sum_over_batch_size")
+    if reduction == "auto":
+        reduction = "sum_over_batch_size"
+    if reduction not in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
+        return False
+    in_mask = output_mask(outputs)
+    y_pred = tree.map_structure(lambda x: ops.convert_to_tensor(x, dtype=loss.dtype), outputs)
+    y_true = tree.map_structure(lambda x: ops.convert_to_tensor(x, dtype=loss.dtype), targets)
+    losses = loss.call(y_true, y_pred)
+    out_mask = output_mask(losses)
+    if in_mask is not None and out_mask is not None:
+        mask = in_mask & out_mask
+    else:
+        mask = in_mask if in_mask is not None else out_mask
+    values = ops.convert_to_tensor(losses, dtype=loss.dtype)
+    shape = values.shape
+    if mask is not None:
+        weights = keras_loss.apply_mask(None, mask, dtype=values.dtype, reduction=reduction)
+        values, weights = keras_loss.squeeze_or_expand_to_same_rank(values, weights)
+        shape = tf.broadcast_static_shape(values.shape, weights.shape)
+    return tuple(shape) not in ((), (0,))
 
 
 def ignore_class_of(loss: Any) -> Any:

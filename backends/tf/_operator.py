@@ -59,6 +59,7 @@ class DataOperator(LinearOperatorBase):
         self.weight_decay = float(weight_decay)
         self.regularizer = regularizer
         self.strategy = resolve_strategy(strategy, loss.adapter.variables)
+        _check_synchronized_batchnorm(loss, self.strategy)
         self.kernel: Kernel = kernel_for(loss, method=method, block=block,
                                          strategy=self.strategy, regularizer=regularizer)
         self.method, self.block = method, block
@@ -117,6 +118,7 @@ class DataOperator(LinearOperatorBase):
 
     def _matmat(self, V: tf.Tensor) -> tf.Tensor:
         self._check_block(V)
+        self._check_variables()
         self.kernel.bind(self.loss)
         acc, total, fps, reg = None, None, [], None
         with self.loss.adapter.bound(self._values):
@@ -148,6 +150,23 @@ class DataOperator(LinearOperatorBase):
             raise TypeError(f"the operator has dtype {self.dtype.name} (the model's); got a "
                             f"vector of dtype {V.dtype.name}. Cast it: tf.cast(v, "
                             f"tf.{self.dtype.name})")
+
+    def _check_variables(self) -> None:
+        """A ``tf.Module`` reads its variables through its attributes: one given a new
+        ``tf.Variable`` after the operator was built no longer computes with the
+        variables of the snapshot (the derivatives in them would be 0). Keras models are
+        evaluated at the snapshot by variable objects and need no check."""
+        adapter = self.loss.adapter
+        if adapter.keras:
+            return
+        now = list(adapter.model.variables)
+        if len(now) != len(adapter.variables) or any(
+                a is not b for a, b in zip(now, adapter.variables, strict=True)):
+            raise RuntimeError(
+                f"the variables of the {adapter.owner} were replaced (an attribute given a "
+                "new tf.Variable) after this operator was built, so the module no longer "
+                "computes with the variables of its snapshot: build a new operator (assign "
+                "new values with variable.assign(...) to keep the variables)")
 
     def _check_pass(self, total: Any, fps: list[Any]) -> None:
         """One read-back per product: the number of batches, their fingerprints."""
@@ -189,3 +208,34 @@ class DataOperator(LinearOperatorBase):
         traced: new weights never add one; a new relaxed batch signature or block width
         does."""
         return dict(self.kernel.traces)
+
+
+def _check_synchronized_batchnorm(loss: BatchLoss, strategy: Any) -> None:
+    """Refuse, before anything is traced, a Keras model with
+    ``BatchNormalization(synchronized=True)`` layers on batch statistics under a strategy
+    of several replicas: their statistics are all-reduced across replicas (a cross-replica
+    ``merge_call``), which TensorFlow cannot differentiate twice inside the per-replica
+    function of a product (a RuntimeError in the graph loop of ``block="loop"``, a
+    deadlock of the vectorised ``block="batched"``). The gradient is unaffected."""
+    adapter = loss.adapter
+    if strategy is None or num_replicas(strategy) <= 1 or not adapter.keras \
+            or not adapter.training:
+        return
+    import keras
+
+    synced = [layer.name for layer in adapter.layers()
+              if isinstance(layer, keras.layers.BatchNormalization)
+              and getattr(layer, "synchronized", False) and layer.trainable]
+    if synced:
+        raise ValueError(
+            f"the model has BatchNormalization(synchronized=True) layers "
+            f"({', '.join(synced[:6])}{', ...' if len(synced) > 6 else ''}) on batch "
+            f"statistics under a tf.distribute strategy of {num_replicas(strategy)} "
+            "replicas: their statistics are all-reduced across replicas, which TensorFlow "
+            "cannot differentiate twice inside a replica (Hessian and GGN products would "
+            "fail or hang). Use batchnorm='population' (moving statistics), or a copy of "
+            "the model with synchronized=False (each replica's share then normalises by its "
+            "own statistics), or compute it without the strategy, on a copy of the model "
+            "built outside its scope (twin = keras.models.clone_model(model); "
+            "twin.set_weights(model.get_weights())), which normalises by each whole batch"
+        )

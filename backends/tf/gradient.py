@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from specdens import _checks
@@ -67,17 +68,22 @@ def gradient(
     batches = Batches(data)
     dist = distribute(strategy, batches.as_dataset()) if strategy is not None else None
     spec = dist.element_spec if dist is not None else None
-    acc, total, reg = None, None, None
+    acc, total, reg, counts = None, None, None, []
     with adapter.bound(values):
         for batch in (dist if dist is not None else batches):
             g, count, _ = kernel("grad", values, batch, batch_spec=spec)
             acc = g if acc is None else acc + g
             total = count if total is None else total + count
+            counts.append(count)
         if regularizer is not None:
             # inside the block: a tf.Module's regulariser reads its variables (the values
             # of the snapshot only here; the same values in a gradient's single pass)
             reg = kernel("reg_grad", values, None)
-    if not float(total.numpy()) > 0:
+    host = np.asarray(tf.stack(counts).numpy(), dtype=np.float64)  # as the operators check
+    if not np.all(np.isfinite(host)) or np.any(host < 0):
+        raise ValueError(f"the sample counts of the batches must be finite and >= 0; got "
+                         f"{host.tolist()}")
+    if not host.sum() > 0:
         raise ValueError("the data holds no samples (every batch has a count of 0)")
     out = acc / tf.cast(total, acc.dtype)
     if weight_decay:

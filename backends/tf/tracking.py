@@ -24,7 +24,7 @@ import tensorflow as tf
 
 from specdens.tracker import SpectrumRecord, SpectrumTracker
 
-from ._data import is_single_batch
+from ._data import as_count, as_tensors, is_single_batch
 from ._loss import (
     _keras_unscale,
     _plain_loss_of_masked_outputs,
@@ -63,7 +63,10 @@ class SpectrumCallback(keras.callbacks.Callback):
         target, when outputs are ``(batch, classes)``; ``False``: no accuracy.
     **hessian_options
         Passed to :func:`specdens.backends.tf.hessian` (``method``, ``block``,
-        ``check_determinism``, ``strategy``...).
+        ``check_determinism``, ``strategy``, ``batch_size_fn``...). ``regularizer``,
+        ``strategy`` and ``batch_size_fn`` also go to :func:`~specdens.backends.tf.gradient`,
+        and ``batch_size_fn`` to :func:`evaluate`, so that the recorded gradient and loss
+        weight the batches as the Hessian does.
 
     Attributes
     ----------
@@ -124,16 +127,18 @@ class SpectrumCallback(keras.callbacks.Callback):
                       weight_decay=self.weight_decay)
         op = hessian(self.model, self.loss, self.data, **common, **self.hessian_options)
         grad_opts = {k: v for k, v in self.hessian_options.items()
-                     if k in ("regularizer", "strategy")}
+                     if k in ("regularizer", "strategy", "batch_size_fn")}
         g = gradient(self.model, self.loss, self.data, **common, **grad_opts)
         loss, acc = evaluate(self.model, self.loss, self.data, batchnorm=self.batchnorm,
-                             accuracy=self.accuracy)
+                             accuracy=self.accuracy,
+                             batch_size_fn=self.hessian_options.get("batch_size_fn"))
         self.records.append(self.tracker.record(self.step, op, g, loss=loss, accuracy=acc,
                                                 extra={"epoch_step": self.step}))
 
 
 def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
-             batchnorm: str = "batch", accuracy: bool | None = None
+             batchnorm: str = "batch", accuracy: bool | None = None,
+             batch_size_fn: Callable[[Any], Any] | None = None
              ) -> tuple[float, float | None]:
     """The mean loss over all samples of ``data`` (batches weighted by size) and the
     accuracy, with BatchNorm on batch statistics (``training=True``, inside a
@@ -150,11 +155,16 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
     ``ignore_class``, its entries whose target is not ignored), as Keras divides by it,
     and a fully masked batch counts for nothing (the accuracy of ``(batch, classes)``
     outputs with a ``(batch,)`` mask counts the unmasked samples); a plain callable loss
-    of masked outputs raises a ValueError. Inside a ``tf.distribute`` strategy's scope,
-    Keras divides a mean loss by the number of replicas; that scaling is undone, so the
-    value is the data's mean loss in or out of a scope."""
+    of masked outputs raises a ValueError. ``batch_size_fn(batch) -> count``, as in
+    :func:`specdens.backends.tf.hessian`, overrides all these counts (a batch of count 0
+    counts for nothing; a negative or non-finite count raises a ValueError). Inside a
+    ``tf.distribute`` strategy's scope, Keras divides a mean loss by the number of
+    replicas (unless its ``call`` returns a scalar); that scaling is undone, so the value
+    is the data's mean loss in or out of a scope."""
     if batchnorm not in ("batch", "population"):
         raise ValueError(f"batchnorm={batchnorm!r}; choose 'batch' or 'population'")
+    if batch_size_fn is not None and not callable(batch_size_fn):
+        raise TypeError("batch_size_fn must be a callable(batch) -> number of samples")
     has_bn = any(isinstance(layer, keras.layers.BatchNormalization)
                  for layer in getattr(model, "_flatten_layers", lambda: [])())
     training = batchnorm == "batch" and has_bn
@@ -169,7 +179,12 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
         with keras.StatelessScope():
             out = model(x, training=training)
         mask = output_mask(out)  # the loss's own denominator, as BatchLoss.loss_count
-        if mask is not None:
+        if batch_size_fn is not None:
+            n = float(as_count(batch_size_fn(as_tensors(batch)), "batch_size_fn").numpy())
+            if not (np.isfinite(n) and n >= 0):
+                raise ValueError(f"batch_size_fn returned {n} for a batch; sample counts "
+                                 "must be finite and >= 0")
+        elif mask is not None:
             if not reads_output_mask(loss):
                 raise ValueError(_plain_loss_of_masked_outputs(loss))
             n = float(masked_count(mask, y, out, loss).numpy())
@@ -181,7 +196,7 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
             continue  # no sample (every target ignored, every output masked): counts nothing
         value = loss(y, out)
         if unscale is not None:
-            value = unscale(value)
+            value = unscale(value, y, out)
         value = float(value)
         loss_sum += value if reduction == "sum" else value * n  # as BatchLoss.output_loss
         total += n
