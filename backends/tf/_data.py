@@ -168,6 +168,18 @@ def count_of(batch: Any, inputs: Any, batch_size_fn: Callable[[Any], Any] | None
     return as_count(batch_size_fn(batch), "batch_size_fn")
 
 
+def checked_total(counts: list[Any]) -> float:
+    """The total of the batches' sample counts (tensors), read back once and checked:
+    every count finite and >= 0, the total > 0."""
+    host = np.asarray(tf.stack(counts).numpy(), dtype=np.float64)
+    if not np.all(np.isfinite(host)) or np.any(host < 0):
+        raise ValueError(f"the sample counts of the batches must be finite and >= 0; got "
+                         f"{host.tolist()}")
+    if not host.sum() > 0:
+        raise ValueError("the data holds no samples (every batch has a count of 0)")
+    return float(host.sum())
+
+
 def as_count(value: Any, what: str) -> tf.Tensor:
     """A sample count (a number or a tensor of one element) as a float64 scalar tensor."""
     if isinstance(value, (bool, np.bool_)):

@@ -19,7 +19,7 @@ import tensorflow as tf
 from specdens import LinearOperatorBase, _checks
 
 from . import _namespace
-from ._data import Batches
+from ._data import Batches, checked_total
 from ._kernel import Kernel, kernel_for
 from ._loss import BatchLoss
 from .distributed import distribute, num_replicas, resolve_strategy
@@ -79,15 +79,9 @@ class DataOperator(LinearOperatorBase):
                 count, fp = self._call("info", batch)
                 counts.append(count)
                 fps.append(fp)
-        host = np.asarray(tf.stack(counts).numpy(), dtype=np.float64)
-        if not np.all(np.isfinite(host)) or np.any(host < 0):
-            raise ValueError(f"the sample counts of the batches must be finite and >= 0; got "
-                             f"{host.tolist()}")
-        if not host.sum() > 0:
-            raise ValueError("the data holds no samples (every batch has a count of 0)")
+        self.num_samples = checked_total(counts)
         self._fingerprints = tf.stack(fps)
         self.num_batches = len(fps)
-        self.num_samples = float(host.sum())
 
     def _check_deterministic(self, batch: Any) -> None:
         """Evaluate the loss of ``batch`` twice and raise when it is not finite or the two

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
 import tensorflow as tf
 
 from specdens import _checks
 
-from ._data import Batches
+from ._data import Batches, checked_total
 from ._kernel import kernel_for
 from ._loss import BatchLoss
 from .distributed import distribute, resolve_strategy
@@ -79,12 +78,7 @@ def gradient(
             # inside the block: a tf.Module's regulariser reads its variables (the values
             # of the snapshot only here; the same values in a gradient's single pass)
             reg = kernel("reg_grad", values, None)
-    host = np.asarray(tf.stack(counts).numpy(), dtype=np.float64)  # as the operators check
-    if not np.all(np.isfinite(host)) or np.any(host < 0):
-        raise ValueError(f"the sample counts of the batches must be finite and >= 0; got "
-                         f"{host.tolist()}")
-    if not host.sum() > 0:
-        raise ValueError("the data holds no samples (every batch has a count of 0)")
+    checked_total(counts)  # (as the operators check them)
     out = acc / tf.cast(total, acc.dtype)
     if weight_decay:
         theta = space.flatten([values[i] for i in batch_loss.selected])
