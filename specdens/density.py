@@ -452,16 +452,33 @@ class SpectralDensity:
     def default_sigma(self) -> float:
         """The default kernel width: the median gap between consecutive Ritz values of
         one probe. Scale-free and shift-invariant, it resolves what the quadrature
-        resolves (Gauss nodes are about one kernel width apart where the mass is)."""
+        resolves (Gauss nodes are about one kernel width apart where the mass is).
+
+        Probes whose Krylov space became invariant before it reached dimension ``n``
+        (``breakdown`` with ``lengths < n``) see an operator with that few distinct
+        eigenvalues: their Ritz values are exact atoms, not a quadrature of a continuous
+        density, and are left out. When every probe broke down so, the width is an eighth
+        of the smallest gap between two distinct Ritz values of a probe, so that the
+        closest atoms stay apart (Gaussians 8 widths apart fall to ``exp(-8)`` of their
+        peaks at the midpoint), instead of a median gap that would merge them (atoms at
+        0, 1 and 3 into one bump). A full-dimension run (``lengths == n``, a small
+        matrix) keeps the median gap.
+        """
+        exact = self._breakdown_flags() & (np.asarray(self.lengths) < self.n)
+        ran = ~exact if not np.all(exact) else exact
+        scale = float(np.max(np.abs(self.nodes[self._valid()]))) if self.nodes.size else 0.0
+        # (Ritz values of one probe closer than its rounding are one eigenvalue)
+        resolvable = 64 * np.finfo(np.float64).eps * scale
         gaps = []
-        for i in range(self.num_probes):
+        for i in np.flatnonzero(ran):
             th = np.sort(self.nodes[i, : self.lengths[i]])
             g = np.diff(th)
-            gaps.append(g[g > 0])
+            gaps.append(g[g > resolvable])
         gaps = np.concatenate(gaps) if gaps else np.zeros(0)
         if gaps.size:
+            if np.all(exact):
+                return float(np.min(gaps)) / 8
             return float(np.median(gaps))
-        scale = float(np.max(np.abs(self.nodes[self._valid()]))) if self.nodes.size else 0.0
         return 1e-3 * scale if scale > 0 else 1e-3
 
     def default_grid(self, sigma: float | None = None, *, num: int | None = None) -> np.ndarray:

@@ -466,3 +466,43 @@ def test_standard_errors_do_not_overflow_or_underflow_with_the_scale():
         m = specdens.slq(c * A, num_steps=10, num_probes=4).moments(np.array([1, 2]))
         np.testing.assert_array_equal(m.value / c ** np.array([1, 2]), ref.value)
         np.testing.assert_array_equal(m.stderr / c ** np.array([1, 2]), ref.stderr)
+
+
+def test_default_sigma_keeps_the_atoms_of_a_few_eigenvalue_spectrum_apart():
+    # An operator with three distinct eigenvalues: every probe's Krylov space is
+    # invariant after three steps, and its Ritz values are the exact atoms. The default
+    # width must not merge them (the median gap, 1.5 here, made one bump of them).
+    rng = np.random.default_rng(3)
+    values = np.repeat([0.0, 1.0, 3.0], [450, 100, 50])
+    Q, _ = np.linalg.qr(rng.standard_normal((values.size, values.size)))
+    A = (Q * values) @ Q.T
+    A = (A + A.T) / 2
+    d = specdens.slq(A, num_steps=20, num_probes=4, seed=0)
+    assert np.all(d.breakdown) and np.all(d.lengths == 3)
+    sigma = d.default_sigma()
+    assert sigma <= 1.0 / 8 * (1 + 1e-9)
+    # the curve at the midpoints between atoms, at least 4 widths from either, is at most
+    # exp(-8) of the two peaks (the median gap put it at 0.66 of them)
+    _, peaks = d.density(np.array([0.0, 1.0, 3.0]))
+    _, mids = d.density(np.array([0.5, 2.0]))
+    assert mids[0] <= np.exp(-8) * (peaks[0] + peaks[1]) * (1 + 1e-9)
+    assert mids[1] <= np.exp(-32) * (peaks[1] + peaks[2]) * (1 + 1e-9)
+    grid, vals = d.density()
+    # and the mass near each atom is the estimate's mass there (tails beyond 4 widths)
+    loc, mass = d.atoms()
+    for a in (0.0, 1.0, 3.0):
+        near = np.abs(grid - a) < 0.5
+        expected = mass[np.abs(loc - a) < 1e-6].sum()
+        assert np.trapezoid(vals[near], grid[near]) == pytest.approx(expected, rel=1e-4)
+
+
+def test_default_sigma_of_a_full_dimension_run_is_the_median_gap():
+    # a small matrix run to dimension n: its Ritz values are its n eigenvalues, and the
+    # default still smooths them by their median gap
+    rng = np.random.default_rng(4)
+    A = rng.standard_normal((12, 12))
+    A = (A + A.T) / 2
+    d = specdens.slq(A, num_steps=30, num_probes=2, seed=0)
+    assert np.all(d.lengths == 12)
+    gaps = np.concatenate([np.diff(np.sort(d.nodes[i, :12])) for i in range(2)])
+    assert d.default_sigma() == pytest.approx(np.median(gaps), rel=1e-12)
