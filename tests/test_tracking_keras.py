@@ -125,3 +125,58 @@ def test_callback_weighs_gradient_and_loss_by_batch_size_fn_as_the_hessian(tmp_p
         <= tol * abs(loss_ref)
     with pytest.raises(ValueError, match="finite and >= 0"):
         evaluate(model, loss, batches, batch_size_fn=lambda b: -1.0)
+
+
+def test_callback_counts_optimizer_steps_with_steps_per_execution(tmp_path):
+    """With ``compile(steps_per_execution=4)`` Keras calls the callback only every 4 steps
+    (and after the shorter last execution of an epoch): the callback's step is the
+    optimizer's step count (it counted executions), and a scheduled step inside an
+    execution is recorded at the next boundary under that boundary's true step. 56
+    samples, batches of 8, 2 epochs: executions of 4 and 3 steps, boundaries 0, 4, 7, 11,
+    14. Reference: ``optimizer.iterations`` when each record is made."""
+    from specdens.backends.tf.tracking import SpectrumCallback
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((56, 3)).astype("float32"), rng.integers(0, 2, 56)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    model.compile(optimizer="sgd", loss=loss, steps_per_execution=4)
+    tracker = SpectrumTracker(tmp_path / "s.jsonl", steps=[0, 2, 5, 7, 12, 14], k=1,
+                              num_steps=4, num_probes=1)
+    iterations = {}
+    record = tracker.record
+
+    def spy(step, op, gradient=None, **kw):
+        iterations[step] = int(model.optimizer.iterations.numpy())
+        return record(step, op, gradient, **kw)
+
+    tracker.record = spy
+    cb = SpectrumCallback(tracker, loss, (X, y))
+    model.fit(X, y, batch_size=8, epochs=2, callbacks=[cb], verbose=0, shuffle=False)
+    assert cb.step == 14 == int(model.optimizer.iterations.numpy())
+    assert iterations == {0: 0, 4: 4, 7: 7, 14: 14}
+    assert [(r.step, r.extra.get("scheduled_steps")) for r in cb.records] == [
+        (0, None), (4, [2]), (7, [5, 7]), (14, [12, 14])]
+
+
+def test_evaluate_accuracy_of_labels_with_a_trailing_axis():
+    """Integer labels of shape ``(N, 1)`` (as ``keras.datasets.cifar10`` gives them) with
+    ``(N, classes)`` outputs: the accuracy is Keras's ``SparseCategoricalAccuracy`` (it
+    was None); the loss is that of the flat labels. 32 samples: the accuracy is a
+    multiple of 1/32, exact in float32."""
+    from specdens.backends.tf.tracking import evaluate
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((32, 3)).astype("float32")
+    y = rng.integers(0, 4, (32, 1)).astype("uint8")
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4)])
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    metric = keras.metrics.SparseCategoricalAccuracy()
+    metric.update_state(y, model(X))
+    reference = float(metric.result())
+    assert 0 < reference < 1
+    flat = evaluate(model, loss, [(X[:12], y[:12, 0]), (X[12:], y[12:, 0])])
+    assert flat[1] == reference
+    assert evaluate(model, loss, [(X[:12], y[:12]), (X[12:], y[12:])]) == flat

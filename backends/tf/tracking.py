@@ -5,8 +5,12 @@ step the tracker has scheduled it builds the Hessian
 (:func:`specdens.backends.tf.hessian`) and the full-data gradient
 (:func:`specdens.backends.tf.gradient`) of the mean loss over fixed data at the current
 weights, evaluates the loss and the accuracy there, and records. Step ``s`` is the model
-after ``s`` optimizer steps: recorded before batch ``s`` is trained on, and the last one
-at the end of training. The model is not changed: the operators work on copies of the
+after ``s`` optimizer steps (counted by the optimizer's ``iterations``): recorded before
+batch ``s`` is trained on, and the last one at the end of training. With
+``compile(steps_per_execution=m)``, ``m > 1``, Keras calls the callback only between
+executions of ``m`` steps, so a scheduled step inside an execution is recorded at the
+first execution boundary after it, under that boundary's true step number (see
+:class:`SpectrumCallback`). The model is not changed: the operators work on copies of the
 variables, and the loss is evaluated inside a ``keras.StatelessScope`` (BatchNorm moving
 statistics are not updated).
 
@@ -58,15 +62,32 @@ class SpectrumCallback(keras.callbacks.Callback):
         As in :func:`specdens.backends.tf.hessian`.
     initial_step
         The step count at the first batch (e.g. when continuing a restarted training).
+        Steps are counted from there by the optimizer's ``iterations``: the steps it takes
+        during each ``fit`` (so a recompiled optimizer that starts again from 0 is fine).
     accuracy
         ``None`` (default): the fraction of samples whose largest output is the integer
-        target, when outputs are ``(batch, classes)``; ``False``: no accuracy.
+        target, when outputs are ``(batch, classes)`` and integer targets ``(batch,)`` or
+        ``(batch, 1)`` (as ``keras.datasets`` gives them; Keras's
+        ``SparseCategoricalAccuracy``); ``False``: no accuracy.
     **hessian_options
         Passed to :func:`specdens.backends.tf.hessian` (``method``, ``block``,
         ``check_determinism``, ``strategy``, ``batch_size_fn``...). ``regularizer``,
         ``strategy`` and ``batch_size_fn`` also go to :func:`~specdens.backends.tf.gradient`,
         and ``batch_size_fn`` to :func:`evaluate`, so that the recorded gradient and loss
         weight the batches as the Hessian does.
+
+    Notes
+    -----
+    Keras runs ``compile(steps_per_execution=m)`` steps per call of its train function
+    and calls the callback only between these calls, where the model is after a multiple
+    of ``m`` steps (and after the shorter last execution of an epoch). A scheduled step
+    that falls inside an execution cannot be recorded at its exact weights: it is recorded
+    at the first boundary after it, under the boundary's step (the number of optimizer
+    steps the recorded model has taken, never the scheduled number), with
+    ``extra["scheduled_steps"]``: the scheduled steps that record stands for (several
+    scheduled steps within one execution give one record). With ``m = 1`` every
+    scheduled step is recorded exactly. To record exactly at the schedule, compile with
+    ``steps_per_execution=1`` or choose scheduled steps on the boundaries.
 
     Attributes
     ----------
@@ -110,19 +131,49 @@ class SpectrumCallback(keras.callbacks.Callback):
         self.hessian_options = hessian_options
         self.step = initial_step
         self.records: list[SpectrumRecord] = []
+        self._origin: tuple[int, int] | None = None  # (self.step, iterations) at fit start
+        self._checked: int | None = None  # the last step whose schedule was looked at
+
+    def _iterations(self) -> int | None:
+        optimizer = getattr(self.model, "optimizer", None)
+        iterations = getattr(optimizer, "iterations", None)
+        return None if iterations is None else int(np.asarray(iterations))
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        iterations = self._iterations()
+        self._origin = None if iterations is None else (self.step, iterations)
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
         self._maybe_record()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        self.step += 1
+        if self._origin is None:  # not inside fit (no optimizer): one step per batch
+            self.step += 1
+        else:  # the optimizer's steps: steps_per_execution of them per call
+            self.step = self._origin[0] + self._iterations() - self._origin[1]
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self._maybe_record()
+        self._origin = None
+
+    def _scheduled(self, step: int) -> list[int]:
+        """The scheduled steps, not yet recorded, that the model at ``step`` stands for:
+        ``step`` itself and those since the last step looked at (inside an execution of
+        ``steps_per_execution > 1`` steps, where the callback is not called)."""
+        low = step if self._checked is None or self._checked >= step else self._checked + 1
+        self._checked = step
+        schedule = self.tracker.schedule
+        if schedule is None or low == step:
+            return [step] if self.tracker.due(step) else []
+        return sorted(t for t in schedule if low <= t <= step and self.tracker.due(t))
 
     def _maybe_record(self) -> None:
-        if not self.tracker.due(self.step):
+        scheduled = self._scheduled(self.step)
+        if not scheduled or self.step in self.tracker.recorded_steps:
             return
+        extra = {"epoch_step": self.step}
+        if scheduled != [self.step]:
+            extra["scheduled_steps"] = scheduled
         common = dict(params=self.variables, batchnorm=self.batchnorm,
                       weight_decay=self.weight_decay)
         op = hessian(self.model, self.loss, self.data, **common, **self.hessian_options)
@@ -133,7 +184,7 @@ class SpectrumCallback(keras.callbacks.Callback):
                              accuracy=self.accuracy,
                              batch_size_fn=self.hessian_options.get("batch_size_fn"))
         self.records.append(self.tracker.record(self.step, op, g, loss=loss, accuracy=acc,
-                                                extra={"epoch_step": self.step}))
+                                                extra=extra))
 
 
 def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
@@ -203,6 +254,8 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
         if acc_ok:
             yv = np.asarray(y)
             ov = np.asarray(out)
+            if ov.ndim == 2 and yv.ndim == 2 and yv.shape[1] == 1:
+                yv = yv[:, 0]  # (batch, 1) labels (keras.datasets), as Keras's accuracy
             if ov.ndim == 2 and yv.ndim == 1 and yv.dtype.kind in "iu":
                 keep = yv != ignore if ignore is not None else np.ones(yv.shape, bool)
                 if mask is not None:
