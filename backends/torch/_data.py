@@ -9,6 +9,7 @@ a pass and divides by ``N = sum_b n_b`` of that same pass.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -22,8 +23,13 @@ def is_single_batch(data: Any) -> bool:
     ``(inputs, targets)`` whose targets are a tensor and whose inputs are a tuple, list or
     mapping of tensors (a model with several inputs).
 
-    A list of batches is never one batch: its first item is a batch, not a tensor, and its
-    second one too, not a tensor.
+    A tuple or list whose first item is a tensor is always one batch, also when every
+    item is a tensor: ``[x, y]`` is the batch a ``DataLoader`` over a ``TensorDataset``
+    yields, so ``[x1, x2]`` is one batch too (the loss receives the list), never two
+    batches that are bare tensors; wrap each of those, ``[(x1,), (x2,)]`` (what a
+    ``DataLoader`` over ``TensorDataset(X)`` yields, as lists). A list whose items are
+    batches of another form (``(x, y)`` pairs, mappings, ``[(x1,), (x2,)]``) is a list
+    of batches: its first item is not a tensor, and its second one is not one either.
     """
     if isinstance(data, (torch.Tensor, Mapping)):
         return True
@@ -77,7 +83,27 @@ class Batches:
                             f"batches (a DataLoader); got {type(data).__name__}")
         self.device = device
         self.allow_empty = allow_empty
+        # one batch that is a list of bare tensors: a list of batches meant as such
+        # ([x1, x2]) reads as one batch, which an error then explains (see at; not for
+        # a tuple, the (inputs, targets) of every example, where the note would be noise)
+        self._reading = (_ONE_BATCH_NOTE.format(kind=type(data).__name__, n=len(data))
+                         if isinstance(data, list) and len(data) >= 2
+                         and all(isinstance(t, torch.Tensor) for t in data) else None)
         warn_padding_sampler(self._data)
+
+    @contextlib.contextmanager
+    def at(self, index: int) -> Iterator[None]:
+        """Evaluate batch ``index``: a :class:`CountError` (a batch without samples) is
+        raised again naming the batch, and an error on data that is one list of bare
+        tensors gets a note on how it was read."""
+        try:
+            yield
+        except CountError as exc:
+            raise CountError(f"batch {index} of the data: {exc}") from None
+        except Exception as exc:
+            if self._reading is not None:
+                exc.add_note(self._reading)
+            raise
 
     def __iter__(self) -> Iterator[Any]:
         empty = True
@@ -86,6 +112,21 @@ class Batches:
             yield to_device(batch, self.device)
         if empty and not self.allow_empty:
             raise ValueError("data yielded no batches")
+
+
+_ONE_BATCH_NOTE = (
+    "specdens read data, a {kind} of {n} tensors, as ONE batch (as it reads the [inputs, "
+    "targets] lists a DataLoader over a TensorDataset yields); the loss received that "
+    "{kind}. For {n} batches that are each a single tensor, wrap each one: data=[(x1,), "
+    "(x2,), ...] (loss_fn then receives the tuple (x,)), or pass a DataLoader over "
+    "TensorDataset(X)")
+
+
+class CountError(ValueError):
+    """A batch whose sample count is not positive (no samples, a count of 0 from
+    ``batch_size_fn`` or ``loss_fn``, no target that a criterion counts): every entry
+    point refuses it, naming the batch (see :meth:`Batches.at`), instead of weighting a
+    NaN loss by 0."""
 
 
 PADDING_WARNING = (
@@ -164,7 +205,8 @@ def to_device(batch: Any, device: torch.device) -> Any:
 
 def default_count(batch: Any) -> int:
     """Samples in a batch: the length of its first tensor (``len(inputs)``; for inputs
-    that are a tuple, list or mapping of tensors, the length of the first of them)."""
+    that are a tuple, list or mapping of tensors, the length of the first of them). A
+    length of 0 raises a :class:`CountError`."""
     first = batch
     for _ in range(2):
         if isinstance(first, Mapping):
@@ -172,6 +214,10 @@ def default_count(batch: Any) -> int:
         elif isinstance(first, (tuple, list)):
             first = first[0] if first else None
     if isinstance(first, torch.Tensor) and first.dim() > 0:
+        if first.shape[0] == 0:
+            raise CountError("it holds no samples (the leading dimension of its first tensor "
+                             "is 0), so its mean loss is undefined; leave empty batches out of "
+                             "the data")
         return int(first.shape[0])
     raise ValueError(
         f"cannot tell how many samples a batch of type {type(batch).__name__} holds; return "
@@ -199,7 +245,8 @@ def as_count(value: Any, what: str) -> float:
         raise TypeError(f"{what} returned {type(value).__name__} as a sample count; expected "
                         "a number") from None
     if not count > 0:
-        raise ValueError(f"{what} returned a sample count of {count}; counts must be positive")
+        raise CountError(f"{what} returned a sample count of {count}; counts must be positive "
+                         "(leave batches without samples out of the data)")
     return count
 
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch.func import functional_call
 from torch.nn.modules.dropout import _DropoutNd
 
-from ._data import as_count, batch_count
+from ._data import CountError, as_count, batch_count
 from ._params import ParamSpace, select_parameters
 from ._state import check_batchnorm, normalisation_modes, training_modes
 from .distributed import describe
@@ -108,7 +108,7 @@ class BatchLoss:
                                 for n, b in model.named_buffers()})
         fn = self._criterion_loss if criterion is not None else self._custom_loss
         self._call = _Call(model, fn)
-        self._forward = _Call(model, lambda m, x: m(x))
+        self._forward = _Call(model, call_model)
 
     # -- the loss -------------------------------------------------------------------
     @contextlib.contextmanager
@@ -137,7 +137,7 @@ class BatchLoss:
     def _criterion_loss(self, model: torch.nn.Module, batch: Any) -> tuple[Any, float]:
         inputs, targets = split_batch(batch)
         count = self._criterion_count(batch)
-        loss = self.criterion(model(inputs), targets)
+        loss = self.criterion(call_model(model, inputs), targets)
         return self.scale(loss, count), count
 
     def _custom_loss(self, model: torch.nn.Module, batch: Any) -> tuple[Any, float]:
@@ -252,6 +252,26 @@ class BatchLoss:
             )
 
 
+_CALL_NOTE = (
+    "with a criterion, specdens calls model(inputs) with ONE argument, inputs being the "
+    "first item of the batch (here a {kind}), as it is: never model(*inputs) nor "
+    "model(**inputs). For a model whose forward takes several arguments, "
+    "forward(self, x1, x2) or forward(self, **batch), pass loss_fn=lambda model, batch: "
+    "criterion(model(*batch[0]), batch[1]) (or model(**batch[0])) instead of the criterion")
+
+
+def call_model(model: torch.nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``: one argument, whatever ``inputs`` is. A TypeError on inputs that
+    are a tuple, list or mapping (a ``forward(self, x1, x2)`` model) gets a note on how
+    the model is called and what to pass instead."""
+    try:
+        return model(inputs)
+    except TypeError as exc:
+        if isinstance(inputs, (tuple, list, Mapping)):
+            exc.add_note(_CALL_NOTE.format(kind=type(inputs).__name__))
+        raise
+
+
 def gradients(value: torch.Tensor, leaves: list[torch.Tensor], *,
               grad_outputs: torch.Tensor | None = None,
               create_graph: bool = False) -> list[torch.Tensor | None]:
@@ -289,7 +309,7 @@ def class_index_count(criterion: Any, targets: Any) -> float | None:
         w = weight.detach().to(torch.float64)[torch.where(keep, targets, 0)]
         count = float((w * keep).sum())
     if not count > 0:
-        raise ValueError(
+        raise CountError(
             f"a batch of {tuple(targets.shape)} targets has none that counts for "
             f"{type(criterion).__name__} (every target is ignore_index="
             f"{criterion.ignore_index}, or their class weights sum to 0): its mean loss is "

@@ -130,23 +130,24 @@ class DataOperator(LinearOperatorBase):
         exclude = list(self._leaf_list) + list(self.loss.frozen.values())
         for i, batch in enumerate(self.batches):
             fps.append(fingerprint(batch))
-            if i == 0:
-                if check_determinism:
-                    self.loss.check_deterministic(batch)
-                self._check_first_batch(batch)
-            if not full:
-                with torch.enable_grad(), SavedBytes(exclude) as meter:
-                    state, count = self._build(batch)
-                self._counts.append(count)
-                if used + meter.nbytes <= self.graph_memory:
-                    self._stored.append((state, count))
-                    used += meter.nbytes
-                    total += count
-                    continue
-                full = True
-                del state
-            else:
-                self._counts.append(self.loss.count_of(batch))
+            with self.batches.at(i):
+                if i == 0:
+                    if check_determinism:
+                        self.loss.check_deterministic(batch)
+                    self._check_first_batch(batch)
+                if not full:
+                    with torch.enable_grad(), SavedBytes(exclude) as meter:
+                        state, count = self._build(batch)
+                    self._counts.append(count)
+                    if used + meter.nbytes <= self.graph_memory:
+                        self._stored.append((state, count))
+                        used += meter.nbytes
+                        total += count
+                        continue
+                    full = True
+                    del state
+                else:
+                    self._counts.append(self.loss.count_of(batch))
             total += self._counts[-1]
         self._fingerprints = (torch.stack([f.to(self.space.device) for f in fps]) if fps
                               else torch.zeros((0, 2), dtype=torch.float64,
@@ -247,7 +248,7 @@ class DataOperator(LinearOperatorBase):
                     continue
                 # (a batch beyond the first pass's makes the fingerprint check fail)
                 known = self._counts[i] if i < len(self._counts) else None
-                with self.loss.known_count(known):
+                with self.loss.known_count(known), self.batches.at(i):
                     state, count = self._build(batch)
                 acc.add_(self._apply(state, V, False), alpha=count)
                 total += count

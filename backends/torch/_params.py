@@ -25,7 +25,9 @@ def select_parameters(model: torch.nn.Module, params: Any) -> list[tuple[str, to
         strings: parameter names or ``fnmatch`` glob patterns (``"0.*"``, ``"*.weight"``);
         each must match at least one parameter. A string that is the exact name of a
         parameter selects that parameter only, and is not read as a pattern (a
-        ``ModuleDict`` key may hold ``[``, ``]``, ``*`` or ``?``). An iterable of
+        ``ModuleDict`` key may hold ``[``, ``]``, ``*`` or ``?``). A tied (shared)
+        parameter is listed once, under its first name, and any of its names (or a pattern
+        matching one) selects it. An iterable of
         tensors: those parameters (by identity); each must belong to ``model``. Strings
         and tensors may be mixed.
     """
@@ -48,14 +50,21 @@ def select_parameters(model: torch.nn.Module, params: Any) -> list[tuple[str, to
     wanted: set[str] = set()
     names = [n for n, _ in named]
     by_id = {id(p): n for n, p in named}
+    # every name of every parameter, a tied (shared) one's aliases included, and the
+    # name under which named_parameters() lists it (its first)
+    canonical = {n: by_id[id(p)] for n, p in model.named_parameters(remove_duplicate=False)}
+    aliases = {n: c for n, c in canonical.items() if n != c}
     for item in params:
         if isinstance(item, str):
-            hits = ([item] if item in names else
-                    [n for n in names if fnmatch.fnmatchcase(n, item)])
+            hits = ([item] if item in canonical else
+                    [n for n in canonical if fnmatch.fnmatchcase(n, item)])
             if not hits:
+                tied = (f" (tied parameters, listed once, also answer to "
+                        f"{', '.join(f'{a} = {c}' for a, c in aliases.items())})"
+                        if aliases else "")
                 raise ValueError(f"params: {item!r} matches no parameter of "
-                                 f"{type(model).__name__}; its parameters are {names}")
-            wanted.update(hits)
+                                 f"{type(model).__name__}; its parameters are {names}{tied}")
+            wanted.update(canonical[n] for n in hits)
         elif isinstance(item, torch.Tensor):
             if id(item) not in by_id:
                 raise ValueError(f"params: a tensor of shape {tuple(item.shape)} is not a "

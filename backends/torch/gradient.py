@@ -49,6 +49,11 @@ def gradient(
     torch.Tensor
         Shape ``(n,)``, the model's dtype, on its device.
 
+    Raises
+    ------
+    FloatingPointError
+        When the gradient has a NaN or Inf entry (checked once, on the final vector).
+
     References
     ----------
     B. Ghorbani, S. Krishnan, Y. Xiao (2019), An Investigation into Neural Net Optimization
@@ -70,8 +75,10 @@ def gradient(
             acc = torch.zeros(space.n, dtype=space.dtype, device=space.device)
             total = 0.0
             # with a process group, this rank's shard may be empty (it adds nothing)
-            for batch in Batches(data, space.device, allow_empty=group is not None):
-                value, count = loss(batch, leaves)
+            batches = Batches(data, space.device, allow_empty=group is not None)
+            for i, batch in enumerate(batches):
+                with batches.at(i):
+                    value, count = loss(batch, leaves)
                 acc.add_(space.flatten(gradients(value, leaf_list)), alpha=count)
                 total += count
             reg = None
@@ -97,4 +104,13 @@ def gradient(
             g = g + float(weight_decay) * space.flatten([loss.primal[n] for n in space.names])
         if reg is not None:
             g = g + reg
+        # one read of the final vector (not one per batch, which would synchronise with
+        # the device at every batch); the same on every rank, so all raise
+        bad = int((~torch.isfinite(g)).sum())
+        if bad:
+            raise FloatingPointError(
+                f"the gradient has NaN or Inf in {bad} of its {g.numel()} entries: the loss "
+                "of some batch is not finite (a NaN or Inf in the data, an overflowing loss, "
+                "a float16 model); specdens never returns such values. Check the data and "
+                "the model")
     return g.detach()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -30,6 +32,82 @@ _FORWARD_AD_FAILED = (
     "method='graph' (the default), which needs no forward-mode derivative")
 
 
+_WEIGHT_NORM = (
+    "hessian cannot differentiate this model: the selected parameters {names} feed torch's "
+    "weight norm ({where}), whose second derivative in torch {version} is wrong (the "
+    "double backward of torch._weight_norm; its first derivative is right), so the "
+    "Hessian would be wrong and not even symmetric. Write the reparametrisation by hand "
+    "in the forward, w = g * v / v.norm(dim=..., keepdim=True) (the norm over every "
+    "dimension but weight norm's dim), which autograd differentiates correctly; or "
+    "leave those parameters out with params=. ggn() and gradient() use first "
+    "derivatives only and are not affected")
+
+
+@functools.lru_cache(maxsize=1)
+def weight_norm_hessian_is_wrong() -> bool:
+    """Whether torch's second derivative of ``torch._weight_norm`` is wrong in this
+    torch: a Hessian-vector product through its double backward (what
+    ``method="graph"`` takes) against that of the same function written with
+    ``Tensor.norm``, on a small float64 example on the CPU (wrong by ~1 relative in
+    torch 2.13; a correct one agrees to ~1e-15)."""
+    gen = torch.Generator().manual_seed(0)
+    v = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+    g = torch.rand(4, 1, dtype=torch.float64, generator=gen) + 0.5
+    u = torch.randn(4, 3, dtype=torch.float64, generator=gen)
+
+    def hvp(w_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        x = v.clone().requires_grad_(True)
+        with torch.enable_grad():
+            (gx,) = torch.autograd.grad((w_of(x) ** 3).sum(), x, create_graph=True)
+            return torch.autograd.grad(gx, x, grad_outputs=u)[0]
+
+    fused = hvp(lambda x: torch._weight_norm(x, g, 0))
+    plain = hvp(lambda x: g * x / x.norm(dim=1, keepdim=True))
+    return not bool(torch.allclose(fused, plain, rtol=1e-10, atol=1e-12))
+
+
+def weight_norm_inputs(model: torch.nn.Module) -> dict[int, str]:
+    """The parameters that torch's weight norm takes (by ``id``): those of a
+    parametrization chain holding ``torch.nn.utils.parametrizations.weight_norm``'s
+    ``_WeightNorm``, and the ``name_g``/``name_v`` of the legacy
+    ``torch.nn.utils.weight_norm`` forward-pre-hook; each with where it is used."""
+    from torch.nn.utils import parametrize
+    from torch.nn.utils.parametrizations import _WeightNorm
+
+    legacy = getattr(importlib.import_module("torch.nn.utils.weight_norm"), "WeightNorm",
+                     None)
+    found: dict[int, str] = {}
+    for mod_name, module in model.named_modules():
+        where = mod_name or "the model"
+        if parametrize.is_parametrized(module):
+            for tensor, chain in module.parametrizations.items():
+                if any(isinstance(p, _WeightNorm) for p in chain):
+                    for p in chain.parameters():
+                        found[id(p)] = (f"{where}.{tensor} through "
+                                        "torch.nn.utils.parametrizations.weight_norm")
+        for hook in module._forward_pre_hooks.values():
+            if legacy is not None and isinstance(hook, legacy):
+                for suffix in ("_g", "_v"):
+                    p = getattr(module, hook.name + suffix, None)
+                    if isinstance(p, torch.Tensor):
+                        found[id(p)] = f"{where}.{hook.name} through torch.nn.utils.weight_norm"
+    return found
+
+
+def check_weight_norm(loss: BatchLoss) -> None:
+    """Refuse a Hessian with respect to parameters that feed torch's weight norm, whose
+    second derivative is wrong (see :func:`weight_norm_hessian_is_wrong`)."""
+    inputs = weight_norm_inputs(loss.model)
+    if not inputs:
+        return
+    params = dict(loss.model.named_parameters())
+    hit = [n for n in loss.space.names if id(params[n]) in inputs]
+    if hit and weight_norm_hessian_is_wrong():
+        where = sorted({inputs[id(params[n])] for n in hit})
+        raise ValueError(_WEIGHT_NORM.format(names=hit, where="; ".join(where),
+                                             version=torch.__version__))
+
+
 class HessianOperator(DataOperator):
     """``H v`` for the Hessian of the mean loss over all samples of the data.
 
@@ -51,6 +129,7 @@ class HessianOperator(DataOperator):
                              "forward-over-reverse)")
         if self.block not in BLOCKS:
             raise ValueError(f"block={self.block!r}; choose 'loop' or 'batched'")
+        check_weight_norm(self.loss)
 
     def _check_first_batch(self, batch: Any) -> None:
         if self.method == "forward":
@@ -176,7 +255,20 @@ def hessian(
         does, raises a RuntimeError). One batch is a tensor, a mapping (a dict, a
         tokenizer's ``BatchEncoding``), a tuple/list whose first item is a tensor, or
         ``((x1, x2), y)`` / ``({...}, y)`` for a model with several inputs; with a
-        criterion, batches are ``(inputs, targets)``. Tensors move to the model's device.
+        criterion, batches are ``(inputs, targets)`` and the model is called with one
+        argument, ``model(inputs)``: ``model((x1, x2))`` or ``model({...})``, never
+        ``model(x1, x2)`` nor ``model(**inputs)`` (for a ``forward(self, x1, x2)`` or
+        ``forward(self, **batch)``, pass ``loss_fn=lambda model, batch:
+        criterion(model(*batch[0]), batch[1])``). A tuple/list of tensors is always one
+        batch (``[x, y]``, as a ``DataLoader`` over a ``TensorDataset`` yields it), so
+        ``[x1, x2]`` is one batch, not two: write batches that are a single tensor each as
+        ``[(x1,), (x2,)]``. Every batch must hold samples: a batch whose count is not
+        positive (no samples, a count of 0 from ``batch_size_fn`` or ``loss_fn``, no target
+        that ``CrossEntropyLoss``/``NLLLoss`` counts) raises a ValueError naming the
+        batch, here and in :func:`~specdens.backends.torch.gradient`,
+        :func:`~specdens.backends.torch.ggn` and
+        :func:`~specdens.backends.torch.tracking.evaluate`; leave it out. Tensors move to
+        the model's device.
     loss_fn
         ``loss_fn(model, batch)`` for losses that are not ``criterion(model(x), y)``
         (language models, PINNs). It returns either the batch's *mean* loss (its sample
@@ -191,9 +283,16 @@ def hessian(
         The parameters spanning the operator (default: those with ``requires_grad``):
         names, ``fnmatch`` glob patterns (``"layer1.*"``) or parameter tensors. A string
         that is a parameter's exact name selects it and is not read as a pattern
-        (``ModuleDict`` keys may hold ``[``). Vectors follow ``model.named_parameters()``
-        order; see ``op.param_names``. Parameters the loss does not depend on give zero
-        rows and columns.
+        (``ModuleDict`` keys may hold ``[``). A tied (shared) parameter is listed once,
+        under its first name, and selected by any of its names. Vectors follow
+        ``model.named_parameters()`` order; see ``op.param_names``. Parameters the loss
+        does not depend on give zero rows and columns. Parameters that feed torch's weight
+        norm (``torch.nn.utils.parametrizations.weight_norm`` or the older
+        ``torch.nn.utils.weight_norm``) are refused with a ValueError, for both methods:
+        torch's second derivative of ``torch._weight_norm`` is wrong, so the Hessian
+        would be wrong and not symmetric; write ``w = g * v / v.norm(...)`` in the
+        forward instead (:func:`~specdens.backends.torch.ggn` and
+        :func:`~specdens.backends.torch.gradient` are not affected).
     batch_size_fn
         ``batch_size_fn(batch) -> count`` of samples in a batch (default: the leading
         dimension of the batch's first tensor, that of ``inputs`` or of its first tensor;

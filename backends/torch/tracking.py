@@ -10,6 +10,7 @@ returns at once. The model is left exactly as it was (parameters, buffers, ``.gr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -143,6 +144,11 @@ def evaluate(
         ``sum_b n_b L_b / sum_b n_b``.
     accuracy : float or None
         See :func:`track`; None when not computed.
+
+    Raises
+    ------
+    FloatingPointError
+        When the loss of some batch is NaN or Inf.
     """
     group = resolve_group(process_group)
     try:
@@ -161,29 +167,35 @@ def evaluate(
         # loss sum, its weight, correct predictions, samples they are counted over
         sums = [0.0, 0.0, 0.0, 0.0]
         acc_ok = accuracy is not False and criterion is not None
+        bad = None      # the first batch of this rank whose loss is not finite
         # grad enabled: loss_fn may differentiate with respect to its inputs (a PINN); the
         # parameters are detached, so no graph of them is built
         with torch.enable_grad():
             # with a process group, this rank's shard may be empty (it adds nothing)
-            for batch in Batches(data, loss.space.device, allow_empty=group is not None):
-                value, count = loss(batch, loss.primal)
-                sums[0] += float(value.detach()) * count
-                sums[1] += count
-                if acc_ok:
-                    inputs, targets = split_batch(batch)
-                    out = loss.outputs(inputs, loss.primal)
-                    if callable(accuracy):
-                        samples = batch_count(batch, batch_size_fn)
-                        sums[2] += float(accuracy(out, targets)) * samples
-                        sums[3] += samples
-                    elif _is_classification(out, targets):
-                        ignore = getattr(criterion, "ignore_index", None)
-                        keep = (targets != ignore) if isinstance(ignore, int) \
-                            else torch.ones_like(targets, dtype=torch.bool)
-                        sums[2] += float(((out.argmax(dim=1) == targets) & keep).sum())
-                        sums[3] += float(keep.sum())
-                    else:
-                        acc_ok = False
+            batches = Batches(data, loss.space.device, allow_empty=group is not None)
+            for i, batch in enumerate(batches):
+                with batches.at(i):
+                    value, count = loss(batch, loss.primal)
+                    value = float(value.detach())
+                    if bad is None and not math.isfinite(value):
+                        bad = i
+                    sums[0] += value * count
+                    sums[1] += count
+                    if acc_ok:
+                        inputs, targets = split_batch(batch)
+                        out = loss.outputs(inputs, loss.primal)
+                        if callable(accuracy):
+                            samples = batch_count(batch, batch_size_fn)
+                            sums[2] += float(accuracy(out, targets)) * samples
+                            sums[3] += samples
+                        elif _is_classification(out, targets):
+                            ignore = getattr(criterion, "ignore_index", None)
+                            keep = (targets != ignore) if isinstance(ignore, int) \
+                                else torch.ones_like(targets, dtype=torch.bool)
+                            sums[2] += float(((out.argmax(dim=1) == targets) & keep).sum())
+                            sums[3] += float(keep.sum())
+                        else:
+                            acc_ok = False
     except Exception:
         join_failed(group)  # the other ranks learn of it, then this one raises
         raise
@@ -193,6 +205,12 @@ def evaluate(
         group, loss, kind="evaluate", sums=sums + [float(not acc_ok)])
     if total == 0:      # the same on every rank: all raise
         raise no_data_error(group)
+    if not math.isfinite(loss_sum):     # the same on every rank: all raise
+        where = f" (batch {bad} of this rank's data)" if bad is not None else ""
+        raise FloatingPointError(
+            f"the mean loss over the data is {loss_sum / total}: the loss of some batch is "
+            f"not finite{where}: a NaN or Inf in the data, an overflowing loss, a float16 "
+            "model... specdens never returns such values. Check the data and the model")
     has_acc = not not_ok and counted > 0
     return loss_sum / total, (correct / counted if has_acc else None)
 
