@@ -146,8 +146,11 @@ class Run:
             for t in (*self.model.parameters(), *self.model.buffers()):
                 if not bool(torch.isfinite(t).all()):
                     return False
-        loss, _ = evaluate(self.model, self.crit, self.hess_data, batchnorm=self.bn_mode,
-                           accuracy=False)
+        try:
+            loss, _ = evaluate(self.model, self.crit, self.hess_data, batchnorm=self.bn_mode,
+                               accuracy=False)
+        except FloatingPointError:  # (evaluate refuses a non-finite loss)
+            return False
         return bool(np.isfinite(loss))
 
     def record(self, tracker: Any, step: int, extra: dict) -> None:
