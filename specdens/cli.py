@@ -13,13 +13,22 @@ Usage::
 (the smoothed density on a log axis), ``STEM-slq.npz`` (the full result,
 :meth:`specdens.SpectralDensity.save`) and ``STEM-summary.json``
 (:func:`specdens.summary.summarize` plus the input, the settings and timings), and
-prints a short summary. Usage errors (a missing file, an unknown example, bad options)
-print one line to stderr and exit with status 2, and so does a matrix file that cannot
-be read (:class:`specdens.matrix_io.MatrixFileError`: corrupt, truncated, out of range,
-too large for the memory, not symmetric...); a failed computation (also a valid matrix
-too small or too large in magnitude for its arithmetic, entries around 1e-300 or 1e160 in
-float64, which names the remedy: scale the matrix by a power of ten and the spectrum
-back) prints one line and exits with 1.
+prints a short summary. Running the same input again replaces its files; another input
+with the same stem (``a.npy`` after ``a.npz``, or another ``--key`` of one ``.npz``) is
+refused rather than overwrite them (pass another ``--out``). ``--sigma``, ``--kernel``,
+``--format`` and ``--linear`` set the plot and are refused with ``--no-plot``; ``--sigma``
+must lie between ``64 eps s`` and ``s / (64 eps)`` for the spectrum's scale ``s`` (its
+largest Ritz value in magnitude), the widths a float64 plot can resolve.
+
+Usage errors (a missing file, an unknown example, bad options, an output that cannot be
+written) print one line to stderr and exit with status 2, and so does a matrix file that
+cannot be read (:class:`specdens.matrix_io.MatrixFileError`: corrupt, truncated, out of
+range, too large for the memory, not symmetric...); a failed computation (also a valid
+matrix too small or too large in magnitude for its arithmetic, entries around 1e-300 or
+1e160 in float64, or 1e38 in float32, whose products are float32, which names the remedy:
+scale the matrix by a power of ten and the spectrum back) prints one line and exits with
+1. When the reader of stdout goes away (``specdens ... | head -1``) the command stops
+quietly with status 141, as one killed by SIGPIPE.
 """
 
 from __future__ import annotations
@@ -119,13 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--sigma", type=_positive_float, metavar="S",
                     help="kernel width of the plotted density (default: the median gap "
                          "between Ritz values)")
-    sp.add_argument("--kernel", choices=KERNELS, default="gaussian",
+    sp.add_argument("--kernel", choices=KERNELS,
                     help="smoothing kernel of the plot (default gaussian)")
-    sp.add_argument("--format", choices=PLOT_FORMATS, default="png", dest="plot_format",
+    sp.add_argument("--format", choices=PLOT_FORMATS, dest="plot_format",
                     help="image format of the plot (default png)")
     sp.add_argument("--linear", action="store_true",
                     help="linear density axis (default: log, as in the paper)")
-    sp.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    sp.add_argument("--no-plot", action="store_true",
+                    help="do not draw the plot (then --sigma, --kernel, --format and --linear "
+                         "are refused)")
     sp.add_argument("-q", "--quiet", action="store_true",
                     help="no progress bar and no printed summary")
 
@@ -211,10 +222,15 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help(sys.stderr)
             return EXIT_USAGE
         if args.command == "examples":
-            return _cmd_examples()
-        if args.command == "investigate":
-            return _cmd_investigate(args)
-        return _cmd_spectrum(args)
+            status = _cmd_examples()
+        elif args.command == "investigate":
+            status = _cmd_investigate(args)
+        else:
+            status = _cmd_spectrum(args)
+        sys.stdout.flush()  # (a closed pipe shows here, not at the interpreter's exit)
+        return status
+    except BrokenPipeError:
+        return _stdout_closed()
     except SystemExit as exc:  # --help and --version
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except UsageError as exc:
@@ -223,6 +239,34 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _error("interrupted")
         return 130
+
+
+def _stdout_closed() -> int:
+    """The reader of stdout went away (``specdens ... | head -1``): exit quietly, as a
+    command killed by SIGPIPE would (status 141), with stdout pointed at the null device
+    so that the interpreter's final flush does not fail again with a traceback. The
+    output files were written before the summary was printed."""
+    import os
+    import signal
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, AttributeError, ValueError):  # (a stdout without a file descriptor)
+        pass
+    return 128 + int(getattr(signal, "SIGPIPE", 13))
+
+
+def _make_out_dir(out_dir: Path) -> None:
+    """Create the output directory (and its parents), or raise a :class:`UsageError`."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UsageError(f"cannot create the output directory {out_dir}: a file of that name "
+                         "exists; pass another --out")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"cannot create the output directory {out_dir}: {exc}") from None
 
 
 def _error(message: str) -> None:
@@ -265,6 +309,7 @@ def _cmd_investigate(args: argparse.Namespace) -> int:
             dtype=args.dtype, threads=args.threads)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    _make_out_dir(args.out)
     try:
         result = run_investigation(config, args.out, resume=args.resume,
                                    progress=not args.quiet)
@@ -340,15 +385,23 @@ def _load_input(args: argparse.Namespace) -> tuple[Any, dict, str, Any, Any]:
     return aslinearoperator(A, symmetric=True), info, stem or "matrix", None, A
 
 
+ARITHMETIC = "float64"
+"""The dtype of the Lanczos arithmetic of ``spectrum``, whatever the matrix's dtype
+(:func:`specdens.slq`'s default for NumPy and SciPy operators, passed explicitly)."""
+
+
 def _overflow_message(A: Any) -> str | None:
     """Why a finite matrix ``A`` (as read from a file) made the computation overflow, or
     None when its scale cannot explain it.
 
-    The Lanczos vectors' norms are ``sqrt(w^T w)`` with ``||w|| <= ||A q|| <= ||A||_2 <=
-    n max|a_ij|``, and the second moment averages squared Ritz values, which are at most
-    ``||A||_2^2``: these overflow only when ``||A||_2`` passes ``sqrt(max)`` of the dtype
-    (1.3e154 in float64, 1.8e19 in float32). A finite matrix makes the engine see NaN or
-    Inf only then, and it reports the operator; this names the scale instead.
+    Two things overflow. The Lanczos vectors' norms are ``sqrt(w^T w)`` with ``||w|| <=
+    ||A q|| <= ||A||_2 <= n max|a_ij|``, and the second moment averages squared Ritz
+    values, which are at most ``||A||_2^2``: these squares are taken in the arithmetic's
+    dtype (float64, :data:`ARITHMETIC`) and overflow only when ``||A||_2`` passes its
+    ``sqrt(max)``, 1.3e154. The products ``A q`` are computed in the matrix's own dtype:
+    for a float32 matrix they overflow once ``||A q||`` passes float32's ``max``, 3.4e38,
+    long before the squares do. A finite matrix makes the engine see NaN or Inf only then,
+    and it reports the operator; this names the scale instead.
     """
     import numpy as np
     import scipy.sparse
@@ -357,16 +410,50 @@ def _overflow_message(A: Any) -> str | None:
     if values.size == 0:
         return None
     big = float(np.max(np.abs(values)))
-    finfo = np.finfo(A.dtype)
-    limit = float(np.sqrt(finfo.max))
+    squares = float(np.sqrt(np.finfo(ARITHMETIC).max))
+    products = float(np.finfo(A.dtype).max)
+    limit = min(squares, products)
     if not (np.isfinite(big) and big * A.shape[0] >= limit):
         return None
     power = 10.0 ** math.floor(math.log10(big))
-    return (f"the matrix's scale (largest entry {big:.1e}) is too large for {A.dtype} "
-            f"arithmetic: squares (the Lanczos vectors' squared norms, the second moment) "
-            f"overflow once ||A|| passes {limit:.1e}. Divide the matrix by a power of ten "
-            f"(e.g. A / {power:.0e}) and multiply the spectrum back (eigenvalues, bounds and "
-            f"outliers by {power:.0e}, moments tr(A^p)/n by {power:.0e}^p)")
+    if products < squares:
+        what = (f"{A.dtype} products: the matrix-vector products, computed in the matrix's "
+                f"dtype ({ARITHMETIC} is the Lanczos arithmetic's), overflow once ||A q|| "
+                f"passes {limit:.1e}. Save the matrix as float64, or divide it")
+    else:
+        what = (f"{ARITHMETIC} arithmetic: squares (the Lanczos vectors' squared norms, the "
+                f"second moment) overflow once ||A|| passes {limit:.1e}. Divide the matrix")
+    return (f"the matrix's scale (largest entry {big:.1e}) is too large for {what} by a "
+            f"power of ten (e.g. A / {power:.0e}) and multiply the spectrum back (eigenvalues, "
+            f"bounds and outliers by {power:.0e}, moments tr(A^p)/n by {power:.0e}^p)")
+
+
+def _check_stem(out_dir: Path, stem: str, info: dict) -> None:
+    """Refuse to overwrite the outputs of another input named alike.
+
+    The outputs are named after the input's stem, so ``a.npy``, ``a.npz`` and ``a.mtx``
+    (or two ``--key`` arrays of one ``.npz``) would write the same ``a-*`` files. The
+    input that wrote ``STEM-summary.json`` is recorded in it: running the same input again
+    (the same file name and key, or the same example and size) replaces its outputs, a
+    different one is refused."""
+    previous = out_dir / f"{stem}-summary.json"
+    try:
+        old = json.loads(previous.read_text()).get("input")
+    except (OSError, ValueError, AttributeError):
+        return  # (none, or not a summary that names its input)
+    if not isinstance(old, dict) or _input_identity(old) == _input_identity(info):
+        return
+    what = (f"example {old.get('example')} (n = {old.get('n')})" if old.get("kind") == "example"
+            else f"{old.get('path')}" + (f" --key {old['key']}" if old.get("key") else ""))
+    raise UsageError(f"{previous} holds the results of {what}, which this input would "
+                     "overwrite (the outputs are named after the input's stem); pass another "
+                     "--out, or remove that input's files first")
+
+
+def _input_identity(info: dict) -> tuple:
+    if info.get("kind") == "example":
+        return ("example", info.get("example"), info.get("n"))
+    return ("file", Path(str(info.get("path", ""))).name, info.get("key"))
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> int:
@@ -378,12 +465,23 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     from .summary import summarize
 
     t_start = time.perf_counter()
+    if args.no_plot:
+        given = [name for name, value in (("--sigma", args.sigma), ("--kernel", args.kernel),
+                                          ("--format", args.plot_format),
+                                          ("--linear", args.linear or None))
+                 if value is not None]
+        if given:
+            names = " and ".join([", ".join(given[:-1]), given[-1]] if len(given) > 1
+                                 else given)
+            raise UsageError(f"{names} set{'s' if len(given) == 1 else ''} the "
+                             "plot, which --no-plot leaves out; drop "
+                             f"{'it' if len(given) == 1 else 'them'} or --no-plot")
+    kernel = args.kernel or "gaussian"
+    plot_format = args.plot_format or "png"
     op, info, stem, exact, matrix = _load_input(args)
     out_dir: Path = args.out
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"cannot create the output directory {out_dir}: {exc}") from None
+    _make_out_dir(out_dir)
+    _check_stem(out_dir, stem, info)
     t_loaded = time.perf_counter()
 
     try:
@@ -391,7 +489,8 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         # specdens refuses with the error below, so that the failure is one line)
         with np.errstate(over="ignore", invalid="ignore"):
             density = slq(op, num_steps=args.steps, num_probes=args.probes, seed=args.seed,
-                          reorth=args.reorth, probes=args.probe_kind, progress=not args.quiet)
+                          reorth=args.reorth, probes=args.probe_kind, dtype=ARITHMETIC,
+                          progress=not args.quiet)
             t_slq = time.perf_counter()
             density = dataclasses.replace(density, extra={**density.extra, "input": info})
             # before any file is written: the second moment of a matrix near the overflow
@@ -412,12 +511,17 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     files: dict[str, Path] = {}
     plot_note = None
     if not args.no_plot:
-        plot_path = out_dir / f"{stem}-density.{args.plot_format}"
+        if args.sigma is not None:
+            _check_sigma(args.sigma, density)
+        plot_path = out_dir / f"{stem}-density.{plot_format}"
         try:
-            _write_plot(density, plot_path, args, exact, title=_title(info, density))
+            _write_plot(density, plot_path, args, exact, title=_title(info, density),
+                        kernel=kernel, plot_format=plot_format)
             files["plot"] = plot_path
         except ImportError as exc:
             plot_note = f"plot skipped: {exc}"
+        except OSError as exc:
+            raise UsageError(f"cannot write into {out_dir}: {exc}") from None
     files["result"] = out_dir / f"{stem}-slq.npz"
     files["summary"] = out_dir / f"{stem}-summary.json"
     t_plot = time.perf_counter()
@@ -426,7 +530,7 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     summary["settings"] = {
         "steps": args.steps, "probes": args.probes, "seed": args.seed,
         "reorth_requested": args.reorth, "reorth": density.reorth,
-        "probe_kind": args.probe_kind, "kernel": args.kernel,
+        "probe_kind": args.probe_kind, "kernel": kernel,
         "sigma": args.sigma if args.sigma is not None else summary["sigma"],
     }
     if exact is not None:
@@ -450,6 +554,55 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
     return 0
 
 
+SIGMA_RESOLUTION = 64
+"""``--sigma`` must lie within ``[R eps s, s / (R eps)]`` for the spectrum's scale ``s``
+(the largest Ritz value in magnitude, 1 for a zero spectrum), ``R`` this factor and ``eps``
+float64's: see :func:`_check_sigma`."""
+
+
+def _sigma_bounds(density: Any) -> tuple[float, float, float]:
+    """The widths ``--sigma`` accepts for ``density``, and the spectrum's scale (0 for a
+    zero spectrum)."""
+    import numpy as np
+
+    loc = density.atoms()[0]
+    scale = float(np.max(np.abs(loc))) if loc.size else 0.0
+    unit = scale if scale > 0 else 1.0
+    resolution = SIGMA_RESOLUTION * float(np.finfo(np.float64).eps)
+    return resolution * unit, unit / resolution, scale
+
+
+def _two_digits(x: float, up: bool) -> str:
+    """``x`` to two significant digits, rounded up or down (so that the printed bounds
+    are inside the accepted range)."""
+    from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal
+
+    d = Decimal(repr(x))
+    r = d.quantize(Decimal(1).scaleb(d.adjusted() - 1),
+                   rounding=ROUND_CEILING if up else ROUND_FLOOR)
+    return f"{float(r):.2g}"
+
+
+def _check_sigma(sigma: float, density: Any) -> None:
+    """Refuse a kernel width the plot cannot draw, relative to the spectrum's scale ``s``.
+
+    Below ``64 eps s`` (the rounding of the Ritz values, the resolution that
+    :meth:`specdens.SpectralDensity.default_sigma` uses too) the grid points around a Ritz
+    value round to the value itself: the kernel is not resolved and its squared distances
+    overflow. Above ``s / (64 eps)`` the plotted range (5 widths on either side) rounds the
+    whole spectrum to one point: the plot is a single kernel, and near 1e308 the range
+    itself overflows. In between every intermediate of the plot is a normal float64."""
+    low, high, scale = _sigma_bounds(density)
+    if not low <= sigma <= high:
+        what = "narrower than the rounding of" if sigma < low else "too wide to resolve"
+        spectrum = (f"this spectrum (Ritz values up to {scale:.3g} in magnitude)" if scale
+                    else "a zero spectrum (taken at scale 1)")
+        raise UsageError(
+            f"--sigma {sigma:.3g} is {what} {spectrum} for a float64 plot; use a width "
+            f"between {_two_digits(low, up=True)} and {_two_digits(high, up=False)}, or leave "
+            "--sigma out for the default (the median gap between Ritz values)")
+
+
 def _title(info: dict, density: Any) -> str:
     what = info.get("example") or Path(info.get("path", "matrix")).name
     return (f"{what}: n = {density.n}, {density.num_steps} steps x {density.num_probes} probes, "
@@ -457,7 +610,7 @@ def _title(info: dict, density: Any) -> str:
 
 
 def _write_plot(density: Any, path: Path, args: argparse.Namespace, exact: Any,
-                title: str) -> None:
+                title: str, kernel: str, plot_format: str) -> None:
     from .plotting import plot_density, require_matplotlib
 
     require_matplotlib()
@@ -468,10 +621,10 @@ def _write_plot(density: Any, path: Path, args: argparse.Namespace, exact: Any,
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     plot_density(density, ax, log_density=not args.linear, sigma=args.sigma,
-                 kernel=args.kernel, reference=exact, mark_outliers=True,
+                 kernel=kernel, reference=exact, mark_outliers=True,
                  color="tab:blue", label="SLQ")
     ax.set_title(title, fontsize="medium")
-    fig.savefig(path, format=args.plot_format, dpi=150)
+    fig.savefig(path, format=plot_format, dpi=150)
 
 
 def _exact_comparison(density: Any, eigenvalues: Any) -> dict:

@@ -8,12 +8,18 @@
                        symmetric storage (``scipy.io.mmwrite``)
 =====================  ================================================================
 
-Pickled data is never loaded. The matrix must be real, square, finite and symmetric:
-anything else raises :class:`MatrixFileError` with the reason, and so does every file that
-cannot be read: a corrupt or truncated one (a header declaring more data than the file
-holds is refused before anything is allocated; a scipy sparse matrix's index arrays are
-checked in full, out-of-range indices included), one whose values overflow their type, and
-one whose matrix does not fit in memory.
+Pickled data is never loaded; only the ``.npy`` members of an ``.npz`` are arrays. The
+matrix must be real, square, finite and symmetric (a skew-symmetric one, with imaginary
+eigenvalues, is refused as such): anything else raises :class:`MatrixFileError` with the
+reason, and so does every file that cannot be read: a corrupt or truncated one (a header
+declaring more data than the file holds is refused before anything is allocated; a scipy
+sparse matrix's index arrays are checked in full, out-of-range indices included), one whose
+values overflow their type or, for longdouble, float64's range, and one whose matrix does
+not fit in memory. A Matrix Market coordinate file with ``symmetric`` storage holds one
+triangle (the lower, as the format says): the reader mirrors every off-diagonal entry, so
+a pair stored on both sides of the diagonal, which would be added, is refused. Integer,
+bool, float16 and longdouble values become float64 before duplicate sparse entries are
+summed.
 
 References
 ----------
@@ -169,7 +175,10 @@ def _load_npz(path: Path, key: str | None) -> Any:
                         _npy_header_check(fh, info.file_size, path, ".npz file",
                                           f"the .npy header of its member {info.filename}")
         with np.load(path, allow_pickle=False) as z:
-            files = list(z.files)
+            # (only .npy members are arrays: numpy.load hands any other member back as its
+            # raw bytes, which read as a 0-d array)
+            members = [info.filename for info in z.zip.infolist()]
+            files = [name[:-4] for name in members if name.endswith(".npy")]
             if _SPARSE_NPZ_KEYS <= set(files) and key is None:
                 fmt = z["format"]
                 fmt = fmt.item() if fmt.ndim == 0 else fmt
@@ -183,12 +192,15 @@ def _load_npz(path: Path, key: str | None) -> Any:
             if key is not None:
                 if key not in files:
                     raise MatrixFileError(f"{path} has no array {key!r}; it holds "
-                                          f"{', '.join(files) or 'nothing'}")
+                                          f"{', '.join(files) or 'no arrays'}")
                 return z[key]
             if len(files) == 1:
                 return z[files[0]]
             if not files:
-                raise MatrixFileError(f"{path} holds no arrays")
+                raise MatrixFileError(
+                    f"{path} holds no arrays (no .npy members; it holds "
+                    f"{', '.join(members) or 'nothing'}); save the matrix with numpy.savez or "
+                    "scipy.sparse.save_npz")
             raise MatrixFileError(
                 f"{path} holds {len(files)} arrays ({', '.join(files)}); say which one is the "
                 "matrix (load_matrix(path, key=...) or --key on the command line)")
@@ -213,13 +225,28 @@ def _load_sparse_npz(path: Path) -> Any:
     return _checked_sparse(A, path)
 
 
+def _working_dtype(dtype: np.dtype) -> np.dtype:
+    """The dtype a real matrix of ``dtype`` is read as: float32 or float64 (native byte
+    order) stay, every other real dtype (bool, integers, float16, longdouble) becomes
+    float64."""
+    if dtype.kind == "f" and dtype.itemsize in (4, 8):
+        return np.dtype(np.float32 if dtype.itemsize == 4 else np.float64)
+    return np.dtype(np.float64)
+
+
 def _checked_sparse(A: Any, path: Path) -> Any:
-    """``A`` as CSR with its index arrays checked in full (scipy's own construction checks
-    only their lengths and dtypes: an index out of range or an index pointer that
-    decreases then fails later, with a misleading message or a crash)."""
+    """``A`` as CSR in its working dtype (:func:`_working_dtype`) with its index arrays
+    checked in full (scipy's own construction checks only their lengths and dtypes: an
+    index out of range or an index pointer that decreases then fails later, with a
+    misleading message or a crash), its duplicate entries summed.
+
+    The values are converted before anything sums them: duplicates summed in the file's
+    dtype wrap around (int8 100 + 100 = -56) or overflow (float16)."""
     try:
         if hasattr(A, "check_format"):
             A.check_format(full_check=True)
+        if A.dtype.kind in "biuf" and A.dtype != _working_dtype(A.dtype):
+            A = A.astype(_working_dtype(A.dtype))
         A = A.tocsr()
         A.check_format(full_check=True)
         A.sum_duplicates()
@@ -232,16 +259,66 @@ def _load_mtx(path: Path) -> Any:
     import scipy.io
 
     try:
+        rows, cols, entries, fmt, field, symmetry = scipy.io.mminfo(str(path))
+        rows, cols, entries = int(rows), int(cols), int(entries)
+        # (scipy's reader divides by the number of columns of an array-format file: one
+        # with 0 rows or columns killed the process with SIGFPE)
+        _mtx_shape_check(path, rows, cols, fmt)
         if _suffix(path) == ".mtx":  # (compressed, the size of the data is not known)
-            rows, cols, entries, fmt, field, symmetry = scipy.io.mminfo(str(path))
-            _mtx_size_check(path, int(rows), int(cols), int(entries), fmt, field, symmetry)
-        return scipy.io.mmread(str(path))
+            _mtx_size_check(path, rows, cols, entries, fmt, field, symmetry)
+        A = scipy.io.mmread(str(path))
+        if fmt == "coordinate" and symmetry != "general":
+            _mtx_lower_triangle_check(A, path, entries, symmetry)
+        return A
     except MatrixFileError:
         raise
     except (ValueError, OSError, EOFError, IndexError, TypeError, OverflowError,
             RuntimeError) as exc:
         # (OverflowError: an integer entry or a dimension beyond 64 bits)
         raise MatrixFileError(f"{path} is not a readable Matrix Market file ({exc})") from None
+
+
+def _mtx_shape_check(path: Path, rows: int, cols: int, fmt: str) -> None:
+    """Refuse, from the header, a Matrix Market matrix that is empty or not square."""
+    if rows != cols:
+        raise MatrixFileError(f"{path} holds a non-square {rows} x {cols} matrix (its Matrix "
+                              "Market header says so); specdens needs a square symmetric "
+                              "matrix (for a rectangular J, use J^T J or J J^T)")
+    if rows == 0:
+        raise MatrixFileError(f"{path} holds an empty 0 x 0 matrix (its Matrix Market header "
+                              "says so)")
+
+
+def _mtx_lower_triangle_check(A: Any, path: Path, entries: int, symmetry: str) -> None:
+    """Refuse a ``symmetric`` (or ``skew-symmetric``, ``hermitian``) coordinate file that
+    stores an off-diagonal pair on both sides of the diagonal: the format stores one
+    triangle (the lower, row >= column), and the reader mirrors every off-diagonal entry,
+    so ``(1, 2)`` next to ``(2, 1)`` would be added to it and the matrix read would be
+    wrong, with no error. An entry stored above the diagonal alone is unambiguous (its
+    mirror is the matrix's) and read as scipy reads it.
+
+    The reader returns the file's entries first, in file order, and then their mirror
+    images; that layout is checked before it is relied on."""
+    row, col = np.asarray(A.row, dtype=np.int64), np.asarray(A.col, dtype=np.int64)
+    stored_row, stored_col = row[:entries], col[:entries]
+    off = stored_row != stored_col
+    if row.size != entries + int(np.count_nonzero(off)):
+        return  # (another layout: not the file's entries first)
+    n = int(A.shape[0])
+    lo = np.minimum(stored_row, stored_col)[off]
+    hi = np.maximum(stored_row, stored_col)[off]
+    upper = (stored_row < stored_col)[off]
+    key = lo * n + hi
+    both = np.intersect1d(key[upper], key[~upper])
+    if both.size:
+        i, j = divmod(int(both[0]), n)
+        raise MatrixFileError(
+            f"{path} is a {symmetry} Matrix Market file that stores {both.size} "
+            f"off-diagonal pair{'' if both.size == 1 else 's'} on both sides of the diagonal "
+            f"(the first: row {j + 1}, column {i + 1} and row {i + 1}, column {j + 1}); "
+            f"{symmetry} storage holds one triangle (the lower, row >= column), which the "
+            "reader mirrors, so both would be added: store each off-diagonal entry once, or "
+            "declare the file 'general' and store both triangles")
 
 
 def _mtx_size_check(path: Path, rows: int, cols: int, entries: int, fmt: str, field: str,
@@ -291,12 +368,11 @@ def _check(A: Any, path: Path, check_symmetric: bool) -> Any:
                               "real symmetric matrices only")
     if kind not in "biuf":
         raise MatrixFileError(f"{path} holds {A.dtype} data, not numbers")
-    if kind == "f" and A.dtype.itemsize in (4, 8):
-        native = np.dtype(np.float32 if A.dtype.itemsize == 4 else np.float64)
-        if A.dtype != native:  # e.g. big-endian '>f4': the same precision, native order
-            A = A.astype(native)
-    else:
-        A = A.astype(np.float64)
+    if kind == "f" and A.dtype.itemsize > 8:
+        _check_wide_floats(A.data if sparse else A, path)
+    target = _working_dtype(A.dtype)
+    if A.dtype != target:  # (also big-endian '>f4': the same precision, native order)
+        A = A.astype(target)
     if sparse:
         A = _checked_sparse(A, path)
         values = A.data
@@ -312,12 +388,43 @@ def _check(A: Any, path: Path, check_symmetric: bool) -> Any:
         else:
             gap = float(np.max(np.abs(A - A.T)))
         tol = float(np.sqrt(np.finfo(A.dtype).eps)) * scale
+        if gap > tol and _is_skew(A, sparse, tol):
+            raise MatrixFileError(
+                f"{path} holds a skew-symmetric matrix (A^T = -A), whose eigenvalues are "
+                "imaginary; specdens handles real symmetric matrices only")
         if gap > tol:
             raise MatrixFileError(
                 f"{path} holds a matrix that is not symmetric: max |A - A^T| = {gap:.3g} "
                 f"(relative {gap / scale:.2g}); specdens needs a symmetric matrix; "
                 "symmetrise it, e.g. (A + A.T) / 2")
     return A
+
+
+def _is_skew(A: Any, sparse: bool, tol: float) -> bool:
+    """Whether ``max |A + A^T| <= tol``."""
+    if sparse:
+        total = abs(A + A.T)
+        return (float(total.max()) if total.nnz else 0.0) <= tol
+    return float(np.max(np.abs(A + A.T))) <= tol
+
+
+def _check_wide_floats(values: np.ndarray, path: Path) -> None:
+    """Refuse a longdouble (float96/float128) matrix that float64 cannot hold, before the
+    cast: NaN or infinite entries, or finite ones beyond float64's range (which the cast
+    would turn into infinities, reported as such). Tiny entries become subnormal or 0, as
+    the rounding of any float64 matrix would."""
+    if values.size == 0:
+        return
+    if not np.all(np.isfinite(values)):
+        raise MatrixFileError(f"{path} holds NaN or infinite entries")
+    big = np.max(np.abs(values))
+    limit = np.finfo(np.float64).max
+    if big > limit:
+        power = np.format_float_scientific(big, precision=1, unique=False)
+        raise MatrixFileError(
+            f"{path} holds {values.dtype} entries beyond the float64 range (max |a| = "
+            f"{power} > {limit:.3g}); specdens computes in float64: divide the matrix by a "
+            "power of ten and multiply the spectrum back")
 
 
 def describe_matrix(A: Any) -> dict:

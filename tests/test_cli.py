@@ -424,3 +424,102 @@ def test_a_matrix_too_large_for_the_arithmetic_exits_1_naming_the_scale(tmp_path
                  *FAST]) == 0
     summary = json.loads((tmp_path / "o" / "huge-summary.json").read_text())
     assert summary["range"]["max"] == pytest.approx(3e150, rel=1e-12)
+
+
+# -- errors that escaped, misled or were silent --------------------------------------------
+def test_a_plot_that_cannot_be_written_exits_2(tmp_path, capsys):
+    """An OSError from savefig (here the plot's path is a directory) was a traceback."""
+    (tmp_path / "o" / "uniform-n100-density.png").mkdir(parents=True)
+    assert main(["spectrum", "--example", "uniform", "--n", "100", "--out",
+                 str(tmp_path / "o"), *FAST]) == 2
+    one_line_error(capsys, "cannot write into", "uniform-n100-density.png")
+
+
+def test_sigma_outside_what_the_plot_resolves_exits_2(tmp_path, capsys):
+    """--sigma 1e308 overflowed in the plot's grid (a traceback), 1e307 and 1e-300 printed
+    RuntimeWarnings; a width is now refused outside [64 eps s, s / (64 eps)] for the
+    spectrum's scale s (here about 1), before anything is written, and the bounds work."""
+    run = ["spectrum", "--example", "uniform", "--n", "100", "--out", str(tmp_path), *FAST]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for sigma in ("1e308", "1e307", "1e-300"):
+            assert main([*run, "--sigma", sigma]) == 2
+            one_line_error(capsys, f"--sigma {float(sigma):.3g}", "use a width between")
+        assert not list(tmp_path.iterdir())
+        assert main([*run, "--sigma", "1e13", "--kernel", "lorentzian"]) == 0
+        assert main([*run, "--sigma", "1e-13", "--linear"]) == 0
+
+
+def test_a_closed_stdout_exits_quietly(tmp_path):
+    """`specdens spectrum ... | head -1`: the summary's print raised BrokenPipeError with a
+    traceback; it now exits as a command killed by SIGPIPE would (141), silently."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "specdens", "spectrum", "--example", "uniform", "--n", "100",
+         "--out", str(tmp_path), "--steps", "20", "--probes", "2", "--no-plot"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader is gone before the summary is printed
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
+    assert (tmp_path / "uniform-n100-summary.json").exists()
+
+
+def test_a_float32_matrix_is_too_large_for_its_products_not_for_its_squares(tmp_path,
+                                                                              capsys):
+    """The message for a float32 matrix said squares overflow once ||A|| passes 1.8e19,
+    float32's sqrt(max); the arithmetic is float64 and such matrices run. What overflows is
+    the float32 products, at 3.4e38."""
+    S = symmetric_dense(40, seed=1)
+    S /= np.abs(S).max()
+    np.save(tmp_path / "big.npy", (S * 1e25).astype(np.float32))
+    assert main(["spectrum", str(tmp_path / "big.npy"), "--out", str(tmp_path / "o"),
+                 "--no-plot", *FAST]) == 0
+    np.save(tmp_path / "huge.npy", (S * 3e38).astype(np.float32))
+    assert main(["spectrum", str(tmp_path / "huge.npy"), "--out", str(tmp_path / "o"),
+                 "--no-plot", *FAST]) == 1
+    err = one_line_error(capsys, "the computation failed", "too large for float32 products",
+                         "overflow once ||A q|| passes 3.4e+38", "Save the matrix as float64")
+    assert "1.8e+19" not in err
+
+
+def test_investigate_into_an_existing_file_says_so(tmp_path, capsys):
+    """`investigate --out FILE` printed only '[Errno 17] File exists: ...'."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("torch")
+    (tmp_path / "afile").write_text("")
+    for command in (["investigate", "--steps", "1", "--records", "1", "--width", "4",
+                     "--depth", "1", "--k", "2"], ["spectrum", "--example", "uniform"]):
+        assert main([*command, "--out", str(tmp_path / "afile"), "-q"]) == 2
+        one_line_error(capsys, f"cannot create the output directory {tmp_path / 'afile'}",
+                       "a file of that name exists", "another --out")
+
+
+def test_inputs_of_the_same_stem_do_not_overwrite_each_other(tmp_path, capsys):
+    """a.npy and a.npz (or two --key arrays of one .npz) wrote the same a-* files in one
+    --out, silently. The same input again replaces its outputs; another one is refused."""
+    np.save(tmp_path / "a.npy", symmetric_dense(20))
+    np.savez(tmp_path / "a.npz", x=symmetric_dense(20, seed=1), y=symmetric_dense(20, seed=2))
+    out = ["--out", str(tmp_path / "o"), "--no-plot", *FAST]
+    assert main(["spectrum", str(tmp_path / "a.npy"), *out]) == 0
+    assert main(["spectrum", str(tmp_path / "a.npy"), *out]) == 0
+    assert main(["spectrum", str(tmp_path / "a.npz"), "--key", "x", *out]) == 2
+    one_line_error(capsys, "a-summary.json holds the results of", "a.npy", "another --out")
+    summary = json.loads((tmp_path / "o" / "a-summary.json").read_text())
+    assert summary["input"]["path"].endswith("a.npy")
+    assert main(["spectrum", str(tmp_path / "a.npz"), "--key", "x", "--out",
+                 str(tmp_path / "p"), "--no-plot", *FAST]) == 0
+    assert main(["spectrum", str(tmp_path / "a.npz"), "--key", "y", "--out",
+                 str(tmp_path / "p"), "--no-plot", *FAST]) == 2
+    one_line_error(capsys, "a.npz --key x")
+
+
+def test_plot_options_with_no_plot_are_refused(tmp_path, capsys):
+    """--sigma, --kernel, --format and --linear were accepted and ignored with --no-plot
+    (sigma and kernel even recorded in the settings)."""
+    run = ["spectrum", "--example", "uniform", "--n", "100", "--out", str(tmp_path),
+           "--no-plot", *FAST]
+    assert main([*run, "--sigma", "0.1"]) == 2
+    one_line_error(capsys, "--sigma sets the plot", "--no-plot")
+    assert main([*run, "--kernel", "gaussian", "--format", "png", "--linear"]) == 2
+    one_line_error(capsys, "--kernel, --format and --linear set the plot")
+    assert not list(tmp_path.iterdir())
