@@ -22,22 +22,35 @@ infinities are written as ``null`` and read back as NaN.
 Crash safety: each record is written with one ``write`` on a descriptor opened with
 ``O_APPEND``, then ``fsync``-ed before :meth:`SpectrumTracker.record` returns, so a
 record that was returned survives a crash of the process (and of the machine). A crash
-during a write can leave at most one torn last line (no final newline, or not valid
-JSON): :func:`read_records` ignores it, and a tracker opened on the file cuts it off
-before appending, so a restarted run continues the file. Steps already recorded for the
-run are not recorded again (:meth:`SpectrumTracker.due`).
+during a write can leave a torn line (no final newline). The next writer, a restarted
+run or another run sharing the file, ends it with a newline before it appends (it never
+cuts it off: the line could be that of a writer still writing), so the torn fragment
+stays a damaged line of its own and never swallows the next record; :func:`read_records`
+skips such lines with a :class:`TrackerFileWarning` naming them. Steps already recorded
+for the run are not recorded again (:meth:`SpectrumTracker.due`).
+
+Several processes may share a file: every append, and the header's write, holds an
+advisory lock on it (``fcntl.flock``; readers take a shared one), and the file is
+created with ``O_EXCL``, so that it gets exactly one header. Where there is no
+``fcntl`` (Windows), or the file system refuses ``flock``, the tracker goes on without
+locks: appends stay whole (one ``write`` with ``O_APPEND``), but a tracker opening a
+file that another has just created waits up to 2 s for its header, and a header without
+records is not replaced (see :class:`SpectrumTracker`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import functools
 import inspect
 import json
 import math
+import numbers
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,10 +59,14 @@ import numpy as np
 
 from . import _checks
 from ._progress import make_progress
+from .algorithms.eigsh import _resolve_ncv, _resolve_tol
+from .algorithms.lanczos import REORTH_MODES
+from .algorithms.probes import check_seed
 from .analysis import (
     CONCENTRATION_WHICH,
     GradientConcentration,
     SpectrumStats,
+    _check_vector,
     gradient_concentration,
     spectrum_stats,
 )
@@ -75,11 +92,12 @@ FORMAT_VERSION = 1
 
 class TrackerFileError(ValueError):
     """A tracker file that cannot be read: not a tracker file, another version, or a
-    damaged line before the last one."""
+    line that is valid JSON but not a valid record."""
 
 
 class TrackerFileWarning(UserWarning):
-    """A torn last line (a write interrupted by a crash) was ignored or cut off."""
+    """Lines torn by a crash (writes interrupted before their end) were skipped or ended
+    with a newline, or a header without records was replaced."""
 
 
 # -- JSON helpers ---------------------------------------------------------------------
@@ -301,10 +319,25 @@ class SpectrumRecord:
     # -- derived values ------------------------------------------------------------------
     @property
     def top_eigenvalue(self) -> float:
-        """The largest recorded eigenvalue (``stats.largest`` when there are stats)."""
-        if self.stats is not None:
-            return self.stats.largest
-        return float(np.max(self.eigenvalues)) if self.eigenvalues.size else float("nan")
+        """The estimate of the largest eigenvalue; NaN when the record has none.
+
+        The larger of ``stats.largest`` (the density's largest Ritz value) and the largest
+        recorded eigenvalue when it is the largest eigenvalue: always for ``which="LA"``;
+        for ``"LM"`` when it is >= 0 (then no eigenvalue outside the ``k`` of largest
+        magnitude is larger; when all ``k`` are negative the largest is not among them).
+        Eigenvalues of kind ``"SA"`` say nothing about it: an ``"SA"`` record without a
+        density (``num_probes=0``) gives NaN. Both kinds of values are Rayleigh quotients,
+        never above the true largest eigenvalue, so the larger is the better estimate.
+        """
+        found = []
+        if self.stats is not None and not math.isnan(self.stats.largest):
+            found.append(float(self.stats.largest))
+        ev = self.eigenvalues[np.isfinite(self.eigenvalues)]
+        if ev.size and self.which in ("LA", "LM"):
+            top = float(np.max(ev))
+            if self.which == "LA" or top >= 0:
+                found.append(top)
+        return max(found) if found else float("nan")
 
     def value(self, name: str) -> float:
         """One scalar of the record by name (see :data:`SERIES`); NaN when absent."""
@@ -436,29 +469,41 @@ _HEADER_START = b'{"format": ' + json.dumps(FORMAT_NAME).encode("ascii")
 def _may_be_torn_header(raw: bytes) -> bool:
     """Whether ``raw``, a first line cut short or not valid JSON, can be a header line
     torn by a crash: only a prefix of one (or a line beginning like one) can; anything
-    else is a foreign file, which must not be cut off."""
+    else is a foreign file, which must be left alone."""
     return raw.startswith(_HEADER_START) or _HEADER_START.startswith(raw)
 
 
-def _scan(path: Path) -> tuple[dict | None, list[tuple[int, dict]], int, str | None]:
-    """Parse a tracker file: header, ``(line number, record JSON)`` pairs, the byte length
-    of the intact part, and a description of a torn last line (None if there is none).
+@dataclass
+class _Parsed:
+    """A tracker file read line by line (see :func:`_parse`)."""
 
-    Raises :class:`TrackerFileError` for a damaged line before the last one, a foreign
-    file (also one whose only line is not a tracker header, with or without a final
-    newline: it is not taken for a torn header) or another version.
+    header: dict | None
+    header_line: bytes | None  # the header's line, without its newline
+    records: list[tuple[int, dict]]  # (line number, JSON object) after the header
+    damaged: list[str]  # "line N (why)" of each skipped damaged line
+    torn: str | None  # the last line when it has no final newline (None if intact)
+
+
+def _parse(data: bytes, path: Path) -> _Parsed:
+    """Parse the bytes of a tracker file.
+
+    Damaged lines (not valid JSON) are skipped and described in ``damaged``: each is a
+    record or header torn by a crash, which a later writer terminated with a newline
+    before appending (so a torn line is never glued to the next record); empty lines
+    (two writers terminating the same torn line) are skipped silently. A last line without
+    a final newline is left out and described in ``torn``. Raises
+    :class:`TrackerFileError` for a foreign file (also one whose only line is not a tracker
+    header, with or without a final newline: it is not taken for a torn header) or another
+    version.
     """
-    data = path.read_bytes()
-    lines = data.split(b"\n")
+    pieces = data.split(b"\n")
     # ``data`` ends with "\n" when intact: the last piece is then empty.
-    pieces = [(i + 1, ln) for i, ln in enumerate(lines)]
-    good_len = 0
-    header = None
-    recs: list[tuple[int, dict]] = []
-    torn = None
-    for idx, (lineno, raw) in enumerate(pieces):
-        last_piece = idx == len(pieces) - 1
-        if last_piece:
+    header = header_line = torn = None
+    records: list[tuple[int, dict]] = []
+    damaged: list[str] = []
+    for idx, raw in enumerate(pieces):
+        lineno = idx + 1
+        if idx == len(pieces) - 1:
             if raw:
                 if header is None and not _may_be_torn_header(raw):
                     raise TrackerFileError(
@@ -468,6 +513,8 @@ def _scan(path: Path) -> tuple[dict | None, list[tuple[int, dict]], int, str | N
                         "another path")
                 torn = f"line {lineno} has no final newline ({len(raw)} bytes)"
             break
+        if not raw:
+            continue
         try:
             obj = json.loads(raw.decode("utf-8"))
             if not isinstance(obj, dict):
@@ -475,29 +522,116 @@ def _scan(path: Path) -> tuple[dict | None, list[tuple[int, dict]], int, str | N
         except (UnicodeDecodeError, ValueError) as exc:
             if header is None and not _may_be_torn_header(raw):
                 raise TrackerFileError(
-                    f"{path} is not a specdens tracker file (its first line is not a tracker "
-                    f"header: {exc}); it is left unchanged: give the tracker another path"
-                ) from None
-            if idx == len(pieces) - 2 and not pieces[-1][1]:
-                torn = f"line {lineno} is not valid JSON ({exc})"
-                break
-            raise TrackerFileError(
-                f"{path}: line {lineno} is damaged ({exc}); only the last line of a tracker "
-                "file can be torn by a crash, so this file was changed by something else"
-            ) from None
+                    f"{path} is not a specdens tracker file (its line {lineno} is not a "
+                    f"tracker header: {exc}); it is left unchanged: give the tracker another "
+                    "path") from None
+            damaged.append(f"line {lineno} (not valid JSON: {exc})")
+            continue
         if header is None:
             if obj.get("format") != FORMAT_NAME:
-                raise TrackerFileError(f"{path} is not a specdens tracker file (its first line "
-                                       f"has no format {FORMAT_NAME!r})")
+                raise TrackerFileError(f"{path} is not a specdens tracker file (its line "
+                                       f"{lineno} has no format {FORMAT_NAME!r})")
             if obj.get("version") != FORMAT_VERSION:
                 raise TrackerFileError(f"{path} has tracker format version "
                                        f"{obj.get('version')}; this specdens reads version "
                                        f"{FORMAT_VERSION}")
-            header = obj
+            header, header_line = obj, raw
         else:
-            recs.append((lineno, obj))
-        good_len += len(raw) + 1
-    return header, recs, good_len, torn
+            records.append((lineno, obj))
+    return _Parsed(header, header_line, records, damaged, torn)
+
+
+def _warn_damage(path: Path, parsed: _Parsed, stacklevel: int) -> None:
+    parts = parsed.damaged + ([parsed.torn] if parsed.torn is not None else [])
+    if parts:
+        warnings.warn(f"{path}: ignoring lines torn by a crash (writes interrupted before "
+                      f"their end): {'; '.join(parts)}", TrackerFileWarning,
+                      stacklevel=stacklevel + 1)
+
+
+# Advisory locks: every append (and the header's write) holds an exclusive flock on the
+# file, readers a shared one. Without fcntl (Windows), or on a file system that refuses
+# flock, the tracker goes on without locks (see SpectrumTracker's documentation).
+try:
+    import fcntl as _fcntl
+except ImportError:  # pragma: no cover - Windows
+    _fcntl = None  # type: ignore[assignment]
+
+
+@contextlib.contextmanager
+def _locked(fd: int, *, exclusive: bool = True) -> Iterator[bool]:
+    """Hold an advisory lock on the open file ``fd``; yields whether it is held."""
+    if _fcntl is None:
+        yield False
+        return
+    try:
+        _fcntl.flock(fd, _fcntl.LOCK_EX if exclusive else _fcntl.LOCK_SH)
+    except OSError:  # e.g. a network file system without flock
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        _fcntl.flock(fd, _fcntl.LOCK_UN)
+
+
+def _read_fd(fd: int) -> bytes:
+    """The whole file behind ``fd``."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def _header_line_of(fd: int) -> bytes | None:
+    """The first line of the file behind ``fd`` that is valid JSON (the header's, after
+    any torn fragments; without its newline), or None when there is none."""
+    os.lseek(fd, 0, os.SEEK_SET)
+    buf = b""
+    while True:
+        chunk = os.read(fd, 1 << 16)
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for raw in lines:
+            try:
+                if isinstance(json.loads(raw.decode("utf-8")), dict):
+                    return raw
+            except (UnicodeDecodeError, ValueError):
+                continue  # an empty line or a torn fragment
+        if not chunk:
+            return None
+
+
+def _write_fd(fd: int, data: bytes) -> None:
+    """Write ``data`` to ``fd`` (opened with ``O_APPEND``) with one ``write`` (retried
+    for the remainder) and ``fsync`` it."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+    os.fsync(fd)
+
+
+def _ends_torn(fd: int) -> bool:
+    """Whether the file behind ``fd`` is non-empty and does not end with a newline."""
+    size = os.fstat(fd).st_size
+    if not size:
+        return False
+    os.lseek(fd, size - 1, os.SEEK_SET)
+    return os.read(fd, 1) != b"\n"
+
+
+def _read(path: Path) -> _Parsed:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        with _locked(fd, exclusive=False):  # no half-written line of a live writer
+            data = _read_fd(fd)
+    finally:
+        os.close(fd)
+    return _parse(data, path)
 
 
 def read_records(path: str | os.PathLike, *, run: str | None = None,
@@ -519,23 +653,28 @@ def read_records(path: str | os.PathLike, *, run: str | None = None,
     list of SpectrumRecord
         Empty for an empty file or a file holding only a (possibly torn) header.
 
+    Warns
+    -----
+    TrackerFileWarning
+        For lines torn by a crash, which are skipped and named: a last line without a
+        final newline, and lines that are not valid JSON. Only torn writes leave the
+        latter: the tracker writes every line with one ``write`` and terminates a torn
+        line with a newline before it appends (so another run sharing the file, or the
+        restarted run, never glues its record onto the fragment).
+
     Raises
     ------
     FileNotFoundError
         When there is no such file.
     TrackerFileError
-        For a foreign file, another format version, or a damaged line that is not the
-        last (a torn last line is ignored with a :class:`TrackerFileWarning`).
+        For a foreign file, another format version, or a line that is valid JSON but not
+        a valid record.
     """
     p = Path(path)
-    header, recs, _, torn = _scan(p)
-    if torn is not None:
-        warnings.warn(f"{p}: ignoring a torn last line ({torn}): a write interrupted by a "
-                      "crash", TrackerFileWarning, stacklevel=2)
-    if header is None and recs:
-        raise TrackerFileError(f"{p} has records but no header line")
+    parsed = _read(p)
+    _warn_damage(p, parsed, stacklevel=2)
     out = []
-    for lineno, obj in recs:
+    for lineno, obj in parsed.records:
         try:
             rec = SpectrumRecord.from_json(obj)
         except (KeyError, TypeError, ValueError) as exc:
@@ -552,20 +691,31 @@ def read_header(path: str | os.PathLike) -> dict | None:
     """The header of a tracker file (format, version, created, meta and, since specdens
     stores them, the tracker's settings), or None when the file is empty or holds only a
     torn header."""
-    header, _, _, _ = _scan(Path(path))
-    return header
+    return _read(Path(path)).header
 
 
-def _append(path: Path, line: str) -> None:
-    """Append one line with one ``write`` (retried for the remainder) and ``fsync``."""
-    data = line.encode("utf-8")
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+def _append(path: Path, line: str, *,
+            check: Callable[[int, bool], None] | None = None) -> None:
+    """Append one line with one ``write`` (retried for the remainder) and ``fsync``,
+    holding the file's lock. A torn last line (left by a writer that crashed) is first
+    terminated with a newline, so that it stays a damaged line of its own and the new
+    line is intact. ``check(fd, locked)`` runs first, under the lock."""
     try:
-        view = memoryview(data)
-        while view:
-            written = os.write(fd, view)
-            view = view[written:]
-        os.fsync(fd)
+        fd = os.open(path, os.O_RDWR | os.O_APPEND)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} was removed after the tracker opened it; make a new "
+                                "SpectrumTracker to start a new file") from None
+    try:
+        with _locked(fd) as locked:
+            if check is not None:
+                check(fd, locked)
+            prefix = b""
+            if _ends_torn(fd):
+                warnings.warn(f"{path}: terminating a torn last line (a write interrupted by "
+                              "a crash) with a newline before appending; readers skip it",
+                              TrackerFileWarning, stacklevel=3)
+                prefix = b"\n"
+            _write_fd(fd, prefix + line.encode("utf-8"))
     finally:
         os.close(fd)
 
@@ -583,6 +733,19 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# Without locks: how long a tracker opening a file that another one has just created waits
+# for its header (seconds).
+_HEADER_WAIT = 2.0
+
+
+@functools.lru_cache(maxsize=1)
+def _small_density() -> SpectralDensity:
+    """A tiny SLQ estimate on which :func:`spectrum_stats` checks outlier options."""
+    from .algorithms.slq import slq
+
+    return slq(np.diag([-1.0, 0.0, 1.0, 2.0]), num_steps=4, num_probes=2, seed=0)
+
+
 class SpectrumTracker:
     """Record the Hessian spectrum at chosen training steps into one append-only file.
 
@@ -590,9 +753,11 @@ class SpectrumTracker:
     ----------
     path
         The JSON Lines file (created with its header if missing or empty; continued if it
-        exists, after cutting off a torn last line). Any other file, also a one-line file
-        without a final newline that does not begin like a tracker header, is refused
-        with a :class:`TrackerFileError` and left unchanged.
+        exists, after ending a torn last line with a newline). Any other file, also a
+        one-line file without a final newline that does not begin like a tracker header,
+        is refused with a :class:`TrackerFileError` and left unchanged. Several trackers,
+        in several processes, may use one file at once (see the module documentation on
+        locks).
     run
         Name of this run's records (several runs may share a file).
     steps
@@ -605,13 +770,20 @@ class SpectrumTracker:
     which
         Their kind: ``"LA"`` (largest, the default), ``"SA"`` or ``"LM"``.
     num_steps, num_probes, seed, reorth
-        SLQ settings (:func:`specdens.slq`); the same probes (``seed``) at every step, so
-        that changes over time are not probe noise. ``num_probes=0`` skips the density.
+        SLQ settings (:func:`specdens.slq`); the same probes (``seed``, an integer >= 0;
+        None, fresh probes at every step, only with ``k=0``) at every step, so that
+        changes over time are not probe noise. ``num_probes=0`` skips the density.
     eigsh_options
-        Passed to :func:`specdens.eigsh` (``tol``, ``ncv``, ``maxiter``, ``dtype``).
+        Passed to :func:`specdens.eigsh` (``tol``, ``ncv``, ``maxiter``, ``dtype``;
+        ``dtype`` stored by its name, so ``"float64"``, ``numpy.float64`` and
+        ``torch.float64`` are the same setting).
     outlier_options
         Passed to :func:`specdens.analysis.spectrum_stats` (``tail``, ``gap``, ``rtol``,
         ``negative_tol``).
+
+        Every setting is checked here, by the checks of the function it is passed to
+        (``ncv <= n`` by :meth:`record`, before any product), so that a typo raises
+        before the header is written, not at the first record.
     meta
         JSON values describing the experiment, stored in the header of a new file. When
         the file exists and its header holds other ``meta``, a ValueError names the
@@ -620,7 +792,10 @@ class SpectrumTracker:
         ``seed``, ``reorth``, ``eigsh_options``, ``outlier_options``; stored as
         ``settings`` in the header): every tracker continuing a file, for any ``run``,
         must use those it was created with (files written before the header held them are
-        not checked).
+        not checked). Only a header without records yet is replaced by one with other
+        settings (with a :class:`TrackerFileWarning`, keeping its ``meta``; not without
+        locks); a tracker that opened the file with the old settings then refuses to
+        append.
     progress
         ``True`` for progress bars on long computations (stderr), or a callable
         ``(done, total)`` for the SLQ part.
@@ -669,23 +844,69 @@ class SpectrumTracker:
         self.num_probes = _checks.nonnegative_int(num_probes, "num_probes")
         if self.k == 0 and self.num_probes == 0:
             raise ValueError("k=0 and num_probes=0 leave nothing to record")
-        self.seed = seed
+        # Every setting is checked here, by the checks of the functions it goes to, before
+        # it is written to the header: a typo fails now, not after a record's computation.
+        self.seed = check_seed(seed, reproducible_for=(
+            "k > 0 (specdens.eigsh's start vector)" if self.k else None))
+        if not isinstance(reorth, str) or reorth not in REORTH_MODES:
+            raise ValueError(f"reorth={reorth!r}; choose one of {', '.join(REORTH_MODES)}")
         self.reorth = reorth
-        self.eigsh_options = dict(eigsh_options or {})
-        bad = set(self.eigsh_options) - {"tol", "ncv", "maxiter", "dtype"}
-        if bad:
-            raise ValueError(f"eigsh_options: unknown {sorted(bad)}; allowed: tol, ncv, "
-                             "maxiter, dtype")
-        self.outlier_options = dict(outlier_options or {})
-        bad = set(self.outlier_options) - {"tail", "gap", "rtol", "negative_tol"}
-        if bad:
-            raise ValueError(f"outlier_options: unknown {sorted(bad)}; allowed: tail, gap, "
-                             "rtol, negative_tol")
+        self.eigsh_options = self._eigsh_options(eigsh_options)
+        self.outlier_options = self._outlier_options(outlier_options)
         self.meta = None if meta is None else _plain(meta)
         self.settings = self._settings()
         self.progress = progress
         self._recorded: set[int] = set()
+        self._header_line: bytes | None = None
         self._open()
+
+    def _eigsh_options(self, options: dict | None) -> dict:
+        """``eigsh_options`` checked as :func:`specdens.eigsh` checks them (``ncv <= n``
+        when the operator is known), with ``dtype`` by its canonical name."""
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"eigsh_options must be a dict; got {type(options).__name__}")
+        opts = {k: v for k, v in (options or {}).items() if v is not None}
+        bad = set(opts) - {"tol", "ncv", "maxiter", "dtype"}
+        if bad:
+            raise ValueError(f"eigsh_options: unknown {sorted(bad)}; allowed: tol, ncv, "
+                             "maxiter, dtype")
+        try:
+            if "tol" in opts:
+                _resolve_tol(opts["tol"], 2.0**-52)
+                opts["tol"] = float(opts["tol"])
+            if "ncv" in opts:
+                opts["ncv"] = _checks.positive_int(opts["ncv"], "ncv")
+                if self.k and not self.k < opts["ncv"]:
+                    raise ValueError(f"ncv={opts['ncv']} must be larger than k={self.k}")
+            if "maxiter" in opts:
+                opts["maxiter"] = _checks.nonnegative_int(opts["maxiter"], "maxiter")
+            if "dtype" in opts:
+                # "float64", numpy.float64 and torch.float64 are one setting
+                opts["dtype"] = _checks.float_dtype_name(opts["dtype"], "dtype", "float64")
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"eigsh_options: {exc}") from None
+        return opts
+
+    @staticmethod
+    def _outlier_options(options: dict | None) -> dict:
+        """``outlier_options`` checked by :func:`specdens.analysis.spectrum_stats` itself
+        (on a tiny estimate), one option at a time so that the error names it."""
+        if options is not None and not isinstance(options, dict):
+            raise TypeError(f"outlier_options must be a dict; got {type(options).__name__}")
+        opts = {k: v for k, v in (options or {}).items() if v is not None}
+        bad = set(opts) - {"tail", "gap", "rtol", "negative_tol"}
+        if bad:
+            raise ValueError(f"outlier_options: unknown {sorted(bad)}; allowed: tail, gap, "
+                             "rtol, negative_tol")
+        for key, value in opts.items():
+            if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+                raise TypeError(f"outlier_options[{key!r}] must be a real number; got "
+                                f"{value!r}")
+            try:
+                spectrum_stats(_small_density(), **{key: value})
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"outlier_options[{key!r}]={value!r}: {exc}") from None
+        return {k: float(v) for k, v in opts.items()}
 
     @staticmethod
     def _steps(steps: Iterable[int]) -> list[int]:
@@ -695,16 +916,7 @@ class SpectrumTracker:
 
     def _settings(self) -> dict:
         """What a record is a record of: the tracker's eigsh, SLQ and outlier settings, as
-        JSON values (a value JSON cannot hold, e.g. a dtype object, as its ``str``)."""
-
-        def plain(v: Any) -> Any:
-            if isinstance(v, np.dtype) or (isinstance(v, type) and issubclass(v, np.generic)):
-                return np.dtype(v).name  # np.float64, np.dtype("float64") -> "float64"
-            try:
-                return _plain(v)
-            except TypeError:
-                return str(v)
-
+        JSON values (checked and canonical: ``dtype`` by its name)."""
         # the same settings spelled differently must compare equal: options left at None
         # are the defaults, and the outlier rule's defaults are written out
         defaults = {name: p.default for name, p in
@@ -712,47 +924,112 @@ class SpectrumTracker:
                     if p.kind is inspect.Parameter.KEYWORD_ONLY}
         outlier = {k: defaults[k] for k in ("tail", "gap", "rtol", "negative_tol")
                    if k in defaults}
-        outlier.update({k: v for k, v in self.outlier_options.items() if v is not None})
+        outlier.update(self.outlier_options)
         return {"k": self.k, "which": self.which, "num_steps": self.num_steps,
-                "num_probes": self.num_probes, "seed": plain(self.seed),
-                "reorth": plain(self.reorth),
-                "eigsh_options": {str(k): plain(v) for k, v in self.eigsh_options.items()
-                                  if v is not None},
-                "outlier_options": {str(k): plain(v) for k, v in outlier.items()}}
+                "num_probes": self.num_probes, "seed": self.seed, "reorth": self.reorth,
+                "eigsh_options": _plain(self.eigsh_options),
+                "outlier_options": _plain(outlier)}
 
     def _open(self) -> None:
-        """Create the file with its header, or continue it: cut off a torn last line,
-        check the header's meta and settings, read the steps this run already recorded."""
+        """Create the file with its header, or continue it, under the file's lock:
+        terminate a torn last line, check the header's meta and settings (or replace a
+        header that has no records yet), read the steps this run already recorded."""
         p = self.path
-        if p.exists() and p.stat().st_size > 0:
-            header, recs, good_len, torn = _scan(p)
-            if torn is not None:
-                warnings.warn(f"{p}: cutting off a torn last line ({torn}) left by a crash; "
-                              "continuing the file", TrackerFileWarning, stacklevel=3)
-                with open(p, "r+b") as fh:
-                    fh.truncate(good_len)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-            if header is None:
-                if recs:
-                    raise TrackerFileError(f"{p} has records but no header line")
-            else:
-                self._check_meta(header)
-                self._check_settings(header)
-                for _, obj in recs:
-                    if obj.get("type") == "record" and obj.get("run") == self.run \
-                            and isinstance(obj.get("step"), int):
-                        self._recorded.add(obj["step"])
-                return
         p.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # exactly one tracker creates the file (and writes its header, below)
+            fd = os.open(p, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_EXCL, 0o644)
+            created = True
+        except FileExistsError:
+            fd = os.open(p, os.O_RDWR | os.O_APPEND)
+            created = False
+        try:
+            with _locked(fd) as locked:
+                if created:
+                    _fsync_dir(p)
+                data = _read_fd(fd)
+                # Without the lock, the tracker that created the file may not have written
+                # its header yet: wait for it a little (with the lock there is nothing to
+                # wait for: whoever holds it first writes the header).
+                deadline = time.monotonic() + _HEADER_WAIT
+                while (not locked and not created and b"\n" not in data
+                       and time.monotonic() < deadline):
+                    time.sleep(0.01)
+                    data = _read_fd(fd)
+                parsed = _parse(data, p)  # raises for a foreign file, before any write
+                if parsed.torn is not None:
+                    # Terminated, never cut off: it may be the line of a writer that has
+                    # not got the lock (no locks on this platform or file system).
+                    torn = parsed.torn
+                    parsed = _parse(data + b"\n", p)  # (raises before the file changes)
+                    warnings.warn(f"{p}: terminating a torn last line ({torn}) left by a "
+                                  "crash with a newline; readers skip it", TrackerFileWarning,
+                                  stacklevel=3)
+                    _write_fd(fd, b"\n")
+                meta = self.meta
+                if parsed.header is not None:
+                    self._check_meta(parsed.header)
+                    try:
+                        self._check_settings(parsed.header)
+                    except ValueError as exc:
+                        if parsed.records or not locked:
+                            raise
+                        # Settings without records (e.g. a typo an older specdens wrote
+                        # before checking it) hold nothing to protect: the header is
+                        # replaced, under the lock, keeping its meta.
+                        warnings.warn(f"{p}: replacing its header, which has no records yet: "
+                                      f"{exc}", TrackerFileWarning, stacklevel=3)
+                        if meta is None:
+                            meta = parsed.header.get("meta")
+                        os.ftruncate(fd, 0)
+                        parsed.header = None
+                if parsed.header is None:
+                    self._header_line = self._write_header(fd, meta)
+                else:
+                    self._header_line = parsed.header_line
+                    for _, obj in parsed.records:
+                        if obj.get("type") == "record" and obj.get("run") == self.run \
+                                and isinstance(obj.get("step"), int):
+                            self._recorded.add(obj["step"])
+        finally:
+            os.close(fd)
+
+    def _write_header(self, fd: int, meta: dict | None) -> bytes:
         from . import __version__
 
         header = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
                   "created": _dt.datetime.now(_dt.timezone.utc).isoformat(),
-                  "specdens_version": __version__, "meta": self.meta,
+                  "specdens_version": __version__, "meta": meta,
                   "settings": self.settings}
-        _append(p, json.dumps(header, allow_nan=False) + "\n")
-        _fsync_dir(p)
+        line = json.dumps(header, allow_nan=False).encode("utf-8")
+        _write_fd(fd, line + b"\n")
+        return line
+
+    def _check_header(self, fd: int, locked: bool) -> None:
+        """Before an append (under the lock): the file's header is still one this tracker
+        may continue (another tracker may have replaced a header without records)."""
+        if not locked:
+            return  # headers are only replaced under the lock
+        line = _header_line_of(fd)
+        if line == self._header_line:
+            return
+        try:
+            if line is None:
+                raise ValueError("no header")
+            header = json.loads(line.decode("utf-8"))
+            if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+                raise ValueError("not a tracker header")
+        except (UnicodeDecodeError, ValueError):
+            raise TrackerFileError(f"{self.path} no longer begins with a tracker header; "
+                                   "it was replaced after this tracker opened it: make a new "
+                                   "SpectrumTracker") from None
+        try:
+            self._check_meta(header)
+            self._check_settings(header)
+        except ValueError as exc:
+            raise ValueError(f"another tracker replaced the header of {self.path} since this "
+                             f"one opened it: {exc}") from None
+        self._header_line = line
 
     def _check_meta(self, header: dict) -> None:
         old = header.get("meta")
@@ -850,6 +1127,14 @@ class SpectrumTracker:
 
         Raises
         ------
+        TypeError, ValueError
+            For a bad ``loss`` or ``accuracy`` (a number, or an array or tensor with one
+            element; strings are refused), ``gradient`` (shape, library, device, finite
+            and non-zero) or ``eigsh_options`` for this operator, naming the argument:
+            all checked before any product.
+        ValueError
+            When another tracker replaced the file's header (it had no records) with other
+            settings since this one opened it; nothing is written.
         FloatingPointError
             When the operator returns NaN or Inf (from :func:`specdens.slq` or
             :func:`specdens.eigsh`); nothing is written.
@@ -865,12 +1150,27 @@ class SpectrumTracker:
         if extra is not None and not isinstance(extra, dict):
             raise TypeError(f"extra must be a dict of JSON values; got {type(extra).__name__}")
         extra_json = _plain(extra or {})
-        n = int(_checks.operator_of(op)[1])
+        # Everything is checked before the SLQ pass, whose products would be spent for
+        # nothing when a later check failed.
+        loss = _num_or_nan(loss, "loss")
+        accuracy = _num_or_nan(accuracy, "accuracy")
+        lin, n = _checks.operator_of(op)
         if self.k and self.k >= n:
-            # (before the SLQ pass, whose products would be spent for nothing)
             raise ValueError(f"k={self.k} eigenvalues were asked of an operator of size "
                              f"n={n}; k must be smaller than n (make the tracker with a "
                              "smaller k)")
+        if self.k:
+            try:
+                if "ncv" in self.eigsh_options:
+                    _resolve_ncv(self.eigsh_options["ncv"], self.k, n)
+                _checks.work_dtype(self.eigsh_options.get("dtype"), lin)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"eigsh_options: {exc}") from None
+            if gradient is not None:
+                try:
+                    _check_vector(lin, gradient, n)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"gradient: {exc}") from None
         t0 = time.perf_counter()
         density = None
         if self.num_probes:
@@ -892,17 +1192,21 @@ class SpectrumTracker:
                 vals, res = e.eigenvalues, e.residuals
         stats = None
         if density is not None:
-            top = vals if (self.k and self.which == "LA") else None
+            # the largest eigenvalue is among those of kind LA, and among those of kind LM
+            # when it is not below 0 (spectrum_stats takes the larger of these and of the
+            # density's largest Ritz value, both Rayleigh quotients)
+            top = vals if (self.k and self.which in ("LA", "LM")) else None
             stats = spectrum_stats(density, top, **self.outlier_options)
         rec = SpectrumRecord(
-            run=self.run, step=step, time=time.time(), loss=_num_or_nan(loss, "loss"),
-            accuracy=_num_or_nan(accuracy, "accuracy"), density=density,
+            run=self.run, step=step, time=time.time(), loss=loss, accuracy=accuracy,
+            density=density,
             eigenvalues=np.asarray(vals, dtype=np.float64),
             eigenvalue_residuals=np.asarray(res, dtype=np.float64), which=self.which,
             concentration=conc, stats=stats, wall_time=time.perf_counter() - t0,
             extra=extra_json,
         )
-        _append(self.path, json.dumps(rec.to_json(), allow_nan=False) + "\n")
+        _append(self.path, json.dumps(rec.to_json(), allow_nan=False) + "\n",
+                check=self._check_header)
         self._recorded.add(step)
         return rec
 
@@ -928,10 +1232,24 @@ def _call(x: Any) -> Any:
 
 
 def _num_or_nan(x: Any, what: str) -> float:
+    """``x`` as a float (NaN for None): a number, or an array or tensor with one element;
+    strings are refused (``"0.5"`` is a typo, not a loss)."""
     if x is None:
         return float("nan")
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{what} must be a number; got the string {x!r} (pass float(...) if "
+                        "it holds a number)")
     if hasattr(x, "item") and callable(x.item):
-        x = x.item()
+        try:
+            x = x.item()
+        except (TypeError, ValueError, RuntimeError):
+            shape = tuple(getattr(x, "shape", ()))
+            raise TypeError(f"{what} must be a number or an array with one element; got "
+                            f"a {type(x).__name__} of shape {shape}") from None
+        if isinstance(x, (str, bytes)):
+            raise TypeError(f"{what} must be a number; got the string {x!r}")
+    if isinstance(x, complex):
+        raise TypeError(f"{what} must be a real number; got {x!r}")
     try:
         return float(x)
     except (TypeError, ValueError):

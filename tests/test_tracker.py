@@ -120,7 +120,7 @@ CHILD = textwrap.dedent("""
     tr = SpectrumTracker(path, run="r", num_steps=25, num_probes=2, k=3)
     if mode == "torn":
         real = T._append
-        def half_then_die(p, line):
+        def half_then_die(p, line, **kw):
             # a crash in the middle of the write of the third record
             if tr.recorded_steps == {0, 1}:
                 import os, signal
@@ -128,7 +128,7 @@ CHILD = textwrap.dedent("""
                 os.write(fd, line.encode()[: len(line) // 2])
                 os.fsync(fd)
                 os.kill(os.getpid(), signal.SIGKILL)
-            real(p, line)
+            real(p, line, **kw)
         T._append = half_then_die
     for step in range(10**6):
         if tr.due(step):
@@ -175,25 +175,28 @@ def test_sigkill_while_recording_keeps_every_returned_record(tmp_path):
     assert [r.step for r in again] == list(range(len(steps) + 1))
 
 
-def test_torn_line_from_a_crash_mid_write_is_ignored_then_cut_off(tmp_path):
+def test_torn_line_from_a_crash_mid_write_is_ignored_then_terminated(tmp_path):
+    """The torn line is never cut off (it could be the line of a writer still writing):
+    the restarted tracker ends it with a newline, and readers skip it, naming it."""
     path = tmp_path / "s.jsonl"
     proc = _child(tmp_path, path, "torn")
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == -signal.SIGKILL
     assert out.split() == ["0", "1"]
     raw = path.read_bytes()
-    assert not raw.endswith(b"\n")  # the torn third record
-    intact = raw[: raw.rindex(b"\n") + 1]
-    with pytest.warns(TrackerFileWarning, match="torn last line"):
+    assert not raw.endswith(b"\n")  # the torn third record, line 4
+    with pytest.warns(TrackerFileWarning, match="line 4 has no final newline"):
         recs = read_records(path)
     assert [r.step for r in recs] == [0, 1]
-    with pytest.warns(TrackerFileWarning, match="cutting off"):
+    with pytest.warns(TrackerFileWarning, match="terminating a torn last line"):
         tr = SpectrumTracker(path, run="r", **FAST)
-    assert path.read_bytes() == intact  # cut back to the last complete record
+    assert path.read_bytes() == raw + b"\n"  # nothing cut off
+    assert tr.due(2)
     tr.record(2, hessian_like(400), grad_vec(400), loss=1 / 3)
-    recs = read_records(path)  # no warning: the file is intact again
+    with pytest.warns(TrackerFileWarning, match=r"line 4 \(not valid JSON"):
+        recs = read_records(path)
     assert [r.step for r in recs] == [0, 1, 2]
-    assert path.read_bytes().startswith(intact)
+    assert path.read_bytes().startswith(raw + b"\n")
 
 
 def test_torn_partial_line_written_by_hand(tmp_path, op):
@@ -204,14 +207,19 @@ def test_torn_partial_line_written_by_hand(tmp_path, op):
     line = json.dumps(tr.record(1, op).to_json())
     # a complete-looking line that is not valid JSON, with its newline, is torn too
     path.write_bytes(good + line[:40].encode() + b"\n")
-    with pytest.warns(TrackerFileWarning, match="not valid JSON"):
+    with pytest.warns(TrackerFileWarning, match=r"line 3 \(not valid JSON"):
         assert [r.step for r in read_records(path)] == [0]
-    with pytest.warns(TrackerFileWarning):
-        tr2 = SpectrumTracker(path, k=2, num_probes=1, num_steps=10)
-    assert path.read_bytes() == good and tr2.due(1)
+    torn = path.read_bytes()
+    tr2 = SpectrumTracker(path, k=2, num_probes=1, num_steps=10)  # ends with a newline
+    assert path.read_bytes() == torn and tr2.due(1)
+    tr2.record(1, op)
+    with pytest.warns(TrackerFileWarning, match=r"line 3 \(not valid JSON"):
+        assert [r.step for r in read_records(path)] == [0, 1]
 
 
-def test_damaged_middle_line_and_foreign_files_are_refused(tmp_path, op):
+def test_damaged_middle_line_is_skipped_and_foreign_files_are_refused(tmp_path, op):
+    """A damaged line before the last can only be a torn write that a later writer ended
+    with a newline: skipped with a warning naming it, the other records read."""
     path = tmp_path / "s.jsonl"
     tr = SpectrumTracker(path, k=2, num_probes=1, num_steps=10)
     tr.record(0, op)
@@ -219,10 +227,14 @@ def test_damaged_middle_line_and_foreign_files_are_refused(tmp_path, op):
     lines = path.read_bytes().split(b"\n")
     lines[1] = lines[1][:30]
     path.write_bytes(b"\n".join(lines))
-    with pytest.raises(TrackerFileError, match="line 2 is damaged"):
-        read_records(path)
-    with pytest.raises(TrackerFileError, match="line 2 is damaged"):
-        SpectrumTracker(path)
+    with pytest.warns(TrackerFileWarning, match=r"line 2 \(not valid JSON"):
+        assert [r.step for r in read_records(path)] == [1]
+    again = SpectrumTracker(path, k=2, num_probes=1, num_steps=10)
+    assert again.recorded_steps == frozenset({1})
+    not_a_record = tmp_path / "not_a_record.jsonl"
+    not_a_record.write_bytes(b"\n".join([lines[0], b'{"type": "note"}', b""]))
+    with pytest.raises(TrackerFileError, match="line 2 is not a valid record"):
+        read_records(not_a_record)  # valid JSON is no torn write: still an error
     other = tmp_path / "other.jsonl"
     other.write_text('{"hello": 1}\n')
     with pytest.raises(TrackerFileError, match="not a specdens tracker file"):
@@ -257,20 +269,32 @@ def test_foreign_one_line_file_is_refused_and_left_unchanged(tmp_path, content):
     assert path.read_bytes() == content
 
 
-def test_torn_header_is_cut_off_and_rewritten(tmp_path, op):
+def test_torn_header_is_terminated_and_rewritten(tmp_path, op):
     """A prefix of a header line (a crash while creating the file) is still a torn
-    header: cut off with a warning, and a fresh header written."""
+    header: terminated with a warning (not cut off), and a fresh header written after it;
+    readers skip the fragment. A header that only missed its newline is whole again."""
     path = tmp_path / "s.jsonl"
     SpectrumTracker(path, **FAST)
     header = path.read_bytes()
     for cut in (5, 40, len(header) - 1):
         path.write_bytes(header[:cut])
-        with pytest.warns(TrackerFileWarning, match="torn last line"):
+        with pytest.warns(TrackerFileWarning, match="line 1 has no final newline"):
             assert read_records(path) == [] and read_header(path) is None
-        with pytest.warns(TrackerFileWarning, match="cutting off"):
+        with pytest.warns(TrackerFileWarning, match="terminating a torn last line"):
             tr = SpectrumTracker(path, **FAST)
-        assert read_header(path)["format"] == "specdens.SpectrumTracker"
-        assert tr.due(0)
+        raw = path.read_bytes()
+        assert raw.startswith(header[:cut] + b"\n") and tr.due(0)
+        if cut == len(header) - 1:
+            assert raw == header
+            assert read_records(path) == []
+        else:
+            with pytest.warns(TrackerFileWarning, match=r"line 1 \(not valid JSON"):
+                assert read_records(path) == []
+        tr.record(0, op)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TrackerFileWarning)
+            assert read_header(path)["settings"] == tr.settings
+            assert [r.step for r in read_records(path)] == [0]
 
 
 def test_meta_of_another_experiment_is_refused(tmp_path, op):
@@ -406,6 +430,311 @@ def test_operator_nan_raises_and_writes_nothing(tmp_path):
         tr.record(0, np.diag(np.arange(20.0)), loss="low")
 
 
+# -- shared files: torn lines of killed runs, locks, concurrent creation ----------------------
+def _specdens_env() -> dict:
+    """The environment of a child process that imports this specdens."""
+    import os
+    from pathlib import Path
+
+    env = dict(os.environ)
+    root = str(Path(specdens.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+SMALL = {"k": 2, "num_steps": 10, "num_probes": 1}
+DIAG = np.diag(np.linspace(-1.0, 5.0, 40))
+
+APPEND_CHILD = textwrap.dedent("""
+    import sys, numpy as np
+    from specdens.tracker import SpectrumTracker
+    path, run, step = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    tr = SpectrumTracker(path, run=run, k=2, num_steps=10, num_probes=1)
+    tr.record(step, np.diag(np.linspace(-1.0, 5.0, 40)), loss=float(step))
+    print("returned", flush=True)
+""")
+
+
+def test_torn_line_of_a_killed_run_does_not_swallow_another_runs_record(tmp_path):
+    """Runs "a" and "b" share a file; "a" is killed in the middle of a write (its torn
+    fragment written directly). The live run "b", another process, terminates the
+    fragment before appending: its returned record stays readable, the fragment is
+    skipped with a warning naming its line, and the restarted "a" continues the file
+    without cutting anything off."""
+    path = tmp_path / "shared.jsonl"
+    a = SpectrumTracker(path, run="a", **SMALL)
+    a.record(0, DIAG)
+    SpectrumTracker(path, run="b", **SMALL).record(0, DIAG)
+    fragment = b'{"type": "record", "run": "a", "step": 1, "ti'
+    with open(path, "ab") as fh:
+        fh.write(fragment)  # "a" killed mid-write: line 4 torn
+    script = tmp_path / "append.py"
+    script.write_text(APPEND_CHILD)
+    for step in (1, 2):  # "b" is alive: two more records, each in a fresh process
+        done = subprocess.run([sys.executable, str(script), str(path), "b", str(step)],
+                              capture_output=True, text=True, env=_specdens_env(), timeout=60)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.split() == ["returned"]
+    before = path.read_bytes()
+    assert fragment + b"\n" in before  # terminated, its own (damaged) line
+    with pytest.warns(TrackerFileWarning, match=r"line 4 \(not valid JSON") as caught:
+        recs = read_records(path)
+    assert len(caught) == 1
+    assert [(r.run, r.step) for r in recs] == [("a", 0), ("b", 0), ("b", 1), ("b", 2)]
+    assert [r.loss for r in recs[2:]] == [1.0, 2.0]
+    restarted = SpectrumTracker(path, run="a", **SMALL)  # the shared file stays readable
+    assert path.read_bytes() == before  # nothing cut off, nothing added
+    assert restarted.due(1) and not restarted.due(0)
+    restarted.record(1, DIAG)
+    with pytest.warns(TrackerFileWarning, match="line 4"):
+        assert [(r.run, r.step) for r in read_records(path, run="a")] == [("a", 0), ("a", 1)]
+
+
+LOCK_HOLDER = textwrap.dedent("""
+    import fcntl, os, sys, time
+    path, line = sys.argv[1], sys.argv[2].encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.write(fd, line[:20])       # a writer in the middle of its line, holding the lock
+    print("writing", flush=True)
+    time.sleep(0.5)
+    os.write(fd, line[20:] + b"\\n")
+    os.fsync(fd)
+    fcntl.flock(fd, fcntl.LOCK_UN)
+""")
+
+
+def test_reopening_never_cuts_the_line_of_a_writer_still_writing(tmp_path):
+    """A writer (another process) is halfway through a line and holds the file's lock: a
+    tracker opened on the file then waits for the lock instead of taking the half line
+    for a crash's and cutting it off; the writer's record stays whole."""
+    pytest.importorskip("fcntl")
+    path = tmp_path / "s.jsonl"
+    SpectrumTracker(path, run="a", **SMALL).record(0, DIAG)
+    rec = json.loads(path.read_text().splitlines()[-1])
+    line = json.dumps({**rec, "run": "w"})
+    script = tmp_path / "holder.py"
+    script.write_text(LOCK_HOLDER)
+    proc = subprocess.Popen([sys.executable, str(script), str(path), line],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", TrackerFileWarning)  # no torn line seen
+            tr = SpectrumTracker(path, run="w", **SMALL)
+            assert tr.recorded_steps == frozenset({0})  # the writer's line, whole
+    finally:
+        proc.wait(timeout=30)
+    assert proc.returncode == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", TrackerFileWarning)
+        assert [(r.run, r.step) for r in read_records(path)] == [("a", 0), ("w", 0)]
+
+
+RACE_HELPER = textwrap.dedent("""
+    import os, time
+    from specdens.tracker import SpectrumTracker
+
+    def create(folder, index, barrier, tries):
+        real_open = os.open
+
+        def slow_open(*args, **kwargs):
+            # a slow file system: whatever a tracker checked before opening the file is
+            # 50 ms old when it writes, so all the processes race on every try
+            time.sleep(0.05)
+            return real_open(*args, **kwargs)
+
+        os.open = slow_open
+        for t in range(tries):
+            barrier.wait()
+            SpectrumTracker(f"{folder}/{t}.jsonl", run=f"r{index}", k=1, num_probes=1,
+                            num_steps=5)
+""")
+
+
+def test_trackers_created_at_once_write_one_header(tmp_path, monkeypatch):
+    """Processes released together by a barrier create trackers on the same new paths:
+    each file gets exactly one header (before: several did, on a slow file system at
+    every try, and the file could never be read again)."""
+    import multiprocessing as mp
+
+    (tmp_path / "race_helper.py").write_text(RACE_HELPER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import race_helper
+
+    folder = tmp_path / "files"
+    folder.mkdir()
+    procs, tries = 3, 6
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(procs)
+    workers = [ctx.Process(target=race_helper.create, args=(str(folder), i, barrier, tries))
+               for i in range(procs)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0] * procs
+    for t in range(tries):
+        path = folder / f"{t}.jsonl"
+        lines = path.read_bytes().split(b"\n")
+        assert lines[-1] == b"" and len(lines) == 2, (t, lines)  # one header line
+        assert read_header(path)["settings"]["k"] == 1 and read_records(path) == []
+        SpectrumTracker(path, run="r0", k=1, num_probes=1, num_steps=5).record(0, DIAG)
+        assert [r.step for r in read_records(path)] == [0]
+
+
+def test_without_locks_the_tracker_still_works(tmp_path, monkeypatch):
+    """Where there is no fcntl (Windows) the tracker goes on without locks: it still
+    creates, continues and terminates a torn line (never cuts it off)."""
+    import specdens.tracker as T
+
+    monkeypatch.setattr(T, "_fcntl", None)
+    path = tmp_path / "s.jsonl"
+    SpectrumTracker(path, run="a", **SMALL).record(0, DIAG)
+    with open(path, "ab") as fh:
+        fh.write(b'{"type": "rec')
+    with pytest.warns(TrackerFileWarning, match="terminating"):
+        tr = SpectrumTracker(path, run="a", **SMALL)
+    tr.record(1, DIAG)
+    with pytest.warns(TrackerFileWarning, match=r"line 3 \(not valid JSON"):
+        assert [r.step for r in read_records(path)] == [0, 1]
+    # a header without records is replaced only under the lock: refused here
+    empty = tmp_path / "e.jsonl"
+    SpectrumTracker(empty, **SMALL)
+    with pytest.raises(ValueError, match="other tracker settings"):
+        SpectrumTracker(empty, **{**SMALL, "k": 3})
+
+
+# -- settings checked before the header is written -------------------------------------------
+@pytest.mark.parametrize("kwargs, exc, needle", [
+    ({"reorth": "ful"}, ValueError, r"reorth='ful'; choose one of full"),
+    ({"seed": -3}, ValueError, r"seed must be a non-negative integer; got -3"),
+    ({"seed": None}, ValueError, r"k > 0 .*seed=None"),
+    ({"seed": 1.5}, TypeError, r"seed must be"),
+    ({"outlier_options": {"tail": 5.0}}, ValueError, r"outlier_options\['tail'\]=5.0: tail"),
+    ({"outlier_options": {"tail": "0.1"}}, TypeError, r"outlier_options\['tail'\] must be"),
+    ({"outlier_options": {"gap": -1.0}}, ValueError, r"outlier_options\['gap'\]"),
+    ({"outlier_options": {"rtol": 0.0}}, ValueError, r"outlier_options\['rtol'\]"),
+    ({"outlier_options": {"negative_tol": -1.0}}, ValueError,
+     r"outlier_options\['negative_tol'\]"),
+    ({"eigsh_options": {"tol": -1.0}}, ValueError, r"eigsh_options: tol must be finite"),
+    ({"eigsh_options": {"tol": "1e-6"}}, TypeError, r"eigsh_options: tol must be a real"),
+    ({"eigsh_options": {"dtype": "float16"}}, TypeError, r"eigsh_options: dtype=float16"),
+    ({"eigsh_options": {"ncv": 2}}, ValueError, r"eigsh_options: ncv=2 must be larger than k=3"),
+    ({"eigsh_options": {"ncv": 0}}, ValueError, r"eigsh_options: ncv must be at least 1"),
+    ({"eigsh_options": {"maxiter": -1}}, ValueError, r"eigsh_options: maxiter must be >= 0"),
+    ({"eigsh_options": [("tol", 1e-6)]}, TypeError, r"eigsh_options must be a dict"),
+])
+def test_bad_settings_are_refused_before_the_header_is_written(tmp_path, kwargs, exc, needle):
+    """A typo in a setting failed only at the first record (for ``tail``, after the whole
+    computation), and its header then made the corrected tracker refuse the file."""
+    path = tmp_path / "s.jsonl"
+    with pytest.raises(exc, match=needle):
+        SpectrumTracker(path, **{**FAST, **kwargs})
+    assert not path.exists()
+    SpectrumTracker(path, **FAST).record(0, DIAG)  # the corrected tracker
+    assert [r.step for r in read_records(path)] == [0]
+
+
+def test_seed_none_needs_no_eigsh(tmp_path):
+    """seed=None (fresh probes at every step) is refused only where eigsh needs a seed."""
+    tr = SpectrumTracker(tmp_path / "s.jsonl", k=0, num_steps=5, num_probes=1, seed=None)
+    assert tr.record(0, DIAG).density.seed is None
+
+
+def test_header_without_records_is_replaced_by_other_settings(tmp_path):
+    """A header holding settings but no records yet (e.g. a typo written by an older
+    specdens) is replaced by a tracker with other settings, keeping the meta; a tracker
+    still holding the old settings then refuses to append, writing nothing."""
+    path = tmp_path / "s.jsonl"
+    old = SpectrumTracker(path, meta={"lr": 0.1}, **SMALL)
+    header = json.loads(path.read_text())
+    header["settings"]["reorth"] = "ful"  # as an older specdens wrote it, unchecked
+    path.write_text(json.dumps(header) + "\n")
+    with pytest.warns(TrackerFileWarning, match=r"replacing its header.*reorth: 'ful'"):
+        new = SpectrumTracker(path, **{**SMALL, "k": 3})
+    assert read_header(path)["settings"] == new.settings
+    assert read_header(path)["meta"] == {"lr": 0.1}
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="another tracker replaced the header"):
+        old.record(0, DIAG)
+    assert path.read_bytes() == before
+    new.record(0, DIAG)
+    with pytest.raises(ValueError, match="other tracker settings"):  # records now
+        SpectrumTracker(path, **SMALL)
+
+
+# -- top_eigenvalue ----------------------------------------------------------------------------
+def test_top_eigenvalue_is_the_largest_eigenvalue_or_nan(tmp_path):
+    """diag(-10, ..., 9): ``top_eigenvalue`` estimates 9 for every kind. The "SA" values
+    (-10, -9, -8) say nothing about it: NaN without a density (it was -8), the density's
+    largest Ritz value with one. "LM" values (-10, -9, 9) hold it: also in
+    ``stats.largest`` (it was the density's Ritz value alone). When all "LM" values are
+    negative the largest eigenvalue is not among them: NaN without a density."""
+    A = np.diag(np.arange(-10.0, 10.0))
+    recs = {}
+    for which in ("SA", "LM", "LA"):
+        for probes in (0, 1):
+            path = tmp_path / f"{which}{probes}.jsonl"
+            rec = SpectrumTracker(path, k=3, which=which, num_steps=3,
+                                  num_probes=probes).record(0, A)
+            (back,) = read_records(path)
+            assert back.top_eigenvalue == rec.top_eigenvalue or (
+                np.isnan(back.top_eigenvalue) and np.isnan(rec.top_eigenvalue))
+            recs[which, probes] = rec
+    assert np.isnan(recs["SA", 0].top_eigenvalue)
+    assert np.isnan(series([recs["SA", 0]], "top_eigenvalue")[1][0])
+    for which in ("LM", "LA"):
+        rec = recs[which, 0]
+        # a Ritz value is within its residual norm of an eigenvalue
+        assert abs(rec.top_eigenvalue - 9.0) <= rec.eigenvalue_residuals.max()
+    # 3 Lanczos steps leave the density's largest Ritz value well below 9
+    ritz = recs["SA", 1].stats.largest
+    assert ritz < 9.0 - 1.0 and recs["SA", 1].top_eigenvalue == ritz
+    for which in ("LM", "LA"):
+        rec = recs[which, 1]
+        assert rec.stats.largest == rec.top_eigenvalue == rec.eigenvalues.max()
+        assert rec.stats.num_top_above is not None
+    negative = SpectrumTracker(tmp_path / "neg.jsonl", k=3, which="LM", num_steps=3,
+                               num_probes=0).record(0, np.diag(np.arange(-10.0, 2.0)))
+    assert negative.eigenvalues.max() < 0 and np.isnan(negative.top_eigenvalue)
+
+
+# -- loss, accuracy and gradient checked before any product ----------------------------------
+def test_bad_loss_accuracy_and_gradient_are_refused_before_any_product(tmp_path):
+    from specdens import aslinearoperator
+
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return DIAG @ v
+
+    op = aslinearoperator(matvec, shape=(40, 40), dtype="float64")
+    path = tmp_path / "s.jsonl"
+    tr = SpectrumTracker(path, k=2, num_steps=10, num_probes=2)
+    size = path.stat().st_size
+    for kwargs, exc, needle in [
+        ({"loss": np.array([1.0, 2.0])}, TypeError, r"loss must be a number or an array"),
+        ({"loss": "0.5"}, TypeError, r"loss must be a number; got the string '0.5'"),
+        ({"loss": 1 + 2j}, TypeError, r"loss must be a real number"),
+        ({"accuracy": [0.5]}, TypeError, r"accuracy must be a number"),
+        ({"gradient": np.ones(39)}, ValueError, r"gradient: g must have shape \(40,\)"),
+        ({"gradient": np.full(40, np.nan)}, ValueError, r"gradient: g has 40 NaN"),
+    ]:
+        with pytest.raises(exc, match=needle):
+            tr.record(0, op, **kwargs)
+        assert calls == [] and path.stat().st_size == size, kwargs
+    wide = SpectrumTracker(tmp_path / "w.jsonl", k=2, num_steps=10, num_probes=2,
+                           eigsh_options={"ncv": 41})
+    with pytest.raises(ValueError, match=r"eigsh_options: ncv=41 must satisfy k < ncv <= n"):
+        wide.record(0, op)
+    assert calls == []
+    ok = SpectrumTracker(tmp_path / "t.jsonl", **SMALL)
+    rec = ok.record(0, op, np.ones(40), loss=np.array([0.25]), accuracy=np.float32(0.5))
+    assert (rec.loss, rec.accuracy) == (0.25, 0.5) and rec.concentration is not None
+
+
 # -- the PyTorch hook ------------------------------------------------------------------------
 torch = pytest.importorskip("torch")
 
@@ -506,3 +835,17 @@ def test_inf_edge_ratio_and_probe_seeds_round_trip(tmp_path):
     assert again.probe_seeds == d.probe_seeds == (1, 2)
     with pytest.raises(ValueError, match="probe 0 of seed 2 twice"):
         specdens.SpectralDensity.concatenate([again, specdens.slq(A, num_steps=5, seed=2)])
+
+
+def test_dtype_spellings_are_one_setting(tmp_path):
+    """``eigsh_options={"dtype": torch.float64}`` was stored as 'torch.float64' and the
+    same dtype spelled "float64" or numpy.float64 could not continue the file."""
+    path = tmp_path / "s.jsonl"
+    H = torch.diag(torch.linspace(-1, 5, 30, dtype=torch.float64))
+    SpectrumTracker(path, eigsh_options={"dtype": torch.float64}, **SMALL).record(0, H)
+    assert read_header(path)["settings"]["eigsh_options"] == {"dtype": "float64"}
+    for spelling in ("float64", np.float64, np.dtype("float64"), torch.float64):
+        tr = SpectrumTracker(path, eigsh_options={"dtype": spelling}, **SMALL)
+        assert tr.recorded_steps == frozenset({0})
+    with pytest.raises(ValueError, match="eigsh_options"):
+        SpectrumTracker(path, eigsh_options={"dtype": torch.float32}, **SMALL)
