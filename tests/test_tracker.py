@@ -586,9 +586,9 @@ def test_trackers_created_at_once_write_one_header(tmp_path, monkeypatch):
 def test_without_locks_the_tracker_still_works(tmp_path, monkeypatch):
     """Where there is no fcntl (Windows) the tracker goes on without locks: it still
     creates, continues and terminates a torn line (never cuts it off)."""
-    import specdens.tracker as T
+    import specdens._tracker_file as F
 
-    monkeypatch.setattr(T, "_fcntl", None)
+    monkeypatch.setattr(F, "_fcntl", None)
     path = tmp_path / "s.jsonl"
     SpectrumTracker(path, run="a", **SMALL).record(0, DIAG)
     with open(path, "ab") as fh:
