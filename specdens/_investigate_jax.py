@@ -242,7 +242,10 @@ class Run:
         if not all(bool(np.all(np.isfinite(np.asarray(x))))
                    for x in jax.tree_util.tree_leaves(self.params)):
             return False
-        loss, _ = evaluate(self.loss_fn, self.params, self.hess_data)
+        try:
+            loss, _ = evaluate(self.loss_fn, self.params, self.hess_data)
+        except FloatingPointError:  # (evaluate refuses a non-finite loss)
+            return False
         return bool(np.isfinite(loss))
 
     def record(self, tracker: Any, step: int, extra: dict) -> None:

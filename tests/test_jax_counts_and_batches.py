@@ -1,10 +1,12 @@
 """The JAX backend on batches with no samples, on data read as one batch, and the compiled
 loop's default basis dtype.
 
-* A batch whose count is 0 (all padding: its masked mean loss is 0/0) contributes nothing
-  to the Hessian, the gradient or the GGN, which match ``jax.hessian`` / ``jax.grad`` of the
-  mean loss over the real samples (float64). A NaN from a batch with samples still comes
-  through; counts that are all 0, negative or NaN raise a ValueError.
+* Padded samples (a count from ``loss_fn`` or ``batch_size_fn``) are weighted out: the
+  Hessian, the gradient and the GGN match ``jax.hessian`` / ``jax.grad`` of the mean loss
+  over the real samples (float64). A batch whose count is 0 (all padding: its masked mean
+  loss is 0/0) is refused with a ValueError naming it, as in the torch backend. A NaN from
+  a batch with samples still comes through; counts that are negative or NaN raise a
+  ValueError.
 * A list of arrays is one batch (``(inputs, targets)``); when the loss fails on it, the
   error says so and how to pass a list of one-array batches. A tuple whose inputs are a
   dict, ``({"a": Xa, "b": Xb}, y)``, is one batch too; a list or tuple of dicts is a
@@ -68,12 +70,13 @@ def real_loss(w, x):
     return jnp.mean(jnp.log1p(jnp.exp(x @ w)))
 
 
-def test_a_batch_with_no_samples_contributes_nothing():
+def test_padding_is_weighted_out_and_a_batch_with_no_samples_is_refused():
     X, M, keep, params, batches = masked_problem()
     w = params["w"]
     H_ref = jax.hessian(real_loss)(w, X[keep])
     g_ref = jax.grad(real_loss)(w, X[keep])
-    op = hessian(masked_loss, params, batches)
+    data = batches[:2]              # padded samples (count from loss_fn), no empty batch
+    op = hessian(masked_loss, params, data)
     assert op.num_samples == keep.sum()
     assert close(op.to_dense(), H_ref)
     # the compiled loop's pure pass: its products are the same
@@ -82,24 +85,34 @@ def test_a_batch_with_no_samples_contributes_nothing():
     assert np.isfinite(r.alpha).all()
     tol = 64 * EPS64 * (np.abs(ref.alpha).max() + 2 * np.abs(ref.beta).max())
     assert np.abs(r.alpha - ref.alpha).max() <= tol
-    assert close(gradient(masked_loss, params, batches), g_ref)
-    # the count from batch_size_fn (on the host here): a zero count is allowed too
-    op2 = hessian(lambda p, b: masked_loss(p, b)[0], params, batches,
-                  batch_size_fn=lambda b: jnp.sum(b[1]))
+    assert close(gradient(masked_loss, params, data), g_ref)
+    # the count from batch_size_fn (on the host here)
+    size = lambda b: jnp.sum(b[1])                                      # noqa: E731
+    op2 = hessian(lambda p, b: masked_loss(p, b)[0], params, data, batch_size_fn=size)
     assert op2.num_samples == keep.sum()
     assert close(op2.to_dense(), H_ref)
     # the GGN of a linear model is the Hessian
-    G = ggn(lambda p, x: x @ p["w"],
-            lambda out, t: jnp.sum(jnp.log1p(jnp.exp(out)) * t) / jnp.sum(t),
-            params, batches, batch_size_fn=lambda b: jnp.sum(b[1]))
+    model = lambda p, x: x @ p["w"]                                     # noqa: E731
+    crit = lambda out, t: jnp.sum(jnp.log1p(jnp.exp(out)) * t) / jnp.sum(t)  # noqa: E731
+    G = ggn(model, crit, params, data, batch_size_fn=size)
     assert close(G.to_dense(), H_ref)
+    # the all-padding batch (index 2) is refused everywhere, as in the torch backend
+    match = "batch 2 of the data: it holds no samples"
+    with pytest.raises(ValueError, match=match + r" \(loss_fn returned a count of 0\)"):
+        hessian(masked_loss, params, batches)
+    with pytest.raises(ValueError, match=match):
+        gradient(masked_loss, params, batches)
+    with pytest.raises(ValueError, match=match + r" \(batch_size_fn returned 0\)"):
+        hessian(lambda p, b: masked_loss(p, b)[0], params, batches, batch_size_fn=size)
+    with pytest.raises(ValueError, match=match):
+        ggn(model, crit, params, batches, batch_size_fn=size)
 
 
 def test_nan_of_a_batch_with_samples_still_comes_through():
     X, M, keep, params, batches = masked_problem()
     X = X.copy()
     X[3, 0] = np.nan                                  # a real sample of batch 0
-    batches = [(X[:8], M[:8]), (X[8:16], M[8:16]), (X[16:], M[16:])]
+    batches = [(X[:8], M[:8]), (X[8:16], M[8:16])]
     op = hessian(masked_loss, params, batches)
     assert np.isnan(np.asarray(op @ jnp.ones(3))).all()
     with pytest.raises(FloatingPointError, match="NaN or Inf entries"):

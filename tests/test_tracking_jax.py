@@ -51,11 +51,12 @@ def test_jax_track(tmp_path):
     assert [r.step for r in read_records(tmp_path / "s.jsonl")] == [0]
 
 
-def test_evaluate_skips_batches_with_no_samples():
-    """A batch whose count is 0 (all padding: its masked mean loss is 0/0) counts for
-    nothing in ``evaluate`` (the loss ``track`` records), as in the Hessian: the value is
-    the mean loss of the real samples (float64, a few ulps: 1e-12 relative), not NaN. Counts
-    that are all 0 raise."""
+def test_evaluate_weights_counts_and_refuses_batches_with_no_samples():
+    """``evaluate`` (the loss ``track`` records) weights each batch by its count from
+    ``loss_fn`` (here the non-padding samples): the value is the mean loss of the real
+    samples (float64, a few ulps: 1e-12 relative). A batch whose count is 0 (all padding:
+    its masked mean loss is 0/0) is refused with a ValueError naming it, as the operators
+    and the torch backend refuse it."""
     from specdens.backends.jax.tracking import evaluate
 
     rng = np.random.default_rng(2)
@@ -78,11 +79,17 @@ def test_evaluate_skips_batches_with_no_samples():
 
     with jax.enable_x64(True):
         params = {k: jnp.asarray(v) for k, v in params.items()}
-        data = [(X[:10], y[:10], np.ones(10)), (X[10:], y[10:], np.zeros(13))]
-        exact = float(jnp.mean(per_sample(params, jnp.asarray(X[:10]), jnp.asarray(y[:10]))))
-        hits = np.argmax(X[:10] @ np.asarray(params["w"]) + np.asarray(params["b"]), 1)
+        keep = np.ones(23)
+        keep[12:20] = 0.0                                # padding in the second batch
+        data = [(X[:10], y[:10], keep[:10]), (X[10:], y[10:], keep[10:])]
+        real = keep > 0
+        exact = float(jnp.mean(per_sample(params, jnp.asarray(X[real]), jnp.asarray(y[real]))))
+        hits = np.argmax(X @ np.asarray(params["w"]) + np.asarray(params["b"]), 1) == y
         value, acc = evaluate(loss_fn, params, data, accuracy_fn=accuracy_fn)
         assert value == pytest.approx(exact, rel=1e-12, abs=0)
-        assert acc == pytest.approx(float(np.mean(hits == y[:10])), rel=1e-12)
-        with pytest.raises(ValueError, match="every batch has a count of 0"):
-            evaluate(loss_fn, params, data[1:])
+        assert acc == pytest.approx(float(np.mean(hits[real])), rel=1e-12)
+        empty = (X[10:], y[10:], np.zeros(13))
+        with pytest.raises(ValueError, match="batch 1 of the data: it holds no samples"):
+            evaluate(loss_fn, params, [data[0], empty])
+        with pytest.raises(ValueError, match="batch 0 of the data: it holds no samples"):
+            evaluate(loss_fn, params, [empty])

@@ -5,9 +5,14 @@ Weighting rule (exact for uneven batches). The loss of the data set is the mean 
 ``N`` samples, ``L = sum_b (n_b / N) L_b``, where ``L_b`` is the mean loss of batch ``b``
 over its ``n_b`` samples. Every operator accumulates ``sum_b n_b * (product of L_b)`` and
 ``sum_b n_b`` over one pass, on the device, and divides the first by the second. A batch
-(or, with a mesh, a shard of one) whose count is 0 contributes exactly nothing, although
-its mean loss is 0/0 (all padding, say); a NaN from a batch with samples comes through.
-Counts must be finite and non-negative, their total positive (a ValueError otherwise).
+must hold samples: a batch whose count is 0 (an empty array, all padding, a count of 0
+from ``loss_fn`` or ``batch_size_fn``) is refused with a :class:`CountError` (a
+ValueError) naming the batch, rather than weighting its 0/0 mean loss by 0, as the torch
+backend does; counts must be finite and non-negative (a ValueError otherwise). Counts
+are read on the host when the operator (or the gradient) is built. With a mesh, a *shard*
+of a batch may hold no samples (all its samples padding): it contributes exactly nothing.
+A NaN from a batch with samples comes through. Counts and running sums are kept in at
+least float32 (``jnp.promote_types(dtype, float32)``), whatever the params' dtype.
 
 Counting rule. ``n_b`` is, in this order of precedence: the second item when ``loss_fn``
 returns a pair ``(mean_loss, count)`` (e.g. the number of non-padding tokens);
@@ -67,7 +72,7 @@ def one_batch_hint(data: Any, advice: str) -> str | None:
     if not (isinstance(data, (tuple, list)) and len(data) > 1
             and all(is_array(x) and len(x.shape) > 0 for x in data)):
         return None
-    kinds = {(tuple(x.shape[1:]), np.dtype(x.dtype).name) for x in data}
+    kinds = {(tuple(x.shape[1:]), str(x.dtype)) for x in data}
     if len(kinds) != 1:
         return None
     return (f"data is a {type(data).__name__} of {len(data)} arrays, which is read as ONE "
@@ -92,6 +97,46 @@ def explain_one_batch(hint: str | None, what: str) -> Iterator[None]:
         kind = type(exc) if type(exc) in (TypeError, ValueError, IndexError,
                                           AttributeError) else TypeError
         raise kind(f"{what} raised {type(exc).__name__}: {exc}\nNote: {hint}") from exc
+
+
+class CountError(ValueError):
+    """A batch whose sample count is 0 (no samples, a count of 0 from ``batch_size_fn``
+    or ``loss_fn``): every entry point refuses it, naming the batch, instead of weighting
+    a 0/0 mean loss by 0 (as the torch backend does)."""
+
+
+def empty_batch_error(index: int, how: str) -> CountError:
+    """The error for batch ``index`` whose count is 0; ``how`` says where the count came
+    from."""
+    return CountError(f"batch {index} of the data: it holds no samples ({how}), so its mean "
+                      "loss is undefined; leave empty batches out of the data")
+
+
+def count_source(pair: bool, batch_size_fn: Any) -> str:
+    """Where a count of 0 came from, for :func:`empty_batch_error`."""
+    if pair:
+        return "loss_fn returned a count of 0"
+    if batch_size_fn is not None:
+        return "batch_size_fn returned 0"
+    return "the leading dimension of its first array leaf is 0"
+
+
+def check_counts(counts: list[float], how: str) -> float:
+    """The total of the per-batch ``counts``, checked on the host: a count that is not
+    finite or negative raises a ValueError, a count of 0 a :class:`CountError`, both
+    naming the batch."""
+    for i, c in enumerate(counts):
+        if not (math.isfinite(c) and c >= 0):
+            raise ValueError(f"batch {i} of the data: sample count {c}: counts must be "
+                             "finite and non-negative (check loss_fn's count or "
+                             "batch_size_fn)")
+        if c == 0:
+            raise empty_batch_error(i, how)
+    n = float(sum(counts))
+    if not math.isfinite(n):
+        raise ValueError(f"sample counts {counts} (total {n}): counts must be finite and "
+                         "non-negative (check loss_fn's count or batch_size_fn)")
+    return n
 
 
 def default_count(batch: Any) -> int:
@@ -123,47 +168,127 @@ def as_device_batch(batch: Any) -> Any:
 def signature(batch: Any) -> tuple:
     """Tree structure, shapes and dtypes of a batch: the key of its compiled product."""
     leaves, treedef = jax.tree_util.tree_flatten(batch)
-    return (treedef, tuple((tuple(x.shape), np.dtype(x.dtype).name) for x in leaves))
+    return (treedef, tuple((tuple(x.shape), str(x.dtype)) for x in leaves))
 
 
 def checksum(batch: Any) -> tuple:
     """A summary of every leaf of ``batch`` that changes when its values or their order
-    change (a random flip, a shuffle within the batch); the same data in the same order
-    gives the same summary bit for bit.
+    change (a random flip, a shuffle within the batch, one entry changed by one unit in
+    the last place); the same data in the same order gives the same summary bit for bit.
 
-    A numpy leaf is summarised by a hash of its bytes, on the host. A jax leaf, by the sum
-    of its entries and their sum weighted by position (entry ``i`` of the ``s`` entries
-    of the flattened leaf by ``(i + 1) / s``), computed on its device in float64 (float32
-    without ``jax_enable_x64``) and read back together: one small transfer per leaf.
+    A numpy leaf is summarised by a hash of its bytes, on the host. A jax leaf, on its
+    device, by two sums of its bits: the leaf viewed as 32-bit words (a typed PRNG key by
+    :func:`jax.random.key_data`), each word mixed with its position by a bijective 32-bit
+    hash and summed in uint32 arithmetic (exact, wrapping). A change of one entry always
+    changes both sums; any other change (a shuffle) leaves one unchanged with a chance of
+    about 2**-32. The two words of every leaf are read back together: one small transfer
+    per leaf. Safe to call while a compiled program is traced (the sums are computed
+    eagerly on the concrete data).
     """
     out: list[Any] = []
-    for leaf in jax.tree_util.tree_leaves(batch):
-        if isinstance(leaf, jax.Array):
-            out.extend(np.asarray(jax.device_get(_device_sums(leaf))).tolist())
-        else:
-            arr = np.ascontiguousarray(leaf)
-            out.append(hashlib.blake2b(arr.view(np.uint8), digest_size=16).digest())
+    with jax.ensure_compile_time_eval():
+        for leaf in jax.tree_util.tree_leaves(batch):
+            if isinstance(leaf, jax.Array):
+                out.extend(int(v) for v in np.asarray(jax.device_get(_device_sums(leaf))))
+            else:
+                arr = np.ascontiguousarray(leaf)
+                out.append(hashlib.blake2b(arr.view(np.uint8), digest_size=16).digest())
     return tuple(out)
+
+
+def _words(x: Any) -> Any:
+    """The bits of a jax array as a flat uint32 array (bytes and half-words widened,
+    64-bit entries as two words)."""
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+        x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
+    if x.dtype == jnp.bool_:
+        return jnp.ravel(x).astype(jnp.uint32)
+    size = jnp.dtype(x.dtype).itemsize
+    if size >= 4:
+        return jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))
+    narrow = jnp.uint16 if size == 2 else jnp.uint8
+    return jnp.ravel(jax.lax.bitcast_convert_type(x, narrow)).astype(jnp.uint32)
+
+
+def _mix(h: Any) -> Any:
+    """MurmurHash3's 32-bit finaliser: a bijection of uint32 that scrambles its bits."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
 
 
 @jax.jit
 def _device_sums(leaf: Any) -> Any:
-    """``[sum of entries, sum weighted by (i + 1) / size]`` of a jax leaf, on its device."""
-    dtype = jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
-    x = jnp.ravel(leaf).astype(dtype)
-    position = jnp.arange(1, x.size + 1, dtype=dtype) / max(x.size, 1)
-    return jnp.stack([jnp.sum(x), jnp.sum(x * position)])
+    """Two uint32 sums of the position-mixed bits of a jax leaf, on its device."""
+    w = _words(leaf)
+    i = jnp.arange(w.size, dtype=jnp.uint32)
+    a = jnp.sum(_mix(w ^ _mix(i)), dtype=jnp.uint32)
+    b = jnp.sum(_mix(w + _mix(i ^ jnp.uint32(0x9E3779B9))) * (i * jnp.uint32(2) + 1),
+                dtype=jnp.uint32)
+    return jnp.stack([a, b])
 
 
 def _same(a: tuple, b: tuple | None) -> bool:
-    """Equal checksums (NaN data gives NaN sums on both passes)."""
-    if b is None or len(a) != len(b):
-        return False
+    """Equal checksums."""
+    return b is not None and a == b
 
-    def nan(x: Any) -> bool:
-        return isinstance(x, float) and math.isnan(x)
 
-    return all(x == y or (nan(x) and nan(y)) for x, y in zip(a, b, strict=True))
+def source(data: Any) -> tuple[bool, Iterable[Any]]:
+    """``(is one batch, an iterable of batches)`` for ``data``; a one-shot iterator and
+    anything that is neither a batch nor an iterable raise a TypeError."""
+    if is_single_batch(data):
+        return True, [data]
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"data is a one-shot iterator ({type(data).__name__}); every product is a "
+            "pass over the data, so pass a list of batches or a re-iterable loader")
+    if isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+        return False, data
+    raise TypeError(f"data must be one batch (an array, a dict, an (inputs, targets) "
+                    f"tuple) or an iterable of batches; got {type(data).__name__}")
+
+
+def iterate(batches: Iterable[Any]) -> Iterator[Any]:
+    """The batches of an iterable of batches (see :func:`source`) with array-like leaves
+    as numpy or jax arrays (:func:`as_device_batch`: a torch tensor becomes a numpy
+    array, as the operators see it); a ValueError when there are none."""
+    empty = True
+    it = iter(batches)
+    while True:
+        # a loader's own jax operations (slicing a device array, say) run eagerly, also
+        # while a compiled program that holds an operator is traced: its batches are then
+        # concrete constants of the program, which the data check can read
+        with jax.ensure_compile_time_eval():
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            batch = as_device_batch(batch)
+        empty = False
+        yield batch
+    if empty:
+        raise ValueError("data yielded no batches")
+
+
+def check_device(batch: Any, device: Any, index: int) -> None:
+    """Refuse a jax leaf of ``batch`` committed to another device than ``device`` (the
+    params'): a compiled product cannot mix them. Numpy leaves and uncommitted jax arrays
+    move to ``device``."""
+    for leaf in jax.tree_util.tree_leaves(batch):
+        if (isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer)
+                and leaf.committed):
+            devs = leaf.devices()
+            if devs != {device}:
+                where = ", ".join(sorted(str(d) for d in devs))
+                raise ValueError(
+                    f"batch {index} of the data lives on {where} but the params on {device}: "
+                    "a product cannot mix devices. Put the data on the params' device "
+                    "(jax.device_put(batch, device), or leave it as numpy arrays, which move "
+                    "there on every pass), or pass mesh=... to shard it over several devices")
 
 
 class Batches:
@@ -187,26 +312,19 @@ class Batches:
         and the next product silently uses the new values. Keeping the arrays of a list
         of batches unchanged while an operator uses them is the caller's responsibility
         (jax arrays are immutable and cannot change so).
+    device
+        The params' device without a mesh: a jax leaf committed to another device raises
+        a ValueError naming both (see :func:`check_device`) on every pass; None: no check.
 
     Attributes
     ----------
     num_batches : int
     """
 
-    def __init__(self, data: Any, *, check: bool = True):
-        self._single = is_single_batch(data)
-        if self._single:
-            self._data: Iterable[Any] = [data]
-        elif isinstance(data, Iterator):
-            raise TypeError(
-                f"data is a one-shot iterator ({type(data).__name__}); every product is a "
-                "pass over the data, so pass a list of batches or a re-iterable loader")
-        elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
-            self._data = data
-        else:
-            raise TypeError(f"data must be one batch (an array, a dict, an (inputs, targets) "
-                            f"tuple) or an iterable of batches; got {type(data).__name__}")
+    def __init__(self, data: Any, *, check: bool = True, device: Any = None):
+        self._single, self._data = source(data)
         self.check = check
+        self.device = device
         # Keep the leaves of a list or tuple (alive anyway) for the identity check; a loader's
         # fresh arrays are not kept, only their signatures and checksums.
         keep = isinstance(self._data, (list, tuple))
@@ -221,12 +339,10 @@ class Batches:
         self.num_batches = len(self._refs)
 
     def _iterate(self) -> Iterator[Any]:
-        empty = True
-        for batch in self._data:
-            empty = False
-            yield as_device_batch(batch)
-        if empty:
-            raise ValueError("data yielded no batches")
+        for i, batch in enumerate(iterate(self._data)):
+            if self.device is not None:
+                check_device(batch, self.device, i)
+            yield batch
 
     def one_batch_hint(self, advice: str) -> str | None:
         """:func:`one_batch_hint` of the data when it was read as one batch."""

@@ -9,7 +9,6 @@ regularisation -- all on the device, with nothing read back.
 
 from __future__ import annotations
 
-import math
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -22,9 +21,9 @@ import jax.numpy as jnp
 from specdens import LinearOperatorBase, _checks
 
 from . import distributed
-from ._data import Batches
-from ._params import ParamSpace
-from ._pass import WeightedPass, total
+from ._data import Batches, check_counts
+from ._params import ParamSpace, check_x64
+from ._pass import WeightedPass, acc_dtype, total
 
 # operators built from the same functions, parameter structure and settings share their
 # compiled products (a tracker builds one operator per record): the most recent ones
@@ -99,21 +98,33 @@ def placement(space: ParamSpace, mesh: Any, data_axis: Any) -> tuple[Any, tuple,
     return None, (), jax.sharding.SingleDeviceSharding(device), device
 
 
-def positive_total(counts: list[Any], positive: Any = None) -> float:
-    """The total of the sample counts, checked: every count finite and >= 0 (a batch or a
-    shard with no samples contributes nothing, see :func:`._pass.weighted`), the total > 0.
-    ``positive``: for counts summed on the device, the sum of the positive ones (equal to
-    the total, bit for bit, unless a count is negative or NaN)."""
-    n = float(sum(counts))
-    bad = any(not c >= 0 for c in counts) or (positive is not None and float(positive) != n)
-    if bad or not math.isfinite(n):
-        raise ValueError(f"sample counts {counts} (total {n}): counts must be finite and "
-                         "non-negative (check loss_fn's count or batch_size_fn)")
-    if not n > 0:
-        raise ValueError(f"sample counts {counts} (total {n}): the data holds no samples, so "
-                         "the mean loss over them is undefined (check loss_fn's count or "
-                         "batch_size_fn, and the data)")
-    return n
+def batch_counts(batches: Any, host_count: Callable[[Any], float | None],
+                 counter: WeightedPass, consts: Any, dtype: Any, sharding: Any,
+                 how: str) -> float:
+    """The total of the sample counts of the batches, each read on the host and checked (see
+    :func:`._data.check_counts`: a batch with no samples is refused, named). A count that
+    ``host_count`` cannot give (it needs the traced loss) comes from ``counter``'s
+    compiled pass over that batch alone (its shards with a mesh: an empty *shard* is
+    allowed), all read back together at the end. ``dtype``: the counts' (see
+    :func:`._pass.acc_dtype`)."""
+    counts: list[Any] = []
+    pending: list[tuple[int, Any]] = []
+    for i, batch in enumerate(batches):
+        c = host_count(batch)
+        if c is None:
+            # the weighted sum of ones is the sum of the positive counts of the shards
+            pending.append((i, total(counter.run(consts, [batch], None, (), dtype,
+                                                 sharding))))
+        counts.append(c)
+    for (i, _), (positive, tot) in zip(pending, jax.device_get([p for _, p in pending]),
+                                       strict=True):
+        positive, tot = float(positive), float(tot)
+        if positive != tot and tot >= 0:    # (a NaN is not >= 0: refused below)
+            raise ValueError(f"batch {i} of the data: a shard has a negative sample count "
+                             f"(total {tot}): counts must be finite and non-negative (check "
+                             "loss_fn's count or batch_size_fn)")
+        counts[i] = tot
+    return check_counts(counts, how)
 
 
 class DataOperator(LinearOperatorBase):
@@ -157,7 +168,9 @@ class DataOperator(LinearOperatorBase):
             raise TypeError("regularizer must be a callable(params) -> scalar")
         self.regularizer = regularizer
         self.consts = space.place(self.sharding)
-        self.batches = Batches(data, check=check_data)
+        self.acc_dtype = acc_dtype(space.dtype)
+        self.batches = Batches(data, check=check_data,
+                               device=device if self.mesh is None else None)
         self.num_batches = self.batches.num_batches
         self.num_traces = 0
         self._stacked: list | None = None
@@ -165,6 +178,7 @@ class DataOperator(LinearOperatorBase):
         self._traces = _shared_traces(self)
         self._pass = self._traces.skeleton._pass
         self._finish = self._traces.skeleton._finish
+        self._counter = self._traces.skeleton._counter
         self.num_samples = self._count_samples()
 
     # -- subclass hooks ------------------------------------------------------------------
@@ -193,33 +207,34 @@ class DataOperator(LinearOperatorBase):
 
     # -- construction ---------------------------------------------------------------------
     def _count_samples(self) -> float:
-        counts = [self._host_count(b) for b in self.batches]
-        if all(c is not None for c in counts):
-            return positive_total(counts)
-        # the weighted sum of ones is the sum of the positive counts
-        counter = WeightedPass(lambda c, b, e: (jnp.ones((), self.dtype),
-                                                self._count_kernel(c, b, e)[1]),
-                               self.mesh, self.axes, lambda: None)
-        parts = counter.run(self.consts, self.batches, None, (), self.dtype, self.sharding)
-        positive, tot = total(parts)
-        return positive_total([float(tot)], positive)
+        return batch_counts(self.batches, self._host_count, self._counter, self.consts,
+                            self.acc_dtype, self.sharding, self._count_source())
+
+    def _count_source(self) -> str:
+        """Where the counts come from, for the error on a batch with no samples."""
+        return "its sample count is 0"
 
     # -- products ----------------------------------------------------------------------------
     def _matvec(self, v: Any) -> Any:
         return self._matmat(jnp.reshape(v, (-1, 1)))[:, 0]
 
+    def _check_x64(self) -> None:
+        check_x64(self.dtype, "this operator is float64 (built with jax_enable_x64 on) and is "
+                  "used here")
+
     def _matmat(self, V: Any) -> Any:
+        self._check_x64()
         self._check_block(V)
         self._traces.use(self)
         k = int(V.shape[1])
-        parts = self._pass.run(self.consts, self.batches, V, (k, self.space.n), self.dtype,
-                               self.sharding)
+        parts = self._pass.run(self.consts, self.batches, V, (k, self.space.n),
+                               self.acc_dtype, self.sharding)
         return self._finish(self.consts, parts, V)
 
     def _finish_products(self, consts: Any, parts: Any, V: Any) -> Any:
         acc, tot = total(parts)
         out = acc / tot + self._extra_terms(consts, V.T)
-        return out.T
+        return out.T.astype(self.dtype)
 
     def _extra_terms(self, consts: Any, Vt: Any) -> Any:
         """``weight_decay * V`` plus the regulariser's products, rows of ``Vt``."""
@@ -247,7 +262,12 @@ class DataOperator(LinearOperatorBase):
     # -- the product as a pure function (for the compiled Lanczos loop) -------------------------
     def jax_operand(self) -> Any:
         """The arrays the product depends on: the parameters and every batch, stacked by
-        signature and placed on the device(s) (the whole data set in device memory)."""
+        signature and placed on the device(s) (the whole data set in device memory).
+
+        The stacked batches are a copy of the data made at the first call (the first
+        compiled run): a numpy array of a list of batches changed in place afterwards is
+        not seen by the compiled loop (nor by the data check, see ``check_data``)."""
+        self._check_x64()
         if self._stacked is None:
             self._kinds, self._stacked = self._pass.stack(self.batches)
         self._traces.use(self)
@@ -265,8 +285,8 @@ class DataOperator(LinearOperatorBase):
     def _apply(self, kinds: tuple[str, ...], operand: Any, V: Any) -> Any:
         consts, groups = operand
         acc, tot = self._pass.pure(consts, kinds, groups, V,
-                                   (int(V.shape[1]), self.space.n), self.dtype)
-        return (acc / tot + self._extra_terms(consts, V.T)).T
+                                   (int(V.shape[1]), self.space.n), self.acc_dtype)
+        return (acc / tot + self._extra_terms(consts, V.T)).T.astype(self.dtype)
 
     # -- sharing compiled products between operators ----------------------------------------
     def _trace_key(self) -> tuple | None:
@@ -285,13 +305,18 @@ class DataOperator(LinearOperatorBase):
         """An instance of this class that holds what the kernels read and no arrays (the
         space's structure, not the parameters; no data), with the compiled steps."""
         skel = object.__new__(type(self))
-        for name in ("shape", "dtype", "xp", "device", "mesh", "axes", "sharding",
+        for name in ("shape", "dtype", "acc_dtype", "xp", "device", "mesh", "axes", "sharding",
                      "weight_decay", "regularizer", *self._TRACE_ATTRS):
             setattr(skel, name, getattr(self, name))
         skel.space = self.space.structure()
         skel._pass = WeightedPass(skel._kernel, self.mesh, self.axes, traces.traced)
         rep = self.sharding if self.mesh is not None else None
         skel._finish = jax.jit(skel._finish_products, out_shardings=rep)
+        # the counts that need the traced loss: the weighted sum of ones is the sum of the
+        # positive counts of the shards
+        skel._counter = WeightedPass(
+            lambda c, b, e: (jnp.ones((), skel.acc_dtype), skel._count_kernel(c, b, e)[1]),
+            self.mesh, self.axes, lambda: None)
         return skel
 
     # -- vectors <-> parameters ---------------------------------------------------------------

@@ -19,6 +19,16 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def check_x64(dtype: Any, what: str) -> None:
+    """A TypeError when ``dtype`` is float64 and ``jax_enable_x64`` is off (``what``: the
+    start of the message): JAX would silently compute in float32."""
+    if np.dtype(dtype) == np.float64 and not jax.config.read("jax_enable_x64"):
+        raise TypeError(
+            f"{what} but jax_enable_x64 is off, so JAX would silently compute in float32: "
+            "enable it (jax.config.update('jax_enable_x64', True) at start-up, or build and "
+            "use the operator inside `with jax.enable_x64(True):`), or cast params to float32")
+
+
 def leaf_name(path: Any) -> str:
     """Dotted name of a key path (``DictKey``, ``SequenceKey``, ``GetAttrKey``...)."""
     return jax.tree_util.keystr(path, simple=True, separator=".")
@@ -131,12 +141,7 @@ class ParamSpace:
                 "select leaves of one dtype (mask=...) or cast params, e.g. "
                 "jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), params)")
         dtype = dtypes.pop()
-        if dtype == np.float64 and not jax.config.read("jax_enable_x64"):
-            raise TypeError(
-                "params are float64 but jax_enable_x64 is off, so JAX would silently compute "
-                "in float32: enable it (jax.config.update('jax_enable_x64', True) at start-up, "
-                "or build and use the operator inside `with jax.enable_x64(True):`), or cast "
-                "params to float32")
+        check_x64(dtype, "params are float64")
         self.dtype = jnp.dtype(dtype)
         devices = set()
         for leaf in chosen:

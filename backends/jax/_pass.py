@@ -184,9 +184,18 @@ class WeightedPass:
         return acc, tot
 
 
+def acc_dtype(dtype: Any) -> Any:
+    """The dtype of sample counts and running sums for params of ``dtype``: at least
+    float32 (``jnp.promote_types(dtype, float32)``), so that float16 counts do not
+    overflow past 65504 samples nor bfloat16 ones round totals above 256; products are
+    cast back to ``dtype`` after the division by the total."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 def weighted(value: Any, count: Any) -> Any:
-    """``count * value``, and exactly 0 for an empty batch or shard (count 0), whose mean
-    loss (a sum over no samples divided by 0) and so whose products are NaN. Only a
+    """``count * value``, and exactly 0 for an empty shard of a batch under a mesh (count
+    0), whose mean loss (a sum over no samples divided by 0) and so whose products are
+    NaN. (A whole batch with no samples is refused when the operator is built.) Only a
     count of 0 (or less) masks: a NaN product of a batch with samples comes through, and
     a NaN count makes the total NaN (refused by the callers)."""
     return jnp.where(count > 0, count * value, jnp.zeros_like(value))

@@ -14,7 +14,7 @@ from typing import Any
 
 import jax
 
-from ._data import default_count, explain_one_batch
+from ._data import count_source, default_count, explain_one_batch
 from ._loss import BatchLoss, _scalar, host_count
 from ._operator import DataOperator
 from ._params import ParamSpace
@@ -70,10 +70,13 @@ class GGNOperator(DataOperator):
             _, hjv = jax.jvp(grad_out, (out,), (jv,))
             return vjp(hjv)[0]
 
-        return jax.vmap(one)(V.T), self.counter.count(batch, self.dtype)
+        return jax.vmap(one)(V.T), self.counter.count(batch, self.acc_dtype)
 
     def _count_kernel(self, consts: Any, batch: Any, _: Any) -> tuple[Any, Any]:
-        return None, self.counter.count(batch, self.dtype)
+        return None, self.counter.count(batch, self.acc_dtype)
+
+    def _count_source(self) -> str:
+        return count_source(False, self.counter.batch_size_fn)
 
     def _host_count(self, batch: Any) -> float | None:
         return host_count(self.counter.batch_size_fn, batch)
@@ -123,9 +126,12 @@ def ggn(
     criterion
         ``criterion(outputs, targets)`` returning the batch's *mean* loss (a scalar).
     params, data, mask, batch_size_fn, weight_decay, mesh, data_axis, check_data
-        As in :func:`specdens.backends.jax.hessian`; every batch is a pair
-        ``(inputs, targets)``. A ``regularizer`` is not part of a GGN (its Hessian is not
-        of the form ``J^T H J``); add it to the operator yourself if you want it.
+        As in :func:`specdens.backends.jax.hessian` (what ``check_data`` does not see --
+        arrays of a list of batches changed in place -- and the copy of the data
+        that the compiled loop keeps too; a batch with no samples raises a ValueError
+        naming it); every batch is a pair ``(inputs, targets)``. A ``regularizer`` is not
+        part of a GGN (its Hessian is not of the form ``J^T H J``); add it to the operator
+        yourself if you want it.
 
     Returns
     -------

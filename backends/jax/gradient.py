@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -9,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._data import LOSS_ADVICE, Batches, explain_one_batch
-from ._loss import BatchLoss
-from ._operator import check_weight_decay, placement, positive_total
+from ._data import LOSS_ADVICE, Batches, count_source, explain_one_batch
+from ._loss import BatchLoss, host_count
+from ._operator import batch_counts, check_weight_decay, placement
 from ._params import ParamSpace
-from ._pass import WeightedPass, total
+from ._pass import WeightedPass, acc_dtype, total
 
 
 def gradient(
@@ -48,7 +49,15 @@ def gradient(
         When the gradient has NaN or Inf entries (named by leaf); they are never returned
         silently.
     ValueError
-        When a sample count is negative or not finite, or all of them are 0.
+        When a sample count is negative or not finite, or a batch holds no samples (named).
+
+    Notes
+    -----
+    The compiled steps are shared by later calls with the same ``loss_fn`` and
+    ``batch_size_fn`` objects, parameter structure, selection, ``weight_decay``,
+    ``regularizer`` and mesh (the 8 most recent such groups): a tracker's records trace
+    nothing again. Sample counts that need the traced loss (``loss_fn`` returning
+    ``(mean_loss, count)``) are read first by a compiled forward pass.
 
     References
     ----------
@@ -61,35 +70,22 @@ def gradient(
     wd = check_weight_decay(weight_decay)
     if regularizer is not None and not callable(regularizer):
         raise TypeError("regularizer must be a callable(params) -> scalar")
-    mesh, axes, sharding, _ = placement(space, mesh, data_axis)
+    mesh, axes, sharding, device = placement(space, mesh, data_axis)
     consts = space.place(sharding)
-    dtype = space.dtype
-
-    def kernel(consts: Any, batch: Any, _: Any) -> tuple[Any, Any]:
-        x0, frozen = consts
-        g, count = jax.grad(lambda x: loss(space.combine(x, frozen), batch, dtype),
-                            has_aux=True)(x0)
-        # a trailing 1: its weighted sum is the sum of the positive counts (checked)
-        return jnp.concatenate([g, jnp.ones((1,), dtype)]), count
-
-    batches = Batches(data, check=False)
-    with explain_one_batch(batches.one_batch_hint(LOSS_ADVICE), loss.what):
-        parts = WeightedPass(kernel, mesh, axes, lambda: None).run(
-            consts, batches, None, (space.n + 1,), dtype, sharding)
-
-    def finish(consts: Any, parts: Any) -> Any:
-        x0, frozen = consts
-        acc, tot = total(parts)
-        g = acc[:-1] / tot
-        if wd:
-            g = g + wd * x0
-        if regularizer is not None:
-            g = g + jax.grad(lambda x: jnp.reshape(regularizer(space.combine(x, frozen)), ()))(x0)
-        return g, acc[-1], tot
-
-    rep = sharding if mesh is not None else None
-    g, positive, tot = jax.jit(finish, out_shardings=rep)(consts, parts)
-    positive_total([float(tot)], positive)
+    batches = Batches(data, check=False, device=device if mesh is None else None)
+    compiled = _compiled(space, loss, wd, regularizer, mesh, axes, sharding)
+    hint = batches.one_batch_hint(LOSS_ADVICE)
+    with explain_one_batch(hint, loss.what):
+        if compiled.pair is None:   # (traced once, not compiled)
+            out = jax.eval_shape(lambda c, b: loss_fn(space.combine(*c), b), consts,
+                                 batches.first())
+            compiled.pair = isinstance(out, (tuple, list))
+        pair = compiled.pair
+        host = (lambda b: None) if pair else (lambda b: host_count(batch_size_fn, b))
+        batch_counts(batches, host, compiled.counter, consts, compiled.acc, sharding,
+                     count_source(pair, batch_size_fn))
+        parts = compiled.grads.run(consts, batches, None, (space.n,), compiled.acc, sharding)
+    g = compiled.finish(consts, parts)
     finite = np.asarray(jnp.isfinite(g))
     if not finite.all():
         bad = sorted({name for name, piece in zip(space.names, np.split(
@@ -97,6 +93,72 @@ def gradient(
         raise FloatingPointError(f"the gradient has NaN or Inf entries in {bad}; check the loss "
                                  "(an overflow, a log of 0) and the data")
     return g
+
+
+class _Compiled:
+    """The compiled per-batch steps of a gradient (the gradient and the count of a batch)
+    and its final step, for one loss, parameter structure and set of options: shared by
+    every later call with the same ones (the 8 most recent), which then trace nothing."""
+
+    def __init__(self, space: ParamSpace, loss: BatchLoss, wd: float, regularizer: Any,
+                 mesh: Any, axes: tuple, sharding: Any):
+        space = space.structure()       # no arrays are kept
+        dtype = space.dtype
+        self.acc = acc = acc_dtype(dtype)
+        self.num_traces = 0
+        self.pair: bool | None = None     # whether loss_fn returns (mean_loss, count)
+
+        def traced() -> None:
+            self.num_traces += 1
+
+        def kernel(consts: Any, batch: Any, _: Any) -> tuple[Any, Any]:
+            x0, frozen = consts
+            return jax.grad(lambda x: loss(space.combine(x, frozen), batch, acc),
+                            has_aux=True)(x0)
+
+        def counts(consts: Any, batch: Any, _: Any) -> tuple[Any, Any]:
+            x0, frozen = consts
+            return jnp.ones((), acc), loss(space.combine(x0, frozen), batch, acc)[1]
+
+        def finish(consts: Any, parts: Any) -> Any:
+            x0, frozen = consts
+            total_g, tot = total(parts)
+            g = total_g / tot
+            if wd:
+                g = g + wd * x0
+            if regularizer is not None:
+                g = g + jax.grad(lambda x: jnp.reshape(
+                    regularizer(space.combine(x, frozen)), ()))(x0)
+            return g.astype(dtype)
+
+        self.grads = WeightedPass(kernel, mesh, axes, traced)
+        self.counter = WeightedPass(counts, mesh, axes, lambda: None)
+        self.finish = jax.jit(finish, out_shardings=sharding if mesh is not None else None)
+
+
+_CACHE: OrderedDict[tuple, _Compiled] = OrderedDict()
+CACHE_SIZE = 8
+
+
+def _compiled(space: ParamSpace, loss: BatchLoss, wd: float, regularizer: Any, mesh: Any,
+              axes: tuple, sharding: Any) -> _Compiled:
+    """The :class:`_Compiled` steps for these settings, from the cache when it has them
+    (keyed as the Hessian's shared products: functions by identity; not cached when the
+    key is not hashable, a static leaf of params say)."""
+    key = (space.trace_key(), loss.loss_fn, loss.batch_size_fn, wd, regularizer, mesh, axes,
+           sharding if mesh is not None else None)
+    try:
+        hash(key)
+    except TypeError:
+        return _Compiled(space, loss, wd, regularizer, mesh, axes, sharding)
+    out = _CACHE.get(key)
+    if out is None:
+        out = _CACHE[key] = _Compiled(space, loss, wd, regularizer, mesh, axes, sharding)
+        while len(_CACHE) > CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    else:
+        _CACHE.move_to_end(key)
+    return out
 
 
 __all__ = ["gradient"]

@@ -7,7 +7,7 @@ from typing import Any
 
 import jax
 
-from ._data import LOSS_ADVICE, explain_one_batch
+from ._data import LOSS_ADVICE, count_source, explain_one_batch
 from ._loss import BatchLoss, host_count
 from ._operator import DataOperator
 from ._params import ParamSpace
@@ -31,7 +31,7 @@ class HessianOperator(DataOperator):
         return (self.loss.loss_fn, self.loss.batch_size_fn, self.loss.what, self._pair)
 
     def _loss_and_count(self, x: Any, frozen: Any, batch: Any) -> tuple[Any, Any]:
-        return self.loss(self.space.combine(x, frozen), batch, self.dtype)
+        return self.loss(self.space.combine(x, frozen), batch, self.acc_dtype)
 
     def _kernel(self, consts: Any, batch: Any, V: Any) -> tuple[Any, Any]:
         x0, frozen = consts
@@ -56,6 +56,9 @@ class HessianOperator(DataOperator):
                 self.consts, batch)
             self._pair = isinstance(out, (tuple, list))
             jax.eval_shape(lambda c, b: self._loss_and_count(c[0], c[1], b), self.consts, batch)
+
+    def _count_source(self) -> str:
+        return count_source(self._pair, self.loss.batch_size_fn)
 
     def _host_count(self, batch: Any) -> float | None:
         if self._pair:
@@ -135,10 +138,20 @@ def hessian(
     data_axis
         Mesh axis name(s) to shard the samples over (default: all of them).
     check_data
-        Check that every pass yields the batches of the first one (free for a list of
-        arrays, whose objects are compared; otherwise a checksum that also sees the order
-        of the entries, so a random flip or a shuffle is caught) and raise a RuntimeError
-        otherwise.
+        Check that every pass yields the batches of the first one and raise a
+        RuntimeError otherwise: free for a list or tuple of batches, whose array objects
+        are compared; otherwise a checksum of every leaf that also sees the order of the
+        entries (so a random flip, a shuffle or one changed entry is caught). The identity
+        check does not look at values: a numpy array of a list of batches changed
+        in place between products (``X[:] *= 3``, a reused buffer, in-place augmentation)
+        is not detected, and the next eager product silently uses the new values, while
+        :meth:`~HessianOperator.jax_operand` (and so
+        :func:`specdens.backends.jax.lanczos` / ``slq``) keeps a copy of the data made at
+        its first compiled run and goes on using the old values. Keep the arrays of a
+        list of batches unchanged while an operator uses them (jax arrays cannot change
+        so). Every batch must hold samples: a batch whose count is 0 raises a ValueError
+        naming it. Jax arrays committed to another device than the params raise a
+        ValueError (without a mesh).
 
     Returns
     -------

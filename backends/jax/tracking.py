@@ -19,7 +19,7 @@ import numpy as np
 
 from specdens.tracker import SpectrumRecord, SpectrumTracker
 
-from ._data import default_count, is_single_batch
+from ._data import count_source, default_count, empty_batch_error, iterate, source
 from .gradient import gradient
 from .hessian import hessian
 
@@ -79,13 +79,15 @@ def track(
         raise TypeError(f"tracker must be a SpectrumTracker; got {type(tracker).__name__}")
     if not tracker.due(step):
         return None
+    # the loss first: one forward pass over the data, which refuses what the operators
+    # would (a batch with no samples, a NaN loss) before anything is built
+    loss, acc = evaluate(loss_fn, params, data, batch_size_fn=batch_size_fn,
+                         accuracy_fn=accuracy_fn)
     common = dict(mask=mask, batch_size_fn=batch_size_fn, weight_decay=weight_decay)
     op = hessian(loss_fn, params, data, **common, **hessian_options)
     grad_opts = {k: v for k, v in hessian_options.items()
                  if k in ("regularizer", "mesh", "data_axis")}
     g = gradient(loss_fn, params, data, **common, **grad_opts)
-    loss, acc = evaluate(loss_fn, params, data, batch_size_fn=batch_size_fn,
-                         accuracy_fn=accuracy_fn)
     return tracker.record(step, op, g, loss=loss, accuracy=acc, extra=extra)
 
 
@@ -97,17 +99,26 @@ def evaluate(loss_fn: Callable[[Any, Any], Any], params: Any, data: Any, *,
     the Hessian weights them; no regularisation term) and the mean accuracy
     (``accuracy_fn``, or None).
 
-    As in the Hessian, a batch whose count is 0 (all padding, with ``loss_fn`` returning
-    ``(mean_loss, count)``) counts for nothing, although its mean loss is 0/0; counts
-    must be finite and non-negative, and their total positive (a ValueError otherwise).
+    ``loss_fn`` sees the batches the operators see (array-like leaves, such as the
+    tensors of a torch ``DataLoader``, as numpy arrays). As in the Hessian, every batch
+    must hold samples: a batch whose count is 0 raises a ValueError naming it; counts
+    must be finite and non-negative.
+
+    Raises
+    ------
+    FloatingPointError
+        When the loss of a batch is NaN or Inf (named); such a value is never returned.
+    ValueError
+        When a batch holds no samples or a count is negative or not finite (named).
     """
     if data is None:
         raise TypeError("evaluate needs data: one batch or a re-iterable of batches")
-    batches = [data] if is_single_batch(data) else data
+    _, batches = source(data)
     total = loss_sum = acc_sum = 0.0
-    for batch in batches:
+    for i, batch in enumerate(iterate(batches)):
         out = loss_fn(params, batch)
-        if isinstance(out, (tuple, list)):
+        pair = isinstance(out, (tuple, list))
+        if pair:
             value, count = out
             count = float(np.asarray(jax.device_get(count)))
         else:
@@ -115,15 +126,23 @@ def evaluate(loss_fn: Callable[[Any, Any], Any], params: Any, data: Any, *,
             count = float(batch_size_fn(batch) if batch_size_fn is not None
                           else default_count(batch))
         if not (math.isfinite(count) and count >= 0):
-            raise ValueError(f"a batch has a sample count of {count}; counts must be finite "
-                             "and >= 0")
+            raise ValueError(f"batch {i} of the data: sample count {count}: counts must be "
+                             "finite and non-negative (check loss_fn's count or "
+                             "batch_size_fn)")
         if count == 0:
-            continue  # an empty batch: its 0/0 mean loss does not count, as in _pass.weighted
-        loss_sum += float(np.asarray(jax.device_get(value))) * count
+            raise empty_batch_error(i, count_source(pair, batch_size_fn))
+        value = float(np.asarray(jax.device_get(value)))
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"the loss of batch {i} of the data is {value}: a NaN or Inf in the data, an "
+                "overflowing loss, a float16 model... specdens never returns such values. "
+                "Check the data and the model")
+        loss_sum += value * count
         total += count
         if accuracy_fn is not None:
             acc_sum += float(np.asarray(jax.device_get(accuracy_fn(params, batch)))) * count
-    if total <= 0:
-        raise ValueError("data yielded no samples (every batch has a count of 0): the mean "
-                         "loss is undefined")
-    return loss_sum / total, (acc_sum / total if accuracy_fn is not None else None)
+    loss = loss_sum / total
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"the mean loss over the data is {loss} (an overflow of the "
+                                 "sum of the batches' losses); check the data and the model")
+    return loss, (acc_sum / total if accuracy_fn is not None else None)
