@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -236,8 +237,9 @@ def test_slq_checkpoint_with_deflation_saves_the_eigenpairs(tmp_path):
     op, count = _crashing(base, None)
     d = specdens.slq(op, num_steps=10, num_probes=3, deflate=4, checkpoint=path,
                      checkpoint_every=2)
-    # no eigsh products this time: two fingerprints, then Lanczos steps 7 to 10
-    assert count["n"] == 2 + 4
+    # no eigsh products this time: two fingerprints, one block product checking the saved
+    # eigenpairs against the operator, then Lanczos steps 7 to 10
+    assert count["n"] == 2 + 1 + 4
     np.testing.assert_array_equal(d.deflated_eigenvalues, ref.deflated_eigenvalues)
     np.testing.assert_allclose(d.nodes, ref.nodes, atol=1e-12)
     with pytest.raises(CheckpointError, match="k=4 there, 5 now"):
@@ -420,3 +422,109 @@ def test_a_missing_checkpoint_folder_is_refused_before_any_product(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"folder .*missing.* does not exist"):
         specdens.lanczos(op, 20, checkpoint=path)
     assert count["n"] == 0
+
+
+# -- deflation checkpoints (PATH.eigsh.npz, and the deflation in the Lanczos checkpoint) --
+
+
+def _outliers(n, seed=2):
+    rng = np.random.default_rng(seed)
+    ev = np.concatenate([rng.standard_normal(n - 5) * 0.3, [10.0, 9, 8, 7, 6]])
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    return (Q * ev) @ Q.T
+
+
+def test_checkpoint_with_another_deflation_is_refused(tmp_path):
+    """A run with deflate=EigshResult and checkpoint_key, resumed with another
+    EigshResult of the same k and which, was resumed: its nodes differed from an
+    uninterrupted run by 1.0. The key and the settings now hold a hash of the eigenpairs."""
+    A = _outliers(200)
+    op, count = _failing_after(A, np.float64)
+    with pytest.warns(specdens.EigshWarning):
+        r_bad = specdens.eigsh(A, 3, maxiter=0, ncv=5)  # unconverged, other vectors
+    r_good = specdens.eigsh(A, 3)
+    path = tmp_path / "c.npz"
+    kw = {"num_steps": 10, "num_probes": 4, "block_size": 2, "checkpoint": path,
+          "checkpoint_every": 2}
+    for key in ("model-v1", None):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", specdens.EigshWarning)  # (r_bad: unconverged)
+            count["n"], count["limit"] = 0, 12
+            with pytest.raises(Crash):
+                specdens.slq(op, deflate=r_bad, checkpoint_key=key, **kw)
+            count["limit"] = None
+            with pytest.raises(CheckpointError, match=str(path)):
+                specdens.slq(op, deflate=r_good, checkpoint_key=key, **kw)
+            # the same deflation resumes, bit-identical to an uninterrupted run
+            d = specdens.slq(op, deflate=r_bad, checkpoint_key=key, **kw)
+            ref = specdens.slq(A, deflate=r_bad, num_steps=10, num_probes=4, block_size=2)
+        np.testing.assert_array_equal(d.nodes, ref.nodes)
+        os.remove(path)
+
+
+def _eigsh_edit(key, f):
+    return lambda h, a: a.__setitem__(key, f(a[key]))
+
+
+@pytest.mark.parametrize("change, field", [
+    (_eigsh_edit("eigenvalues", lambda x: np.r_[x, 1.0]), "eigenvalues has shape"),
+    (_eigsh_edit("eigenvalues", lambda x: x[:, None]), "eigenvalues has shape"),
+    (_eigsh_edit("eigenvalues", lambda x: x * np.nan), "eigenvalues is not finite"),
+    (_eigsh_edit("residuals", lambda x: x[:1]), "residuals has shape"),
+    (_eigsh_edit("eigenvectors", lambda x: x[:, :2]), "eigenvectors has shape"),
+    (_eigsh_edit("eigenvectors", lambda x: np.c_[x, x[:, :1]]), "eigenvectors has shape"),
+    (_eigsh_edit("eigenvectors", lambda x: x * np.nan), "eigenvectors is not finite"),
+    (_eigsh_edit("eigenvectors", lambda x: x.astype(np.int64)), "eigenvectors has dtype"),
+    (lambda h, a: a.pop("residual_estimates"), "residual_estimates is missing"),
+    (lambda h, a: h.pop("fingerprint"), "fingerprint is missing"),
+    (lambda h, a: h.pop("settings"), "settings is missing"),
+    (lambda h, a: h.__setitem__("fingerprint", [1, 2]), "fingerprint is not an object"),
+    (lambda h, a: h.__setitem__("result", "x"), "result is not an object"),
+    (lambda h, a: h["result"].__setitem__("matvecs", "x"), "result.matvecs"),
+    # well-formed but not this operator's eigenpairs: the residual check refuses them
+    (_eigsh_edit("eigenvalues", lambda x: x + 100), "not this operator's"),
+    (_eigsh_edit("eigenvectors", lambda x: np.random.default_rng(0).standard_normal(x.shape)),
+     "not this operator's"),
+])
+def test_corrupt_eigsh_checkpoints_are_refused_naming_the_field(tmp_path, change, field):
+    """Hand-edited PATH.eigsh.npz files: 4 eigenpairs for k=3, residuals of length 1 and
+    2-D eigenvalues were accepted; others escaped as KeyError, AttributeError or
+    LinAlgError without naming the file."""
+    A = _outliers(120)
+    base = tmp_path / "base.npz"
+    specdens.slq(A, num_steps=10, num_probes=2, deflate=3, checkpoint=base)
+    src = Path(f"{base}.eigsh.npz")
+    path = tmp_path / "c.npz"
+    target = Path(f"{path}.eigsh.npz")
+    target.write_bytes(src.read_bytes())
+    _edit(target, change)
+    with pytest.raises(CheckpointError, match=rf"{target}.*{field}"):
+        specdens.slq(A, num_steps=10, num_probes=2, deflate=3, checkpoint=path)
+
+
+@pytest.mark.parametrize("options", [
+    {"maxiter": 1000}, {"tol": None}, {"ncv": 20}, {"seed": 0},
+    {"tol": float(np.sqrt(np.finfo(float).eps))}, {"tol": None, "ncv": None, "maxiter": None},
+])
+def test_eigsh_checkpoint_settings_are_compared_resolved(tmp_path, options):
+    """eigsh_options equal to eigsh's defaults were refused on resume ('a default passed
+    explicitly is the default'); a real difference is still refused. Files written before
+    (options stored as given) still resume."""
+    A = _outliers(120)
+    path = tmp_path / "c.npz"
+    ref = specdens.slq(A, num_steps=10, num_probes=2, deflate=3, checkpoint=path)
+    op, count = _crashing(specdens.aslinearoperator(A), None)
+    d = specdens.slq(op, num_steps=10, num_probes=2, deflate=3, checkpoint=path,
+                     eigsh_options=options)
+    # resumed: two fingerprints and the check of the saved eigenpairs; no eigsh, no Lanczos
+    assert count["n"] == 3
+    np.testing.assert_array_equal(d.deflated_eigenvalues, ref.deflated_eigenvalues)
+    with pytest.raises(CheckpointError, match="eigsh_options"):
+        specdens.slq(A, num_steps=10, num_probes=2, deflate=3, checkpoint=path,
+                     eigsh_options={**options, "tol": 1e-6})
+    # the format before: the options as given
+    _edit(Path(f"{path}.eigsh.npz"), lambda h, a: h["settings"].__setitem__(
+        "eigsh_options", {"seed": 0}))
+    d = specdens.slq(A, num_steps=10, num_probes=2, deflate=3, checkpoint=path,
+                     eigsh_options=options)
+    np.testing.assert_array_equal(d.deflated_eigenvalues, ref.deflated_eigenvalues)

@@ -455,9 +455,12 @@ def test_multiplicity_residual_bound_holds_without_breakdown():
 def test_not_converged_warns_and_reports(indefinite):
     A, _ = indefinite
     with pytest.warns(EigshWarning, match=r"only \d+ of 6 eigenpairs"):
-        r = eigsh(A, 6, ncv=8, maxiter=0, tol=1e-12)
+        r = eigsh(A, 6, ncv=9, maxiter=0, tol=1e-12)
     assert not r.converged and r.num_converged < 6
-    assert r.num_restarts == 0 and r.matvecs == 8 + 6
+    assert r.num_restarts == 0 and r.matvecs == 9 + 6
+    # ncv below k + 3 is raised to k + 3 (the search for missed eigenvalues needs room)
+    with pytest.warns(EigshWarning):
+        assert eigsh(A, 6, ncv=7, maxiter=0).ncv == 9
     assert r.eigenvalues.shape == (6,) and np.all(np.isfinite(r.residuals))
     assert "converged=False" in repr(r)
 
@@ -694,8 +697,9 @@ def test_converged_result_misses_no_wanted_eigenvalue(seed, trial):
 
 @pytest.mark.parametrize("seed, trial", [(1, 76), (4, 41), (5, 68)])
 def test_small_basis_reports_no_convergence_instead_of_a_wrong_result(seed, trial):
-    """ncv = k + 1 leaves the search one vector: it does not converge within maxiter,
-    and the result says so (it was reported converged, and wrong, before)."""
+    """ncv = k + 1 left the search one vector (reported converged, and wrong, at first;
+    then not converged within maxiter). The basis now has at least min(k + 3, n)
+    vectors; whatever the outcome, a converged result holds the wanted eigenvalues."""
     A, k, which, kw = _review_case(seed, trial)
     assert kw["ncv"] == k + 1
     with warnings.catch_warnings():
@@ -715,3 +719,81 @@ def test_converged_results_are_right_on_random_problems():
             r = eigsh(A, k, which=which, **kw)
         if r.converged:
             _check_not_missing(r, A, k, which)
+
+
+def test_both_ends_search_finds_a_missed_low_eigenvalue():
+    """which='BE' wants both ends, so the search for missed eigenvalues must converge the
+    complement's extreme Ritz pairs at both ends. Before, it waited for the high end only
+    and returned [0, 0.01, 20, 30], converged, missing the second copy of 0 (scipy finds
+    both). Compared with numpy.linalg.eigvalsh within tol * anorm plus rounding."""
+    n = 200
+    lam = np.concatenate([[0.0, 0.0], np.linspace(0.01, 1, n - 5), [10.0, 20.0, 30.0]])
+    A = matrix_with_spectrum(lam, seed=0)
+    r = eigsh(A, 4, which="BE", ncv=8, seed=0)
+    assert r.converged
+    _check_not_missing(r, A, 4, "BE")
+
+
+def _stress_case(trial: int) -> np.ndarray:
+    """Matrix ``trial`` of a review's seeded stream of random problems."""
+    rng = np.random.default_rng(7)
+    for _ in range(trial + 1):
+        n = int(rng.integers(8, 70))
+        kind = rng.integers(0, 5)
+        if kind == 0:
+            ev = rng.standard_normal(n)
+        elif kind == 1:
+            ev = np.round(rng.standard_normal(n), 0)
+        elif kind == 2:
+            ev = np.concatenate([rng.standard_normal(n - 6) * 0.1,
+                                 1 + 1e-7 * rng.standard_normal(6)])
+        elif kind == 3:
+            ev = rng.choice([-2.0, -1, 0, 1, 2], n)
+        else:
+            ev = np.abs(rng.standard_normal(n)) ** 4
+        Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        A = (Q * ev) @ Q.T
+        A = (A + A.T) / 2
+        rng.integers(1, n), rng.choice(["LA", "SA", "LM", "BE"])  # (k, which: unused)
+        if rng.random() >= 0.5:
+            rng.integers(1, n + 1)
+        if rng.random() >= 0.7:
+            rng.uniform(-12, -3)
+    return A
+
+
+def test_both_ends_search_on_a_large_k_problem():
+    """A stress case from a review (n = 65, k = 42, ncv = 48): the low end was shifted by
+    one slot (0.00163 returned for 0.00080) and reported converged."""
+    A = _stress_case(14)
+    assert A.shape == (65, 65)
+    r = eigsh(A, 42, which="BE", ncv=48, seed=14)
+    assert r.converged
+    _check_not_missing(r, A, 42, "BE")
+
+
+@pytest.mark.parametrize("ncv", [4, 5])
+def test_search_converges_with_a_basis_of_k_plus_one(ncv):
+    """ncv = k + 1: each restart of the search for missed eigenvalues kept only the k
+    locked vectors and took one step, so it never converged (1000 restarts, 1007
+    products; ncv = 5 took 596). A basis of at least min(k + 3, n) vectors is now used:
+    a kept Ritz vector of the complement and two steps."""
+    n = 100
+    lam = np.r_[np.linspace(0, 1, n - 3), 5.0, 6.0, 7.0]
+    A = np.diag(lam)
+    r = eigsh(A, 3, ncv=ncv)
+    assert r.ncv == 6
+    check_result(r, A, lam, "LA", 3)
+
+
+@pytest.mark.parametrize("ncv", [9, 10, 11, 12])
+def test_search_converges_on_a_multiple_eigenvalue_with_a_small_basis(ncv):
+    """An eigenvalue of multiplicity 6, k = 8, ncv = 9..12: never converged (the locked
+    vectors no longer wanted took the room of the complement's Ritz vectors). numpy's
+    eigvalsh is the reference."""
+    n = 60
+    lam = np.concatenate([np.linspace(-1, 1, n - 6), [3.0] * 6])
+    A = matrix_with_spectrum(lam, seed=1)
+    r = eigsh(A, 8, ncv=ncv)
+    assert r.converged
+    _check_not_missing(r, A, 8, "LA")

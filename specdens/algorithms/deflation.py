@@ -27,12 +27,18 @@ What is reused
 --------------
 * One :func:`specdens.eigsh` run serves every probe, probe block and adaptive round, and
   a previous :class:`specdens.EigshResult` can be passed as ``deflate=`` to reuse it across
-  calls (different seeds, step counts, functionals): no product is spent on it again.
+  calls (different seeds, step counts, functionals): eigsh does not run again; one block
+  product of its ``k`` eigenvectors checks that its residuals are this operator's, and an
+  unconverged result draws an :class:`specdens.EigshWarning` (it spans no invariant
+  subspace, so the estimate is biased).
 * The eigenvalues added as atoms are eigsh's Ritz values (accurate to
   ``residual^2 / gap``), so no product is spent on them either; eigsh's explicit residuals
   are kept in the result (``deflated_residuals``).
 * With a checkpoint, the eigenpairs are saved next to it (``PATH.eigsh.npz``), so a
-  resumed run does not repeat the eigensolver.
+  resumed run does not repeat the eigensolver (its file is validated, and its eigenpairs
+  checked against the operator with one block product; eigsh's options are compared as
+  resolved, so a default passed explicitly is the default). The Lanczos checkpoint's
+  settings, and its key, hold a SHA-256 of the eigenpairs: another deflation is refused.
 
 References
 ----------
@@ -46,8 +52,11 @@ accurate. Numer. Math. 136.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import warnings
 from typing import Any
 
 import numpy as np
@@ -55,7 +64,17 @@ import numpy as np
 from .. import _array, _checks
 from ..operators import LinearOperatorBase
 from . import checkpoint as checkpoint_mod
-from .eigsh import WHICH, EigshResult, eigsh
+from .eigsh import (
+    DEFAULT_MAXITER,
+    WHICH,
+    EigshResult,
+    EigshWarning,
+    _norm,
+    _resolve_ncv,
+    _resolve_tol,
+    _scale_bounds,
+    eigsh,
+)
 
 EIGSH_CHECKPOINT_FORMAT = "specdens.EigshCheckpoint"
 EIGSH_CHECKPOINT_VERSION = 1
@@ -129,7 +148,7 @@ class Deflation:
     """
 
     def __init__(self, op: Any, eig: EigshResult, which: str, work: str, *,
-                 eigsh_matvecs: int):
+                 eigsh_matvecs: int, check: str | None = None):
         xp = op.xp
         V = eig.eigenvectors
         if V is None:
@@ -145,6 +164,21 @@ class Deflation:
         if not np.all(np.isfinite(eig.eigenvalues)):
             raise ValueError("the deflation eigenvalues are not finite")
         wdt = _array.xp_dtype(xp, work)
+        self.check_matvecs = 0
+        if check is not None:
+            # (a given EigshResult, or one read from a checkpoint: eigsh did not just
+            # compute it for this operator)
+            _check_eigenpairs(op, eig, xp.astype(V, wdt), work, check)
+            self.check_matvecs = eig.k
+            if not eig.converged:
+                warnings.warn(
+                    f"deflate= holds eigenpairs that did not converge ({eig.num_converged} "
+                    f"of {eig.k} met tol={eig.tol:.2e}, largest residual "
+                    f"{float(np.max(eig.residuals, initial=0.0)):.2e}): they span no "
+                    "invariant subspace, so the deflated estimate is biased (by about the "
+                    "residuals' size); run specdens.eigsh to convergence (more maxiter or "
+                    "ncv) and pass that result",
+                    EigshWarning, stacklevel=4)
         self.V = _orthonormalised(xp.astype(V, wdt), xp)
         self.eig = eig
         self.k = eig.k
@@ -174,16 +208,29 @@ class Deflation:
 
         return apply
 
+    def digest(self) -> str:
+        """SHA-256 of the eigenvalues and eigenvectors (their bytes in the working dtype),
+        for checkpoint keys and settings: a checkpoint written with another deflation is
+        refused. The vectors cross to the host one column at a time."""
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.eig.eigenvalues, dtype=np.float64).tobytes())
+        V = self.eig.eigenvectors
+        dt = _array.dtype_name(self.V.dtype)
+        for i in range(self.k):
+            h.update(np.ascontiguousarray(_array.to_numpy(V[:, i], np.dtype(dt))).tobytes())
+        return h.hexdigest()
+
     def info(self) -> dict:
         """JSON metadata for ``SpectralDensity.extra["deflation"]``."""
         return {
             "k": int(self.k), "which": self.which, "eigsh_matvecs": self.eigsh_matvecs,
+            "check_matvecs": int(self.check_matvecs),
             "eigsh_converged": bool(self.eig.converged),
             "max_residual": float(np.max(self.eig.residuals, initial=0.0)),
         }
 
 
-def make_deflation(op: Any, deflate: Any, *, which: str = "LA", seed: int = 0,
+def make_deflation(op: Any, deflate: Any, *, which: str | None = None, seed: int = 0,
                    dtype: str = "float64", eigsh_options: dict | None = None,
                    checkpoint: str | os.PathLike | None = None,
                    checkpoint_key: str | None = None) -> Deflation:
@@ -196,16 +243,21 @@ def make_deflation(op: Any, deflate: Any, *, which: str = "LA", seed: int = 0,
         The operator (already wrapped by :func:`specdens.aslinearoperator`).
     deflate
         Number of eigenpairs to compute with :func:`specdens.eigsh`, or an
-        ``EigshResult`` (with eigenvectors) to reuse.
+        ``EigshResult`` (with eigenvectors) to reuse. A given result is checked against
+        the operator with one block product of its ``k`` eigenvectors (see
+        :func:`_check_eigenpairs`), and an unconverged one draws an
+        :class:`~specdens.EigshWarning`.
     which
         Which eigenpairs: ``"LA"`` (largest algebraic, the default: a Hessian's outliers),
-        ``"LM"`` (largest magnitude, also large negative ones), ``"SA"`` or ``"BE"``.
+        ``"LM"`` (largest magnitude, also large negative ones), ``"SA"`` or ``"BE"``. With
+        an ``EigshResult`` it must be ``None`` or the result's own ``which``.
     seed
         Seed of eigsh's start vector.
     dtype
         Working dtype of the eigenvectors and projections.
     eigsh_options
-        More keyword arguments for :func:`specdens.eigsh` (``tol``, ``ncv``, ``maxiter``).
+        More keyword arguments for :func:`specdens.eigsh` (``tol``, ``ncv``, ``maxiter``);
+        refused with an ``EigshResult``, which was computed with its own.
     checkpoint, checkpoint_key
         When given, the eigenpairs are saved to (or resumed from) ``checkpoint + ".eigsh.npz"``.
     """
@@ -213,7 +265,16 @@ def make_deflation(op: Any, deflate: Any, *, which: str = "LA", seed: int = 0,
         if deflate.n != int(op.shape[0]):
             raise ValueError(f"deflate= holds eigenpairs of an operator of size {deflate.n}; "
                              f"this one has n = {op.shape[0]}")
-        return Deflation(op, deflate, deflate.which, dtype, eigsh_matvecs=0)
+        if eigsh_options is not None:
+            raise ValueError("eigsh_options only apply with deflate=k; deflate= is an "
+                             "EigshResult, computed with its own options")
+        if which is not None and which != deflate.which:
+            raise ValueError(f"deflate_which={which!r} but deflate= holds the eigenpairs "
+                             f"which={deflate.which!r} chose; omit deflate_which, or compute "
+                             f"them with specdens.eigsh(..., which={which!r})")
+        return Deflation(op, deflate, deflate.which, dtype, eigsh_matvecs=0,
+                         check="deflate=")
+    which = "LA" if which is None else which
     k = _checks.positive_int(deflate, "deflate")
     n = int(op.shape[0])
     if k >= n:
@@ -231,20 +292,28 @@ def make_deflation(op: Any, deflate: Any, *, which: str = "LA", seed: int = 0,
         return Deflation(op, eig, which, dtype, eigsh_matvecs=eig.matvecs)
 
     path = f"{os.fspath(checkpoint)}.eigsh.npz"
+    # Settings as resolved, so that a default passed explicitly is the default (the
+    # options are checked here as eigsh checks them).
+    eps = max(_array.finfo_eps(dtype), _array.finfo_eps(_checks.product_dtype(op)))
     settings = {"k": k, "which": which, "dtype": dtype,
-                "eigsh_options": json.loads(json.dumps(options, default=str))}
+                "eigsh_options": _resolved_options(options, k, n, eps)}
     fingerprint = checkpoint_mod.operator_fingerprint(op, checkpoint_key)
     if os.path.exists(path):
         header, arrays = checkpoint_mod.read_npz(path, EIGSH_CHECKPOINT_FORMAT,
                                                  EIGSH_CHECKPOINT_VERSION)
+        _check_eigsh_header(header, path)
         checkpoint_mod.check_fingerprint(header["fingerprint"], fingerprint, path)
-        checkpoint_mod.check_settings(header["settings"], settings, path)
-        try:
-            eig = _eig_from_arrays(header, arrays, op, dtype)
-        except (KeyError, ValueError, TypeError) as exc:
+        saved = dict(header["settings"])
+        try:  # (files written before the settings were stored resolved)
+            saved["eigsh_options"] = _resolved_options(saved.get("eigsh_options"), saved.get("k"),
+                                                       n, eps)
+        except (TypeError, ValueError, AttributeError) as exc:
             raise checkpoint_mod.CheckpointError(
-                f"{path} is corrupt ({exc}); delete it to start afresh") from None
-        return Deflation(op, eig, which, dtype, eigsh_matvecs=eig.matvecs)
+                f"{path} is corrupt or not written by this specdens: settings.eigsh_options "
+                f"({exc}); delete it to start afresh") from None
+        checkpoint_mod.check_settings(saved, settings, path)
+        eig = _eig_from_arrays(header, arrays, op, dtype, path)
+        return Deflation(op, eig, which, dtype, eigsh_matvecs=eig.matvecs, check=path)
     eig = eigsh(op, k, which=which, dtype=dtype, **options)
     header = {"format": EIGSH_CHECKPOINT_FORMAT, "version": EIGSH_CHECKPOINT_VERSION,
               "settings": settings, "fingerprint": fingerprint,
@@ -260,8 +329,113 @@ def make_deflation(op: Any, deflate: Any, *, which: str = "LA", seed: int = 0,
     return Deflation(op, eig, which, dtype, eigsh_matvecs=eig.matvecs)
 
 
-def _eig_from_arrays(header: dict, arrays: dict, op: Any, dtype: str) -> EigshResult:
+def _resolved_options(options: Any, k: Any, n: int, eps: float) -> dict:
+    """eigsh's options with its defaults filled in (``tol``, ``ncv``, ``maxiter``) as
+    eigsh resolves them, so that a default passed explicitly compares equal to it. Other
+    options (``seed``, ``v0``) as JSON would write them."""
+    if not isinstance(options, dict):
+        raise TypeError(f"eigsh_options is {options!r}, not an object")
+    out = json.loads(json.dumps(options, default=str))
+    out["tol"] = _resolve_tol(options.get("tol"), eps)
+    out["ncv"] = _resolve_ncv(options.get("ncv"), k, n)
+    maxiter = options.get("maxiter")
+    out["maxiter"] = DEFAULT_MAXITER if maxiter is None else _checks.nonnegative_int(
+        maxiter, "maxiter")
+    return out
+
+
+def _check_eigenpairs(op: Any, eig: EigshResult, V: Any, work: str, source: str) -> None:
+    """Refuse eigenpairs that are not those of ``op``: one block product gives the
+    residuals ``||A x_i - lambda_i x_i||``, which must match the result's own.
+
+    The residuals were computed the same way from the same vectors, so they differ only
+    by the rounding of the products and of the norm: at most about ``sqrt(n) eps ||A||``
+    (a sum of ``n`` rounded terms; ``n eps ||A||`` at worst), plus ``10 ncv eps ||A||``,
+    eigsh's allowance for the Lanczos relation (the vectors may have been rounded to
+    another dtype since). ``eps`` is the largest of the working dtype's, the result's and
+    the products'. Eigenpairs of another operator have residuals of the size of the
+    eigenvalues' differences, far above that. ``source`` names them in the error
+    (``"deflate="``, or the checkpoint file).
+    """
+    xp, n = op.xp, int(op.shape[0])
+    eps = max(_array.finfo_eps(work), _array.finfo_eps(eig.dtype),
+              _array.finfo_eps(_checks.product_dtype(op)))
+    AV = xp.astype(_array.detached(op.matmat(xp.astype(V, op.dtype, copy=False))), V.dtype,
+                   copy=False)
+    lam = _array.from_numpy(np.asarray(eig.eigenvalues, dtype=np.float64)[None, :], xp,
+                            _array.device_of(V), V.dtype)
+    res = _array.to_numpy(_norm(xp, AV - V * lam, _scale_bounds(work, n), axis=0))
+    scale = max(float(eig.anorm), float(np.max(np.abs(eig.eigenvalues), initial=0.0)))
+    allowed = (np.asarray(eig.residuals, dtype=np.float64)
+               + (10.0 * (eig.ncv + math.sqrt(n))) * eps * scale)
+    bad = ~(res <= allowed)
+    if bad.any():
+        i = int(np.argmax(bad))
+        what = ("the eigenpairs of another operator" if source == "deflate="
+                else "eigenpairs that are not this operator's (corrupt, or a different operator)")
+        msg = (f"{source} holds {what}: ||A x - lambda x|| = {res[i]:.3e} for eigenvalue "
+               f"{eig.eigenvalues[i]:.6g} (pair {i}), where the result records "
+               f"{eig.residuals[i]:.3e} (allowed up to {allowed[i]:.3e} for rounding)")
+        if source == "deflate=":
+            raise ValueError(msg + "; compute the EigshResult with specdens.eigsh of this "
+                             "operator")
+        raise checkpoint_mod.CheckpointError(msg + "; delete the file to start afresh")
+
+
+def _check_eigsh_header(header: dict, path: str) -> None:
+    """Refuse an eigsh checkpoint header whose sections are missing or malformed, naming
+    the field (the fingerprint as :func:`checkpoint.check_header` checks it)."""
+    def bad(field: str, what: str) -> checkpoint_mod.CheckpointError:
+        return checkpoint_mod.CheckpointError(
+            f"{path} is corrupt or not written by this specdens: {field} {what}; delete it "
+            "to start afresh")
+
+    for section in ("settings", "fingerprint", "result"):
+        if not isinstance(header.get(section), dict):
+            raise bad(section, "is missing" if section not in header else "is not an object")
+    # (check_header wants the sections of a Lanczos checkpoint too; its fingerprint checks
+    # are the ones wanted here)
+    checkpoint_mod.check_header({**header, "resolved": {}, "progress": {}}, path)
     r = header["result"]
+    for field, kind in (("converged", bool), ("num_converged", int), ("num_restarts", int),
+                        ("matvecs", int), ("anorm", float), ("tol", float), ("ncv", int),
+                        ("wall_time", float)):
+        v = r.get(field)
+        ok = (isinstance(v, bool) if kind is bool else
+              isinstance(v, (int, float) if kind is float else int)
+              and not isinstance(v, bool) and math.isfinite(v))
+        if not ok:
+            raise bad(f"result.{field}", f"is {v!r}")
+    if header["settings"].get("which") not in WHICH:
+        raise bad("settings.which", f"is {header['settings'].get('which')!r}")
+
+
+def _eig_from_arrays(header: dict, arrays: dict, op: Any, dtype: str,
+                     path: str) -> EigshResult:
+    """The EigshResult a checkpoint holds, its arrays checked against the settings:
+    ``eigenvalues``, ``residuals`` and ``residual_estimates`` finite of shape ``(k,)``,
+    ``eigenvectors`` finite floating point of shape ``(n, k)``."""
+    def bad(field: str, what: str) -> checkpoint_mod.CheckpointError:
+        return checkpoint_mod.CheckpointError(
+            f"{path} is corrupt or not written by this specdens: {field} {what}; delete it "
+            "to start afresh")
+
+    r = header["result"]
+    k, n = header["settings"].get("k"), int(op.shape[0])
+    shapes = {"eigenvalues": (k,), "residuals": (k,), "residual_estimates": (k,),
+              "eigenvectors": (n, k)}
+    for field, shape in shapes.items():
+        if field not in arrays:
+            raise bad(field, "is missing")
+        a = arrays[field]
+        if a.shape != shape:
+            raise bad(field, f"has shape {a.shape}, not {shape}")
+        if a.dtype.kind != "f":
+            raise bad(field, f"has dtype {a.dtype}, not floating point")
+        if not np.all(np.isfinite(a)):
+            raise bad(field, "is not finite")
+    if np.any(arrays["residuals"] < 0) or np.any(arrays["residual_estimates"] < 0):
+        raise bad("residuals", "are negative")
     xp = op.xp
     vecs = _array.from_numpy(np.array(arrays["eigenvectors"], copy=True), xp, op.device,
                              _array.xp_dtype(xp, dtype))
@@ -273,5 +447,5 @@ def _eig_from_arrays(header: dict, arrays: dict, op: Any, dtype: str) -> EigshRe
         converged=bool(r["converged"]), num_converged=int(r["num_converged"]),
         num_restarts=int(r["num_restarts"]), matvecs=int(r["matvecs"]),
         anorm=float(r["anorm"]), tol=float(r["tol"]), which=header["settings"]["which"],
-        ncv=int(r["ncv"]), n=int(op.shape[0]), dtype=dtype, wall_time=float(r["wall_time"]),
+        ncv=int(r["ncv"]), n=n, dtype=dtype, wall_time=float(r["wall_time"]),
     )

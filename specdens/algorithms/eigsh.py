@@ -171,7 +171,10 @@ def eigsh(
         and the float32 default.
     ncv
         Size of the Lanczos basis, ``k < ncv <= n``; default ``max(2k + 1, 20)`` capped
-        at ``n``. Memory: the basis, ``ncv`` vectors of length ``n``, and as much again
+        at ``n``. A value below ``k + 3`` is raised to ``min(k + 3, n)`` (the result's
+        ``ncv`` says which): the search for missed eigenvalues needs, beyond the ``k``
+        locked vectors, a kept Ritz vector and two Lanczos steps, and cannot converge
+        with fewer. Memory: the basis, ``ncv`` vectors of length ``n``, and as much again
         for a moment at each restart.
     maxiter
         Largest number of thick restarts (default 1000); ``0`` runs a single Lanczos
@@ -232,25 +235,25 @@ def eigsh(
     rows of the basis (``4 n ncv`` flops), with the same array shapes at every step so
     that JAX and GPU libraries reuse their compiled kernels.
 
-    Missed eigenvalues: a Krylov space from one start vector holds one direction of
-    each eigenspace, so in exact arithmetic Lanczos sees each distinct eigenvalue once;
-    and an eigenvector the start vector barely touched (in a cluster of eigenvalues
-    closer than the others) may surface only after the wanted Ritz values have
-    converged, so that converged values can still miss a wanted eigenvalue. Therefore,
-    once the wanted pairs have converged, ``eigsh`` locks them (drops their coupling to
-    the rest, once it is below ``tol * anorm / (2 sqrt(ncv))``, and adds the dropped
-    couplings to the residual estimates of the other pairs) and goes on from a random
-    vector orthogonal to them, until the extreme Ritz pair of that complement has
-    converged too; a value it finds beyond the wanted ones joins them and the search
-    runs again, and the run stops once a search leaves the wanted values unchanged
-    (only a basis that spans the whole space, ``ncv = n``, skips it). This finds every
-    copy of a repeated eigenvalue and every eigenvalue of a cluster that the wanted set
-    needs, with probability 1 over the random vectors, as long as the search's own
-    extreme Ritz value converges to the complement's extreme eigenvalue; it is not a
-    proof (a search can itself converge before a barely-touched eigenvector surfaces,
-    however unlikely for a random start). It costs about as many products as converging
-    the eigenvalue next to the wanted ones: typically 1.5 to 2.5 times those of the
-    wanted pairs alone.
+    Missed eigenvalues: a Krylov space from one start vector holds one direction of each
+    eigenspace, so in exact arithmetic Lanczos sees each distinct eigenvalue once; and
+    an eigenvector the start vector barely touched (in a cluster of eigenvalues closer
+    than the others) may surface only after the wanted Ritz values have converged, so
+    that converged values can still miss a wanted eigenvalue. Therefore, once the wanted
+    pairs have converged, ``eigsh`` locks them (drops their coupling to the rest, once
+    it is below ``tol * anorm / (2 sqrt(ncv))``, and adds the dropped couplings to the
+    residual estimates of the other pairs) and goes on from a random vector orthogonal
+    to them, until the extreme Ritz pair of that complement has converged too (both
+    extreme pairs, the lowest and the highest, for ``"BE"``); a value it finds beyond
+    the wanted ones joins them and the search runs again, and the run stops once a
+    search leaves the wanted values unchanged (only a basis that spans the whole space,
+    ``ncv = n``, skips it). This finds every copy of a repeated eigenvalue and every
+    eigenvalue of a cluster that the wanted set needs, with probability 1 over the
+    random vectors, as long as the search's own extreme Ritz value converges to the
+    complement's extreme eigenvalue; it is not a proof (a search can itself converge
+    before a barely-touched eigenvector surfaces, however unlikely for a random start).
+    It costs about as many products as converging the eigenvalue next to the wanted
+    ones: typically 1.5 to 2.5 times those of the wanted pairs alone.
 
     Comparison with ``scipy.sparse.linalg.eigsh``: ``which`` means the same and the
     eigenvalues come in the same ascending order (scipy returns another order with
@@ -367,6 +370,12 @@ def eigsh(
         rest = order[order >= L]
         num_rest = int(np.sum(wanted >= L))
         rest_done = L == 0 or bool(np.all(converged_mask[rest[: min(num_rest + 1, k)]]))
+        if which == "BE" and L > 0 and len(rest):
+            # Both ends are wanted: a missed eigenvalue may lie beyond either end, so the
+            # complement's extreme Ritz pairs at both ends must converge (the priority
+            # order alternates and its next pair is at one end only).
+            rest_done = rest_done and bool(converged_mask[rest[np.argmin(theta[rest])]]
+                                           and converged_mask[rest[np.argmax(theta[rest])]])
         searched = nconv == k and rest_done
         # A Krylov space holds one direction per eigenspace, and only small components of
         # eigenvectors the start vector barely touched: converged Ritz values may miss a
@@ -388,7 +397,14 @@ def eigsh(
         # missed eigenvalues once the wanted ones have converged to tight * anorm, so that
         # leak <= tol * anorm / 2 and the search can still converge.
         lockable = (np.arange(p) < L) | (raw <= tight * anorm)
-        fresh = broke or (searched and bool(np.all(lockable[wanted])))
+        # A search whose wanted values have changed (a value it found joined them) is
+        # over as soon as they have converged: the next search, from the new wanted set,
+        # decides. Waiting for the complement's next pair instead could stall: the locked
+        # vectors no longer wanted are held, and may leave it no room.
+        changed = (check_values is not None and p >= k
+                   and float(np.max(np.abs(values - check_values))) > tol * anorm)
+        fresh = broke or ((searched or (nconv == k and changed))
+                          and bool(np.all(lockable[wanted])))
         if fresh and not broke:
             # A random restart keeps the wanted vectors only, locked: their unconverged
             # neighbours would need their couplings, and converged ones would only hide
@@ -759,4 +775,6 @@ def _resolve_ncv(ncv: Any, k: int, n: int) -> int:
     ncv = _checks.positive_int(ncv, "ncv")
     if not k < ncv <= n:
         raise ValueError(f"ncv={ncv} must satisfy k < ncv <= n (k={k}, n={n})")
-    return ncv
+    # The search for missed eigenvalues needs, beyond the k locked vectors, a kept Ritz
+    # vector of the complement and two Lanczos steps: with fewer it cannot converge.
+    return max(ncv, min(k + 3, n))

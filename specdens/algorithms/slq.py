@@ -28,7 +28,7 @@ def slq(
     probes: Any = None,
     reorth: str = "full",
     deflate: Any = None,
-    deflate_which: str = "LA",
+    deflate_which: str | None = None,
     eigsh_options: dict | None = None,
     max_probes: int | None = None,
     probe_block: int | None = None,
@@ -70,14 +70,19 @@ def slq(
         :func:`specdens.eigsh`, run SLQ on ``(I - V V^T) A (I - V V^T)`` from projected
         probes, and add the ``k`` eigenvalues as exact atoms of mass ``1/n`` each (see
         :mod:`specdens.algorithms.deflation`; the estimator stays unbiased). An
-        :class:`~specdens.EigshResult` reuses eigenpairs computed before. The result's
+        :class:`~specdens.EigshResult` reuses eigenpairs computed before; one block
+        product of its ``k`` eigenvectors checks that they belong to this operator (their
+        residuals must match the result's), and an unconverged one draws an
+        :class:`~specdens.EigshWarning` (the estimate is then biased). The result's
         ``matvecs`` include eigsh's products (when computed here), and
         ``extra["deflation"]`` describes the eigsh run.
     deflate_which
         ``"LA"`` (default): the largest algebraic eigenvalues (a Hessian's outliers);
-        ``"LM"``: largest magnitude (also large negative ones); ``"SA"``, ``"BE"``.
+        ``"LM"``: largest magnitude (also large negative ones); ``"SA"``, ``"BE"``. With
+        an ``EigshResult`` it is the result's ``which`` (another value is refused).
     eigsh_options
-        More keyword arguments for :func:`specdens.eigsh` (``tol``, ``ncv``, ``maxiter``).
+        More keyword arguments for :func:`specdens.eigsh` (``tol``, ``ncv``, ``maxiter``);
+        only with ``deflate=k`` (refused with an ``EigshResult``).
     max_probes, probe_block, rtol, atol, confidence
         Settings of ``num_probes="auto"`` (defaults 100, 10, 1e-2, 0, 0.95): stop once
         ``t * stderr <= max(atol, rtol * |value|)`` for every component of the target,
@@ -148,8 +153,13 @@ def slq(
                                                        else "explicit")
         probe_map = deflation.probe_map(kind)
         tag = {"deflate": deflation.k, "which": deflation.which}
-        if checkpoint_key is not None:
-            key = f"{checkpoint_key}|deflated:{deflation.k}:{deflation.which}"
+        if checkpoint is not None:
+            # (the eigenpairs themselves: a checkpoint written with another deflation of
+            # the same k and which is refused, not resumed)
+            digest = deflation.digest()
+            tag["sha256"] = digest
+            if checkpoint_key is not None:
+                key = f"{checkpoint_key}|deflated:{deflation.k}:{deflation.which}:{digest}"
     elif eigsh_options is not None:
         raise ValueError("eigsh_options only apply with deflate=k")
 
@@ -168,7 +178,8 @@ def slq(
             deflated_residuals=np.asarray(eig.residuals, dtype=np.float64).copy(),
             extra={**d.extra, "deflation": deflation.info()})
 
-    fixed = deflation.eigsh_matvecs if deflation is not None else 0
+    # (the eigensolver's products, and those checking a given EigshResult on this operator)
+    fixed = (deflation.eigsh_matvecs + deflation.check_matvecs) if deflation is not None else 0
     if adaptive:
         d = run_adaptive(run, target=target, max_probes=max_probes, probe_block=probe_block,
                          rtol=rtol, atol=atol, confidence=confidence, fixed_matvecs=fixed)
