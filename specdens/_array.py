@@ -85,7 +85,9 @@ def device_of(x: Any) -> Any:
 
 
 def same_device(a: Any, b: Any) -> bool:
-    """Whether two devices (objects or names) are the same; ``"cuda"`` matches ``"cuda:0"``.
+    """Whether two devices (objects or names) are the same; a name without an index
+    (``"cuda"``) matches index 0 (``"cuda:0"``), or torch's current CUDA device for
+    ``"cuda"`` where torch is loaded and has CUDA, and no other index.
 
     JAX shardings (multi-device arrays) compare by their device sets and whether they are
     replicated, not by their repr (``P()`` and ``P(None, None)`` are the same placement).
@@ -96,11 +98,25 @@ def same_device(a: Any, b: Any) -> bool:
     sa, sb = str(a), str(b)
     if sa == sb:
         return True
-    if ":" in sa and ":" not in sb:
-        return sa.split(":", 1)[0] == sb
     if ":" in sb and ":" not in sa:
-        return sb.split(":", 1)[0] == sa
+        sa, sb = sb, sa
+    if ":" in sa and ":" not in sb:
+        kind, index = sa.split(":", 1)
+        return kind == sb and index == _default_index(sb)
     return False
+
+
+def _default_index(kind: str) -> str:
+    """The index a device name without one means: torch's current CUDA device for
+    ``"cuda"`` (where torch is loaded and CUDA is available), else ``"0"``."""
+    if kind == "cuda" and framework_loaded("torch"):
+        torch = sys.modules["torch"]
+        try:
+            if torch.cuda.is_available():
+                return str(torch.cuda.current_device())
+        except Exception:  # a torch without working CUDA: the bare name means index 0
+            pass
+    return "0"
 
 
 def _placement(d: Any) -> tuple[frozenset, bool] | None:
@@ -244,12 +260,23 @@ def detached(x: Any) -> Any:
 
 
 def shares_memory(a: Any, b: Any) -> bool:
-    """Whether ``a`` and ``b`` may share memory (numpy, torch), or are the same object
-    (other libraries, whose arrays the engine does not change in place)."""
+    """Whether ``a`` and ``b`` may share memory (numpy, torch, and array-api-strict,
+    through the numpy arrays it exposes on its CPU device), or are the same object
+    (other libraries, whose arrays the engine does not change in place). An empty array
+    shares memory with nothing."""
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
         return bool(np.may_share_memory(a, b))
-    if library_name(a) == "torch" and library_name(b) == "torch":
+    la, lb = library_name(a), library_name(b)
+    if la == "torch" and lb == "torch":
+        if a.numel() == 0 or b.numel() == 0:
+            return False
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    if la == "array_api_strict" and lb == "array_api_strict":
+        try:
+            na, nb = np.from_dlpack(a), np.from_dlpack(b)
+        except Exception:  # a device without host memory, or no dlpack
+            return a is b
+        return bool(np.may_share_memory(na, nb))
     return a is b
 
 
@@ -336,6 +363,20 @@ def supports_float64(xp: Any, device: Any) -> bool:
     if lib == "torch":
         return not str(device).startswith("mps")
     return True
+
+
+def check_float64_available(xp: Any, device: Any, dtype: Any, what: str) -> None:
+    """A ``TypeError`` when ``dtype`` is float64 but ``xp`` has no float64 on ``device``
+    right now (JAX without ``jax_enable_x64``, MPS): its vectors would silently be
+    float32. ``what`` starts the message."""
+    if dtype_name(dtype) != "float64" or supports_float64(xp, device):
+        return
+    if library_name(xp) == "jax":
+        fix = ("enable it (jax.config.update('jax_enable_x64', True) at start-up, or build "
+               "and use the operator inside `with jax.enable_x64(True):`), or use float32")
+        raise TypeError(f"{what} but jax_enable_x64 is off, so JAX would silently compute "
+                        f"in float32: {fix}")
+    raise TypeError(f"{what} but {library_name(xp)} on {device} has no float64; use float32")
 
 
 def framework_loaded(name: str) -> bool:

@@ -14,32 +14,48 @@ import numpy as np
 
 from . import _array, _checks
 from .density import SpectralDensity
-from .operators import aslinearoperator
+from .operators import DenseOperator, LinearOperatorBase, aslinearoperator
 
 DENSE_LIMIT = 20_000
+
+_FRESH_TO_DENSE = (LinearOperatorBase.to_dense, DenseOperator.to_dense)
+"""``to_dense`` methods that return a new array (never the operator's own)."""
 
 
 def dense_matrix(op: Any, *, block_size: int = 256) -> np.ndarray:
     """The operator as a dense float64 numpy matrix, built through ``matmat`` on identity
-    blocks (in the operator's own library, dtype and device)."""
+    blocks of ``block_size`` columns (a positive integer) in the operator's own library,
+    dtype and device; a matrix (an array, or a :class:`~specdens.operators.DenseOperator`)
+    is read as it is. The result is a new array: writing into it never changes the
+    operator or the array passed in."""
+    block_size = _checks.positive_int(block_size, "block_size")
     op = aslinearoperator(op)
     n = op.shape[0]
     if n > DENSE_LIMIT:
         raise ValueError(f"the operator has n = {n} > {DENSE_LIMIT}; a dense reference would "
                          f"need {8 * n * n / 2**30:.1f} GiB. Validate on a smaller instance.")
-    return _array.to_numpy(op.to_dense(block_size=block_size))
+    D = op.to_dense(block_size=block_size)
+    out = _array.to_numpy(D)
+    if out is D and type(op).to_dense not in _FRESH_TO_DENSE:
+        out = out.copy()  # an operator's own to_dense may hand back its stored matrix
+    return out
 
 
 def dense_eigenvalues(op: Any, *, symmetrize: bool = False) -> np.ndarray:
     """All eigenvalues of a symmetric operator, ascending, by ``numpy.linalg.eigvalsh`` in
     float64 on the dense matrix.
 
-    Raises a ValueError when the dense matrix is not symmetric to rounding (relative
+    Raises a ValueError when the dense matrix has a NaN or infinite entry, and when it is
+    not symmetric to rounding (relative
     asymmetry above ``sqrt(eps)`` of the dtype whose rounding its products carry: the
     operator's, or that of its least precise part) unless ``symmetrize=True``.
     """
     op = aslinearoperator(op)
     A = dense_matrix(op)
+    bad = int(A.size - np.count_nonzero(np.isfinite(A)))
+    if bad:
+        raise ValueError(f"the operator's dense matrix has {bad} non-finite entries (NaN or "
+                         "Inf); it has no eigenvalues to compare with")
     asym = float(np.max(np.abs(A - A.T))) if A.size else 0.0
     scale = float(np.max(np.abs(A))) if A.size else 0.0
     tol = np.sqrt(_array.finfo_eps(_checks.product_dtype(op))) * max(scale, np.finfo(float).tiny)
@@ -59,7 +75,8 @@ class Comparison:
         Wasserstein-1 distance between the SLQ measure (its atoms) and the empirical
         distribution of the eigenvalues.
     wasserstein_relative
-        ``wasserstein`` divided by the spectral range ``max(lambda) - min(lambda)``.
+        ``wasserstein`` divided by the spectral range ``max(lambda) - min(lambda)``; the
+        absolute ``wasserstein`` when that range is 0 (all eigenvalues equal).
     kolmogorov_smirnov
         ``sup_x |F_slq(x) - F(x)|`` over the step CDFs.
     moments, moment_estimates, moment_stderrs
@@ -85,12 +102,19 @@ class Comparison:
 
 
 def compare(density: SpectralDensity, eigenvalues: Any, *, max_moment: int = 4) -> Comparison:
-    """Compare an SLQ estimate with exact eigenvalues (e.g. from :func:`dense_eigenvalues`)."""
+    """Compare an SLQ estimate with exact eigenvalues (e.g. from :func:`dense_eigenvalues`),
+    all finite, through the moments ``p = 1..max_moment`` (``max_moment`` a positive
+    integer)."""
     from scipy.stats import wasserstein_distance
 
+    max_moment = _checks.positive_int(max_moment, "max_moment")
     lam = np.sort(np.asarray(eigenvalues, dtype=np.float64).reshape(-1))
     if lam.size == 0:
         raise ValueError("compare needs at least one eigenvalue")
+    bad = int(lam.size - np.count_nonzero(np.isfinite(lam)))
+    if bad:
+        raise ValueError(f"compare got {bad} non-finite eigenvalues (NaN or Inf); the "
+                         "distances to them are undefined")
     if lam.size != density.n:
         raise ValueError(f"got {lam.size} eigenvalues for an operator of size n = {density.n}")
     loc, mass = density.atoms()

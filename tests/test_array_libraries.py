@@ -252,3 +252,27 @@ def test_bfloat16_operator_outputs_reach_the_host(library, tmp_path):
     assert delta > 0
     bound = (np.sqrt(np.sum(c.residuals**2)) + np.sqrt(2) * slack) / delta
     assert abs(c.fraction - 2 / n) <= bound
+
+
+def test_same_device_needs_the_same_index():
+    from specdens._array import same_device
+
+    assert same_device("cuda", "cuda:0") and same_device("cuda:0", "cuda")
+    assert same_device("cuda:1", "cuda:1") and same_device("cpu", "cpu")
+    # a bare name means index 0 (torch's current device on a CUDA machine), not any index
+    assert not same_device("cuda", "cuda:1") and not same_device("cuda:1", "cuda")
+
+
+def test_shares_memory_sees_array_api_strict_views_and_not_empty_tensors():
+    xps = pytest.importorskip("array_api_strict")
+    torch = pytest.importorskip("torch")
+    from specdens._array import shares_memory
+
+    x = xps.asarray(np.arange(4.0).reshape(2, 2))
+    assert shares_memory(x[0, :], x)
+    assert shares_memory(xps.matrix_transpose(x), x)
+    assert not shares_memory(xps.asarray(np.arange(4.0)), x)
+    # two distinct empty tensors have no memory to share (both report data_ptr 0)
+    assert not shares_memory(torch.zeros(0), torch.zeros(0))
+    t = torch.zeros(3)
+    assert shares_memory(t[1:], t) and not shares_memory(torch.zeros(3), t)

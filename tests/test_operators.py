@@ -1002,3 +1002,165 @@ def test_zero_dimensional_real_arrays_scale_like_numbers():
         np.testing.assert_array_equal((c * A).to_dense(), 2.0 * D)
     with pytest.raises(TypeError, match="real scalar"):
         A * np.array(2j)
+
+
+# -- reviewed edge cases -----------------------------------------------------------------
+def test_to_dense_checks_block_size() -> None:
+    S = sym()
+    for op in (aslinearoperator(S) + aslinearoperator(np.eye(N)),  # through matmat
+               aslinearoperator(S + np.eye(N))):  # a matrix, read as it is
+        for bad in (-1, 0):
+            with pytest.raises(ValueError, match="block_size must be at least 1"):
+                op.to_dense(block_size=bad)
+        for bad in (2.5, True):
+            with pytest.raises(TypeError, match="block_size must be an integer"):
+                op.to_dense(block_size=bad)
+        assert_close(op.to_dense(block_size=3), S + np.eye(N), 1e-12)
+
+
+def test_dense_operator_to_dense_is_a_copy() -> None:
+    M = nonsym()
+    for A in (M.copy(), torch.asarray(M.copy()), xps.asarray(M.copy())):
+        op = aslinearoperator(A)
+        for got, ref in ((op.to_dense(), M), (op.T.to_dense(), M.T)):
+            assert_close(as_np(got), ref, 0.0)
+            got[0, 0] = 99.0  # the operator's matrix is left alone
+        assert_close(as_np(op.A), M, 0.0)
+
+
+def test_scipy_operator_rmatvec_of_a_symmetric_one_without_rmatvec() -> None:
+    S = sym()
+    lo = spla.LinearOperator((N, N), matvec=lambda v: S @ v, dtype=np.float64)  # no rmatvec
+    op = aslinearoperator(lo, symmetric=True)
+    x, X = np.arange(1.0, N + 1), np.ones((N, 2))
+    assert_close(op.rmatvec(x), S @ x, 1e-12)
+    assert_close(op.rmatmat(X), S @ X, 1e-12)
+    with pytest.raises(TypeError, match="no rmatvec"):
+        aslinearoperator(lo).rmatvec(x)
+    # an (n, 1) column stays one, as in scipy and for a matrix
+    M = nonsym()
+    ref = spla.aslinearoperator(M)
+    col = x.reshape(-1, 1)
+    for op in (aslinearoperator(ref), aslinearoperator(_custom_scipy(M))):
+        got = op.rmatvec(col)
+        assert got.shape == ref.rmatvec(col).shape == (N, 1)
+        assert_close(got, M.T @ col, 1e-12)
+        assert_close(op.rmatvec(x), M.T @ x, 1e-12)
+        assert_close(op.rmatmat(X), M.T @ X, 1e-12)
+
+
+def test_rmatvec_of_a_protocol_object_is_checked() -> None:
+    M = nonsym()
+
+    class RowRmatvec(MatvecOnly):
+        def rmatvec(self, v: Any) -> Any:
+            return (self.A.T @ v).reshape(1, -1)  # a (1, n) row: wrong
+
+    op = aslinearoperator(RowRmatvec(M))
+    with pytest.raises(ValueError, match=r"returned shape \(1, 7\)"):
+        op.rmatvec(np.ones(N))
+    with pytest.raises(TypeError, match="works on numpy arrays"):
+        aslinearoperator(WithRmatvec(M)).rmatvec(torch.ones(N, dtype=torch.float64))
+    assert_close(aslinearoperator(WithRmatvec(M)).rmatvec(np.ones(N)), M.T @ np.ones(N), 1e-12)
+
+
+def test_scipy_compositions_have_an_adjoint_only_when_their_parts_do() -> None:
+    M = nonsym()
+    bare = spla.LinearOperator((N, N), matvec=lambda v: M @ v, dtype=np.float64)
+    for lo in (bare + bare, bare @ bare, 2.0 * bare, bare + _custom_scipy(M)):
+        with pytest.raises(TypeError, match="no rmatvec"):
+            _ = aslinearoperator(lo).T
+    full = _custom_scipy(M)
+    for lo, ref in ((full + full, 2 * M), (full @ full, M @ M), (2.0 * full, 2 * M),
+                    (spla.aslinearoperator(M) + full, 2 * M)):
+        assert_close(aslinearoperator(lo).T.to_dense(), ref.T, 1e-12)
+
+
+def test_to_scipy_round_trip_keeps_the_product_dtype() -> None:
+    from specdens import _checks
+    from specdens.testing import dense_eigenvalues
+
+    # float32 products: symmetric to float32 rounding only (relative asymmetry ~1e-7,
+    # above float64's sqrt(eps) = 1.5e-8, far below float32's 3.5e-4)
+    S = sym(40)
+    P = (S + 1e-7 * nonsym(40)).astype(np.float32)
+    op32 = aslinearoperator(P)
+    rt = aslinearoperator(op32.to_scipy(), symmetric=True)
+    assert rt.dtype == np.float64
+    assert _array_dtype_name(_checks.product_dtype(rt)) == "float32"
+    assert_close(rt.to_dense(), P.astype(np.float64), 0.0)
+    ref = np.linalg.eigvalsh(0.5 * (P.astype(np.float64) + P.T.astype(np.float64)))
+    np.testing.assert_allclose(dense_eigenvalues(rt), ref, atol=1e-12)
+    # a float64 operator's round trip stays float64
+    rt64 = aslinearoperator(aslinearoperator(S).to_scipy())
+    assert _array_dtype_name(_checks.product_dtype(rt64)) == "float64"
+
+
+def _array_dtype_name(dt: Any) -> str:
+    from specdens._array import dtype_name
+
+    return dtype_name(dt)
+
+
+def test_integer_scipy_operator_with_a_float_dtype() -> None:
+    K = np.array([[2, 1, 0], [1, 3, -1], [0, -1, 4]])
+    lo = spla.aslinearoperator(K)
+    assert lo.dtype == np.int64
+    x = np.array([0.5, -0.25, 0.125])  # not integers: the vectors must not become ints
+    for dt, tol in (("float64", 1e-15), ("float32", F32)):
+        op = aslinearoperator(lo, dtype=dt)
+        assert op.dtype == np.dtype(dt)
+        assert_close(op.to_dense(), K.astype(np.float64), 0.0)
+        y = op.matvec(x.astype(dt))
+        assert y.dtype == np.dtype(dt)
+        assert_close(y, K @ x, tol)
+        assert_close(op.T.matvec(x.astype(dt)), K.T @ x, tol)
+    with pytest.raises(TypeError, match="dtype int64 is not supported.*dtype="):
+        aslinearoperator(lo)
+
+
+def test_float64_refused_where_jax_has_no_float64() -> None:
+    if jax.config.read("jax_enable_x64"):
+        pytest.skip("jax_enable_x64 is on for this process")
+    S = sym(6)
+    A = jnp.asarray(S, dtype=jnp.float32)
+    with pytest.raises(TypeError, match="jax_enable_x64 is off.*jax.enable_x64"):
+        aslinearoperator(lambda v: A @ v, shape=(6, 6), dtype="float64", xp="jax")
+    with pytest.raises(TypeError, match="jax_enable_x64 is off"):
+        aslinearoperator(aslinearoperator(A) + aslinearoperator(A), dtype="float64")
+    op = aslinearoperator(lambda v: A @ v, shape=(6, 6), dtype="float32", xp="jax")
+    assert_close(as_np(op.to_dense()), S, F32)
+    with jax_x64():
+        A64 = jnp.asarray(S)
+        op = aslinearoperator(lambda v: A64 @ v, shape=(6, 6), dtype="float64", xp="jax")
+        D = op.to_dense()
+        assert D.dtype == jnp.float64
+        assert_close(as_np(D), S, 1e-14)
+
+
+def test_lists_as_vectors_for_numpy_operators() -> None:
+    S = sym()
+    v = list(np.arange(1.0, N + 1))
+    V = [[float(i + j) for j in range(2)] for i in range(N)]
+    for op in (aslinearoperator(S), aslinearoperator(_custom_scipy(S)),
+               aslinearoperator(lambda x: S @ x, shape=(N, N), dtype="float64")):
+        for got in (op.matvec(v), op.dot(v), op @ v, op * v, op.rmatvec(v) if op.symmetric
+                    else op.matvec(tuple(v))):
+            assert_close(got, S @ np.asarray(v), 1e-12)
+        assert_close(op.matmat(V), S @ np.asarray(V), 1e-12)
+        assert_close(op.dot(V), S @ np.asarray(V), 1e-12)
+    top = aslinearoperator(torch.asarray(S))
+    with pytest.raises(TypeError, match="got a list; .*torch arrays.*pass an array"):
+        top.matvec(v)
+    with pytest.raises(TypeError, match="pass an array"):
+        top.dot(v)
+
+
+def test_shift_needs_a_real_scalar() -> None:
+    S = sym()
+    op = aslinearoperator(S)
+    for bad in ("1", 1j, np.complex128(1 + 2j), None):
+        with pytest.raises(TypeError, match="shift needs a real scalar"):
+            op.shift(bad)
+    for s in (2, np.float32(2.0), np.array(2.0)):
+        assert_close(op.shift(s).to_dense(), S + 2 * np.eye(N), 1e-12)

@@ -80,3 +80,58 @@ def test_compare_detects_a_wrong_spectrum(rng):
     assert c.wasserstein == pytest.approx(0.1, rel=1e-9)
     with pytest.raises(ValueError, match="50"):
         compare(d, lam[:10])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_dense_eigenvalues_refuses_a_non_finite_matrix(bad):
+    # NaN - NaN is NaN and NaN > tol is False: the symmetry check alone let a NaN matrix
+    # through, and eigvalsh then made up eigenvalues ([0, -0]).
+    A = np.diag([1.0, 2.0, 3.0])
+    A[0, 0] = bad
+    with pytest.raises(ValueError, match="1 non-finite entries"):
+        dense_eigenvalues(A)
+    np.testing.assert_allclose(dense_eigenvalues(np.diag([3.0, 1.0, 2.0])), [1.0, 2.0, 3.0])
+
+
+def test_compare_refuses_non_finite_eigenvalues_and_bad_max_moment(rng):
+    lam = np.linspace(1.0, 10.0, 10)
+    A = sym_from_spectrum(lam, rng)
+    d = specdens.slq(A, num_steps=5, num_probes=2, seed=0)
+    for bad in (np.nan, np.inf):
+        ev = lam.copy()
+        ev[3] = bad
+        with pytest.raises(ValueError, match="1 non-finite eigenvalues"):
+            compare(d, ev)
+    for m in (0, -1):
+        with pytest.raises(ValueError, match="max_moment must be at least 1"):
+            compare(d, lam, max_moment=m)
+    for m in (2.5, True, "2"):
+        with pytest.raises(TypeError, match="max_moment must be an integer"):
+            compare(d, lam, max_moment=m)
+    c = compare(d, lam, max_moment=1)  # the smallest valid choice: the mean eigenvalue
+    np.testing.assert_allclose(c.moments, [lam.mean()], rtol=1e-14)
+    assert c.moment_estimates.shape == (1,)
+
+
+def test_dense_matrix_checks_block_size(rng):
+    S = sym_from_spectrum(np.arange(1.0, 6.0), rng)
+    ops = [S, specdens.aslinearoperator(S) + specdens.aslinearoperator(np.eye(5))]
+    refs = [S, S + np.eye(5)]
+    for op, ref in zip(ops, refs, strict=True):
+        for bad in (-4, -1, 0):
+            with pytest.raises(ValueError, match="block_size must be at least 1"):
+                dense_matrix(op, block_size=bad)
+        for bad in (2.5, True):
+            with pytest.raises(TypeError, match="block_size must be an integer"):
+                dense_matrix(op, block_size=bad)
+        np.testing.assert_allclose(dense_matrix(op, block_size=2), ref, atol=1e-14)
+
+
+def test_dense_matrix_is_a_new_array(rng):
+    S = sym_from_spectrum(np.arange(1.0, 6.0), rng)
+    A = S.copy()
+    D = dense_matrix(A)
+    np.testing.assert_array_equal(D, S)
+    assert not np.shares_memory(D, A)
+    D[0, 0] = 99.0  # the caller's matrix is left alone
+    np.testing.assert_array_equal(A, S)

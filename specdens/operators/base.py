@@ -22,7 +22,10 @@ class LinearOperatorBase:
     and ``device``, and implement ``_matvec`` or ``_matmat`` (or both). ``symmetric``
     is ``True`` when the operator is known to be symmetric (``.T`` is then the operator
     itself), ``False`` when it is not, ``None`` when unknown. A subclass that knows its
-    transpose's products defines ``rmatvec`` (and optionally ``rmatmat``) itself.
+    transpose's products defines ``rmatvec`` (and optionally ``rmatmat``) itself, or
+    the private hooks ``_rmatvec``/``_rmatmat``, as the wrappers do: the public
+    ``rmatvec``/``rmatmat`` then go through ``.T`` and its checks (the operator's own
+    products when it is symmetric).
 
     ``matvec`` and ``matmat`` check the shape of what the products return (a ``(1, n)``
     row for a vector is an error naming both shapes, not a silent broadcast later).
@@ -71,6 +74,7 @@ class LinearOperatorBase:
     def matvec(self, v: Any) -> Any:
         """``A @ v`` for ``v`` of shape ``(n,)`` (or ``(n, 1)``, kept as such)."""
         n = self.shape[1]
+        v = self._as_input(v, "matvec")
         self._check_input(v, "matvec")
         if tuple(v.shape) == (n, 1):
             return self.matmat(v)
@@ -82,6 +86,7 @@ class LinearOperatorBase:
 
     def matmat(self, V: Any) -> Any:
         """``A @ V`` for a block ``V`` of shape ``(n, k)`` (``k = 0`` included)."""
+        V = self._as_input(V, "matmat")
         self._check_input(V, "matmat")
         if len(V.shape) != 2 or V.shape[0] != self.shape[1]:
             raise ValueError(f"matmat: operator has shape {self.shape}, block has shape "
@@ -115,6 +120,7 @@ class LinearOperatorBase:
             return self * x
         if isinstance(x, LinearOperatorBase) or _looks_like_operator(x):
             return self @ x
+        x = self._as_input(x, "dot")
         ndim = len(getattr(x, "shape", (None, None, None)))
         if ndim == 1:
             return self.matvec(x)
@@ -127,13 +133,26 @@ class LinearOperatorBase:
         )
 
     def rmatvec(self, v: Any) -> Any:
-        """``A^T v`` (scipy's name): the transpose's :meth:`matvec`; a ``TypeError`` where
-        the transpose is unknown."""
+        """``A^T v`` (scipy's name): the transpose's :meth:`matvec`, with its checks (the
+        operator's own :meth:`matvec` when it is symmetric); a ``TypeError`` where the
+        transpose is unknown."""
         return self.T.matvec(v)
 
     def rmatmat(self, V: Any) -> Any:
         """``A^T V`` (scipy's name): the transpose's :meth:`matmat`."""
         return self.T.matmat(V)
+
+    def _as_input(self, x: Any, what: str) -> Any:
+        """A list or tuple as a numpy array for an operator on numpy vectors (as scipy
+        takes them); a ``TypeError`` asking for an array for the other libraries."""
+        if not isinstance(x, (list, tuple)):
+            return x
+        if self.array_library == "numpy":
+            return np.asarray(x)
+        raise TypeError(
+            f"{what}: got a {type(x).__name__}; this operator works on {self.array_library} "
+            f"arrays on device {self.device}: pass an array"
+        )
 
     def _product(self, fn: Any, v: Any, what: str) -> Any:
         """``fn(v)``; a failure with a vector of another dtype becomes an error naming both
@@ -186,6 +205,8 @@ class LinearOperatorBase:
             from .compose import ProductOperator
 
             return ProductOperator(self, _as_base(other))
+        if isinstance(other, (list, tuple)):
+            return self.dot(other)
         if len(getattr(other, "shape", ())) == 1:
             return self.matvec(other)
         if len(getattr(other, "shape", ())) == 2:
@@ -243,7 +264,7 @@ class LinearOperatorBase:
         if isinstance(other, LinearOperatorBase) or _looks_like_operator(other):
             raise TypeError("A * B of two operators is ambiguous; write A @ B for their "
                             "product")
-        if len(getattr(other, "shape", ())) in (1, 2):
+        if isinstance(other, (list, tuple)) or len(getattr(other, "shape", ())) in (1, 2):
             return self.dot(other)
         if getattr(other, "shape", None) == ():
             raise TypeError(f"A * c needs a real scalar c; got {other!r}")
@@ -265,9 +286,11 @@ class LinearOperatorBase:
         return NotImplemented
 
     def shift(self, s: float) -> LinearOperatorBase:
-        """The operator ``A + s I``."""
+        """The operator ``A + s I`` for a real scalar ``s``."""
         from .compose import ShiftedOperator
 
+        if not _is_real_scalar(s):
+            raise TypeError(f"shift needs a real scalar s (A + s I); got {s!r}")
         return ShiftedOperator(self, float(s))
 
     @property
@@ -302,8 +325,10 @@ class LinearOperatorBase:
 
     # -- conversions ------------------------------------------------------------
     def to_dense(self, *, block_size: int = 256) -> Any:
-        """The dense matrix, built from identity blocks through ``matmat``, in the
-        operator's own array library and dtype."""
+        """The dense matrix, built from identity blocks of ``block_size`` columns (a
+        positive integer) through ``matmat``, in the operator's own array library and
+        dtype: a new array."""
+        block_size = _checks.positive_int(block_size, "block_size")
         xp, n = self.xp, self.shape[0]
         dtype = self.dtype
         cols = []

@@ -143,6 +143,8 @@ class CastOperator(LinearOperatorBase):
     of the coarser of the two dtypes (``product_dtype``)."""
 
     def __init__(self, a: LinearOperatorBase, dtype: Any):
+        _array.check_float64_available(a.xp, a.device, dtype,
+                                       "a float64 view of the operator was asked for")
         super().__init__(a.shape, dtype, a.xp, a.device)
         self.a = a
         self.symmetric = a.symmetric
@@ -162,7 +164,8 @@ class CastOperator(LinearOperatorBase):
 
 
 class TransposedOperator(LinearOperatorBase):
-    """``A^T`` through the wrapped operator's ``rmatvec``/``rmatmat``."""
+    """``A^T`` through the wrapped operator's own ``rmatvec``/``rmatmat`` (methods of a
+    subclass), or its private ``_rmatvec``/``_rmatmat`` hooks (the wrappers')."""
 
     def __init__(self, a: LinearOperatorBase):
         super().__init__(a.shape, a.dtype, a.xp, a.device)
@@ -170,22 +173,25 @@ class TransposedOperator(LinearOperatorBase):
         self.product_dtype = _checks.product_dtype(a)
 
     def _matvec(self, v: Any) -> Any:
-        return self._rmatvec()(v)
+        return self._adjoint("rmatvec")(v)
 
     def _matmat(self, V: Any) -> Any:
-        rmatmat = own_method(self.a, "rmatmat")
+        rmatmat = self._adjoint("rmatmat")
         if rmatmat is not None:
             return rmatmat(V)
         if V.shape[1] == 0:
             return self._empty_block()
-        rmatvec = self._rmatvec()
-        return self.xp.stack([rmatvec(V[:, i]) for i in range(V.shape[1])], axis=1)
+        rmatvec = self._adjoint("rmatvec")
+        n = self.shape[0]
+        return self.xp.stack([self._checked(rmatvec(V[:, i]), (n,), V[:, i], "rmatvec")
+                              for i in range(V.shape[1])], axis=1)
 
-    def _rmatvec(self) -> Any:
-        """The wrapped operator's own ``rmatvec`` (not the generic one, which would come
-        back here through the transpose)."""
-        own = own_method(self.a, "rmatvec")
-        return own if own is not None else self.a._rmatvec
+    def _adjoint(self, name: str) -> Any:
+        """The wrapped operator's own ``rmatvec``/``rmatmat`` (not the generic one, which
+        would come back here through the transpose), else its ``_rmatvec``/``_rmatmat``
+        hook; ``None`` for a missing ``rmatmat``."""
+        own = own_method(self.a, name)
+        return own if own is not None else getattr(self.a, "_" + name, None)
 
     def parts(self) -> tuple[LinearOperatorBase, ...]:
         return (self.a,)

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _array
+from .. import _array, _checks
 
 
 def to_scipy(op: Any) -> Any:
@@ -17,6 +17,10 @@ def to_scipy(op: Any) -> Any:
     applied to its real and imaginary parts (in one block product) and comes back as
     complex128: the operator is real, hence linear over the complex numbers,
     ``A (x + i y) = A x + i A y``.
+
+    The LinearOperator's ``product_dtype`` attribute names the dtype whose rounding the
+    products carry (``"float32"`` for a float32 operator): ``aslinearoperator`` reads it
+    back, so that a round trip keeps the tolerances of the operator's own dtype.
     """
     from scipy.sparse.linalg import LinearOperator
 
@@ -63,4 +67,8 @@ def to_scipy(op: Any) -> Any:
             return product(opT, X, False)
 
         kwargs = {"rmatvec": rmatvec, "rmatmat": rmatmat}
-    return LinearOperator(op.shape, matvec=matvec, matmat=matmat, dtype=np.float64, **kwargs)
+    lo = LinearOperator(op.shape, matvec=matvec, matmat=matmat, dtype=np.float64, **kwargs)
+    # the rounding the products carry behind the float64 boundary, which
+    # aslinearoperator reads back (a float32 operator stays one with float32 rounding)
+    lo.product_dtype = _array.dtype_name(_checks.product_dtype(op))
+    return lo

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from .. import _array
+from .. import _array, _checks
 from .base import LinearOperatorBase
 
 
@@ -108,7 +108,14 @@ class DenseOperator(LinearOperatorBase):
         return DenseOperator(self.xp.matrix_transpose(self.A), symmetric=self.symmetric)
 
     def to_dense(self, *, block_size: int = 256) -> Any:
-        return self.A
+        """A copy of the matrix (the operator's own is never handed out: writing into the
+        result leaves the operator alone); ``block_size`` is checked, as for any
+        operator, but not needed. JAX and TensorFlow arrays, which cannot be written
+        into, are returned as they are."""
+        _checks.positive_int(block_size, "block_size")
+        if self.array_library in ("jax", "tensorflow"):
+            return self.A
+        return self.xp.asarray(self.A, copy=True)
 
 
 class SparseOperator(LinearOperatorBase):
@@ -135,23 +142,50 @@ class SparseOperator(LinearOperatorBase):
 
 
 class ScipyOperator(LinearOperatorBase):
-    """A ``scipy.sparse.linalg.LinearOperator``."""
+    """A ``scipy.sparse.linalg.LinearOperator``.
 
-    def __init__(self, A: Any, *, symmetric: bool | None = None):
+    ``dtype`` (a floating dtype) gives the vectors' dtype of a LinearOperator declared
+    with an integer or boolean dtype: the vectors stay floating, and each product's
+    output is converted to ``dtype``. A LinearOperator made by
+    :meth:`~specdens.operators.LinearOperatorBase.to_scipy` carries the rounding of its
+    products (``product_dtype``), which the operator keeps.
+    """
+
+    def __init__(self, A: Any, *, symmetric: bool | None = None, dtype: Any = None):
         import array_api_compat.numpy as npx
 
-        dtype = A.dtype if A.dtype is not None else np.dtype(np.float64)
-        _check_dtype(dtype, "scipy LinearOperator",
-                     hint="declare the LinearOperator's dtype as a floating one")
+        declared = A.dtype if A.dtype is not None else np.dtype(np.float64)
+        if dtype is None:
+            dtype = declared
+            _check_dtype(dtype, "scipy LinearOperator",
+                         hint="declare the LinearOperator's dtype as a floating one, or pass "
+                              "aslinearoperator(..., dtype='float64')")
+        else:
+            dtype = _np_dtype(dtype)
         super().__init__(A.shape, np.dtype(dtype), npx, "cpu")
         self.A = A
         self.symmetric = symmetric
+        # an integer LinearOperator returns what its matrix times a float vector gives
+        self._out_dtype = None if np.dtype(declared) == self.dtype else self.dtype
+        self.product_dtype = _scipy_product_dtype(A, self.dtype)
+
+    def _out(self, y: Any) -> Any:
+        y = np.asarray(y)
+        return y if self._out_dtype is None else y.astype(self._out_dtype, copy=False)
 
     def _matvec(self, v: Any) -> Any:
-        return np.asarray(self.A.matvec(v)).reshape(-1)
+        return self._out(self.A.matvec(v)).reshape(-1)
 
     def _matmat(self, V: Any) -> Any:
-        return np.asarray(self.A.matmat(V))
+        return self._out(self.A.matmat(V))
+
+    # The transpose's products (through ``.T``, whose checks ``rmatvec`` and ``rmatmat``
+    # apply: a symmetric operator's are its own products).
+    def _rmatvec(self, v: Any) -> Any:
+        return self._out(self.A.rmatvec(v)).reshape(-1)
+
+    def _rmatmat(self, V: Any) -> Any:
+        return self._out(self.A.rmatmat(V))
 
     def _transpose(self) -> LinearOperatorBase:
         if not _scipy_has_adjoint(self.A):
@@ -161,12 +195,6 @@ class ScipyOperator(LinearOperatorBase):
                 "(aslinearoperator(..., symmetric=True))."
             )
         return super()._transpose()
-
-    def rmatvec(self, v: Any) -> Any:
-        return np.asarray(self.A.rmatvec(v)).reshape(-1)
-
-    def rmatmat(self, V: Any) -> Any:
-        return np.asarray(self.A.rmatmat(V))
 
 
 class CallableOperator(LinearOperatorBase):
@@ -185,13 +213,14 @@ class CallableOperator(LinearOperatorBase):
         symmetric: bool | None = None,
     ):
         xp = _resolve_namespace(xp, dtype)
-        super().__init__(shape, _library_dtype(xp, dtype), xp, _array.canonical_device(xp, device))
+        device = _array.canonical_device(xp, device)
+        dt = _library_dtype(xp, dtype)
+        _array.check_float64_available(xp, device, dt, "the operator was declared float64")
+        super().__init__(shape, dt, xp, device)
         self._f = matvec
         self._fm = matmat
-        self._rf = rmatvec
+        self._rf = rmatvec  # the transpose's matvec: see _transpose (rmatvec goes there)
         self.symmetric = symmetric
-        if rmatvec is not None:
-            self.rmatvec = rmatvec
 
     def _matvec(self, v: Any) -> Any:
         return self._f(v)
@@ -230,13 +259,20 @@ def aslinearoperator(
     shape, dtype
         ``shape`` (two non-negative integers) is required for callables, and must match
         otherwise. ``dtype`` is required for callables and declares the dtype of a
-        protocol object's vectors; it converts arrays and sparse matrices (an integer or
-        boolean matrix becomes float64 without it, or float32 where the library has no
-        float64: JAX without ``jax_enable_x64``); a specdens operator or a scipy
-        ``LinearOperator`` of another dtype is wrapped so that its vectors have this
-        dtype (each product converts its input to the wrapped operator's dtype and its
-        output back: a float32 operator wrapped as float64 still has float32 products,
-        and eigsh's default tolerance stays float32's).
+        protocol object's vectors (float64 is refused where the library has no float64
+        now: JAX without ``jax_enable_x64``, whose vectors would silently be float32).
+        It converts matrices: arrays, sparse matrices and the matrix of a
+        :class:`DenseOperator` or :class:`SparseOperator` (a float32 one asked for
+        float64 becomes a float64 matrix, with float64 products; an integer or boolean
+        matrix becomes float64 without it, or float32 where the library has no
+        float64). Any other specdens operator, and a scipy ``LinearOperator`` of another
+        floating dtype, is wrapped so that its vectors have this dtype (each product
+        converts its input to the wrapped operator's dtype and its output back: a
+        float32 operator wrapped as float64 still has float32 products, and eigsh's
+        default tolerance stays float32's). A scipy ``LinearOperator`` declared with an
+        integer or boolean dtype needs ``dtype``: its vectors are of this (floating)
+        dtype, never converted to integers, and its products' outputs are converted to
+        it.
     xp, device
         Array namespace (module or name: ``"numpy"``, ``"torch"``, ``"jax"``) and device
         of the vectors, for callables and protocol objects that do not say.
@@ -270,8 +306,11 @@ def aslinearoperator(
         op = SparseOperator(obj if dtype is None else obj.astype(_np_dtype(dtype)),
                             symmetric=symmetric)
     elif _is_scipy_linear_operator(obj):
-        op = _with_declarations(ScipyOperator(obj, symmetric=symmetric), dtype=dtype,
-                                symmetric=None)
+        if dtype is not None and _is_integer_dtype(obj.dtype):
+            op = ScipyOperator(obj, symmetric=symmetric, dtype=dtype)
+        else:
+            op = _with_declarations(ScipyOperator(obj, symmetric=symmetric), dtype=dtype,
+                                    symmetric=None)
     elif isinstance(obj, np.matrix):
         return aslinearoperator(np.asarray(obj), shape=shape, dtype=dtype, symmetric=symmetric)
     elif hasattr(obj, "__array_namespace__") or _is_array_api_obj(obj):
@@ -338,6 +377,29 @@ def _from_protocol(obj: Any, *, dtype: Any, xp: Any, device: Any,
                             else getattr(obj, "symmetric", None))
 
 
+def _is_integer_dtype(dtype: Any) -> bool:
+    return dtype is not None and _array.dtype_name(dtype).startswith(("int", "uint", "bool"))
+
+
+def _scipy_product_dtype(A: Any, dtype: Any) -> Any:
+    """The rounding a scipy LinearOperator's products carry: ``dtype``, or the coarser
+    ``product_dtype`` it declares (one made by ``to_scipy`` from a float32 operator
+    computes in float32 behind its float64 boundary)."""
+    declared = getattr(A, "product_dtype", None)
+    if declared is None:
+        return dtype
+    try:
+        name = _array.check_supported_dtype(declared, "product_dtype")
+    except (TypeError, KeyError):
+        return dtype
+    if _array.finfo_eps(name) <= _array.finfo_eps(dtype):
+        return dtype
+    try:
+        return np.dtype(name)
+    except TypeError:  # bfloat16: numpy has no such dtype; the name serves
+        return name
+
+
 def _np_dtype(dtype: Any) -> np.dtype:
     return np.dtype(_check_dtype(dtype))
 
@@ -361,14 +423,23 @@ def _is_scipy_linear_operator(obj: Any) -> bool:
 
 
 def _scipy_has_adjoint(A: Any) -> bool:
-    """Whether a scipy LinearOperator defines ``rmatvec`` (scipy fails only on the call)."""
+    """Whether a scipy LinearOperator defines ``rmatvec`` (scipy fails only on the call).
+
+    scipy's own compositions (``A + B``, ``A @ B``, ``c * A``, ``A ** p``, ``A.T``,
+    ``A.H``) define one that calls their parts', so they have an adjoint only when every
+    part that is a LinearOperator has one.
+    """
     from scipy.sparse.linalg import LinearOperator
 
     if getattr(A, "_CustomLinearOperator__rmatvec_impl", True) is None:
         return False
     cls = type(A)
-    return not (cls._rmatvec is LinearOperator._rmatvec
-                and cls._adjoint is LinearOperator._adjoint)
+    if cls._rmatvec is LinearOperator._rmatvec and cls._adjoint is LinearOperator._adjoint:
+        return False
+    if cls.__module__.startswith("scipy.sparse.linalg"):
+        parts = [p for p in getattr(A, "args", ()) if isinstance(p, LinearOperator)]
+        return all(_scipy_has_adjoint(p) for p in parts)
+    return True
 
 
 def _is_array_api_obj(obj: Any) -> bool:
