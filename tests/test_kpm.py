@@ -294,3 +294,31 @@ def test_recurrence_overflow_blames_the_interval_not_the_operator(rng):
                 specdens.kpm(A, N, 2, bounds=bounds)
         with pytest.raises(FloatingPointError, match="operator returned NaN or Inf"):
             specdens.kpm(_NaNAfter(A, 3), 20, 2, bounds=(-40.0, 40.0))
+
+
+def test_asymmetric_operator_is_reported():
+    """Review: the doubling trick assumes a symmetric operator; S + 0.05 K (K skew) with
+    bounds=(-10, 10) silently returned moments(2) = 0.344 against tr(A^2)/n = 0.213. The
+    moments <u, t_k>, k <= K, computed directly (one dot per product) differ from the
+    doubled ones by ~1e-3 relative for it, and by rounding (~k eps) for a symmetric
+    operator, float32 products and 400 moments included: a LanczosWarning for the first
+    only (threshold sqrt(eps_eff))."""
+    import warnings
+
+    from specdens.algorithms.lanczos import LanczosWarning
+
+    rng = np.random.default_rng(0)
+    n = 50
+    S = rng.standard_normal((n, n))
+    S = (S + S.T) / 2
+    S /= np.abs(np.linalg.eigvalsh(S)).max()
+    K = rng.standard_normal((n, n))
+    K = (K - K.T) / 2 * 0.05
+    with pytest.warns(LanczosWarning, match="not symmetric"):
+        specdens.kpm(S + K, 40, 4, bounds=(-10, 10))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        specdens.kpm(S, 40, 4, bounds=(-10, 10))
+        specdens.kpm(S, 400, 4, bounds=(-1.01, 1.01))
+        specdens.kpm(S.astype(np.float32), 400, 4, bounds=(-1.01, 1.01))
+        specdens.kpm(S.astype(np.float32), 400, 4, bounds=(-1.01, 1.01), dtype="float64")

@@ -714,3 +714,25 @@ def test_a_non_finite_product_input_is_not_reported_as_changed():
     y[0, 1] = np.nan  # an operator that writes into its input is still caught
     with pytest.raises(ValueError, match="changed the vectors"):
         bufs.check_unchanged(y, before)
+
+
+def test_reorth_none_reads_asymmetry_locally(rng):
+    """Review: reorth='none' reported asymmetry=nan and no warning for S + 0.5 K (K
+    skew). It now reads |q_{j-1}^T A q_j - beta_{j-1}| like partial mode (one dot per
+    step): the asymmetric operator warns (relative coupling ~0.26 >> sqrt(eps)); a
+    symmetric one, run for 120 steps on n = 50 without reorthogonalisation (orthogonality
+    fully lost, ghosts), stays at rounding level and does not warn."""
+    n = 50
+    S = rng.standard_normal((n, n))
+    S = S + S.T
+    K = rng.standard_normal((n, n))
+    K = K - K.T
+    with pytest.warns(LanczosWarning, match="not symmetric"):
+        r = specdens.lanczos(S + 0.5 * K, 20, num_probes=3, reorth="none")
+    assert np.isfinite(r.asymmetry) and r.asymmetry > 1e-2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = specdens.lanczos(S, 120, num_probes=3, reorth="none")
+        r32 = specdens.lanczos(S.astype(np.float32), 120, num_probes=3, reorth="none")
+    assert r.asymmetry <= 1e3 * EPS
+    assert r32.asymmetry <= 1e3 * float(np.finfo(np.float32).eps)

@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,7 +69,7 @@ from numpy.polynomial import chebyshev as C
 
 from .. import _array, _checks
 from ..density import Estimate, SpectralBounds, SpectralDensity, estimate_from_samples
-from .lanczos import _lanczos
+from .lanczos import LanczosWarning, _lanczos
 from .probes import PROBE_KINDS, check_seed, probe_block
 
 KERNELS = ("jackson", "dirichlet")
@@ -425,12 +426,18 @@ def kpm(
             f"{center + half:.6g}]: {what}. Pass bounds=(a, b) enclosing the spectrum, more "
             "bound_steps, or a larger widen.")
 
+    # the rounding the products carry (a float32 operator under float64 arithmetic)
+    eps_eff = max(eps, _array.finfo_eps(_checks.product_dtype(op)))
+    warned = False
     mus, scales = [], []
     for start in range(0, num_probes, block):
         idx = range(start, min(start + block, num_probes))
         U, sc = probe_block(probes, n, seed, idx, xp, device, wdt)
-        mu, used, bad_product, input_norms = _moments_block(op, U, N, K, center, half, wdt)
+        mu, used, bad_product, input_norms, direct = _moments_block(op, U, N, K, center,
+                                                                    half, wdt)
         matvecs += used
+        if not warned:
+            warned = _warn_if_asymmetric(mu, direct, input_norms, eps_eff)
         if bad_product is not None:
             # The j-th product's input is t_j = T_j(B) u with ||t_j||^2 <= 1 when the
             # spectrum is inside the interval: a non-finite product of a vector that had
@@ -460,12 +467,42 @@ def kpm(
     )
 
 
+def _warn_if_asymmetric(mu: np.ndarray, direct: np.ndarray, sq: np.ndarray, eps: float
+                        ) -> bool:
+    """Warn (:class:`LanczosWarning`) when the doubled moments ``mu_k`` (from ``<t_j,
+    t_j>`` and ``<t_{j+1}, t_j>``) differ from the direct ``<u, t_k>``, ``2 <= k <= K``,
+    by more than ``sqrt(eps)`` relative to the largest ``||t_j||^2``: the doubling trick
+    holds for a symmetric ``B`` only (for a symmetric one they agree to ``~ k eps``).
+    Returns whether it warned."""
+    k = direct.shape[1]
+    if k == 0:
+        return False
+    with np.errstate(invalid="ignore"):
+        diff = np.abs(mu[:, 2:2 + k] - direct)
+        scale = np.maximum(1.0, np.max(np.where(np.isfinite(sq), sq, 0.0), axis=1))
+        rel = diff / scale[:, None]
+    rel = rel[np.isfinite(rel)]
+    worst = float(np.max(rel)) if rel.size else 0.0
+    if worst <= math.sqrt(eps):
+        return False
+    warnings.warn(
+        f"the Chebyshev moments reveal an operator that is not symmetric (u^T T_k(B) u "
+        f"computed directly and by the doubling trick differ by {worst:.2e} relative, "
+        f"expected ~{eps:.1e}); KPM assumes a symmetric operator (the doubling trick, "
+        "and a spectrum on the real interval), so the moments and the density are not "
+        "meaningful. Symmetrise it, e.g. (A + A.T) * 0.5.",
+        LanczosWarning, stacklevel=3)
+    return True
+
+
 def _moments_block(op: Any, U: Any, N: int, K: int, center: float, half: float, wdt: Any
-                   ) -> tuple[np.ndarray, int, int | None, np.ndarray]:
+                   ) -> tuple[np.ndarray, int, int | None, np.ndarray, np.ndarray]:
     """Chebyshev moments ``mu_0 .. mu_{N-1}`` of the rows of ``U`` (unit probes), the
     products used, the index of the first product whose output (the operator's, before
-    the map to ``B``) was not finite (None if all were), and ``||t_j||^2`` per row for
-    ``j = 0 .. K`` (``t_j``, the input of product ``j``)."""
+    the map to ``B``) was not finite (None if all were), ``||t_j||^2`` per row for
+    ``j = 0 .. K`` (``t_j``, the input of product ``j``), and the moments ``<u, t_k>``
+    computed directly for ``k = 2 .. min(K, N - 1)`` (one dot per product, for the
+    symmetry check)."""
     xp = op.xp
     finite = []  # per product: were the operator's values finite? (read once, at the end)
 
@@ -486,14 +523,19 @@ def _moments_block(op: Any, U: Any, N: int, K: int, center: float, half: float, 
     dots_adj = []                   # <t_j, t_{j-1}>, j = 1..K
     dots_sq.append(rowdot(t, t))
     dots_adj.append(rowdot(t, t_prev))
-    for _ in range(2, K + 1):
+    dots_dir = []                   # <u, t_k>, k = 2..min(K, N - 1)
+    for k in range(2, K + 1):
         t_prev, t = t, 2 * apply(t) - t_prev
         used += k_rows
         dots_sq.append(rowdot(t, t))
         dots_adj.append(rowdot(t, t_prev))
+        if k < N:
+            dots_dir.append(rowdot(U, t))
     sq = _array.to_numpy(xp.stack(dots_sq, axis=1))
     adj = _array.to_numpy(xp.stack(dots_adj, axis=1))
     ok = _array.to_numpy(xp.stack(finite), bool)
+    direct = (_array.to_numpy(xp.stack(dots_dir, axis=1)) if dots_dir
+              else np.zeros((k_rows, 0)))
     bad = None if bool(np.all(ok)) else int(np.argmin(ok))
     mu = np.zeros((k_rows, N))
     mu0 = sq[:, 0]
@@ -504,4 +546,4 @@ def _moments_block(op: Any, U: Any, N: int, K: int, center: float, half: float, 
             mu[:, 2 * k] = 2 * sq[:, k] - mu0
         if 2 * k + 1 < N and k + 1 <= K:
             mu[:, 2 * k + 1] = 2 * adj[:, k] - mu[:, 1]
-    return mu, used, bad, sq
+    return mu, used, bad, sq, direct

@@ -58,7 +58,9 @@ class LanczosResult:
         Hutchinson scale of each probe (``||v||^2 / n``; 1 except for Gaussian probes).
     asymmetry : float
         Largest relative coupling to older Lanczos vectors seen by reorthogonalisation,
-        ~ machine epsilon for symmetric operators (NaN without reorthogonalisation).
+        ~ machine epsilon for symmetric operators; with ``reorth="partial"`` or ``"none"``
+        the local test ``|q_{j-1}^T A q_j - beta_{j-1}|`` (relative, weighed by
+        ``beta_{j-1} / ||T||``) instead.
     product_dtype : str or None
         The dtype whose rounding the operator's products carry (its own, e.g. float32 for
         a float32 network's Hessian, while ``dtype`` is the arithmetic's); None when
@@ -481,7 +483,7 @@ def _lanczos(
         tick(total_steps, total_steps)
     matvecs += lanczos_matvecs
 
-    asymmetry = float(max(d["asymmetry"] for d in done)) if mode != "none" else float("nan")
+    asymmetry = float(max(d["asymmetry"] for d in done))
     eps_eff = max(_array.finfo_eps(_checks.product_dtype(op)), _array.finfo_eps(work),
                   _array.finfo_eps(basis_name))
     check_scale(np.concatenate([d["alpha"] for d in done], axis=0),
@@ -883,9 +885,10 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
         # rows of the product, row-major: elementwise operations on a transposed
         # row-major block read it strided (and keep that layout), 4x slower at k = 2
         w = bufs.new_vector(xp.matrix_transpose(Aq))
-        if omega is not None and j > 0:
+        if (omega is not None or mode == "none") and j > 0:
             # partial reorthogonalisation leaves couplings to older vectors of up to
-            # sqrt(eps) by design, so asymmetry is read locally instead: for a symmetric
+            # sqrt(eps) by design (and none leaves them unbounded), so asymmetry is read
+            # locally instead (one dot per step, on rows already read): for a symmetric
             # operator q_{j-1}^T A q_j = (A q_{j-1})^T q_j = beta_{j-1} up to local
             # orthogonality, which the three-term recurrence keeps at eps ||T|| / beta
             dev = xp.abs(_rowdot(xp, q_prev, w) - beta_prev)
