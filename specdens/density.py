@@ -262,6 +262,12 @@ class ProbeConvergence:
         return cls(**d)
 
 
+RITZ_RESOLUTION = 64
+"""Exact atoms (Ritz values of probes that broke down) closer than ``RITZ_RESOLUTION *
+eps(float32) * max|theta|`` count as one in :meth:`SpectralDensity.default_sigma` (the
+rounding of a float32 run)."""
+
+
 @dataclass(frozen=True, repr=False)
 class SpectralDensity:
     """Stochastic Lanczos quadrature estimate of an eigenvalue density.
@@ -464,7 +470,8 @@ class SpectralDensity:
         (``breakdown`` with ``lengths < n``) see an operator with that few distinct
         eigenvalues: their Ritz values are exact atoms, not a quadrature of a continuous
         density, and are left out. When every probe broke down so, the width is an eighth
-        of the smallest gap between two distinct Ritz values of a probe, so that the
+        of the smallest gap between two distinct Ritz values of a probe (distinct: further
+        apart than :data:`RITZ_RESOLUTION` float32 epsilons of the largest), so that the
         closest atoms stay apart (Gaussians 8 widths apart fall to ``exp(-8)`` of their
         peaks at the midpoint), instead of a median gap that would merge them (atoms at
         0, 1 and 3 into one bump). A full-dimension run (``lengths == n``, a small
@@ -473,17 +480,21 @@ class SpectralDensity:
         exact = self._breakdown_flags() & (np.asarray(self.lengths) < self.n)
         ran = ~exact if not np.all(exact) else exact
         scale = float(np.max(np.abs(self.nodes[self._valid()]))) if self.nodes.size else 0.0
-        # (Ritz values of one probe closer than its rounding are one eigenvalue)
-        resolvable = 64 * np.finfo(np.float64).eps * scale
         gaps = []
         for i in np.flatnonzero(ran):
             th = np.sort(self.nodes[i, : self.lengths[i]])
             g = np.diff(th)
-            gaps.append(g[g > resolvable])
+            gaps.append(g[g > 64 * np.finfo(np.float64).eps * scale])
         gaps = np.concatenate(gaps) if gaps else np.zeros(0)
-        if gaps.size:
-            if np.all(exact):
+        if np.all(exact):
+            # Ritz values of one probe closer than the rounding of a float32 run are one
+            # eigenvalue: the estimate does not record its arithmetic, and a float32 run
+            # of a low-rank operator leaves its zero eigenvalue as Ritz values ~1e-7 *
+            # scale apart, which an eighth of their gap would draw as needles
+            gaps = gaps[gaps > RITZ_RESOLUTION * float(np.finfo(np.float32).eps) * scale]
+            if gaps.size:
                 return float(np.min(gaps)) / 8
+        elif gaps.size:
             return float(np.median(gaps))
         return 1e-3 * scale if scale > 0 else 1e-3
 

@@ -506,3 +506,21 @@ def test_default_sigma_of_a_full_dimension_run_is_the_median_gap():
     assert np.all(d.lengths == 12)
     gaps = np.concatenate([np.diff(np.sort(d.nodes[i, :12])) for i in range(2)])
     assert d.default_sigma() == pytest.approx(np.median(gaps), rel=1e-12)
+
+
+def test_default_sigma_of_a_float32_low_rank_run_ignores_rounding_gaps():
+    # A rank-40 operator in float32 arithmetic: every probe's Krylov space becomes
+    # invariant, and its zero eigenvalue comes out as a few Ritz values ~1e-7 apart (the
+    # rounding). They are one atom: the width is an eighth of the smallest gap between
+    # the operator's distinct eigenvalues, not of the rounding's (needles 1e-8 wide).
+    rng = np.random.default_rng(5)
+    n, r = 1000, 40
+    values = np.linspace(1.0, 2.0, r)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    A = ((Q * values) @ Q.T).astype(np.float32)
+    A = (A + A.T) / 2
+    d = specdens.slq(A, num_steps=90, num_probes=3, seed=0, dtype="float32")
+    assert np.all(d.breakdown) and np.all(d.lengths < n)
+    smallest = np.min(np.diff(np.r_[0.0, values]))  # the eigenvalue 0 included
+    # the Ritz values resolve the eigenvalues to float32 rounding of ||A|| = 2
+    assert d.default_sigma() == pytest.approx(smallest / 8, abs=1e-4 * smallest)
