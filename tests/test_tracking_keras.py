@@ -1,4 +1,4 @@
-"""The Keras callback of SpectrumTracker: records at the scheduled optimizer steps during
+"""The Keras callback of SpectrumTracker: records at the scheduled training steps during
 ``model.fit``, leaves the model unchanged when it records, and stores the data's loss."""
 
 from __future__ import annotations
@@ -130,10 +130,11 @@ def test_callback_weighs_gradient_and_loss_by_batch_size_fn_as_the_hessian(tmp_p
 def test_callback_counts_optimizer_steps_with_steps_per_execution(tmp_path):
     """With ``compile(steps_per_execution=4)`` Keras calls the callback only every 4 steps
     (and after the shorter last execution of an epoch): the callback's step is the
-    optimizer's step count (it counted executions), and a scheduled step inside an
+    number of training batches (it counted executions), and a scheduled step inside an
     execution is recorded at the next boundary under that boundary's true step. 56
     samples, batches of 8, 2 epochs: executions of 4 and 3 steps, boundaries 0, 4, 7, 11,
-    14. Reference: ``optimizer.iterations`` when each record is made."""
+    14. Reference: ``optimizer.iterations`` when each record is made (plain SGD: one
+    optimizer step per batch)."""
     from specdens.backends.tf.tracking import SpectrumCallback
 
     rng = np.random.default_rng(0)
@@ -180,3 +181,91 @@ def test_evaluate_accuracy_of_labels_with_a_trailing_axis():
     flat = evaluate(model, loss, [(X[:12], y[:12, 0]), (X[12:], y[12:, 0])])
     assert flat[1] == reference
     assert evaluate(model, loss, [(X[:12], y[:12]), (X[12:], y[12:])]) == flat
+
+
+def _fit_steps(tmp_path, model, epochs=1):
+    """The steps SpectrumCallback records and counts for steps [0, 2, 5, 8, 13] while
+    ``model`` is fitted on 64 samples in batches of 8 (8 batches an epoch)."""
+    from specdens.backends.tf.tracking import SpectrumCallback
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((64, 4)).astype("float32"), rng.integers(0, 3, 64)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    tracker = SpectrumTracker(tmp_path / "s.jsonl", steps=[0, 2, 5, 8, 13], k=1,
+                              num_steps=4, num_probes=1)
+    cb = SpectrumCallback(tracker, loss, (X[:16], y[:16]))
+    for _ in range(epochs):  # one fit call per epoch: counted across fit calls
+        model.fit(X, y, batch_size=8, epochs=1, callbacks=[cb], verbose=0, shuffle=False)
+    return [r.step for r in cb.records], cb.step
+
+
+def test_callback_counts_batches_of_a_custom_train_step(tmp_path):
+    """A model whose ``train_step`` applies its own optimizer (compiled without one, as a
+    GAN's) leaves ``model.optimizer.iterations`` at 0: the callback counts its training
+    batches (it recorded step 0 only); two fit calls of 8 batches: steps 0 to 16, the
+    end of the first fit (8) recorded once."""
+    import tensorflow as tf
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+    class Custom(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.dense = keras.layers.Dense(3)
+            self.own = keras.optimizers.SGD(0.01)
+
+        def call(self, x):
+            return self.dense(x)
+
+        def train_step(self, data):
+            x, y = data
+            with tf.GradientTape() as tape:
+                value = loss(y, self(x))
+            grads = tape.gradient(value, self.trainable_variables)
+            self.own.apply_gradients(zip(grads, self.trainable_variables, strict=True))
+            return {"loss": value}
+
+    keras.utils.set_random_seed(0)
+    model = Custom()
+    model(np.zeros((1, 4), "float32"))
+    model.compile()
+    assert _fit_steps(tmp_path, model, epochs=2) == ([0, 2, 5, 8, 13], 16)
+    assert int(model.own.iterations.numpy()) == 16
+
+
+def test_callback_counts_batches_with_gradient_accumulation(tmp_path):
+    """``SGD(gradient_accumulation_steps=2)`` updates the weights every 2 batches, and its
+    ``iterations`` count the updates: 8 batches are still 8 steps (they counted 4, so
+    steps 5 and 8 were never recorded)."""
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(optimizer=keras.optimizers.SGD(0.01, gradient_accumulation_steps=2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    assert _fit_steps(tmp_path, model) == ([0, 2, 5, 8], 8)
+    assert int(model.optimizer.iterations.numpy()) == 4
+
+
+def test_evaluate_has_no_accuracy_for_one_output():
+    """A one-output binary classifier (``Dense(1)`` logits, ``BinaryCrossentropy``) with
+    integer labels ``(N, 1)`` or ``(N,)``: no automatic accuracy (the argmax of one
+    column is always 0, so it was the fraction of label 0: 18/32 here, for a perfect
+    classifier); two outputs keep theirs."""
+    from specdens.backends.tf.tracking import evaluate
+
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((32, 4)).astype("float32")
+    y = (X[:, 0] > 0).astype("int64")
+    assert 0 < np.mean(y == 0) < 1
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.set_weights([np.array([[5.0], [0], [0], [0]], "float32"), np.zeros(1, "float32")])
+    loss = keras.losses.BinaryCrossentropy(from_logits=True)
+    for labels in (y[:, None], y):
+        value, acc = evaluate(model, loss, (X, labels))
+        assert acc is None, labels.shape
+        assert 0 < value < 0.5
+    two = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    two.set_weights([np.array([[-5.0, 5.0], [0, 0], [0, 0], [0, 0]], "float32"),
+                     np.zeros(2, "float32")])
+    sparse = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    assert evaluate(two, sparse, (X, y[:, None]))[1] == 1.0
+    assert evaluate(two, sparse, (X, y))[1] == 1.0

@@ -1,18 +1,20 @@
 """Record the Hessian spectrum during Keras ``model.fit``: :class:`SpectrumCallback`.
 
-The callback counts optimizer steps across epochs (and across ``fit`` calls); at every
-step the tracker has scheduled it builds the Hessian
+The callback counts training batches (train steps) across epochs (and across ``fit``
+calls); at every step the tracker has scheduled it builds the Hessian
 (:func:`specdens.backends.tf.hessian`) and the full-data gradient
 (:func:`specdens.backends.tf.gradient`) of the mean loss over fixed data at the current
 weights, evaluates the loss and the accuracy there, and records. Step ``s`` is the model
-after ``s`` optimizer steps (counted by the optimizer's ``iterations``): recorded before
-batch ``s`` is trained on, and the last one at the end of training. With
-``compile(steps_per_execution=m)``, ``m > 1``, Keras calls the callback only between
-executions of ``m`` steps, so a scheduled step inside an execution is recorded at the
-first execution boundary after it, under that boundary's true step number (see
-:class:`SpectrumCallback`). The model is not changed: the operators work on copies of the
-variables, and the loss is evaluated inside a ``keras.StatelessScope`` (BatchNorm moving
-statistics are not updated).
+after ``s`` training batches (train steps): recorded before batch ``s`` is trained on,
+and the last one at the end of training. The steps are counted on the host from the
+batch indices Keras passes to the callback, whatever the train step does with its
+batches (a custom ``train_step``, an optimizer with ``gradient_accumulation_steps``): no
+value is read from the device. With ``compile(steps_per_execution=m)``, ``m > 1``, Keras
+calls the callback only between executions of ``m`` steps, so a scheduled step inside an
+execution is recorded at the first execution boundary after it, under that boundary's
+true step number (see :class:`SpectrumCallback`). The model is not changed: the
+operators work on copies of the variables, and the loss is evaluated inside a
+``keras.StatelessScope`` (BatchNorm moving statistics are not updated).
 
 Importing this module imports TensorFlow and Keras.
 """
@@ -62,13 +64,17 @@ class SpectrumCallback(keras.callbacks.Callback):
         As in :func:`specdens.backends.tf.hessian`.
     initial_step
         The step count at the first batch (e.g. when continuing a restarted training).
-        Steps are counted from there by the optimizer's ``iterations``: the steps it takes
-        during each ``fit`` (so a recompiled optimizer that starts again from 0 is fine).
+        Steps are counted from there: one per training batch of each ``fit`` (the batch
+        indices Keras passes to the callback, not the optimizer's ``iterations``, which
+        a custom ``train_step`` with its own optimizer leaves at 0 and gradient
+        accumulation advances once per update).
     accuracy
         ``None`` (default): the fraction of samples whose largest output is the integer
-        target, when outputs are ``(batch, classes)`` and integer targets ``(batch,)`` or
-        ``(batch, 1)`` (as ``keras.datasets`` gives them; Keras's
-        ``SparseCategoricalAccuracy``); ``False``: no accuracy.
+        target, when outputs are ``(batch, classes)`` with ``classes > 1`` and integer
+        targets ``(batch,)`` or ``(batch, 1)`` (as ``keras.datasets`` gives them; Keras's
+        ``SparseCategoricalAccuracy``); otherwise none (``None``), e.g. for the single
+        output of a binary classifier, whose threshold the callback cannot know;
+        ``False``: no accuracy.
     **hessian_options
         Passed to :func:`specdens.backends.tf.hessian` (``method``, ``block``,
         ``check_determinism``, ``strategy``, ``batch_size_fn``...). ``regularizer``,
@@ -80,10 +86,19 @@ class SpectrumCallback(keras.callbacks.Callback):
     -----
     Keras runs ``compile(steps_per_execution=m)`` steps per call of its train function
     and calls the callback only between these calls, where the model is after a multiple
-    of ``m`` steps (and after the shorter last execution of an epoch). A scheduled step
-    that falls inside an execution cannot be recorded at its exact weights: it is recorded
-    at the first boundary after it, under the boundary's step (the number of optimizer
-    steps the recorded model has taken, never the scheduled number), with
+    of ``m`` steps (and after the shorter last execution of an epoch): Keras passes the
+    execution's first batch index to ``on_train_batch_begin`` and its last one (as if it
+    were complete) to ``on_train_batch_end``; the last execution of an epoch is counted
+    up to the epoch's number of batches as Keras reports it (``params["steps"]``). Where
+    that is not what runs, the count of such an epoch is off by less than ``m``: data of
+    unknown length (a ``tf.data.Dataset`` of unknown cardinality without
+    ``steps_per_epoch``) gives no number, so a shorter last execution counts as ``m``
+    steps; and with ``steps_per_epoch`` not a multiple of ``m`` on repeated data, Keras
+    runs whole executions (8 batches an epoch for ``steps_per_epoch=7``, ``m = 4``)
+    where ``steps_per_epoch`` are counted. A scheduled step that falls inside an
+    execution cannot be recorded at its exact weights: it is recorded at the first
+    boundary after it, under the boundary's step (the number of training batches the
+    recorded model has taken, never the scheduled number), with
     ``extra["scheduled_steps"]``: the scheduled steps that record stands for (several
     scheduled steps within one execution give one record). With ``m = 1`` every
     scheduled step is recorded exactly. To record exactly at the schedule, compile with
@@ -92,7 +107,7 @@ class SpectrumCallback(keras.callbacks.Callback):
     Attributes
     ----------
     step : int
-        Optimizer steps counted so far.
+        Training batches (train steps) counted so far.
     records : list of SpectrumRecord
         What this callback recorded.
 
@@ -131,30 +146,35 @@ class SpectrumCallback(keras.callbacks.Callback):
         self.hessian_options = hessian_options
         self.step = initial_step
         self.records: list[SpectrumRecord] = []
-        self._origin: tuple[int, int] | None = None  # (self.step, iterations) at fit start
+        self._epoch_start: int | None = None  # self.step at the epoch's start, in fit
         self._checked: int | None = None  # the last step whose schedule was looked at
 
-    def _iterations(self) -> int | None:
-        optimizer = getattr(self.model, "optimizer", None)
-        iterations = getattr(optimizer, "iterations", None)
-        return None if iterations is None else int(np.asarray(iterations))
-
     def on_train_begin(self, logs: dict | None = None) -> None:
-        iterations = self._iterations()
-        self._origin = None if iterations is None else (self.step, iterations)
+        self._epoch_start = self.step
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start = self.step
 
     def on_train_batch_begin(self, batch: int, logs: dict | None = None) -> None:
+        if self._epoch_start is not None:  # batch: the execution's first batch index
+            self.step = self._epoch_start + int(batch)
         self._maybe_record()
 
     def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
-        if self._origin is None:  # not inside fit (no optimizer): one step per batch
+        if self._epoch_start is None:  # called outside fit: one step per batch
             self.step += 1
-        else:  # the optimizer's steps: steps_per_execution of them per call
-            self.step = self._origin[0] + self._iterations() - self._origin[1]
+            return
+        # batch: the execution's last batch index, as if the execution were complete
+        # (steps_per_execution > 1); the last execution of an epoch stops at its end
+        done = int(batch) + 1
+        steps = (self.params or {}).get("steps")
+        if steps:
+            done = min(done, int(steps))
+        self.step = self._epoch_start + done
 
     def on_train_end(self, logs: dict | None = None) -> None:
         self._maybe_record()
-        self._origin = None
+        self._epoch_start = None
 
     def _scheduled(self, step: int) -> list[int]:
         """The scheduled steps, not yet recorded, that the model at ``step`` stands for:
@@ -254,9 +274,10 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
         if acc_ok:
             yv = np.asarray(y)
             ov = np.asarray(out)
-            if ov.ndim == 2 and yv.ndim == 2 and yv.shape[1] == 1:
+            classes = ov.ndim == 2 and ov.shape[1] > 1  # one output: no argmax class
+            if classes and yv.ndim == 2 and yv.shape[1] == 1:
                 yv = yv[:, 0]  # (batch, 1) labels (keras.datasets), as Keras's accuracy
-            if ov.ndim == 2 and yv.ndim == 1 and yv.dtype.kind in "iu":
+            if classes and yv.ndim == 1 and yv.dtype.kind in "iu":
                 keep = yv != ignore if ignore is not None else np.ones(yv.shape, bool)
                 if mask is not None:
                     mv = np.asarray(mask)
