@@ -30,7 +30,7 @@ class TrackerFileError(ValueError):
 
 class TrackerFileWarning(UserWarning):
     """Lines torn by a crash (writes interrupted before their end) were skipped or ended
-    with a newline, or a header without records was replaced."""
+    with a newline."""
 
 
 # -- the file ---------------------------------------------------------------------------

@@ -127,7 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="output directory (default ./specdens-out)")
     sp.add_argument("--sigma", type=_positive_float, metavar="S",
                     help="kernel width of the plotted density (default: the median gap "
-                         "between Ritz values)")
+                         "between Ritz values, or an eighth of the smallest gap when every "
+                         "probe broke down before dimension n, as "
+                         "SpectralDensity.default_sigma)")
     sp.add_argument("--kernel", choices=KERNELS,
                     help="smoothing kernel of the plot (default gaussian)")
     sp.add_argument("--format", choices=PLOT_FORMATS, dest="plot_format",
@@ -376,7 +378,9 @@ def _load_input(args: argparse.Namespace) -> tuple[Any, dict, str, Any, Any]:
         raise UsageError(f"no such file: {path}") from None
     except (MatrixFileError, OSError) as exc:
         raise UsageError(str(exc)) from None
-    info = {"kind": "file", "path": str(path), "key": args.key, **describe_matrix(A)}
+    resolved, key = _file_identity(path, args.key)
+    info = {"kind": "file", "path": str(path), "resolved_path": resolved, "key": key,
+            **describe_matrix(A)}
     stem = path.name
     for suffix in (".mtx.gz", ".npy", ".npz", ".mtx"):
         if stem.lower().endswith(suffix):
@@ -434,8 +438,8 @@ def _check_stem(out_dir: Path, stem: str, info: dict) -> None:
     The outputs are named after the input's stem, so ``a.npy``, ``a.npz`` and ``a.mtx``
     (or two ``--key`` arrays of one ``.npz``) would write the same ``a-*`` files. The
     input that wrote ``STEM-summary.json`` is recorded in it: running the same input again
-    (the same file name and key, or the same example and size) replaces its outputs, a
-    different one is refused."""
+    (the same file, by its resolved absolute path, and the same array read from it, or the
+    same example and size) replaces its outputs, a different one is refused."""
     previous = out_dir / f"{stem}-summary.json"
     try:
         old = json.loads(previous.read_text()).get("input")
@@ -444,16 +448,39 @@ def _check_stem(out_dir: Path, stem: str, info: dict) -> None:
     if not isinstance(old, dict) or _input_identity(old) == _input_identity(info):
         return
     what = (f"example {old.get('example')} (n = {old.get('n')})" if old.get("kind") == "example"
-            else f"{old.get('path')}" + (f" --key {old['key']}" if old.get("key") else ""))
+            else f"{old.get('resolved_path') or old.get('path')}"
+            + (f" --key {old['key']}" if old.get("key") else ""))
     raise UsageError(f"{previous} holds the results of {what}, which this input would "
                      "overwrite (the outputs are named after the input's stem); pass another "
                      "--out, or remove that input's files first")
 
 
+def _file_identity(path: Path, key: str | None) -> tuple[str, str | None]:
+    """The resolved absolute path of a matrix file and the key of the array actually read
+    from it: ``key`` when given; for an ``.npz`` without one, its only array's name
+    (``arr_0`` for ``numpy.savez(f, A)``), or None for a sparse matrix
+    (``scipy.sparse.save_npz``, several arrays); None for other files."""
+    import zipfile
+
+    resolved = str(Path(path).resolve())
+    if key is not None or not str(path).lower().endswith(".npz"):
+        return resolved, key
+    try:
+        with zipfile.ZipFile(path) as archive:
+            arrays = [m.filename[:-4] for m in archive.infolist()
+                      if m.filename.endswith(".npy")]
+    except (OSError, zipfile.BadZipFile):
+        return resolved, None
+    return resolved, (arrays[0] if len(arrays) == 1 else None)
+
+
 def _input_identity(info: dict) -> tuple:
     if info.get("kind") == "example":
         return ("example", info.get("example"), info.get("n"))
-    return ("file", Path(str(info.get("path", ""))).name, info.get("key"))
+    if "resolved_path" in info:
+        return ("file", info.get("resolved_path"), info.get("key"))
+    # (a summary written before it recorded the resolved path: resolved from here)
+    return ("file", *_file_identity(Path(str(info.get("path", ""))), info.get("key")))
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> int:
@@ -600,7 +627,7 @@ def _check_sigma(sigma: float, density: Any) -> None:
         raise UsageError(
             f"--sigma {sigma:.3g} is {what} {spectrum} for a float64 plot; use a width "
             f"between {_two_digits(low, up=True)} and {_two_digits(high, up=False)}, or leave "
-            "--sigma out for the default (the median gap between Ritz values)")
+            "--sigma out for the default width (SpectralDensity.default_sigma)")
 
 
 def _title(info: dict, density: Any) -> str:

@@ -34,8 +34,8 @@ advisory lock on it (``fcntl.flock``; readers take a shared one), and the file i
 created with ``O_EXCL``, so that it gets exactly one header. Where there is no
 ``fcntl`` (Windows), or the file system refuses ``flock``, the tracker goes on without
 locks: appends stay whole (one ``write`` with ``O_APPEND``), but a tracker opening a
-file that another has just created waits up to 2 s for its header, and a header without
-records is not replaced (see :class:`SpectrumTracker`).
+file that another has just created waits up to 2 s for its header. A header is never
+replaced (see :class:`SpectrumTracker`).
 """
 
 from __future__ import annotations
@@ -197,10 +197,9 @@ class SpectrumTracker:
         ``seed``, ``reorth``, ``eigsh_options``, ``outlier_options``; stored as
         ``settings`` in the header): every tracker continuing a file, for any ``run``,
         must use those it was created with (files written before the header held them are
-        not checked). Only a header without records yet is replaced by one with other
-        settings (with a :class:`TrackerFileWarning`, keeping its ``meta``; not without
-        locks); a tracker that opened the file with the old settings then refuses to
-        append.
+        not checked). A header is never replaced, also one without records yet (its
+        tracker may still be computing its first record): delete the file, or pass another
+        path, to start over with other settings.
     progress
         ``True`` for progress bars on long computations (stderr), or a callable
         ``(done, total)`` for the SLQ part.
@@ -337,8 +336,8 @@ class SpectrumTracker:
 
     def _open(self) -> None:
         """Create the file with its header, or continue it, under the file's lock:
-        terminate a torn last line, check the header's meta and settings (or replace a
-        header that has no records yet), read the steps this run already recorded."""
+        terminate a torn last line, check the header's meta and settings (a header is
+        never replaced), read the steps this run already recorded."""
         p = self.path
         p.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -371,25 +370,13 @@ class SpectrumTracker:
                                   "crash with a newline; readers skip it", TrackerFileWarning,
                                   stacklevel=3)
                     _write_fd(fd, b"\n")
-                meta = self.meta
                 if parsed.header is not None:
                     self._check_meta(parsed.header)
-                    try:
-                        self._check_settings(parsed.header)
-                    except ValueError as exc:
-                        if parsed.records or not locked:
-                            raise
-                        # Settings without records (e.g. a typo an older specdens wrote
-                        # before checking it) hold nothing to protect: the header is
-                        # replaced, under the lock, keeping its meta.
-                        warnings.warn(f"{p}: replacing its header, which has no records yet: "
-                                      f"{exc}", TrackerFileWarning, stacklevel=3)
-                        if meta is None:
-                            meta = parsed.header.get("meta")
-                        os.ftruncate(fd, 0)
-                        parsed.header = None
+                    # A header is never replaced, also one without records yet: its
+                    # tracker may be computing its first record (hours for a Hessian).
+                    self._check_settings(parsed.header, empty=not parsed.records)
                 if parsed.header is None:
-                    self._header_line = self._write_header(fd, meta)
+                    self._header_line = self._write_header(fd, self.meta)
                 else:
                     self._header_line = parsed.header_line
                     for _, obj in parsed.records:
@@ -411,10 +398,9 @@ class SpectrumTracker:
         return line
 
     def _check_header(self, fd: int, locked: bool) -> None:
-        """Before an append (under the lock): the file's header is still one this tracker
-        may continue (another tracker may have replaced a header without records)."""
-        if not locked:
-            return  # headers are only replaced under the lock
+        """Before an append (under the lock): the file still begins with the header this
+        tracker opened or wrote. Headers are never replaced, but the file may have been
+        removed and created again (by another tracker, with other settings) since."""
         line = _header_line_of(fd)
         if line == self._header_line:
             return
@@ -432,7 +418,7 @@ class SpectrumTracker:
             self._check_meta(header)
             self._check_settings(header)
         except ValueError as exc:
-            raise ValueError(f"another tracker replaced the header of {self.path} since this "
+            raise ValueError(f"{self.path} was replaced by another tracker's file since this "
                              f"one opened it: {exc}") from None
         self._header_line = line
 
@@ -446,10 +432,12 @@ class SpectrumTracker:
         raise ValueError(f"{self.path} records another experiment ({diffs}); write to "
                          "another file or pass the same meta")
 
-    def _check_settings(self, header: dict) -> None:
+    def _check_settings(self, header: dict, *, empty: bool = False) -> None:
         """Refuse to continue a file recorded with other settings (k, which, SLQ and
         eigsh settings, outlier rule): its records would be of another kind. A file from
-        before the header held them is not checked."""
+        before the header held them is not checked. ``empty``: the file holds no records
+        yet (its tracker may still be computing its first one; the header is not
+        replaced either way)."""
         old = header.get("settings")
         if not isinstance(old, dict) or old == self.settings:
             return
@@ -457,6 +445,11 @@ class SpectrumTracker:
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         diffs = ", ".join(f"{k}: {old.get(k)!r} in the file, {new.get(k)!r} now"
                           for k in keys[:6])
+        if empty:
+            raise ValueError(f"{self.path} was created with other tracker settings ({diffs}) "
+                             "and holds no records yet (its tracker may still be computing "
+                             "its first one); pass the same settings, or delete the file (or "
+                             "pass another path) to start over with other settings")
         raise ValueError(f"{self.path} was recorded with other tracker settings ({diffs}); "
                          "write to another file or pass the same settings")
 
@@ -538,8 +531,8 @@ class SpectrumTracker:
             and non-zero) or ``eigsh_options`` for this operator, naming the argument:
             all checked before any product.
         ValueError
-            When another tracker replaced the file's header (it had no records) with other
-            settings since this one opened it; nothing is written.
+            When the file was removed and created again by a tracker with other settings
+            or meta since this one opened it; nothing is written.
         FloatingPointError
             When the operator returns NaN or Inf (from :func:`specdens.slq` or
             :func:`specdens.eigsh`); nothing is written.

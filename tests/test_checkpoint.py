@@ -462,6 +462,37 @@ def test_checkpoint_with_another_deflation_is_refused(tmp_path):
         os.remove(path)
 
 
+def test_deflated_checkpoint_without_the_eigenpairs_hash_is_refused_with_its_reason(
+        tmp_path):
+    """A deflated checkpoint of an older specdens (its probe_map without the eigenpairs'
+    sha256) was refused as "written with other settings (probe_map=... there, {...,
+    'sha256': ...} now)" (or, with checkpoint_key, as another operator's): it is refused
+    saying that it predates the hashing and must be started again, which then works."""
+    A = _outliers(200)
+    path = tmp_path / "c.npz"
+    for key in (None, "model-v1"):
+        kw = {"num_steps": 10, "num_probes": 2, "deflate": 3, "checkpoint": path,
+              "checkpoint_key": key}
+        ref = specdens.slq(A, **kw)
+
+        def unhash(header, arrays, key=key):
+            header["settings"]["probe_map"].pop("sha256")
+            if key is not None:  # the key as an older specdens made it
+                header["fingerprint"]["key"] = f"{key}|deflated:3:LA"
+        _edit(path, unhash)
+        before = path.read_bytes()
+        with pytest.raises(CheckpointError, match=r"predates the hashing of the deflation's "
+                           r"eigenpairs.*without sha256.*cannot be verified.*Delete it to "
+                           r"start the run again"):
+            specdens.slq(A, **kw)
+        assert path.read_bytes() == before
+        os.remove(path)
+        d = specdens.slq(A, **kw)
+        np.testing.assert_array_equal(d.nodes, ref.nodes)
+        os.remove(path)
+        os.remove(f"{path}.eigsh.npz")
+
+
 def _eigsh_edit(key, f):
     return lambda h, a: a.__setitem__(key, f(a[key]))
 

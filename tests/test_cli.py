@@ -513,6 +513,37 @@ def test_inputs_of_the_same_stem_do_not_overwrite_each_other(tmp_path, capsys):
     one_line_error(capsys, "a.npz --key x")
 
 
+def test_stem_check_compares_resolved_paths(tmp_path, capsys, monkeypatch):
+    """The check compared only the file name: d2/a.npy (another matrix) after a.npy
+    silently overwrote a-*. It compares the resolved absolute paths."""
+    (tmp_path / "d2").mkdir()
+    np.save(tmp_path / "a.npy", symmetric_dense(20))
+    np.save(tmp_path / "d2" / "a.npy", symmetric_dense(20, seed=1))
+    monkeypatch.chdir(tmp_path)
+    out = ["--out", "o", "--no-plot", *FAST]
+    assert main(["spectrum", "a.npy", *out]) == 0
+    assert main(["spectrum", str(tmp_path / "a.npy"), *out]) == 0  # the same file
+    assert main(["spectrum", "d2/a.npy", *out]) == 2
+    one_line_error(capsys, "a-summary.json holds the results of", str(tmp_path / "a.npy"),
+                   "another --out")
+    summary = json.loads((tmp_path / "o" / "a-summary.json").read_text())
+    assert summary["input"]["resolved_path"] == str(tmp_path / "a.npy")
+
+
+def test_stem_check_takes_the_array_read_for_the_key(tmp_path, monkeypatch):
+    """single.npz, then single.npz --key arr_0 (the same array named explicitly) was
+    refused: the key compared is the one actually read."""
+    np.savez(tmp_path / "single.npz", symmetric_dense(20, seed=2))
+    (tmp_path / "d2").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = ["--out", "o", "--no-plot", *FAST]
+    assert main(["spectrum", "single.npz", *out]) == 0
+    assert main(["spectrum", "single.npz", "--key", "arr_0", *out]) == 0
+    summary = json.loads((tmp_path / "o" / "single-summary.json").read_text())
+    assert summary["input"]["key"] == "arr_0"  # the array read
+    assert main(["spectrum", "d2/../single.npz", *out]) == 0
+
+
 def test_plot_options_with_no_plot_are_refused(tmp_path, capsys):
     """--sigma, --kernel, --format and --linear were accepted and ignored with --no-plot
     (sigma and kernel even recorded in the settings)."""

@@ -598,7 +598,7 @@ def test_without_locks_the_tracker_still_works(tmp_path, monkeypatch):
     tr.record(1, DIAG)
     with pytest.warns(TrackerFileWarning, match=r"line 3 \(not valid JSON"):
         assert [r.step for r in read_records(path)] == [0, 1]
-    # a header without records is replaced only under the lock: refused here
+    # a header without records is not replaced (here without locks either)
     empty = tmp_path / "e.jsonl"
     SpectrumTracker(empty, **SMALL)
     with pytest.raises(ValueError, match="other tracker settings"):
@@ -642,26 +642,58 @@ def test_seed_none_needs_no_eigsh(tmp_path):
     assert tr.record(0, DIAG).density.seed is None
 
 
-def test_header_without_records_is_replaced_by_other_settings(tmp_path):
+def test_header_without_records_is_not_replaced_by_other_settings(tmp_path):
     """A header holding settings but no records yet (e.g. a typo written by an older
-    specdens) is replaced by a tracker with other settings, keeping the meta; a tracker
-    still holding the old settings then refuses to append, writing nothing."""
+    specdens) is not replaced by a tracker with other settings (it was, with a warning):
+    the error says the file holds no records yet and how to start over."""
     path = tmp_path / "s.jsonl"
-    old = SpectrumTracker(path, meta={"lr": 0.1}, **SMALL)
+    SpectrumTracker(path, meta={"lr": 0.1}, **SMALL)
     header = json.loads(path.read_text())
     header["settings"]["reorth"] = "ful"  # as an older specdens wrote it, unchecked
     path.write_text(json.dumps(header) + "\n")
-    with pytest.warns(TrackerFileWarning, match=r"replacing its header.*reorth: 'ful'"):
-        new = SpectrumTracker(path, **{**SMALL, "k": 3})
-    assert read_header(path)["settings"] == new.settings
-    assert read_header(path)["meta"] == {"lr": 0.1}
     before = path.read_bytes()
-    with pytest.raises(ValueError, match="another tracker replaced the header"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(ValueError, match=r"reorth: 'ful' in the file.*holds no records "
+                           r"yet.*delete the file \(or pass another path\) to start over"):
+            SpectrumTracker(path, **{**SMALL, "k": 3})
+    assert path.read_bytes() == before
+    path.unlink()  # starting over, as the error says
+    SpectrumTracker(path, **{**SMALL, "k": 3}).record(0, DIAG)
+    assert read_header(path)["settings"]["k"] == 3
+    with pytest.raises(ValueError, match="was recorded with other tracker settings"):
+        SpectrumTracker(path, **SMALL)  # records now
+
+
+def test_other_settings_cannot_hijack_a_file_whose_first_record_is_computing(tmp_path):
+    """Tracker A has written its header and computes its first record (hours for a
+    Hessian); tracker B with other settings opens the same file. B replaced A's header
+    and A then failed at its append, after all its work: B is refused, A keeps its file
+    and records."""
+    path = tmp_path / "s.jsonl"
+    a = SpectrumTracker(path, run="long_run", **SMALL)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="other tracker settings.*holds no records yet"):
+        SpectrumTracker(path, run="other", **{**SMALL, "k": 3})
+    assert path.read_bytes() == before
+    a.record(0, DIAG)
+    assert read_header(path)["settings"] == a.settings
+    assert [(r.run, r.step) for r in read_records(path)] == [("long_run", 0)]
+
+
+def test_a_file_created_again_with_other_settings_is_not_appended_to(tmp_path):
+    """When the file is removed (to start over) and created again by a tracker with
+    other settings, a tracker that opened the old file refuses to append to the new one,
+    writing nothing."""
+    path = tmp_path / "s.jsonl"
+    old = SpectrumTracker(path, **SMALL)
+    path.unlink()
+    new = SpectrumTracker(path, **{**SMALL, "k": 3})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="was replaced by another tracker's file.*k: 3"):
         old.record(0, DIAG)
     assert path.read_bytes() == before
     new.record(0, DIAG)
-    with pytest.raises(ValueError, match="other tracker settings"):  # records now
-        SpectrumTracker(path, **SMALL)
 
 
 # -- top_eigenvalue ----------------------------------------------------------------------------

@@ -75,6 +75,14 @@ from .probes import PROBE_KINDS, check_seed, probe_block
 KERNELS = ("jackson", "dirichlet")
 _BOUND_PROBE = 1 << 41  # probe index of the bounds' Lanczos run (a stream of its own)
 _BOUND_PROBES = 2       # Gaussian probes of the bounds' Lanczos run (see the module notes)
+# The symmetry check computes the moments <u, t_k> directly for k = 2 .. _SYMMETRY_K only
+# (one row dot per product; for all K it cost 3-16% on a cheap sparse operator). An
+# asymmetric B shows from k = 2 on: the doubled mu_2 = 2 <Bu, Bu> - 1 and the direct
+# <u, (2 B^2 - I) u> differ by 2 <u, (B - B^T) B u>, not zero for a random probe unless
+# the symmetric part of (B - B^T) B vanishes, and each further k adds other polynomials
+# in B and B^T; a fixed handful (7 moments, independent of K) keeps the check's cost
+# negligible, and its rounding (~k eps) far below the sqrt(eps) threshold.
+_SYMMETRY_K = 8
 
 
 def jackson_damping(num_moments: int) -> np.ndarray:
@@ -470,8 +478,9 @@ def kpm(
 def _warn_if_asymmetric(mu: np.ndarray, direct: np.ndarray, sq: np.ndarray, eps: float
                         ) -> bool:
     """Warn (:class:`LanczosWarning`) when the doubled moments ``mu_k`` (from ``<t_j,
-    t_j>`` and ``<t_{j+1}, t_j>``) differ from the direct ``<u, t_k>``, ``2 <= k <= K``,
-    by more than ``sqrt(eps)`` relative to the largest ``||t_j||^2``: the doubling trick
+    t_j>`` and ``<t_{j+1}, t_j>``) differ from the direct ``<u, t_k>``, ``2 <= k <=
+    min(K, _SYMMETRY_K)``, by more than ``sqrt(eps)`` relative to the largest
+    ``||t_j||^2``: the doubling trick
     holds for a symmetric ``B`` only (for a symmetric one they agree to ``~ k eps``).
     Returns whether it warned."""
     k = direct.shape[1]
@@ -501,8 +510,8 @@ def _moments_block(op: Any, U: Any, N: int, K: int, center: float, half: float, 
     products used, the index of the first product whose output (the operator's, before
     the map to ``B``) was not finite (None if all were), ``||t_j||^2`` per row for
     ``j = 0 .. K`` (``t_j``, the input of product ``j``), and the moments ``<u, t_k>``
-    computed directly for ``k = 2 .. min(K, N - 1)`` (one dot per product, for the
-    symmetry check)."""
+    computed directly for ``k = 2 .. min(K, N - 1, _SYMMETRY_K)`` (one dot for each of
+    these products, for the symmetry check)."""
     xp = op.xp
     finite = []  # per product: were the operator's values finite? (read once, at the end)
 
@@ -523,13 +532,13 @@ def _moments_block(op: Any, U: Any, N: int, K: int, center: float, half: float, 
     dots_adj = []                   # <t_j, t_{j-1}>, j = 1..K
     dots_sq.append(rowdot(t, t))
     dots_adj.append(rowdot(t, t_prev))
-    dots_dir = []                   # <u, t_k>, k = 2..min(K, N - 1)
+    dots_dir = []                   # <u, t_k>, k = 2..min(K, N - 1, _SYMMETRY_K)
     for k in range(2, K + 1):
         t_prev, t = t, 2 * apply(t) - t_prev
         used += k_rows
         dots_sq.append(rowdot(t, t))
         dots_adj.append(rowdot(t, t_prev))
-        if k < N:
+        if k < N and k <= _SYMMETRY_K:
             dots_dir.append(rowdot(U, t))
     sq = _array.to_numpy(xp.stack(dots_sq, axis=1))
     adj = _array.to_numpy(xp.stack(dots_adj, axis=1))

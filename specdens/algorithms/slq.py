@@ -19,6 +19,29 @@ from .lanczos import _lanczos
 from .probes import check_seed
 
 
+def _refuse_unhashed_deflation(checkpoint: Any) -> None:
+    """Refuse, with its reason, a deflated checkpoint written before the eigenpairs were
+    hashed into it (its ``probe_map`` has ``deflate`` but no ``sha256``): the deflation it
+    ran with cannot be verified, so it cannot be resumed. Anything else about the file is
+    left to the Lanczos reader, which names it."""
+    from . import checkpoint as checkpoint_mod
+    from .lanczos import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+
+    if not os.path.exists(checkpoint):
+        return
+    try:
+        header, _ = checkpoint_mod.read_npz(checkpoint, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+        saved = header["settings"]["probe_map"]
+    except (checkpoint_mod.CheckpointError, OSError, KeyError, TypeError, ValueError):
+        return
+    if isinstance(saved, dict) and "deflate" in saved and "sha256" not in saved:
+        raise checkpoint_mod.CheckpointError(
+            f"{checkpoint} predates the hashing of the deflation's eigenpairs into "
+            f"checkpoints (its probe_map is {saved!r}, without sha256): the deflation it ran "
+            "with cannot be verified, so it cannot be resumed. Delete it to start the run "
+            "again (the eigenpairs' .eigsh.npz file, checked when reused, may stay).")
+
+
 def slq(
     op: Any,
     *,
@@ -158,6 +181,7 @@ def slq(
             # the same k and which is refused, not resumed)
             digest = deflation.digest()
             tag["sha256"] = digest
+            _refuse_unhashed_deflation(checkpoint)
             if checkpoint_key is not None:
                 key = f"{checkpoint_key}|deflated:{deflation.k}:{deflation.which}:{digest}"
     elif eigsh_options is not None:
