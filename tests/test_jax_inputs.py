@@ -344,3 +344,140 @@ def test_gradient_traces_once_per_setup():
         n = len(traces)
         gradient(loss2, params, data)                                  # another loss_fn
         assert traces[n:] and set(traces[n:]) == {2}
+
+
+# -- 12. functions are keyed by identity, as jax.jit keys them (documented) ----------------
+def test_functions_are_keyed_by_identity_as_documented():
+    X, Y, p = problem()
+    data = [(X[:5], Y[:5]), (X[5:], Y[5:])]
+    state = {"scale": 1.0}
+
+    def closure_loss(q, b):             # reads a value from outside its arguments
+        return state["scale"] * tanh_loss(q, b)
+
+    def scaled_loss(q, b):              # the same value passed through params
+        return q["scale"] * tanh_loss({"w": q["w"]}, b)
+
+    def batch_loss(q, b):               # ... or through the batch
+        x, y, s = b
+        return s * tanh_loss(q, (x, y))
+
+    def make(s):                        # ... or a new function object per value
+        return lambda q, b: s * tanh_loss(q, b)
+
+    with jax.enable_x64(True):
+        params = {"w": jnp.asarray(p["w"])}
+        v = jnp.ones(3)
+        g_ref = jax.grad(lambda w: tanh_loss({"w": w}, (X, Y)))(params["w"])
+        Hv_ref = jax.hessian(lambda w: tanh_loss({"w": w}, (X, Y)))(params["w"]) @ v
+
+        def both(loss_fn, q, d, **kw):
+            return gradient(loss_fn, q, d, **kw), hessian(loss_fn, q, d, **kw).matvec(v)
+
+        # the same function object after its captured value changed: the first trace's
+        # results, for the gradient and the Hessian alike, as jax.jit gives
+        jitted = jax.jit(closure_loss)
+        first = jitted(params, data[0])
+        g1, h1 = both(closure_loss, params, data)
+        state["scale"] = 3.0
+        g3, h3 = both(closure_loss, params, data)
+        assert jitted(params, data[0]) == first
+        assert close(g1, g_ref) and close(h1, Hv_ref)
+        assert close(g3, g_ref) and close(h3, Hv_ref)
+        # values that change come in through params, the batch or a new function
+        for s in (1.0, 3.0):
+            q = {"w": params["w"], "scale": jnp.asarray(s)}
+            g, h = both(scaled_loss, q, data, mask=["w"])
+            assert close(g, s * g_ref) and close(h, s * Hv_ref)
+            g, h = both(batch_loss, params, [(x, y, jnp.asarray(s)) for x, y in data])
+            assert close(g, s * g_ref) and close(h, s * Hv_ref)
+            g, h = both(make(s), params, data)
+            assert close(g, s * g_ref) and close(h, s * Hv_ref)
+
+    # and the public docstrings and the how-to say so
+    for f in (hessian, ggn, gradient, track):
+        doc = " ".join(f.__doc__.split())
+        assert "keyed by identity" in doc and "jax.jit" in doc, f.__name__
+        assert "params" in doc and "batch" in doc and "mask" in doc, f.__name__
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "how-to", "jax.md"), encoding="utf-8") as fh:
+        page = " ".join(fh.read().split())
+    assert "### What `loss_fn` may read" in page and "keyed by identity" in page.replace(
+        "key their compiled code by the identity", "keyed by identity")
+
+
+# -- 13. sub-byte dtypes in a loader's batches (the data check) ------------------------------
+def test_sub_byte_leaves_in_a_loader_are_checked():
+    X, Y, p = problem()
+    q = jnp.asarray([-8, -1, 0, 1, 7, 3, -3, 2, 5, -5], jnp.int4)
+    for a in (q, jnp.asarray([-2, -1, 0, 1], jnp.int2), jnp.asarray([0, 1, 2, 3], jnp.uint4),
+              jnp.asarray([0, 1, 3], jnp.uint2),
+              jnp.asarray([0.0, -0.0, 1.5, 6.0], jnp.float4_e2m1fn)):
+        assert checksum(a) == checksum(jnp.array(a))          # the same data, bit for bit
+        b = a.at[1].set(a[2])                               # one entry changed
+        assert a[1] != a[2] and checksum(b) != checksum(a), a.dtype
+    zero = jnp.zeros(2, jnp.float4_e2m1fn)
+    assert checksum(zero) != checksum(zero.at[0].set(-0.0))    # -0 apart from +0
+    with jax.enable_x64(True):
+        params = {"w": jnp.asarray(p["w"])}
+        Xj, Yj = jnp.asarray(X), jnp.asarray(Y)
+        leaf = [q]
+
+        def batches():
+            return [(Xj[:5], Yj[:5], leaf[0][:5]), (Xj[5:], Yj[5:], leaf[0][5:])]
+
+        def loss(w, b):
+            return tanh_loss(w, b[:2])
+
+        op = hessian(loss, params, _Gen(batches))
+        H_ref = jax.hessian(lambda w: tanh_loss({"w": w}, (X, Y)))(params["w"])
+        assert close(op.to_dense(), H_ref)
+        assert close(gradient(loss, params, _Gen(batches)),
+                     jax.grad(lambda w: tanh_loss({"w": w}, (X, Y)))(params["w"]))
+        leaf[0] = q.at[7].set(jnp.asarray(-7, jnp.int4))     # one int4 entry changed
+        with pytest.raises(RuntimeError, match="different batch at position 1"):
+            op.matvec(jnp.ones(3))
+
+
+# -- 14. the gradient makes one pass over a loader besides the one that reads it -----------
+def test_gradient_passes_over_a_loader_and_checks_counts_after():
+    X, Y, p = problem()
+
+    class Counting:
+        def __init__(self, batches):
+            self.batches, self.passes = batches, 0
+
+        def __iter__(self):
+            self.passes += 1
+            return iter(self.batches)
+
+    def mean_loss(q, b):
+        return tanh_loss(q, b)
+
+    def pair_loss(q, b):
+        return tanh_loss(q, b), jnp.asarray(b[0].shape[0], b[0].dtype)
+
+    with jax.enable_x64(True):
+        params = {"w": jnp.asarray(p["w"])}
+        g_ref = jax.grad(lambda w: tanh_loss({"w": w}, (X, Y)))(params["w"])
+        for loss in (mean_loss, pair_loss):
+            loader = Counting([(X[:4], Y[:4]), (X[4:], Y[4:])])
+            assert close(gradient(loss, params, loader), g_ref)     # compiles
+            before = loader.passes
+            assert close(gradient(loss, params, loader), g_ref)
+            assert loader.passes - before == 2, loss.__name__
+
+        # a count of 0 from loss_fn is still refused, naming the batch, after the pass
+        def zero_second(q, b):
+            return tanh_loss(q, b), jnp.where(b[0].shape[0] == 6, 0.0, 4.0)
+
+        loader = Counting([(X[:4], Y[:4]), (X[4:], Y[4:])])
+        with pytest.raises(ValueError, match=r"batch 1 of the data: it holds no samples "
+                                             r"\(loss_fn returned a count of 0\)"):
+            gradient(zero_second, params, loader)
+
+        def negative(q, b):
+            return tanh_loss(q, b), jnp.asarray(-1.0)
+
+        with pytest.raises(ValueError, match="batch 0 of the data: sample count -1"):
+            gradient(negative, params, [(X[:4], Y[:4])])

@@ -10,7 +10,9 @@ references (torch.func.hessian, autograd):
 * with a criterion the model is called as ``model(inputs)``: a ``forward(self, x1, x2)``
   model's TypeError says so and points to ``loss_fn``, which works;
 * a batch without samples is refused by every entry point, naming the batch;
-* a tied parameter is selected by any of its names;
+* a tied parameter is selected by any of its exact names, but a glob pattern matches
+  the names ``named_parameters()`` lists only ("dec.*" does not pull in an ``enc.weight``
+  tied to ``dec.weight``);
 * a NaN in a later batch raises a FloatingPointError in ``gradient`` and ``evaluate``.
 
 Tolerance: float64 products of these tiny models agree with torch.func.hessian to a few
@@ -268,7 +270,7 @@ def test_a_batch_without_samples_is_refused_with_the_loss_fn_default_count():
 
 
 # -- tied parameters -----------------------------------------------------------------
-def test_a_tied_parameter_is_selected_by_any_of_its_names():
+def test_a_tied_parameter_is_selected_by_any_of_its_exact_names():
     class Tied(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -288,7 +290,7 @@ def test_a_tied_parameter_is_selected_by_any_of_its_names():
     W = model.out.weight.detach()
     H_ref = flat_hessian(["out.weight"], {"out.weight": W},
                          lambda d: crit(functional_call(model, d, (X,)), y))
-    for sel in (["out2.weight"], "out2.*", ["out.weight", "out2.weight"]):
+    for sel in (["out2.weight"], "out2.weight", ["out.weight", "out2.weight"], "out.*"):
         op = hessian(model, crit, (X, y), params=sel)
         assert op.param_names == ["out.weight"]
         assert rel(op.to_dense(), H_ref) <= TOL
@@ -300,6 +302,46 @@ def test_a_tied_parameter_is_selected_by_any_of_its_names():
     assert rel(g, g_ref.reshape(-1)) <= TOL
     with pytest.raises(ValueError, match=r"matches no parameter.*out2\.weight = out\.weight"):
         hessian(model, crit, (X, y), params=["out3.weight"])
+    # out2's only name is an alias: a pattern does not reach it
+    with pytest.raises(ValueError, match=r"'out2\.\*' matches no parameter.*patterns match "
+                                         r"the listed names only"):
+        hessian(model, crit, (X, y), params="out2.*")
+
+
+def test_a_pattern_does_not_match_the_alias_of_a_tied_parameter():
+    from specdens.backends.torch._params import select_parameters
+
+    class Tied(torch.nn.Module):     # an autoencoder with tied weights, GPT-2's lm_head
+        def __init__(self):
+            super().__init__()
+            self.enc = torch.nn.Linear(4, 4)
+            self.dec = torch.nn.Linear(4, 4)
+            self.dec.weight = self.enc.weight
+            self.wte = torch.nn.Embedding(4, 4)
+            self.lm_head = torch.nn.Linear(4, 4, bias=False)
+            self.lm_head.weight = self.wte.weight
+
+        def forward(self, x):
+            return self.lm_head(self.dec(torch.tanh(self.enc(x))))
+
+    model = Tied().double()
+    names = [n for n, _ in model.named_parameters()]
+    assert names == ["enc.weight", "enc.bias", "dec.bias", "wte.weight"]
+
+    def sel(p):
+        return [n for n, _ in select_parameters(model, p)]
+
+    assert sel("dec.*") == ["dec.bias"]
+    assert sel("*.weight") == ["enc.weight", "wte.weight"]
+    assert sel("dec.weight") == ["enc.weight"]           # the exact alias still selects
+    assert sel(["dec.*", "dec.weight"]) == ["enc.weight", "dec.bias"]
+    with pytest.raises(ValueError, match=r"'lm_head\.\*' matches no parameter"):
+        sel("lm_head.*")
+    assert sel("lm_head.weight") == ["wte.weight"]
+    X = torch.randn(5, 4, dtype=torch.float64)
+    op = hessian(model, data=[(X,)], loss_fn=lambda m, b: m(b[0]).pow(2).mean(),
+                 params="dec.*")
+    assert op.param_names == ["dec.bias"] and op.shape == (4, 4)
 
 
 # -- non-finite losses ------------------------------------------------------------------

@@ -198,18 +198,36 @@ def checksum(batch: Any) -> tuple:
 
 def _words(x: Any) -> Any:
     """The bits of a jax array as a flat uint32 array (bytes and half-words widened,
-    64-bit entries as two words)."""
+    64-bit entries as two words; sub-byte entries widened by value to a byte, or to a
+    half-word for 4-bit floats, first)."""
     if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     if jnp.issubdtype(x.dtype, jnp.complexfloating):
         x = jnp.stack([jnp.real(x), jnp.imag(x)], axis=-1)
     if x.dtype == jnp.bool_:
         return jnp.ravel(x).astype(jnp.uint32)
+    if _bits(x.dtype) < 8:
+        # sub-byte dtypes (int4, uint2, float4_e2m1fn) cannot be bitcast to a byte: widen
+        # them first by value, which is exact and one-to-one (-0 stays apart from +0)
+        if jnp.issubdtype(x.dtype, jnp.integer):
+            wide = jnp.int8 if jnp.iinfo(x.dtype).min < 0 else jnp.uint8
+        else:
+            wide = jnp.float16
+        x = x.astype(wide)
     size = jnp.dtype(x.dtype).itemsize
     if size >= 4:
         return jnp.ravel(jax.lax.bitcast_convert_type(x, jnp.uint32))
     narrow = jnp.uint16 if size == 2 else jnp.uint8
     return jnp.ravel(jax.lax.bitcast_convert_type(x, narrow)).astype(jnp.uint32)
+
+
+def _bits(dtype: Any) -> int:
+    """Bits of one entry of ``dtype`` (4 for int4, whose itemsize says 1 byte)."""
+    if jnp.issubdtype(dtype, jnp.integer):
+        return int(jnp.iinfo(dtype).bits)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return int(jnp.finfo(dtype).bits)
+    return 8 * jnp.dtype(dtype).itemsize
 
 
 def _mix(h: Any) -> Any:

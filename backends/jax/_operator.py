@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from specdens import LinearOperatorBase, _checks
 
@@ -118,12 +119,29 @@ def batch_counts(batches: Any, host_count: Callable[[Any], float | None],
         counts.append(c)
     for (i, _), (positive, tot) in zip(pending, jax.device_get([p for _, p in pending]),
                                        strict=True):
-        positive, tot = float(positive), float(tot)
-        if positive != tot and tot >= 0:    # (a NaN is not >= 0: refused below)
-            raise ValueError(f"batch {i} of the data: a shard has a negative sample count "
-                             f"(total {tot}): counts must be finite and non-negative (check "
-                             "loss_fn's count or batch_size_fn)")
-        counts[i] = tot
+        counts[i] = _shard_total(i, float(positive), float(tot))
+    return check_counts(counts, how)
+
+
+def _shard_total(i: int, positive: float, tot: float) -> float:
+    """The count ``tot`` of batch ``i`` whose shards' positive counts sum to ``positive``;
+    a ValueError when a shard's count is negative."""
+    if positive != tot and tot >= 0:    # (a NaN is not >= 0: refused by check_counts)
+        raise ValueError(f"batch {i} of the data: a shard has a negative sample count "
+                         f"(total {tot}): counts must be finite and non-negative (check "
+                         "loss_fn's count or batch_size_fn)")
+    return tot
+
+
+def pass_counts(per_batch: list[list[Any]], how: str) -> float:
+    """The total of the per-batch counts collected by :meth:`WeightedPass.run` (``counts=``),
+    read back in one transfer and checked as :func:`batch_counts` checks them (a batch
+    with no samples is refused, named; an empty *shard* is allowed)."""
+    counts = []
+    for i, pieces in enumerate(jax.device_get(per_batch)):
+        shards = [float(c) for piece in pieces for c in np.ravel(piece)]
+        positive = sum(c for c in shards if c > 0)
+        counts.append(_shard_total(i, positive, sum(shards)))
     return check_counts(counts, how)
 
 

@@ -85,7 +85,7 @@ class WeightedPass:
     def _plain_step(self, consts: Any, batch: Any, extra: Any, acc: Any, tot: Any) -> Any:
         self.on_trace()
         value, count = self.kernel(consts, batch, extra)
-        return acc + weighted(value, count), tot + count
+        return acc + weighted(value, count), tot + count, count
 
     def _sharded_step(self, consts: Any, batch: Any, extra: Any, acc: Any, tot: Any) -> Any:
         self.on_trace()
@@ -93,27 +93,36 @@ class WeightedPass:
 
         def local(consts: Any, b: Any, extra: Any, acc: Any, tot: Any) -> Any:
             value, count = self.kernel(_varying(consts, ax), b, _varying(extra, ax))
-            return acc + weighted(value, count)[None], tot + count[None]
+            return acc + weighted(value, count)[None], tot + count[None], count[None]
 
         bspec = jax.tree_util.tree_map(lambda x: P(ax) if x.ndim > 0 else P(), batch)
         return jax.shard_map(local, mesh=self.mesh,
                              in_specs=(P(), bspec, P(), P(ax), P(ax)),
-                             out_specs=(P(ax), P(ax)))(consts, batch, extra, acc, tot)
+                             out_specs=(P(ax), P(ax), P(ax)))(consts, batch, extra, acc, tot)
 
     # -- eager pass ------------------------------------------------------------------------
     def run(self, consts: Any, batches: Batches, extra: Any, shape: tuple[int, ...],
-            dtype: Any, sharding: Any) -> list[tuple[Any, Any]]:
+            dtype: Any, sharding: Any, counts: list[list[Any]] | None = None
+            ) -> list[tuple[Any, Any]]:
         """One pass; the running sums ``[(sum n_b value_b, sum n_b), ...]`` (per-device sums
         with a leading shard axis, and a replicated one, with a mesh). Nothing is read
-        back."""
+        back. With a list ``counts``, each batch's counts are appended to it as they come
+        out of the steps (a list per batch of device arrays: the count, or with a mesh the
+        per-device counts of its sharded part and the count of its replicated rest), for
+        the caller to read back and check after the pass."""
         sums: dict[str, list[Any]] = {}
         for batch in batches:
+            mine: list[Any] = []
             for kind, part in self.pieces(batch):
                 if kind not in sums:
                     sums[kind] = self._zeros(kind, shape, dtype, sharding)
                 step = self._sharded if kind == "sharded" else self._plain
                 acc, tot = sums[kind]
-                sums[kind] = list(step(consts, self._put(kind, part), extra, acc, tot))
+                acc, tot, count = step(consts, self._put(kind, part), extra, acc, tot)
+                sums[kind] = [acc, tot]
+                mine.append(count)
+            if counts is not None:
+                counts.append(mine)
         return [tuple(s) for s in sums.values()]
 
     def _zeros(self, kind: str, shape: tuple[int, ...], dtype: Any, sharding: Any) -> list[Any]:

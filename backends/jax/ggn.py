@@ -138,6 +138,15 @@ def ggn(
     GGNOperator
         Same vector space as ``hessian(...)`` with the same params and mask.
 
+    Notes
+    -----
+    ``model_fn``, ``criterion`` and ``batch_size_fn`` are keyed by identity, as
+    :func:`jax.jit` keys functions (see :func:`specdens.backends.jax.hessian`, Notes):
+    later operators built from the same function objects reuse the compiled products, and
+    what those functions read from outside their arguments (captured values, globals, a
+    bound method's ``self``, state changed in place) is fixed at the first trace. Pass
+    values that change through ``params`` (a leaf left out by ``mask``) or the batch.
+
     References
     ----------
     N. N. Schraudolph (2002), Fast curvature matrix-vector products for second-order

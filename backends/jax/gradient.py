@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from ._data import LOSS_ADVICE, Batches, count_source, explain_one_batch
-from ._loss import BatchLoss, host_count
-from ._operator import batch_counts, check_weight_decay, placement
+from ._loss import BatchLoss
+from ._operator import check_weight_decay, pass_counts, placement
 from ._params import ParamSpace
 from ._pass import WeightedPass, acc_dtype, total
 
@@ -56,8 +56,16 @@ def gradient(
     The compiled steps are shared by later calls with the same ``loss_fn`` and
     ``batch_size_fn`` objects, parameter structure, selection, ``weight_decay``,
     ``regularizer`` and mesh (the 8 most recent such groups): a tracker's records trace
-    nothing again. Sample counts that need the traced loss (``loss_fn`` returning
-    ``(mean_loss, count)``) are read first by a compiled forward pass.
+    nothing again. Functions are keyed by identity, as :func:`jax.jit` keys them: what
+    ``loss_fn`` reads from outside its arguments (a closure's captured values, a global,
+    a bound method's ``self``, a dict changed in place) is fixed at its first trace, and
+    calling again with the same function object after such a value changed returns the
+    gradient for the old value, as the Hessian's products do. Pass values that change
+    through ``params`` (a leaf left out by ``mask``) or the batch (example in
+    :func:`specdens.backends.jax.hessian`, Notes), or build a new function for each.
+
+    Sample counts come out of the gradient pass itself (one pass over the data besides
+    the one that reads it when called) and are checked after it.
 
     References
     ----------
@@ -80,11 +88,12 @@ def gradient(
             out = jax.eval_shape(lambda c, b: loss_fn(space.combine(*c), b), consts,
                                  batches.first())
             compiled.pair = isinstance(out, (tuple, list))
-        pair = compiled.pair
-        host = (lambda b: None) if pair else (lambda b: host_count(batch_size_fn, b))
-        batch_counts(batches, host, compiled.counter, consts, compiled.acc, sharding,
-                     count_source(pair, batch_size_fn))
-        parts = compiled.grads.run(consts, batches, None, (space.n,), compiled.acc, sharding)
+        # the counts come out of the gradient pass itself and are checked after it (a batch
+        # with no samples weighs 0 in the sums, then is refused, named, before finishing)
+        counts: list[list[Any]] = []
+        parts = compiled.grads.run(consts, batches, None, (space.n,), compiled.acc, sharding,
+                                   counts=counts)
+    pass_counts(counts, count_source(compiled.pair, batch_size_fn))
     g = compiled.finish(consts, parts)
     finite = np.asarray(jnp.isfinite(g))
     if not finite.all():
@@ -96,7 +105,7 @@ def gradient(
 
 
 class _Compiled:
-    """The compiled per-batch steps of a gradient (the gradient and the count of a batch)
+    """The compiled per-batch step of a gradient (the gradient and the count of a batch)
     and its final step, for one loss, parameter structure and set of options: shared by
     every later call with the same ones (the 8 most recent), which then trace nothing."""
 
@@ -116,10 +125,6 @@ class _Compiled:
             return jax.grad(lambda x: loss(space.combine(x, frozen), batch, acc),
                             has_aux=True)(x0)
 
-        def counts(consts: Any, batch: Any, _: Any) -> tuple[Any, Any]:
-            x0, frozen = consts
-            return jnp.ones((), acc), loss(space.combine(x0, frozen), batch, acc)[1]
-
         def finish(consts: Any, parts: Any) -> Any:
             x0, frozen = consts
             total_g, tot = total(parts)
@@ -132,7 +137,6 @@ class _Compiled:
             return g.astype(dtype)
 
         self.grads = WeightedPass(kernel, mesh, axes, traced)
-        self.counter = WeightedPass(counts, mesh, axes, lambda: None)
         self.finish = jax.jit(finish, out_shardings=sharding if mesh is not None else None)
 
 

@@ -162,6 +162,27 @@ def hessian(
         ``num_samples``, ``num_traces``, and ``jax_operand()`` / ``jax_apply(operand, V)``
         for :func:`specdens.backends.jax.lanczos`.
 
+    Notes
+    -----
+    Functions are keyed by identity, as :func:`jax.jit` keys them. The compiled products
+    are shared by later operators (and :func:`specdens.backends.jax.gradient` shares its
+    compiled steps likewise) built from the same ``loss_fn``, ``batch_size_fn`` and
+    ``regularizer`` *objects* with the same parameter structure and settings; whatever a
+    function reads from outside its arguments -- a closure's captured values, a global, a
+    bound method's ``self``, a dict or list changed in place -- is a constant fixed when it
+    was first traced, and a later change to it is *not* seen: the same function object
+    gives the results of its first trace. Values that change (a loss scale, flax
+    ``batch_stats`` updated by training, a step-dependent coefficient) must come in
+    through ``params`` (a leaf left out by ``mask``) or through the batch; a new function
+    object (a fresh closure per value) also works but compiles again::
+
+        def loss_fn(params, batch):       # NOT: scale read from a global or closure
+            x, y = batch
+            return params["scale"] * jnp.mean((x @ params["w"] - y) ** 2)
+
+        p = {"w": w, "scale": jnp.float32(scale)}
+        H = hessian(loss_fn, p, batches, mask=["w"])     # scale: held fixed, not stale
+
     References
     ----------
     B. A. Pearlmutter (1994), Fast exact multiplication by the Hessian, Neural Computation

@@ -49,7 +49,21 @@ def track(
     loss_fn, params, data, mask, batch_size_fn, weight_decay
         As in :func:`specdens.backends.jax.hessian` (``loss_fn(params, batch)`` returns
         the batch's mean loss, or ``(mean_loss, count)``). ``data`` must yield the same
-        batches on every pass.
+        batches on every pass. ``loss_fn`` is keyed by identity, as :func:`jax.jit`
+        keys functions: the Hessian and the gradient of every record after the first
+        reuse the products compiled for the first, so whatever ``loss_fn`` reads from
+        outside its arguments stays as it was then (only the loss, evaluated eagerly,
+        would see a change). State that training updates -- flax ``batch_stats``, a loss
+        scale -- goes into ``params`` (left out by ``mask``) or the batch, never into a
+        closure or a global::
+
+            def loss_fn(p, batch):
+                logits = model.apply({"params": p["params"],
+                                      "batch_stats": p["batch_stats"]}, batch[0])
+                return cross_entropy(logits, batch[1])
+
+            track(tracker, loss_fn, {"params": params, "batch_stats": batch_stats},
+                  fixed, step=step, mask=["params.*"])
     step
         The training step.
     accuracy_fn

@@ -26,8 +26,10 @@ def select_parameters(model: torch.nn.Module, params: Any) -> list[tuple[str, to
         each must match at least one parameter. A string that is the exact name of a
         parameter selects that parameter only, and is not read as a pattern (a
         ``ModuleDict`` key may hold ``[``, ``]``, ``*`` or ``?``). A tied (shared)
-        parameter is listed once, under its first name, and any of its names (or a pattern
-        matching one) selects it. An iterable of
+        parameter is listed once, under its first name; its exact names, the aliases
+        included, select it, but a pattern matches first names only (with ``dec.weight``
+        tied to ``enc.weight``, ``"dec.weight"`` selects ``enc.weight`` while ``"dec.*"``
+        does not). An iterable of
         tensors: those parameters (by identity); each must belong to ``model``. Strings
         and tensors may be mixed.
     """
@@ -56,12 +58,15 @@ def select_parameters(model: torch.nn.Module, params: Any) -> list[tuple[str, to
     aliases = {n: c for n, c in canonical.items() if n != c}
     for item in params:
         if isinstance(item, str):
+            # an exact name (an alias of a tied parameter included) selects that
+            # parameter; a pattern matches the names named_parameters() lists only, so
+            # "lm_head.*" does not pull in an embedding tied to lm_head.weight
             hits = ([item] if item in canonical else
-                    [n for n in canonical if fnmatch.fnmatchcase(n, item)])
+                    [n for n in names if fnmatch.fnmatchcase(n, item)])
             if not hits:
-                tied = (f" (tied parameters, listed once, also answer to "
-                        f"{', '.join(f'{a} = {c}' for a, c in aliases.items())})"
-                        if aliases else "")
+                tied = (f" (tied parameters, listed once, also answer to the exact names "
+                        f"{', '.join(f'{a} = {c}' for a, c in aliases.items())}; patterns "
+                        f"match the listed names only)" if aliases else "")
                 raise ValueError(f"params: {item!r} matches no parameter of "
                                  f"{type(model).__name__}; its parameters are {names}{tied}")
             wanted.update(canonical[n] for n in hits)
