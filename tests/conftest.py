@@ -26,6 +26,25 @@ def sym_from_spectrum(lam: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     A = (Q * lam) @ Q.T
     return 0.5 * (A + A.T)
 
+def flat_function_hessian(names, values, f, *, with_gradient=False):
+    """``torch.func.hessian`` of ``f(dict of tensors)`` at ``values`` (a dict), flat in
+    ``names`` order; with ``with_gradient``, ``(hessian, gradient)``."""
+    import torch
+
+    shapes = [values[n].shape for n in names]
+    theta0 = torch.cat([values[n].reshape(-1) for n in names])
+
+    def g(theta):
+        d, o = {}, 0
+        for n, s in zip(names, shapes, strict=True):
+            d[n] = theta[o:o + s.numel()].reshape(s)
+            o += s.numel()
+        return f(d)
+
+    H = torch.func.hessian(g)(theta0)
+    return (H, torch.func.grad(g)(theta0)) if with_gradient else H
+
+
 
 @pytest.fixture
 def rng() -> np.random.Generator:

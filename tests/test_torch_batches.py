@@ -21,6 +21,7 @@ import collections
 
 import pytest
 import torch
+from conftest import flat_function_hessian
 from specdens.backends.torch import gradient, hessian, tracking
 from torch.func import functional_call
 
@@ -40,17 +41,7 @@ def model_and_data(seed=0, n=20):
 def dense_hessian(model, loss_of_params):
     names = [n for n, _ in model.named_parameters()]
     base = {n: p.detach() for n, p in model.named_parameters()}
-    shapes = [base[n].shape for n in names]
-    theta0 = torch.cat([base[n].reshape(-1) for n in names])
-
-    def f(theta):
-        d, o = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            d[n] = theta[o:o + s.numel()].reshape(s)
-            o += s.numel()
-        return loss_of_params(d)
-
-    return torch.func.hessian(f)(theta0), torch.func.grad(f)(theta0)
+    return flat_function_hessian(names, base, loss_of_params, with_gradient=True)
 
 
 def rel(A, B):

@@ -27,6 +27,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import flat_function_hessian
 from specdens.backends.torch import ggn, gradient, hessian, tracking
 from specdens.backends.torch._data import is_single_batch
 from torch.func import functional_call
@@ -44,17 +45,7 @@ def rel(A, B):
 def flat_hessian(names, values, f):
     """torch.func.hessian of ``f(dict of tensors)`` at ``values``, flat in ``names``
     order."""
-    shapes = [values[n].shape for n in names]
-    theta0 = torch.cat([values[n].reshape(-1) for n in names])
-
-    def g(theta):
-        d, o = {}, 0
-        for n, s in zip(names, shapes, strict=True):
-            d[n] = theta[o:o + s.numel()].reshape(s)
-            o += s.numel()
-        return f(d)
-
-    return torch.func.hessian(g)(theta0)
+    return flat_function_hessian(names, values, f)
 
 
 def data(n=9, seed=1):
