@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ._json import plain
 from .analysis import GradientConcentration, SpectrumStats
 from .density import SpectralDensity
 from .summary import Bulk, Outlier
@@ -53,23 +53,8 @@ def _arr(x: Any, ndim: int = 1) -> np.ndarray:
 
 
 def _plain(obj: Any) -> Any:
-    """Plain JSON types: numpy scalars and arrays to Python, non-finite floats to None."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _plain(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return _f(obj)
-    if obj is None or isinstance(obj, (bool, int, str)):
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot store a {type(obj).__name__} in a tracker record; use numbers, "
-                    "strings, lists and dicts")
+    """Plain JSON types for a tracker record (see :func:`specdens._json.plain`)."""
+    return plain(obj, where="a tracker record")
 
 
 def _density_to_json(d: SpectralDensity) -> dict:

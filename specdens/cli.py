@@ -486,7 +486,7 @@ def _input_identity(info: dict) -> tuple:
 def _cmd_spectrum(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from . import __version__
+    from . import __version__, _json
     from .algorithms.lanczos import ScaleError
     from .algorithms.slq import slq
     from .summary import summarize
@@ -570,7 +570,8 @@ def _cmd_spectrum(args: argparse.Namespace) -> int:
         })
         summary["files"] = {k: str(v) for k, v in files.items()}
         summary["specdens_version"] = __version__
-        files["summary"].write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False)
+        files["summary"].write_text(json.dumps(_json.plain(summary, where="the summary"),
+                                               indent=2, allow_nan=False)
                                     + "\n")
     except OSError as exc:
         raise UsageError(f"cannot write into {out_dir}: {exc}") from None
@@ -671,25 +672,6 @@ def _exact_comparison(density: Any, eigenvalues: Any) -> dict:
         "wasserstein1_over_range": w1 / spread if spread > 0 else None,
     }
     return out
-
-
-def _jsonable(obj: Any) -> Any:
-    """Plain JSON types: numpy scalars to Python, NaN and infinities to None."""
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 def _pm(est: dict, fmt: str = ".6g") -> str:

@@ -69,6 +69,7 @@ from typing import Any
 import numpy as np
 
 from . import _checks
+from ._json import plain
 from ._progress import ProgressBar
 from .tracker import (
     SpectrumRecord,
@@ -591,7 +592,8 @@ def run_investigation(config: InvestigationConfig, out_dir: str | Path, *,
     summary["notes"] = notes
     files["summary"] = out / SUMMARY_FILE
     files["report"] = out / REPORT_FILE
-    files["summary"].write_text(json.dumps(_jsonable(summary), indent=2, allow_nan=False)
+    files["summary"].write_text(json.dumps(plain(summary, where="the summary"), indent=2,
+                                           allow_nan=False)
                                 + "\n")
     files["report"].write_text(render_report(summary, files))
     return InvestigationResult(out_dir=out, files=files, summary=summary, wall_time=wall,
@@ -879,20 +881,6 @@ def _verdicts(runs: dict, config: InvestigationConfig) -> dict:
     else:
         out["population_returns"] = missing("bn-batch", "bn-population")
     return out
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 # -- the report ----------------------------------------------------------------------------
