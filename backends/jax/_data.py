@@ -371,13 +371,18 @@ class Batches:
         return next(iter(self._iterate()))
 
     def __iter__(self) -> Iterator[Any]:
-        """One pass; raises a RuntimeError when it differs from the first pass."""
+        """One pass; raises a RuntimeError when it differs from the first pass. A batch
+        whose leaves are the very arrays of the first pass (a list of batches) is neither
+        checked for its device nor summed again: that was done when it was built."""
         i = -1
-        for i, batch in enumerate(self._iterate()):
+        for i, batch in enumerate(iterate(self._data)):
             if i >= self.num_batches:
                 raise RuntimeError(self._count_message(i + 1))
-            if self.check:
-                self._verify(i, batch)
+            if not self._same_leaves(i, batch):
+                if self.device is not None:
+                    check_device(batch, self.device, i)
+                if self.check:
+                    self._verify(i, batch)
             yield batch
         if i + 1 != self.num_batches:
             raise RuntimeError(self._count_message(i + 1))
@@ -386,12 +391,15 @@ class Batches:
         return (f"the data yielded {got} batches in this pass and {self.num_batches} when the "
                 "operator was built; it must yield the same batches on every pass")
 
-    def _verify(self, i: int, batch: Any) -> None:
-        leaves = jax.tree_util.tree_leaves(batch)
+    def _same_leaves(self, i: int, batch: Any) -> bool:
+        """Whether the leaves of ``batch`` are the arrays kept from the first pass."""
         ref = self._refs[i]
-        if ref is not None and len(leaves) == len(ref) and all(
-                a is b for a, b in zip(leaves, ref, strict=True)):
-            return
+        if ref is None:
+            return False
+        leaves = jax.tree_util.tree_leaves(batch)
+        return len(leaves) == len(ref) and all(a is b for a, b in zip(leaves, ref, strict=True))
+
+    def _verify(self, i: int, batch: Any) -> None:
         if signature(batch) != self._sigs[i] or not _same(checksum(batch), self._sums[i]):
             raise RuntimeError(
                 f"the data yielded a different batch at position {i} in this pass than when "
