@@ -125,3 +125,44 @@ def test_four_cpu_devices_match_one():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "ALL OK" in proc.stdout
     assert proc.stdout.count("ok ") == 3
+
+
+BACKLOG = textwrap.dedent('''
+    import jax, jax.numpy as jnp, numpy as np
+    import specdens
+    from specdens.backends.jax import hessian
+    jax.config.update("jax_enable_x64", True)
+    rng = np.random.default_rng(0)
+    params = {"w1": jnp.asarray(rng.normal(size=(64, 256)) / 8),
+              "w2": jnp.asarray(rng.normal(size=(256,)) / 16)}
+    X, y = rng.normal(size=(2048, 64)), rng.normal(size=2048)
+
+    def loss(p, b):
+        return jnp.mean((jnp.tanh(b[0] @ p["w1"]) @ p["w2"] - b[1]) ** 2)
+
+    H = hessian(loss, params, [(X, y)], mesh=jax.devices())
+    V = jax.device_put(rng.normal(size=(H.shape[0], 4)), H.sharding)
+    outs = [H.matmat(V) for _ in range(60)]     # nothing read back in between
+    spread = max(float(jnp.abs(o - outs[0]).max()) for o in jax.block_until_ready(outs))
+    assert spread == 0.0, spread
+    d = specdens.slq(H, num_steps=40, num_probes=2, seed=0)
+    assert np.isfinite(d.nodes).all()
+    print("ALL OK")
+''')
+
+
+def test_products_on_a_small_cpu_pool_do_not_deadlock():
+    """A backlog of un-awaited products on 4 CPU devices with the 4-thread pool of a
+    2-core machine (``PJRT_NPROC=1``: XLA sizes the pool as max(cores, devices)).
+
+    Before the pass waited for its reduction on CPU meshes, 60 products dispatched in a
+    row (or an eager SLQ run outpacing the devices) left more than 32 programs per device
+    queued behind a cross-device reduction, and XLA aborted the process when the
+    rendezvous timed out (here after 10 s instead of the default 40 s)."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PJRT_NPROC="1")
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+                        " --xla_cpu_collective_call_terminate_timeout_seconds=10").strip()
+    proc = subprocess.run([sys.executable, "-c", BACKLOG], capture_output=True, text=True,
+                          timeout=300, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    assert "ALL OK" in proc.stdout

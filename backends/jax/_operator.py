@@ -114,8 +114,8 @@ def batch_counts(batches: Any, host_count: Callable[[Any], float | None],
         c = host_count(batch)
         if c is None:
             # the weighted sum of ones is the sum of the positive counts of the shards
-            pending.append((i, total(counter.run(consts, [batch], None, (), dtype,
-                                                 sharding))))
+            pending.append((i, counter.settle(total(counter.run(consts, [batch], None, (),
+                                                                dtype, sharding)))))
         counts.append(c)
     for (i, _), (positive, tot) in zip(pending, jax.device_get([p for _, p in pending]),
                                        strict=True):
@@ -247,7 +247,7 @@ class DataOperator(LinearOperatorBase):
         k = int(V.shape[1])
         parts = self._pass.run(self.consts, self.batches, V, (k, self.space.n),
                                self.acc_dtype, self.sharding)
-        return self._finish(self.consts, parts, V)
+        return self._pass.settle(self._finish(self.consts, parts, V))
 
     def _finish_products(self, consts: Any, parts: Any, V: Any) -> Any:
         acc, tot = total(parts)
