@@ -45,22 +45,16 @@ class WeightedPass:
         self.axes = axes
         self.shards = distributed.num_shards(mesh, axes)
         self.on_trace = on_trace
-        # XLA's CPU client runs a multi-device program on one thread per device, from a
-        # pool of max(cores, devices) threads, and a dispatch blocks a pool thread while
-        # its device has 32 programs in flight. A backlog of 32 behind a reduction across
-        # the devices therefore deadlocks a pool with fewer than twice as many threads as
-        # devices (a 2-core machine with 4 forced host devices): the rendezvous waits 40 s
-        # for a device that never gets a thread, then aborts the process. On such a mesh,
-        # the results of a pass's reduction are waited for (see :meth:`settle`).
-        devices = [] if mesh is None else list(np.ravel(mesh.devices))
-        self.settles = len(devices) > 1 and all(d.platform == "cpu" for d in devices)
+        # on several CPU devices, a reduction's results are waited for (see settle)
+        self.settles = mesh is not None and distributed.waits_for_reductions(mesh)
         donate = (3, 4) if jax.default_backend() != "cpu" else ()
         self._plain = jax.jit(self._plain_step, donate_argnums=donate)
         self._sharded = jax.jit(self._sharded_step, donate_argnums=donate)
 
     def settle(self, x: Any) -> Any:
-        """``x``, waited for on a mesh of several CPU devices (see ``settles``), so that
-        no backlog of programs builds up behind its reduction; as is elsewhere."""
+        """``x``, waited for on a mesh of several CPU devices, so that no backlog of
+        programs builds up behind its reduction (see
+        :func:`.distributed.waits_for_reductions`); as is elsewhere."""
         return jax.block_until_ready(x) if self.settles else x
 
     # -- placement ---------------------------------------------------------------------

@@ -93,3 +93,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def sharded(mesh: Mesh, axes: tuple[str, ...]) -> NamedSharding:
     """Leading axis split over the data axes."""
     return NamedSharding(mesh, P(axes))
+
+
+def waits_for_reductions(devices: Any) -> bool:
+    """Whether programs across ``devices`` (a mesh, a sharding or a device) must be waited
+    for one by one: on several CPU devices.
+
+    XLA's CPU client runs a multi-device program on one thread per device, from a pool of
+    max(cores, devices) threads, and a dispatch blocks a pool thread while its device has
+    32 programs in flight. A backlog of 32 behind a reduction across the devices therefore
+    deadlocks a pool with fewer than twice as many threads as devices (4 forced host
+    devices on a 2-core machine): the rendezvous waits 40 s for a device that never gets a
+    thread, then aborts the process. Accelerators do not share such a pool.
+    """
+    if isinstance(devices, Mesh):
+        found = list(np.ravel(devices.devices))
+    elif hasattr(devices, "device_set"):
+        found = list(devices.device_set)
+    else:
+        found = []
+    return len(found) > 1 and all(d.platform == "cpu" for d in found)
