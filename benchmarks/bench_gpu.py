@@ -22,7 +22,9 @@ transformer encoder block), it prints Markdown tables of:
   single ``op.matvec`` calls, with graphs rebuilt per product (where a block saves k - 1
   forward and backward passes) and with ``block="batched"`` (one vectorised backward);
 * **memory**: peak GPU memory of ``specdens.slq`` for each reorthogonalisation mode
-  (``torch.cuda.max_memory_allocated`` above what the operator itself holds).
+  (``torch.cuda.max_memory_allocated`` above what the operator itself holds), next to
+  the size of the float32 basis the mode keeps (full: every step; local: the last 20
+  steps, the default window; none: no basis).
 
 The products, block and memory tables compare specdens with itself, on specdens's
 default ``batchnorm="batch"`` (BatchNorm on the statistics of the batch, as in training);
@@ -163,6 +165,7 @@ def timed(fn: Callable[[], Any], device: Any, reps: int) -> float:
 # tables of specdens against itself in specdens's default (batch statistics)
 BN_VS_PYHESSIAN = "population"
 BN_OWN = "batch"
+WINDOW = 20  # specdens.lanczos's default window of reorth="local"
 
 
 def products(model: Any, batch: Any, device: Any, reps: int) -> dict[str, float]:
@@ -298,7 +301,10 @@ def memory_per_mode(model: Any, batch: Any, device: Any, steps: int,
         sync(device)
         wall = time.perf_counter() - t0
         peak = (torch.cuda.max_memory_allocated(device) - base) if cuda else None
-        basis = steps * probes * op.shape[0] * 4
+        # the basis each mode keeps: every step (full), the last WINDOW steps (local, the
+        # default window), none
+        rows_kept = {"full": steps, "local": min(WINDOW, steps), "none": 0}[mode]
+        basis = rows_kept * probes * op.shape[0] * 4
         rows.append([mode, f"{wall:.2f}", _common.gib(peak), _common.gib(basis)])
         del op
     return rows
@@ -490,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nPeak memory of slq ({args.steps} steps x {probes} probes) per mode, "
                   f"{bn_note(model, BN_OWN)}:\n")
             print(_common.markdown_table(
-                ["reorth", "wall s", "peak above operator GiB", "float32 basis GiB"],
+                ["reorth", "wall s", "peak above operator GiB",
+                 "float32 basis kept GiB"],
                 memory_per_mode(model, batch, device, args.steps, probes)))
         print(f"\n({name}: {time.perf_counter() - t0:.1f} s)")
     return 0

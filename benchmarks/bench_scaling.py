@@ -239,9 +239,10 @@ def _claim(op: Any, cfg: dict[str, Any], kwargs: dict[str, Any],
 
 def run_child(cfg: dict[str, Any], threads: int | None) -> dict[str, Any]:
     """Run ``cfg`` in a fresh Python process (clean peak RSS)."""
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg)]
-    if threads:
-        cmd += ["--threads", str(threads)]
+    # always passed on: the child's default is 1 thread, and 0 (the libraries' own
+    # settings) must reach it as 0
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", json.dumps(cfg),
+           "--threads", str(threads or 0)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -259,14 +260,16 @@ def run_child(cfg: dict[str, Any], threads: int | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- calibration
 
 
-def calibration_child() -> dict[str, Any]:
+def calibration_child(threads: int) -> dict[str, Any]:
     """One Hessian-vector product of bench_torch's ``mlp-wide`` workload (digits MLP
-    64-512-512-10, full batch): median seconds of 7 after a warm-up."""
+    64-512-512-10, full batch): median seconds of 7 after a warm-up. ``threads`` torch
+    threads (0: torch's own default)."""
     import bench_torch
     import torch
     from specdens.backends.torch import hessian
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
+    if threads:
+        torch.set_num_threads(threads)
     model, data = bench_torch.mlp_workload(False, wide=True)
     op = hessian(model, torch.nn.CrossEntropyLoss(), data[0])
     v = torch.randn(op.shape[0])
@@ -280,13 +283,17 @@ def calibration_child() -> dict[str, Any]:
             "threads": torch.get_num_threads(), "seconds": _common.median(ts)}
 
 
-def real_claim_child(steps: int, repeats: int, smoke: bool) -> dict[str, Any]:
+def real_claim_child(steps: int, repeats: int, smoke: bool, threads: int) -> dict[str, Any]:
     """Pairs of (``steps`` products alone, a ``steps``-step Lanczos run) on the Hessian of
     the digits MLP 64-1024-1024-10, float32, full reorthogonalisation, float32 basis.
 
     Each Lanczos run also times its own products (a timer around the operator's
     ``matmat``, which the engine calls once per step), which splits the run into the
-    products and the engine without the drift between two runs 10-20 s apart."""
+    products and the engine without the drift between two runs 10-20 s apart.
+
+    ``threads`` torch threads (0: torch's own default). The pairs alternate their order
+    (products alone first in even repetitions, the Lanczos run first in odd ones), as
+    ``_claim`` does, so that a drift of the machine does not favour one side."""
     import bench_torch
     import numpy as np
     import torch
@@ -294,7 +301,8 @@ def real_claim_child(steps: int, repeats: int, smoke: bool) -> dict[str, Any]:
 
     import specdens
 
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 1))
+    if threads:
+        torch.set_num_threads(threads)
     width = 24 if smoke else 1024
     model, data = bench_torch.mlp_workload(smoke, wide=True, width=width)
     op = hessian(model, torch.nn.CrossEntropyLoss(), data[0])
@@ -322,13 +330,21 @@ def real_claim_child(steps: int, repeats: int, smoke: bool) -> dict[str, Any]:
         finally:
             del op.matmat
 
-    pairs, float32_runs = [], []
-    for rep in range(repeats):
+    def products_alone() -> float:
         t0 = time.perf_counter()
         for _ in range(steps):
             op.matvec(v)
-        t_products = time.perf_counter() - t0
-        t_lanczos, t_inside, r = timed_run(rep, None)
+        return time.perf_counter() - t0
+
+    pairs, float32_runs, orders = [], [], []
+    for rep in range(repeats):
+        if rep % 2 == 0:
+            t_products = products_alone()
+            t_lanczos, t_inside, r = timed_run(rep, None)
+        else:
+            t_lanczos, t_inside, r = timed_run(rep, None)
+            t_products = products_alone()
+        orders.append("products first" if rep % 2 == 0 else "Lanczos first")
         pairs.append([t_lanczos, t_products, t_inside])
         t32, t32_inside, r32 = timed_run(rep, "float32")
         # the largest Ritz values of the two runs (same probe): what float32 arithmetic
@@ -338,15 +354,16 @@ def real_claim_child(steps: int, repeats: int, smoke: bool) -> dict[str, Any]:
     return {"status": "ok", "n": int(op.shape[0]), "width": width,
             "samples": int(len(data[0][0])),
             "threads": torch.get_num_threads(), "steps": steps, "basis": r.basis_dtype,
-            "dtype": r.dtype, "pairs": pairs, "float32_runs": float32_runs}
+            "dtype": r.dtype, "pairs": pairs, "float32_runs": float32_runs,
+            "orders": orders}
 
 
 def real_claim(args: argparse.Namespace) -> dict[str, Any]:
     """``real_claim_child`` in a child process (in this one with ``--in-process``)."""
     if args.in_process:
-        return real_claim_child(args.steps, args.repeats, args.smoke)
+        return real_claim_child(args.steps, args.repeats, args.smoke, args.threads)
     cmd = [sys.executable, os.path.abspath(__file__), "--real-child", "--steps",
-           str(args.steps), "--repeats", str(args.repeats), "--threads", str(args.threads or 1)]
+           str(args.steps), "--repeats", str(args.repeats), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -362,9 +379,11 @@ def real_claim_table(r: dict[str, Any]) -> str:
     # (results of before the float32 runs were added have none)
     nan = float("nan")
     f32 = r.get("float32_runs") or [[nan, nan, nan, nan]] * len(r["pairs"])
-    for i, ((t_lanczos, t_products, t_inside), (t32, t32_in, top64, top32)) in enumerate(
-            zip(r["pairs"], f32, strict=True)):
-        rows.append([str(i + 1), fmt(1e3 * t_products / r["steps"]),
+    # (results of before the order alternated ran the products first in every pair)
+    orders = r.get("orders") or ["products first"] * len(r["pairs"])
+    for i, ((t_lanczos, t_products, t_inside), (t32, t32_in, top64, top32), order) in \
+            enumerate(zip(r["pairs"], f32, orders, strict=True)):
+        rows.append([str(i + 1), order, fmt(1e3 * t_products / r["steps"]),
                      fmt(1e9 * t_products / r["steps"] / r["n"]), fmt(t_products),
                      fmt(t_lanczos), fmt(t_inside),
                      f"{100 * (t_lanczos - t_inside) / t_inside:.1f} %",
@@ -381,7 +400,7 @@ def real_claim_table(r: dict[str, Any]) -> str:
         return "yes" if _common.median(x) < TARGET_OVERHEAD else "no"
 
     return (_common.markdown_table(
-        ["pair", "product ms", "ns / param", "products alone s", "Lanczos s",
+        ["pair", "order", "product ms", "ns / param", "products alone s", "Lanczos s",
          "its products s", "engine / its products", "its products / alone",
          "Lanczos / products alone - 1", "engine / its products, float32 arithmetic",
          "largest Ritz value, float32 against float64 arithmetic"], rows)
@@ -409,7 +428,7 @@ def calibrate_hvp(threads: int | None) -> dict[str, Any] | None:
     """ns per parameter of a real Hessian-vector product, measured in a child process;
     None (with a message) when PyTorch or scikit-learn is missing."""
     cmd = [sys.executable, os.path.abspath(__file__), "--calibration-child",
-           "--threads", str(threads or 1)]
+           "--threads", str(threads or 0)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -609,10 +628,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     _common.set_threads(args.threads or None)
     if args.calibration_child:
-        print(json.dumps(calibration_child()), flush=True)
+        print(json.dumps(calibration_child(args.threads)), flush=True)
         return 0
     if args.real_child:
-        print(json.dumps(real_claim_child(args.steps, args.repeats, False)), flush=True)
+        print(json.dumps(real_claim_child(args.steps, args.repeats, False, args.threads)),
+              flush=True)
         return 0
     if args.child:
         print(json.dumps(run_config(json.loads(args.child))), flush=True)
@@ -626,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
         args.n_list, args.all_modes_max_n = "2000,10000", 1e9
         args.steps_list, args.steps_n, args.steps_modes = "6,12", 5000, "full:float32,none"
         args.probes_list, args.probes_n = "1,2", 5000
-        args.claim_n, args.repeats, args.steps = "10000", 1, 12
+        args.claim_n, args.repeats, args.steps = "10000", 2, 12  # 2: both pair orders
         args.no_calibrate, args.in_process = True, True
     parts = [t.strip() for t in args.parts.split(",") if t.strip()]
     bad = [t for t in parts if t not in PARTS]

@@ -256,7 +256,9 @@ def script(name: str, *argv: str) -> list[str]:
 def plan(args: argparse.Namespace, out: Path) -> list[Part]:
     """The parts to run, with their command lines."""
     smoke, full = args.smoke, args.full
-    thr = ["--threads", str(args.threads)] if args.threads else []
+    # always passed on, 0 included: the scripts' own defaults differ (several are 1), and
+    # every one of them takes 0 as "leave the libraries' thread settings alone"
+    thr = ["--threads", str(args.threads)]
     reps = lambda default: str(args.repeats or default)  # noqa: E731
     cmds: dict[str, tuple[str, list[str]]] = {
         "engine": ("Engine overhead (diagonal operator)",
@@ -273,8 +275,7 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
                         "90" if full else "30"]), *thr)),
         "tf": ("TensorFlow backend against the PyTorch one",
                script("bench_tf.py", *(["--smoke"] if smoke else
-                      ["--repeats", reps(5 if full else 3)]), "--threads",
-                      str(args.threads or 0))),
+                      ["--repeats", reps(5 if full else 3)]), *thr)),
         "estimators": ("Estimators: deflation, trace estimators, KPM",
                        script("bench_estimators.py", *(["--smoke"] if smoke else
                               ["--reps", "40" if full else "20"]), *thr)),
@@ -344,6 +345,12 @@ def run_command(cmd: list[str], env: dict[str, str],
     return rc, out, "".join(err), time.perf_counter() - t0
 
 
+def memory_command(group: list[str], args: argparse.Namespace) -> list[str]:
+    """The command line of the memory child for ``group`` of "workload|tool" pairs."""
+    return script("run_all.py", "--child", "memory", "--pairs", ";".join(group),
+                  "--threads", str(args.threads), *(["--smoke"] if args.smoke else []))
+
+
 def run_memory(part: Part, args: argparse.Namespace, env: dict[str, str]) -> None:
     """One child per (workload, tool) (all in one child with --smoke: the figures then are
     not each run's own)."""
@@ -355,9 +362,7 @@ def run_memory(part: Part, args: argparse.Namespace, env: dict[str, str]) -> Non
     groups = [pairs] if args.smoke else [[p] for p in pairs]
     results, t0, errors = [], time.perf_counter(), []
     for group in groups:
-        cmd = script("run_all.py", "--child", "memory", "--pairs", ";".join(group),
-                     *(["--threads", str(args.threads)] if args.threads else []),
-                     *(["--smoke"] if args.smoke else []))
+        cmd = memory_command(group, args)
         rc, stdout, stderr, _ = run_command(cmd, env)
         got = [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
         if rc != 0 or len(got) != len(group):
@@ -425,12 +430,22 @@ def torch_summary(parts: dict[str, Part]) -> list[list[str]]:
             if t.headers[:2] != ["tool", "ms / step"]:
                 continue
             workload = t.heading.split(":")[0].strip()
-            ours = next((number(t.get(r, "ms / step")) for r in t.rows
-                         if r[0] == "specdens"), None)
+            # ms / step / probe: the total over steps x probes, for every tool alike
+            # (bench_torch's own "ms / step" divides by the products each tool made, which
+            # for curvlinops include its boundary estimate and determinism check)
+            m = re.search(r"(\d+) steps x (\d+) probes", t.heading)
+            probe_steps = int(m.group(1)) * int(m.group(2)) if m else None
+
+            def per_probe_step(r: list[str], t: Table = t,
+                               probe_steps: int | None = probe_steps) -> float | None:
+                total = number(t.get(r, "total s"))
+                return 1e3 * total / probe_steps if total and probe_steps else None
+
+            ours = next((per_probe_step(r) for r in t.rows if r[0] == "specdens"), None)
             for r in t.rows:
-                ms = number(t.get(r, "ms / step"))
+                ms = per_probe_step(r)
                 mem = memory.get((workload, r[0]))
-                rows.append([workload, r[0], t.get(r, "ms / step") or "",
+                rows.append([workload, r[0], "" if ms is None else f"{ms:.4g}",
                              t.get(r, "total s") or "",
                              "" if mem is None else f"{mem:.1f}",
                              t.get(r, "W1 / range") or "",
@@ -523,9 +538,10 @@ def plots(parts: dict[str, Part], out: Path) -> list[tuple[str, str]]:
     written = []
     if bar_panels(per_step, out / "time_per_step.png", "ms", "Time per Lanczos step and "
                   "probe (TF panels: per step of the whole block), medians"):
-        written.append(("time_per_step.png", "Time per Lanczos step, per workload and tool "
-                        "(blue: specdens, orange: competitors, grey: product floor or "
-                        "hand-written loop)."))
+        written.append(("time_per_step.png", "Time per Lanczos step and probe (the run's "
+                        "total over steps x probes, as in the summary table), per workload "
+                        "and tool (blue: specdens, orange: competitors, grey: product floor "
+                        "or hand-written loop)."))
     if bar_panels(total, out / "total_time.png", "s", "Total SLQ time (medians)"):
         written.append(("total_time.png", "Total SLQ time (setup included) per workload."))
     if bar_panels(mem, out / "peak_memory.png", "MiB above start", "Peak memory of one run"):
@@ -604,7 +620,11 @@ def write_report(parts: list[Part], out: Path, args: argparse.Namespace, started
     if summary:
         lines += ["", "## Summary: time per step, total time, peak memory, accuracy", "",
                   "From the torch, jax, engine and memory parts. *ms / step / probe*: the run "
-                  "(for PyTorch: setup + SLQ) over steps x probes (the engine part: 1 probe); "
+                  "(for PyTorch: setup + SLQ) over steps x probes (the engine part: 1 probe), "
+                  "for every tool alike: curvlinops's products beyond steps x probes (its "
+                  "boundary estimate, its determinism check) count in its time, not as "
+                  "more steps (the torch part's own *ms / step* divides by the products "
+                  "made); the HVP floor row is its time per product; "
                   "*total s*: that run; *peak MiB*: the memory part's peak above start; "
                   "*W1 / range*: Wasserstein-1 distance to the dense spectrum over its range; "
                   "*/ specdens*: ms / step / probe over specdens's (JAX: over specdens "

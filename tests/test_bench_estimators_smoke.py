@@ -33,6 +33,13 @@ def test_bench_estimators_smoke() -> None:
     # every table row has as many cells as its header (no stray "|" in a cell)
     widths = {len(r) for r in rows}
     assert widths == {10, 7, 11}, widths
+    # plain and deflated SLQ at equal counted products: within half a step's worth of
+    # probes (--smoke: 12 steps), the deflated count including its eigsh and its check
+    for name in ("hessian_like", "marchenko_pastur", "tiny_bulk_hessian"):
+        plain = next(r for r in rows if r[0] == name and r[1] == "plain SLQ")
+        deflated = next(r for r in rows if r[0] == name and r[1].startswith("deflated"))
+        assert abs(int(plain[3]) - int(deflated[3])) <= 12 // 2, (plain, deflated)
+        assert int(plain[3]) == 12 * int(plain[2])  # counted: one product per step
     reductions = [r for r in rows if r[1] == "reduction (plain / deflated)"]
     assert [r[0] for r in reductions] == ["hessian_like", "marchenko_pastur",
                                           "tiny_bulk_hessian"]

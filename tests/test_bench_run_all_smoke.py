@@ -50,6 +50,44 @@ def test_parse_tables_and_numbers() -> None:
     assert run_all.number("") is None and run_all.number(None) is None
 
 
+def _args(**kw):
+    import argparse
+
+    base = dict(smoke=False, full=False, threads=1, repeats=None, only=None, skip=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+@pytest.mark.parametrize("threads", [0, 1, 2])
+def test_threads_reach_every_part(tmp_path: Path, threads: int) -> None:
+    """--threads N, 0 ("the libraries' defaults") included, is on every part's command
+    line: the parts' own defaults differ (bench_accuracy, bench_scaling and run_all's
+    children default to 1 thread)."""
+    args = _args(threads=threads, only=",".join(run_all.PARTS))
+    for part in run_all.plan(args, tmp_path):
+        if part.name in ("memory", "gpu"):  # memory: below; gpu: no thread option
+            continue
+        i = part.command.index("--threads")
+        assert part.command[i + 1] == str(threads), (part.name, part.command)
+    cmd = run_all.memory_command(["mlp-1batch|specdens"], args)
+    assert cmd[cmd.index("--threads") + 1] == str(threads)
+
+
+def test_summary_time_is_per_step_and_probe_for_every_tool() -> None:
+    """*ms / step / probe* is the total over steps x probes for every tool, also for
+    curvlinops, whose own *ms / step* in the torch table divides by more products."""
+    text = ("## mlp-1batch: MLP, n = 10 parameters, 1 batch(es), 9 samples, 10 steps x 2 "
+            "probes, float32\n\n"
+            "| tool | ms / step | total s | setup s | SLQ s | W1 / range | matvecs |\n"
+            "| --- | --- | --- | --- | --- | --- | --- |\n"
+            "| specdens | 10 | 0.2 | 0.01 | 0.19 | 1e-3 | 20 |\n"
+            "| curvlinops | 10 | 0.4 | 0.01 | 0.39 | 1e-2 | 40 * |\n")
+    part = run_all.Part("torch", "torch", [], tables=run_all.parse_tables(text))
+    rows = {r[1]: r for r in run_all.torch_summary({"torch": part})}
+    assert run_all.number(rows["specdens"][2]) == pytest.approx(10.0)
+    assert run_all.number(rows["curvlinops"][2]) == pytest.approx(20.0)  # 0.4 s / 20
+    assert rows["curvlinops"][6] == "2.00"
+
+
 def test_run_all_smoke(tmp_path: Path) -> None:
     out = tmp_path / "report"
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "run_all.py"), "--smoke", "--out",
