@@ -474,7 +474,12 @@ def test_a_float32_matrix_is_too_large_for_its_products_not_for_its_squares(tmp_
     np.save(tmp_path / "big.npy", (S * 1e25).astype(np.float32))
     assert main(["spectrum", str(tmp_path / "big.npy"), "--out", str(tmp_path / "o"),
                  "--no-plot", *FAST]) == 0
-    np.save(tmp_path / "huge.npy", (S * 3e38).astype(np.float32))
+    # 1.5e38 (J + I), J all ones (largest entry 3e38): the second Lanczos vector is close
+    # to the all-positive top eigenvector, whose product has entries ~1.5e38 sqrt(n), past
+    # float32's 3.4e38 in any order of summation (a random S * 3e38 overflowed or not by
+    # the BLAS kernel's order of summation)
+    huge = 1.5e38 * (np.ones((41, 41)) + np.eye(41))
+    np.save(tmp_path / "huge.npy", huge.astype(np.float32))
     assert main(["spectrum", str(tmp_path / "huge.npy"), "--out", str(tmp_path / "o"),
                  "--no-plot", *FAST]) == 1
     err = one_line_error(capsys, "the computation failed", "too large for float32 products",
