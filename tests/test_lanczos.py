@@ -123,6 +123,66 @@ def test_float32_outliers_far_above_the_bulk_do_not_stop_probes(rng):
     np.testing.assert_array_equal(d.lengths, [60, 60])
 
 
+@pytest.mark.parametrize("top", [2e4, 1e5, 4e5])
+def test_float32_arithmetic_does_not_stop_at_a_bulk_far_below_the_outliers(rng, top):
+    """float32 arithmetic, a bulk uniform in [0, 1] under outliers at top, top / 2 and
+    top / 5 (n = 1000). The bulk's beta are about its width, 0.3 / top of ||T|| (15 to 120
+    eps32 ||T||): genuine, far above the ~1 eps32 ||T|| that a step's rounding leaves
+    orthogonal to the basis. The former threshold, 100 eps32 ||T||, stopped every probe
+    after 5 steps from top = 3e4 on with rules read as exact (the bulk drawn as five atoms,
+    default width 2500 for 0.02). The probes must run their 60 steps, and the rule must be
+    the float64 run's to float32 rounding: the same number of bulk nodes, and the CDF in
+    the bulk within one weight (a node within rounding of the point may cross it). The
+    default width is the median gap, never below the run's rounding floor ``f = 4 eps32
+    max|theta|`` (each node is uncertain by ``f``, so each gap by ``2 f``): within ``2 f``
+    of the float64 run's, or ``f`` itself."""
+    n = 1000
+    lam = np.concatenate([rng.uniform(0.0, 1.0, n - 3), [top, top / 2, top / 5]])
+    A = sym_from_spectrum(lam, rng)
+    d64 = specdens.slq(A, num_steps=60, num_probes=3, seed=2)
+    d32 = specdens.slq(A, num_steps=60, num_probes=3, seed=2, dtype="float32")
+    assert not np.any(d32.breakdown) and np.all(d32.lengths == 60)
+    bulk = [np.sum(np.abs(d.nodes - 0.5) < 0.6, axis=1) for d in (d64, d32)]
+    np.testing.assert_array_equal(bulk[1], bulk[0])
+    assert abs(d32.cdf(0.5) - d64.cdf(0.5)) <= d64.weights.max()
+    f = d32.rounding_floor()
+    assert f == pytest.approx(4 * float(np.finfo(np.float32).eps) * top, rel=1e-6)
+    s32, s64 = d32.default_sigma(), d64.default_sigma()
+    assert s32 == f or abs(s32 - s64) <= 2 * f
+    assert s32 >= f
+
+
+def test_default_breakdown_tolerances():
+    """float64 keeps 100 eps (2.2e-14 of ||T||); float32 arithmetic uses the run's rounding
+    floor, 4 eps32 (4.8e-7), not 100 eps32 (1.2e-5, where a Hessian's bulk lives)."""
+    from specdens.algorithms.lanczos import default_breakdown_tol
+
+    assert default_breakdown_tol("float64") == 100 * EPS
+    assert default_breakdown_tol("float32") == 4 * float(np.finfo(np.float32).eps)
+
+
+def test_auto_budget_counts_every_kept_basis():
+    """With return_basis=True every block's basis is kept, so reorth="auto" must fit all
+    the probes' bases in max_basis_bytes, not one block's: 4 probes in blocks of 1 with a
+    budget of two float64 bases chose a float64 basis and returned twice the budget.
+    Now a float32 basis (exactly the budget) is chosen, and a budget below that is refused
+    with an error that names it (local reorthogonalisation keeps no basis to return)."""
+    n, m = 2000, 10
+    A = np.diag(np.linspace(0.0, 1.0, n))
+    budget = 2 * m * n * 8
+    r = specdens.lanczos(A, m, num_probes=4, block_size=1, reorth="auto", return_basis=True,
+                         max_basis_bytes=budget)
+    assert (r.reorth, r.basis_dtype) == ("full", "float32")
+    assert r.basis.nbytes <= budget
+    with pytest.raises(ValueError, match="max_basis_bytes"):
+        specdens.lanczos(A, m, num_probes=4, block_size=1, reorth="auto", return_basis=True,
+                         max_basis_bytes=m * n * 8)
+    # without return_basis one block's basis is what is held
+    r = specdens.lanczos(A, m, num_probes=4, block_size=1, reorth="auto",
+                         max_basis_bytes=m * n * 8)
+    assert (r.reorth, r.basis_dtype) == ("full", "float64")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), -1.0, 1.5, "1e-8", True])
 def test_breakdown_tol_is_checked(bad):
     with pytest.raises(ValueError, match="breakdown_tol"):

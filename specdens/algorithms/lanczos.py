@@ -197,7 +197,8 @@ def lanczos(
         Probes per block (default: all). Probe ``i`` is the same vector whatever it is.
     max_basis_bytes
         Memory budget of the basis for ``reorth="auto"``, a number of bytes >= 0 (default:
-        half of the free memory of the operator's device).
+        half of the free memory of the operator's device): of one block's basis, or with
+        ``return_basis=True``, which keeps every block's, of all the probes' bases.
     return_basis
         Keep the Lanczos vectors (needs ``reorth="full"`` or ``"partial"``).
     check_every
@@ -207,8 +208,9 @@ def lanczos(
         Test ``y^T A x == x^T A y`` for two random vectors first (one extra ``matmat``).
     breakdown_tol
         A probe stops when ``beta <= breakdown_tol * ||T||``, i.e. when its Krylov space is
-        invariant to rounding (default: ``100 eps`` of the arithmetic's dtype; see
-        :func:`default_breakdown_tol`). A probe that goes on past the rounding of its
+        invariant to rounding (default: ``100 eps`` in float64 arithmetic, ``4 eps`` in
+        float32 arithmetic, where ``100 eps`` stopped probes at a genuine bulk's ``beta``;
+        see :func:`default_breakdown_tol`). A probe that goes on past the rounding of its
         basis (a float32 basis, ``breakdown_tol=0``) is reorthogonalised with up to three
         Gram-Schmidt sweeps, and stops when all three cancel: its new vector is then in
         the basis's span to working precision, whatever ``breakdown_tol``.
@@ -353,8 +355,10 @@ def _lanczos(
                          f"(this run uses {reorth!r})")
 
     # (a resumed run takes its checkpoint's choice instead)
+    # (with return_basis every block's basis is kept: all the probes' bases count)
     planned = _resolve_reorth(reorth, m, n, block, basis_name, window, max_basis_bytes, xp,
-                              device, basis_fixed=basis_dtype is not None)
+                              device, basis_fixed=basis_dtype is not None,
+                              kept=num_probes if return_basis else block)
     if check_every is None:
         check_every = 1 if _array.is_host_namespace(xp) else 0
     else:
@@ -406,6 +410,17 @@ def _lanczos(
         _check_symmetry(op, seed, wdt)
         matvecs += 2
     if return_basis and mode not in ("full", "partial"):
+        if reorth == "auto" and saved is None:
+            # (the smallest basis auto may choose: float32 unless basis_dtype was given)
+            small = "float32" if basis_dtype is None else basis_name
+            need = num_probes * m * n * (4 if small == "float32" else 8)
+            budget = ("half the free memory" if max_basis_bytes is None
+                      else f"{max_basis_bytes:.4g} bytes")
+            raise ValueError(
+                f"return_basis=True keeps every probe's basis, {num_probes} x {m} x {n} "
+                f"values ({need:.4g} bytes in {small}), more than the budget "
+                f"max_basis_bytes ({budget}); raise max_basis_bytes, use fewer probes or "
+                "steps, or leave return_basis out")
         raise ValueError("return_basis=True needs reorth='full' or 'partial' "
                          f"(this run uses {mode!r})")
     tick = make_progress(progress, "lanczos")
@@ -517,10 +532,16 @@ def _lanczos(
 
 
 BREAKDOWN_ROUNDINGS = 100
+"""The default breakdown threshold of float64 arithmetic, in units of its ``eps``."""
+FLOAT32_BREAKDOWN_ROUNDINGS = 4
+"""The default breakdown threshold of float32 arithmetic, in units of its ``eps``: the
+rounding floor of a run's residual bounds (``PRODUCT_ROUNDINGS`` of
+:mod:`specdens.algorithms.quadrature`)."""
 
 
 def default_breakdown_tol(work: Any) -> float:
-    """``100 eps`` of the Lanczos arithmetic's dtype.
+    """The default breakdown threshold, a fraction of ``||T||``: ``100 eps`` in float64
+    arithmetic, ``4 eps`` in float32 arithmetic.
 
     A probe's Krylov space is invariant when ``beta`` is at the rounding of a step: about
     1 to 30 ``eps ||T||`` for exact products (measured, n = 15 to 2000, few distinct
@@ -532,11 +553,29 @@ def default_breakdown_tol(work: Any) -> float:
     purpose: float32, float16 or bfloat16 products put an invariant space's ``beta`` at
     their rounding, far above ``100 eps`` of float64 arithmetic, and a threshold there
     (0.78 ``||T||`` for bfloat16) would stop everything. A breakdown missed because its
-    rounding exceeds ``100 eps ||T||`` costs nothing but steps: the next vector,
+    rounding exceeds the threshold costs nothing but steps: the next vector,
     orthogonalised against the basis, starts a block coupled to the rule by that
     ``beta``, whose nodes carry weights of order ``(beta / ||T||)^2``.
+
+    In float64, ``100 eps`` is 2.2e-14: no genuine ``beta`` of a spectrum that float64
+    resolves is that small. In float32 ``100 eps`` is 1.2e-5, inside the range of genuine
+    ``beta``: a bulk in [0, 1] under outliers at 2e4 to 1e5 has ``beta`` of about 2.5e-6
+    ``||T||`` (20 ``eps32``), well above the ~1 ``eps32`` that a step's rounding leaves
+    orthogonal to the basis, and the probes stopped after 5 steps with rules read as
+    exact (the bulk drawn as five atoms). No threshold separates the two there: the
+    rounding left at genuine breakdowns in float32 arithmetic was measured from 0.5 to 900
+    ``eps32 ||T||`` (a few eigenvalues, rotated, n = 100 to 1e5), which also overlaps the
+    genuine ``beta`` above, and no Gram-Schmidt sweep cancels at either. Since a missed
+    breakdown costs only steps and a false one loses the spectrum below ``beta``, the
+    float32 threshold is the rounding floor of the run's residual bounds, ``4 eps32
+    ||T||`` (``PRODUCT_ROUNDINGS``): stopping at ``beta`` makes the rule exact for an
+    operator ``beta`` away from ``A`` (``beta (q_{m+1} q_m^T + q_m q_{m+1}^T)``), and below
+    that floor the Ritz values are uncertain by as much anyway.
     """
-    return BREAKDOWN_ROUNDINGS * _array.finfo_eps(work)
+    eps = _array.finfo_eps(work)
+    if eps > _array.finfo_eps("float64"):
+        return FLOAT32_BREAKDOWN_ROUNDINGS * eps
+    return BREAKDOWN_ROUNDINGS * eps
 
 
 def check_breakdown_tol(value: Any, work: Any) -> float:
@@ -1235,12 +1274,14 @@ def _check_symmetry(op: Any, seed: int, wdt: Any) -> None:
 
 
 def _resolve_reorth(reorth, m, n, block, basis_name, window, budget, xp, device, *,
-                    basis_fixed):
+                    basis_fixed, kept=None):
     """The reorthogonalisation mode, window and basis dtype that fit the budget.
 
     ``"auto"``: a full basis in ``basis_name``; else, when the basis dtype was not given,
     a full float32 basis (CGS2 in float32 keeps orthogonality at float32 precision, far
-    better than local reorthogonalisation); else a local window; else none.
+    better than local reorthogonalisation); else a local window; else none. ``kept``: the
+    number of probes whose full bases are held at once (default ``block``; all the
+    probes with ``return_basis``, which keeps every block's basis).
     """
     win = min(window, m)
     if budget is not None:
@@ -1256,9 +1297,11 @@ def _resolve_reorth(reorth, m, n, block, basis_name, window, budget, xp, device,
     if budget is None:
         budget = _memory.available_bytes(xp, device) // 2
     per_vector = block * n * (4 if basis_name == "float32" else 8)
-    if m * per_vector <= budget:
+    full = m * n * (block if kept is None else max(kept, block)) * (
+        4 if basis_name == "float32" else 8)
+    if full <= budget:
         return "full", win, basis_name
-    if not basis_fixed and basis_name == "float64" and m * per_vector // 2 <= budget:
+    if not basis_fixed and basis_name == "float64" and full // 2 <= budget:
         return "full", win, "float32"
     fit = int(budget // per_vector)
     if fit >= 2:
