@@ -309,31 +309,40 @@ def _check_vector(op: Any, g: Any, n: int) -> tuple[Any, float]:
     return g, float(np.max(np.abs(g64)))
 
 
-def negative_mass(density: SpectralDensity, *, tol: float = 0.0) -> Estimate:
+def negative_mass(density: SpectralDensity, *, tol: float | None = None) -> Estimate:
     """Estimated fraction of eigenvalues below ``-tol``, with its standard error.
 
     The quadrature mass of each probe's Ritz values below ``-tol`` (the step CDF of the
     Gauss rule, no smoothing), averaged over probes; ``stderr`` is the standard error
-    over probes (NaN for one probe). Near a large cluster of eigenvalues at zero the
-    estimate resolves about one quadrature weight: raise ``tol`` to ignore Ritz values
-    within rounding of zero.
+    over the same per-probe masses (NaN for one probe). Near a large cluster of
+    eigenvalues at zero the estimate resolves about one quadrature weight.
 
     Parameters
     ----------
     density
         An SLQ estimate.
     tol
-        Threshold, ``>= 0``.
+        Threshold, ``>= 0``; ``0`` counts every Ritz value below zero. The default, None,
+        is twice the run's rounding floor (:meth:`SpectralDensity.negative_tolerance`):
+        the Ritz values of an exactly zero eigenvalue (the null space of a Hessian or a
+        GGN, most of its spectrum) are rounding of either sign, ~1e-13 of the largest
+        eigenvalue in float64 and ~1e-7 with float32 products, and with ``tol=0`` about
+        half of that null space counted as negative (0.50 +/- 0.16 for an exact 0.005).
 
     Returns
     -------
     specdens.Estimate
+
+    Raises
+    ------
+    TypeError
+        When ``density`` is not a :class:`~specdens.SpectralDensity`.
+    ValueError
+        When ``tol`` is negative, NaN or infinite.
     """
     if not isinstance(density, SpectralDensity):
         raise TypeError(f"density must be a SpectralDensity; got {type(density).__name__}")
-    tol = float(tol)
-    if not (tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be finite and >= 0; got {tol}")
+    tol = density.negative_tolerance(tol)
     valid = np.arange(density.nodes.shape[1])[None, :] < density.lengths[:, None]
     per = density.probe_scales * np.sum(
         np.where(valid & (density.nodes < -tol), density.weights, 0.0), axis=1)
@@ -346,7 +355,8 @@ def negative_mass(density: SpectralDensity, *, tol: float = 0.0) -> Estimate:
     return Estimate(float(per.mean()), se, k)
 
 
-def negative_mass_bounds(density: SpectralDensity, *, tol: float = 0.0) -> tuple[float, float]:
+def negative_mass_bounds(density: SpectralDensity, *,
+                         tol: float | None = None) -> tuple[float, float]:
     """Bounds on the negative mass that the quadrature alone guarantees.
 
     For a Gauss rule with nodes ``theta_1 < ... < theta_m`` and weights ``w_j`` of a
@@ -360,16 +370,26 @@ def negative_mass_bounds(density: SpectralDensity, *, tol: float = 0.0) -> tuple
     standard error of :func:`negative_mass`) comes on top. Wide bounds mean that the
     Lanczos steps do not resolve the spectrum around zero; more steps narrow them.
 
+    A probe whose rule is exact, because its Krylov space became invariant (a breakdown)
+    or reached dimension ``n``, has the rule as its spectral measure: its mass below ``x``
+    is ``S`` itself, both bounds (before: ``[0, 1]`` for ``-2 I``, whose negative mass is
+    exactly 1).
+
+    Parameters
+    ----------
+    density
+        An SLQ estimate.
+    tol
+        As for :func:`negative_mass` (default: twice the run's rounding floor).
+
     Returns
     -------
     (lower, upper) : tuple of float
     """
     if not isinstance(density, SpectralDensity):
         raise TypeError(f"density must be a SpectralDensity; got {type(density).__name__}")
-    tol = float(tol)
-    if not (tol >= 0 and math.isfinite(tol)):
-        raise ValueError(f"tol must be finite and >= 0; got {tol}")
-    x = -tol
+    x = -density.negative_tolerance(tol)
+    exact = density._breakdown_flags() | (np.asarray(density.lengths) == density.n)
     lows, highs = [], []
     for i in range(density.num_probes):
         m = int(density.lengths[i])
@@ -377,6 +397,10 @@ def negative_mass_bounds(density: SpectralDensity, *, tol: float = 0.0) -> tuple
         th, w = density.nodes[i, :m][order], density.weights[i, :m][order]
         below = th < x
         total = float(np.sum(w[below]))
+        if exact[i]:  # the rule is the probe's measure
+            lows.append(density.probe_scales[i] * total)
+            highs.append(density.probe_scales[i] * total)
+            continue
         k = int(np.sum(below))  # nodes below x: indices 0 .. k-1
         low = total - (float(w[k - 1]) if k > 0 else 0.0)
         high = total + (float(w[k]) if k < m else 0.0)
@@ -385,8 +409,8 @@ def negative_mass_bounds(density: SpectralDensity, *, tol: float = 0.0) -> tuple
     lo, hi = float(np.mean(lows)), float(np.mean(highs))
     defl = np.asarray(getattr(density, "deflated_eigenvalues", np.zeros(0)), dtype=np.float64)
     if defl.size:
-        exact = float(np.sum(defl < -tol)) / density.n
-        lo, hi = lo + exact, hi + exact
+        atoms = float(np.sum(defl < x)) / density.n
+        lo, hi = lo + atoms, hi + atoms
     return lo, hi
 
 
@@ -429,7 +453,8 @@ class SpectrumStats:
     negative_mass_bounds : tuple of float
         :func:`negative_mass_bounds`: what the quadrature guarantees about it.
     rule : dict
-        The outlier rule's parameters (``tail``, ``gap``, ``rtol``) and ``negative_tol``.
+        The outlier rule's parameters (``tail``, ``gap``, ``rtol``) and ``negative_tol``,
+        the tolerance used (the default resolved to its value).
     """
 
     outliers: tuple[Outlier, ...]
@@ -470,7 +495,7 @@ def spectrum_stats(
     tail: float = 0.01,
     gap: float = 0.5,
     rtol: float = 1e-6,
-    negative_tol: float = 0.0,
+    negative_tol: float | None = None,
 ) -> SpectrumStats:
     """Outliers, bulk edge, ratio of the largest eigenvalue to it, and negative mass.
 
@@ -486,7 +511,10 @@ def spectrum_stats(
         The outlier rule of :func:`specdens.summary.outliers` (module
         :mod:`specdens.summary` documents it).
     negative_tol
-        Passed to :func:`negative_mass` as ``tol``.
+        Passed to :func:`negative_mass` and :func:`negative_mass_bounds` as ``tol``
+        (default None: twice the run's rounding floor, so that the Ritz values of a zero
+        eigenvalue, rounding of either sign, are not counted as negative; ``0`` for the
+        strict sign).
 
     Returns
     -------
@@ -513,6 +541,7 @@ def spectrum_stats(
         ratio = math.inf  # the bulk edge is 0 to rounding: the top stands infinitely above
     else:
         ratio = float("nan")
+    negative_tol = density.negative_tolerance(negative_tol)
     neg = negative_mass(density, tol=negative_tol)
     return SpectrumStats(
         outliers=found,

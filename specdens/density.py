@@ -27,10 +27,11 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from scipy.special import ndtr, ndtri
+from scipy.stats import t as student_t
 
 from .algorithms.checkpoint import atomic_write_npz
 from .algorithms.lanczos import LanczosResult
-from .algorithms.quadrature import previous_rules, quadrature_rules
+from .algorithms.quadrature import PRODUCT_ROUNDINGS, previous_rules, quadrature_rules
 
 FORMAT_NAME = "specdens.SpectralDensity"
 FORMAT_VERSION = 1
@@ -95,11 +96,40 @@ class Estimate:
         return float(self.value)
 
     def interval(self, confidence: float = 0.95) -> tuple[Any, Any]:
-        """Normal confidence interval ``value -/+ z * stderr`` (``z`` the two-sided normal
-        quantile of ``confidence``); it accounts for the probe variance only."""
-        z = normal_quantile(confidence)
-        return (np.subtract(self.value, z * np.asarray(self.stderr)),
-                np.add(self.value, z * np.asarray(self.stderr)))
+        """Confidence interval ``value -/+ t * stderr`` over the probes.
+
+        ``t`` is the two-sided Student-t quantile of ``confidence`` with ``num_probes - 1``
+        degrees of freedom: ``stderr`` is itself estimated from the probes, and the normal
+        quantile (1.96 for 95%) covered 0.64 to 0.70 of the true values with 2 probes
+        (Student's 12.7 covers 0.95 for normal samples; it tends to the normal quantile as
+        probes are added). It accounts for the probe variance only, not for
+        ``quadrature_error``.
+
+        Parameters
+        ----------
+        confidence
+            The coverage, in (0, 1).
+
+        Returns
+        -------
+        (lower, upper)
+            Floats, or arrays of the shape of ``value``.
+
+        Raises
+        ------
+        ValueError
+            For a ``confidence`` outside (0, 1), or an estimate of a single probe: it has
+            no standard error, hence no interval (run with ``num_probes >= 2``).
+        """
+        normal_quantile(confidence)  # validates
+        if self.num_probes < 2:
+            raise ValueError(
+                f"an estimate of {self.num_probes} probe has no standard error, so no "
+                "confidence interval; run with num_probes >= 2 (the interval uses the "
+                "spread between probes)")
+        t = float(student_t.ppf(0.5 + 0.5 * float(confidence), self.num_probes - 1))
+        return (np.subtract(self.value, t * np.asarray(self.stderr)),
+                np.add(self.value, t * np.asarray(self.stderr)))
 
     def __repr__(self) -> str:
         quad = ""
@@ -180,6 +210,19 @@ class SpectralBounds:
     @property
     def interval(self) -> tuple[float, float]:
         return (self.lower - self.lower_residual, self.upper + self.upper_residual)
+
+
+def _real_values(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """``f(x)`` as float64, refusing complex values (a cast would drop their imaginary
+    parts with a mere warning)."""
+    fx = np.asarray(f(x))
+    if np.iscomplexobj(fx):
+        raise TypeError(
+            f"the function returned complex values (dtype {fx.dtype}); specdens estimates "
+            "traces of real functions of a symmetric operator. Return real values, e.g. "
+            "numpy.sqrt(numpy.maximum(t, 0)) instead of numpy.emath.sqrt(t), or the real "
+            "part explicitly")
+    return np.asarray(fx, dtype=np.float64)
 
 
 def _fmt(x: Any) -> str:
@@ -266,6 +309,16 @@ RITZ_RESOLUTION = 64
 """Exact atoms (Ritz values of probes that broke down) closer than ``RITZ_RESOLUTION *
 eps(float32) * max|theta|`` count as one in :meth:`SpectralDensity.default_sigma` (the
 rounding of a float32 run)."""
+NEGATIVE_ROUNDINGS = 2
+"""The default tolerance of the negative mass (:meth:`SpectralDensity.fraction_negative`,
+:func:`specdens.analysis.negative_mass`), in units of :meth:`SpectralDensity.rounding_floor`.
+Ritz values of an exactly zero eigenvalue (the null space of a Hessian or a GGN, most of
+the spectrum) are rounding of either sign: the recurrence is exact for an operator about
+one floor (``PRODUCT_ROUNDINGS eps max|theta|``) away from ``A``, and the eigenvalues of the
+stored operator and of the tridiagonal carry a few ``eps max|theta|`` more. Measured: up to
+5 ``eps max|theta|`` in float64 (dense rank-20 matrices, n = 2000 and 4000; the floor is 4),
+up to 0.3 ``eps32 max|theta|`` for float32 products under either arithmetic; twice the
+floor covers both."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -460,6 +513,64 @@ class SpectralDensity:
         b = self.bounds()
         return b.upper - b.lower
 
+    def rounding_floor(self) -> float:
+        """The rounding floor of the Ritz values: how far the run's rounding alone may move
+        them.
+
+        :func:`~specdens.algorithms.quadrature.quadrature_rules` floors every residual
+        bound at ``PRODUCT_ROUNDINGS * eps * max|theta|`` (4 ``eps``; ``eps`` of the
+        arithmetic or of the products, whichever is coarser), and a Ritz value that has
+        converged (an outlier; every one of a probe that broke down) sits on that floor:
+        the floor is the smallest residual bound. The estimate does not record its dtypes,
+        so where no Ritz value has converged (few steps), the smallest residual bound is
+        capped at the floor of float32, ``4 eps32 max|theta|`` (4.8e-7 of it), which no
+        float32 or float64 run exceeds. (Half-precision products have a coarser floor that
+        the cap misses unless a Ritz value converged.)
+
+        Returns
+        -------
+        float
+            ``>= 0``; 0 for an estimate whose Ritz values are all 0.
+        """
+        valid = self._valid()
+        res = np.asarray(self.residuals, dtype=np.float64)[valid]
+        if res.size == 0:
+            return 0.0
+        scale = float(np.max(np.abs(self.nodes[valid])))
+        cap = PRODUCT_ROUNDINGS * float(np.finfo(np.float32).eps) * scale
+        return float(min(float(np.min(res)), cap))
+
+    def negative_tolerance(self, tol: float | None = None) -> float:
+        """The tolerance of the negative mass: ``tol`` checked, or its default.
+
+        Parameters
+        ----------
+        tol
+            A threshold ``>= 0`` (``0``: the strict sign of the Ritz values), or None for
+            the default, ``NEGATIVE_ROUNDINGS * rounding_floor()`` (twice the floor): Ritz
+            values of an exactly zero eigenvalue, rounding of either sign, are then not
+            counted as negative. In float64 that is about ``8 eps max|theta|`` (1.8e-15 of
+            it), with float32 products or arithmetic ``8 eps32 max|theta|`` (9.5e-7 of it).
+
+        Returns
+        -------
+        float
+
+        Raises
+        ------
+        ValueError
+            When ``tol`` is negative, NaN or infinite.
+        """
+        if tol is None:
+            return NEGATIVE_ROUNDINGS * self.rounding_floor()
+        if isinstance(tol, (bool, np.bool_)):
+            raise ValueError(f"tol must be a number >= 0 or None; got {tol!r}")
+        tol = float(tol)
+        if not (tol >= 0 and np.isfinite(tol)):
+            raise ValueError(f"tol must be finite and >= 0 (or None: the rounding floor); "
+                             f"got {tol}")
+        return tol
+
     # -- density ----------------------------------------------------------------
     def default_sigma(self) -> float:
         """The default kernel width: the median gap between consecutive Ritz values of
@@ -476,6 +587,16 @@ class SpectralDensity:
         peaks at the midpoint), instead of a median gap that would merge them (atoms at
         0, 1 and 3 into one bump). A full-dimension run (``lengths == n``, a small
         matrix) keeps the median gap.
+
+        The median gap is never taken below :meth:`rounding_floor`, the uncertainty of
+        every Ritz value (``4 eps max|theta|``, ``eps`` of the coarser of the arithmetic
+        and the products): the zero eigenvalue of a float32 operator (a float32 network's
+        Hessian or GGN, mostly null space) comes out as dozens of Ritz values a fraction of
+        a float32 rounding apart, whose median gap (7e-9 for a floor of 6e-7) drew that
+        rounding as needles. The gaps below the floor are not dropped instead: in float32
+        arithmetic a bulk 1e5 below the outliers has Ritz values ~0.4 floors apart that
+        agree with a float64 run's, and without them the median would be the outliers'
+        gap (a bulk in [0, 1] drawn 1e5 wide).
         """
         exact = self._breakdown_flags() & (np.asarray(self.lengths) < self.n)
         ran = ~exact if not np.all(exact) else exact
@@ -495,7 +616,7 @@ class SpectralDensity:
             if gaps.size:
                 return float(np.min(gaps)) / 8
         elif gaps.size:
-            return float(np.median(gaps))
+            return float(max(np.median(gaps), self.rounding_floor()))
         return 1e-3 * scale if scale > 0 else 1e-3
 
     def default_grid(self, sigma: float | None = None, *, num: int | None = None) -> np.ndarray:
@@ -553,7 +674,8 @@ class SpectralDensity:
         Parameters
         ----------
         grid
-            Points to evaluate at (default: :meth:`default_grid`).
+            Points to evaluate at, finite (a NaN or Inf raises a ValueError; default:
+            :meth:`default_grid`).
         sigma
             Kernel width: the Gaussian's standard deviation or the Lorentzian's half
             width (default: :meth:`default_sigma`).
@@ -585,6 +707,10 @@ class SpectralDensity:
             raise ValueError(f"kernel={kernel!r}; choose one of {', '.join(KERNELS)}")
         sigma = check_sigma(self.default_sigma() if sigma is None else sigma)
         grid = self.default_grid(sigma) if grid is None else np.asarray(grid, dtype=np.float64)
+        if not np.all(np.isfinite(grid)):
+            bad = int(np.sum(~np.isfinite(grid)))
+            raise ValueError(f"grid has {bad} NaN or Inf point(s); pass finite points (or "
+                             "grid=None for the default grid)")
         loc, mass = self.atoms()
         values = np.empty(grid.shape)
         flat_grid, flat_vals = grid.reshape(-1), values.reshape(-1)
@@ -622,7 +748,7 @@ class SpectralDensity:
     @staticmethod
     def _rule_sums(f: Callable[[np.ndarray], np.ndarray], nodes: np.ndarray, weights: np.ndarray,
                    valid: np.ndarray) -> np.ndarray:
-        fx = np.asarray(f(nodes), dtype=np.float64)
+        fx = _real_values(f, nodes)
         return np.sum(np.where(valid, weights * np.where(valid, fx, 0.0), 0.0), axis=1)
 
     def _per_probe(self, f: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
@@ -630,8 +756,7 @@ class SpectralDensity:
         exact deflated atoms."""
         per = self.probe_scales * self._rule_sums(f, self.nodes, self.weights, self._valid())
         if self.num_deflated:
-            per = per + float(np.sum(np.asarray(f(self.deflated_eigenvalues),
-                                                dtype=np.float64))) / self.n
+            per = per + float(np.sum(_real_values(f, self.deflated_eigenvalues))) / self.n
         return per
 
     @cached_property
@@ -658,6 +783,9 @@ class SpectralDensity:
         ps = np.asarray(p)
         if ps.dtype.kind not in "iu" or np.any(ps < 0):
             raise ValueError(f"moments need non-negative integer powers; got {p!r}")
+        if ps.size == 0:
+            raise ValueError(f"moments need at least one power; got an empty array {p!r} "
+                             "(pass e.g. 2 or [1, 2])")
         flat = [int(q) for q in ps.reshape(-1)]
         per = np.stack([self._per_probe(lambda t, q=q: t**q) for q in flat], axis=1)
         quad = np.array([self._quadrature_error(lambda t, q=q: t**q) for q in flat])
@@ -668,17 +796,38 @@ class SpectralDensity:
     def trace(self, f: Callable[[np.ndarray], np.ndarray]) -> Estimate:
         """Estimate of ``tr f(A)`` for a vectorised function ``f`` (e.g. ``numpy.exp``),
         with its standard error over probes (variance) and ``quadrature_error`` (bias
-        estimate from the last Lanczos step, see :class:`Estimate`)."""
-        g = lambda t: np.asarray(f(t), dtype=np.float64)  # noqa: E731
-        per = self._per_probe(g) * self.n
-        return self._estimate(per, self.n * self._quadrature_error(g))
+        estimate from the last Lanczos step, see :class:`Estimate`).
 
-    def fraction_negative(self, tol: float = 0.0) -> float:
-        """Estimated fraction of eigenvalues below ``-tol`` (``tol`` finite and ``>= 0``,
-        else a ValueError, as for :func:`specdens.negative_mass`)."""
-        tol = float(tol)
-        if not (tol >= 0 and np.isfinite(tol)):
-            raise ValueError(f"tol must be finite and >= 0; got {tol}")
+        ``f`` must return real values: complex ones (``numpy.emath.sqrt`` or
+        ``numpy.emath.log`` at a negative Ritz value, which rounding puts below a zero
+        eigenvalue) raise a TypeError rather than lose their imaginary part."""
+        per = self._per_probe(f) * self.n
+        return self._estimate(per, self.n * self._quadrature_error(f))
+
+    def fraction_negative(self, tol: float | None = None) -> float:
+        """Estimated fraction of eigenvalues below ``-tol``.
+
+        Parameters
+        ----------
+        tol
+            A threshold ``>= 0``; ``0`` counts every Ritz value below zero. The default,
+            None, is twice the run's :meth:`rounding_floor` (:meth:`negative_tolerance`):
+            the Ritz values of an exactly zero eigenvalue, which carry most of the weight
+            for a Hessian or GGN with a large null space, are rounding of either sign, and
+            counting them made about half of that null space "negative".
+
+        Returns
+        -------
+        float
+            The mean over probes of the quadrature mass below ``-tol`` (deflated
+            eigenvalues count exactly), as :func:`specdens.analysis.negative_mass`.
+
+        Raises
+        ------
+        ValueError
+            When ``tol`` is negative, NaN or infinite.
+        """
+        tol = self.negative_tolerance(tol)
         return float(self._estimate(self._per_probe(lambda t: (t < -tol).astype(float))).value)
 
     def bounds(self) -> SpectralBounds:

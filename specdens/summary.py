@@ -307,8 +307,10 @@ def summarize(density: SpectralDensity, **outlier_options: Any) -> dict:
         ``n``, ``steps``, ``probes``, ``reorth``, ``probe_kind``, ``seed``;
         ``range`` (``min``, ``max`` Ritz values and their residual bounds
         ``min_residual``, ``max_residual``, and ``interval``, the range widened by
-        them); ``negative_fraction`` (the estimated fraction of eigenvalues below zero,
-        as :meth:`SpectralDensity.fraction_negative`: deflated eigenvalues count exactly)
+        them); ``negative_fraction`` (the estimated fraction of eigenvalues below
+        ``-tol``, as :meth:`SpectralDensity.fraction_negative` with its default ``tol``,
+        twice the run's rounding floor, echoed as ``tol``: deflated eigenvalues count
+        exactly)
         and ``moments`` (``"1"``: ``tr(A)/n``, ``"2"``:
         ``tr(A^2)/n``), each ``{"value", "stderr"}`` with the standard error over probes
         (``None`` for one probe); ``trace`` (``n`` times the first moment);
@@ -319,10 +321,13 @@ def summarize(density: SpectralDensity, **outlier_options: Any) -> dict:
     b = density.bounds()
     m1, m2 = density.moments(1), density.moments(2)
     k = density.num_probes
-    # The density's own functional ``tr(1[A < 0]) / n``: the quadrature mass below zero
-    # plus the deflated eigenvalues below zero (exact atoms of mass 1/n each), which a
-    # sum over the quadrature nodes alone would leave out.
-    neg_est = density.trace(lambda t: (np.asarray(t) < 0).astype(np.float64))
+    # The density's own functional ``tr(1[A < -tol]) / n``: the quadrature mass below
+    # -tol plus the deflated eigenvalues below it (exact atoms of mass 1/n each), which a
+    # sum over the quadrature nodes alone would leave out. ``tol`` is the default of
+    # fraction_negative (twice the rounding floor: a zero eigenvalue's Ritz values are
+    # rounding of either sign).
+    neg_tol = density.negative_tolerance(None)
+    neg_est = density.trace(lambda t: (np.asarray(t) < -neg_tol).astype(np.float64))
     neg = float(neg_est.value) / density.n
     neg_se = float(neg_est.stderr) / density.n
     rule = {"tail": 0.01, "gap": 0.5, "rtol": 1e-6, "side": "both"}
@@ -343,7 +348,7 @@ def summarize(density: SpectralDensity, **outlier_options: Any) -> dict:
             "min_residual": b.lower_residual, "max_residual": b.upper_residual,
             "interval": list(b.interval),
         },
-        "negative_fraction": {"value": neg, "stderr": _num(neg_se)},
+        "negative_fraction": {"value": neg, "stderr": _num(neg_se), "tol": neg_tol},
         "moments": {
             "1": {"value": _num(m1.value), "stderr": _num(m1.stderr)},
             "2": {"value": _num(m2.value), "stderr": _num(m2.stderr)},

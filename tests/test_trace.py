@@ -245,9 +245,10 @@ def test_quadrature_error_is_the_last_step_difference(rng):
     assert d.lengths[0] == 3 and d.trace(np.exp).quadrature_error == 0.0
     assert "quadrature_error" in repr(dm.trace(np.exp))
     many = specdens.slq(A, num_steps=4, num_probes=3).moments([1, 2])
-    lo, hi = many.interval(0.9)  # value -/+ 1.645 stderr, per component
+    lo, hi = many.interval(0.9)  # value -/+ t(0.95; 2 degrees of freedom) stderr
+    from scipy.stats import t as student_t
     np.testing.assert_allclose(np.asarray(hi) - np.asarray(many.value),
-                               1.6448536269514722 * np.asarray(many.stderr), rtol=1e-12)
+                               student_t.ppf(0.95, 2) * np.asarray(many.stderr), rtol=1e-12)
     assert np.all(np.asarray(lo) < np.asarray(many.value))
 
 

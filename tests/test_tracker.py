@@ -322,7 +322,7 @@ def test_tracker_settings_of_another_kind_are_refused(tmp_path, op, change, key)
     assert read_header(path)["settings"] == {
         "k": 3, "which": "LA", "num_steps": 25, "num_probes": 2, "seed": 0, "reorth": "full",
         "eigsh_options": {},
-        "outlier_options": {"tail": 0.01, "gap": 0.5, "rtol": 1e-6, "negative_tol": 0.0}}
+        "outlier_options": {"tail": 0.01, "gap": 0.5, "rtol": 1e-6, "negative_tol": None}}
     before = path.read_bytes()
     again = SpectrumTracker(path, run="b", meta={"lr": 0.1}, steps=[5], **FAST)  # continues
     assert again.due(5) and again.recorded_steps == frozenset()
