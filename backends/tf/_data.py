@@ -11,26 +11,79 @@ Under a ``tf.distribute`` strategy each replica's share of a batch is a batch of
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import tensorflow as tf
 
+COMPOSITES = (tf.RaggedTensor, tf.SparseTensor)
+
 
 def _is_array(x: Any) -> bool:
-    return isinstance(x, (tf.Tensor, tf.Variable, np.ndarray))
+    return isinstance(x, (tf.Tensor, tf.Variable, np.ndarray) + COMPOSITES)
 
 
 def is_single_batch(data: Any) -> bool:
     """``data`` is one batch: a tensor or array, a dict, a tuple/list whose first item is a
-    tensor or an array, or a tuple whose first item is a dict (of model inputs; a *list*
-    of dicts is a list of batches)."""
+    tensor or an array, a tuple whose first item is a dict (of model inputs; a *list* of
+    dicts is a list of batches), or a multi-input batch (:func:`is_multi_input_batch`:
+    ``([x1, x2], y)``, Keras's convention for a model of several inputs)."""
     if _is_array(data) or isinstance(data, dict):
         return True
     if not isinstance(data, (tuple, list)) or not data:
         return False
-    return _is_array(data[0]) or (isinstance(data, tuple) and isinstance(data[0], dict))
+    if _is_array(data[0]) or (isinstance(data, tuple) and isinstance(data[0], dict)):
+        return True
+    return is_multi_input_batch(data)
+
+
+def is_multi_input_batch(data: Any) -> bool:
+    """Whether ``data`` is one batch ``(inputs, targets)`` or ``(inputs, targets,
+    weights)`` whose inputs are a list or tuple of tensors or arrays (``([x1, x2], y)``),
+    and the rest tensors or arrays (or dicts of them). As a list of batches it would be
+    batches of different structures (a list, then a bare tensor), which no data is, so
+    this reading is the only one; but its arrays must share their leading (sample)
+    dimension, and a ValueError explains both readings when they do not."""
+    if not isinstance(data, (tuple, list)) or len(data) not in (2, 3):
+        return False
+    inputs, rest = data[0], list(data[1:])
+    if not isinstance(inputs, (tuple, list)) or not inputs \
+            or not all(_is_array(x) for x in inputs):
+        return False
+    flat_rest = []
+    for item in rest:
+        if isinstance(item, dict) and item and all(_is_array(v) for v in item.values()):
+            flat_rest.extend(item.values())
+        elif _is_array(item):
+            flat_rest.append(item)
+        else:
+            return False
+    dims = [_leading(x) for x in list(inputs) + flat_rest]
+    if len({d for d in dims if d is not None}) > 1:
+        raise ValueError(
+            f"data is a {type(data).__name__} of {len(data)} items whose first is a "
+            f"{type(inputs).__name__} of {len(inputs)} arrays and whose others are arrays. "
+            f"Read as one multi-input batch (([x1, x2], y), Keras's convention for a model "
+            f"of several inputs), its arrays must share their leading (sample) dimension, "
+            f"but they have {dims}; read as a list of batches, its batches would differ in "
+            "structure (a list, then a bare array), which is not allowed either. Pass one "
+            "batch as ((x1, x2), y) with as many samples in each array, or several batches "
+            "as a list of (inputs, targets) tuples: [((x1_a, x2_a), y_a), ((x1_b, x2_b), "
+            "y_b)]")
+    return True
+
+
+def _leading(x: Any) -> int | None:
+    """The static leading dimension of a tensor or array (None: rank 0 or unknown)."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        return None
+    shape = tf.TensorShape(shape)
+    if shape.rank is None or shape.rank == 0:
+        return None
+    return shape[0]
 
 
 def as_tensors(batch: Any) -> Any:
@@ -53,6 +106,13 @@ class Batches:
     def __init__(self, data: Any):
         self.dataset = None
         if isinstance(data, tf.data.Dataset):
+            if int(data.cardinality()) == int(tf.data.INFINITE_CARDINALITY):
+                raise ValueError(
+                    "data is an infinite tf.data.Dataset (its cardinality is "
+                    "tf.data.INFINITE_CARDINALITY, from .repeat() without a count): every "
+                    "product is one pass over the data, which would never end. Remove the "
+                    ".repeat(), or pass dataset.take(n) for the n batches the operator "
+                    "should average over")
             self.dataset = data
             self._data: Iterable[Any] = data
         elif is_single_batch(data):
@@ -64,6 +124,7 @@ class Batches:
                 "re-iterable instead"
             )
         elif isinstance(data, Iterable) and not isinstance(data, (str, bytes)):
+            _check_finite_py_dataset(data)
             self._data = data
         else:
             raise TypeError(f"data must be one (inputs, targets) batch, a tf.data.Dataset or "
@@ -89,11 +150,33 @@ class Batches:
         return tf.data.Dataset.from_generator(lambda: iter(self), output_signature=spec)
 
 
+def _check_finite_py_dataset(data: Any) -> None:
+    """Refuse a ``keras.utils.PyDataset`` that iterates without end: one whose
+    ``num_batches`` is None (Keras's mark of an infinite one) or that defines neither
+    ``num_batches`` nor ``__len__`` (its ``__iter__`` then counts up forever)."""
+    keras = sys.modules.get("keras")
+    py_dataset = getattr(getattr(keras, "utils", None), "PyDataset", None)
+    if py_dataset is None or not isinstance(data, py_dataset):
+        return
+    try:
+        num = data.num_batches
+    except NotImplementedError:
+        num = None
+    if num is None:
+        raise ValueError(
+            f"data is a keras.utils.PyDataset ({type(data).__name__}) without an end: its "
+            "num_batches is None (or it defines neither num_batches nor __len__), so its "
+            "iteration never stops, and every product is one pass over the data. Define "
+            "__len__ (or num_batches) returning the number of batches")
+
+
 def relaxed_spec(batch: Any) -> Any:
     """The ``tf.TensorSpec`` structure of ``batch`` with the leading (sample) dimension of
     every tensor of rank >= 1 left unknown, so that one trace serves every batch size."""
 
-    def spec(t: Any) -> tf.TensorSpec:
+    def spec(t: Any) -> Any:
+        if isinstance(t, COMPOSITES):
+            return _relaxed_composite_spec(t)
         shape, dtype = _shape_dtype(t)
         if shape:
             shape[0] = None
@@ -102,13 +185,30 @@ def relaxed_spec(batch: Any) -> Any:
     return tf.nest.map_structure(spec, batch)
 
 
+def _relaxed_composite_spec(t: Any) -> Any:
+    """The spec of a ``tf.RaggedTensor`` or ``tf.SparseTensor`` with the leading (sample)
+    dimension left unknown (its ragged dimensions are unknown already)."""
+    shape = t.shape.as_list() if t.shape.rank is not None else None
+    if shape:
+        shape[0] = None
+    if isinstance(t, tf.RaggedTensor):
+        return tf.RaggedTensorSpec(shape, t.dtype, ragged_rank=t.ragged_rank,
+                                   row_splits_dtype=t.row_splits.dtype)
+    return tf.SparseTensorSpec(shape, t.dtype)
+
+
 def _shape_dtype(t: Any) -> tuple[list, tf.DType]:
     """The shape (a list) and dtype of a tensor, a variable or an array (without copying
-    it), or of anything else as ``tf.convert_to_tensor`` makes it."""
+    it), or of anything else as ``tf.convert_to_tensor`` makes it; a composite tensor
+    other than ``tf.RaggedTensor`` and ``tf.SparseTensor`` raises a TypeError."""
     if isinstance(t, (tf.Tensor, tf.Variable)):
         return t.shape.as_list(), t.dtype
     if isinstance(t, np.ndarray) and t.dtype.kind in "biufc":
         return list(t.shape), tf.as_dtype(t.dtype)
+    if isinstance(t, tf.__internal__.CompositeTensor):
+        raise TypeError(
+            f"a batch holds a {type(t).__name__}, a composite tensor specdens does not "
+            "support in batches: use dense tensors, tf.RaggedTensor or tf.SparseTensor")
     t = tf.convert_to_tensor(t)
     return t.shape.as_list(), t.dtype
 
@@ -130,12 +230,19 @@ def merged_spec(batches: Iterable[Any]) -> Any:
             raise ValueError(f"batch {i} is structured differently from batch 0 ({err}); "
                              "every batch must have the same structure") from None
 
-        def merge(a: tf.TensorSpec, b: tf.TensorSpec, i: int = i) -> tf.TensorSpec:
+        def merge(a: Any, b: Any, i: int = i) -> Any:
             if a.dtype != b.dtype:
                 raise ValueError(f"batch {i} holds a tensor of dtype {b.dtype.name} where "
                                  f"batch 0 holds {a.dtype.name}; every batch must have the "
                                  "same dtypes")
-            return tf.TensorSpec(a.shape.most_specific_compatible_shape(b.shape), a.dtype)
+            if isinstance(a, tf.TensorSpec) and isinstance(b, tf.TensorSpec):
+                return tf.TensorSpec(a.shape.most_specific_compatible_shape(b.shape),
+                                     a.dtype)
+            common = a.most_specific_common_supertype([b]) if type(a) is type(b) else None
+            if common is None:
+                raise ValueError(f"batch {i} holds a {b} where batch 0 holds a {a}; every "
+                                 "batch must have the same kinds of tensors")
+            return common
 
         merged = tf.nest.map_structure(merge, merged, spec)
     if merged is None:
@@ -151,14 +258,21 @@ def spec_key(spec: Any) -> tuple:
 
 def leading_count(batch: Any, inputs: Any) -> tf.Tensor:
     """Samples of a batch in a traced function: the leading dimension of the first tensor
-    of ``inputs`` (float64)."""
-    leaves = [t for t in tf.nest.flatten(inputs) if isinstance(t, (tf.Tensor, tf.Variable))]
+    of ``inputs`` (a ``tf.RaggedTensor``'s rows, a ``tf.SparseTensor``'s dense leading
+    dimension), float64."""
+    leaves = [t for t in tf.nest.flatten(inputs)
+              if isinstance(t, (tf.Tensor, tf.Variable) + COMPOSITES)]
     if not leaves or leaves[0].shape.rank == 0:
         raise ValueError(
             f"cannot tell how many samples a batch of type {type(batch).__name__} holds; "
             "return (mean_loss, count) from loss_fn, or pass batch_size_fn=lambda batch: ..."
         )
-    return tf.cast(tf.shape(leaves[0])[0], tf.float64)
+    first = leaves[0]
+    if isinstance(first, tf.RaggedTensor):
+        return tf.cast(first.nrows(), tf.float64)
+    if isinstance(first, tf.SparseTensor):
+        return tf.cast(first.dense_shape[0], tf.float64)
+    return tf.cast(tf.shape(first)[0], tf.float64)
 
 
 def count_of(batch: Any, inputs: Any, batch_size_fn: Callable[[Any], Any] | None) -> tf.Tensor:
@@ -201,11 +315,13 @@ def fingerprint(batch: Any) -> tf.Tensor:
     """A float64 scalar summarising every numeric tensor of ``batch``: the sum of its
     entries, plus their sum weighted by position (entry ``i`` of the ``s`` entries of the
     flattened tensor by ``(i + 1) / s``, so that a permutation -- a random flip, a shuffle
-    within the batch -- changes it too), plus their count. Computed on the device inside
-    the traced function (no read-back of its own); the same data in the same order gives
-    the same value bit for bit."""
+    within the batch -- changes it too), plus their count. A ``tf.RaggedTensor`` or
+    ``tf.SparseTensor`` counts by its component tensors (values, and row splits or
+    indices: where the values sit). Computed on the device inside the traced function (no
+    read-back of its own); the same data in the same order gives the same value bit for
+    bit."""
     total = tf.zeros((), tf.float64)
-    for t in tf.nest.flatten(batch):
+    for t in tf.nest.flatten(batch, expand_composites=True):
         if not isinstance(t, (tf.Tensor, tf.Variable)):
             continue
         if t.dtype.is_floating or t.dtype.is_integer or t.dtype == tf.bool:

@@ -39,7 +39,7 @@ from typing import Any
 import tensorflow as tf
 
 from ._data import fingerprint, relaxed_spec, spec_key
-from ._loss import BatchLoss, output_mask, split_batch, with_mask
+from ._loss import BatchLoss, output_mask, split_batch, unscaled_keras_losses, with_mask
 from ._moments import exact_moments
 from .distributed import run_and_sum
 
@@ -214,14 +214,14 @@ class Kernel:
 
         return run_and_sum(self.strategy, local, (values, batch, V))
 
-    # -- the regulariser (once per product, not per batch) ------------------------------
+    # -- the regularisers (once per product, not per batch) -----------------------------
     def _reg_grad(self, values: list[Any]) -> Any:
         self.traces["reg_grad"] += 1
         loss = self.loss
         handles = loss.handles(values)
         with tf.GradientTape() as tape:
             tape.watch(handles)
-            r = self._reg_value(handles)
+            r = self._reg_value(values, handles)
         return loss.space.flatten(tape.gradient(r, handles, unconnected_gradients=ZERO))
 
     def _reg_hvp(self, values: list[Any], V: Any) -> Any:
@@ -233,7 +233,7 @@ class Kernel:
             outer.watch(handles)
             with tf.GradientTape() as inner:
                 inner.watch(handles)
-                r = self._reg_value(handles)
+                r = self._reg_value(values, handles)
             g = _dense(inner.gradient(r, handles, unconnected_gradients=ZERO), handles)
 
         def one(v: Any) -> Any:
@@ -242,14 +242,23 @@ class Kernel:
 
         return _columns(one, V, space)
 
-    def _reg_value(self, handles: list[Any]) -> Any:
-        names = self.loss.space.names
-        r = self.regularizer(dict(zip(names, handles, strict=True)))
-        r = tf.convert_to_tensor(r)
-        if r.shape.num_elements() != 1 or not r.dtype.is_floating:
-            raise ValueError(f"regularizer must return a floating scalar; got shape "
-                             f"{tuple(r.shape)} and dtype {r.dtype.name}")
-        return tf.reshape(r, [])
+    def _reg_value(self, values: list[Any], handles: list[Any]) -> Any:
+        """The ``regularizer`` of the selected variables plus the model's own weight
+        penalties (``model.losses`` of a Keras model with ``kernel_regularizer=``...,
+        with a ``loss``: :meth:`BatchLoss.weight_penalty`)."""
+        loss = self.loss
+        total = loss.weight_penalty(values, handles)
+        if self.regularizer is not None:
+            r = self.regularizer(dict(zip(loss.space.names, handles, strict=True)))
+            r = tf.convert_to_tensor(r)
+            if r.shape.num_elements() != 1 or not r.dtype.is_floating:
+                raise ValueError(f"regularizer must return a floating scalar; got shape "
+                                 f"{tuple(r.shape)} and dtype {r.dtype.name}")
+            r = tf.reshape(r, [])
+            total = r if total is None else total + tf.cast(r, total.dtype)
+        if total is None:  # pragma: no cover - called only when there is a penalty
+            total = tf.zeros((), loss.space.dtype)
+        return total
 
 
 def _weak(obj: Any) -> Callable[[], Any]:
@@ -261,12 +270,13 @@ def _weak(obj: Any) -> Callable[[], Any]:
 
 
 def _exact(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` traced with exact second derivatives through ``tf.nn.moments`` (the body of
-    a ``tf.function`` runs only while it is traced)."""
+    """``fn`` traced with exact second derivatives through ``tf.nn.moments``, and with
+    Keras's mean losses not divided by the number of replicas (the body of a
+    ``tf.function`` runs only while it is traced)."""
 
     @functools.wraps(fn)
     def traced(*args: Any) -> Any:
-        with exact_moments():
+        with exact_moments(), unscaled_keras_losses():
             return fn(*args)
 
     return traced
@@ -366,7 +376,7 @@ def _ggn_product(loss: BatchLoss, values: list[Any], batch: Any, V: Any, block: 
         with tf.GradientTape() as tape:
             tape.watch(handles)
             with tf.autodiff.ForwardAccumulator(handles, tangents) as acc:
-                out = loss.outputs(values, handles, inputs)
+                out = loss.outputs(values, handles, inputs, refuse_added_losses=True)
             if not isinstance(out, tf.Tensor):
                 raise TypeError(f"ggn needs a model whose output is one tensor; got "
                                 f"{type(out).__name__}")

@@ -6,10 +6,12 @@ the model at given values), the loss, which variables are selected, and their fl
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -60,7 +62,11 @@ class BatchLoss:
                              [self.adapter.variables[i] for i in self.selected])
         if loss is not None:
             _check_loss_dtype(loss, self.space.dtype)
-        self._keras_unscale = _keras_unscale(loss)
+        # the model's own losses (model.losses: weight regularisers, activity regularisers,
+        # add_loss) are part of the objective of a `loss` (what model.fit minimises); a
+        # loss_fn writes its objective itself
+        self.model_losses = self.adapter.keras and loss is not None
+        self.has_weight_penalty = self.model_losses and bool(weight_regularized(model))
         self.ignore_class = ignore_class_of(loss)
         self.reads_mask = reads_output_mask(loss)
         self._fn_takes_training = loss_fn is not None and _takes_training(loss_fn)
@@ -92,7 +98,8 @@ class BatchLoss:
         return (self.adapter.keras, self.adapter.training, tuple(self.selected),
                 tuple(id(v) for v in self.adapter.variables), _callable_key(self.loss),
                 _callable_key(self.loss_fn), _callable_key(self.batch_size_fn),
-                self.reduction)
+                self.reduction, self.model_losses,
+                _penalties_key(self.adapter) if self.model_losses else None)
 
     # -- the loss (inside traced functions) ---------------------------------------------
     def handles(self, values: list[Any]) -> list[Any]:
@@ -113,14 +120,60 @@ class BatchLoss:
 
     def __call__(self, values: list[Any], handles: list[Any], batch: Any) -> tuple[Any, Any]:
         """``(mean loss, count)`` of ``batch`` with the selected variables at ``handles``
-        and the others at ``values``; both float64 count and a scalar loss."""
-        with self.adapter.scope(self.mapping(values, handles)):
+        and the others at ``values``; both float64 count and a scalar loss.
+
+        With a ``loss``, the mean loss includes the losses the Keras model adds while it is
+        called on the batch (activity regularisers, ``add_loss``), as in ``model.fit``;
+        its weight regularisers are added once per pass instead
+        (:meth:`weight_penalty`)."""
+        with self.adapter.scope(self.mapping(values, handles)) as scope:
             if self.loss_fn is not None:
                 return self._custom(batch)
             inputs, targets = split_batch(batch)
             outputs = self.adapter.call(inputs)
             count = self.loss_count(batch, inputs, targets, outputs)
-            return self.output_loss(targets, outputs, count), count
+            value = self.output_loss(targets, outputs, count)
+            if self.model_losses and scope is not None and scope.losses:
+                value = value + self._added_losses(scope.losses, outputs, value.dtype)
+            return value, count
+
+    def _added_losses(self, losses: list[Any], outputs: Any, dtype: tf.DType) -> tf.Tensor:
+        """The sum of the losses the model added during its call on a batch (each summed
+        over its entries, as Keras's ``compute_loss`` does), in ``dtype``. They are weighted
+        with the batch's count like the loss; Keras divides an activity regulariser by the
+        batch's sample count, so that weighting makes the penalty of all the data at once
+        only where the count is the number of samples: a count of unmasked entries or of
+        targets that are not ``ignore_class`` raises a ValueError."""
+        if self.batch_size_fn is None and (output_mask(outputs) is not None
+                                           or self.ignore_class is not None):
+            what = ("carry a Keras mask (each batch counts its unmasked entries)"
+                    if output_mask(outputs) is not None else
+                    f"go to a loss with ignore_class={self.ignore_class!r} (each batch counts "
+                    "its targets that are not ignored)")
+            raise ValueError(
+                f"the model adds losses while it is called ({len(losses)}: activity "
+                "regularisers or add_loss), which Keras averages over the batch's samples, "
+                f"but its outputs {what}: weighted by that count they would not add up to "
+                "the penalty of the whole data, and one batch has one weight. Write the "
+                "objective and its weighting yourself, loss_fn=lambda model, batch: "
+                "(loss(y, model(x)) + tf.add_n(model.losses), count), or pass a "
+                "batch_size_fn that counts what both should be weighted by, or use a copy "
+                "of the model without these losses (activity_regularizer=None)")
+        return tf.add_n([tf.reduce_sum(tf.cast(x, dtype)) for x in losses])
+
+    def weight_penalty(self, values: list[Any], handles: list[Any]) -> tf.Tensor | None:
+        """The sum of the Keras model's weight-regularisation losses (``kernel_regularizer``
+        and the like: ``model.losses`` outside a call) with the selected variables at
+        ``handles`` and the others at ``values``, in the variables' dtype; None when it has
+        none. Added once per pass, not per batch (it does not depend on the data)."""
+        if not self.has_weight_penalty:
+            return None
+        with self.adapter.scope(self.mapping(values, handles)):
+            losses = list(self.model.losses)  # no call in this scope: weights' only
+        if not losses:
+            return None
+        dtype = self.space.dtype
+        return tf.add_n([tf.reduce_sum(tf.cast(x, dtype)) for x in losses])
 
     def loss_count(self, batch: Any, inputs: Any, targets: Any, outputs: Any) -> tf.Tensor:
         """The count of an ``(inputs, targets)`` batch of a ``loss`` (float64), the
@@ -145,17 +198,15 @@ class BatchLoss:
         """The batch-mean loss of ``outputs`` (``loss(targets, outputs)``, divided by
         ``count`` for ``reduction='sum'``).
 
-        Under a ``tf.distribute`` strategy a Keras loss with a mean reduction returns the
-        mean of the replica's share divided by the number of replicas (Keras's convention,
-        so that gradients sum over replicas); the division is undone here, since specdens
-        weights every share by its own sample count. A Keras loss whose ``call`` returns a
-        scalar (the batch mean already) is not divided by Keras, and is left as it is.
+        Under a ``tf.distribute`` strategy Keras divides the mean of a loss object by the
+        number of replicas (its convention, so that gradients sum over replicas); specdens
+        weights every share by its own sample count, and traces its functions inside
+        :func:`unscaled_keras_losses`, where Keras does not divide (also for a Keras loss
+        called inside a plain callable ``loss`` or a ``loss_fn``).
         """
         value = _scalar(self.loss(targets, outputs), "the loss")
         if self.reduction == "sum":
             value = value / tf.cast(count, value.dtype)
-        elif self._keras_unscale is not None:
-            value = self._keras_unscale(value, targets, outputs)
         return value
 
     def _custom(self, batch: Any) -> tuple[Any, Any]:
@@ -182,10 +233,19 @@ class BatchLoss:
         inputs = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
         return _scalar(out, "loss_fn"), count_of(batch, inputs, self.batch_size_fn)
 
-    def outputs(self, values: list[Any], handles: list[Any], inputs: Any) -> Any:
-        """``model(inputs)`` with the selected variables at ``handles``."""
-        with self.adapter.scope(self.mapping(values, handles)):
-            return self.adapter.call(inputs)
+    def outputs(self, values: list[Any], handles: list[Any], inputs: Any, *,
+                refuse_added_losses: bool = False) -> Any:
+        """``model(inputs)`` with the selected variables at ``handles``; with
+        ``refuse_added_losses`` (the GGN), a ValueError if the call adds losses
+        (``add_loss``), which the GGN's split into outputs and a loss of them cannot
+        place."""
+        with self.adapter.scope(self.mapping(values, handles)) as scope:
+            out = self.adapter.call(inputs)
+            if refuse_added_losses and self.model_losses and scope is not None \
+                    and scope.losses:
+                raise ValueError(_ggn_added_losses(f"{len(scope.losses)} loss(es) added by "
+                                                   "add_loss in its call"))
+            return out
 
     def count(self, values: list[Any], batch: Any) -> Any:
         """Samples in ``batch`` (float64). With a ``loss`` and no ``batch_size_fn``, the
@@ -333,16 +393,24 @@ def _check_autocast_layers(adapter: ModelAdapter, dtype: tf.DType,
     ``Activation("tanh")`` computes part of its forward pass in float32, and its Hessian
     carries float32 rounding while the engine assumes float64's.
 
+    Containers count too: a subclassed ``keras.Layer`` or ``keras.Model`` block casts its
+    inputs to its own policy's type before its float64 sublayers see them. A functional
+    model does not cast its inputs (``_convert_input_args`` is off), and a ``Sequential``
+    casts them to the dtype of its ``Input`` (its ``input_dtype``), which is what is read
+    here.
+
     Layers before the first one that holds a ``selected`` variable (in the model's layer
-    order, which Keras keeps topological) are left alone: preprocessing such as
+    order: each layer before its sublayers, which follow in their order, and Keras keeps
+    a functional model's layers topological) are left alone: preprocessing such as
     ``Rescaling`` or ``Normalization`` rounds the data, which does not depend on the
-    parameters, and the Hessian stays exact."""
+    parameters, and the Hessian stays exact. So is the model itself, whose cast of its
+    inputs rounds the data only."""
     import keras
 
     wanted = {id(v) for v in selected} if selected is not None else None
     started = wanted is None
     low = []
-    for layer in adapter.layers():
+    for layer in _preorder(adapter.model):
         if not started:
             own = getattr(layer, "_trainable_variables", None)
             own = list(own) if own is not None else []
@@ -351,95 +419,150 @@ def _check_autocast_layers(adapter: ModelAdapter, dtype: tf.DType,
                           for v in own)
             if not started:
                 continue
-        if isinstance(layer, keras.layers.InputLayer) or not (
-                getattr(layer, "autocast", False) and getattr(layer, "_convert_input_args",
-                                                              False)):
+        if layer is adapter.model or isinstance(layer, keras.layers.InputLayer):
             continue
-        flat = getattr(layer, "_flatten_layers", None)
-        if flat is not None and any(True for _ in flat(include_self=False, recursive=False)):
-            continue  # a container: its leaves are checked themselves
-        compute = getattr(layer, "compute_dtype", None)
-        if compute is None or not tf.as_dtype(compute).is_floating:
-            continue
-        if _RANK.get(tf.as_dtype(compute).name, 3) < _RANK.get(dtype.name, 0):
-            low.append(f"{layer.name} ({tf.as_dtype(compute).name})")
+        lower = [d for d in _input_casts(layer)
+                 if _RANK.get(d.name, 3) < _RANK.get(dtype.name, 0)]
+        if lower:
+            kind = "" if not _children(layer) else f", a {type(layer).__name__} block"
+            low.append(f"{layer.name} ({lower[0].name}{kind})")
     if low:
         raise TypeError(
             f"layers {', '.join(low[:6])}{', ...' if len(low) > 6 else ''} compute in lower "
             f"precision than the model's {dtype.name} variables: Keras casts their inputs to "
-            f"their dtype policy's type, so the Hessian would carry that rounding. Build them "
-            f"with dtype='{dtype.name}', or call keras.config.set_dtype_policy("
+            f"their dtype policy's type (a functional or Sequential block: to its Input's "
+            f"dtype), so the Hessian would carry that rounding. Build them with "
+            f"dtype='{dtype.name}' (a block that subclasses keras.Layer or keras.Model: pass "
+            f"dtype='{dtype.name}' to its super().__init__; a functional or Sequential block: "
+            f"keras.Input(..., dtype='{dtype.name}')), or call keras.config.set_dtype_policy("
             f"'{dtype.name}') before building the model"
         )
 
 
-def _keras_unscale(loss: Any) -> Callable[[Any, Any, Any], Any] | None:
-    """The exact inverse of Keras's scaling of mean losses by the number of replicas, for
-    a Keras loss object (None for other losses, or a Keras without that convention):
-    ``unscale(value, targets, outputs)`` for ``value = loss(targets, outputs)``.
-
-    Keras scales only where it reduces: ``reduce_values`` returns the weighted per-entry
-    losses unchanged when they are a scalar or empty (a subclass whose ``call`` returns
-    the batch mean already), and otherwise multiplies their mean by
-    ``ops.cast(1.0 / num_replicas, dtype)`` (:func:`keras_scales_loss` tells which, from
-    the static shapes). Keras's own ``unscale_loss_for_distribution`` multiplies back by
-    ``num_replicas``: ``3 * fl32(1/3) = 1 + 3e-8``, a float64 operator off by 3e-8 under
-    three replicas (exact for powers of two). Dividing by the same constant Keras
-    multiplied by undoes it to the last bit."""
-    keras = sys.modules.get("keras")
-    if loss is None or keras is None or not isinstance(loss, keras.losses.Loss):
-        return None
-    try:
-        from keras.src.losses.loss import scale_loss_for_distribution  # noqa: F401
-    except ImportError:  # pragma: no cover - a Keras that does not scale
-        return None
-
-    def unscale(value: Any, targets: Any, outputs: Any) -> Any:
-        replicas = tf.distribute.get_strategy().num_replicas_in_sync
-        if replicas > 1 and keras_scales_loss(loss, targets, outputs):
-            value = value / keras.ops.cast(1.0 / replicas, value.dtype)
-        return value
-
-    return unscale
+def _input_casts(layer: Any) -> list[tf.DType]:
+    """The floating dtypes a Keras layer casts its floating inputs to when it is called:
+    its ``input_dtype`` (its policy's compute dtype; a ``Sequential``'s ``Input``'s) where
+    ``Layer.__call__`` converts its inputs (``autocast`` and ``_convert_input_args``), and,
+    for a functional model or a ``Sequential`` (whose ``call`` converts each input to the
+    dtype of its ``Input``), the floating dtypes of its symbolic inputs."""
+    out = []
+    if getattr(layer, "autocast", False) and getattr(layer, "_convert_input_args", False):
+        try:
+            cast_to = getattr(layer, "input_dtype", None)
+        except Exception:  # noqa: BLE001 - a property that fails: use the compute dtype
+            cast_to = None
+        cast_to = cast_to if cast_to is not None else getattr(layer, "compute_dtype", None)
+        if cast_to is not None and tf.as_dtype(cast_to).is_floating:
+            out.append(tf.as_dtype(cast_to))
+    if _children(layer):
+        try:
+            inputs = layer.inputs
+        except Exception:  # noqa: BLE001 - not a functional model (subclassed, unbuilt)
+            inputs = None
+        for t in tf.nest.flatten(inputs) if inputs is not None else []:
+            d = getattr(t, "dtype", None)
+            if d is not None and tf.as_dtype(d).is_floating:
+                out.append(tf.as_dtype(d))
+    return out
 
 
-def keras_scales_loss(loss: Any, targets: Any, outputs: Any) -> bool:
-    """Whether Keras's ``Loss.__call__`` of ``(targets, outputs)`` scales its value by
-    ``1 / num_replicas`` under a ``tf.distribute`` strategy: the condition of Keras's
-    ``reduce_values`` (a mean reduction of weighted per-entry losses that are neither a
-    scalar nor of static shape ``(0,)``), applied to the values ``Loss.__call__`` reduces.
+def _children(layer: Any) -> list[Any]:
+    """The direct sublayers of a Keras layer, in its order."""
+    flat = getattr(layer, "_flatten_layers", None)
+    return list(flat(include_self=False, recursive=False)) if flat is not None else []
 
-    Those are ``loss.call`` of the inputs converted to the loss's dtype, multiplied by the
-    weights of the Keras masks (of ``outputs``, and the one ``call`` attaches to its
-    result) after Keras's ``squeeze_or_expand_to_same_rank``: only static shapes are read.
-    In a traced function the extra ``call`` is pruned (nothing depends on it); eagerly it
-    costs one more evaluation of the loss, and it is made only under several replicas. A
-    subclass that overrides ``__call__`` is assumed to reduce through ``Loss.__call__``."""
-    from keras import ops
-    from keras.src import tree
-    from keras.src.losses import loss as keras_loss
 
-    reduction = getattr(loss, "reduction", "sum_over_batch_size")
-    if reduction == "auto":
-        reduction = "sum_over_batch_size"
-    if reduction not in ("sum_over_batch_size", "mean", "mean_with_sample_weight"):
-        return False
-    in_mask = output_mask(outputs)
-    y_pred = tree.map_structure(lambda x: ops.convert_to_tensor(x, dtype=loss.dtype), outputs)
-    y_true = tree.map_structure(lambda x: ops.convert_to_tensor(x, dtype=loss.dtype), targets)
-    losses = loss.call(y_true, y_pred)
-    out_mask = output_mask(losses)
-    if in_mask is not None and out_mask is not None:
-        mask = in_mask & out_mask
-    else:
-        mask = in_mask if in_mask is not None else out_mask
-    values = ops.convert_to_tensor(losses, dtype=loss.dtype)
-    shape = values.shape
-    if mask is not None:
-        weights = keras_loss.apply_mask(None, mask, dtype=values.dtype, reduction=reduction)
-        values, weights = keras_loss.squeeze_or_expand_to_same_rank(values, weights)
-        shape = tf.broadcast_static_shape(values.shape, weights.shape)
-    return tuple(shape) not in ((), (0,))
+def _preorder(model: Any) -> list[Any]:
+    """The model and its nested layers, each layer before its sublayers and these in
+    their order (Keras's ``_flatten_layers`` visits a layer's sublayers in reverse)."""
+    out, seen, stack = [], set(), [model]
+    while stack:
+        layer = stack.pop()
+        if id(layer) in seen:
+            continue
+        seen.add(id(layer))
+        out.append(layer)
+        stack.extend(reversed(_children(layer)))
+    return out
+
+
+def weight_regularized(model: Any) -> list[Any]:
+    """The trainable variables of a Keras model that carry a weight regulariser
+    (``kernel_regularizer=``...): those whose penalties Keras's ``model.losses`` adds,
+    the regulariser of each applied to its variable's value."""
+    return [v for v in getattr(model, "trainable_weights", [])
+            if getattr(v, "regularizer", None) is not None]
+
+
+def activity_regularized(adapter: ModelAdapter) -> list[str]:
+    """The names of the Keras model's layers with an ``activity_regularizer``."""
+    if not adapter.keras:
+        return []
+    return [layer.name for layer in adapter.layers()
+            if getattr(layer, "activity_regularizer", None) is not None]
+
+
+def _penalties_key(adapter: ModelAdapter) -> tuple:
+    """What the traced functions read of the model's own losses: the weight regularisers
+    of its variables and the activity regularisers of its layers (by value, as Keras loss
+    objects are), so that changing one after an operator was built retraces."""
+    weights = tuple((id(v), _callable_key(v.regularizer))
+                    for v in weight_regularized(adapter.model))
+    activity = tuple((id(layer), _callable_key(getattr(layer, "activity_regularizer", None)))
+                     for layer in adapter.layers()
+                     if getattr(layer, "activity_regularizer", None) is not None)
+    return weights, activity
+
+
+def _ggn_added_losses(what: str) -> str:
+    return (
+        f"the model adds losses while it is called ({what}): functions of its inner "
+        "activations, not of its outputs, which the GGN (J^T H_out J of a loss of the "
+        "outputs) has no place for. Use hessian(), which includes them as model.fit does, "
+        "or ggn() on a copy of the model without them (activity_regularizer=None). Weight "
+        "regularisers (kernel_regularizer=...) are fine: their Hessian is added to the GGN"
+    )
+
+
+_SCALE_LOCK = threading.RLock()
+
+
+def _not_scaled(value: Any) -> Any:
+    return value
+
+
+@contextlib.contextmanager
+def unscaled_keras_losses() -> Iterator[None]:
+    """Inside the block, Keras does not divide the mean of a loss object by the number of
+    ``tf.distribute`` replicas (re-entrant; Keras's own function is back on exit, also
+    after an exception).
+
+    Keras 3's ``Loss.__call__`` reduces through ``keras.src.losses.loss.reduce_values``,
+    which multiplies a mean by ``ops.cast(1 / num_replicas, dtype)`` through the module's
+    ``scale_loss_for_distribution`` (so that the gradients of ``model.fit`` sum over
+    replicas). specdens weights every replica's share by its own sample count, so it needs
+    the plain mean of the share, whichever way the Keras loss is reached: a loss object
+    as ``loss``, inside a plain callable ``loss`` or inside a ``loss_fn``. The function is
+    swapped for the identity while specdens traces its functions (the replica functions
+    of ``strategy.run`` included), as ``exact_moments`` swaps ``tf.nn.moments``; a
+    division that a callable writes itself is left alone. Nothing is done where Keras is
+    not imported or has no such function."""
+    keras_loss = None
+    if sys.modules.get("keras") is not None:
+        try:
+            from keras.src.losses import loss as keras_loss
+        except ImportError:  # pragma: no cover - a Keras without this module
+            keras_loss = None
+    if keras_loss is None or not hasattr(keras_loss, "scale_loss_for_distribution"):
+        yield
+        return
+    with _SCALE_LOCK:
+        original = keras_loss.scale_loss_for_distribution
+        keras_loss.scale_loss_for_distribution = _not_scaled
+        try:
+            yield
+        finally:
+            keras_loss.scale_loss_for_distribution = original
 
 
 def ignore_class_of(loss: Any) -> Any:

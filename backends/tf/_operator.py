@@ -58,6 +58,9 @@ class DataOperator(LinearOperatorBase):
         self.param_shapes = list(space.shapes)
         self.weight_decay = float(weight_decay)
         self.regularizer = regularizer
+        # the regulariser and the Keras model's weight penalties (model.losses), added
+        # once per product
+        self._penalized = regularizer is not None or loss.has_weight_penalty
         self.strategy = resolve_strategy(strategy, loss.adapter.variables)
         _check_synchronized_batchnorm(loss, self.strategy)
         self.kernel: Kernel = kernel_for(loss, method=method, block=block,
@@ -121,7 +124,7 @@ class DataOperator(LinearOperatorBase):
                 acc = contrib if acc is None else acc + contrib
                 total = count if total is None else total + count
                 fps.append(fp)
-            if self.regularizer is not None:
+            if self._penalized:
                 # inside the block: a tf.Module's regulariser reads its variables, which
                 # hold the snapshot only here
                 reg = self.kernel("reg_hvp", self._values, None, V)

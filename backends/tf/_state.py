@@ -125,15 +125,37 @@ class ModelAdapter:
                                        else tf.convert_to_tensor(inner)))
         return out
 
-    def scope(self, values: list[Any]) -> Any:
-        """Inside a traced function: the context in which the model reads ``values``
-        (a ``keras.StatelessScope`` for Keras; nothing for a ``tf.Module``)."""
+    @contextlib.contextmanager
+    def scope(self, values: list[Any]) -> Iterator[Any]:
+        """Inside a traced function: the context in which the model reads ``values``; it
+        yields a ``keras.StatelessScope`` for Keras (None for a ``tf.Module``).
+
+        The scope collects the losses the model adds while it is called (activity
+        regularisers, ``add_loss``: its ``losses`` list, also what ``model.losses`` reads
+        inside it). Keras clears every layer's eager losses at the start of an outermost
+        call and records the ids of the collected ones in the layers: the layers' loss
+        bookkeeping is restored on exit, so ``model.losses`` after specdens is what it was
+        before."""
         if not self.keras:
-            return contextlib.nullcontext()
+            yield None
+            return
         import keras
 
-        return keras.StatelessScope(state_mapping=list(zip(self.variables, values,
-                                                           strict=True)))
+        saved = []
+        for layer in self.layers():
+            losses, ids = getattr(layer, "_losses", None), getattr(layer, "_loss_ids", None)
+            if isinstance(losses, list) and isinstance(ids, set):
+                saved.append((losses, list(losses), ids, set(ids)))
+        try:
+            with keras.StatelessScope(state_mapping=list(zip(self.variables, values,
+                                                             strict=True)),
+                                      collect_losses=True) as scope:
+                yield scope
+        finally:
+            for losses, kept, ids, kept_ids in saved:
+                losses[:] = kept
+                ids.clear()
+                ids.update(kept_ids)
 
     @contextlib.contextmanager
     def bound(self, values: list[tf.Tensor]) -> Iterator[None]:

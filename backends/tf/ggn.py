@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ._loss import BatchLoss
+from ._loss import BatchLoss, _ggn_added_losses, activity_regularized
 from ._operator import DataOperator
 
 
@@ -37,11 +37,17 @@ def ggn(
 ) -> GGNOperator:
     """The generalised Gauss-Newton matrix of the mean loss as a specdens operator.
 
-    ``G = sum_b (n_b / N) J_b^T H_b J_b + weight_decay * I`` with ``J_b`` the Jacobian of
-    ``model(inputs_b)`` (all outputs of the batch, so BatchNorm on batch statistics is
-    included) and ``H_b`` the Hessian of ``loss(targets_b, outputs)`` in the outputs. When
-    the outputs carry a Keras mask, ``H_b`` is that of the loss of the masked outputs (the
-    mean over the unmasked entries, as in the Hessian) and ``n_b`` the mask's sum.
+    ``G = sum_b (n_b / N) J_b^T H_b J_b + Hess(P) + weight_decay * I`` with ``J_b`` the
+    Jacobian of ``model(inputs_b)`` (all outputs of the batch, so BatchNorm on batch
+    statistics is included), ``H_b`` the Hessian of ``loss(targets_b, outputs)`` in the
+    outputs and ``P`` the sum of the Keras model's weight regularisers
+    (``kernel_regularizer=``..., in ``model.losses``), whose exact Hessian is added once,
+    as ``weight_decay * I`` is. Losses the model adds while it is called (an
+    ``activity_regularizer``, ``add_loss``) are functions of inner activations, which the
+    GGN has no place for: they raise a ValueError (use :func:`hessian`, which includes
+    them). When the outputs carry a Keras mask, ``H_b`` is that of the loss of the masked
+    outputs (the mean over the unmasked entries, as in the Hessian) and ``n_b`` the
+    mask's sum.
 
     Parameters
     ----------
@@ -70,6 +76,11 @@ def ggn(
                         "model's outputs and a loss of those outputs")
     batch_loss = BatchLoss(model, loss, None, batch_size_fn=batch_size_fn, params=params,
                            batchnorm=batchnorm)
+    activity = activity_regularized(batch_loss.adapter)
+    if activity:
+        raise ValueError(_ggn_added_losses(
+            f"activity_regularizer on {', '.join(activity[:6])}"
+            f"{', ...' if len(activity) > 6 else ''}"))
     return GGNOperator(batch_loss, data, method="reverse", block=block,
                        weight_decay=weight_decay, regularizer=None,
                        check_determinism=check_determinism, strategy=strategy)

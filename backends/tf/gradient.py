@@ -28,8 +28,11 @@ def gradient(
     regularizer: Callable[[dict], Any] | None = None,
     strategy: Any = None,
 ) -> tf.Tensor:
-    """The full-data gradient ``g = sum_b (n_b / N) grad L_b + weight_decay * theta +
-    grad R`` as a flat vector in the space of :func:`hessian` called with the same options.
+    """The full-data gradient ``g = sum_b (n_b / N) grad L_b + grad P + weight_decay *
+    theta + grad R`` as a flat vector in the space of :func:`hessian` called with the same
+    options (with a ``loss``, ``L_b`` includes the losses a Keras model adds while it is
+    called and ``P`` is the sum of its weight regularisers: ``model.losses``, as in
+    :func:`hessian`).
 
     Parameters
     ----------
@@ -43,6 +46,12 @@ def gradient(
     -------
     tf.Tensor
         Shape ``(n,)``, the variables' dtype, on their device.
+
+    Raises
+    ------
+    FloatingPointError
+        When the gradient has a NaN or Inf entry (checked once, on the final vector); the
+        message names the variables concerned.
 
     References
     ----------
@@ -74,7 +83,7 @@ def gradient(
             acc = g if acc is None else acc + g
             total = count if total is None else total + count
             counts.append(count)
-        if regularizer is not None:
+        if regularizer is not None or batch_loss.has_weight_penalty:
             # inside the block: a tf.Module's regulariser reads its variables (the values
             # of the snapshot only here; the same values in a gradient's single pass)
             reg = kernel("reg_grad", values, None)
@@ -85,5 +94,25 @@ def gradient(
         out = out + tf.constant(float(weight_decay), dtype=out.dtype) * theta
     if reg is not None:
         out = out + reg
+    _check_finite(out, space)
     with tf.device(space.device):
         return tf.identity(out)
+
+
+def _check_finite(g: tf.Tensor, space: Any) -> None:
+    """Raise a FloatingPointError naming the variables whose gradient has a NaN or Inf
+    entry (one read-back of a flag; the per-variable counts only when it is raised)."""
+    if bool(tf.reduce_all(tf.math.is_finite(g)).numpy()):
+        return
+    parts = space.split(g)
+    bad = [(name, int(tf.reduce_sum(tf.cast(~tf.math.is_finite(p), tf.int64)).numpy()),
+            int(tf.size(p).numpy())) for name, p in zip(space.names, parts, strict=True)]
+    bad = [b for b in bad if b[1]]
+    total = sum(b[1] for b in bad)
+    where = ", ".join(f"{name} ({k} of {size})" for name, k, size in bad[:8])
+    more = f" and {len(bad) - 8} more variables" if len(bad) > 8 else ""
+    raise FloatingPointError(
+        f"the gradient has NaN or Inf in {total} of its {int(tf.size(g).numpy())} entries, "
+        f"in the variables {where}{more}: the loss of some batch is not finite (a NaN or "
+        "Inf in the data, an overflowing loss, a float16 model); specdens never returns "
+        "such values. Check the data and the model")

@@ -40,11 +40,15 @@ def hessian(
 ) -> HessianOperator:
     """The Hessian of the mean training loss of a Keras model or ``tf.Module``.
 
-    The operator is ``H = sum_b (n_b / N) Hess(L_b) + weight_decay * I + Hess(R)`` at the
-    variable values of the call: ``L_b`` is the mean loss of batch ``b`` over its ``n_b``
-    samples and ``N = sum_b n_b``, so uneven batches are weighted exactly (each product
-    accumulates ``n_b * Hess(L_b) v`` and divides by ``N``); ``R`` is the ``regularizer``.
-    Products are exact (no sampling), in the model's dtype, on its device.
+    The operator is ``H = sum_b (n_b / N) Hess(L_b) + Hess(P) + weight_decay * I +
+    Hess(R)`` at the variable values of the call: ``L_b`` is the mean loss of batch ``b``
+    over its ``n_b`` samples and ``N = sum_b n_b``, so uneven batches are weighted exactly
+    (each product accumulates ``n_b * Hess(L_b) v`` and divides by ``N``); with a
+    ``loss``, ``L_b`` includes the losses a Keras model adds while it is called (activity
+    regularisers, ``add_loss``) and ``P`` is the sum of its weight regularisers
+    (``kernel_regularizer=``...), added once: the objective of ``model.fit``, ``loss +
+    sum(model.losses)``; ``R`` is the ``regularizer``. Products are exact (no sampling),
+    in the model's dtype, on its device.
 
     Parameters
     ----------
@@ -62,9 +66,12 @@ def hessian(
         rounding (~1e-3 relative, not symmetric): pass a copy of the model with the
         layers under the variables' dtype (the message shows how). So does a float64
         model with layers left at Keras's default float32 policy (``Activation``,
-        ``Flatten``... built without ``dtype="float64"``) at or after its first selected
-        variable, whose inputs Keras casts to float32; float32 preprocessing in front of
-        it (``Rescaling``, ``Normalization``) only rounds the data and is accepted.
+        ``Flatten``... built without ``dtype="float64"``, and nested blocks that subclass
+        ``keras.Layer`` or ``keras.Model`` built without it, or nested functional models
+        whose ``Input`` is float32) at or after its first selected variable, whose inputs
+        Keras casts to float32; float32 preprocessing in front of it (``Rescaling``,
+        ``Normalization``, or the model's own cast of its inputs) only rounds the data
+        and is accepted.
     loss
         ``loss(targets, model(inputs))`` (the Keras order): a Keras loss object with
         reduction ``"sum_over_batch_size"`` (the default, the batch mean) or ``"sum"``
@@ -81,13 +88,24 @@ def hessian(
         divides by the mask's sum (with ``ignore_class``, its entries whose target is not
         ignored), and each batch counts that sum (a fully masked batch counts 0 and adds
         nothing); a plain callable ``loss`` of masked outputs raises a ValueError unless
-        ``batch_size_fn`` gives its denominator. Exclusive with ``loss_fn``.
+        ``batch_size_fn`` gives its denominator. The Keras model's own losses
+        (``model.losses``) are added, as ``model.fit`` adds them: its weight regularisers
+        once; the losses its call adds (an ``activity_regularizer``, which Keras averages
+        over the batch's samples, or ``add_loss``) with their batch's weight, so that with
+        the default count they make the penalty of all the data at once (with a count of
+        unmasked entries or of targets that are not ignored, such added losses raise a
+        ValueError: pass ``batch_size_fn``, or write the objective in ``loss_fn``).
+        Exclusive with ``loss_fn``.
     data
         One batch, a ``tf.data.Dataset`` of batches, or a re-iterable of batches (a list,
         a ``keras.utils.PyDataset``): batches must be the same on every pass (no
-        ``shuffle``, no random augmentation); a difference raises a RuntimeError. One
-        batch is a tensor or numpy array, a dict, or a tuple/list whose first item is one;
-        with a ``loss``, batches are ``(inputs, targets)``. So ``[X[:20], X[20:]]`` is
+        ``shuffle``, no random augmentation); a difference raises a RuntimeError. An
+        infinite dataset (``.repeat()`` without a count) or a ``PyDataset`` without an end
+        raises a ValueError (use ``.take(n)``). One batch is a tensor or numpy array (or a
+        ``tf.RaggedTensor`` or ``tf.SparseTensor``), a dict, a tuple/list whose first item
+        is one, or a multi-input batch ``([x1, x2], y)`` (Keras's convention for a model
+        of several inputs; its arrays must share their sample dimension); with a
+        ``loss``, batches are ``(inputs, targets)``. So ``[X[:20], X[20:]]`` is
         one batch of two tensors: pass bare-tensor batches as ``[(X[:20],), (X[20:],)]``
         (a ``loss_fn`` that fails on such a list gets this hint in its error).
     loss_fn
@@ -96,8 +114,11 @@ def hessian(
         (its count is then ``batch_size_fn(batch)`` or the leading dimension of the first
         tensor of the batch) or a pair ``(mean_loss, count)``. If it takes a ``training``
         keyword, it receives the flag of ``batchnorm``. Its calls of the model read the
-        snapshot. A ``loss_fn`` that returns the mean only, without ``batch_size_fn``, of a
-        model whose outputs carry (or, for a subclassed model with
+        snapshot. ``loss_fn`` writes the whole objective: ``model.losses`` are not added
+        (add ``tf.add_n(model.losses)`` to its value after calling the model, which then
+        holds that call's losses and the weight penalties at the snapshot). A
+        ``loss_fn`` that returns the mean only, without ``batch_size_fn``, of a model
+        whose outputs carry (or, for a subclassed model with
         ``Embedding(mask_zero=True)`` or ``Masking`` layers, may carry) a Keras mask
         raises a ValueError: a Keras loss of them divides by the mask's sum, which
         specdens cannot see; return ``(mean_loss, count)``.
@@ -122,10 +143,13 @@ def hessian(
         layers, such as Dropout, is then refused), else ``training=False``. Moving
         statistics are never updated. A plain ``tf.Module`` is called as ``model(inputs)``.
     weight_decay
-        Adds ``weight_decay * I``, the Hessian of ``weight_decay / 2 * ||theta||^2``.
+        Adds ``weight_decay * I``, the Hessian of ``weight_decay / 2 * ||theta||^2``, on
+        top of the model's own weight regularisers (a penalty already in ``model.losses``
+        must not be passed again here).
     regularizer
         ``regularizer(params) -> scalar`` of the dict of selected variables (by name, as
-        tensors); its Hessian is added (once, not per batch).
+        tensors); its Hessian is added (once, not per batch), on top of the model's own
+        losses.
     method
         ``"reverse"`` (default; back-over-back: one forward and one first-order backward
         pass per batch, then one second backward per vector) or ``"forward"``
@@ -145,9 +169,11 @@ def hessian(
         ``strategy.scope()``, else the one that created the model's variables, else none).
         The data is distributed with ``strategy.experimental_distribute_dataset``; each
         replica's products and sample counts are summed over replicas (see
-        :mod:`specdens.backends.tf.distributed`). Under a strategy Keras divides the value
-        of a mean-reduced loss object by the number of replicas; specdens undoes that for
-        ``loss``, but a ``loss_fn`` must return the plain mean over the replica's share.
+        :mod:`specdens.backends.tf.distributed`). Under a strategy Keras divides the mean
+        of a loss object by the number of replicas; specdens traces its functions where
+        Keras does not, so a Keras loss gives the plain mean over the replica's share
+        whether it is the ``loss``, inside a callable ``loss`` or inside a ``loss_fn``
+        (which must return that plain mean: do not divide by the replicas yourself).
 
     Returns
     -------

@@ -32,7 +32,6 @@ from specdens.tracker import SpectrumRecord, SpectrumTracker
 
 from ._data import as_count, as_tensors, is_single_batch
 from ._loss import (
-    _keras_unscale,
     _plain_loss_of_masked_outputs,
     _reduction,
     ignore_class_of,
@@ -40,6 +39,7 @@ from ._loss import (
     masked_count,
     output_mask,
     reads_output_mask,
+    unscaled_keras_losses,
 )
 from .gradient import gradient
 from .hessian import hessian
@@ -214,7 +214,7 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
     """The mean loss over all samples of ``data`` (batches weighted by size) and the
     accuracy, with BatchNorm on batch statistics (``training=True``, inside a
     ``keras.StatelessScope`` so that no moving statistic changes) or on its moving
-    statistics (``training=False``); the model is not changed. No regularisation term.
+    statistics (``training=False``); the model is not changed.
 
     Batches are weighted as in :func:`specdens.backends.tf.hessian`: a Keras loss with
     ``reduction="sum"`` gives each batch's total, which counts as is (the mean over the
@@ -230,8 +230,10 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
     :func:`specdens.backends.tf.hessian`, overrides all these counts (a batch of count 0
     counts for nothing; a negative or non-finite count raises a ValueError). Inside a
     ``tf.distribute`` strategy's scope, Keras divides a mean loss by the number of
-    replicas (unless its ``call`` returns a scalar); that scaling is undone, so the value
-    is the data's mean loss in or out of a scope."""
+    replicas (unless its ``call`` returns a scalar); the loss is evaluated where it does
+    not, so the value is the data's mean loss in or out of a scope. The model's own losses
+    (``model.losses``, which :func:`specdens.backends.tf.hessian` includes) are left
+    out: the value is the data term alone."""
     if batchnorm not in ("batch", "population"):
         raise ValueError(f"batchnorm={batchnorm!r}; choose 'batch' or 'population'")
     if batch_size_fn is not None and not callable(batch_size_fn):
@@ -240,7 +242,6 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
                  for layer in getattr(model, "_flatten_layers", lambda: [])())
     training = batchnorm == "batch" and has_bn
     reduction = _reduction(loss)  # "mean" or "sum" (the batch's total, divided by n)
-    unscale = _keras_unscale(loss) if reduction == "mean" else None  # as output_loss
     ignore = ignore_class_of(loss)
     batches = [data] if is_single_batch(data) else data
     total = loss_sum = correct = samples = 0.0
@@ -265,10 +266,8 @@ def evaluate(model: Any, loss: Callable[[Any, Any], Any], data: Any, *,
             n = float(kept_count(y, ignore, loss.dtype).numpy())
         if n == 0:
             continue  # no sample (every target ignored, every output masked): counts nothing
-        value = loss(y, out)
-        if unscale is not None:
-            value = unscale(value, y, out)
-        value = float(value)
+        with unscaled_keras_losses():  # the share's plain mean, as in BatchLoss
+            value = float(loss(y, out))
         loss_sum += value if reduction == "sum" else value * n  # as BatchLoss.output_loss
         total += n
         if acc_ok:
