@@ -474,18 +474,18 @@ def _lanczos(
                          save_every=checkpoint_every or 0)
         if out["missed_sweep"]:
             # a deferred Gram-Schmidt test found cancellation: run the block again with
-            # both sweeps at every step (its products count too; progress goes back to the
-            # block's start, which the bar shows as "(again)")
+            # both sweeps at every step (its products count too; progress, which reached
+            # the block's end, is not reported twice)
             lanczos_matvecs += out["matvecs"]
             out = _run_block(op, V0, m, mode, win, wdt, bdt, breakdown_tol, check_every,
-                             return_basis, idx.start, on_step, both_sweeps=True)
+                             return_basis, idx.start, lambda j: None, both_sweeps=True)
             if out["missed_sweep"]:
                 # the second sweep cancelled as well for a vector that stays active (a
                 # step past a breakdown that breakdown_tol lets through): once more with
                 # three sweeps at every step
                 lanczos_matvecs += out["matvecs"]
                 out = _run_block(op, V0, m, mode, win, wdt, bdt, breakdown_tol, check_every,
-                                 return_basis, idx.start, on_step, three_sweeps=True)
+                                 return_basis, idx.start, lambda j: None, three_sweeps=True)
         lanczos_matvecs += out["matvecs"]
         done.append({
             "alpha": out["alpha"], "beta": out["beta"], "active": out["active"],
