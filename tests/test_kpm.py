@@ -351,3 +351,15 @@ def test_symmetry_check_uses_a_fixed_number_of_direct_moments(monkeypatch):
     seen.clear()
     specdens.kpm(S, 6, 2, bounds=(-1.01, 1.01))  # 6 moments take 3 products: k = 2, 3
     assert seen == [(2, 2)]
+
+
+def test_fraction_negative_takes_the_protocols_default():
+    """``DensityEstimate.fraction_negative(tol=None)``: SLQ's default is its rounding floor,
+    KPM's is 0 (it has no Ritz values); both accept None and refuse a negative tol."""
+    lam = np.linspace(-1.0, 2.0, 300)
+    A = np.diag(lam)
+    d = specdens.kpm(A, num_moments=60, num_probes=4, seed=0)
+    assert d.fraction_negative(None) == d.fraction_negative() == d.fraction_negative(0.0)
+    assert 0.2 < d.fraction_negative() < 0.45  # exact 1/3, smoothed by the kernel
+    with pytest.raises(ValueError, match="tol"):
+        d.fraction_negative(-1.0)

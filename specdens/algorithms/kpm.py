@@ -286,9 +286,19 @@ class KPMDensity:
         tail = self.probe_scales * np.abs(self.chebyshev_moments[:, N // 2:] @ coef[N // 2:])
         return estimate_from_samples(per, float(np.mean(tail)) * self.n)
 
-    def fraction_negative(self, tol: float = 0.0) -> float:
-        """Estimated fraction of eigenvalues below ``-tol`` (the smoothed CDF there)."""
-        return float(self.cdf(-float(tol)))
+    def fraction_negative(self, tol: float | None = None) -> float:
+        """Estimated fraction of eigenvalues below ``-tol`` (the smoothed CDF there).
+
+        ``tol=None`` (the default) is 0: the KPM density is a polynomial smoothed by its
+        kernel, with no Ritz values whose rounding a tolerance would absorb (SLQ's
+        default is twice its rounding floor: :meth:`SpectralDensity.negative_tolerance`).
+        Its mass below zero includes the kernel's spread of an atom at zero."""
+        if tol is None:
+            tol = 0.0
+        tol = float(tol)
+        if not (np.isfinite(tol) and tol >= 0):
+            raise ValueError(f"tol must be a finite number >= 0; got {tol}")
+        return float(self.cdf(-tol))
 
     def bounds(self) -> SpectralBounds:
         """The interval the density lives on (residuals 0: it is a chosen interval)."""
