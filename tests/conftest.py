@@ -56,3 +56,25 @@ def spectrum_matrix(rng):
     """n = 200, indefinite spectrum with a few outliers: (A, eigenvalues)."""
     lam = np.concatenate([np.linspace(-1.0, 2.0, 195), [5.0, 7.5, 10.0, 12.0, 20.0]])
     return sym_from_spectrum(lam, rng), np.sort(lam)
+
+
+def tf_exact_hessian(fn, variables):
+    """``(H, g)`` of the scalar ``fn()`` in ``variables`` by nested ``tf.GradientTape``s,
+    dense numpy arrays in the variables' dtype (the TensorFlow reference of the tests).
+
+    Keras variables are replaced by the ``tf.Variable``s behind them (TensorFlow needs a
+    DType for the zero derivative of a variable the value does not depend on)."""
+    import tensorflow as tf
+
+    zero = tf.UnconnectedGradients.ZERO
+    variables = [getattr(v, "value", v) if hasattr(v, "path") else v for v in variables]
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            value = fn()
+        g = tf.concat([tf.reshape(tf.convert_to_tensor(t), [-1]) for t in inner.gradient(
+            value, variables, unconnected_gradients=zero)], 0)
+    rows = outer.jacobian(g, variables, unconnected_gradients=zero,
+                          experimental_use_pfor=False)
+    n = int(g.shape[0])
+    H = np.concatenate([tf.reshape(r, (n, -1)).numpy() for r in rows], axis=1)
+    return H, g.numpy()

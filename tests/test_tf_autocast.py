@@ -25,6 +25,7 @@ keras = pytest.importorskip("keras")
 if keras.backend.backend() != "tensorflow":  # pragma: no cover - another Keras backend
     pytest.skip("Keras is not on its TensorFlow backend", allow_module_level=True)
 
+from conftest import tf_exact_hessian as exact  # noqa: E402
 from specdens.backends.tf import hessian  # noqa: E402
 
 TOL64 = 300 * float(np.finfo(np.float64).eps)
@@ -87,16 +88,7 @@ def xent():
 
 
 def exact_hessian(model, loss, X, y):
-    variables = [v.value for v in model.trainable_variables]
-    with tf.GradientTape(persistent=True) as outer:
-        with tf.GradientTape() as inner:
-            value = loss(y, model(X))
-        g = tf.concat([tf.reshape(t, [-1]) for t in inner.gradient(
-            value, variables, unconnected_gradients=ZERO)], 0)
-    rows = outer.jacobian(g, variables, unconnected_gradients=ZERO,
-                          experimental_use_pfor=False)
-    n = int(g.shape[0])
-    return np.concatenate([tf.reshape(r, (n, -1)).numpy() for r in rows], axis=1)
+    return exact(lambda: loss(y, model(X)), model.trainable_variables)[0]
 
 
 def dense(op):

@@ -20,26 +20,12 @@ keras = pytest.importorskip("keras")
 if keras.backend.backend() != "tensorflow":  # pragma: no cover - another Keras backend
     pytest.skip("Keras is not on its TensorFlow backend", allow_module_level=True)
 
+from conftest import tf_exact_hessian as exact  # noqa: E402
 from specdens.backends.tf import ggn, gradient, hessian  # noqa: E402
 
 TOL64 = 300 * float(np.finfo(np.float64).eps)
 F64 = "float64"
 ZERO = tf.UnconnectedGradients.ZERO
-
-
-def exact(fn, variables):
-    """``(H, g)`` of the scalar ``fn()`` in ``variables`` by nested tapes (float64)."""
-    variables = [getattr(v, "value", v) if hasattr(v, "path") else v for v in variables]
-    with tf.GradientTape(persistent=True) as outer:
-        with tf.GradientTape() as inner:
-            value = fn()
-        g = tf.concat([tf.reshape(t, [-1]) for t in inner.gradient(
-            value, variables, unconnected_gradients=ZERO)], 0)
-    rows = outer.jacobian(g, variables, unconnected_gradients=ZERO,
-                          experimental_use_pfor=False)
-    n = int(g.shape[0])
-    H = np.concatenate([tf.reshape(r, (n, -1)).numpy() for r in rows], axis=1)
-    return H, g.numpy()
 
 
 def dense(op):

@@ -21,6 +21,7 @@ keras = pytest.importorskip("keras")
 if keras.backend.backend() != "tensorflow":  # pragma: no cover - another Keras backend
     pytest.skip("Keras is not on its TensorFlow backend", allow_module_level=True)
 
+from conftest import tf_exact_hessian as exact  # noqa: E402
 from specdens.backends.tf import ggn, gradient, hessian  # noqa: E402
 
 TOL64 = 300 * float(np.finfo(np.float64).eps)
@@ -55,22 +56,6 @@ def batches(X, y, cuts=(0, 10, 23, 32)):
 
 def flat(tensors):
     return tf.concat([tf.reshape(tf.convert_to_tensor(t), [-1]) for t in tensors], 0)
-
-
-def exact(fn, variables):
-    """``(H, g)`` of the scalar ``fn()`` in ``variables`` by nested tapes (float64)."""
-    # the tf.Variables behind Keras variables (whose dtype TensorFlow needs as a DType for
-    # the zero derivative of a variable the value does not depend on)
-    variables = [getattr(v, "value", v) if hasattr(v, "path") else v for v in variables]
-    with tf.GradientTape(persistent=True) as outer:
-        with tf.GradientTape() as inner:
-            value = fn()
-        g = flat(inner.gradient(value, variables, unconnected_gradients=ZERO))
-    rows = outer.jacobian(g, variables, unconnected_gradients=ZERO,
-                          experimental_use_pfor=False)
-    n = int(g.shape[0])
-    H = np.concatenate([tf.reshape(r, (n, -1)).numpy() for r in rows], axis=1)
-    return H, g.numpy()
 
 
 def training_objective(model, loss, X, y):
