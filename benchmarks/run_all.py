@@ -280,8 +280,8 @@ def plan(args: argparse.Namespace, out: Path) -> list[Part]:
                        script("bench_estimators.py", *(["--smoke"] if smoke else
                               ["--reps", "40" if full else "20"]), *thr)),
         "accuracy": ("Accuracy per cost (W1 against matvecs)",
-                     script("bench_accuracy.py", *(["--smoke", "--problems", "hessian_like"]
-                                                   if smoke else (["--full"] if full else [])),
+                     script("bench_accuracy.py", *(["--smoke"] if smoke else
+                                                   (["--full"] if full else [])),
                             *thr,
                             "--json", str(out / "accuracy.json"),
                             "--plot", str(out / "accuracy_vs_matvecs.png"))),

@@ -1,13 +1,10 @@
 """benchmarks/bench_estimators.py runs end to end at tiny sizes (``--smoke``) and prints
-its three tables; the deflated rows report a variance reduction. No timing is checked."""
+its three tables; the deflated rows report a variance reduction. No timing is checked.
+The script runs once, in ``run_all.py --smoke`` (the session fixture ``run_all_smoke``)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+from conftest import run_all_part
 
 HEADERS = [
     ["spectrum", "method", "probes", "matvecs", "stderr tr(A)/n", "stderr tr(A^2)/n"],
@@ -21,15 +18,11 @@ def _rows(stdout: str) -> list[list[str]]:
             for line in stdout.splitlines() if line.startswith("|")]
 
 
-def test_bench_estimators_smoke() -> None:
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "bench_estimators.py"), "--smoke"],
-        capture_output=True, text=True, timeout=120, cwd=BENCHMARKS.parent,
-    )
-    assert proc.returncode == 0, f"failed:\n{proc.stdout}\n{proc.stderr}"
-    rows = _rows(proc.stdout)
+def test_bench_estimators_smoke(run_all_smoke) -> None:
+    stdout = run_all_part(run_all_smoke, "estimators")  # bench_estimators.py --smoke
+    rows = _rows(stdout)
     for want in HEADERS:
-        assert any(r[: len(want)] == want for r in rows), (want, proc.stdout)
+        assert any(r[: len(want)] == want for r in rows), (want, stdout)
     # every table row has as many cells as its header (no stray "|" in a cell)
     widths = {len(r) for r in rows}
     assert widths == {10, 7, 11}, widths

@@ -1,4 +1,5 @@
-"""``benchmarks/bench_jax.py --smoke`` runs and prints both of its tables.
+"""``benchmarks/bench_jax.py --smoke`` runs and prints both of its tables (run once, by
+``run_all.py --smoke``: the session fixture ``run_all_smoke``).
 
 Nothing here asserts a time (the development machines are shared); the script itself
 checks nothing either, so the test reads the node-difference columns: every contender
@@ -9,16 +10,11 @@ far below any real difference of algorithm).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import run_all_part
 
 pytest.importorskip("jax")
 pytest.importorskip("sklearn")
-
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_jax.py"
 
 
 def _tables(stdout: str) -> list[list[list[str]]]:
@@ -34,12 +30,10 @@ def _tables(stdout: str) -> list[list[list[str]]]:
     return tables
 
 
-def test_bench_jax_smoke() -> None:
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--smoke"], capture_output=True,
-                          text=True, timeout=300, cwd=SCRIPT.parent.parent)
-    assert proc.returncode == 0, f"bench_jax.py failed:\n{proc.stdout}\n{proc.stderr}"
-    tables = _tables(proc.stdout)
-    assert len(tables) == 2, proc.stdout
+def test_bench_jax_smoke(run_all_smoke) -> None:
+    stdout = run_all_part(run_all_smoke, "jax")   # bench_jax.py --smoke, run by run_all
+    tables = _tables(stdout)
+    assert len(tables) == 2, stdout
     main, paper = tables
     assert main[0][:5] == ["tool", "run s", "min s", "ms / step", "compile s"]
     assert paper[0][:3] == ["implementation", "compile s", "run s"]

@@ -8,7 +8,6 @@ files. The parsing helpers that build the summary are checked on their own first
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -88,11 +87,8 @@ def test_summary_time_is_per_step_and_probe_for_every_tool() -> None:
     assert rows["curvlinops"][6] == "2.00"
 
 
-def test_run_all_smoke(tmp_path: Path) -> None:
-    out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, str(BENCHMARKS / "run_all.py"), "--smoke", "--out",
-                           str(out)], capture_output=True, text=True, timeout=900,
-                          cwd=BENCHMARKS.parent)
+def test_run_all_smoke(run_all_smoke) -> None:
+    out, proc = run_all_smoke                   # run_all.py --smoke, once for the session
     assert proc.returncode == 0, f"run_all.py failed:\n{proc.stdout}\n{proc.stderr}"
     report = (out / "REPORT.md").read_text()
     for name in PLOTS:

@@ -1,4 +1,7 @@
-"""The benchmark scripts run end to end at tiny sizes (``--smoke``); no timing is checked."""
+"""The benchmark scripts run end to end at tiny sizes (``--smoke``); no timing is checked.
+
+The scripts that ``run_all.py --smoke`` runs as its parts are read from its output (the
+session fixture ``run_all_smoke``) instead of running a second time; the others run here."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import run_all_part
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -26,6 +30,10 @@ HEADERS = {
     "bench_scaling.py": ["n", "mode", "steps", "probes", "wall s", "ms / step"],
 }
 
+
+# The scripts run_all.py --smoke runs, with the name of their part.
+RUN_ALL_PARTS = {"bench_engine_overhead.py": "engine", "bench_accuracy.py": "accuracy",
+                 "bench_scaling.py": "scaling"}
 
 # Lines each script must print (what it compares, and in which mode), checked in --smoke.
 EXPECTED_LINES = {
@@ -46,21 +54,21 @@ def _header_cells(stdout: str) -> list[list[str]]:
 
 
 @pytest.mark.parametrize("script", sorted(HEADERS))
-def test_benchmark_smoke(script: str) -> None:
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / script), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=BENCHMARKS.parent,
-    )
-    assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+def test_benchmark_smoke(script: str, request) -> None:
+    if script in RUN_ALL_PARTS:
+        stdout = run_all_part(request.getfixturevalue("run_all_smoke"), RUN_ALL_PARTS[script])
+    else:
+        proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--smoke"],
+                              capture_output=True, text=True, timeout=300,
+                              cwd=BENCHMARKS.parent)
+        assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
+        stdout = proc.stdout
     want = HEADERS[script]
-    assert any(cells[: len(want)] == want for cells in _header_cells(proc.stdout)), proc.stdout
+    assert any(cells[: len(want)] == want for cells in _header_cells(stdout)), stdout
     for line in EXPECTED_LINES.get(script, []):
-        assert line in proc.stdout, (line, proc.stdout)
+        assert line in stdout, (line, stdout)
     if script == "bench_accuracy.py":
-        _check_accuracy_verdict(proc.stdout)
+        _check_accuracy_verdict(stdout)
 
 
 def _check_accuracy_verdict(stdout: str) -> None:
