@@ -70,11 +70,17 @@ def real_loss(w, x):
     return jnp.mean(jnp.log1p(jnp.exp(x @ w)))
 
 
+# the references, each compiled as one program (eager, jax.hessian's operations compile
+# one by one)
+real_hessian = jax.jit(jax.hessian(real_loss))
+real_grad = jax.jit(jax.grad(real_loss))
+
+
 def test_padding_is_weighted_out_and_a_batch_with_no_samples_is_refused():
     X, M, keep, params, batches = masked_problem()
     w = params["w"]
-    H_ref = jax.hessian(real_loss)(w, X[keep])
-    g_ref = jax.grad(real_loss)(w, X[keep])
+    H_ref = real_hessian(w, X[keep])
+    g_ref = real_grad(w, X[keep])
     data = batches[:2]              # padded samples (count from loss_fn), no empty batch
     op = hessian(masked_loss, params, data)
     assert op.num_samples == keep.sum()
@@ -158,7 +164,7 @@ def test_a_list_of_arrays_is_one_batch_and_a_failure_says_so():
     # wrapped as advised: two batches, the exact Hessian
     op = hessian(lambda p, b: loss(p, b[0]), params, [(X[:20],), (X[20:],)])
     assert op.num_batches == 2
-    assert close(op.to_dense(), jax.hessian(real_loss)(params["w"], X))
+    assert close(op.to_dense(), real_hessian(params["w"], X))
     # one batch (inputs, targets) and a loss that works on it: no hint, no error
     op = hessian(lambda p, b: loss(p, b[0]) + 0 * jnp.sum(b[1]), params, [X[:20], X[20:]])
     assert op.num_batches == 1
@@ -198,8 +204,8 @@ def test_a_tuple_of_dict_inputs_and_targets_is_one_batch():
 
     one = ({"a": Xa, "b": Xb}, y)
     flat, unravel = ravel_pytree(params)
-    H_ref = jax.hessian(lambda w: loss(unravel(w), one))(flat)
-    g_ref = jax.grad(lambda w: loss(unravel(w), one))(flat)
+    H_ref, g_ref = jax.jit(lambda w: (jax.hessian(lambda w: loss(unravel(w), one))(w),
+                                      jax.grad(lambda w: loss(unravel(w), one))(w)))(flat)
     for data in (one, [one]):
         op = hessian(loss, params, data)
         assert (op.num_batches, op.num_samples) == (1, 12)
@@ -236,15 +242,20 @@ def test_compiled_loop_has_the_cores_default_basis_dtype():
                                                  + 2 * np.abs(eager.beta).max())
     assert np.abs(comp.alpha - eager.alpha).max() <= tol
     assert np.abs(comp.beta - eager.beta).max() <= tol
+    # with the shapes and options of the runs above (float32 reuses their compiled programs)
     for basis_dtype in ("float64", "float32"):
-        c = lanczos(A32, 4, seed=1, basis_dtype=basis_dtype)
-        e = specdens.lanczos(A32, 4, seed=1, basis_dtype=basis_dtype)
+        c = lanczos(A32, m, num_probes=2, seed=1, basis_dtype=basis_dtype, return_basis=True)
+        e = specdens.lanczos(A32, m, num_probes=2, seed=1, basis_dtype=basis_dtype)
         assert c.basis_dtype == e.basis_dtype == basis_dtype
     A64 = A32.astype(jnp.float64)
-    assert lanczos(A64, 4).basis_dtype == specdens.lanczos(A64, 4).basis_dtype == "float64"
-    # a float32 Hessian operator (its compiled product) with x64 on
+    assert (lanczos(A64, m, num_probes=2, seed=1, return_basis=True).basis_dtype
+            == specdens.lanczos(A64, m, num_probes=2, seed=1).basis_dtype == "float64")
+    # a float32 Hessian operator (its compiled product) with x64 on (of A32's size: the
+    # eager engine's operations besides the product are those compiled above)
     rng = np.random.default_rng(0)
-    X = rng.standard_normal((6, 10)).astype(np.float32)
+    X = rng.standard_normal((6, 40)).astype(np.float32)
     op = hessian(lambda p, x: jnp.mean(jnp.log1p(jnp.exp(x @ p["w"]))),
-                 {"w": jnp.asarray(rng.standard_normal(10), jnp.float32)}, X)
-    assert lanczos(op, 3).basis_dtype == specdens.lanczos(op, 3).basis_dtype == "float32"
+                 {"w": jnp.asarray(rng.standard_normal(40), jnp.float32)}, X)
+    assert op.shape == A32.shape
+    assert (lanczos(op, m, num_probes=2, seed=1).basis_dtype
+            == specdens.lanczos(op, m, num_probes=2, seed=1).basis_dtype == "float32")

@@ -41,6 +41,20 @@ def tanh_loss(p, b):
     return jnp.mean((jnp.tanh(x @ p["w"]) - y) ** 2)
 
 
+# the exact references, each compiled as one program (eager, jax.hessian's operations
+# compile one by one); shared by the tests (the same shapes: compiled once)
+@jax.jit
+def tanh_hessian(w, X, Y):
+    """``jax.hessian`` of the mean loss over all of ``(X, Y)`` in ``w``."""
+    return jax.hessian(lambda w: tanh_loss({"w": w}, (X, Y)))(w)
+
+
+@jax.jit
+def tanh_grad(w, X, Y):
+    """``jax.grad`` of the mean loss over all of ``(X, Y)`` in ``w``."""
+    return jax.grad(lambda w: tanh_loss({"w": w}, (X, Y)))(w)
+
+
 def problem(n=10):
     rng = np.random.default_rng(0)
     return rng.standard_normal((n, 3)), rng.standard_normal(n), {"w": rng.standard_normal(3)}
@@ -71,7 +85,7 @@ def test_compiled_loop_on_a_combined_operator_over_a_loader_with_the_data_check(
         X, Y, p = problem()
         loader = Loader(jnp.asarray(X), jnp.asarray(Y))
         H = hessian(tanh_loss, {"w": jnp.asarray(p["w"])}, loader)     # check_data=True
-        H_ref = np.asarray(jax.hessian(lambda w: tanh_loss({"w": w}, (X, Y)))(p["w"]))
+        H_ref = np.asarray(tanh_hessian(p["w"], X, Y))
         for op, dense in ((2 * H, 2 * H_ref), (H.shift(1.0), H_ref + np.eye(3))):
             r = lanczos(op, 3, seed=0)
             ref = specdens.lanczos(specdens.aslinearoperator(dense), 3, seed=0)
@@ -97,7 +111,8 @@ def test_batches_with_typed_prng_keys():
         def full(w):
             return (4 * key_loss({"w": w}, data[0]) + 6 * key_loss({"w": w}, data[1])) / 10
 
-        H_ref, g_ref = jax.hessian(full)(params["w"]), jax.grad(full)(params["w"])
+        H_ref, g_ref = jax.jit(lambda w: (jax.hessian(full)(w), jax.grad(full)(w)))(
+            params["w"])
         op = hessian(key_loss, params, data)
         assert close(op.to_dense(), H_ref)
         assert close(gradient(key_loss, params, data), g_ref)
@@ -105,7 +120,8 @@ def test_batches_with_typed_prng_keys():
         assert same_alpha(r, specdens.lanczos(specdens.aslinearoperator(np.asarray(H_ref)), 3,
                                               seed=0))
         assert close(hessian(key_loss, params, data[0]).to_dense(),
-                     jax.hessian(lambda w: key_loss({"w": w}, data[0]))(params["w"]))
+                     jax.jit(jax.hessian(lambda w: key_loss({"w": w}, data[0])))(
+                         params["w"]))
         # the data check sees the key: a loader that draws another key is caught
         keys = [k0]
         batches = Batches(_Gen(lambda: [(X, Y, keys[0])]))
@@ -330,14 +346,14 @@ def test_gradient_traces_once_per_setup():
     data = [(X[:5], Y[:5]), (X[5:], Y[5:])]
     with jax.enable_x64(True):
         params = {"w": jnp.asarray(p["w"])}
-        g_ref = jax.grad(lambda w: tanh_loss({"w": w}, (X, Y)))(params["w"])
+        g_ref = tanh_grad(params["w"], X, Y)
         assert close(gradient(loss, params, data), g_ref)
         first = len(traces)
         assert first > 0
         params2 = {"w": params["w"] + 0.5}
         g2 = gradient(loss, params2, data)                  # same setup, new values
         assert len(traces) == first
-        assert close(g2, jax.grad(lambda w: tanh_loss({"w": w}, (X, Y)))(params2["w"]))
+        assert close(g2, tanh_grad(params2["w"], X, Y))
         g3 = gradient(loss, params, data, weight_decay=0.1)           # retraced
         assert len(traces) > first
         assert close(g3, g_ref + 0.1 * params["w"])
@@ -368,8 +384,8 @@ def test_functions_are_keyed_by_identity_as_documented():
     with jax.enable_x64(True):
         params = {"w": jnp.asarray(p["w"])}
         v = jnp.ones(3)
-        g_ref = jax.grad(lambda w: tanh_loss({"w": w}, (X, Y)))(params["w"])
-        Hv_ref = jax.hessian(lambda w: tanh_loss({"w": w}, (X, Y)))(params["w"]) @ v
+        g_ref = tanh_grad(params["w"], X, Y)
+        Hv_ref = tanh_hessian(params["w"], X, Y) @ v
 
         def both(loss_fn, q, d, **kw):
             return gradient(loss_fn, q, d, **kw), hessian(loss_fn, q, d, **kw).matvec(v)
@@ -430,10 +446,9 @@ def test_sub_byte_leaves_in_a_loader_are_checked():
             return tanh_loss(w, b[:2])
 
         op = hessian(loss, params, _Gen(batches))
-        H_ref = jax.hessian(lambda w: tanh_loss({"w": w}, (X, Y)))(params["w"])
+        H_ref = tanh_hessian(params["w"], X, Y)
         assert close(op.to_dense(), H_ref)
-        assert close(gradient(loss, params, _Gen(batches)),
-                     jax.grad(lambda w: tanh_loss({"w": w}, (X, Y)))(params["w"]))
+        assert close(gradient(loss, params, _Gen(batches)), tanh_grad(params["w"], X, Y))
         leaf[0] = q.at[7].set(jnp.asarray(-7, jnp.int4))     # one int4 entry changed
         with pytest.raises(RuntimeError, match="different batch at position 1"):
             op.matvec(jnp.ones(3))
@@ -459,7 +474,7 @@ def test_gradient_passes_over_a_loader_and_checks_counts_after():
 
     with jax.enable_x64(True):
         params = {"w": jnp.asarray(p["w"])}
-        g_ref = jax.grad(lambda w: tanh_loss({"w": w}, (X, Y)))(params["w"])
+        g_ref = tanh_grad(params["w"], X, Y)
         for loss in (mean_loss, pair_loss):
             loader = Counting([(X[:4], Y[:4]), (X[4:], Y[4:])])
             assert close(gradient(loss, params, loader), g_ref)     # compiles
