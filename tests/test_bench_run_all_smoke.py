@@ -1,13 +1,22 @@
-"""``benchmarks/run_all.py --smoke`` writes its report, its plots and its tables.
+"""``benchmarks/run_all.py --smoke``: its report, its plots and its tables, and the output
+of every benchmark script it runs as a part.
 
-No time is asserted (the development machines are shared): the test checks that every
+run_all runs once for this module (the fixture ``run_all_smoke``) and keeps each part's
+stdout verbatim in ``raw/<part>.md``; the checks of the scripts it runs (engine, jax, tf,
+estimators, accuracy, scaling) read them there, so that no script runs twice. The
+scripts run_all --smoke does not run are in ``test_benchmarks_smoke.py``.
+
+No time is asserted (the development machines are shared): the tests check that every
 part ran (or was skipped with a reason: the GPU part without CUDA), that the report has
-each summary table with its header and a section per part, and that the plots are PNG
-files. The parsing helpers that build the summary are checked on their own first.
+each summary table with its header and a section per part, that the plots are PNG files,
+and what each script's output must say. The parsing helpers that build the summary are
+checked on their own first.
 """
 
 from __future__ import annotations
 
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,8 +30,12 @@ import run_all  # noqa: E402
 pytest.importorskip("torch")
 pytest.importorskip("matplotlib")
 pytest.importorskip("sklearn")
+pytest.importorskip("jax")
+pytest.importorskip("tensorflow")
+pytest.importorskip("keras")
 
 PNG = b"\x89PNG\r\n\x1a\n"
+
 PLOTS = ["time_per_step.png", "total_time.png", "peak_memory.png", "accuracy.png",
          "accuracy_vs_matvecs.png", "scaling.png"]
 
@@ -87,8 +100,28 @@ def test_summary_time_is_per_step_and_probe_for_every_tool() -> None:
     assert rows["curvlinops"][6] == "2.00"
 
 
+@pytest.fixture(scope="module")
+def run_all_smoke(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """``run_all.py --smoke``, once for the module: ``(out, proc)``."""
+    out = tmp_path_factory.mktemp("run_all") / "report"
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "run_all.py"), "--smoke",
+                           "--out", str(out)], capture_output=True, text=True, timeout=900,
+                          cwd=BENCHMARKS.parent)
+    return out, proc
+
+
+def part_output(run_all_smoke, part: str) -> str:
+    """The stdout of run_all's part ``part`` (its script's output), after checking that
+    run_all, and so every part, succeeded (a failed part's stderr is in the report)."""
+    out, proc = run_all_smoke
+    report = out / "REPORT.md"
+    assert proc.returncode == 0, (f"run_all.py --smoke failed:\n{proc.stdout}\n{proc.stderr}\n"
+                                  + (report.read_text() if report.exists() else ""))
+    return (out / "raw" / f"{part}.md").read_text()
+
+
 def test_run_all_smoke(run_all_smoke) -> None:
-    out, proc = run_all_smoke                   # run_all.py --smoke, once for the session
+    out, proc = run_all_smoke
     assert proc.returncode == 0, f"run_all.py failed:\n{proc.stdout}\n{proc.stderr}"
     report = (out / "REPORT.md").read_text()
     for name in PLOTS:
@@ -116,3 +149,149 @@ def test_run_all_smoke(run_all_smoke) -> None:
     for workload in run_all.TORCH_WORKLOADS:
         tools = {t[1] for t in summary if t[0] == workload}
         assert {"specdens", "PyHessian", "HVP floor (1 matvec)"} <= tools, (workload, tools)
+
+
+# -- bench_jax.py: every contender reproduces specdens's Ritz values to rounding (the same
+# probes, steps and float64 arithmetic give the same nodes; 1e-10 of the spectral range is
+# far above rounding and far below any real difference of algorithm). The script itself
+# checks nothing, so the test reads the node-difference columns.
+def _blocks(stdout: str) -> list[list[list[str]]]:
+    tables, current = [], []
+    for line in stdout.splitlines():
+        if line.startswith("|"):
+            current.append([c.strip() for c in line.strip().strip("|").split("|")])
+        elif current:
+            tables.append(current)
+            current = []
+    if current:
+        tables.append(current)
+    return tables
+
+
+def test_bench_jax(run_all_smoke) -> None:
+    stdout = part_output(run_all_smoke, "jax")
+    tables = _blocks(stdout)
+    assert len(tables) == 2, stdout
+    main, paper = tables
+    assert main[0][:5] == ["tool", "run s", "min s", "ms / step", "compile s"]
+    assert paper[0][:3] == ["implementation", "compile s", "run s"]
+    names = [row[0] for row in main[2:]]
+    assert names[:3] == ["specdens (compiled)", "specdens (compiled, partial)",
+                         "specdens (eager engine)"]
+    for table, col in ((main, 5), (paper, 3)):
+        for row in table[2:]:
+            if row[1] != "not run":
+                assert float(row[col]) <= 1e-10, row
+
+
+# -- bench_tf.py: both tables (MLP and CNN), the same Lanczos recurrence as PyTorch
+TF_HEADER = ["tool", "ms / step", "block product ms", "engine ms / step", "first run s",
+             "setup s", "/ torch", "d alpha"]
+
+
+def test_bench_tf(run_all_smoke) -> None:
+    stdout = part_output(run_all_smoke, "tf")
+    tables = [[c.strip() for c in line.strip().strip("|").split("|")]
+              for line in stdout.splitlines() if line.startswith("|")]
+    assert sum(cells == TF_HEADER for cells in tables) == 2, stdout  # MLP and CNN
+    rows = [cells for cells in tables if cells[0] in ("torch (graph/loop)", "tf reverse/loop")]
+    assert len(rows) == 4, stdout
+    # the two backends ran the same Lanczos recurrence (float32 products)
+    assert all(float(cells[-1]) <= 1e-4 for cells in rows), stdout
+
+
+# -- bench_estimators.py: its three tables; the deflated rows report a variance reduction
+ESTIMATOR_HEADERS = [
+    ["spectrum", "method", "probes", "matvecs", "stderr tr(A)/n", "stderr tr(A^2)/n"],
+    ["spectrum", "method", "matvecs", "rms error", "rms reported stderr"],
+    ["spectrum", "KPM moments", "SLQ steps", "probes", "KPM matvecs", "SLQ matvecs"],
+]
+
+
+def test_bench_estimators(run_all_smoke) -> None:
+    stdout = part_output(run_all_smoke, "estimators")
+    rows = _tables(stdout)
+    for want in ESTIMATOR_HEADERS:
+        assert any(r[: len(want)] == want for r in rows), (want, stdout)
+    # every table row has as many cells as its header (no stray "|" in a cell)
+    widths = {len(r) for r in rows}
+    assert widths == {10, 7, 11}, widths
+    # plain and deflated SLQ at equal counted products: within half a step's worth of
+    # probes (--smoke: 12 steps), the deflated count including its eigsh and its check
+    for name in ("hessian_like", "marchenko_pastur", "tiny_bulk_hessian"):
+        plain = next(r for r in rows if r[0] == name and r[1] == "plain SLQ")
+        deflated = next(r for r in rows if r[0] == name and r[1].startswith("deflated"))
+        assert abs(int(plain[3]) - int(deflated[3])) <= 12 // 2, (plain, deflated)
+        assert int(plain[3]) == 12 * int(plain[2])  # counted: one product per step
+    reductions = [r for r in rows if r[1] == "reduction (plain / deflated)"]
+    assert [r[0] for r in reductions] == ["hessian_like", "marchenko_pastur",
+                                          "tiny_bulk_hessian"]
+    # on the Hessian-like spectra deflation reduces the standard error of tr(A^2)/n
+    for r in reductions:
+        if r[0] != "marchenko_pastur":
+            assert float(r[5].rstrip("x")) > 10, r
+
+
+# -- the other parts: the first columns of a table header, and lines each must print
+PART_HEADERS = {
+    "engine": ["implementation", "median s", "min s", "max s"],
+    # W1 at each budget: one column per budget of matvecs (--smoke: 20 and 80)
+    "accuracy": ["problem", "tool", "20 matvecs", "80 matvecs"],
+    "scaling": ["n", "mode", "steps", "probes", "wall s", "ms / step"],
+}
+PART_LINES = {
+    # the baseline loop does what specdens does (second pass only when the first cancelled)
+    "engine": ["tridiagonals agree: yes", "ran the second Gram-Schmidt pass",
+               "| numpy loop, always 2 passes |"],
+    "accuracy": ["## Verdict per budget", "Speed is compared among the PyTorch tools only"],
+}
+
+
+@pytest.mark.parametrize("part", sorted(PART_HEADERS))
+def test_part_tables_and_lines(run_all_smoke, part: str) -> None:
+    stdout = part_output(run_all_smoke, part)
+    want = PART_HEADERS[part]
+    assert any(cells[: len(want)] == want for cells in _tables(stdout)), stdout
+    for line in PART_LINES.get(part, []):
+        assert line in stdout, (line, stdout)
+    if part == "accuracy":
+        _check_accuracy_verdict(stdout)
+
+
+def _check_accuracy_verdict(stdout: str) -> None:
+    """No verdict names as most accurate a tool whose cell spent more than the budget, and
+    matfree is never the "fastest" (its JAX times are not compared with PyTorch's)."""
+    table = next(rows for rows in _markdown_tables(stdout) if rows[0][:2] == ["problem", "tool"])
+    budgets = [int(h.split()[0]) for h in table[0][2:]]
+    cell = {(r[0], r[1], b): c for r in table[1:] for b, c in zip(budgets, r[2:], strict=True)}
+    verdicts = re.findall(r"^\* (\w+), (\d+) matvecs: most accurate (\S+) \(.*$", stdout,
+                          flags=re.M)
+    assert verdicts, stdout
+    for problem, budget, tool in verdicts:
+        assert "(over:" not in cell[(problem, tool, int(budget))], (problem, budget, tool)
+    assert "fastest PyTorch tool within 2x of it: matfree" not in stdout
+    # every tool but curvlinops (its boundary estimate and determinism check are its own)
+    # stays within the budget, deflated specdens included: its eigsh's products come out
+    # of the budget (the script also stops with an AssertionError if one does not)
+    for (problem, tool, budget), c in cell.items():
+        assert "(over:" not in c or tool == "curvlinops", (problem, tool, budget, c)
+    deflated = [c for (problem, tool, _), c in cell.items() if tool == "specdens-deflated"]
+    assert any(re.fullmatch(r"[\d.e+-]+", c) for c in deflated), deflated
+
+
+def _markdown_tables(stdout: str) -> list[list[list[str]]]:
+    """Each Markdown table of ``stdout`` as rows of cells (header first, no rule line)."""
+    tables: list[list[list[str]]] = []
+    current: list[list[str]] | None = None
+    for line in stdout.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if all(set(c) <= {"-", ":"} for c in cells):
+                continue
+            if current is None:
+                current = []
+                tables.append(current)
+            current.append(cells)
+        else:
+            current = None
+    return tables
