@@ -1,11 +1,18 @@
-"""Shared fixtures: operators with known spectra, built from random orthogonal bases, the
-exact Hessian references, and one ``benchmarks/run_all.py --smoke`` run per session."""
+"""Shared fixtures: operators with known spectra, built from random orthogonal bases, and
+the exact Hessian references."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+import os
+
+# Under pytest-xdist (pyproject's addopts: two workers) each worker computes with one
+# thread: two workers with two threads each on a 2-core machine make PyTorch's small
+# products wait on descheduled threads, up to a hundred times slower. Set before any test
+# module imports a framework (they read these at import); exported values win.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+                 "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 import numpy as np
 import pytest
@@ -17,8 +24,6 @@ from hypothesis import settings
 settings.register_profile("deterministic", derandomize=True, database=None)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile("deterministic")
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_orthogonal(n: int, rng: np.random.Generator) -> np.ndarray:
@@ -85,28 +90,3 @@ def tf_exact_hessian(fn, variables):
     n = int(g.shape[0])
     H = np.concatenate([tf.reshape(r, (n, -1)).numpy() for r in rows], axis=1)
     return H, g.numpy()
-
-
-@pytest.fixture(scope="session")
-def run_all_smoke(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """``benchmarks/run_all.py --smoke`` run once for the whole session: ``(out, proc)``.
-
-    run_all runs every benchmark script of its parts in a child process and keeps each
-    child's stdout verbatim in ``out/raw/<part>.md``; the smoke tests of those scripts
-    (engine, jax, tf, estimators, accuracy, scaling) read it there instead of running
-    each script a second time."""
-    out = tmp_path_factory.mktemp("run_all") / "report"
-    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "run_all.py"), "--smoke",
-                           "--out", str(out)], capture_output=True, text=True, timeout=900,
-                          cwd=ROOT)
-    return out, proc
-
-
-def run_all_part(run_all_smoke, part: str) -> str:
-    """The stdout of run_all's part ``part`` (its script's output), after checking that
-    run_all, and so every part, succeeded (a failed part's stderr is in its report)."""
-    out, proc = run_all_smoke
-    report = out / "REPORT.md"
-    assert proc.returncode == 0, (f"run_all.py --smoke failed:\n{proc.stdout}\n{proc.stderr}\n"
-                                  + (report.read_text() if report.exists() else ""))
-    return (out / "raw" / f"{part}.md").read_text()
