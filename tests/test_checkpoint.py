@@ -559,3 +559,41 @@ def test_eigsh_checkpoint_settings_are_compared_resolved(tmp_path, options):
     d = specdens.slq(A, num_steps=10, num_probes=2, deflate=3, checkpoint=path,
                      eigsh_options=options)
     np.testing.assert_array_equal(d.deflated_eigenvalues, ref.deflated_eigenvalues)
+
+
+@pytest.mark.parametrize("reorth", ["full", "partial"])
+@pytest.mark.parametrize("n, seed", [(30, 2), (40, 0), (40, 1)])
+def test_checkpointed_device_run_past_a_breakdown_stays_in_the_spectrum(reorth, n, seed,
+                                                                        tmp_path, monkeypatch):
+    """On a device (no free reads) a checkpointed run cannot run a block again, so it
+    never learnt that its second Gram-Schmidt sweep had cancelled for a vector that stays
+    active (two eigenvalues, a float32 basis, breakdown_tol=0: every step past the second
+    is rounding): Ritz values of -3e16 and 4e16 for a spectrum {-1, 2}, and a false
+    asymmetry warning. It now runs three sweeps at every step. As in test_lanczos: the
+    Ritz values lie in the spectrum up to m eps ||A||, the basis is orthogonal to 10 m eps
+    (full) or sqrt(eps) (partial), eps the basis's."""
+    from specdens.algorithms import lanczos as engine
+    from specdens.algorithms.lanczos import LanczosWarning
+    from specdens.algorithms.quadrature import quadrature_rules
+
+    rng = np.random.default_rng(seed)
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (Q * np.repeat([-1.0, 2.0], n // 2)) @ Q.T
+    A = 0.5 * (A + A.T)
+    monkeypatch.setattr(engine, "_reads_are_free", lambda op: False)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("error", LanczosWarning)
+        r = specdens.lanczos(A, n, num_probes=3, reorth=reorth, basis_dtype="float32",
+                             breakdown_tol=0.0, return_basis=True,
+                             checkpoint=str(tmp_path / "run.npz"), checkpoint_every=5)
+    eps = float(np.finfo(np.float32).eps)
+    m = n
+    nodes, _, _ = quadrature_rules(r)
+    orth_tol = 10 * m * eps if reorth == "full" else np.sqrt(eps)
+    for i in range(r.num_probes):
+        L = int(r.lengths[i])
+        assert L > 2
+        assert np.all(nodes[i, :L] >= -1.0 - m * eps * 2.0), nodes[i, :L]
+        assert np.all(nodes[i, :L] <= 2.0 + m * eps * 2.0), nodes[i, :L]
+        B = np.asarray(r.basis[i][:L], dtype=np.float64)
+        assert np.max(np.abs(B @ B.T - np.eye(L))) <= orth_tol

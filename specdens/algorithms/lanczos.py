@@ -229,9 +229,11 @@ def lanczos(
         an uninterrupted one with the same checkpoint settings (for a deterministic
         operator), and to a run without a checkpoint with numpy or torch on the CPU.
         Elsewhere (a GPU, JAX, TensorFlow), where reading a value back costs a device
-        synchronisation, a checkpointed run does both Gram-Schmidt sweeps at every step
-        instead of deferring the test for the second, so it agrees with a run without a
-        checkpoint to rounding (~1e-14 relative in float64), not bit for bit. A finished
+        synchronisation, a checkpointed run does three Gram-Schmidt sweeps at every step
+        instead of deferring the test for the second and running a block again (its steps
+        are on disk), so it agrees with a run without a checkpoint to rounding (~1e-14
+        relative in float64), not bit for bit; the reorthogonalisation then reads the basis
+        six times per step instead of twice. A finished
         run leaves its complete state: calling again returns the result without
         recomputing it (delete the file to start afresh). Settings are compared as they
         run (a default passed explicitly is the default), and a file that does not fit
@@ -887,16 +889,20 @@ def _run_block(op, V0, m, mode, win, wdt, bdt, tol, check_every, keep_basis, fir
     # sweep runs only when the first one cancelled (DGKS). On a device the same test runs
     # there without being read back ("deferred"): the second sweep is skipped, and a block
     # in which a vector that stays active needed it is run again with both sweeps at every
-    # step (``both_sweeps``), which is also what a checkpointed run does. Cancellation in
-    # full reorthogonalisation is rare (at breakdowns, where the vector is dropped anyway),
-    # so the device reads the basis twice per step instead of four times.
+    # step (``both_sweeps``). Cancellation in full reorthogonalisation is rare (at
+    # breakdowns, where the vector is dropped anyway), so the device reads the basis twice
+    # per step instead of four times.
     # A run with both sweeps tests the second one there in turn (``watch_third``), and a
     # block in which it cancelled too for a vector that stays active runs once more with
     # three sweeps at every step (``three_sweeps``); the host tests a third sweep directly.
+    # A checkpointed device run cannot run a block again (its steps are on disk): it
+    # runs three sweeps at every step, as ``three_sweeps`` does.
     rerun = both_sweeps or three_sweeps
     conditional = not rerun and _reads_are_free(op)
     deferred = (not rerun and not conditional and save is None and state is None
                 and Q is not None)
+    three_sweeps = three_sweeps or (not rerun and not conditional and Q is not None
+                                    and (save is not None or state is not None))
     watch_third = both_sweeps and not three_sweeps and Q is not None
     missed = (xp.zeros((k,), dtype=xp.bool, device=_array.creation_device(op))
               if deferred or watch_third else None)
