@@ -18,6 +18,8 @@ import pytest
 
 import specdens
 from specdens import CheckpointError
+from specdens.algorithms import checkpoint
+from specdens.algorithms.lanczos import CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 from specdens.examples import hessian_like
 from specdens.operators import CallableOperator
 
@@ -597,3 +599,55 @@ def test_checkpointed_device_run_past_a_breakdown_stays_in_the_spectrum(reorth, 
         assert np.all(nodes[i, :L] <= 2.0 + m * eps * 2.0), nodes[i, :L]
         B = np.asarray(r.basis[i][:L], dtype=np.float64)
         assert np.max(np.abs(B @ B.T - np.eye(L))) <= orth_tol
+
+
+def _flaky(M, nan_at):
+    """An operator whose ``nan_at``-th block product has one NaN (a transient fault)."""
+    calls = {"n": 0, "nan_at": nan_at}
+
+    def mm(V):
+        calls["n"] += 1
+        Y = M @ V
+        if calls["n"] == calls["nan_at"]:
+            Y = Y.copy()
+            Y[0, 0] = np.nan
+        return Y
+
+    return CallableOperator(lambda v: M @ v, M.shape, "float64", matmat=mm,
+                            symmetric=True), calls
+
+
+def test_a_nan_is_never_saved_and_a_repaired_operator_resumes(tmp_path):
+    """With check_every=0 (the default on a device) a NaN was read only at the end: the run
+    saved it at every later save, and every resume raised the same FloatingPointError from
+    the file however the operator did now. The save raises instead and the file keeps the
+    last finite state: the resumed run equals an uninterrupted one bit for bit (numpy)."""
+    M = np.asarray(hessian_like(60, seed=1).to_dense())
+    kw = dict(num_probes=2, block_size=1, seed=0, check_every=0, checkpoint_every=5)
+    path = tmp_path / "run.npz"
+    op, calls = _flaky(M, nan_at=8)       # fingerprint product, then steps: after a save
+    with pytest.raises(FloatingPointError, match="NaN or Inf"):
+        specdens.lanczos(op, 20, checkpoint=str(path), **kw)
+    header, arrays = checkpoint.read_npz(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    assert header["progress"]["step"] == 5
+    assert np.all(np.isfinite(arrays["cur_al"])) and np.all(np.isfinite(arrays["cur_be"]))
+    calls["nan_at"] = -1                  # the fault is gone
+    resumed = specdens.lanczos(op, 20, checkpoint=str(path), **kw)
+    clean = specdens.lanczos(M, 20, **{k: v for k, v in kw.items() if k != "checkpoint_every"})
+    np.testing.assert_array_equal(resumed.alpha, clean.alpha)
+    np.testing.assert_array_equal(resumed.beta, clean.beta)
+
+
+def test_a_file_that_holds_a_nan_names_itself(tmp_path):
+    """A file written before the coefficients were checked at each save, with a NaN in a
+    finished block: resuming raises a CheckpointError that names the file and says to
+    delete it (it raised the operator's FloatingPointError, whatever the operator did)."""
+    M = np.asarray(hessian_like(60, seed=1).to_dense())
+    path = tmp_path / "run.npz"
+    kw = dict(num_probes=2, block_size=1, seed=0, checkpoint_every=5)
+    specdens.lanczos(M, 20, checkpoint=str(path), **kw)
+    header, arrays = checkpoint.read_npz(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+    arrays["done1_alpha"][0, 3] = np.nan
+    checkpoint.atomic_savez(path, header, arrays)
+    with pytest.raises(CheckpointError, match="run.npz holds the NaN or Inf.*Delete the file"):
+        specdens.lanczos(M, 20, checkpoint=str(path), **kw)

@@ -233,8 +233,9 @@ def lanczos(
         instead of deferring the test for the second and running a block again (its steps
         are on disk), so it agrees with a run without a checkpoint to rounding (~1e-14
         relative in float64), not bit for bit; the reorthogonalisation then reads the basis
-        six times per step instead of twice. A finished
-        run leaves its complete state: calling again returns the result without
+        six times per step instead of twice. NaN or Inf from the operator raise at the
+        latest at the save that would write them, which keeps the last finite state. A
+        finished run leaves its complete state: calling again returns the result without
         recomputing it (delete the file to start afresh). Settings are compared as they
         run (a default passed explicitly is the default), and a file that does not fit
         this run (a field or an array's shape or dtype, a step outside ``(0, num_steps)``)
@@ -700,9 +701,30 @@ def _save_checkpoint(path, settings, fingerprint, resolved, done, block_state, m
                 value = xp.stack(value, axis=1)
             arrays[f"cur_{name}"] = _array.to_numpy(value, np_dt[kind])
         arrays["cur_scales"] = np.asarray(block_state["scales"], dtype=np.float64)
+    # NaN or Inf from the operator raise here, as at the end of the run, and are never
+    # written (a device run without check_every reads the coefficients only now): the file
+    # keeps the last finite state, from which a run with a repaired operator resumes
+    for i in range(len(done)):
+        _raise_on_nonfinite(arrays[f"done{i}_alpha"], arrays[f"done{i}_beta"], i * block,
+                            work)
+    if "cur_al" in arrays:
+        _raise_on_nonfinite(arrays["cur_al"], arrays["cur_be"], len(done) * block, work)
     header = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "settings": settings,
               "fingerprint": fingerprint, "resolved": resolved, "progress": progress}
     checkpoint_mod.atomic_savez(path, header, arrays)
+
+
+def _refuse_nonfinite(path: Any, alpha: np.ndarray, beta: np.ndarray, first_probe: int,
+                      work: str) -> None:
+    """NaN or Inf in saved coefficients (a file written before they were checked at each
+    save): the operator's, as in the run that saved them, which a resumed run would raise
+    again and again whatever the operator does now."""
+    try:
+        _raise_on_nonfinite(alpha, beta, first_probe, work)
+    except FloatingPointError as err:  # (ScaleError included)
+        raise checkpoint_mod.CheckpointError(
+            f"{path} holds the NaN or Inf of the run that wrote it: {err}. Delete the file "
+            "to start afresh") from err
 
 
 def _corrupt(path: Any, field: str, what: str) -> checkpoint_mod.CheckpointError:
@@ -778,6 +800,7 @@ def _restore(header: dict, arrays: dict, op: Any, wdt: Any, bdt: Any, return_bas
         k = min(block, num_probes - i * block)
         d = {name: _entry(arrays, f"done{i}_{name}", path, (k, m), dt)
              for name, dt in (("alpha", f64), ("beta", f64), ("active", bool))}
+        _refuse_nonfinite(path, d["alpha"], d["beta"], i * block, work)
         d["scales"] = _entry(arrays, f"done{i}_scales", path, (k,), f64)
         d["asymmetry"] = float(_entry(arrays, f"done{i}_asymmetry", path, (), f64))
         d["basis"] = d["last"] = None
@@ -813,8 +836,7 @@ def _restore(header: dict, arrays: dict, op: Any, wdt: Any, bdt: Any, return_bas
             continue
         host[name] = _entry(arrays, f"cur_{name}", path, shapes[name], dtypes[kind])
     state["scales"] = _entry(arrays, "cur_scales", path, (k,), f64)
-    # NaN or Inf in the coefficients: the operator's, as in the run that saved them
-    _raise_on_nonfinite(host["al"], host["be"], blocks_done * block, work)
+    _refuse_nonfinite(path, host["al"], host["be"], blocks_done * block, work)
     for name, a in host.items():
         if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
             raise _corrupt(path, f"cur_{name}", "has NaN or Inf entries (its coefficients "
