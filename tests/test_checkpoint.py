@@ -651,3 +651,15 @@ def test_a_file_that_holds_a_nan_names_itself(tmp_path):
     checkpoint.atomic_savez(path, header, arrays)
     with pytest.raises(CheckpointError, match="run.npz holds the NaN or Inf.*Delete the file"):
         specdens.lanczos(M, 20, checkpoint=str(path), **kw)
+
+
+def test_a_folder_as_checkpoint_path_is_refused_as_a_folder(tmp_path):
+    """checkpoint= naming an existing folder was read as a damaged file ("Is a directory
+    ... delete it to start afresh"); it is refused before any product, saying that
+    checkpoint= names a file."""
+    calls = []
+    op = CallableOperator(lambda v: calls.append(1) or 2.0 * v, (10, 10), "float64",
+                          symmetric=True)
+    with pytest.raises(IsADirectoryError, match="is a folder: checkpoint= names the file"):
+        specdens.lanczos(op, 4, num_probes=1, seed=0, checkpoint=str(tmp_path))
+    assert calls == []

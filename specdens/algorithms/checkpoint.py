@@ -147,9 +147,12 @@ def read_npz(path: str | os.PathLike, fmt: str, version: int) -> tuple[dict, dic
 
 
 def check_folder(path: str | os.PathLike) -> None:
-    """Refuse a checkpoint path whose folder does not exist or cannot be written to,
-    before any work (the first save would fail only after a round of products, naming
-    its temporary file)."""
+    """Refuse a checkpoint path that is a folder, or whose folder does not exist or cannot
+    be written to, before any work (the first save would fail only after a round of
+    products, naming its temporary file)."""
+    if Path(path).is_dir():
+        raise IsADirectoryError(f"checkpoint={str(path)!r} is a folder: checkpoint= names the "
+                                f"file to write, e.g. {str(Path(path) / 'run.npz')!r}")
     folder = Path(path).parent
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint={str(path)!r}: the folder {str(folder)!r} does not "
