@@ -663,3 +663,28 @@ def test_a_folder_as_checkpoint_path_is_refused_as_a_folder(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a folder: checkpoint= names the file"):
         specdens.lanczos(op, 4, num_probes=1, seed=0, checkpoint=str(tmp_path))
     assert calls == []
+
+
+def test_slq_checks_a_deflated_checkpoint_on_its_header_alone(tmp_path, monkeypatch):
+    """slq(deflate=k) looks at a checkpoint's header before the Lanczos reader reads the
+    whole file: it read every array (the basis included) too, so a resume read the file
+    twice. It reads the header alone now, and the resumed run reads the arrays once."""
+    M = np.asarray(hessian_like(80, seed=2).to_dense())
+    path = tmp_path / "run.npz"
+    kw = dict(num_steps=12, num_probes=2, seed=0, deflate=2, checkpoint=str(path),
+              checkpoint_every=4)
+    first = specdens.slq(M, **kw)
+    reads = []
+    read_npz = checkpoint.read_npz
+
+    def counted(*a, **k):
+        header, arrays = read_npz(*a, **k)
+        reads.append(sorted(arrays))
+        return header, arrays
+
+    monkeypatch.setattr(checkpoint, "read_npz", counted)
+    again = specdens.slq(M, **kw)
+    np.testing.assert_array_equal(again.nodes, first.nodes)
+    assert sum(1 for names in reads if any(n.startswith("done") for n in names)) == 1, reads
+    header, arrays = read_npz(path, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, header_only=True)
+    assert arrays == {} and header["progress"]["complete"]

@@ -117,8 +117,11 @@ def atomic_savez(path: str | os.PathLike, header: dict, arrays: dict[str, np.nda
     atomic_write_npz(path, {"header": np.array(header_json), **arrays})
 
 
-def read_npz(path: str | os.PathLike, fmt: str, version: int) -> tuple[dict, dict]:
-    """Header and arrays of a checkpoint written by :func:`atomic_savez`.
+def read_npz(path: str | os.PathLike, fmt: str, version: int, *,
+             header_only: bool = False) -> tuple[dict, dict]:
+    """Header and arrays of a checkpoint written by :func:`atomic_savez` (with
+    ``header_only``, no arrays: an npz file reads its entries one by one, so the basis is
+    left on disk).
 
     Raises
     ------
@@ -127,7 +130,8 @@ def read_npz(path: str | os.PathLike, fmt: str, version: int) -> tuple[dict, dic
     """
     try:
         with np.load(path, allow_pickle=False) as z:
-            arrays = {k: np.array(z[k]) for k in z.files}
+            names = ["header"] if header_only and "header" in z.files else z.files
+            arrays = {k: np.array(z[k]) for k in names}
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise CheckpointError(f"{path} is not a readable specdens checkpoint ({exc}); delete "
                               "it to start afresh") from None

@@ -30,7 +30,8 @@ def _refuse_unhashed_deflation(checkpoint: Any) -> None:
     if not os.path.exists(checkpoint):
         return
     try:
-        header, _ = checkpoint_mod.read_npz(checkpoint, CHECKPOINT_FORMAT, CHECKPOINT_VERSION)
+        header, _ = checkpoint_mod.read_npz(checkpoint, CHECKPOINT_FORMAT, CHECKPOINT_VERSION,
+                                            header_only=True)
         saved = header["settings"]["probe_map"]
     except (checkpoint_mod.CheckpointError, OSError, KeyError, TypeError, ValueError):
         return
