@@ -240,8 +240,10 @@ def lanczos(
         run (a default passed explicitly is the default), and a file that does not fit
         this run (a field or an array's shape or dtype, a step outside ``(0, num_steps)``)
         is refused naming the field. The checkpoint's folder must exist. Each save writes
-        the whole Lanczos basis (``num_steps * block * n`` values): choose ``checkpoint_every`` so
-        that this is cheap next to that many products. The result's ``matvecs`` counts
+        the running block's Lanczos basis (``num_steps * block * n`` values) and, with
+        ``return_basis=True``, every finished block's basis as well (up to
+        ``num_steps * num_probes * n`` values): choose ``checkpoint_every`` so that this is
+        cheap next to that many products. The result's ``matvecs`` counts
         the products of the recurrence over all sessions plus this session's own extra
         products (the fingerprint and the symmetry check).
     checkpoint_every
