@@ -155,31 +155,18 @@ def test_run_all_smoke(run_all_smoke) -> None:
 # probes, steps and float64 arithmetic give the same nodes; 1e-10 of the spectral range is
 # far above rounding and far below any real difference of algorithm). The script itself
 # checks nothing, so the test reads the node-difference columns.
-def _blocks(stdout: str) -> list[list[list[str]]]:
-    tables, current = [], []
-    for line in stdout.splitlines():
-        if line.startswith("|"):
-            current.append([c.strip() for c in line.strip().strip("|").split("|")])
-        elif current:
-            tables.append(current)
-            current = []
-    if current:
-        tables.append(current)
-    return tables
-
-
 def test_bench_jax(run_all_smoke) -> None:
     stdout = part_output(run_all_smoke, "jax")
-    tables = _blocks(stdout)
+    tables = _markdown_tables(stdout)
     assert len(tables) == 2, stdout
     main, paper = tables
     assert main[0][:5] == ["tool", "run s", "min s", "ms / step", "compile s"]
     assert paper[0][:3] == ["implementation", "compile s", "run s"]
-    names = [row[0] for row in main[2:]]
+    names = [row[0] for row in main[1:]]
     assert names[:3] == ["specdens (compiled)", "specdens (compiled, partial)",
                          "specdens (eager engine)"]
     for table, col in ((main, 5), (paper, 3)):
-        for row in table[2:]:
+        for row in table[1:]:
             if row[1] != "not run":
                 assert float(row[col]) <= 1e-10, row
 
@@ -191,8 +178,7 @@ TF_HEADER = ["tool", "ms / step", "block product ms", "engine ms / step", "first
 
 def test_bench_tf(run_all_smoke) -> None:
     stdout = part_output(run_all_smoke, "tf")
-    tables = [[c.strip() for c in line.strip().strip("|").split("|")]
-              for line in stdout.splitlines() if line.startswith("|")]
+    tables = _tables(stdout)
     assert sum(cells == TF_HEADER for cells in tables) == 2, stdout  # MLP and CNN
     rows = [cells for cells in tables if cells[0] in ("torch (graph/loop)", "tf reverse/loop")]
     assert len(rows) == 4, stdout

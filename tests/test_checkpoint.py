@@ -574,14 +574,13 @@ def test_checkpointed_device_run_past_a_breakdown_stays_in_the_spectrum(reorth, 
     asymmetry warning. It now runs three sweeps at every step. As in test_lanczos: the
     Ritz values lie in the spectrum up to m eps ||A||, the basis is orthogonal to 10 m eps
     (full) or sqrt(eps) (partial), eps the basis's."""
+    from test_lanczos import _two_eigenvalues
+
     from specdens.algorithms import lanczos as engine
     from specdens.algorithms.lanczos import LanczosWarning
     from specdens.algorithms.quadrature import quadrature_rules
 
-    rng = np.random.default_rng(seed)
-    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-    A = (Q * np.repeat([-1.0, 2.0], n // 2)) @ Q.T
-    A = 0.5 * (A + A.T)
+    A = _two_eigenvalues(n, seed)
     monkeypatch.setattr(engine, "_reads_are_free", lambda op: False)
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("error", LanczosWarning)

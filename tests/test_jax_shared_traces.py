@@ -10,7 +10,6 @@ room for conditioning, not for another operator's parameters or data (off by O(1
 
 from __future__ import annotations
 
-import functools
 import gc
 import weakref
 
@@ -60,28 +59,15 @@ def data_(seed, sizes=(7, 5), d=4, c=3):
             for s in sizes]
 
 
-@functools.partial(jax.jit, static_argnums=3)
-def _jit_hessian(arrays, x, y, static_items):
-    """``jax.hessian`` of the loss on all data, compiled as one program (once per shape
-    and static leaves; eager, its operations compile one by one)."""
-    flat, unravel = ravel_pytree(arrays)
-    return jax.hessian(lambda v: loss(dict(unravel(v), **dict(static_items)), (x, y)))(flat)
-
-
 def dense_hessian(p, data, weight_decay=0.0):
     arrays = {k: v for k, v in p.items() if isinstance(v, jax.Array)}
     static = {k: v for k, v in p.items() if k not in arrays}
     flat, unravel = ravel_pytree(arrays)
     x = jnp.concatenate([b[0] for b in data])
     y = jnp.concatenate([b[1] for b in data])
-    try:
-        key = tuple(sorted(static.items()))
-        hash(key)
-    except TypeError:   # an unhashable static leaf: compiled for this call only
-        H = np.asarray(jax.jit(jax.hessian(
-            lambda v: loss(dict(unravel(v), **static), (x, y))))(flat))
-    else:
-        H = np.asarray(_jit_hessian(arrays, x, y, key))
+    # one compiled program (eager, jax.hessian's operations compile one by one)
+    H = np.asarray(jax.jit(jax.hessian(lambda v: loss(dict(unravel(v), **static), (x, y))))(
+        flat))
     return H + weight_decay * np.eye(len(flat))
 
 
