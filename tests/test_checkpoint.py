@@ -380,6 +380,43 @@ def test_settings_are_stored_resolved(tmp_path):
         specdens.lanczos(A, 20, checkpoint=path, basis_dtype="float32", **kw)
 
 
+def test_settings_that_run_the_same_resume(tmp_path):
+    """Settings were compared as passed: a window that does not run (full
+    reorthogonalisation) or runs clipped to num_steps, and reorth="auto" against the mode
+    it chose, refused identical runs. Real differences are still refused."""
+    A = hessian_like(60)
+    for saved, now, ref_kw in (
+            ({"reorth": "full"}, {"reorth": "full", "window": 30}, {}),
+            ({"reorth": "local", "window": 25}, {"reorth": "local", "window": 40},
+             {"reorth": "local", "window": 20}),
+            ({"reorth": "full"}, {"reorth": "auto", "max_basis_bytes": 1 << 30}, {}),
+            ({"reorth": "auto", "max_basis_bytes": 1 << 30}, {"reorth": "full"}, {}),
+            ({"reorth": "auto", "max_basis_bytes": 0}, {"reorth": "none", "window": 7},
+             {"reorth": "none"})):
+        ref = specdens.lanczos(A, 20, num_probes=3, block_size=2, **ref_kw)
+        path = tmp_path / "run.npz"
+        path.unlink(missing_ok=True)
+        kw = _stopped_at(A, path, 12, **saved)
+        kw = {k: v for k, v in kw.items() if k not in saved}
+        r = specdens.lanczos(A, 20, checkpoint=path, **kw, **now)
+        np.testing.assert_array_equal(r.alpha, ref.alpha)
+        np.testing.assert_array_equal(r.beta, ref.beta)
+        assert r.reorth == ref.reorth
+    for saved, now, match in (
+            ({"reorth": "local", "window": 3}, {"reorth": "local", "window": 4},
+             "window=3 there, 4 now"),
+            ({"reorth": "full"}, {"reorth": "partial"}, "reorth='full' there, 'partial' now"),
+            # a window that "auto" chose to fit its budget is not an explicit one
+            ({"reorth": "auto", "max_basis_bytes": 2 * 2 * 60 * 8}, {"reorth": "local"},
+             "reorth='auto' there, 'local' now")):
+        path = tmp_path / "other.npz"
+        path.unlink(missing_ok=True)
+        kw = _stopped_at(A, path, 12, **saved)
+        kw = {k: v for k, v in kw.items() if k not in saved}
+        with pytest.raises(CheckpointError, match=match):
+            specdens.lanczos(A, 20, checkpoint=path, **kw, **now)
+
+
 def _set(section, key, value):
     return lambda h, a: h[section].__setitem__(key, value)
 

@@ -237,7 +237,10 @@ def lanczos(
         latest at the save that would write them, which keeps the last finite state. A
         finished run leaves its complete state: calling again returns the result without
         recomputing it (delete the file to start afresh). Settings are compared as they
-        run (a default passed explicitly is the default), and a file that does not fit
+        run: a default passed explicitly is the default, ``window`` counts only where a
+        local window runs (clipped to ``num_steps``), and ``"auto"`` is the full or no
+        reorthogonalisation it chose (not a local window it chose to fit its budget);
+        a file that does not fit
         this run (a field or an array's shape or dtype, a step outside ``(0, num_steps)``)
         is refused naming the field. The checkpoint's folder must exist. Each save writes
         the running block's Lanczos basis (``num_steps * block * n`` values) and, with
@@ -758,15 +761,34 @@ def _check_resolved(header: dict, path: Any, m: int) -> tuple[str, int, str]:
 
 
 def _resolved_settings(settings: dict, resolved: tuple[str, int, str]) -> dict:
-    """``settings`` with the defaults of checkpoints written before settings were stored
-    resolved (None: the default basis dtype, which the run's resolved one is, and the
-    default breakdown tolerance of its dtype), and with the basis dtype that ``"auto"``
-    chose where it was free to (None)."""
+    """``settings`` as the run that ``resolved`` describes uses them, so that settings
+    that run the same compare equal (on both sides, so files written before this
+    normalisation compare the same way):
+
+    * the defaults of checkpoints written before settings were stored resolved (None: the
+      default basis dtype, which the run's resolved one is, and the default breakdown
+      tolerance of its dtype), and the basis dtype that ``"auto"`` chose where it was free
+      to (None);
+    * ``window`` only where a local window runs, and clipped to ``num_steps`` as it runs
+      (it was compared as passed: ``window=30`` refused a full run saved with the default
+      20);
+    * ``reorth="auto"`` as the mode it chose where that leaves nothing to choose (full or
+      none: a local window chosen to fit the budget is not the window an explicit
+      ``"local"`` runs).
+    """
+    mode = resolved[0]
     out = dict(settings)
     if out.get("basis_dtype") is None:
         out["basis_dtype"] = resolved[2]
     if out.get("breakdown_tol") is None and out.get("dtype") in ("float32", "float64"):
         out["breakdown_tol"] = default_breakdown_tol(out["dtype"])
+    if out.get("reorth") == "auto" and mode in ("full", "none"):
+        out["reorth"] = mode
+    window, steps = out.get("window"), out.get("num_steps")
+    if mode != "local":
+        out["window"] = None
+    elif isinstance(window, int) and isinstance(steps, int):
+        out["window"] = min(window, steps)
     return out
 
 
