@@ -417,6 +417,26 @@ def test_settings_that_run_the_same_resume(tmp_path):
             specdens.lanczos(A, 20, checkpoint=path, **kw, **now)
 
 
+def test_a_symlinked_checkpoint_stays_a_link(tmp_path):
+    """os.replace on the link replaced the link with a regular file, leaving the file it
+    pointed to (e.g. on a larger disk) stale; now the file it points to is written."""
+    A = hessian_like(60)
+    ref = specdens.lanczos(A, 20, num_probes=3, block_size=2)
+    (tmp_path / "disk").mkdir()
+    target = tmp_path / "disk" / "run.npz"
+    link = tmp_path / "run.npz"
+    link.symlink_to(target)
+    kw = _stopped_at(A, link, 12)
+    assert link.is_symlink() and target.is_file()
+    assert json.loads(str(np.load(target)["header"]))["progress"]["step"] == 10
+    r = specdens.lanczos(A, 20, checkpoint=link, **kw)
+    np.testing.assert_array_equal(r.alpha, ref.alpha)
+    np.testing.assert_array_equal(r.beta, ref.beta)
+    assert link.is_symlink()
+    assert json.loads(str(np.load(target)["header"]))["progress"]["complete"] is True
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["disk", "run.npz", "run.npz"]
+
+
 def _set(section, key, value):
     return lambda h, a: h[section].__setitem__(key, value)
 

@@ -63,10 +63,15 @@ def atomic_write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> 
     flushed to disk (``fsync``) and renamed over ``path`` with :func:`os.replace`: an
     error or a crash at any moment leaves either the old file or the new one, never a
     truncated one. The new file has the permissions of the file it replaces, or those
-    a plain ``open(path, "wb")`` would give. Serialise everything that can fail (JSON
+    a plain ``open(path, "wb")`` would give. A symbolic link at ``path`` stays a link: the
+    file it points to is replaced (the temporary file is made in that file's folder), as
+    ``open(path, "wb")`` would write through it. Serialise everything that can fail (JSON
     entries) before calling this.
     """
     path = Path(path)
+    if path.is_symlink():
+        # (os.replace on the link itself would turn it into a regular file)
+        path = Path(os.path.realpath(path))
     folder = path.parent if str(path.parent) else Path(".")
     fd, tmp = _create_temp(folder, path.name)
     try:
