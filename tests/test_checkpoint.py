@@ -289,6 +289,55 @@ def test_fingerprint_tolerance_follows_the_products_dtype():
         check_fingerprint(jittered, pure, "ck.npz")  # float64 products: 1e-8 is too much
 
 
+def test_a_perturbed_operator_is_refused_whatever_direction_it_moves():
+    """The five sketch numbers (||y||, z^T y, three entries) see a difference d = A'x - Ax
+    only along their few directions: a float32 operator perturbed at random by 1e-2 of
+    its norm moved them by ~1e-2 / sqrt(n) ||y|| and was accepted (tolerance 1e3 eps32
+    ||y||). The count sketch keeps ||d|| to ~10 %: refused now; a GPU-like rounding
+    difference (1e-6 per entry) is still accepted, and a file without the count sketch
+    (written before it) is checked on the five numbers as before."""
+    import scipy.sparse as sp
+
+    from specdens.algorithms.checkpoint import check_fingerprint, count_sketch, operator_fingerprint
+
+    n = 100_000
+    rng = np.random.default_rng(1)
+    d = rng.uniform(0.5, 1.0, n).astype(np.float32)
+
+    def fingerprint(diag):
+        return operator_fingerprint(specdens.aslinearoperator(sp.diags(diag)))
+
+    fp = fingerprint(d)
+    assert len(fp["count_sketch"]) == checkpoint.FINGERPRINT_BUCKETS
+    perturbed = fingerprint(d * (1 + 1e-2 * rng.choice([-1.0, 1.0], n)).astype(np.float32))
+    old = {k: v for k, v in fp.items() if k != "count_sketch"}
+    check_fingerprint(old, perturbed, "ck.npz")  # the five numbers alone let it pass
+    with pytest.raises(CheckpointError, match="count sketch"):
+        check_fingerprint(fp, perturbed, "ck.npz")
+    rounded = fingerprint(d * (1 + 1e-6 * rng.standard_normal(n)).astype(np.float32))
+    check_fingerprint(fp, rounded, "ck.npz")
+    # the sketch's norm follows the difference's: 256 buckets, spread ~ sqrt(2 / 256)
+    for _ in range(5):
+        v = rng.standard_normal(n)
+        ratio = np.linalg.norm(count_sketch(v)) / np.linalg.norm(v)
+        assert 0.6 < ratio < 1.4
+
+
+def test_checkpoints_without_the_count_sketch_resume_and_a_bad_one_is_refused(tmp_path):
+    A = hessian_like(60)
+    ref = specdens.lanczos(A, 20, num_probes=3, block_size=2)
+    path = tmp_path / "run.npz"
+    kw = _stopped_at(A, path, 12)
+    _edit(path, lambda h, a: h["fingerprint"].pop("count_sketch"))
+    r = specdens.lanczos(A, 20, checkpoint=path, **kw)
+    np.testing.assert_array_equal(r.alpha, ref.alpha)
+    path = tmp_path / "bad.npz"
+    kw = _stopped_at(A, path, 12)
+    _edit(path, lambda h, a: h["fingerprint"]["count_sketch"].pop())
+    with pytest.raises(CheckpointError, match="fingerprint.count_sketch"):
+        specdens.lanczos(A, 20, checkpoint=path, **kw)
+
+
 def test_jax_crash_and_resume_is_bit_identical_to_an_uninterrupted_checkpointed_run(tmp_path):
     """Where reading values back is not free (JAX here), a checkpointed run does both
     Gram-Schmidt sweeps at every step (the run without checkpoint defers the test for the

@@ -22,14 +22,26 @@ Operator fingerprint
 --------------------
 Unless the caller gives a ``key`` (any string naming the operator, e.g. a model
 checkpoint's hash and data set version: then no product is spent), the operator is
-identified by its shape, dtype, array library, and a sketch of one product ``y = A x``
-with a fixed pseudo-random unit vector ``x`` (one extra matvec per call): ``||y||``,
-``z^T y`` for a second fixed vector ``z``, and three entries of ``y``. A resumed run
-recomputes the sketch and refuses the checkpoint unless every number agrees to within
-``min(1e-2, 1e3 eps) ||y||`` (``eps`` of the dtype whose rounding the products carry: the
-operator's, or its least precise part's), a tolerance that accepts
-the run-to-run rounding differences of non-deterministic reductions on GPUs but rejects a
-different operator (or the same network at other weights) with overwhelming probability.
+identified by its shape, dtype, array library, and two sketches of one product
+``y = A x`` with a fixed pseudo-random unit vector ``x`` (one extra matvec per call):
+
+* ``sketch``: ``||y||``, ``z^T y`` for a second fixed vector ``z``, and three entries of
+  ``y``;
+* ``count_sketch``: ``S y`` for a fixed count sketch ``S`` (each entry of ``y``, with a
+  fixed random sign, added to one of 256 fixed random buckets; Charikar, Chen &
+  Farach-Colton 2002), which keeps the norm of any fixed vector to about 10 %: ``||S (y' -
+  y)||`` measures the whole difference of two products, where the five numbers above see
+  only its few components along them (a random perturbation of 1e-2 ``||A||`` moved them
+  by ~1e-2 / sqrt(n) and passed).
+
+A resumed run recomputes both and refuses the checkpoint unless every number of
+``sketch`` agrees to within ``tol`` and ``||S y' - S y|| <= tol`` (files written before
+the count sketch: the first test alone), with ``tol = min(1e-2, 1e3 eps) ||y||`` (``eps``
+of the dtype whose rounding the products carry: the operator's, or its least precise
+part's): it accepts the run-to-run rounding differences of non-deterministic reductions on
+GPUs (~sqrt(terms) eps per entry) but rejects any operator whose product differs by more,
+such as the same network at other weights. An operator whose products differ more from run
+to run can be named with a ``checkpoint_key`` instead.
 """
 
 from __future__ import annotations
@@ -45,9 +57,11 @@ from typing import Any
 import numpy as np
 
 from .. import _array, _checks
-from .probes import draw_probe
+from .probes import draw_probe, probe_rng
 
 FINGERPRINT_SEED = 0x5EED_F1A9
+FINGERPRINT_BUCKETS = 256
+"""Rows of the fingerprint's count sketch."""
 """Seed of the fixed vectors of the operator fingerprint."""
 
 
@@ -195,11 +209,14 @@ def check_header(header: dict, path: Any) -> None:
         if not isinstance(fp["key"], str):
             raise bad("fingerprint.key", f"is {fp['key']!r}")
     else:
-        sketch = fp.get("sketch")
-        if not (isinstance(sketch, list) and sketch and all(
-                isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-                for v in sketch)):
-            raise bad("fingerprint.sketch", f"is {sketch!r}")
+        for field, size in (("sketch", None), ("count_sketch", FINGERPRINT_BUCKETS)):
+            values = fp.get(field)
+            if field == "count_sketch" and values is None:
+                continue  # (files written before the count sketch)
+            if not (isinstance(values, list) and values and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+                    for v in values) and (size is None or len(values) == size)):
+                raise bad(f"fingerprint.{field}", f"is {values!r}")
 
 
 def operator_fingerprint(op: Any, key: str | None = None) -> dict:
@@ -226,7 +243,25 @@ def operator_fingerprint(op: Any, key: str | None = None) -> dict:
                                  "fingerprint's product; check the operator")
     fp["sketch"] = [float(np.linalg.norm(y)), float(z @ y), float(y[0]), float(y[n // 2]),
                     float(y[-1])]
+    fp["count_sketch"] = count_sketch(y).tolist()
     return fp
+
+
+def count_sketch(y: np.ndarray, *, chunk: int = 1 << 20) -> np.ndarray:
+    """The fingerprint's count sketch of a host vector: ``FINGERPRINT_BUCKETS`` sums of
+    its entries, each with a fixed random sign in a fixed random bucket (drawn from the
+    fingerprint's seed in chunks of ``chunk`` entries, so that memory stays O(chunk)).
+
+    ``E ||S d||^2 = ||d||^2`` for any vector ``d``, with a relative spread of about
+    ``sqrt(2 / FINGERPRINT_BUCKETS)`` (9 %) for a ``d`` spread over many entries."""
+    rng = probe_rng(FINGERPRINT_SEED, 2)
+    out = np.zeros(FINGERPRINT_BUCKETS)
+    for start in range(0, y.shape[0], chunk):
+        part = np.asarray(y[start:start + chunk], dtype=np.float64)
+        code = rng.integers(0, 2 * FINGERPRINT_BUCKETS, size=part.shape[0], dtype=np.uint16)
+        signed = np.where(code & 1, -part, part)
+        out += np.bincount(code >> 1, weights=signed, minlength=FINGERPRINT_BUCKETS)
+    return out
 
 
 def check_fingerprint(saved: dict, current: dict, path: Any) -> None:
@@ -248,13 +283,22 @@ def check_fingerprint(saved: dict, current: dict, path: Any) -> None:
     b = np.asarray(current["sketch"], dtype=np.float64)
     eps = _array.finfo_eps(current.get("product_dtype", current["dtype"]))
     tol = min(1e-2, 1e3 * eps) * max(abs(float(a[0])) if a.size else 0.0, np.finfo(float).tiny)
+    advice = ("Delete the file or choose another checkpoint path; if the operator is the "
+              "same but not reproducible, name it with checkpoint_key=...")
     if a.shape != b.shape or not np.all(np.abs(a - b) <= tol):
         raise CheckpointError(
             f"{path} was written for another operator: the fingerprint product A x differs "
-            f"(saved sketch {a.tolist()}, now {b.tolist()}, tolerance {tol:.2e}). Delete the "
-            "file or choose another checkpoint path; if the operator is the same but not "
-            "reproducible, name it with checkpoint_key=..."
+            f"(saved sketch {a.tolist()}, now {b.tolist()}, tolerance {tol:.2e}). {advice}"
         )
+    if saved.get("count_sketch") is not None and current.get("count_sketch") is not None:
+        diff = float(np.linalg.norm(np.asarray(saved["count_sketch"], dtype=np.float64)
+                                    - np.asarray(current["count_sketch"], dtype=np.float64)))
+        if not diff <= tol:
+            raise CheckpointError(
+                f"{path} was written for another operator: the fingerprint product A x differs "
+                f"by {diff:.3e} in the norm of its count sketch (||A x|| = {a[0]:.6e}; "
+                f"tolerance {tol:.2e}). {advice}"
+            )
 
 
 def check_settings(saved: dict, current: dict, path: Any) -> None:
