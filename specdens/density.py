@@ -654,18 +654,10 @@ class SpectralDensity:
         # coarse spacing next to a window's edge would still count its last value over
         # thousands of widths).
         coarse = (hi - lo) / (GRID_MAX_UNIFORM - 1)
-        loc = np.unique(self.atoms()[0])
+        loc = self.atoms()[0]
         if loc.size == 0:
             loc = np.array([b.lower, b.upper])
-        split = np.flatnonzero(np.diff(loc) > 2 * pad) + 1
-        starts = np.concatenate([[loc[0]], loc[split]]) - pad
-        ends = np.concatenate([loc[split - 1], [loc[-1]]]) + pad
-        pieces = []
-        for j, (a, c) in enumerate(zip(starts, ends, strict=True)):
-            pieces.append(np.linspace(a, c, int(np.ceil((c - a) / fine)) + 1))
-            if j + 1 < starts.size:
-                pieces.append(_graded_points(c, starts[j + 1], fine, coarse, GRID_GROWTH))
-        return np.unique(np.concatenate(pieces))
+        return window_grid(loc, pad, fine, coarse)
 
     def density(self, grid: Any = None, *, sigma: float | None = None,
                 kernel: str = "gaussian") -> tuple[np.ndarray, np.ndarray]:
@@ -1036,6 +1028,23 @@ def _fields_from_file(data: dict, meta: dict) -> dict:
                    if "breakdown" in data else None),
         probe_seeds=tuple(seeds) if seeds is not None else None,
     )
+
+
+def window_grid(loc: np.ndarray, pad: float, fine: float, coarse: float) -> np.ndarray:
+    """Windows of ``pad`` on each side of the points ``loc`` (non-empty, finite) at spacing
+    ``fine`` (windows closer than ``2 pad`` are merged), and between the windows points
+    whose spacing grows geometrically (by ``GRID_GROWTH``) from ``fine`` up to ``coarse``:
+    the non-uniform grid of :meth:`SpectralDensity.default_grid`."""
+    loc = np.unique(np.asarray(loc, dtype=np.float64))
+    split = np.flatnonzero(np.diff(loc) > 2 * pad) + 1
+    starts = np.concatenate([[loc[0]], loc[split]]) - pad
+    ends = np.concatenate([loc[split - 1], [loc[-1]]]) + pad
+    pieces = []
+    for j, (a, c) in enumerate(zip(starts, ends, strict=True)):
+        pieces.append(np.linspace(a, c, int(np.ceil((c - a) / fine)) + 1))
+        if j + 1 < starts.size:
+            pieces.append(_graded_points(c, starts[j + 1], fine, coarse, GRID_GROWTH))
+    return np.unique(np.concatenate(pieces))
 
 
 def _graded_points(a: float, b: float, first: float, largest: float,

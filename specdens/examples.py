@@ -93,7 +93,12 @@ class SpectrumOperator(LinearOperatorBase):
 
     def __init__(self, eigenvalues: Any, *, seed: int = 0, name: str = "spectrum",
                  description: str = "", params: dict | None = None):
-        lam = np.sort(np.asarray(eigenvalues, dtype=np.float64).reshape(-1))
+        lam = np.asarray(eigenvalues, dtype=np.float64)
+        if lam.ndim != 1:
+            raise ValueError(f"eigenvalues must be 1-D (the spectrum; e.g. "
+                             f"numpy.linalg.eigvalsh(A), not the matrix); got shape "
+                             f"{lam.shape}")
+        lam = np.sort(lam)
         if lam.size == 0:
             raise ValueError("an example operator needs at least one eigenvalue")
         if not np.all(np.isfinite(lam)):

@@ -29,11 +29,13 @@ from .density import (
     GRID_GROWTH,
     GRID_MAX_UNIFORM,
     GRID_MIN_POINTS,
+    GRID_PAD,
     GRID_POINTS_PER_SIGMA,
     KERNELS,
     SpectralDensity,
     _graded_points,
     check_sigma,
+    window_grid,
 )
 
 __all__ = [
@@ -115,8 +117,9 @@ def smoothed_eigenvalue_density(eigenvalues: Any, grid: Any, *, sigma: float,
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}; choose one of {', '.join(KERNELS)}")
     sigma = check_sigma(sigma)
-    lam = np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
-    x = np.asarray(grid, dtype=np.float64).reshape(-1)
+    lam = _vector(eigenvalues, "eigenvalues", "the spectrum (e.g. numpy.linalg.eigvalsh(A) "
+                  "or op.eigenvalues), not the matrix")
+    x = _vector(grid, "grid", "the points to evaluate at")
     bad = np.count_nonzero(~np.isfinite(lam))
     if bad:
         raise ValueError(f"eigenvalues hold {bad} NaN or infinite value(s) of {lam.size}; "
@@ -215,7 +218,34 @@ def _direct_sum(x: np.ndarray, lam: np.ndarray, sigma: float, kernel: str) -> np
     return out
 
 
-def _plot_grid(density: SpectralDensity, sigma: float) -> np.ndarray:
+def _vector(values: Any, name: str, what: str) -> np.ndarray:
+    """``values`` as a 1-D float64 array, or an error naming ``name`` and ``what`` it
+    should be (a matrix passed as a spectrum was flattened into n^2 'eigenvalues')."""
+    try:
+        out = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a 1-D array of numbers, {what}; got "
+                        f"{type(values).__name__} ({exc})") from None
+    if out.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, {what}; got shape {out.shape}")
+    return out
+
+
+def _integer(value: Any, name: str) -> int:
+    """``value`` as an int when it is integral (``1.7`` was truncated to step 1)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be integers; got {value!r}")
+    try:
+        as_int = int(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be integers; got {value!r}") from None
+    if as_int != value:
+        raise ValueError(f"{name} must be integers; got {value!r}")
+    return as_int
+
+
+def _plot_grid(density: SpectralDensity, sigma: float,
+               reference: np.ndarray | None = None) -> np.ndarray:
     """The grid :func:`plot_density` draws on: the Ritz values' range padded by ``5 sigma``
     or 2% of the range on each side, whichever is more, so that extreme outliers do not
     sit on the frame.
@@ -225,16 +255,29 @@ def _plot_grid(density: SpectralDensity, sigma: float) -> np.ndarray:
     :meth:`SpectralDensity.default_grid` (fine windows of step ``sigma / 3`` around every
     Ritz value, graded spacing between them) extended to the padding by graded points: an
     even grid capped at 20001 points would step over the kernel's peaks and lose them.
+
+    ``reference`` (exact eigenvalues, finite) widens the range to cover them too, and on a
+    wide range gets fine windows of its own: an eigenvalue that SLQ did not resolve would
+    otherwise fall between the graded points and its peak vanish from the overlay, where
+    it should show what SLQ missed.
     """
     b = density.bounds()
-    pad = max(5 * sigma, 0.02 * (b.upper - b.lower))
-    lo, hi = b.lower - pad, b.upper + pad
+    lower, upper = b.lower, b.upper
+    if reference is not None and reference.size:
+        lower, upper = min(lower, float(reference.min())), max(upper, float(reference.max()))
+    pad = max(5 * sigma, 0.02 * (upper - lower))
+    lo, hi = lower - pad, upper + pad
     fine = sigma / GRID_POINTS_PER_SIGMA
     num = int(np.ceil((hi - lo) / fine)) + 1  # a step of at most sigma / 3
     if num <= GRID_MAX_UNIFORM:
         return np.linspace(lo, hi, max(num, GRID_MIN_POINTS))
-    grid = density.default_grid(sigma)
     coarse = (hi - lo) / (GRID_MAX_UNIFORM - 1)
+    loc = density.atoms()[0]
+    if reference is not None:
+        loc = np.concatenate([loc, reference])
+    if loc.size == 0:
+        loc = np.array([lower, upper])
+    grid = window_grid(loc, GRID_PAD * sigma, fine, coarse)
     pieces = [grid]
     if lo < grid[0]:
         pieces += [[lo], _graded_points(lo, float(grid[0]), fine, coarse, GRID_GROWTH)]
@@ -295,12 +338,25 @@ def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool 
     if not 0.0 < floor < 1.0:
         raise ValueError(f"floor must be in (0, 1); got {floor}")
     sigma = density.default_sigma() if sigma is None else check_sigma(sigma)
+    lam = None
+    if reference is not None:
+        lam = _vector(reference, "reference", "the known eigenvalues (e.g. "
+                      "numpy.linalg.eigvalsh(A) or op.eigenvalues), not the matrix")
+        bad = np.count_nonzero(~np.isfinite(lam))
+        if bad:
+            raise ValueError(f"reference holds {bad} NaN or infinite value(s) of {lam.size}; "
+                             "drop them first")
     if grid is None:
-        grid = _plot_grid(density, sigma)
+        grid = _plot_grid(density, sigma, lam)
+    else:
+        grid = _vector(grid, "grid", "the points to evaluate at")
+        if grid.size == 0:
+            raise ValueError("grid is empty; pass the points to evaluate at, or leave it "
+                             "out")
     x, values = density.density(grid, sigma=sigma, kernel=kernel)
     ref = None
-    if reference is not None:
-        ref = smoothed_eigenvalue_density(reference, x, sigma=sigma, kernel=kernel)
+    if lam is not None:
+        ref = smoothed_eigenvalue_density(lam, x, sigma=sigma, kernel=kernel)
     if ax is None:
         import matplotlib.pyplot as plt
 
@@ -435,13 +491,19 @@ def plot_densities_over_time(records: Any, ax: Any = None, *, run: str | None = 
     colour_map = matplotlib.colormaps[cmap]
     recs = _run_records(records, run, need_density=True)
     if steps is not None:
-        wanted = {int(s) for s in steps}
+        wanted = {_integer(s, "steps") for s in steps}
+        if not wanted:
+            raise ValueError("steps is empty; pass the steps to draw, or leave it out for "
+                             "max_curves of them")
         missing = sorted(wanted - {r.step for r in recs})
         if missing:
             raise ValueError(f"no density recorded at steps {missing}")
         recs = [r for r in recs if r.step in wanted]
     else:
-        recs = _pick(recs, max(1, int(max_curves)))
+        count = _integer(max_curves, "max_curves")
+        if count < 1:
+            raise ValueError(f"max_curves must be at least 1; got {max_curves}")
+        recs = _pick(recs, count)
     colours = colour_map(np.linspace(0.0, 0.9, len(recs)))
     curves = []
     for r in recs:
@@ -492,10 +554,10 @@ def plot_density_heatmap(records: Any, ax: Any = None, *, run: str | None = None
         lo, hi = lo - pad, hi + pad
     else:
         lo, hi = (float(v) for v in eigenvalue_range)
-        if not hi > lo:
-            raise ValueError(f"eigenvalue_range must be (low, high) with low < high; got "
-                             f"{eigenvalue_range}")
-    num_points = int(num_points)
+        if not (np.isfinite(lo) and np.isfinite(hi) and hi > lo):
+            raise ValueError(f"eigenvalue_range must be (low, high), finite, with low < high; "
+                             f"got {eigenvalue_range}")
+    num_points = _integer(num_points, "num_points")
     if num_points < 2:
         raise ValueError(f"num_points must be at least 2; got {num_points}")
     grid = np.linspace(lo, hi, num_points)
@@ -582,9 +644,7 @@ def plot_top_eigenvalues(records: Any, ax: Any = None, *, run: str | None = None
     -------
     matplotlib.axes.Axes
     """
-    import matplotlib
-
-    require_matplotlib()
+    matplotlib = require_matplotlib()
     if yscale is not None and yscale not in ("log", "linear"):
         raise ValueError(f"yscale={yscale!r}; choose 'log' or 'linear'")
     recs = _run_records(records, run)
@@ -707,7 +767,8 @@ def plot_runs(records: Any, view: str = "overview", *, runs: Any = None,
         (:func:`plot_density_heatmap`), ``"top_eigenvalues"``
         (:func:`plot_top_eigenvalues`): one panel per run with shared axes where the
         quantities compare; ``"concentration"``: one panel with a curve per run;
-        ``"overview"``: a row of each of the three per-run views plus the concentration.
+        ``"overview"``: a row of each of the three per-run views plus the concentration
+        of the runs that recorded one (none: no concentration row).
         The top-eigenvalue panels share their y axis and so one scale: log only when
         every value drawn in every run is positive (or the ``yscale`` given).
     runs
@@ -768,7 +829,11 @@ def plot_runs(records: Any, view: str = "overview", *, runs: Any = None,
             _, vals, lines = _top_eigenvalue_data(_run_records(recs, name), bulk_edge)
             drawn += [vals] + [y for _, _, y in lines]
         options["top_eigenvalues"]["yscale"] = _auto_yscale(drawn)
-    nrow = len(rows) + (1 if view == "overview" else 0)
+    # (records made without a gradient have no concentration row: the overview leaves it
+    # out rather than failing after drawing every other panel)
+    concentration = view == "overview" and any(
+        r.concentration is not None and r.run in runs for r in recs)
+    nrow = len(rows) + (1 if concentration else 0)
     fig = Figure(figsize=figsize or (4.2 * ncol, 3.4 * nrow), layout="constrained")
     FigureCanvasAgg(fig)
     grid = fig.add_gridspec(nrow, ncol)
@@ -780,6 +845,8 @@ def plot_runs(records: Any, view: str = "overview", *, runs: Any = None,
             per_run[row](recs, ax, run=name, **options[row])
             ax.set_title(f"{name}", fontsize="medium")
             first = first or ax
-    if view == "overview":
-        plot_gradient_concentration(recs, fig.add_subplot(grid[nrow - 1, :]), runs=runs)
+    if concentration:
+        plot_gradient_concentration(recs, fig.add_subplot(grid[nrow - 1, :]), runs=[
+            name for name in runs if any(r.concentration is not None and r.run == name
+                                         for r in recs)])
     return fig

@@ -573,3 +573,117 @@ def test_mark_outliers_without_outliers_adds_no_legend():
         warnings.simplefilter("error")
         plot_density(d, ax, mark_outliers=True)
     assert ax.get_legend() is None and len(ax.get_lines()) == 1
+
+
+# -- review findings: the exact overlay, inputs of the wrong shape, a run without gradient
+def test_reference_overlay_keeps_the_peaks_slq_did_not_resolve():
+    """On a wide spectrum the overlay was drawn on the grid refined around the Ritz values
+    only: exact eigenvalues that SLQ did not resolve fell between graded points and their
+    peaks vanished (drawn at 0 to 40 % of their height). Each now has a window of its own."""
+    from specdens.examples import SpectrumOperator
+
+    out = np.geomspace(10, 1e4, 30)
+    lam = np.concatenate([np.linspace(0, 1, 3000), out])
+    d = specdens.slq(SpectrumOperator(lam), num_steps=30, num_probes=2, seed=0)
+    sigma = 0.01
+    ax = plot_density(d, new_axes(), reference=lam, sigma=sigma, log_density=False)
+    x, y = (np.asarray(a) for a in (ax.get_lines()[1].get_xdata(),
+                                    ax.get_lines()[1].get_ydata()))
+    assert np.all(np.diff(x) > 0)
+    true = smoothed_eigenvalue_density(lam, out, sigma=sigma)
+    for e, peak in zip(out, true, strict=True):
+        near = np.abs(x - e) <= 3 * sigma
+        # a grid point within sigma / 6 of the peak: exp(-1/72) of its height
+        assert y[near].max() >= np.exp(-0.5 / 36) * peak * (1 - 1e-9), e
+    # the SLQ curve is unchanged by the overlay: its own grid points are all there
+    slq_only = plot_density(d, new_axes(), sigma=sigma, log_density=False)
+    xs = np.asarray(slq_only.get_lines()[0].get_xdata())
+    theta = np.unique(d.atoms()[0])
+    for grid in (x, xs):
+        i = np.clip(np.searchsorted(grid, theta), 1, grid.size - 1)
+        assert np.all(np.minimum(np.abs(grid[i] - theta), np.abs(grid[i - 1] - theta))
+                      <= sigma / 6 * (1 + 1e-9))
+
+
+def test_reference_beyond_the_ritz_values_widens_the_plot(density):
+    lam = np.asarray(density.atoms()[0])
+    far = float(lam.max()) + 50.0
+    ax = plot_density(density, new_axes(), reference=np.append(lam, far), sigma=0.05)
+    x = np.asarray(ax.get_lines()[1].get_xdata())
+    assert x.max() > far
+
+
+def test_a_matrix_or_an_operator_is_not_a_spectrum(density):
+    """A matrix passed as the spectrum was flattened into n^2 'eigenvalues' and drawn as
+    exact; an operator failed in float(); an empty grid in min()."""
+    from specdens.examples import SpectrumOperator
+
+    A = np.diag(np.arange(5.0))
+    grid = np.linspace(-1, 5, 50)
+    with pytest.raises(ValueError, match=r"reference must be 1-D.*eigvalsh.*shape \(5, 5\)"):
+        plot_density(density, new_axes(), reference=A)
+    with pytest.raises(TypeError, match="reference must be a 1-D array of numbers.*"
+                                        "SpectrumOperator"):
+        plot_density(density, new_axes(), reference=SpectrumOperator(np.arange(5.0)))
+    with pytest.raises(ValueError, match="reference holds 1 NaN"):
+        plot_density(density, new_axes(), reference=[0.0, np.nan])
+    with pytest.raises(ValueError, match="eigenvalues must be 1-D"):
+        smoothed_eigenvalue_density(A, grid, sigma=0.1)
+    with pytest.raises(ValueError, match=r"grid must be 1-D.*shape \(2, 25\)"):
+        smoothed_eigenvalue_density(np.arange(5.0), grid.reshape(2, 25), sigma=0.1)
+    with pytest.raises(ValueError, match="grid is empty"):
+        plot_density(density, new_axes(), grid=[])
+    with pytest.raises(ValueError, match=r"grid must be 1-D"):
+        plot_density(density, new_axes(), grid=grid.reshape(2, 25))
+    with pytest.raises(ValueError, match="eigenvalues must be 1-D.*not the matrix"):
+        SpectrumOperator(A)
+    # 1-D input of any kind still works: a list, and a single eigenvalue
+    np.testing.assert_allclose(smoothed_eigenvalue_density([2.0], [2.0], sigma=1.0),
+                               [1 / np.sqrt(2 * np.pi)])
+
+
+def test_overview_of_runs_without_gradient_leaves_out_the_concentration(tmp_path):
+    """The overview always added the concentration row and failed (after drawing every
+    other panel) for records made without a gradient, which SpectrumTracker allows; the
+    row shows the runs that have one."""
+    from specdens.plotting import plot_runs
+    from specdens.tracker import read_records
+
+    path = tmp_path / "r.jsonl"
+    _track(path, "plain", np.linspace(1, 10, 30), (0, 5))
+    fig = plot_runs(read_records(path))
+    assert len(fig.axes) == 3 + 1  # densities, heat map (+ its colour bar), top eigenvalues
+    _track(path, "with_gradient", np.linspace(1, 10, 30), (0, 5), gradient=True)
+    fig = plot_runs(read_records(path))
+    last = fig.axes[-1]
+    assert [t.get_text() for t in last.get_legend().get_texts()] == ["with_gradient (k = 2)"]
+    with pytest.raises(ValueError, match="no gradient concentration"):
+        plot_runs(read_records(path), "concentration", runs=["plain"])
+
+
+def test_over_training_arguments_are_checked(records, monkeypatch):
+    """steps=[1.7] drew step 1, max_curves=0 one curve, num_points=2.9 two points, and an
+    empty steps or an infinite eigenvalue_range failed with messages that named neither."""
+    from specdens.plotting import (
+        plot_densities_over_time,
+        plot_density_heatmap,
+        plot_top_eigenvalues,
+    )
+
+    for kw, err, match in (({"steps": [1.7]}, ValueError, "steps must be integers"),
+                           ({"steps": []}, ValueError, "steps is empty"),
+                           ({"steps": ["a"]}, TypeError, "steps must be integers"),
+                           ({"max_curves": 0}, ValueError, "max_curves must be at least 1"),
+                           ({"max_curves": 2.5}, ValueError, "max_curves must be integers")):
+        with pytest.raises(err, match=match):
+            plot_densities_over_time(records, new_axes(), run="a", **kw)
+    ax = plot_densities_over_time(records, new_axes(), run="a", steps=[np.int64(10), 1.0])
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["step 1", "step 10"]
+    for kw, match in (({"eigenvalue_range": (0, np.inf)}, "eigenvalue_range must be"),
+                      ({"num_points": 2.9}, "num_points must be integers")):
+        with pytest.raises(ValueError, match=match):
+            plot_density_heatmap(records, new_axes(), run="a", **kw)
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    with pytest.raises(ImportError, match=r"pip install 'specdens\[plot\]'"):
+        plot_top_eigenvalues(records, run="a")
