@@ -31,12 +31,16 @@ Four parts:
   digits MLP 64-512-512-10, 301,066 parameters, 1,797 samples, PyTorch, one thread:
   ``--no-calibrate`` skips it). The part also reports the break-even product cost: the
   product time per parameter above which the overhead is below 10 %;
-* ``real``: the same claim on a real network of n >= 1e6: the Hessian of the digits MLP
-  64-1024-1024-10 (1,126,410 parameters, 1,797 samples, PyTorch, ``--threads``),
-  ``specdens.lanczos`` (full, float32 basis) alternating with the same number of its
-  products alone, ``--repeats`` pairs, in a child process. Each repetition also runs
+* ``real``: the same claim on real networks of n >= 1e6 (``--real-models``): the Hessian
+  of the digits MLP 64-1024-1024-10 (1,126,410 parameters, 1,797 samples) and of a digits
+  CNN (1,156,458 parameters, 256 samples; a convolution weight works at every position,
+  so its product costs more per parameter), PyTorch, ``--threads``; ``specdens.lanczos``
+  (full, float32 basis) alternating with the same number of its products alone,
+  ``--repeats`` pairs, in a child process per model. Each repetition also runs
   ``dtype="float32"`` (float32 vector arithmetic instead of the default float64), which
-  shows what the float64 arithmetic's conversions cost.
+  shows what the float64 arithmetic's conversions cost. The part measures the machine's
+  read bandwidth and reports the floor it sets: full reorthogonalisation reads the basis
+  twice per step, so below some product cost per parameter no engine meets 10 %.
 
 Modes are ``REORTH[:BASIS_DTYPE]``: ``full``, ``partial``, ``local`` (window
 ``--window``), ``none``, with a float32 or float64 basis.
@@ -283,9 +287,59 @@ def calibration_child(threads: int) -> dict[str, Any]:
             "threads": torch.get_num_threads(), "seconds": _common.median(ts)}
 
 
-def real_claim_child(steps: int, repeats: int, smoke: bool, threads: int) -> dict[str, Any]:
+REAL_MODELS = ("mlp", "cnn")
+
+
+def digits_cnn_workload(smoke: bool) -> tuple[Any, list[tuple[Any, Any]], str]:
+    """A CNN of n >= 1e6 on the first 256 digits images (1 x 8 x 8), trained a little:
+    conv 1-64, conv 64-128, max-pool, conv 128-288, conv 288-288 (3 x 3, ReLU), global
+    average pool, linear 288-10: 1,156,458 parameters. Its product reuses each
+    convolution weight at every position of every image, so it costs several times the
+    MLP's per parameter, as convolutional networks' do."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    count = 32 if smoke else 256
+    x = torch.tensor(d.data[:count] / 16.0, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    y = torch.tensor(d.target[:count], dtype=torch.long)
+    c1, c2, c3 = (4, 8, 8) if smoke else (64, 128, 288)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, c1, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(c1, c2, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(c2, c3, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(c3, c3, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(c3, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(2 if smoke else 30):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, [(x, y)], f"digits CNN 1-{c1}-{c2}-{c3}-{c3} (3x3 convolutions)-10"
+
+
+def read_bandwidth(n: int, rows: int, reps: int = 7) -> float:
+    """Bytes per second at which torch reads a ``(rows, n)`` float32 array (a sum over
+    it, median of ``reps``): the rate a Gram-Schmidt sweep through the basis cannot
+    beat."""
+    import torch
+
+    a = torch.ones(rows, n, dtype=torch.float32)
+    a.sum()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a.sum()
+        times.append(time.perf_counter() - t0)
+    return rows * n * 4 / _common.median(times)
+
+
+def real_claim_child(steps: int, repeats: int, smoke: bool, threads: int,
+                     model_name: str = "mlp") -> dict[str, Any]:
     """Pairs of (``steps`` products alone, a ``steps``-step Lanczos run) on the Hessian of
-    the digits MLP 64-1024-1024-10, float32, full reorthogonalisation, float32 basis.
+    a real network of n >= 1e6 (``model_name``: the digits MLP 64-1024-1024-10, or
+    :func:`digits_cnn_workload`), float32, full reorthogonalisation, float32 basis.
 
     Each Lanczos run also times its own products (a timer around the operator's
     ``matmat``, which the engine calls once per step), which splits the run into the
@@ -293,7 +347,12 @@ def real_claim_child(steps: int, repeats: int, smoke: bool, threads: int) -> dic
 
     ``threads`` torch threads (0: torch's own default). The pairs alternate their order
     (products alone first in even repetitions, the Lanczos run first in odd ones), as
-    ``_claim`` does, so that a drift of the machine does not favour one side."""
+    ``_claim`` does, so that a drift of the machine does not favour one side.
+
+    Also measured: the rate at which torch reads a float32 array of ``steps / 2`` rows of
+    ``n`` (the basis's average size), from which follows the floor of full
+    reorthogonalisation: one Gram-Schmidt sweep reads the ``j`` rows of the basis twice
+    (the projection and the combination), ``4 n steps (steps + 1)`` bytes in a run."""
     import bench_torch
     import numpy as np
     import torch
@@ -303,8 +362,13 @@ def real_claim_child(steps: int, repeats: int, smoke: bool, threads: int) -> dic
 
     if threads:
         torch.set_num_threads(threads)
-    width = 24 if smoke else 1024
-    model, data = bench_torch.mlp_workload(smoke, wide=True, width=width)
+    if model_name == "cnn":
+        model, data, name = digits_cnn_workload(smoke)
+        width = None
+    else:
+        width = 24 if smoke else 1024
+        model, data = bench_torch.mlp_workload(smoke, wide=True, width=width)
+        name = f"digits MLP 64-{width}-{width}-10"
     op = hessian(model, torch.nn.CrossEntropyLoss(), data[0])
     v = torch.randn(op.shape[0])
     op.matvec(v)
@@ -351,18 +415,20 @@ def real_claim_child(steps: int, repeats: int, smoke: bool, threads: int) -> dic
         # changes in the result
         top = [float(np.linalg.eigvalsh(x.tridiagonal_matrix(0))[-1]) for x in (r, r32)]
         float32_runs.append([t32, t32_inside, *top])
-    return {"status": "ok", "n": int(op.shape[0]), "width": width,
+    n = int(op.shape[0])
+    return {"status": "ok", "n": n, "width": width, "model": name,
             "samples": int(len(data[0][0])),
             "threads": torch.get_num_threads(), "steps": steps, "basis": r.basis_dtype,
             "dtype": r.dtype, "pairs": pairs, "float32_runs": float32_runs,
-            "orders": orders}
+            "orders": orders, "read_bytes_per_s": read_bandwidth(n, max(1, steps // 2))}
 
 
-def real_claim(args: argparse.Namespace) -> dict[str, Any]:
+def real_claim(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
     """``real_claim_child`` in a child process (in this one with ``--in-process``)."""
     if args.in_process:
-        return real_claim_child(args.steps, args.repeats, args.smoke, args.threads)
-    cmd = [sys.executable, os.path.abspath(__file__), "--real-child", "--steps",
+        return real_claim_child(args.steps, args.repeats, args.smoke, args.threads,
+                                model_name)
+    cmd = [sys.executable, os.path.abspath(__file__), "--real-child", model_name, "--steps",
            str(args.steps), "--repeats", str(args.repeats), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -381,12 +447,17 @@ def real_claim_table(r: dict[str, Any]) -> str:
     f32 = r.get("float32_runs") or [[nan, nan, nan, nan]] * len(r["pairs"])
     # (results of before the order alternated ran the products first in every pair)
     orders = r.get("orders") or ["products first"] * len(r["pairs"])
-    for i, ((t_lanczos, t_products, t_inside), (t32, t32_in, top64, top32), order) in \
-            enumerate(zip(r["pairs"], f32, orders, strict=True)):
+    # the floor of full reorthogonalisation: two reads of the j-row basis at step j
+    sweep_bytes = 4.0 * r["n"] * r["steps"] * (r["steps"] + 1)
+    rate = r.get("read_bytes_per_s")
+    floor = [sweep_bytes / rate / t_i if rate else nan for _, _, t_i in r["pairs"]]
+    for i, ((t_lanczos, t_products, t_inside), (t32, t32_in, top64, top32), order, fl) in \
+            enumerate(zip(r["pairs"], f32, orders, floor, strict=True)):
         rows.append([str(i + 1), order, fmt(1e3 * t_products / r["steps"]),
                      fmt(1e9 * t_products / r["steps"] / r["n"]), fmt(t_products),
                      fmt(t_lanczos), fmt(t_inside),
                      f"{100 * (t_lanczos - t_inside) / t_inside:.1f} %",
+                     f"{100 * fl:.1f} %",
                      f"{100 * (t_inside / t_products - 1):+.1f} %",
                      f"{100 * (t_lanczos / t_products - 1):.1f} %",
                      f"{100 * (t32 - t32_in) / t32_in:.1f} %",
@@ -395,22 +466,35 @@ def real_claim_table(r: dict[str, Any]) -> str:
     engine32 = [(t - t_i) / t_i for t, t_i, *_ in f32]
     slower = [t_i / t_p - 1 for _, t_p, t_i in r["pairs"]]
     over = [t_l / t_p - 1 for t_l, t_p, _ in r["pairs"]]
+    model = r.get("model") or f"digits MLP 64-{r['width']}-{r['width']}-10"
 
     def verdict(x: list[float]) -> str:
         return "yes" if _common.median(x) < TARGET_OVERHEAD else "no"
 
+    floor_line = ""
+    if rate:
+        floor_line = (
+            f"- Floor of full reorthogonalisation: one Gram-Schmidt sweep per step reads the "
+            f"basis twice, {sweep_bytes / 1e9:.1f} GB in the run; torch reads float32 at "
+            f"{rate / 1e9:.1f} GB/s here (a sum over {r['steps'] // 2} rows of n), so the "
+            f"sweeps alone cost at least {100 * _common.median(floor):.1f} % of the products "
+            f"(median; the column *sweep floor*). Below 10 % needs products of at least "
+            f"{1e9 * sweep_bytes / rate / TARGET_OVERHEAD / r['steps'] / r['n']:.0f} ns per "
+            "parameter on this machine, before any other work of the engine.\n")
     return (_common.markdown_table(
         ["pair", "order", "product ms", "ns / param", "products alone s", "Lanczos s",
-         "its products s", "engine / its products", "its products / alone",
-         "Lanczos / products alone - 1", "engine / its products, float32 arithmetic",
+         "its products s", "engine / its products", "sweep floor / its products",
+         "its products / alone", "Lanczos / products alone - 1",
+         "engine / its products, float32 arithmetic",
          "largest Ritz value, float32 against float64 arithmetic"], rows)
-            + f"\n\nHessian of the digits MLP 64-{r['width']}-{r['width']}-10: n = {r['n']:,}, "
+            + f"\n\nHessian of the {model}: n = {r['n']:,}, "
             f"{r['samples']} samples, {r['threads']} thread(s), {r['steps']} steps, full "
             f"reorthogonalisation, {r['basis']} basis, {r.get('dtype', 'float64')} "
             "arithmetic (the default) unless the column says otherwise.\n\n"
             f"- Engine time over the products of the same run (no drift between runs): median "
             f"{100 * _common.median(engine):.1f} %, max {100 * max(engine):.1f} %; < 10 %: "
             f"{verdict(engine)}.\n"
+            + floor_line +
             f"- The same with dtype='float32' (float32 vectors: no conversions between the "
             f"float32 products and basis and float64 vectors): median "
             f"{100 * _common.median(engine32):.1f} %; < 10 %: {verdict(engine32)}. Its "
@@ -624,15 +708,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, in-process (for tests)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--calibration-child", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--real-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--real-models", default=",".join(REAL_MODELS),
+                   help="real part: comma list of " + ", ".join(REAL_MODELS))
+    p.add_argument("--real-child", default=None, choices=REAL_MODELS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     _common.set_threads(args.threads or None)
     if args.calibration_child:
         print(json.dumps(calibration_child(args.threads)), flush=True)
         return 0
     if args.real_child:
-        print(json.dumps(real_claim_child(args.steps, args.repeats, False, args.threads)),
-              flush=True)
+        print(json.dumps(real_claim_child(args.steps, args.repeats, False, args.threads,
+                                          args.real_child)), flush=True)
         return 0
     if args.child:
         print(json.dumps(run_config(json.loads(args.child))), flush=True)
@@ -652,6 +738,10 @@ def main(argv: list[str] | None = None) -> int:
     bad = [t for t in parts if t not in PARTS]
     if bad:
         p.error(f"unknown parts {bad}; choose from {list(PARTS)}")
+    real_models = [t.strip() for t in args.real_models.split(",") if t.strip()]
+    bad = [t for t in real_models if t not in REAL_MODELS]
+    if bad or not real_models:
+        p.error(f"--real-models {args.real_models!r}: choose from {list(REAL_MODELS)}")
     grid = build_grid(args)
 
     print("# Scaling of the Lanczos engine: time, peak memory and overhead over the products\n")
@@ -680,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
 
     for part in parts:
         if part == "real":
-            results[part] = [real_claim(args)]
+            results[part] = [real_claim(args, name) for name in real_models]
             continue
         cfgs = grid[part]
         if part == "claim" and calibration is not None:
@@ -726,10 +816,10 @@ def main(argv: list[str] | None = None) -> int:
                       f"time is {1e3 * own:.1f} ms per step; overhead < 10 % needs a product "
                       f"of >= {1e3 * own / TARGET_OVERHEAD:.0f} ms = {need:.0f} ns per "
                       "parameter")
-    if "real" in results:
-        print(f"\n## Claim on a real network ({args.repeats} alternating pairs of "
-              f"{args.steps} products alone and a Lanczos run)\n")
-        print(real_claim_table(results["real"][0]))
+    for r in results.get("real", []):
+        print(f"\n## Claim on a real network: {r.get('model', 'failed')} ({args.repeats} "
+              f"alternating pairs of {args.steps} products alone and a Lanczos run)\n")
+        print(real_claim_table(r))
     print()
     print("overhead = (Lanczos wall - steps x product) / (steps x product); the product is "
           "the median of single block products timed after the run (claim: the same "
