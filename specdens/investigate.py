@@ -58,6 +58,7 @@ import importlib
 import importlib.util
 import json
 import math
+import numbers
 import platform
 import time
 import warnings
@@ -237,9 +238,13 @@ class InvestigationConfig:
         object.__setattr__(self, "seed", seed)
         for name in ("lr", "momentum", "weight_decay"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
-                    or v < 0:
+            # (numpy scalars too, stored as Python floats for the JSON header)
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name} must be a real number; got {v!r}")
+            v = float(v)
+            if not math.isfinite(v) or v < 0:
                 raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
+            object.__setattr__(self, name, v)
         if not self.lr > 0:
             raise ValueError(f"lr must be positive; got {self.lr}")
         if self.dtype not in ("float32", "float64"):
@@ -516,16 +521,7 @@ def run_investigation(config: InvestigationConfig, out_dir: str | Path, *,
     if not isinstance(config, InvestigationConfig):
         raise TypeError(f"config must be an InvestigationConfig; got {type(config).__name__}")
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    rec_path = out / RECORD_FILE
-    if rec_path.exists() and not _holds_records(rec_path):
-        # A record file without records (left by a run that failed before its first
-        # record): nothing to continue or to lose, so start afresh, with these settings.
-        rec_path.unlink()
-    if rec_path.exists() and not resume:
-        raise FileExistsError(f"{rec_path} exists; pass resume=True (--resume) to continue it, "
-                              "or choose another output folder")
+    # (the arguments are checked before the output folder is made or touched)
     tick: Callable | None
     if progress is True:
         tick = ProgressBar("investigate")
@@ -541,6 +537,19 @@ def run_investigation(config: InvestigationConfig, out_dir: str | Path, *,
     if initial_weights is not None:
         weights = _check_weights(initial_weights, config, data["classes"])
         meta["initial_weights"] = _fingerprint(weights)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out_dir={str(out)!r} is a file; the investigation writes "
+                                 "a folder of outputs: choose a folder's path")
+    out.mkdir(parents=True, exist_ok=True)
+    rec_path = out / RECORD_FILE
+    if rec_path.exists() and not _holds_records(rec_path):
+        # A record file without records (left by a run that failed before its first
+        # record): nothing to continue or to lose, so start afresh, with these settings.
+        rec_path.unlink()
+    if rec_path.exists() and not resume:
+        raise FileExistsError(f"{rec_path} exists; pass resume=True (--resume) to continue it, "
+                              "or choose another output folder")
     trainer = load_backend(config.backend)
     backend_info = {"name": config.backend, "batchnorm": trainer.BATCHNORM_TEXT,
                     "initialisation": (trainer.INIT_TEXT if weights is None else
@@ -758,6 +767,33 @@ def _med(values: list[float]) -> float:
     return float(np.median(v)) if v.size else float("nan")
 
 
+_MEDIAN_KEYS = ("num_outliers", "edge_ratio", "concentration", "negative_mass",
+                "top_eigenvalue", "num_top_above")
+
+
+def _paired(a: dict, b: dict, names: tuple[str, str]) -> tuple[dict, dict, dict, dict, str]:
+    """Medians after step 0 and last rows of two runs over the steps both recorded, and a
+    note saying so where that is not all of either run's steps.
+
+    A run that diverged stops recording at its last finite step: comparing its "final"
+    loss with the other run's at a later step counted the blow-up as slower training, and
+    medians over different stretches of training compared different things."""
+    own = [{r["step"] for r in run["records"] if r["step"] >= 1} for run in (a, b)]
+    steps = own[0] & own[1]
+    if not steps or own[0] == own[1]:
+        return (a["median_after_step_0"], b["median_after_step_0"], a["final"], b["final"],
+                "")
+    rows = [[r for r in run["records"] if r["step"] in steps] for run in (a, b)]
+    med = [{key: _med([r.get(key) for r in rs]) for key in _MEDIAN_KEYS} for rs in rows]
+    diverged = [f"{name} diverged at step {run['diverged_at']}"
+                for name, run in zip(names, (a, b), strict=True)
+                if run.get("diverged_at") is not None]
+    note = (f" (compared over the {len(steps)} step(s) after step 0 that both runs "
+            f"recorded, up to step {max(steps)}"
+            + (f"; {', '.join(diverged)}" if diverged else "") + ")")
+    return med[0], med[1], rows[0][-1], rows[1][-1], note
+
+
 def summarize_runs(records: list[SpectrumRecord], config: InvestigationConfig,
                    run_info: dict | None = None) -> dict:
     """The measured numbers per run and step, their medians over training, and the
@@ -793,9 +829,7 @@ def summarize_runs(records: list[SpectrumRecord], config: InvestigationConfig,
                 "wall_time": r.wall_time,
             })
         later = [row for row in rows if row["step"] >= 1]
-        med = {key: _med([row[key] for row in later])
-               for key in ("num_outliers", "edge_ratio", "concentration", "negative_mass",
-                           "top_eigenvalue", "num_top_above")}
+        med = {key: _med([row[key] for row in later]) for key in _MEDIAN_KEYS}
         runs[name] = {"records": rows, "median_after_step_0": med,
                       "final": rows[-1] if rows else None,
                       **({} if run_info is None else
@@ -841,7 +875,7 @@ def _verdicts(runs: dict, config: InvestigationConfig) -> dict:
         out["outliers_early"] = missing("no-bn")
         out["concentration"] = missing("no-bn")
     if has(nb) and has(bb):
-        a, b = nb["median_after_step_0"], bb["median_after_step_0"]
+        a, b, _, _, paired = _paired(nb, bb, ("no-bn", "bn-batch"))
         tests = {
             # no outliers without BatchNorm: nothing to suppress (0 <= 0.5 * 0 is no
             # evidence), so this part is not met
@@ -861,12 +895,12 @@ def _verdicts(runs: dict, config: InvestigationConfig) -> dict:
         out["batchnorm_suppresses"] = {
             "verdict": verdict,
             "why": "; ".join(f"{k}: {v:.3g} with BatchNorm vs {w:.3g} without ({notes[k]})"
-                             for k, (v, w, _) in tests.items())}
+                             for k, (v, w, _) in tests.items()) + paired}
     else:
         out["batchnorm_suppresses"] = missing("no-bn", "bn-batch")
     if has(bb) and has(bp):
-        a, b = bb["median_after_step_0"], bp["median_after_step_0"]
-        la, lb = bb["final"]["loss"], bp["final"]["loss"]
+        a, b, fa, fb, paired = _paired(bb, bp, ("bn-batch", "bn-population"))
+        la, lb = fa["loss"], fb["loss"]
         returns = (b["num_outliers"] >= 2 * a["num_outliers"] and b["num_outliers"] > 0
                    and b["edge_ratio"] >= 3 * a["edge_ratio"])
         slower = lb >= 2 * la
@@ -877,7 +911,7 @@ def _verdicts(runs: dict, config: InvestigationConfig) -> dict:
             "why": (f"median outlier count {b['num_outliers']:.3g} vs {a['num_outliers']:.3g}, "
                     f"median edge ratio {b['edge_ratio']:.3g} vs {a['edge_ratio']:.3g} (outliers "
                     f"{'return' if returns else 'do not return'}); final loss {lb:.3g} vs "
-                    f"{la:.3g} ({'slower' if slower else 'not slower'})")}
+                    f"{la:.3g} ({'slower' if slower else 'not slower'})" + paired)}
     else:
         out["population_returns"] = missing("bn-batch", "bn-population")
     return out
@@ -938,8 +972,8 @@ def render_report(summary: dict, files: dict) -> str:
         f"- Estimates: SLQ with {c['lanczos_steps']} Lanczos steps (full "
         f"reorthogonalisation) x {c['probes']} Rademacher probes; the top {c['k']} "
         f"eigenpairs by thick-restart Lanczos (`specdens.eigsh`); gradient concentration "
-        f"||P_k g||^2 / ||g||^2 of the full-data gradient, k = {c['k']} (the number of "
-        "classes).",
+        f"||P_k g||^2 / ||g||^2 of the full-data gradient, k = {c['k']}"
+        + (" (the number of classes)." if c["k"] == CLASSES else "."),
         "- Outliers: converged Ritz values more than half a bulk width above the bulk's "
         "upper edge, the bulk being the 1%-99% quantile range of the SLQ distribution with "
         "the outliers removed (iterated); the edge ratio is the top eigenvalue divided by "
@@ -1106,8 +1140,11 @@ def _interpretation(summary: dict) -> list[str]:
             "Gauss nodes are spaced, so the estimate swings with the sign of one heavy node. "
             "Read it with its bounds, not as a trend.")
     for name in runs:
+        # (NaN: no (k+1)-th eigenvalue was computed, k = n - 1: the gap is unknown, which
+        # is no evidence that the two are close)
         bad = [row["step"] for row in rows[name]
                if row["concentration_error_estimate"] is not None
+               and not math.isnan(row["concentration_error_estimate"])
                and not (row["concentration_error_estimate"] <= 0.05)]
         if bad:
             out.append(

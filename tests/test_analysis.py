@@ -382,6 +382,12 @@ def test_edge_ratio_is_nan_for_a_negative_bulk():
     assert st.num_outliers == 1 and st.num_top_above is None
     with pytest.raises(ValueError, match="finite"):
         spectrum_stats(specdens.slq(A, num_steps=10), [np.nan])
+    # a string was read as the number it spells, a matrix flattened into "eigenvalues"
+    d = specdens.slq(A, num_steps=10)
+    with pytest.raises(TypeError, match="eigenvalues must be a 1-D array of numbers"):
+        spectrum_stats(d, "5")
+    with pytest.raises(ValueError, match=r"eigenvalues must be 1-D .*shape \(2, 2\)"):
+        spectrum_stats(d, np.eye(2))
 
 
 def test_negative_mass_bounds_contain_the_exact_fraction():

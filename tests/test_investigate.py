@@ -732,3 +732,85 @@ def test_batchnorm_suppresses_needs_outliers_without_batchnorm(no_bn, bn, verdic
     assert v["verdict"] == verdict
     assert outlier_note in v["why"]
     assert v["why"].count("(met") + v["why"].count("(not met") == 3
+
+
+def test_a_diverged_run_is_compared_over_the_steps_both_runs_recorded():
+    """bn-population diverged after step 2 (its last finite record): its "final" loss at
+    step 2 was compared with bn-batch's at step 8 and the blow-up counted as slower
+    training, with medians over different stretches; now both over steps 1 and 2, and the
+    reason says so."""
+    from specdens.investigate import _verdicts
+
+    def run(losses, outliers, diverged_at=None):
+        rows = [{"step": s, "loss": loss, "num_outliers": o, "edge_ratio": 3.0 * o + 1,
+                 "concentration": 0.5, "top_eigenvalue": 1.0, "bulk_edge": 1.0}
+                for s, loss, o in zip((1, 2, 4, 8)[:len(losses)], losses, outliers, strict=True)]
+        full = _run_summary(0, 1.0, 0.5)
+        full.update(records=[{**rows[0], "step": 0}] + rows, final=rows[-1],
+                    diverged_at=diverged_at)
+        full["median_after_step_0"] = {
+            "num_outliers": float(np.median([r["num_outliers"] for r in rows])),
+            "edge_ratio": float(np.median([r["edge_ratio"] for r in rows])),
+            "concentration": 0.5, "negative_mass": 0.0, "top_eigenvalue": 1.0,
+            "num_top_above": 0.0}
+        return full
+
+    cfg = InvestigationConfig(steps=10, runs=("bn-batch", "bn-population"))
+    batch = run([3.0, 2.8, 2.0, 1.0], [0, 0, 0, 0])
+    population = run([3.0, 2.9], [0, 5], diverged_at=4)
+    v = _verdicts({"bn-batch": batch, "bn-population": population}, cfg)["population_returns"]
+    assert "final loss 2.9 vs 2.8 (not slower)" in v["why"]
+    assert ("(compared over the 2 step(s) after step 0 that both runs recorded, up to step "
+            "2; bn-population diverged at step 4)") in v["why"]
+    assert "median outlier count 2.5 vs 0" in v["why"]
+    # runs that recorded the same steps read as before, without a note
+    v = _verdicts({"bn-batch": batch, "bn-population": run([3.0, 2.9, 2.5, 2.4],
+                                                            [0, 5, 5, 5])},
+                  cfg)["population_returns"]
+    assert "final loss 2.4 vs 1 (slower)" in v["why"] and "compared over" not in v["why"]
+
+
+def test_k_of_n_minus_1_has_no_gap_and_the_report_says_what_k_is(tmp_path):
+    """k = n - 1 computes no (k+1)-th eigenvalue: the error estimate is NaN, which the
+    report read as "the k-th and (k+1)-th eigenvalues are close"; and it called any k
+    "the number of classes"."""
+    cfg = InvestigationConfig(width=1, depth=1, steps=1, records=2, lanczos_steps=8,
+                              probes=1, k=84, batch_size=512, runs=("no-bn",))
+    res = run_investigation(cfg, tmp_path, progress=False, figures=False)
+    rows = res.summary["runs"]["no-bn"]["records"]
+    assert res.summary["runs"]["no-bn"]["parameters"] == 85
+    assert all(math.isnan(r["concentration_error_estimate"]) for r in rows)
+    report = res.files["report"].read_text()
+    assert "ill-determined" not in report
+    assert "k = 84." in report and "k = 84 (the number of classes)" not in report
+
+
+def test_numpy_floats_are_accepted_and_stored_as_python_floats():
+    """np.float32 lr was refused with "must be a finite number >= 0; got 0.1"."""
+    cfg = InvestigationConfig(lr=np.float32(0.25), momentum=np.int64(0),
+                              weight_decay=np.float16(0.5), runs=("no-bn",))
+    for name, value in (("lr", 0.25), ("momentum", 0.0), ("weight_decay", 0.5)):
+        assert type(getattr(cfg, name)) is float and getattr(cfg, name) == value
+    assert json.loads(json.dumps(cfg.meta()))["lr"] == 0.25
+    with pytest.raises(TypeError, match="lr must be a real number"):
+        InvestigationConfig(lr="0.1")
+    with pytest.raises(TypeError, match="momentum must be a real number"):
+        InvestigationConfig(momentum=True)
+    with pytest.raises(ValueError, match="weight_decay must be a finite number"):
+        InvestigationConfig(weight_decay=np.float32("nan"))
+
+
+def test_bad_arguments_are_refused_before_the_output_folder_is_touched(tmp_path):
+    """out_dir naming a file raised a bare "[Errno 17] File exists"; a bad progress made
+    the folder (and could delete an empty record file) before it was refused."""
+    cfg = InvestigationConfig(width=1, depth=1, steps=1, records=2, lanczos_steps=4,
+                              probes=1, k=1, runs=("no-bn",))
+    afile = tmp_path / "out.txt"
+    afile.write_text("mine")
+    with pytest.raises(NotADirectoryError, match="out.txt' is a file"):
+        run_investigation(cfg, afile, progress=False, figures=False)
+    assert afile.read_text() == "mine"
+    folder = tmp_path / "new"
+    with pytest.raises(TypeError, match="progress must be"):
+        run_investigation(cfg, folder, progress="yes", figures=False)
+    assert not folder.exists()
