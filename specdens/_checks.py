@@ -20,6 +20,22 @@ def operator_of(op: Any) -> tuple[Any, int]:
     return op, n
 
 
+def vector_1d(values: Any, name: str, what: str) -> np.ndarray:
+    """``values`` as a 1-D float64 host array, or an error naming ``name`` and ``what`` it
+    should be: a matrix passed as a spectrum was flattened into n^2 "eigenvalues", and a
+    string read as the number it spells."""
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"{name} must be a 1-D array of numbers, {what}; got {values!r}")
+    try:
+        out = np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"{name} must be a 1-D array of numbers, {what}; got "
+                        f"{type(values).__name__} ({exc})") from None
+    if out.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, {what}; got shape {out.shape}")
+    return out
+
+
 def nonnegative_int(value: Any, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"{name} must be an integer; got {value!r}")

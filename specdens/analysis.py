@@ -527,17 +527,8 @@ def spectrum_stats(
     largest = float(density.bounds().upper)
     above = None
     if eigenvalues is not None:
-        if isinstance(eigenvalues, (str, bytes)):
-            raise TypeError(f"eigenvalues must be a 1-D array of numbers; got "
-                            f"{eigenvalues!r}")
-        try:
-            ev = np.asarray(eigenvalues, dtype=np.float64)
-        except (TypeError, ValueError) as exc:
-            raise TypeError(f"eigenvalues must be a 1-D array of numbers; got "
-                            f"{type(eigenvalues).__name__} ({exc})") from None
-        if ev.ndim != 1:
-            raise ValueError(f"eigenvalues must be 1-D (the computed top eigenvalues, e.g. "
-                             f"eigsh(...).eigenvalues); got shape {ev.shape}")
+        ev = _checks.vector_1d(eigenvalues, "eigenvalues",
+                               "the computed top eigenvalues (e.g. eigsh(...).eigenvalues)")
         if ev.size == 0 or not np.all(np.isfinite(ev)):
             raise ValueError("eigenvalues must be a non-empty finite array")
         # Ritz values and computed eigenvalues are both Rayleigh quotients, so neither

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ._checks import vector_1d
 from .density import (
     GRID_GROWTH,
     GRID_MAX_UNIFORM,
@@ -117,9 +118,9 @@ def smoothed_eigenvalue_density(eigenvalues: Any, grid: Any, *, sigma: float,
     if kernel not in KERNELS:
         raise ValueError(f"kernel={kernel!r}; choose one of {', '.join(KERNELS)}")
     sigma = check_sigma(sigma)
-    lam = _vector(eigenvalues, "eigenvalues", "the spectrum (e.g. numpy.linalg.eigvalsh(A) "
+    lam = vector_1d(eigenvalues, "eigenvalues", "the spectrum (e.g. numpy.linalg.eigvalsh(A) "
                   "or op.eigenvalues), not the matrix")
-    x = _vector(grid, "grid", "the points to evaluate at")
+    x = vector_1d(grid, "grid", "the points to evaluate at")
     bad = np.count_nonzero(~np.isfinite(lam))
     if bad:
         raise ValueError(f"eigenvalues hold {bad} NaN or infinite value(s) of {lam.size}; "
@@ -215,19 +216,6 @@ def _direct_sum(x: np.ndarray, lam: np.ndarray, sigma: float, kernel: str) -> np
             out[order[s:e]] = _kernel(xs[s:e, None] - lam[None, a:b], sigma, kernel).sum(1)
         s = e
     out[np.isnan(x)] = np.nan  # as the full sum gives (searchsorted puts NaN past the end)
-    return out
-
-
-def _vector(values: Any, name: str, what: str) -> np.ndarray:
-    """``values`` as a 1-D float64 array, or an error naming ``name`` and ``what`` it
-    should be (a matrix passed as a spectrum was flattened into n^2 'eigenvalues')."""
-    try:
-        out = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError) as exc:
-        raise TypeError(f"{name} must be a 1-D array of numbers, {what}; got "
-                        f"{type(values).__name__} ({exc})") from None
-    if out.ndim != 1:
-        raise ValueError(f"{name} must be 1-D, {what}; got shape {out.shape}")
     return out
 
 
@@ -340,7 +328,7 @@ def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool 
     sigma = density.default_sigma() if sigma is None else check_sigma(sigma)
     lam = None
     if reference is not None:
-        lam = _vector(reference, "reference", "the known eigenvalues (e.g. "
+        lam = vector_1d(reference, "reference", "the known eigenvalues (e.g. "
                       "numpy.linalg.eigvalsh(A) or op.eigenvalues), not the matrix")
         bad = np.count_nonzero(~np.isfinite(lam))
         if bad:
@@ -349,7 +337,7 @@ def plot_density(density: SpectralDensity, ax: Any = None, *, log_density: bool 
     if grid is None:
         grid = _plot_grid(density, sigma, lam)
     else:
-        grid = _vector(grid, "grid", "the points to evaluate at")
+        grid = vector_1d(grid, "grid", "the points to evaluate at")
         if grid.size == 0:
             raise ValueError("grid is empty; pass the points to evaluate at, or leave it "
                              "out")

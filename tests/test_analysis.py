@@ -386,7 +386,7 @@ def test_edge_ratio_is_nan_for_a_negative_bulk():
     d = specdens.slq(A, num_steps=10)
     with pytest.raises(TypeError, match="eigenvalues must be a 1-D array of numbers"):
         spectrum_stats(d, "5")
-    with pytest.raises(ValueError, match=r"eigenvalues must be 1-D .*shape \(2, 2\)"):
+    with pytest.raises(ValueError, match=r"eigenvalues must be 1-D.*shape \(2, 2\)"):
         spectrum_stats(d, np.eye(2))
 
 
