@@ -707,6 +707,59 @@ def test_random_layers_with_batch_statistics_are_refused():
     assert rel(op.to_dense(), dense_hessian(model, [(X, y)], xent())) <= TOL
 
 
+def test_a_loss_fn_that_switches_dropout_on_is_refused():
+    """The products read the snapshot, seed states included, so a loss_fn calling the
+    model with training=True drew the same Dropout mask in both evaluations of the
+    determinism check (and in every product): accepted, the Hessian of one frozen mask,
+    148 % from the model's. The check's second evaluation now moves the seeds on."""
+    keras.utils.set_random_seed(3)
+    model = keras.Sequential([keras.Input((5,), dtype=F64),
+                              keras.layers.Dense(6, activation="tanh", dtype=F64),
+                              keras.layers.Dropout(0.5, dtype=F64),
+                              keras.layers.Dense(3, dtype=F64)])
+    X, y = classification()
+    before = ModelState.capture(model)
+
+    def with_dropout(m, batch):
+        return xent()(batch[1], m(batch[0], training=True))
+
+    def without(m, batch):
+        return xent()(batch[1], m(batch[0], training=False))
+
+    with pytest.raises(RuntimeError, match="not deterministic"):
+        hessian(model, loss_fn=with_dropout, data=uneven(X, y, [12, 11]))
+    op = hessian(model, loss_fn=without, data=uneven(X, y, [12, 11]))
+    assert rel(op.to_dense(), dense_hessian(model, uneven(X, y, [12, 11]), xent())) <= TOL
+    hessian(model, loss_fn=with_dropout, data=(X, y), check_determinism=False)  # as asked
+    assert before.differences(model) == []
+
+
+def test_batch_statistics_need_a_loss_fn_that_passes_training_on():
+    """A loss_fn without a training keyword calls the model in inference mode: on a model
+    with BatchNormalization the default batchnorm="batch" silently gave the moving-
+    statistics Hessian. It is refused; with the keyword, or with "population", each mode
+    is the reference's."""
+    model = cnn()
+    rng = np.random.default_rng(3)
+    X, y = rng.standard_normal((13, 5, 5, 2)), rng.integers(0, 3, 13)
+    batches = uneven(X, y, [8, 5])
+
+    def plain(m, batch):
+        return xent()(batch[1], m(batch[0]))
+
+    def passing(m, batch, training):
+        return xent()(batch[1], m(batch[0], training=training))
+
+    with pytest.raises(ValueError, match="loss_fn takes no `training` keyword"):
+        hessian(model, loss_fn=plain, data=batches)
+    with pytest.raises(ValueError, match="loss_fn takes no `training` keyword"):
+        gradient(model, loss_fn=plain, data=batches)
+    for mode, fn in (("population", plain), ("batch", passing)):
+        op = hessian(model, loss_fn=fn, data=batches, batchnorm=mode)
+        ref = dense_hessian(model, batches, xent(), training=mode == "batch")
+        assert rel(op.to_dense(), ref) <= TOL, mode
+
+
 def test_a_nan_is_never_averaged_in():
     model = mlp()
     X, y = classification()

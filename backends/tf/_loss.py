@@ -70,6 +70,18 @@ class BatchLoss:
         self.ignore_class = ignore_class_of(loss)
         self.reads_mask = reads_output_mask(loss)
         self._fn_takes_training = loss_fn is not None and _takes_training(loss_fn)
+        if loss_fn is not None and not self._fn_takes_training and self.adapter.training:
+            # its calls of the model cannot receive the flag: Keras runs them in
+            # inference mode, on the moving statistics, and the operator built for
+            # batchnorm="batch" was silently the population-statistics Hessian
+            raise ValueError(
+                "batchnorm='batch' (the default) puts the model's BatchNormalization layers "
+                "on the statistics of each batch by calling it with training=True, but "
+                "loss_fn takes no `training` keyword to receive that flag, so its calls of "
+                "the model would normalise by the moving statistics. Add the keyword and "
+                "pass it on (def loss_fn(model, batch, training): ... model(x, "
+                "training=training)), or pass batchnorm='population' for the moving "
+                "statistics")
         # why a loss_fn's bare mean is over masked outputs (None: it is not): refused
         # where the model's outputs are known to carry a mask; a subclassed model whose
         # mask-making layers may or may not reach its outputs gets a warning instead

@@ -88,9 +88,21 @@ class DataOperator(LinearOperatorBase):
 
     def _check_deterministic(self, batch: Any) -> None:
         """Evaluate the loss of ``batch`` twice and raise when it is not finite or the two
-        values differ."""
-        a, b = (float(s.numpy()) / max(float(c.numpy()), 1e-300)
-                for s, c in (self._call("value", batch), self._call("value", batch)))
+        values differ.
+
+        The operator's products read the snapshot, Keras random layers' seed states
+        included, so every call of a Dropout layer switched on (a ``loss_fn`` that calls
+        the model with ``training=True``) draws the same mask: two plain evaluations
+        agree, and the Hessian was that of one frozen mask. The second evaluation runs
+        with the seed states moved on, so such a layer shows as random, as it is."""
+        reseeded = self.loss.adapter.reseeded(self._values)
+        first = self._call("value", batch)
+        if reseeded is None:
+            second = self._call("value", batch)
+        else:
+            spec = self._dist.element_spec if self._dist is not None else None
+            second = self.kernel("value", reseeded, batch, batch_spec=spec)
+        a, b = (float(s.numpy()) / max(float(c.numpy()), 1e-300) for s, c in (first, second))
         if not (math.isfinite(a) and math.isfinite(b)):
             raise FloatingPointError(f"the loss of the first batch is not finite ({a})")
         tol = math.sqrt(np.finfo(self.space.dtype.as_numpy_dtype).eps) * max(abs(a), abs(b),

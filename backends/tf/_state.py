@@ -114,6 +114,18 @@ class ModelAdapter:
             )
         return True
 
+    def reseeded(self, values: list[tf.Tensor]) -> list[tf.Tensor] | None:
+        """``values`` with the states of the Keras random layers' seed generators moved on
+        (None when the model has none): what a second, independent draw of their
+        randomness reads."""
+        states = {id(sg.state) for layer in self.layers()
+                  for sg in (getattr(layer, "_seed_generators", None) or [])
+                  if getattr(sg, "state", None) is not None}
+        if not states:
+            return None
+        return [tf.identity(val) + tf.ones_like(val) if id(var) in states else val
+                for var, val in zip(self.variables, values, strict=True)]
+
     # -- values ---------------------------------------------------------------------
     def snapshot(self) -> list[tf.Tensor]:
         """Copies of the values of every variable (``model.variables`` order)."""

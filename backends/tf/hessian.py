@@ -113,8 +113,10 @@ def hessian(
         tokens, PINN residuals, sample weights). It returns either the batch's *mean* loss
         (its count is then ``batch_size_fn(batch)`` or the leading dimension of the first
         tensor of the batch) or a pair ``(mean_loss, count)``. If it takes a ``training``
-        keyword, it receives the flag of ``batchnorm``. Its calls of the model read the
-        snapshot. ``loss_fn`` writes the whole objective: ``model.losses`` are not added
+        keyword, it receives the flag of ``batchnorm`` (needed for a model with
+        BatchNormalization layers under ``batchnorm="batch"``, else ValueError: without
+        it the model's calls would run on the moving statistics). Its calls of the model
+        read the snapshot. ``loss_fn`` writes the whole objective: ``model.losses`` are not added
         (add ``tf.add_n(model.losses)`` to its value after calling the model, which then
         holds that call's losses and the weight penalties at the snapshot). A
         ``loss_fn`` that returns the mean only, without ``batch_size_fn``, of a model
