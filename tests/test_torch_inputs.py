@@ -352,3 +352,149 @@ def test_a_nan_in_a_later_batch_raises():
     loss, _ = tracking.evaluate(model, crit, batches[:2])
     with torch.no_grad():
         assert loss == pytest.approx(float(crit(model(X[:8]), y[:8])), rel=TOL)
+
+
+# -- review findings: inference mode, in-place changes, partial criteria, RNG, tuples --
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                               torch.nn.Linear(4, 3)).double()
+
+
+def _reference(model, batches, crit):
+    """torch.func.hessian of sum_b (n_b / N) crit(model(x_b), y_b), flat in parameter
+    order."""
+    names = [n for n, _ in model.named_parameters()]
+    values = {n: p.detach() for n, p in model.named_parameters()}
+    N = sum(len(x) for x, _ in batches)
+
+    def f(d):
+        return sum(len(x) / N * crit(functional_call(model, d, (x,)), y) for x, y in batches)
+
+    return flat_hessian(names, values, f)
+
+
+def test_inference_mode_is_refused_where_the_loss_is_differentiated():
+    """Under torch.inference_mode() (Lightning's validation and test) the loss records no
+    graph and torch.enable_grad() cannot switch that off: hessian() and gradient() gave
+    all-zero results without an error. They raise now; products of an operator built
+    outside run on its stored graphs (correct), and raise where they evaluate the loss."""
+    model, crit = _mlp(), torch.nn.CrossEntropyLoss()
+    X, y = data()
+    batches = [(X[:5], y[:5]), (X[5:], y[5:])]
+    with torch.inference_mode():
+        for make in (lambda: hessian(model, crit, batches), lambda: ggn(model, crit, batches),
+                     lambda: gradient(model, crit, batches)):
+            with pytest.raises(RuntimeError, match="torch.inference_mode.. is on"):
+                make()
+    stored = hessian(model, crit, batches)
+    fresh = hessian(model, crit, batches, graph_memory=0)
+    eye = torch.eye(stored.shape[0], dtype=torch.float64)
+    ref = _reference(model, batches, crit)
+    with torch.inference_mode():
+        assert rel(stored.matmat(eye), ref) <= TOL
+        with pytest.raises(RuntimeError, match="torch.inference_mode.. is on"):
+            fresh.matmat(eye)
+    assert rel(fresh.matmat(eye), ref) <= TOL
+
+
+def test_stored_graphs_keep_autograds_check_of_in_place_changes():
+    """The saved-tensor hooks that measure the stored graphs bypassed autograd's version
+    check: data changed in place after the operator was built, or a forward that changes
+    a saved activation in place, gave a wrong Hessian (off by O(1)) without an error,
+    where plain autograd and graph_memory=0 raise."""
+    model, crit = _mlp(), torch.nn.CrossEntropyLoss()
+    X, y = data()
+    op = hessian(model, crit, [(X, y)])
+    v = torch.ones(op.shape[0], dtype=torch.float64)
+    op.matvec(v)
+    X.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        op.matvec(v)
+
+    class InPlace(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(3, 4).double(), torch.nn.Linear(4, 3).double()
+
+        def forward(self, x):
+            h = torch.tanh(self.a(x))
+            h += 1          # tanh saved its output for backward
+            return self.b(h)
+
+    torch.manual_seed(0)
+    X, y = data()
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        hessian(InPlace(), crit, [(X, y)])
+
+
+def test_a_partial_loss_function_keeps_its_reduction():
+    """partial(F.mse_loss, reduction="sum") was read as a mean (getattr(..., "reduction",
+    "mean")): every batch's sum weighted by its size, 4.9 times the documented Hessian
+    (the sum over all samples / N) here, and not even a multiple of it over uneven
+    batches."""
+    import functools
+
+    import torch.nn.functional as F
+
+    model = _mlp()
+    X, _ = data()
+    T = torch.randn(len(X), 3, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    batches = [(X[:6], T[:6]), (X[6:], T[6:])]
+    # sum_b (n_b / N) * sum_b / n_b = (sum over all samples) / N
+    ref = _reference(model, batches,
+                     lambda out, t: F.mse_loss(out, t, reduction="sum") / len(out))
+    for crit in (functools.partial(F.mse_loss, reduction="sum"),
+                 torch.nn.MSELoss(reduction="sum")):
+        assert rel(hessian(model, crit, batches).to_dense(), ref) <= TOL
+    # a partial without the keyword takes the function's default, "mean"
+    mean = hessian(model, functools.partial(F.mse_loss), batches).to_dense()
+    assert rel(mean, _reference(model, batches, torch.nn.MSELoss())) <= TOL
+    with pytest.raises(ValueError, match="reduction='none'"):
+        hessian(model, functools.partial(F.mse_loss, reduction="none"), batches)
+
+
+def test_passes_over_a_data_loader_leave_torchs_random_stream_alone():
+    """Every pass over a DataLoader draws its base seed from torch's global generator:
+    hessian(), gradient() and every product moved the user's random stream on, so that
+    recording the spectrum changed a seeded training run's later dropout and shuffles."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, crit = _mlp(), torch.nn.CrossEntropyLoss()
+    X, y = data(n=20)
+    loader = DataLoader(TensorDataset(X, y), batch_size=6, shuffle=False)
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    op = hessian(model, crit, loader, graph_memory=0)
+    op.matvec(torch.ones(op.shape[0], dtype=torch.float64))
+    gradient(model, crit, loader)
+    tracking.evaluate(model, crit, loader)
+    assert torch.equal(torch.rand(3), expected)
+    # and the operator is still the Hessian of the whole data
+    batches = [(X[i:i + 6], y[i:i + 6]) for i in range(0, 20, 6)]
+    assert rel(op.to_dense(), _reference(model, batches, crit)) <= TOL
+
+
+def test_a_tuple_of_two_collections_is_two_batches_and_an_error_says_so():
+    """((x1, x2), (y1, y2)) reads as two batches (as a list of batches); the loss's
+    unpacking error said nothing about it."""
+    class TwoInTwoOut(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(3, 3).double()
+
+        def forward(self, x1, x2):
+            return self.a(x1) + self.a(x2)
+
+    X, y = data()
+    one = ((X, X.flip(0)), (y, y.flip(0)))
+
+    def loss_fn(model, batch):
+        (x1, x2), (y1, _) = batch
+        return torch.nn.functional.cross_entropy(model(x1, x2), y1)
+
+    with pytest.raises(ValueError) as info:
+        hessian(TwoInTwoOut(), loss_fn=loss_fn, data=one)
+    assert "pass it in a list: data=[((x1, x2), (y1, y2))]" in "".join(info.value.__notes__)
+    assert hessian(TwoInTwoOut(), loss_fn=loss_fn, data=[one]).shape == (12, 12)

@@ -83,12 +83,19 @@ class Batches:
                             f"batches (a DataLoader); got {type(data).__name__}")
         self.device = device
         self.allow_empty = allow_empty
+        self._rng: torch.Tensor | None = None  # the passes' own random stream (__iter__)
         # one batch that is a list of bare tensors: a list of batches meant as such
         # ([x1, x2]) reads as one batch, which an error then explains (see at; not for
         # a tuple, the (inputs, targets) of every example, where the note would be noise)
         self._reading = (_ONE_BATCH_NOTE.format(kind=type(data).__name__, n=len(data))
                          if isinstance(data, list) and len(data) >= 2
                          and all(isinstance(t, torch.Tensor) for t in data) else None)
+        # a tuple of two collections of tensors: ((x1, x2), (y1, y2)), one batch of
+        # several inputs and targets, reads as two batches, whose error then says so
+        if (self._reading is None and type(data) is tuple and len(data) == 2
+                and all(_is_tensor_collection(item) for item in data)):
+            self._reading = _TWO_BATCHES_NOTE.format(
+                kinds=" and a ".join(type(item).__name__ for item in data))
         warn_padding_sampler(self._data)
 
     @contextlib.contextmanager
@@ -106,12 +113,28 @@ class Batches:
             raise
 
     def __iter__(self) -> Iterator[Any]:
-        empty = True
-        for batch in self._data:
-            empty = False
-            yield to_device(batch, self.device)
-        if empty and not self.allow_empty:
-            raise ValueError("data yielded no batches")
+        # A DataLoader draws its workers' base seed (and a shuffling sampler its order,
+        # a random transform its draws) from torch's global generator at every pass: the
+        # operators' passes moved the user's random stream on, so that recording the
+        # spectrum changed the training run's later dropout masks and shuffles. The
+        # passes draw from a stream of their own instead, forked from the user's at the
+        # first pass and continued from pass to pass (so that a shuffle or a random
+        # augmentation still differs between passes, and is caught), and the user's
+        # stream is put back after each. (Lists of batches draw nothing.)
+        user = None if isinstance(self._data, (list, tuple)) else torch.get_rng_state()
+        if user is not None and self._rng is not None:
+            torch.set_rng_state(self._rng)
+        try:
+            empty = True
+            for batch in self._data:
+                empty = False
+                yield to_device(batch, self.device)
+            if empty and not self.allow_empty:
+                raise ValueError("data yielded no batches")
+        finally:
+            if user is not None:
+                self._rng = torch.get_rng_state()
+                torch.set_rng_state(user)
 
 
 _ONE_BATCH_NOTE = (
@@ -120,6 +143,13 @@ _ONE_BATCH_NOTE = (
     "{kind}. For {n} batches that are each a single tensor, wrap each one: data=[(x1,), "
     "(x2,), ...] (loss_fn then receives the tuple (x,)), or pass a DataLoader over "
     "TensorDataset(X)")
+
+
+_TWO_BATCHES_NOTE = (
+    "specdens read data, a tuple of two collections of tensors (a {kinds}), as TWO "
+    "batches, as it reads a list of batches; the loss received each of them. If it is ONE "
+    "batch (inputs, targets) with several input or target tensors, pass it in a list: "
+    "data=[((x1, x2), (y1, y2))]")
 
 
 class CountError(ValueError):

@@ -9,6 +9,8 @@ the computation does reaches the user's tensors.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import math
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -75,7 +77,7 @@ class BatchLoss:
         if criterion is not None:
             if not callable(criterion):
                 raise TypeError(f"criterion must be callable; got {type(criterion).__name__}")
-            self.reduction = getattr(criterion, "reduction", "mean")
+            self.reduction = _reduction_of(criterion)
             if self.reduction not in REDUCTIONS:
                 raise ValueError(
                     f"criterion has reduction={self.reduction!r}; specdens needs a scalar "
@@ -191,7 +193,7 @@ class BatchLoss:
             return batch_count(batch, self.batch_size_fn)
         # grad enabled: loss_fn may differentiate with respect to its inputs (a PINN);
         # the parameters are detached, so no graph of them is built
-        with torch.enable_grad():
+        with autograd():
             return self(batch, self.primal)[1]
 
     def description(self) -> str:
@@ -223,7 +225,7 @@ class BatchLoss:
         # grad enabled: loss_fn may differentiate with respect to its inputs (a PINN);
         # the parameters are detached, so no graph of them is built
         try:
-            with torch.enable_grad():
+            with autograd():
                 a, _ = self(batch, self.primal)
         finally:
             for h in hooks:
@@ -236,7 +238,7 @@ class BatchLoss:
                 "dropout modules (or the model) before building the operator, or pass "
                 "check_determinism=False if the randomness is intended"
             )
-        with torch.enable_grad():
+        with autograd():
             b, _ = self(batch, self.primal)
         a, b = float(a.detach()), float(b.detach())
         if not (math.isfinite(a) and math.isfinite(b)):
@@ -270,6 +272,44 @@ def call_model(model: torch.nn.Module, inputs: Any) -> Any:
         if isinstance(inputs, (tuple, list, Mapping)):
             exc.add_note(_CALL_NOTE.format(kind=type(inputs).__name__))
         raise
+
+
+def _reduction_of(criterion: Any) -> Any:
+    """The reduction of a loss module (its ``reduction``), of a ``functools.partial`` of a
+    loss function (its ``reduction`` keyword: ``partial(F.mse_loss, reduction="sum")`` was
+    read as a mean), or ``"mean"`` (a function of the caller's, which must return one)."""
+    if isinstance(criterion, functools.partial):
+        if "reduction" in criterion.keywords:
+            return criterion.keywords["reduction"]
+        return _reduction_of(criterion.func)
+    reduction = getattr(criterion, "reduction", None)
+    if reduction is not None:
+        return reduction
+    try:  # a loss function's own default (torch.nn.functional's are "mean")
+        default = inspect.signature(criterion).parameters.get("reduction")
+    except (TypeError, ValueError):
+        default = None
+    if default is not None and isinstance(default.default, str):
+        return default.default
+    return "mean"
+
+
+@contextlib.contextmanager
+def autograd(*, records: bool = True) -> Iterator[None]:
+    """``torch.enable_grad()``, refusing ``torch.inference_mode()``, which it cannot
+    switch off: there the loss records no graph, and its derivatives came back as zeros
+    (read as "depends on no parameter") without an error. ``records=False``: the block
+    only differentiates graphs recorded before (an operator's stored graphs), which works
+    in inference mode too."""
+    if records and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "specdens differentiates the loss, but torch.inference_mode() is on, and "
+            "torch.enable_grad() cannot switch it off: call it outside the inference_mode "
+            "block (PyTorch Lightning runs validation and test under inference_mode; record "
+            "in a training hook, or set Trainer(inference_mode=False)), or inside "
+            "torch.inference_mode(False) with data made outside inference mode")
+    with torch.enable_grad():
+        yield
 
 
 def gradients(value: torch.Tensor, leaves: list[torch.Tensor], *,

@@ -21,15 +21,21 @@ class SavedBytes:
         self.nbytes = 0
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, _unpack)
 
-    def _pack(self, t: torch.Tensor) -> torch.Tensor:
+    def _pack(self, t: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        # (with the tensor's version: a tensor packed by a hook skips autograd's own check
+        # that it was not changed in place before backward uses it, see _unpack)
+        try:
+            version = t._version
+        except RuntimeError:  # (tensors without a version counter)
+            version = None
         try:
             key = _key(t)
         except RuntimeError:  # tensors without storage (e.g. functorch wrappers)
-            return t
+            return t, version
         if key not in self._seen:
             self._seen.add(key)
             self.nbytes += t.untyped_storage().nbytes()
-        return t
+        return t, version
 
     def __enter__(self) -> SavedBytes:
         self._hooks.__enter__()
@@ -43,5 +49,18 @@ def _key(t: torch.Tensor) -> tuple:
     return (t.device, t.untyped_storage().data_ptr())
 
 
-def _unpack(t: torch.Tensor) -> torch.Tensor:
+def _unpack(packed: tuple[torch.Tensor, int | None]) -> torch.Tensor:
+    """The saved tensor, after autograd's check that it was not changed in place since it
+    was saved, which saved-tensor hooks bypass: a stored graph of the operator would
+    otherwise use the changed values (data modified after the operator was built, or a
+    forward that modifies a saved activation in place) without an error."""
+    t, version = packed
+    if version is not None and t._version != version:
+        raise RuntimeError(
+            f"one of the tensors the operator's stored graphs keep (shape "
+            f"{tuple(t.shape)}, {t.dtype}) has been modified by an inplace operation: it is "
+            f"at version {t._version}; expected version {version}. The data (or a tensor "
+            "the model's forward saves) was changed in place after the operator was built, "
+            "or the forward changes a tensor autograd needs; build the operator again on "
+            "the new data, or avoid the in-place operation (plain autograd raises on it too)")
     return t

@@ -19,7 +19,7 @@ import torch
 from specdens import LinearOperatorBase, _checks, _memory
 
 from ._data import Batches, fingerprint
-from ._loss import BatchLoss, gradients
+from ._loss import BatchLoss, autograd, gradients
 from ._meter import SavedBytes
 from ._params import stack_columns
 from .distributed import (
@@ -136,7 +136,7 @@ class DataOperator(LinearOperatorBase):
                         self.loss.check_deterministic(batch)
                     self._check_first_batch(batch)
                 if not full:
-                    with torch.enable_grad(), SavedBytes(exclude) as meter:
+                    with autograd(), SavedBytes(exclude) as meter:
                         state, count = self._build(batch)
                     self._counts.append(count)
                     if used + meter.nbytes <= self.graph_memory:
@@ -164,7 +164,7 @@ class DataOperator(LinearOperatorBase):
         if not callable(regularizer):
             raise TypeError("regularizer must be a callable(params: dict[str, Tensor]) -> "
                             "scalar tensor")
-        with torch.enable_grad():
+        with autograd():
             r = regularizer(dict(self._leaves))
             if not isinstance(r, torch.Tensor) or r.numel() != 1:
                 raise ValueError("regularizer must return a scalar tensor")
@@ -194,7 +194,8 @@ class DataOperator(LinearOperatorBase):
         extra = self._checksum.size if self._checksum is not None else 0
         buf = torch.zeros(k * n + extra, dtype=self.dtype, device=self.device)
         acc = buf[:k * n].view(k, n).T
-        with torch.enable_grad():
+        # (products of stored graphs alone record nothing: they work in inference mode)
+        with autograd(records=self.num_stored < self.num_batches):
             total, changed = self._pass(V, acc)
         if total != self._local_count:
             if self._raises_at_once():
@@ -228,7 +229,7 @@ class DataOperator(LinearOperatorBase):
         if self.weight_decay:
             out = out + self.weight_decay * V
         if self._reg_grads is not None:
-            with torch.enable_grad():
+            with autograd(records=False):
                 out = out + graph_products(self._reg_grads, self._leaf_list, V, self.space,
                                            retain=True, batched=False)
         return out

@@ -10,7 +10,7 @@ import torch
 from specdens import _checks
 
 from ._data import Batches
-from ._loss import BatchLoss, gradients
+from ._loss import BatchLoss, autograd, gradients
 from .distributed import (
     agree_and_count,
     all_reduce_sum,
@@ -61,7 +61,7 @@ def gradient(
     eigenspace).
     """
     group = resolve_group(process_group)
-    with torch.enable_grad():
+    with autograd():
         try:
             if data is None:
                 raise TypeError("gradient needs data: one (inputs, targets) batch or an "

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ._loss import BatchLoss, gradients, split_batch
+from ._loss import BatchLoss, autograd, gradients, split_batch
 from ._operator import DataOperator, graph_products
 from ._params import stack_columns
 from .distributed import join_failed, resolve_group
@@ -57,7 +57,7 @@ def weight_norm_hessian_is_wrong() -> bool:
 
     def hvp(w_of: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         x = v.clone().requires_grad_(True)
-        with torch.enable_grad():
+        with autograd():
             (gx,) = torch.autograd.grad((w_of(x) ** 3).sum(), x, create_graph=True)
             return torch.autograd.grad(gx, x, grad_outputs=u)[0]
 
@@ -136,7 +136,7 @@ class HessianOperator(DataOperator):
             # one product on the first batch, so that a loss torch.func cannot
             # differentiate raises here, at construction (on every rank), not in a product
             zero = torch.zeros((self.space.n, 1), dtype=self.dtype, device=self.device)
-            with torch.enable_grad():   # (as in a product)
+            with autograd():   # (as in a product)
                 self._apply((batch, self.loss.count_of(batch)), zero, False)
 
     def _build(self, batch: Any) -> tuple[Any, float]:
