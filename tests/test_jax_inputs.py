@@ -496,3 +496,31 @@ def test_gradient_passes_over_a_loader_and_checks_counts_after():
 
         with pytest.raises(ValueError, match="batch 0 of the data: sample count -1"):
             gradient(negative, params, [(X[:4], Y[:4])])
+
+
+def test_a_model_of_several_inputs_takes_one_batch_and_dict_pairs_are_explained():
+    """([x1, x2], y) was read as two batches ([x1, x2] and y), and ({"x": X}, {"y": Y}) is
+    (documented) two dict batches: both failed with the loss's bare unpacking error. The
+    first is one batch now, as in the torch and TF backends; the second's error says how
+    it was read and how to write one batch."""
+    with jax.enable_x64(True):
+        X, Y, p = problem()
+        X2 = np.cos(X)
+
+        def two_inputs(p, batch):
+            (x1, x2), y = batch
+            return tanh_loss(p, (x1 + x2, y))
+
+        H = hessian(two_inputs, p, ([X, X2], Y))
+        assert H.num_batches == 1
+        assert close(H.matmat(jnp.eye(3)), tanh_hessian(p["w"], X + X2, Y))
+
+        def dicts(p, batch):
+            inputs, targets = batch
+            return tanh_loss(p, (inputs["x"], targets["y"]))
+
+        with pytest.raises(ValueError, match=r"(?s)read as 2 BATCHES.*data = \[\(inputs, "
+                                             r"targets\)\]"):
+            hessian(dicts, p, ({"x": X}, {"y": Y}))
+        H = hessian(dicts, p, [({"x": X}, {"y": Y})])
+        assert close(H.matmat(jnp.eye(3)), tanh_hessian(p["w"], X, Y))

@@ -46,9 +46,11 @@ def is_array(x: Any) -> bool:
 
 def is_single_batch(data: Any) -> bool:
     """``data`` is one batch: an array, a dict, a tuple/list whose first item is an array
-    (``(inputs, targets)``), or a tuple whose first item is a mapping and whose items are
+    (``(inputs, targets)``), a tuple whose first item is a mapping and whose items are
     not all mappings (``({"image": x, "mask": m}, targets)``, as in the TensorFlow
-    backend).
+    backend), or a pair ``(inputs, targets)`` whose targets are an array and whose inputs
+    are a tuple or list of arrays (``([x1, x2], y)``, a model of several inputs, as in
+    the TensorFlow and PyTorch backends).
 
     A list of dicts, or a tuple of dicts only, is a sequence of batches (dict batches):
     wrap a batch whose inputs and targets are both dicts in a list,
@@ -58,6 +60,9 @@ def is_single_batch(data: Any) -> bool:
     if not isinstance(data, (tuple, list)) or not data:
         return False
     if is_array(data[0]):
+        return True
+    if (len(data) == 2 and is_array(data[1]) and isinstance(data[0], (tuple, list))
+            and data[0] and all(is_array(x) for x in data[0])):
         return True
     return (isinstance(data, tuple) and isinstance(data[0], Mapping)
             and not all(isinstance(item, Mapping) for item in data))
@@ -78,6 +83,27 @@ def one_batch_hint(data: Any, advice: str) -> str | None:
     return (f"data is a {type(data).__name__} of {len(data)} arrays, which is read as ONE "
             "batch (a tuple/list whose first item is an array, such as (inputs, targets)), "
             f"passed whole to the loss; {advice}")
+
+
+def several_batches_hint(data: Any) -> str | None:
+    """For a tuple of two or more mappings (``({"x": X}, {"y": Y})``) or of sequences of
+    arrays (``((x1, x2), (y1, y2))``) -- several batches by :func:`is_single_batch`, as a
+    list of batches is, though it may be meant as one batch whose inputs and targets are
+    collections -- what the rule made of it and how to write one batch; None for other
+    data."""
+    if not (type(data) is tuple and len(data) > 1):
+        return None
+    if all(isinstance(x, Mapping) for x in data):
+        kind = "dicts"
+    elif all(isinstance(x, (tuple, list)) and x and all(is_array(t) for t in x)
+             for x in data):
+        kind = "sequences of arrays"
+    else:
+        return None
+    return (f"data is a tuple of {len(data)} {kind}, which is read as {len(data)} BATCHES "
+            "(as a list of batches is), each passed to the loss; if it is ONE batch whose "
+            "inputs and targets are collections of arrays, wrap it in a list: "
+            "data = [(inputs, targets)]")
 
 
 LOSS_ADVICE = ("if it is a list of batches of one array each, wrap each batch in a tuple, "
@@ -363,8 +389,11 @@ class Batches:
             yield batch
 
     def one_batch_hint(self, advice: str) -> str | None:
-        """:func:`one_batch_hint` of the data when it was read as one batch."""
-        return one_batch_hint(next(iter(self._data)), advice) if self._single else None
+        """:func:`one_batch_hint` of the data when it was read as one batch, or
+        :func:`several_batches_hint` when it was read as several."""
+        if self._single:
+            return one_batch_hint(next(iter(self._data)), advice)
+        return several_batches_hint(self._data)
 
     def first(self) -> Any:
         """The first batch (for tracing at construction)."""

@@ -109,8 +109,10 @@ def hessian(
         operator inside ``with jax.enable_x64(True):``); float64 params without it raise a
         TypeError rather than silently computing in float32.
     data
-        One batch (an array, a dict, a tuple/list whose first item is an array, or a
-        tuple ``(inputs, targets)`` whose inputs are a dict and whose targets are not) or
+        One batch (an array, a dict, a tuple/list whose first item is an array, a tuple
+        ``(inputs, targets)`` whose inputs are a dict and whose targets are not, or a pair
+        ``([x1, x2], y)`` whose inputs are a tuple or list of arrays and whose targets an
+        array) or
         a re-iterable of batches (a list, a loader that can be iterated again; a one-shot
         generator raises a TypeError; a list of dicts, or a tuple of dicts only, is
         several batches). A batch is any pytree of arrays; numpy batches move
