@@ -74,7 +74,12 @@ class Estimate:
     quadrature_error
         The *bias* part: an a-posteriori estimate of the quadrature error, the mean over
         probes of ``|Q_m[f] - Q_{m-1}[f]|``, the change when the last Lanczos step is
-        dropped (0 for probes whose rule is exact: a breakdown or ``num_steps = n``).
+        dropped. For probes whose rule is exact (a breakdown or ``num_steps = n``) it
+        is instead how much ``f`` changes within each node's residual, the resolution of
+        the run: rounding for ``f`` smooth on that scale, but large (or NaN where ``f`` is
+        not defined there) for ``f`` steep within it, such as ``log`` or ``1/x`` over a
+        spectrum spanning more than ~1/eps, whose smallest eigenvalues merge into one
+        node; it was 0 there, beside a wrong value.
         It is a heuristic, not a bound: the difference of two consecutive rules
         approximates the error of the ``(m-1)``-step rule only when the error decays
         fast with ``m`` (geometrically, for ``f`` analytic on a neighbourhood of the
@@ -223,6 +228,17 @@ def _real_values(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.nda
             "numpy.sqrt(numpy.maximum(t, 0)) instead of numpy.emath.sqrt(t), or the real "
             "part explicitly")
     return np.asarray(fx, dtype=np.float64)
+
+
+def _values_or_nan(f: Callable[[np.ndarray], np.ndarray], x: np.ndarray) -> np.ndarray:
+    """``f(x)`` as float64 with NaN where it is not a finite real number (a complex value
+    of ``numpy.emath.log`` below 0 included): for error estimates at points near the
+    nodes, where ``f`` need not be defined."""
+    fx = np.asarray(f(x))
+    if np.iscomplexobj(fx):
+        fx = np.where(fx.imag == 0, fx.real, np.nan)
+    fx = np.asarray(fx, dtype=np.float64)
+    return np.where(np.isfinite(fx), fx, np.nan)
 
 
 def _fmt(x: Any) -> str:
@@ -757,13 +773,40 @@ class SpectralDensity:
                               self._breakdown_flags())
 
     def _quadrature_error(self, f: Callable[[np.ndarray], np.ndarray]) -> float:
-        """Mean over probes of ``scale * |Q_m[f] - Q_{m-1}[f]|`` (NaN if undefined)."""
+        """Mean over probes of ``scale * |Q_m[f] - Q_{m-1}[f]|`` (NaN if undefined); for a
+        probe whose rule is exact (a breakdown, or ``num_steps = n``), the change of
+        ``f`` within each node's residual (:meth:`_resolution_error`) instead of 0."""
         prev_nodes, prev_weights, defined = self._previous
         if not np.all(defined):
             return float("nan")
         now = self._rule_sums(f, self.nodes, self.weights, self._valid())
         before = self._rule_sums(f, prev_nodes, prev_weights, prev_weights > 0)
-        return float(np.mean(self.probe_scales * np.abs(now - before)))
+        diff = np.abs(now - before)
+        exact = self._breakdown_flags() | (np.asarray(self.lengths) == self.n)
+        if np.any(exact):
+            diff = np.where(exact, self._resolution_error(f), diff)
+        return float(np.mean(self.probe_scales * diff))
+
+    def _resolution_error(self, f: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        """Per probe, ``sum_j w_j max |f(theta_j +- r_j) - f(theta_j)|`` with ``r_j`` the
+        node's residual (at least the run's rounding): how much the rule can change for an
+        operator within the run's resolution of ``A``.
+
+        An "exact" rule is exact for an operator that far from ``A`` only: a breakdown
+        stops a probe at ``beta <= breakdown_tol * ||T||``, and products round at ``eps
+        ||A||``, so eigenvalues closer than that merge into one node. For ``f`` smooth on
+        that scale this is rounding; for ``f`` steep there (``1/x`` or ``log`` on a
+        spectrum spanning more than ~1/eps, where the smallest eigenvalues merge) it
+        is large, or NaN where ``f`` is not defined within the resolution, where it used
+        to be reported as 0."""
+        valid = self._valid()
+        theta, r = self.nodes, self.residuals
+        with np.errstate(all="ignore"):
+            f0 = _values_or_nan(f, theta)
+            spread = np.maximum(np.abs(_values_or_nan(f, theta - r) - f0),
+                                np.abs(_values_or_nan(f, theta + r) - f0))
+        return np.sum(np.where(valid, self.weights * np.where(valid, spread, 0.0), 0.0),
+                      axis=1)
 
     def _estimate(self, per_probe: np.ndarray, quadrature_error: Any = None) -> Estimate:
         return estimate_from_samples(per_probe, quadrature_error)

@@ -198,6 +198,9 @@ def test_torch_deflation_matches_numpy(outlier_case):
         ({"deflate": 2.5}, TypeError, "integer"),
         ({"deflate": 3, "deflate_which": "SM"}, ValueError, "LA"),
         ({"eigsh_options": {"tol": 1e-6}}, ValueError, "deflate"),
+        # (was silently ignored: a plain estimate)
+        ({"deflate_which": "SA"}, ValueError, "deflate_which='SA' only applies with deflate"),
+        ({"deflate": 0, "deflate_which": "LA"}, ValueError, "only applies with deflate"),
         ({"deflate": 3, "eigsh_options": {"which": "SA"}}, ValueError, "which"),
     ],
 )

@@ -3,7 +3,9 @@
 For a unit start vector ``u`` and ``T_m`` the Lanczos tridiagonal, the nodes are the
 eigenvalues ``theta_j`` of ``T_m`` and the weights the squared first components
 ``tau_j^2`` of its eigenvectors: ``u^T f(A) u ~ sum_j tau_j^2 f(theta_j)``, exact for
-polynomials of degree up to ``2m - 1`` (and for all ``f`` after a breakdown).
+polynomials of degree up to ``2m - 1`` (and for all ``f`` after a breakdown, but only
+for an operator within the breakdown's ``beta`` of ``A``: eigenvalues closer together
+than that merge into one node, see ``SpectralDensity``'s quadrature error).
 """
 
 from __future__ import annotations

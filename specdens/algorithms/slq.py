@@ -187,6 +187,9 @@ def slq(
                 key = f"{checkpoint_key}|deflated:{deflation.k}:{deflation.which}:{digest}"
     elif eigsh_options is not None:
         raise ValueError("eigsh_options only apply with deflate=k")
+    elif deflate_which is not None:
+        raise ValueError(f"deflate_which={deflate_which!r} only applies with deflate=k (or an "
+                         "EigshResult); without it nothing is deflated")
 
     def run(first: int, count: int) -> SpectralDensity:
         result = _lanczos(run_op, num_steps, num_probes=count, probes=probes, seed=seed,
