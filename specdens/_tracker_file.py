@@ -75,6 +75,14 @@ def _parse(data: bytes, path: Path) -> _Parsed:
     damaged: list[str] = []
     for idx, raw in enumerate(pieces):
         lineno = idx + 1
+        if header is not None and _HEADER_START in raw:
+            # a torn line glued to the header of another file (two files concatenated, the
+            # first one cut off mid-line) was skipped as torn, and the second file's
+            # records were read under the first one's header
+            raise TrackerFileError(
+                f"{path} holds a second tracker header at line {lineno} (two record files "
+                "concatenated?); it is left unchanged: split it at that line, or give the "
+                "tracker another path")
         if idx == len(pieces) - 1:
             if raw:
                 if header is None and not _may_be_torn_header(raw):

@@ -17,7 +17,11 @@ sparse matrix's index arrays are checked in full, out-of-range indices included)
 values overflow their type or, for longdouble, float64's range, and one whose matrix does
 not fit in memory. A Matrix Market coordinate file with ``symmetric`` storage holds one
 triangle (the lower, as the format says): the reader mirrors every off-diagonal entry, so
-a pair stored on both sides of the diagonal, which would be added, is refused. Integer,
+a pair stored on both sides of the diagonal, which would be added, is refused. Its body
+is checked before scipy's reader, which reads a value up to its first character that is
+not part of a number and drops the rest (a Fortran ``D`` exponent, a decimal comma, an
+extra value per entry, a fraction in an ``integer`` file were read as wrong numbers, and
+a NUL byte crashed the process): anything but numbers is refused, naming the line. Integer,
 bool, float16 and longdouble values become float64 before duplicate sparse entries are
 summed.
 
@@ -32,6 +36,7 @@ from __future__ import annotations
 import math
 import os
 import pickle
+import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -225,6 +230,23 @@ def _load_sparse_npz(path: Path) -> Any:
     return _checked_sparse(A, path)
 
 
+def _bsr_check(A: Any, path: Path) -> None:
+    """Refuse a BSR matrix whose shape is not a multiple of its block size, or whose
+    blocks and block indices differ in number: scipy's full format check passes the
+    first, and converting it to CSR left an index pointer uninitialised and corrupted
+    the heap (a crash, or an error from a later step)."""
+    rows, cols = A.shape
+    r, c = A.blocksize
+    data = np.asarray(A.data)
+    if r < 1 or c < 1 or rows % r or cols % c:
+        raise MatrixFileError(f"{path} holds a corrupt sparse matrix (BSR shape {A.shape} is "
+                              f"not a multiple of its block size {(r, c)})")
+    if data.ndim != 3 or data.shape[0] != np.asarray(A.indices).size:
+        raise MatrixFileError(f"{path} holds a corrupt sparse matrix (BSR with "
+                              f"{data.shape[0] if data.ndim else 0} blocks of data but "
+                              f"{np.asarray(A.indices).size} block indices)")
+
+
 def _working_dtype(dtype: np.dtype) -> np.dtype:
     """The dtype a real matrix of ``dtype`` is read as: float32 or float64 (native byte
     order) stay, every other real dtype (bool, integers, float16, longdouble) becomes
@@ -243,6 +265,8 @@ def _checked_sparse(A: Any, path: Path) -> Any:
     The values are converted before anything sums them: duplicates summed in the file's
     dtype wrap around (int8 100 + 100 = -56) or overflow (float16)."""
     try:
+        if getattr(A, "format", None) == "bsr":
+            _bsr_check(A, path)
         if hasattr(A, "check_format"):
             A.check_format(full_check=True)
         if A.dtype.kind in "biuf" and A.dtype != _working_dtype(A.dtype):
@@ -250,6 +274,8 @@ def _checked_sparse(A: Any, path: Path) -> Any:
         A = A.tocsr()
         A.check_format(full_check=True)
         A.sum_duplicates()
+    except MatrixFileError:
+        raise
     except (ValueError, IndexError, TypeError, OverflowError) as exc:
         raise MatrixFileError(f"{path} holds a corrupt sparse matrix ({exc})") from None
     return A
@@ -266,6 +292,7 @@ def _load_mtx(path: Path) -> Any:
         _mtx_shape_check(path, rows, cols, fmt)
         if _suffix(path) == ".mtx":  # (compressed, the size of the data is not known)
             _mtx_size_check(path, rows, cols, entries, fmt, field, symmetry)
+        _mtx_body_check(path, rows, cols, entries, fmt, field, symmetry)
         A = scipy.io.mmread(str(path))
         if fmt == "coordinate" and symmetry != "general":
             _mtx_lower_triangle_check(A, path, entries, symmetry)
@@ -276,6 +303,99 @@ def _load_mtx(path: Path) -> Any:
             RuntimeError) as exc:
         # (OverflowError: an integer entry or a dimension beyond 64 bits)
         raise MatrixFileError(f"{path} is not a readable Matrix Market file ({exc})") from None
+
+
+# what may stand in the body of a Matrix Market file (numbers and whitespace), once the
+# words nan and inf(inity) are taken out
+_MTX_NUMBER_BYTES = b"0123456789+-.eE \t\r\n"
+# within one number: a second "." or exponent, or a sign after a digit or a "."
+_MTX_MALFORMED = re.compile(rb"\.[0-9]*\.|[eE][0-9+-]*[eE]|[0-9.][+-]")
+_MTX_HINTS = {b"d": "a Fortran exponent ('D'): write it with 'E' (1.5E+02)",
+              b",": "a decimal comma: write the decimal point as '.'",
+              b"\x00": "a NUL byte (scipy.io.mmwrite with precision above 17 writes them)"}
+
+
+def _mtx_body_check(path: Path, rows: int, cols: int, entries: int, fmt: str, field: str,
+                    symmetry: str) -> None:
+    """Refuse a Matrix Market body that scipy's reader would read wrongly without an
+    error: it reads each value up to its first character that is not part of a number
+    and drops the rest (``2.5D+01`` became 2.5, ``1,5`` became 1, ``7.9`` in an
+    ``integer`` file 7, an extra value per entry was dropped), and a NUL byte made it
+    crash the process. Checks, in C-speed passes over the bytes: only digits, signs,
+    ``.``, exponents, whitespace and ``nan``/``inf`` occur; no number has two points or
+    exponents or a sign inside it; the body holds exactly the number of tokens that the
+    header's size line declares; an ``integer`` field has no ``.`` or exponent."""
+    import gzip
+
+    opener = gzip.open if _suffix(path) == ".mtx.gz" else open
+    with opener(path, "rb") as fh:
+        data = fh.read()
+    # the body: after the banner, the comments and the size line
+    start = 0
+    while True:
+        end = data.find(b"\n", start)
+        line = data[start:] if end < 0 else data[start:end]
+        start = len(data) if end < 0 else end + 1
+        stripped = line.strip()
+        if stripped and not stripped.startswith(b"%"):
+            break  # (the size line)
+        if end < 0:
+            return  # (no size line: scipy's reader reports it)
+    body = data[start:]
+    if b"%" in body:  # comment lines among the entries (rare): left out
+        body = b"\n".join(ln for ln in body.split(b"\n") if not ln.lstrip().startswith(b"%"))
+
+    def refuse(pos: int, why: str) -> MatrixFileError:
+        line_no = data.count(b"\n", 0, start) + body.count(b"\n", 0, pos) + 1
+        lo = body.rfind(b"\n", 0, pos) + 1
+        hi = body.find(b"\n", pos)
+        text = body[lo:hi if hi >= 0 else len(body)].decode("latin-1").strip()
+        return MatrixFileError(f"{path} line {line_no} ({text[:60]!r}): {why}; scipy's "
+                               "reader would read a wrong number there without an error")
+
+    lower = body.lower()
+    # (each word as a number of its length: the token count and positions stay)
+    words = (lower.replace(b"infinity", b"00000000").replace(b"inf", b"000")
+             .replace(b"nan", b"000"))
+    bad = words.translate(None, _MTX_NUMBER_BYTES)
+    if bad:
+        char = bad[:1]
+        pos = words.find(char)
+        hint = _MTX_HINTS.get(char.lower(), f"the character {char.decode('latin-1')!r}, "
+                                             "which is not part of a number")
+        raise refuse(pos, hint)
+    match = _MTX_MALFORMED.search(words)
+    if match is not None:
+        raise refuse(match.start(), "a malformed number (two points or exponents, or a "
+                                    "sign inside it)")
+    if field == "integer":
+        for char in (b".", b"e"):
+            pos = words.find(char)
+            if pos >= 0:
+                raise refuse(pos, "a value that is not an integer in a file whose field is "
+                                  "'integer' (the reader would cut it to its integer part); "
+                                  "declare the field 'real'")
+    per_value = {"pattern": 0, "complex": 2}.get(field, 1)
+    if fmt == "coordinate":
+        expected = entries * (2 + per_value)
+    else:
+        if symmetry in ("symmetric", "hermitian"):
+            stored = rows * (rows + 1) // 2 if rows == cols else rows * cols
+        elif symmetry == "skew-symmetric":
+            stored = rows * (rows - 1) // 2 if rows == cols else rows * cols
+        else:
+            stored = rows * cols
+        expected = stored * per_value
+    raw = np.frombuffer(words, dtype=np.uint8)
+    space = np.isin(raw, np.frombuffer(b" \t\r\n", dtype=np.uint8))
+    tokens = int(np.count_nonzero(~space[1:] & space[:-1])) + int(raw.size > 0 and not space[0])
+    if tokens != expected:
+        what = (f"{entries} entries of {2 + per_value} numbers" if fmt == "coordinate"
+                else f"{expected} values")
+        raise MatrixFileError(
+            f"{path} holds {tokens} numbers after its size line where its header declares "
+            f"{what} ({expected} numbers): an entry with a value too many or too few (a "
+            f"complex file declared '{field}'?), or a truncated file")
 
 
 def _mtx_shape_check(path: Path, rows: int, cols: int, fmt: str) -> None:
@@ -392,12 +512,32 @@ def _check(A: Any, path: Path, check_symmetric: bool) -> Any:
             raise MatrixFileError(
                 f"{path} holds a skew-symmetric matrix (A^T = -A), whose eigenvalues are "
                 "imaginary; specdens handles real symmetric matrices only")
+        if gap > tol and _one_triangle(A, sparse):
+            raise MatrixFileError(
+                f"{path} holds a matrix that is not symmetric but stores only one triangle "
+                f"off the diagonal (max |A - A^T| = {gap:.3g}): if it is that triangle of a "
+                "symmetric matrix, declare the file 'symmetric' (Matrix Market: "
+                "%%MatrixMarket matrix coordinate real symmetric), or add the mirrored "
+                "entries A + A.T - diag(A); (A + A.T) / 2 would halve them")
         if gap > tol:
             raise MatrixFileError(
                 f"{path} holds a matrix that is not symmetric: max |A - A^T| = {gap:.3g} "
                 f"(relative {gap / scale:.2g}); specdens needs a symmetric matrix; "
                 "symmetrise it, e.g. (A + A.T) / 2")
     return A
+
+
+def _one_triangle(A: Any, sparse: bool) -> bool:
+    """Whether every nonzero entry off the diagonal lies on one side of it (and some do)."""
+    import scipy.sparse
+
+    if sparse:
+        upper = scipy.sparse.triu(A, k=1).count_nonzero()
+        lower = scipy.sparse.tril(A, k=-1).count_nonzero()
+    else:
+        upper = int(np.count_nonzero(np.triu(A, 1)))
+        lower = int(np.count_nonzero(np.tril(A, -1)))
+    return (upper == 0) != (lower == 0)
 
 
 def _is_skew(A: Any, sparse: bool, tol: float) -> bool:
@@ -433,7 +573,8 @@ def describe_matrix(A: Any) -> dict:
     import scipy.sparse
 
     if scipy.sparse.issparse(A):
+        # (nonzeros, as for a dense matrix: explicitly stored zeros are not counted)
         return {"shape": list(A.shape), "dtype": str(A.dtype), "storage": f"sparse {A.format}",
-                "nnz": int(A.nnz)}
+                "nnz": int(A.count_nonzero())}
     return {"shape": list(A.shape), "dtype": str(A.dtype), "storage": "dense",
             "nnz": int(np.count_nonzero(A))}

@@ -112,3 +112,83 @@ def test_npz_members_that_are_not_arrays_are_ignored(tmp_path):
     with zipfile.ZipFile(tmp_path / "both.npz", "a") as z:
         z.writestr("readme.txt", "hi")
     np.testing.assert_array_equal(load_matrix(tmp_path / "both.npz"), np.eye(2))
+
+
+@pytest.mark.parametrize("body, match", [
+    # scipy's reader took each value up to its first non-number character: the matrix
+    # read was symmetric and wrong (2.5D+01 -> 2.5, 1,5 -> 1, 0x10 -> 0), with no error
+    ("1 1 2.5D+01\n2 2 3.0D+01\n", r"line 3 \('1 1 2.5D\+01'\): a Fortran exponent"),
+    ("1 1 1,5\n2 2 2\n", r"line 3 \('1 1 1,5'\): a decimal comma"),
+    ("1 1 0x10\n2 2 2\n", r"line 3 .*the character 'x'"),
+    ("1 1 2.0 # note\n2 2 2\n", r"line 3 .*the character '#'"),
+    ("1 1 1.0.5\n2 2 2\n", r"line 3 .*a malformed number"),
+    ("1 1 1e5e3\n2 2 2\n", r"line 3 .*a malformed number"),
+    ("1 1 1-2\n2 2 2\n", r"line 3 .*a malformed number"),
+    # a value too many per entry (a complex file declared real): the second was dropped
+    ("1 1 1.0 4.0\n2 2 2.0 0.0\n", r"holds 8 numbers after its size line where its header "
+                                   r"declares 2 entries of 3 numbers \(6 numbers\)"),
+    # NUL bytes (scipy.io.mmwrite writes them with precision > 17) crashed the process
+    ("1 1 2.0\x00\n2 2 2\n", r"line 3 .*a NUL byte"),
+])
+def test_mtx_values_scipy_would_misread_are_refused(tmp_path, body, match):
+    path = tmp_path / "m.mtx"
+    path.write_bytes((MM + "coordinate real general\n2 2 2\n" + body).encode("latin-1"))
+    with pytest.raises(MatrixFileError, match=match):
+        load_matrix(path)
+    with gzip.open(tmp_path / "m.mtx.gz", "wb") as fh:
+        fh.write(path.read_bytes())
+    with pytest.raises(MatrixFileError, match=match.replace("m.mtx", "m.mtx.gz")):
+        load_matrix(tmp_path / "m.mtx.gz")
+
+
+def test_mtx_numbers_that_read_right_still_load(tmp_path):
+    """What the body check lets through reads exactly: signs, exponents of both cases,
+    leading points, tabs, CRLF and comments after the banner; nan is refused later as a
+    NaN, and an integer field refuses a fraction (it was cut to 7)."""
+    path = tmp_path / "ok.mtx"
+    path.write_bytes((MM + "coordinate real general\r\n% a comment\r\n2 2 3\r\n"
+                      "1 1 -1.5E+01\r\n2 2\t.5e-1\r\n1 2 -0.0\r\n").encode())
+    np.testing.assert_array_equal(load_matrix(path).toarray(), [[-15.0, 0.0], [0.0, 0.05]])
+    path.write_text(MM + "coordinate real general\n1 1 1\n1 1 nan\n")
+    with pytest.raises(MatrixFileError, match="NaN or infinite"):
+        load_matrix(path)
+    path.write_text(MM + "coordinate integer general\n1 1 1\n1 1 7.9\n")
+    with pytest.raises(MatrixFileError, match="not an integer in a file whose field is "
+                                              "'integer'"):
+        load_matrix(path)
+    path.write_text(MM + "coordinate integer symmetric\n2 2 2\n1 1 7\n2 1 -3\n")
+    np.testing.assert_array_equal(load_matrix(path).toarray(), [[7.0, -3.0], [-3.0, 0.0]])
+    path.write_text(MM + "array real symmetric\n2 2\n1.0\n2.0\n3.0\n")
+    np.testing.assert_array_equal(load_matrix(path), [[1.0, 2.0], [2.0, 3.0]])
+
+
+def test_a_bsr_matrix_of_a_shape_off_its_blocks_is_refused(tmp_path):
+    """scipy's full format check passed a (5, 5) BSR matrix of (2, 2) blocks; converting
+    it to CSR left an index pointer uninitialised: heap corruption, segfaults."""
+    data = np.array([[[2.0, 1.0], [1.0, 2.0]], [[3.0, 0.0], [0.0, 3.0]]])
+    np.savez(tmp_path / "bsr.npz", format=np.array("bsr"), shape=np.array([5, 5]),
+             data=data, indices=np.array([0, 1]), indptr=np.array([0, 1, 2]))
+    with pytest.raises(MatrixFileError, match=r"BSR shape \(5, 5\) is not a multiple of its "
+                                              r"block size \(2, 2\)"):
+        load_matrix(tmp_path / "bsr.npz")
+
+
+def test_one_triangle_of_a_general_file_is_told_to_declare_symmetric(tmp_path):
+    """A 'general' file holding one triangle of a symmetric matrix was told to take
+    (A + A.T) / 2, which halves the off-diagonal entries."""
+    path = tmp_path / "lower.mtx"
+    path.write_text(MM + "coordinate real general\n3 3 4\n1 1 2\n2 1 1\n3 1 5\n3 3 1\n")
+    with pytest.raises(MatrixFileError, match="declare the file 'symmetric'.*would halve"):
+        load_matrix(path)
+    path.write_text(MM + "coordinate real general\n2 2 2\n2 1 1\n1 2 3\n")
+    with pytest.raises(MatrixFileError, match=r"not symmetric: .*\(A \+ A.T\) / 2"):
+        load_matrix(path)
+
+
+def test_nnz_counts_nonzeros_for_sparse_and_dense_alike(tmp_path):
+    from specdens.matrix_io import describe_matrix
+
+    path = tmp_path / "zeros.mtx"
+    path.write_text(MM + "coordinate real symmetric\n2 2 3\n1 1 0\n2 1 0\n2 2 4\n")
+    A = load_matrix(path)
+    assert describe_matrix(A)["nnz"] == 1 == describe_matrix(A.toarray())["nnz"]

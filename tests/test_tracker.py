@@ -884,3 +884,23 @@ def test_dtype_spellings_are_one_setting(tmp_path):
         assert tr.recorded_steps == frozenset({0})
     with pytest.raises(ValueError, match="eigsh_options"):
         SpectrumTracker(path, eigsh_options={"dtype": torch.float32}, **SMALL)
+
+
+def test_two_concatenated_record_files_are_refused(tmp_path):
+    """Two files concatenated, the first one cut off mid-line: the torn line swallowed
+    the second file's header and was skipped as torn, and the second file's records were
+    read under the first one's header (replacing its steps). Both forms are refused."""
+    A = np.diag(np.linspace(1.0, 2.0, 30))
+    parts = []
+    for i in (1, 2):
+        path = tmp_path / f"t{i}.jsonl"
+        tr = SpectrumTracker(path, num_steps=5, num_probes=1, k=0, meta={"exp": i})
+        for step in (0, 1):
+            tr.record(step, A * i)
+        parts.append(path.read_bytes())
+    for name, data in (("torn", parts[0][:-1] + parts[1]), ("whole", parts[0] + parts[1])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_bytes(data)
+        with pytest.raises(TrackerFileError, match="second tracker header at line"):
+            read_records(path)
+        assert path.read_bytes() == data
