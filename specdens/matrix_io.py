@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 import os
 import pickle
-import re
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -308,8 +307,6 @@ def _load_mtx(path: Path) -> Any:
 # what may stand in the body of a Matrix Market file (numbers and whitespace), once the
 # words nan and inf(inity) are taken out
 _MTX_NUMBER_BYTES = b"0123456789+-.eE \t\r\n"
-# within one number: a second "." or exponent, or a sign after a digit or a "."
-_MTX_MALFORMED = re.compile(rb"\.[0-9]*\.|[eE][0-9+-]*[eE]|[0-9.][+-]")
 _MTX_HINTS = {b"d": "a Fortran exponent ('D'): write it with 'E' (1.5E+02)",
               b",": "a decimal comma: write the decimal point as '.'",
               b"\x00": "a NUL byte (scipy.io.mmwrite with precision above 17 writes them)"}
@@ -353,23 +350,30 @@ def _mtx_body_check(path: Path, rows: int, cols: int, entries: int, fmt: str, fi
         return MatrixFileError(f"{path} line {line_no} ({text[:60]!r}): {why}; scipy's "
                                "reader would read a wrong number there without an error")
 
-    lower = body.lower()
-    # (each word as a number of its length: the token count and positions stay)
-    words = (lower.replace(b"infinity", b"00000000").replace(b"inf", b"000")
-             .replace(b"nan", b"000"))
+    words = body
     bad = words.translate(None, _MTX_NUMBER_BYTES)
+    if bad:
+        # (each of nan and inf(inity) as a number of its length: the token count and
+        # positions stay)
+        words = (body.lower().replace(b"infinity", b"00000000").replace(b"inf", b"000")
+                 .replace(b"nan", b"000"))
+        bad = words.translate(None, _MTX_NUMBER_BYTES)
     if bad:
         char = bad[:1]
         pos = words.find(char)
         hint = _MTX_HINTS.get(char.lower(), f"the character {char.decode('latin-1')!r}, "
                                              "which is not part of a number")
         raise refuse(pos, hint)
-    match = _MTX_MALFORMED.search(words)
-    if match is not None:
-        raise refuse(match.start(), "a malformed number (two points or exponents, or a "
-                                    "sign inside it)")
+    # (vectorised: a regular expression took 20 times as long as scipy's reader)
+    raw = np.frombuffer(words, dtype=np.uint8)
+    space = raw <= 32  # (space, tab, CR, LF: other control bytes were refused above)
+    starts = np.flatnonzero(~space & np.concatenate(([True], space[:-1])))
+    malformed = _mtx_malformed_at(raw, starts)
+    if malformed is not None:
+        raise refuse(malformed, "a malformed number (two points or exponents, or a sign "
+                                "inside it)")
     if field == "integer":
-        for char in (b".", b"e"):
+        for char in (b".", b"e", b"E"):
             pos = words.find(char)
             if pos >= 0:
                 raise refuse(pos, "a value that is not an integer in a file whose field is "
@@ -386,9 +390,7 @@ def _mtx_body_check(path: Path, rows: int, cols: int, entries: int, fmt: str, fi
         else:
             stored = rows * cols
         expected = stored * per_value
-    raw = np.frombuffer(words, dtype=np.uint8)
-    space = np.isin(raw, np.frombuffer(b" \t\r\n", dtype=np.uint8))
-    tokens = int(np.count_nonzero(~space[1:] & space[:-1])) + int(raw.size > 0 and not space[0])
+    tokens = int(starts.size)
     if tokens != expected:
         what = (f"{entries} entries of {2 + per_value} numbers" if fmt == "coordinate"
                 else f"{expected} values")
@@ -396,6 +398,25 @@ def _mtx_body_check(path: Path, rows: int, cols: int, entries: int, fmt: str, fi
             f"{path} holds {tokens} numbers after its size line where its header declares "
             f"{what} ({expected} numbers): an entry with a value too many or too few (a "
             f"complex file declared '{field}'?), or a truncated file")
+
+
+def _mtx_malformed_at(raw: np.ndarray, starts: np.ndarray) -> int | None:
+    """The position of the first malformed number in ``raw`` (bytes of numbers and
+    whitespace; ``starts``: where each token begins), or None: a token with two points or
+    two exponents, or a sign that follows a digit or a point (``1.0.5``, ``1e5e3``,
+    ``1-2``, each of which scipy's reader cuts short)."""
+    signs = np.flatnonzero((raw == 43) | (raw == 45))
+    signs = signs[signs > 0]
+    before = raw[signs - 1]
+    found = signs[((before >= 48) & (before <= 57)) | (before == 46)]
+    first = [int(found[0])] if found.size else []
+    for mask in (raw == 46, (raw == 101) | (raw == 69)):
+        at = np.flatnonzero(mask)
+        token = np.searchsorted(starts, at, side="right")
+        again = np.flatnonzero(token[1:] == token[:-1])
+        if again.size:
+            first.append(int(at[again[0] + 1]))
+    return min(first) if first else None
 
 
 def _mtx_shape_check(path: Path, rows: int, cols: int, fmt: str) -> None:

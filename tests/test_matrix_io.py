@@ -156,6 +156,9 @@ def test_mtx_numbers_that_read_right_still_load(tmp_path):
     with pytest.raises(MatrixFileError, match="not an integer in a file whose field is "
                                               "'integer'"):
         load_matrix(path)
+    path.write_text(MM + "coordinate integer general\n1 1 1\n1 1 7E1\n")
+    with pytest.raises(MatrixFileError, match="not an integer"):
+        load_matrix(path)
     path.write_text(MM + "coordinate integer symmetric\n2 2 2\n1 1 7\n2 1 -3\n")
     np.testing.assert_array_equal(load_matrix(path).toarray(), [[7.0, -3.0], [-3.0, 0.0]])
     path.write_text(MM + "array real symmetric\n2 2\n1.0\n2.0\n3.0\n")
