@@ -383,13 +383,7 @@ def _mtx_body_check(path: Path, rows: int, cols: int, entries: int, fmt: str, fi
     if fmt == "coordinate":
         expected = entries * (2 + per_value)
     else:
-        if symmetry in ("symmetric", "hermitian"):
-            stored = rows * (rows + 1) // 2 if rows == cols else rows * cols
-        elif symmetry == "skew-symmetric":
-            stored = rows * (rows - 1) // 2 if rows == cols else rows * cols
-        else:
-            stored = rows * cols
-        expected = stored * per_value
+        expected = _mtx_array_values(rows, cols, symmetry) * per_value
     tokens = int(starts.size)
     if tokens != expected:
         what = (f"{entries} entries of {2 + per_value} numbers" if fmt == "coordinate"
@@ -417,6 +411,16 @@ def _mtx_malformed_at(raw: np.ndarray, starts: np.ndarray) -> int | None:
         if again.size:
             first.append(int(at[again[0] + 1]))
     return min(first) if first else None
+
+
+def _mtx_array_values(rows: int, cols: int, symmetry: str) -> int:
+    """Values an array-format Matrix Market file stores: one triangle (with the
+    diagonal, or without it for skew-symmetric storage) of a square symmetric matrix."""
+    if rows != cols or symmetry == "general":
+        return rows * cols
+    if symmetry == "skew-symmetric":
+        return rows * (rows - 1) // 2
+    return rows * (rows + 1) // 2
 
 
 def _mtx_shape_check(path: Path, rows: int, cols: int, fmt: str) -> None:
@@ -470,13 +474,7 @@ def _mtx_size_check(path: Path, rows: int, cols: int, entries: int, fmt: str, fi
     separator) in array format and 4 in coordinate format (``i j`` and, unless the field
     is pattern, a value)."""
     if fmt == "array":
-        if symmetry == "symmetric" or symmetry == "hermitian":
-            stored = rows * (rows + 1) // 2 if rows == cols else rows * cols
-        elif symmetry == "skew-symmetric":
-            stored = rows * (rows - 1) // 2 if rows == cols else rows * cols
-        else:
-            stored = rows * cols
-        least = 2 * stored - 1
+        least = 2 * _mtx_array_values(rows, cols, symmetry) - 1
     else:
         least = (4 if field == "pattern" else 6) * entries - 1
     size = path.stat().st_size
