@@ -33,6 +33,7 @@ initial design. NIST IR 5935.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import pickle
@@ -291,8 +292,9 @@ def _load_mtx(path: Path) -> Any:
         _mtx_shape_check(path, rows, cols, fmt)
         if _suffix(path) == ".mtx":  # (compressed, the size of the data is not known)
             _mtx_size_check(path, rows, cols, entries, fmt, field, symmetry)
-        _mtx_body_check(path, rows, cols, entries, fmt, field, symmetry)
-        A = scipy.io.mmread(str(path))
+        # (the bytes the check read, decompressed: the reader does not read them again)
+        data = _mtx_body_check(path, rows, cols, entries, fmt, field, symmetry)
+        A = scipy.io.mmread(io.BytesIO(data))
         if fmt == "coordinate" and symmetry != "general":
             _mtx_lower_triangle_check(A, path, entries, symmetry)
         return A
@@ -313,7 +315,7 @@ _MTX_HINTS = {b"d": "a Fortran exponent ('D'): write it with 'E' (1.5E+02)",
 
 
 def _mtx_body_check(path: Path, rows: int, cols: int, entries: int, fmt: str, field: str,
-                    symmetry: str) -> None:
+                    symmetry: str) -> bytes:
     """Refuse a Matrix Market body that scipy's reader would read wrongly without an
     error: it reads each value up to its first character that is not part of a number
     and drops the rest (``2.5D+01`` became 2.5, ``1,5`` became 1, ``7.9`` in an
@@ -321,7 +323,8 @@ def _mtx_body_check(path: Path, rows: int, cols: int, entries: int, fmt: str, fi
     crash the process. Checks, in C-speed passes over the bytes: only digits, signs,
     ``.``, exponents, whitespace and ``nan``/``inf`` occur; no number has two points or
     exponents or a sign inside it; the body holds exactly the number of tokens that the
-    header's size line declares; an ``integer`` field has no ``.`` or exponent."""
+    header's size line declares; an ``integer`` field has no ``.`` or exponent. Returns
+    the file's bytes (decompressed)."""
     import gzip
 
     opener = gzip.open if _suffix(path) == ".mtx.gz" else open
@@ -337,7 +340,7 @@ def _mtx_body_check(path: Path, rows: int, cols: int, entries: int, fmt: str, fi
         if stripped and not stripped.startswith(b"%"):
             break  # (the size line)
         if end < 0:
-            return  # (no size line: scipy's reader reports it)
+            return data  # (no size line: scipy's reader reports it)
     body = data[start:]
     if b"%" in body:  # comment lines among the entries (rare): left out
         body = b"\n".join(ln for ln in body.split(b"\n") if not ln.lstrip().startswith(b"%"))
@@ -392,6 +395,7 @@ def _mtx_body_check(path: Path, rows: int, cols: int, entries: int, fmt: str, fi
             f"{path} holds {tokens} numbers after its size line where its header declares "
             f"{what} ({expected} numbers): an entry with a value too many or too few (a "
             f"complex file declared '{field}'?), or a truncated file")
+    return data
 
 
 def _mtx_malformed_at(raw: np.ndarray, starts: np.ndarray) -> int | None:

@@ -96,13 +96,9 @@ class DataOperator(LinearOperatorBase):
         agree, and the Hessian was that of one frozen mask. The second evaluation runs
         with the seed states moved on, so such a layer shows as random, as it is."""
         reseeded = self.loss.adapter.reseeded(self._values)
-        first = self._call("value", batch)
-        if reseeded is None:
-            second = self._call("value", batch)
-        else:
-            spec = self._dist.element_spec if self._dist is not None else None
-            second = self.kernel("value", reseeded, batch, batch_spec=spec)
-        a, b = (float(s.numpy()) / max(float(c.numpy()), 1e-300) for s, c in (first, second))
+        a, b = (float(s.numpy()) / max(float(c.numpy()), 1e-300)
+                for s, c in (self._call("value", batch),
+                             self._call("value", batch, values=reseeded)))
         if not (math.isfinite(a) and math.isfinite(b)):
             raise FloatingPointError(f"the loss of the first batch is not finite ({a})")
         tol = math.sqrt(np.finfo(self.space.dtype.as_numpy_dtype).eps) * max(abs(a), abs(b),
@@ -118,9 +114,11 @@ class DataOperator(LinearOperatorBase):
     def _iter(self) -> Iterator[Any]:
         return iter(self._dist) if self._dist is not None else iter(self.batches)
 
-    def _call(self, name: str, batch: Any, *rest: Any) -> Any:
+    def _call(self, name: str, batch: Any, *rest: Any, values: Any = None) -> Any:
+        """Kernel function ``name`` on ``batch`` at the snapshot (or at ``values``)."""
         spec = self._dist.element_spec if self._dist is not None else None
-        return self.kernel(name, self._values, batch, *rest, batch_spec=spec)
+        return self.kernel(name, self._values if values is None else values, batch, *rest,
+                           batch_spec=spec)
 
     def _matvec(self, v: tf.Tensor) -> tf.Tensor:
         return self._matmat(tf.reshape(v, (-1, 1)))[:, 0]

@@ -123,7 +123,7 @@ class ModelAdapter:
                   if getattr(sg, "state", None) is not None}
         if not states:
             return None
-        return [tf.identity(val) + tf.ones_like(val) if id(var) in states else val
+        return [val + tf.ones_like(val) if id(var) in states else val
                 for var, val in zip(self.variables, values, strict=True)]
 
     # -- values ---------------------------------------------------------------------
